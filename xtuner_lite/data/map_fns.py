@@ -1,0 +1,202 @@
+"""Stage 2: dataset map fns turn one raw row into the conversation schema.
+
+The schema is ``{"messages": [{"role": ..., "content": str, "loss": bool (optional)}, ...]}``
+with roles ``system``, ``user``, ``assistant``, ``tool``; or one ``text`` message for plain-text
+pretraining (every token trained). A map fn raises :class:`RowError` naming the bad field;
+users may pass any callable with the same contract.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from xtuner_lite.errors import RowError
+
+Conversation = dict[str, list[dict[str, Any]]]
+MapFn = Callable[[Any], Conversation]
+
+ROLES = ("system", "user", "assistant", "tool", "text")
+
+
+def _obj(row: Any) -> dict:
+    if not isinstance(row, dict):
+        raise RowError(f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _str(row: dict, key: str, required: bool = True) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise RowError("missing", field=key)
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowError(f"expected a string, got {type(value).__name__}", field=key)
+    return value
+
+
+def _turn(instruction: str, inp: str) -> str:
+    return f"{instruction}\n{inp}" if inp else instruction
+
+
+def _system(row: dict) -> list[dict]:
+    system = _str(row, "system", required=False)
+    return [{"role": "system", "content": system}] if system else []
+
+
+def alpaca_map_fn(row: Any) -> Conversation:
+    """Alpaca ``{instruction, input, output[, system]}`` → one user/assistant turn."""
+    row = _obj(row)
+    user = _turn(_str(row, "instruction"), _str(row, "input", required=False))
+    return {"messages": _system(row) + [{"role": "user", "content": user},
+                                        {"role": "assistant", "content": _str(row, "output")}]}
+
+
+def alpaca_zh_map_fn(row: Any) -> Conversation:
+    """Chinese Alpaca: ``instruction_zh/input_zh/output_zh`` (alpaca-gpt4-chinese) or plain keys."""
+    row = _obj(row)
+    if "instruction_zh" in row:
+        row = {"instruction": row.get("instruction_zh"), "input": row.get("input_zh"),
+               "output": row.get("output_zh"), "system": row.get("system")}
+    return alpaca_map_fn(row)
+
+
+def history_map_fn(row: Any) -> Conversation:
+    """Alpaca with ``history: [[user, assistant], ...]`` (oasst1, LIMA as LLaMA-Factory ships them)."""
+    row = _obj(row)
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise RowError(f"expected a list of [user, assistant] pairs, got {type(history).__name__}",
+                       field="history")
+    messages = _system(row)
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(x, str) for x in pair)):
+            raise RowError(f"item {i} is not a [user, assistant] pair of strings", field="history")
+        messages += [{"role": "user", "content": pair[0]},
+                     {"role": "assistant", "content": pair[1]}]
+    messages += alpaca_map_fn({k: row.get(k) for k in ("instruction", "input", "output")})["messages"]
+    return {"messages": messages}
+
+
+def openai_map_fn(row: Any) -> Conversation:
+    """OpenAI ``messages: [{role, content, loss?}]``, or a bare list of such messages."""
+    messages = row if isinstance(row, list) else _obj(row).get("messages")
+    if messages is None:
+        raise RowError("missing", field="messages")
+    if not isinstance(messages, list):
+        raise RowError(f"expected a list, got {type(messages).__name__}", field="messages")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise RowError(f"item {i} is not an object", field="messages")
+        role = msg.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise RowError(f"item {i} has role {role!r}; expected system/user/assistant/tool",
+                           field=f"messages[{i}].role")
+        content = msg.get("content")
+        if not isinstance(content, str):
+            raise RowError(f"expected a string, got {type(content).__name__}",
+                           field=f"messages[{i}].content")
+        item = {"role": role, "content": content}
+        if "loss" in msg:
+            if not isinstance(msg["loss"], bool):
+                raise RowError("expected true or false", field=f"messages[{i}].loss")
+            item["loss"] = msg["loss"]
+        out.append(item)
+    return {"messages": out}
+
+
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "function_call": "assistant",
+    "system": "system",
+    "observation": "tool", "tool": "tool", "function": "tool",
+}
+
+
+def sharegpt_map_fn(row: Any) -> Conversation:
+    """ShareGPT ``conversations: [{from, value}]``; tool results stay as untrained context.
+
+    A ``function_call`` turn is the model's own output, so it is trained like any assistant turn;
+    a ``tools`` field (glaive) is appended to the system prompt so calls have their schema.
+    """
+    row = _obj(row)
+    turns = row.get("conversations")
+    if turns is None:
+        raise RowError("missing", field="conversations")
+    if not isinstance(turns, list):
+        raise RowError(f"expected a list, got {type(turns).__name__}", field="conversations")
+    messages = _system(row)
+    tools = row.get("tools")
+    if tools:
+        tools_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+        tool_note = f"You can call these tools:\n{tools_text}"
+        if messages:
+            messages[0]["content"] += "\n\n" + tool_note
+        else:
+            messages = [{"role": "system", "content": tool_note}]
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(f"item {i} is not an object", field="conversations")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise RowError(f"item {i} has unknown speaker {speaker!r}; expected one of "
+                           f"{sorted(SHAREGPT_ROLES)}", field=f"conversations[{i}].from")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise RowError(f"expected a string, got {type(value).__name__}",
+                           field=f"conversations[{i}].value")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return {"messages": messages}
+
+
+def pretrain_map_fn(row: Any) -> Conversation:
+    """Plain text for incremental pretraining: ``{text}`` or a bare string; every token trained."""
+    text = row if isinstance(row, str) else _str(_obj(row), "text")
+    return {"messages": [{"role": "text", "content": text}]}
+
+
+MAP_FNS: dict[str, MapFn] = {
+    "alpaca": alpaca_map_fn,
+    "alpaca_zh": alpaca_zh_map_fn,
+    "history": history_map_fn,
+    "oasst1": history_map_fn,
+    "openai": openai_map_fn,
+    "sharegpt": sharegpt_map_fn,
+    "pretrain": pretrain_map_fn,
+}
+
+
+def get_map_fn(map_fn: str | MapFn) -> MapFn:
+    if callable(map_fn):
+        return map_fn
+    if map_fn not in MAP_FNS:
+        from difflib import get_close_matches
+
+        hint = get_close_matches(str(map_fn), MAP_FNS, n=1)
+        raise KeyError(f"unknown map_fn {map_fn!r}"
+                       + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {sorted(MAP_FNS)}"))
+    return MAP_FNS[map_fn]
+
+
+def validate_conversation(conv: Any) -> list[dict]:
+    """Check a map fn's output; raise RowError naming what is wrong."""
+    if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list):
+        raise RowError("map fn must return {'messages': [...]}")
+    messages = conv["messages"]
+    if not messages:
+        raise RowError("conversation has no messages", field="messages")
+    for i, msg in enumerate(messages):
+        if msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
+            raise RowError(f"message {i} must have a role in {ROLES} and string content",
+                           field="messages")
+    if messages[0]["role"] != "text" and not any(_trained(m) for m in messages):
+        raise RowError("no assistant turn to train on", field="messages")
+    return messages
+
+
+def _trained(msg: dict) -> bool:
+    return bool(msg.get("loss", msg["role"] == "assistant"))

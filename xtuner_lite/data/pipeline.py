@@ -1,0 +1,282 @@
+"""The SFT data pipeline end to end: load → map fn → chat template → tokenize → pack, cached.
+
+Each stage is a plain function in its own module; this one strings them together, counts what is
+skipped and why, fans large inputs out over processes, and caches the result on disk keyed by
+everything that changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xtuner_lite.data.loaders import Rows, load_rows
+from xtuner_lite.data.map_fns import MapFn, get_map_fn, validate_conversation
+from xtuner_lite.data.packing import PackedData, build_packed
+from xtuner_lite.data.templates import Template, get_template
+from xtuner_lite.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_rendered
+from xtuner_lite.errors import DataError, RowError, XtunerError
+
+CACHE_VERSION = "1"
+PARALLEL_MIN_ROWS = 20_000
+CHUNK_ROWS = 2_000
+
+
+@dataclass
+class DatasetStats:
+    """What happened to the data: every skipped row is counted under its reason."""
+
+    sources: list[str]
+    rows_loaded: int = 0
+    rows_skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: list[str] = field(default_factory=list)
+    rows_truncated: int = 0
+    samples: int = 0
+    rows: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    max_length: int = 0
+    packed: bool = True
+    lengths: dict[str, float] = field(default_factory=dict)
+    from_cache: bool = False
+
+    @property
+    def packing_efficiency(self) -> float:
+        """Real tokens per slot: each row is max_length slots when packed or padded to it."""
+        slots = self.rows * self.max_length
+        return self.tokens / slots if slots else 0.0
+
+
+@dataclass
+class ProcessedDataset:
+    data: PackedData
+    stats: DatasetStats
+
+
+# ---------------------------------------------------------------- per-row work (also in workers)
+
+_WORKER: dict[str, Any] = {}
+
+
+def _process_records(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template,
+                     max_length: int) -> list[TokenizedSample | RowError]:
+    rendered, results = [], []
+    for record in records:
+        try:
+            messages = validate_conversation(map_fn(record))
+            rendered.append(template.render(messages, tokenizer))
+            results.append(None)
+        except RowError as exc:
+            results.append(exc)
+        except XtunerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a user map fn failing: report it per row
+            results.append(RowError(f"map fn raised {type(exc).__name__}: {exc}"))
+    tokenized = iter(tokenize_rendered(rendered, tokenizer, max_length))
+    return [r if r is not None else next(tokenized) for r in results]
+
+
+def _worker_chunk(bounds: tuple[int, int]) -> list[TokenizedSample | RowError]:
+    w = _WORKER
+    return _process_records(w["records"][bounds[0]:bounds[1]], w["tokenizer"], w["map_fn"],
+                            w["template"], w["max_length"])
+
+
+def _run(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template, max_length: int,
+         num_proc: int) -> list[TokenizedSample | RowError]:
+    if num_proc <= 1:
+        return _process_records(records, tokenizer, map_fn, template, max_length)
+    import multiprocessing as mp
+
+    _WORKER.update(records=records, tokenizer=tokenizer, map_fn=map_fn, template=template,
+                   max_length=max_length)  # inherited by forked workers, never pickled
+    chunks = [(i, min(i + CHUNK_ROWS, len(records))) for i in range(0, len(records), CHUNK_ROWS)]
+    try:
+        with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("fork")) as pool:
+            return [r for part in pool.map(_worker_chunk, chunks) for r in part]
+    finally:
+        _WORKER.clear()
+
+
+# ---------------------------------------------------------------- cache keys
+
+
+def _file_digest(path: str) -> str:
+    p = Path(path).expanduser()
+    digest = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    if not p.exists():
+        digest.update(path.encode())  # a hub id: keyed by name
+    for f in files:
+        digest.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _callable_digest(fn: Any) -> str:
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = ""
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}:{source}"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    extra = [tokenizer.bos_token, tokenizer.eos_token, getattr(tokenizer, "chat_template", None)]
+    return hashlib.sha256((text + repr(extra)).encode()).hexdigest()
+
+
+def cache_key(files: list[str], tokenizer: Any, map_fn: MapFn, template: Template,
+              max_length: int, pack: bool, shuffle: bool, seed: int, skip_invalid: bool) -> str:
+    template_id = (repr(template) if not hasattr(template, "tokenizer")
+                   else f"auto:{template.tokenizer.chat_template}")
+    parts = [CACHE_VERSION, *(_file_digest(f) for f in files), tokenizer_fingerprint(tokenizer),
+             _callable_digest(map_fn), template_id, str(max_length), str(pack), str(shuffle),
+             str(seed), str(skip_invalid)]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
+
+
+def _save(target: Path, result: ProcessedDataset) -> None:
+    from safetensors.numpy import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    d = result.data
+    save_file({"input_ids": d.input_ids, "labels": d.labels, "sample_lengths": d.sample_lengths,
+               "row_sizes": d.row_sizes}, str(tmp / "data.safetensors"))
+    (tmp / "stats.json").write_text(json.dumps(asdict(result.stats), indent=1))
+    try:
+        os.replace(tmp, target)  # atomic; a concurrent writer of the same key may win, that's fine
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(target: Path) -> ProcessedDataset | None:
+    from safetensors.numpy import load_file
+
+    if not (target / "stats.json").exists():
+        return None
+    arrays = load_file(str(target / "data.safetensors"))
+    stats = DatasetStats(**json.loads((target / "stats.json").read_text()))
+    stats.from_cache = True
+    return ProcessedDataset(PackedData(**arrays), stats)
+
+
+def dataset_cache_dir() -> Path:
+    from xtuner_lite.hub import cache_dir
+
+    return cache_dir() / "datasets"
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def _resolve_tokenizer(tokenizer: Any) -> Any:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from xtuner_lite.hub import load_tokenizer
+
+        return load_tokenizer(tokenizer)
+    return tokenizer
+
+
+def _resolve_template(template: str | Template | None, tokenizer: Any, tokenizer_ref: Any
+                      ) -> Template:
+    if template is None:
+        from xtuner_lite.hub import default_template_for
+
+        template = default_template_for(str(tokenizer_ref)) or "auto"
+    return get_template(template, tokenizer)
+
+
+def process_dataset(
+    data_files: str | os.PathLike | list,
+    tokenizer: Any,
+    map_fn: str | MapFn = "alpaca",
+    template: str | Template | None = None,
+    max_length: int = 2048,
+    pack: bool = True,
+    shuffle: bool = True,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    use_cache: bool = True,
+    num_proc: int | None = None,
+) -> ProcessedDataset:
+    """Run the whole pipeline on one or more data sources and return packed rows and stats.
+
+    ``tokenizer`` is a tokenizer or any model reference; ``template`` None picks the model's own
+    (the embedded model's template, else ``auto``). Invalid rows raise a :class:`DataError`
+    naming file, row and field, unless ``skip_invalid``, which counts them by reason instead.
+    """
+    files = [str(f) for f in (data_files if isinstance(data_files, (list, tuple)) else [data_files])]
+    if not files:
+        raise XtunerError("data_files is empty")
+    if max_length < 2:
+        raise XtunerError(f"max_length must be at least 2, got {max_length}")
+    tokenizer_ref, tokenizer = tokenizer, _resolve_tokenizer(tokenizer)
+    fn = get_map_fn(map_fn)
+    tmpl = _resolve_template(template, tokenizer, tokenizer_ref)
+
+    key = None
+    if use_cache:
+        key = cache_key(files, tokenizer, fn, tmpl, max_length, pack, shuffle, seed, skip_invalid)
+        cached = _load(dataset_cache_dir() / key)
+        if cached is not None:
+            return cached
+
+    stats = DatasetStats(sources=files, max_length=max_length, packed=pack)
+    samples: list[tuple[list[int], list[int]]] = []
+    skipped: Counter[str] = Counter()
+    for path in files:
+        rows: Rows = load_rows(path)
+        stats.rows_loaded += len(rows)
+        procs = num_proc if num_proc is not None else (
+            min(os.cpu_count() or 1, 8) if len(rows) >= PARALLEL_MIN_ROWS else 1)
+        for i, result in enumerate(_run(rows.records, tokenizer, fn, tmpl, max_length, procs)):
+            if isinstance(result, RowError):
+                if not skip_invalid:
+                    raise DataError(result.reason, source=rows.source, location=rows.locate(i),
+                                    field=result.field)
+                reason = result.reason + (f" (field {result.field!r})" if result.field else "")
+                skipped[reason] += 1
+                if len(stats.skipped_examples) < 20:
+                    stats.skipped_examples.append(f"{rows.source} {rows.locate(i)}: {reason}")
+                continue
+            if all(label == IGNORE_INDEX for label in result.labels[1:]):
+                reason = f"no trained token left after truncation to max_length={max_length}"
+                skipped[reason] += 1
+                if len(stats.skipped_examples) < 20:
+                    stats.skipped_examples.append(f"{rows.source} {rows.locate(i)}: {reason}")
+                continue
+            stats.rows_truncated += result.truncated
+            samples.append((result.input_ids, result.labels))
+    stats.rows_skipped = dict(skipped)
+    if not samples:
+        raise DataError(f"no usable rows left ({stats.rows_loaded} loaded, "
+                        f"{sum(skipped.values())} skipped: {dict(skipped)})",
+                        source=", ".join(files))
+    data = build_packed(samples, max_length, pack, seed, shuffle)
+    lengths = data.sample_lengths
+    stats.samples, stats.rows = len(samples), len(data)
+    stats.tokens, stats.trained_tokens = data.num_tokens, data.num_trained_tokens
+    stats.lengths = {"min": int(lengths.min()), "mean": float(lengths.mean()),
+                     **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
+                     "max": int(lengths.max())}
+    result = ProcessedDataset(data, stats)
+    if key is not None:
+        _save(dataset_cache_dir() / key, result)
+    return result

@@ -1,0 +1,271 @@
+"""Stage 3: chat templates render a conversation as text segments, each marked trained or not.
+
+One registry holds our templates; ``auto`` wraps the tokenizer's own jinja template. Rendering to
+(text, trained) segments, rather than tokens, lets the tokenizer see the whole string at once, so
+training tokenization is exactly what the model sees at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from xtuner_lite.errors import XtunerError
+
+Segment = tuple[str, bool]  # (text, trained)
+
+
+class Template(Protocol):
+    name: str
+
+    def render(self, messages: list[dict], tokenizer: Any = None) -> list[Segment]: ...
+
+    def render_prompt(self, messages: list[dict], tokenizer: Any = None) -> str: ...
+
+    def stop_words(self, tokenizer: Any = None) -> list[str]: ...
+
+
+def _trained(msg: dict) -> bool:
+    return bool(msg.get("loss", msg["role"] == "assistant"))
+
+
+def _special(tokenizer: Any, name: str) -> str:
+    token = getattr(tokenizer, f"{name}_token", None) if tokenizer is not None else None
+    if not token:
+        raise XtunerError(f"this template needs the tokenizer's {name} token, which is not set")
+    return token
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat format written as plain strings; ``{content}``, ``{bos}``, ``{eos}`` are filled in.
+
+    ``assistant`` is the generation prompt (never trained); ``eot`` ends an assistant turn and is
+    trained with it; ``separator`` follows ``eot`` and is not trained. Templates whose model has no
+    system role fold the system prompt into the first user turn with ``system_in_user``.
+    """
+
+    name: str
+    user: str
+    assistant: str
+    eot: str
+    system: str | None = None
+    separator: str = ""
+    tool: str | None = None
+    prefix: str = ""
+    default_system: str | None = None
+    system_in_user: str | None = None
+    stops: tuple[str, ...] = field(default_factory=tuple)
+
+    def _fill(self, fmt: str, tokenizer: Any, content: str = "") -> str:
+        if "{bos}" in fmt:
+            fmt = fmt.replace("{bos}", _special(tokenizer, "bos"))
+        if "{eos}" in fmt:
+            fmt = fmt.replace("{eos}", _special(tokenizer, "eos"))
+        return fmt.replace("{content}", content)
+
+    def _with_system(self, messages: list[dict]) -> tuple[str | None, list[dict]]:
+        if messages and messages[0]["role"] == "system":
+            return messages[0]["content"], messages[1:]
+        return self.default_system, messages
+
+    def render(self, messages: list[dict], tokenizer: Any = None) -> list[Segment]:
+        if len(messages) == 1 and messages[0]["role"] == "text":  # plain-text pretraining
+            return [(messages[0]["content"] + _special(tokenizer, "eos"), True)]
+        system, rest = self._with_system(messages)
+        segments: list[Segment] = []
+        if self.prefix:
+            segments.append((self._fill(self.prefix, tokenizer), False))
+        if system is not None and self.system_in_user is None:
+            segments.append((self._fill(self.system or "", tokenizer, system), False))
+        pending_system = system if self.system_in_user is not None else None
+        for msg in rest:
+            role, content = msg["role"], msg["content"]
+            if role == "assistant":
+                segments.append((self._fill(self.assistant, tokenizer), False))
+                trained = _trained(msg)
+                segments.append((content + self._fill(self.eot, tokenizer), trained))
+                if self.separator:
+                    segments.append((self.separator, False))
+                continue
+            if role == "user" and pending_system is not None:
+                content = self.system_in_user.format(system=pending_system, content=content)
+                pending_system = None
+            fmt = {"user": self.user, "tool": self.tool or self.user, "system": self.system}[role]
+            if fmt is None:
+                raise XtunerError(f"template {self.name!r} has no {role} role")
+            segments.append((self._fill(fmt, tokenizer, content), _trained(msg)))
+        return segments
+
+    def render_prompt(self, messages: list[dict], tokenizer: Any = None) -> str:
+        text = "".join(t for t, _ in self.render(messages, tokenizer))
+        return text + self._fill(self.assistant, tokenizer)
+
+    def stop_words(self, tokenizer: Any = None) -> list[str]:
+        words = [self._fill(s, tokenizer) for s in self.stops]
+        return list(dict.fromkeys(w for w in words if w))
+
+    def with_system(self, default_system: str | None) -> ChatTemplate:
+        return replace(self, default_system=default_system)
+
+
+_CHATML = dict(
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    tool="<|im_start|>tool\n{content}<|im_end|>\n",
+    assistant="<|im_start|>assistant\n",
+    eot="<|im_end|>",
+    separator="\n",
+    stops=("<|im_end|>",),
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    "chatml": ChatTemplate(name="chatml", **_CHATML),
+    "smollm2": ChatTemplate(
+        name="smollm2", **_CHATML,
+        default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    "qwen2_5": ChatTemplate(
+        name="qwen2_5", **_CHATML,
+        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    "internlm2_chat": ChatTemplate(
+        name="internlm2_chat", prefix="{bos}",
+        **{**_CHATML, "tool": "<|im_start|>environment\n{content}<|im_end|>\n"}),
+    "llama2_chat": ChatTemplate(
+        name="llama2_chat",
+        user="{bos}[INST] {content} [/INST]",
+        assistant=" ",
+        eot=" {eos}",
+        system_in_user="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
+        stops=("{eos}",),
+    ),
+    "llama3_chat": ChatTemplate(
+        name="llama3_chat",
+        prefix="{bos}",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+        tool="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
+        assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        eot="<|eot_id|>",
+        stops=("<|eot_id|>", "<|end_of_text|>"),
+    ),
+    "mistral": ChatTemplate(
+        name="mistral",
+        prefix="{bos}",
+        user="[INST] {content} [/INST]",
+        assistant="",
+        eot="{eos}",
+        system_in_user="{system}\n\n{content}",
+        stops=("{eos}",),
+    ),
+    "gemma": ChatTemplate(
+        name="gemma",
+        prefix="{bos}",
+        user="<start_of_turn>user\n{content}<end_of_turn>\n",
+        assistant="<start_of_turn>model\n",
+        eot="<end_of_turn>",
+        separator="\n",
+        system_in_user="{system}\n\n{content}",
+        stops=("<end_of_turn>", "{eos}"),
+    ),
+    "phi3": ChatTemplate(
+        name="phi3",
+        system="<|system|>\n{content}<|end|>\n",
+        user="<|user|>\n{content}<|end|>\n",
+        assistant="<|assistant|>\n",
+        eot="<|end|>",
+        separator="\n",
+        stops=("<|end|>", "<|endoftext|>"),
+    ),
+    "default": ChatTemplate(
+        name="default",
+        system="{content}\n\n",
+        user="### Instruction:\n{content}\n\n",
+        tool="### Tool output:\n{content}\n\n",
+        assistant="### Response:\n",
+        eot="{eos}",
+        separator="\n\n",
+        stops=("{eos}",),
+    ),
+}
+
+
+class JinjaTemplate:
+    """``auto``: the tokenizer's own jinja chat template, segmented by incremental rendering.
+
+    The text an assistant turn adds is found by rendering the conversation up to that turn with and
+    without the generation prompt; it is trained up to and including the first stop word.
+    """
+
+    name = "auto"
+
+    def __init__(self, tokenizer: Any):
+        if not getattr(tokenizer, "chat_template", None):
+            raise XtunerError("template 'auto' needs a tokenizer with a chat_template; "
+                              f"this one has none. Pick one of {sorted(TEMPLATES)}")
+        self.tokenizer = tokenizer
+
+    def _apply(self, messages: list[dict], generation_prompt: bool) -> str:
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    def render(self, messages: list[dict], tokenizer: Any = None) -> list[Segment]:
+        if len(messages) == 1 and messages[0]["role"] == "text":
+            return [(messages[0]["content"] + _special(self.tokenizer, "eos"), True)]
+        full = self._apply(messages, False)
+        stops = self.stop_words()
+        segments: list[Segment] = []
+        pos = 0
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            prompt = self._apply(messages[:i], True) if i else ""
+            upto = self._apply(messages[: i + 1], False)
+            if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= pos):
+                raise XtunerError("the tokenizer's chat template does not render conversations "
+                                  "prefix by prefix, so assistant turns cannot be located; pass "
+                                  f"an explicit template, one of {sorted(TEMPLATES)}")
+            turn = upto[len(prompt):]
+            start = turn.find(msg["content"])
+            if start < 0:
+                raise XtunerError("the tokenizer's chat template changes assistant content "
+                                  "(e.g. strips it); pass an explicit template")
+            end = start + len(msg["content"])
+            found = [(turn.find(s, end), s) for s in stops if turn.find(s, end) >= 0]
+            if found:
+                stop_pos, stop = min(found)
+                end = stop_pos + len(stop)
+            else:
+                end = len(turn)
+            segments.append((full[pos:len(prompt) + start], False))
+            segments.append((turn[start:end], _trained(msg)))
+            pos = len(prompt) + end
+        segments.append((full[pos:], False))
+        return [s for s in segments if s[0]]
+
+    def render_prompt(self, messages: list[dict], tokenizer: Any = None) -> str:
+        return self._apply(messages, True)
+
+    def stop_words(self, tokenizer: Any = None) -> list[str]:
+        tok = self.tokenizer
+        words = [tok.eos_token] if tok.eos_token else []
+        eos_ids = getattr(getattr(tok, "generation_config", None), "eos_token_id", None)
+        for tid in eos_ids if isinstance(eos_ids, list) else []:
+            words.append(tok.convert_ids_to_tokens(tid))
+        return list(dict.fromkeys(words))
+
+
+def get_template(name: str | Template, tokenizer: Any = None) -> Template:
+    """Look up a template by name (``auto`` needs the tokenizer), or pass one through."""
+    if not isinstance(name, str):
+        return name
+    if name == "auto":
+        return JinjaTemplate(tokenizer)
+    if name not in TEMPLATES:
+        from difflib import get_close_matches
+
+        hint = get_close_matches(name, TEMPLATES, n=1)
+        raise XtunerError(f"unknown chat template {name!r}"
+                          + (f"; did you mean {hint[0]!r}?" if hint else "")
+                          + f" (known: auto, {', '.join(sorted(TEMPLATES))})")
+    return TEMPLATES[name]

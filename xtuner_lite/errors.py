@@ -1,0 +1,29 @@
+"""Errors that reach the user as one clear message (the CLI prints them without a traceback)."""
+
+from __future__ import annotations
+
+
+class XtunerError(Exception):
+    """An error caused by user input or environment, with a message that says what to fix."""
+
+
+class DataError(XtunerError):
+    """Bad data: names the file, the row or line, and the field."""
+
+    def __init__(self, message: str, source: str | None = None, location: str | None = None,
+                 field: str | None = None):
+        self.reason = message
+        self.source = source
+        self.location = location
+        self.field = field
+        where = ", ".join(p for p in (source, location, f"field {field!r}" if field else None) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class RowError(ValueError):
+    """Raised by a map fn for one bad row; the pipeline adds file and row, or skips and counts it."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.reason = message
+        self.field = field
+        super().__init__(message)
