@@ -178,15 +178,16 @@ def _load(target: Path) -> ProcessedDataset | None:
 
 
 def dataset_cache_dir() -> Path:
+    """Processed datasets live here; override with ``XTUNER_LITE_DATA_CACHE``."""
     from xtuner_lite.hub import cache_dir
 
-    return cache_dir() / "datasets"
+    return Path(os.environ.get("XTUNER_LITE_DATA_CACHE") or cache_dir() / "datasets")
 
 
 # ---------------------------------------------------------------- the pipeline
 
 
-def _resolve_tokenizer(tokenizer: Any) -> Any:
+def resolve_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, os.PathLike)):
         from xtuner_lite.hub import load_tokenizer
 
@@ -194,7 +195,7 @@ def _resolve_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _resolve_template(template: str | Template | None, tokenizer: Any, tokenizer_ref: Any
+def resolve_template(template: str | Template | None, tokenizer: Any, tokenizer_ref: Any
                       ) -> Template:
     if template is None:
         from xtuner_lite.hub import default_template_for
@@ -227,9 +228,9 @@ def process_dataset(
         raise XtunerError("data_files is empty")
     if max_length < 2:
         raise XtunerError(f"max_length must be at least 2, got {max_length}")
-    tokenizer_ref, tokenizer = tokenizer, _resolve_tokenizer(tokenizer)
+    tokenizer_ref, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
     fn = get_map_fn(map_fn)
-    tmpl = _resolve_template(template, tokenizer, tokenizer_ref)
+    tmpl = resolve_template(template, tokenizer, tokenizer_ref)
 
     key = None
     if use_cache:

@@ -50,7 +50,9 @@ def label_tokens(input_ids: list[int], offsets: list[tuple[int, int]], mask: np.
 def tokenize_rendered(batch: list[list[Segment]], tokenizer: Any, max_length: int | None
                       ) -> list[TokenizedSample]:
     """Tokenize a batch of rendered conversations (fast tokenizers batch this in Rust)."""
-    texts, masks = zip(*(char_mask(s) for s in batch)) if batch else ((), ())
+    if not batch:
+        return []
+    texts, masks = zip(*(char_mask(s) for s in batch))
     enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True,
                     return_attention_mask=False)
     out = []

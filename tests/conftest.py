@@ -1,0 +1,37 @@
+"""Shared fixtures: offline hub, the real SmolLM2 tokenizer, and ../shared/data (skip or fail)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared/data; skipped on a user's clone, a failure in CI (CI=true)."""
+    path = SHARED / relative
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing; CI must run with ../shared beside the checkout")
+        pytest.skip(f"{path} not present (../shared/data is only beside the project in CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from xtuner_lite.hub import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dataset_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XTUNER_LITE_DATA_CACHE", str(tmp_path / "dataset-cache"))

@@ -1,0 +1,121 @@
+"""``xtuner check-dataset``: show a sample after every pipeline stage, then the dataset's stats.
+
+Trained text is shown in green (and between ⟦ ⟧ when the output is not a terminal), so a wrong
+mask is visible at a glance before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from xtuner_lite.config import check_kwargs
+from xtuner_lite.data.loaders import load_rows
+from xtuner_lite.data.map_fns import get_map_fn, validate_conversation
+from xtuner_lite.data.pipeline import (DatasetStats, process_dataset, resolve_template,
+                                      resolve_tokenizer)
+from xtuner_lite.data.tokenize import IGNORE_INDEX, tokenize_rendered
+from xtuner_lite.errors import DataError, RowError
+
+
+def _marked(parts: list[tuple[str, bool]], console: Console) -> Text:
+    text = Text()
+    plain = not console.is_terminal
+    runs: list[tuple[str, bool]] = []
+    for part, trained in parts:  # merge neighbours with the same flag into one run
+        if runs and runs[-1][1] == trained:
+            runs[-1] = (runs[-1][0] + part, trained)
+        else:
+            runs.append((part, trained))
+    for part, trained in runs:
+        if trained:
+            text.append(f"⟦{part}⟧" if plain else part, style="bold green")
+        else:
+            text.append(part, style="dim")
+    return text
+
+
+def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None) -> None:
+    """Print the first ``num_samples`` rows after load, map fn, template and tokenization."""
+    console = console or Console()
+    tokenizer = resolve_tokenizer(cfg["tokenizer"])
+    template = resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"])
+    map_fn = get_map_fn(cfg.get("map_fn", "alpaca"))
+    files = cfg["data_files"] if isinstance(cfg["data_files"], (list, tuple)) else [cfg["data_files"]]
+    rows = load_rows(files[0])
+    console.print(f"[bold]template[/]: {template.name}   [bold]stop words[/]: "
+                  f"{template.stop_words(tokenizer)}")
+    for i in range(min(num_samples, len(rows))):
+        where = f"{rows.source} {rows.locate(i)}"
+        raw = json.dumps(rows.records[i], ensure_ascii=False, indent=1)
+        console.print(Panel(raw[:2000], title=f"1. loaded — {where}", title_align="left"))
+        try:
+            messages = validate_conversation(map_fn(rows.records[i]))
+        except RowError as exc:
+            raise DataError(exc.reason, source=rows.source, location=rows.locate(i),
+                            field=exc.field) from None
+        console.print(Panel(json.dumps(messages, ensure_ascii=False, indent=1)[:2000],
+                            title="2. after map fn", title_align="left"))
+        segments = template.render(messages, tokenizer)
+        console.print(Panel(_marked(segments, console), title="3. chat template (trained = green)",
+                            title_align="left"))
+        sample = tokenize_rendered([segments], tokenizer, cfg.get("max_length"))[0]
+        pieces = [(tokenizer.decode([t]), label != IGNORE_INDEX)
+                  for t, label in zip(sample.input_ids, sample.labels)]
+        trained = sum(1 for _, t in pieces if t)
+        console.print(Panel(_marked(pieces, console),
+                            title=f"4. tokens: {len(pieces)}, trained {trained}"
+                                  + (" (TRUNCATED)" if sample.truncated else ""),
+                            title_align="left"))
+
+
+def stats_table(stats: DatasetStats) -> Table:
+    table = Table(title="dataset statistics", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    skipped = sum(stats.rows_skipped.values())
+    rows = [
+        ("sources", ", ".join(stats.sources)),
+        ("rows loaded", f"{stats.rows_loaded}"),
+        ("rows skipped", f"{skipped}"),
+        *((f"  skipped: {reason}", f"{n}") for reason, n in stats.rows_skipped.items()),
+        ("rows truncated to max_length", f"{stats.rows_truncated}"),
+        ("samples kept", f"{stats.samples}"),
+        ("token length min / mean / p50 / p90 / p99 / max",
+         " / ".join(f"{stats.lengths[k]:.0f}" for k in ("min", "mean", "p50", "p90", "p99", "max"))),
+        ("tokens (trained)", f"{stats.tokens} ({stats.trained_tokens})"),
+        ("max_length", f"{stats.max_length}"),
+        ("rows after packing" if stats.packed else "rows (unpacked)", f"{stats.rows}"),
+        ("packing efficiency (real tokens / slots)", f"{stats.packing_efficiency:.1%}"),
+        ("loaded from cache", "yes" if stats.from_cache else "no"),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    return table
+
+
+def check_dataset(cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None
+                  ) -> DatasetStats:
+    """Show stages for the first rows, process everything, print and return the stats."""
+    console = console or Console()
+    cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
+    check_kwargs(process_dataset, cfg, "train_dataset")
+    if num_samples:
+        show_stages(cfg, num_samples, console)
+    processed = process_dataset(**cfg)
+    stats = processed.stats
+    row = processed.data.row(0)
+    console.print(Panel(
+        f"{len(row['cu_seqlens']) - 1} samples, {len(row['input_ids'])} tokens; "
+        f"cu_seqlens {row['cu_seqlens'][:8]}{' ...' if len(row['cu_seqlens']) > 8 else ''}; "
+        f"position_ids restart at 0 for each sample",
+        title="5. first packed row" if stats.packed else "5. first row", title_align="left"))
+    console.print(stats_table(stats))
+    for example in stats.skipped_examples[:5]:
+        console.print(f"[yellow]skipped[/] {example}")
+    return stats

