@@ -1,7 +1,7 @@
 import pytest
 
 from xtuner_lite.data.map_fns import get_map_fn, validate_conversation
-from xtuner_lite.errors import RowError
+from xtuner_lite.errors import RowError, XtunerError
 
 
 def test_alpaca_joins_input_and_keeps_system():
@@ -69,5 +69,5 @@ def test_conversation_without_assistant_is_rejected():
 
 
 def test_unknown_map_fn_suggests():
-    with pytest.raises(KeyError, match="did you mean 'alpaca'"):
+    with pytest.raises(XtunerError, match="did you mean 'alpaca'"):
         get_map_fn("alpacca")

@@ -3,9 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import shared_file
 from xtuner_lite.data import IGNORE_INDEX, get_map_fn, load_rows, process_dataset
 from xtuner_lite.errors import DataError
+
+from conftest import shared_file
 
 REAL_FILES = [
     ("sft/llamafactory_alpaca_en_demo.json", "alpaca"),

@@ -105,5 +105,6 @@ class ChatSession:
         for stop in self.stop_strings:
             reply = reply.split(stop)[0]
         reply = reply.strip()
-        self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+        self.history += [{"role": "user", "content": prompt},
+                         {"role": "assistant", "content": reply}]
         return reply

@@ -17,8 +17,12 @@ from rich.text import Text
 from xtuner_lite.config import check_kwargs
 from xtuner_lite.data.loaders import load_rows
 from xtuner_lite.data.map_fns import get_map_fn, validate_conversation
-from xtuner_lite.data.pipeline import (DatasetStats, process_dataset, resolve_template,
-                                      resolve_tokenizer)
+from xtuner_lite.data.pipeline import (
+    DatasetStats,
+    process_dataset,
+    resolve_template,
+    resolve_tokenizer,
+)
 from xtuner_lite.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError
 
@@ -46,8 +50,8 @@ def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | No
     tokenizer = resolve_tokenizer(cfg["tokenizer"])
     template = resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"])
     map_fn = get_map_fn(cfg.get("map_fn", "alpaca"))
-    files = cfg["data_files"] if isinstance(cfg["data_files"], (list, tuple)) else [cfg["data_files"]]
-    rows = load_rows(files[0])
+    files = cfg["data_files"]
+    rows = load_rows(files[0] if isinstance(files, (list, tuple)) else files)
     console.print(f"[bold]template[/]: {template.name}   [bold]stop words[/]: "
                   f"{template.stop_words(tokenizer)}")
     for i in range(min(num_samples, len(rows))):
@@ -64,13 +68,14 @@ def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | No
         segments = template.render(messages, tokenizer)
         console.print(Panel(_marked(segments, console), title="3. chat template (trained = green)",
                             title_align="left"))
-        sample = tokenize_rendered([segments], tokenizer, cfg.get("max_length"))[0]
+        tokens = tokenize_rendered([segments], tokenizer, cfg.get("max_length"))
+        input_ids, labels = tokens.sample(0)
         pieces = [(tokenizer.decode([t]), label != IGNORE_INDEX)
-                  for t, label in zip(sample.input_ids, sample.labels)]
+                  for t, label in zip(input_ids, labels)]
         trained = sum(1 for _, t in pieces if t)
         console.print(Panel(_marked(pieces, console),
                             title=f"4. tokens: {len(pieces)}, trained {trained}"
-                                  + (" (TRUNCATED)" if sample.truncated else ""),
+                                  + (" (TRUNCATED)" if tokens.truncated[0] else ""),
                             title_align="left"))
 
 
@@ -87,7 +92,8 @@ def stats_table(stats: DatasetStats) -> Table:
         ("rows truncated to max_length", f"{stats.rows_truncated}"),
         ("samples kept", f"{stats.samples}"),
         ("token length min / mean / p50 / p90 / p99 / max",
-         " / ".join(f"{stats.lengths[k]:.0f}" for k in ("min", "mean", "p50", "p90", "p99", "max"))),
+         " / ".join(f"{stats.lengths[k]:.0f}"
+                    for k in ("min", "mean", "p50", "p90", "p99", "max"))),
         ("tokens (trained)", f"{stats.tokens} ({stats.trained_tokens})"),
         ("max_length", f"{stats.max_length}"),
         ("rows after packing" if stats.packed else "rows (unpacked)", f"{stats.rows}"),

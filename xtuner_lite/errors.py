@@ -21,7 +21,7 @@ class DataError(XtunerError):
 
 
 class RowError(ValueError):
-    """Raised by a map fn for one bad row; the pipeline adds file and row, or skips and counts it."""
+    """Raised by a map fn for one bad row; the pipeline adds file and row, or counts a skip."""
 
     def __init__(self, message: str, field: str | None = None):
         self.reason = message

@@ -150,7 +150,7 @@ def default_template_for(ref: str) -> str | None:
 
 
 def load_tokenizer(ref: str | os.PathLike):
-    """Load a tokenizer by any model reference, with a readable error when the hub is out of reach."""
+    """Load a tokenizer by any model reference; a readable error when the hub is out of reach."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(ref)

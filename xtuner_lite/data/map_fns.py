@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from xtuner_lite.errors import RowError
+from xtuner_lite.errors import RowError, XtunerError
 
 Conversation = dict[str, list[dict[str, Any]]]
 MapFn = Callable[[Any], Conversation]
@@ -64,7 +64,7 @@ def alpaca_zh_map_fn(row: Any) -> Conversation:
 
 
 def history_map_fn(row: Any) -> Conversation:
-    """Alpaca with ``history: [[user, assistant], ...]`` (oasst1, LIMA as LLaMA-Factory ships them)."""
+    """Alpaca plus ``history: [[user, assistant], ...]`` (oasst1, LIMA in LLaMA-Factory form)."""
     row = _obj(row)
     history = row.get("history") or []
     if not isinstance(history, list):
@@ -77,7 +77,8 @@ def history_map_fn(row: Any) -> Conversation:
             raise RowError(f"item {i} is not a [user, assistant] pair of strings", field="history")
         messages += [{"role": "user", "content": pair[0]},
                      {"role": "assistant", "content": pair[1]}]
-    messages += alpaca_map_fn({k: row.get(k) for k in ("instruction", "input", "output")})["messages"]
+    last = alpaca_map_fn({k: row.get(k) for k in ("instruction", "input", "output")})
+    messages += last["messages"]
     return {"messages": messages}
 
 
@@ -177,8 +178,9 @@ def get_map_fn(map_fn: str | MapFn) -> MapFn:
         from difflib import get_close_matches
 
         hint = get_close_matches(str(map_fn), MAP_FNS, n=1)
-        raise KeyError(f"unknown map_fn {map_fn!r}"
-                       + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {sorted(MAP_FNS)}"))
+        raise XtunerError(f"unknown map_fn {map_fn!r}"
+                          + (f"; did you mean {hint[0]!r}?" if hint else "")
+                          + f" (known: {', '.join(sorted(MAP_FNS))}, or pass a function)")
     return MAP_FNS[map_fn]
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xtuner_lite.data.tokenize import IGNORE_INDEX
+from xtuner_lite.data.tokenize import IGNORE_INDEX, TokenizedBatch
 
 
 def pack_indices(lengths: list[int], max_length: int, seed: int = 0) -> list[list[int]]:
@@ -82,25 +82,28 @@ class PackedData:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def build_packed(samples: list[tuple[list[int], list[int]]], max_length: int, pack: bool,
-                 seed: int = 0, shuffle: bool = True) -> PackedData:
-    """Arrange tokenized samples into rows; a sample's first label is masked when packed.
+def build_packed(tokens: TokenizedBatch, max_length: int, pack: bool, seed: int = 0,
+                 shuffle: bool = True) -> PackedData:
+    """Arrange tokenized samples into rows; a sample's first label is masked.
 
     Masking the first label keeps packed loss equal to per-sample loss: in a packed row the
     previous sample's last token would otherwise be trained to predict this sample's first.
     """
-    lengths = [len(ids) for ids, _ in samples]
+    lengths = tokens.lengths
     if pack:
-        rows = pack_indices(lengths, max_length, seed)
+        rows = pack_indices(lengths.tolist(), max_length, seed)
     else:
-        rows = [[i] for i in range(len(samples))]
+        rows = [[i] for i in range(len(lengths))]
         if shuffle:
             random.Random(seed).shuffle(rows)
-    order = [i for row in rows for i in row]
-    input_ids = np.fromiter((t for i in order for t in samples[i][0]), dtype=np.int32)
-    labels = np.fromiter((t for i in order for t in samples[i][1]), dtype=np.int32)
-    sample_lengths = np.array([lengths[i] for i in order], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(sample_lengths)[:-1]]).astype(np.int64)
-    labels[starts[sample_lengths > 0]] = IGNORE_INDEX
+    order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=len(lengths))
+    sample_lengths = lengths[order]
+    new_starts = np.concatenate([[0], np.cumsum(sample_lengths)[:-1]]).astype(np.int64)
+    # gather index: for each token in the new order, where it sits in the old flat arrays
+    gather = np.arange(int(sample_lengths.sum())) + np.repeat(tokens.starts[order] - new_starts,
+                                                             sample_lengths)
+    input_ids = tokens.input_ids[gather]
+    labels = tokens.labels[gather]
+    labels[new_starts[sample_lengths > 0]] = IGNORE_INDEX
     return PackedData(input_ids, labels, sample_lengths,
                       np.array([len(r) for r in rows], dtype=np.int64))

