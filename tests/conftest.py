@@ -35,3 +35,20 @@ def smol_tokenizer():
 @pytest.fixture(autouse=True)
 def _isolated_dataset_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XTUNER_LITE_DATA_CACHE", str(tmp_path / "dataset-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smol_tokenizer):
+    """A random 2-layer Llama with SmolLM2's vocabulary, saved as an HF folder (fp32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return str(path)

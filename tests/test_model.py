@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+import torch
+
+from xtuner_lite.data import IGNORE_INDEX, build_packed, collate_packed
+from xtuner_lite.data.tokenize import TokenizedBatch
+from xtuner_lite.model import accumulate_gradients, build_model, chunked_lm_loss, loss_sum
+
+LENGTHS = [5, 9, 3, 12]
+
+
+def _samples(vocab=200, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=sum(LENGTHS)).astype(np.int32)
+    labels = ids.copy()
+    labels[rng.random(len(ids)) < 0.3] = IGNORE_INDEX  # some prompt tokens
+    return TokenizedBatch(ids, labels, np.array(LENGTHS), np.zeros(len(LENGTHS), bool))
+
+
+def _rows(pack: bool):
+    data = build_packed(_samples(), max_length=64, pack=pack, shuffle=False)
+    return [data.row(i) for i in range(len(data))]
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def test_packed_row_equals_per_sample(tiny_llama):
+    model = build_model(tiny_llama, method="full")
+    packed = _rows(pack=True)
+    assert len(packed) == 1 and len(packed[0]["cu_seqlens"]) == 5
+    loss_p, n_p = loss_sum(model, collate_packed(packed))
+    loss_p.backward()
+    grads_p = _grads(model)
+    model.zero_grad()
+    total, n = 0.0, 0
+    for row in _rows(pack=False):
+        loss, count = loss_sum(model, collate_packed([row]))
+        loss.backward()
+        total, n = total + float(loss), n + count
+    assert n_p == n
+    assert abs(float(loss_p) - total) < 1e-4
+    _assert_same(grads_p, _grads(model))
+
+
+def test_accumulation_equals_one_big_batch(tiny_llama):
+    """4 micro-batches of 1 sample == 1 batch of 4 samples (different lengths), fp32."""
+    model = build_model(tiny_llama, method="full")
+    rows = _rows(pack=False)
+    mean_big = accumulate_gradients(model, [collate_packed(rows)])
+    big = _grads(model)
+    model.zero_grad()
+    mean_acc = accumulate_gradients(model, [collate_packed([r]) for r in rows])
+    assert abs(mean_big - mean_acc) < 1e-5
+    _assert_same(big, _grads(model))
+
+
+def test_chunked_loss_matches_transformers(tiny_llama):
+    model = build_model(tiny_llama, method="full")
+    row = _rows(pack=False)[0]
+    batch = collate_packed([row])
+    ref = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad()
+    hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state
+    loss, count = chunked_lm_loss(hidden, model.lm_head, batch["labels"], chunk_size=2)
+    (loss / count).backward()
+    torch.testing.assert_close(loss / count, ref, atol=1e-5, rtol=1e-5)
+    _assert_same(ref_grads, _grads(model))
+
+
+def test_lora_targets_every_linear_but_the_head(tiny_llama):
+    model = build_model(tiny_llama, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert len(wrapped) == 2 * 7  # q k v o gate up down in each of 2 layers
+    assert not any("lm_head" in n for n in wrapped)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def _lora_params(model):
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_qlora_trains_after_an_eval_no_grad_forward(tiny_llama):
+    """Guards the bitsandbytes CPU repack bug: eval forward must not freeze LoRA gradients."""
+    import bitsandbytes as bnb
+
+    model = build_model(tiny_llama, method="qlora", lora=dict(r=4, alpha=8, dropout=0.0),
+                        compute_dtype="fp32")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    batch = collate_packed(_rows(pack=True))
+    model.eval()
+    with torch.no_grad():
+        loss_sum(model, batch)
+    model.train()
+    before = {n: p.detach().clone() for n, p in _lora_params(model).items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # B starts at zero, so A first gets a gradient on the second step
+        optimizer.zero_grad()
+        accumulate_gradients(model, [batch])
+        for name, p in _lora_params(model).items():
+            assert p.grad is not None, name
+        optimizer.step()
+    for name, p in _lora_params(model).items():
+        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+        assert not torch.equal(before[name], p.detach()), f"{name} did not change"
+
+
+def test_qlora_keeps_embeddings_in_their_dtype(tiny_llama):
+    model = build_model(tiny_llama, method="qlora", dtype="bf16", lora=dict(r=4))
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_gives_same_gradients(tiny_llama, method):
+    batch = collate_packed(_rows(pack=True))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_llama, method=method, lora=dict(r=4, dropout=0.0),
+                            gradient_checkpointing=checkpointing)
+        model.train()
+        accumulate_gradients(model, [batch])
+        grads.append(_grads(model))
+    _assert_same(*grads)

@@ -1,0 +1,95 @@
+"""Build the model to train: full fine-tune, LoRA (peft) or QLoRA (bitsandbytes NF4 + peft)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from xtuner_lite.errors import XtunerError
+
+Method = Literal["full", "lora", "qlora"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters; ``target_modules='all-linear'`` means every linear but the head."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: str | list[str] = "all-linear"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in dtypes:
+        raise XtunerError(f"unknown dtype {name!r}; use one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights in eval-mode forwards on AVX512-BF16 CPUs.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight for a faster CPU kernel the first time it runs
+    a no-grad forward in eval mode; after that the LoRA layers above it get zero or no gradient.
+    Returns how many layers were guarded.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def build_model(
+    pretrained: str,
+    method: Method = "lora",
+    lora: LoraSettings | dict | None = None,
+    dtype: str = "fp32",
+    compute_dtype: str = "bf16",
+    gradient_checkpointing: bool = False,
+    attn_implementation: str = "sdpa",
+) -> torch.nn.Module:
+    """Load ``pretrained`` (embedded name, folder or hub id) ready to train with ``method``.
+
+    ``dtype`` is the storage dtype of trainable weights (keep fp32 master weights on CPU);
+    ``compute_dtype`` is what the 4-bit layers dequantize to in QLoRA.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from xtuner_lite.hub import resolve_model_path
+
+    if method not in ("full", "lora", "qlora"):
+        raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
+    path = resolve_model_path(pretrained)
+    kwargs: dict[str, Any] = dict(dtype=_dtype(dtype), attn_implementation=attn_implementation)
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_dtype(compute_dtype), bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    if method == "qlora":
+        disable_cpu_4bit_repack(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()  # frozen embeddings: let checkpointed grads flow
+    if method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.target_modules, task_type="CAUSAL_LM",
+                        **settings.extra)
+    return get_peft_model(model, config)
