@@ -52,4 +52,5 @@ def collate_packed(rows: list[dict[str, list[int]]], pad_token_id: int = 0
         if n < width:
             cu.append(offset + width)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+            "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+            "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}

@@ -1,0 +1,157 @@
+"""Training on mmengine's Runner, with its known problems fixed here and nowhere else.
+
+- Resume: mmengine 0.10.7 loads checkpoints with torch's default ``weights_only=True`` (torch ≥
+  2.6), which refuses its own HistoryBuffer; we load our own checkpoint files with the full
+  unpickler (they are written by this runner, so trusted).
+- Checkpoints are written to a temporary name and renamed, so a kill mid-write leaves the previous
+  checkpoint as the newest complete one; only trainable weights are stored.
+- Mixed precision on CPU: :class:`AutocastOptimWrapper` (``AmpOptimWrapper`` is CUDA-only).
+- No 2-second sleep when the data runs out: an infinite sampler never runs out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmengine.runner import Runner
+from mmengine.runner.checkpoint import _load_checkpoint_to_model
+
+from xtuner_lite.data.dataset import collate_packed
+
+
+@dataclass
+class TrainSettings:
+    """The ``train`` dict of a config: batch, schedule, precision, checkpoints, logging."""
+
+    batch_size: int = 1  # rows per micro-batch
+    accumulative_counts: int = 1  # micro-batches per optimizer step
+    max_iters: int | None = None  # optimizer steps; or give epochs
+    epochs: float | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes, GPU)
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_norm: float | None = 1.0
+    dtype: str | None = "bf16"  # autocast dtype: bf16 | fp16 (GPU) | None for fp32
+    chunk_size: int = 1024  # tokens per loss chunk
+    save_steps: int = 100
+    save_total_limit: int = 2
+    log_interval: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    extra_hooks: list[dict[str, Any]] = field(default_factory=list)
+
+
+class GlobalBatchCollator:
+    """Splits a loader batch of ``batch_size * accumulative_counts`` rows into micro-batches."""
+
+    def __init__(self, batch_size: int, pad_token_id: int):
+        self.batch_size, self.pad_token_id = batch_size, pad_token_id
+
+    def __call__(self, rows: list[dict]) -> list[dict[str, torch.Tensor]]:
+        return [collate_packed(rows[i:i + self.batch_size], self.pad_token_id)
+                for i in range(0, len(rows), self.batch_size)]
+
+
+class XtunerRunner(Runner):
+    """mmengine's Runner with atomic, trainable-only checkpoints and a working resume."""
+
+    def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs) -> None:
+        tmp = f".{filename}.partial"
+        super().save_checkpoint(out_dir, tmp, *args, **kwargs)
+        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, filename))
+
+    def load_checkpoint(self, filename: str, map_location: Any = "cpu", strict: bool = False,
+                        revise_keys: list | None = None):
+        checkpoint = torch.load(filename, map_location=map_location, weights_only=False)
+        self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
+        checkpoint = _load_checkpoint_to_model(self.model, checkpoint, strict,
+                                               revise_keys=revise_keys or [(r"^module.", "")])
+        self._has_loaded = True
+        self.logger.info(f"Load checkpoint from {filename}")
+        return checkpoint
+
+
+def _optimizer_cfg(settings: TrainSettings) -> dict[str, Any]:
+    kw = dict(lr=settings.lr, weight_decay=settings.weight_decay, betas=tuple(settings.betas))
+    if settings.optimizer == "adamw":
+        return dict(type=torch.optim.AdamW, **kw)
+    import bitsandbytes as bnb
+
+    classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    if settings.optimizer not in classes:
+        from xtuner_lite.errors import XtunerError
+
+        raise XtunerError(f"train.optimizer: unknown {settings.optimizer!r}; use adamw, "
+                          "adamw_8bit or paged_adamw_8bit")
+    return dict(type=classes[settings.optimizer], **kw)
+
+
+def total_steps(settings: TrainSettings, num_rows: int) -> int:
+    if settings.max_iters:
+        return settings.max_iters
+    rows_per_step = settings.batch_size * settings.accumulative_counts
+    return max(1, math.ceil((settings.epochs or 1) * num_rows / rows_per_step))
+
+
+def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_token_id: int,
+                 settings: TrainSettings, work_dir: str | Path, seed: int = 0,
+                 resume: bool | str = False) -> XtunerRunner:
+    """Assemble the Runner: infinite seeded sampler, warmup + cosine, clipping, autocast."""
+    from mmengine.dataset import InfiniteSampler
+
+    from xtuner_lite.engine.sft_model import SFTModel
+
+    max_iters = total_steps(settings, len(dataset))
+    warmup = int(settings.warmup_ratio * max_iters)
+    device = settings.device if settings.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=settings.batch_size * settings.accumulative_counts,
+        sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
+        collate_fn=GlobalBatchCollator(settings.batch_size, pad_token_id), num_workers=0)
+    schedulers = []
+    if warmup > 0:
+        schedulers.append(dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0,
+                               end=warmup))
+    schedulers.append(dict(type="CosineAnnealingLR", eta_min=settings.lr * settings.min_lr_ratio,
+                           by_epoch=False, begin=warmup, end=max_iters))
+    optim_wrapper = dict(type="AutocastOptimWrapper", optimizer=_optimizer_cfg(settings),
+                         dtype=settings.dtype, device_type=device,
+                         clip_grad=dict(max_norm=settings.max_norm) if settings.max_norm else None)
+    hooks = [dict(type="RNGStateHook"), dict(type="ThroughputHook"),
+             dict(type="LossRecordHook"), *settings.extra_hooks]
+    sft_model = SFTModel(model, chunk_size=settings.chunk_size).to(device)
+    return XtunerRunner(
+        model=sft_model,
+        work_dir=str(work_dir),
+        train_dataloader=loader,
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        optim_wrapper=optim_wrapper,
+        param_scheduler=schedulers,
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=settings.log_interval,
+                        log_metric_by_epoch=False),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=settings.save_steps,
+                            max_keep_ckpts=settings.save_total_limit, save_last=True),
+            sampler_seed=dict(type="DistSamplerSeedHook"),
+        ),
+        custom_hooks=hooks,
+        randomness=dict(seed=seed),
+        resume=bool(resume),
+        load_from=resume if isinstance(resume, str) else None,
+        log_processor=dict(by_epoch=False, window_size=1),
+        default_scope="mmengine",
+        cfg=dict(train=asdict(settings), seed=seed),
+    )
+
+
+__all__ = ["GlobalBatchCollator", "TrainSettings", "XtunerRunner", "build_runner"]

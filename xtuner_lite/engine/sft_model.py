@@ -1,0 +1,66 @@
+"""The mmengine model: one optimizer step over a global batch of micro-batches."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from mmengine.model import BaseModel
+from mmengine.optim import OptimWrapper
+
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.model.forward import count_trained, loss_sum
+
+
+class NonFiniteLossError(XtunerError):
+    """Raised when a step's loss is NaN or inf; the last good checkpoint is kept."""
+
+
+class SFTModel(BaseModel):
+    """Wraps a causal LM. A data item is a list of micro-batches forming one optimizer step.
+
+    Accumulating inside ``train_step`` (not through mmengine's ``accumulative_counts``) lets the
+    loss be normalized by the trained tokens of the whole global batch.
+    """
+
+    def __init__(self, llm: torch.nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.llm = llm
+        self.chunk_size = chunk_size
+
+    def _device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(self.llm.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def train_step(self, data: list[dict[str, torch.Tensor]], optim_wrapper: OptimWrapper
+                   ) -> dict[str, torch.Tensor]:
+        total = max(sum(count_trained(b) for b in data), 1)
+        loss_value = 0.0
+        for batch in data:
+            with optim_wrapper.optim_context(self):
+                loss, _ = loss_sum(self.llm, self._device(batch), self.chunk_size)
+            optim_wrapper.backward(loss / total)
+            loss_value += float(loss.detach())
+        loss_value /= total
+        if not math.isfinite(loss_value):
+            optim_wrapper.zero_grad()
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at this step; stopping. The last good checkpoint is kept "
+                "(lower the learning rate, or check the data with `xtuner check-dataset`)")
+        optim_wrapper.step()
+        optim_wrapper.zero_grad()
+        tokens = sum(int(b["input_ids"].numel()) for b in data)
+        return {"loss": torch.tensor(loss_value), "tokens": torch.tensor(float(tokens))}
+
+    def forward(self, *args, **kwargs):  # mmengine's abstract API; training goes via train_step
+        raise NotImplementedError("SFTModel is trained through train_step")
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Only what training changes (LoRA weights; all weights in a full fine-tune), so a
+        checkpoint of a LoRA run is megabytes, not the whole base model."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        full = super().state_dict(*args, **kwargs)
+        kept = OrderedDict((k, v) for k, v in full.items() if k in names)
+        kept._metadata = getattr(full, "_metadata", None)
+        return kept

@@ -1,0 +1,68 @@
+"""``xtuner train`` as a function: config in, trained adapter (or model) folder out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from xtuner_lite.config import check_kwargs, load_config
+from xtuner_lite.errors import XtunerError
+
+
+def _final_save(llm, tokenizer, out: Path, meta: dict[str, Any]) -> None:
+    """A standard peft adapter (or HF model) folder, plus the tokenizer and how it was trained."""
+    tmp = out.with_name(out.name + ".partial")
+    llm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "xtuner_lite.json").write_text(json.dumps(meta, indent=1, default=str))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def train(config: str | dict, work_dir: str | Path | None = None, resume: bool | str = False,
+          seed: int | None = None, cfg_options: list[str] | dict | None = None) -> Path:
+    """Train from a config file/name (or an already loaded config); return the final folder.
+
+    ``resume=True`` (``--resume auto``) continues from the newest complete checkpoint in
+    ``work_dir``; a path resumes from that checkpoint.
+    """
+    from xtuner_lite.data.dataset import SFTDataset
+    from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
+    from xtuner_lite.engine import TrainSettings, build_runner
+    from xtuner_lite.model import build_model
+
+    cfg = load_config(config, cfg_options) if isinstance(config, str) else config
+    for key in ("model", "train_dataset", "train"):
+        if key not in cfg:
+            raise XtunerError(f"config has no {key!r} dict")
+    model_cfg = dict(cfg["model"])
+    data_cfg = {k: v for k, v in dict(cfg["train_dataset"]).items() if k != "type"}
+    train_cfg = dict(cfg["train"])
+    check_kwargs(build_model, model_cfg, "model")
+    check_kwargs(process_dataset, data_cfg, "train_dataset")
+    check_kwargs(TrainSettings, train_cfg, "train")
+    settings = TrainSettings(**train_cfg)
+    seed = cfg.get("seed", 0) if seed is None else seed
+    name = Path(config).stem if isinstance(config, str) else "run"
+    work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = resolve_tokenizer(data_cfg["tokenizer"])
+    template = resolve_template(data_cfg.get("template"), tokenizer, data_cfg["tokenizer"])
+    processed = process_dataset(**{**data_cfg, "tokenizer": tokenizer})
+    dataset = SFTDataset(processed.data, processed.stats)
+    llm = build_model(**model_cfg)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    runner = build_runner(llm, dataset, pad, settings, work_dir, seed=seed, resume=resume)
+    runner.train()
+    out = work_dir / ("adapter" if model_cfg.get("method", "lora") != "full" else "model")
+    _final_save(llm, tokenizer, out, {
+        "base_model": str(model_cfg["pretrained"]), "method": model_cfg.get("method", "lora"),
+        "template": template.name, "stop_words": template.stop_words(tokenizer),
+        "max_length": data_cfg.get("max_length"), "train": train_cfg, "seed": seed,
+    })
+    return out
