@@ -6,6 +6,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from xtuner_lite.errors import XtunerError
 
@@ -60,6 +61,37 @@ def cmd_check_dataset(args: argparse.Namespace) -> int:
     if args.data:
         dataset_cfg["data_files"] = args.data
     check_dataset(dataset_cfg, num_samples=args.show)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from xtuner_lite.train import train
+
+    resume: bool | str = False
+    if args.resume:
+        resume = True if args.resume == "auto" else args.resume
+    out = train(args.config, work_dir=args.work_dir, resume=resume, seed=args.seed,
+                cfg_options=args.cfg_options)
+    print(f"saved: {out}")
+    return 0
+
+
+def cmd_copy_cfg(args: argparse.Namespace) -> int:
+    import shutil
+
+    from xtuner_lite.config import find_config
+
+    src = find_config(args.name)
+    dest = Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / src.name
+    if target.exists():
+        raise XtunerError(f"{target} exists; not overwriting")
+    shutil.copy(src, target)
+    base = src.parent.parent / "_base_"
+    if base.is_dir() and not (dest.parent / "_base_").exists():
+        shutil.copytree(base, dest.parent / "_base_")  # its relative `_base_` imports still work
+    print(target)
     return 0
 
 
@@ -119,6 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=1, help="samples to show per stage (default 1)")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     p.set_defaults(func=cmd_check_dataset)
+
+    p = sub.add_parser("train", help="fine-tune from a config (full, LoRA or QLoRA)",
+                       description="Train with mmengine from a pure-Python config file or name.")
+    p.add_argument("config", help="config file or name (see `xtuner list-cfg`)")
+    p.add_argument("--work-dir", help="where checkpoints, logs and the result go "
+                   "(default work_dirs/CONFIG_NAME)")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="auto: newest complete checkpoint in the work dir; or a checkpoint path")
+    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("copy-cfg", help="copy a bundled config (and its _base_) to edit it")
+    p.add_argument("name")
+    p.add_argument("dest", help="folder to copy into")
+    p.set_defaults(func=cmd_copy_cfg)
 
     p = sub.add_parser("list-cfg", help="list the bundled configs (usable by name)")
     p.add_argument("-p", "--pattern", help="only names containing this")

@@ -55,6 +55,9 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     template = resolve_template(data_cfg.get("template"), tokenizer, data_cfg["tokenizer"])
     processed = process_dataset(**{**data_cfg, "tokenizer": tokenizer})
     dataset = SFTDataset(processed.data, processed.stats)
+    from mmengine.runner import set_random_seed
+
+    set_random_seed(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**model_cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     runner = build_runner(llm, dataset, pad, settings, work_dir, seed=seed, resume=resume)

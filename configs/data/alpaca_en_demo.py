@@ -2,14 +2,6 @@
 from mmengine.config import read_base
 
 with read_base():
-    from .._base_.models.smollm2_135m_instruct import *  # noqa: F403
+    from .._base_.datasets.alpaca_en_demo import *  # noqa: F403
 
-train_dataset = dict(
-    data_files="../shared/data/sft/llamafactory_alpaca_en_demo.json",  # relative to the cwd
-    tokenizer=pretrained_model,  # noqa: F405
-    map_fn="alpaca",
-    template=template,  # noqa: F405
-    max_length=max_length,  # noqa: F405
-    pack=True,
-    seed=0,
-)
+train_dataset.update(max_length=2048)  # noqa: F405

@@ -53,6 +53,10 @@ class SFTModel(BaseModel):
         tokens = sum(int(b["input_ids"].numel()) for b in data)
         return {"loss": torch.tensor(loss_value), "tokens": torch.tensor(float(tokens))}
 
+    def init_weights(self) -> None:
+        """Pretrained weights are never re-initialized (mmengine's default also chokes on the
+        uint8 storage of 4-bit weights while logging their statistics)."""
+
     def forward(self, *args, **kwargs):  # mmengine's abstract API; training goes via train_step
         raise NotImplementedError("SFTModel is trained through train_step")
 

@@ -2,3 +2,11 @@
 pretrained_model = "smollm2-135m-instruct"
 template = "smollm2"  # chatml with SmolLM2's default system prompt
 max_length = 2048
+
+model = dict(
+    pretrained=pretrained_model,
+    method="lora",
+    lora=dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear"),
+    dtype="fp32",  # master weights; compute runs under train.dtype autocast
+    gradient_checkpointing=False,
+)

@@ -1,0 +1,17 @@
+# Incremental pretraining on plain text: every token is trained (map_fn="pretrain").
+from mmengine.config import read_base
+
+with read_base():
+    from .._base_.models.smollm2_135m_instruct import *  # noqa: F403
+    from .._base_.train.cpu_lora import *  # noqa: F403
+
+model.update(method="full")  # noqa: F405
+train_dataset = dict(
+    data_files="examples/data/pretrain_mini.jsonl",
+    tokenizer=pretrained_model,  # noqa: F405
+    map_fn="pretrain",
+    template=template,  # noqa: F405
+    max_length=512,
+    pack=True,
+)
+train.update(epochs=None, max_iters=20, lr=2e-5, accumulative_counts=1)  # noqa: F405

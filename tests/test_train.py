@@ -1,0 +1,110 @@
+"""Training end to end: resume after SIGKILL, falling loss for every method, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from xtuner_lite.errors import XtunerError
+
+TINY_CONFIG = """
+model = dict(pretrained={model!r}, method="lora", lora=dict(r=8, alpha=16, dropout=0.1))
+train_dataset = dict(data_files={data!r}, tokenizer={model!r}, map_fn="alpaca",
+                     template="smollm2", max_length=96, pack=True)
+train = dict(batch_size=1, accumulative_counts=2, max_iters=16, lr=1e-2, dtype=None,
+             save_steps=4, save_total_limit=2, log_interval=4)
+"""
+
+
+def _losses(work_dir):
+    by_step = {}
+    for line in open(os.path.join(work_dir, "loss.jsonl")):
+        record = json.loads(line)
+        by_step[record["step"]] = record["loss"]  # a resumed run rewrites the steps it redoes
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def _train_cmd(config, work_dir, *extra):
+    return [sys.executable, "-m", "xtuner_lite.cli", "train", str(config), "--work-dir",
+            str(work_dir), *extra]
+
+
+def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
+    config = tmp_path / "tiny_lora.py"
+    config.write_text(TINY_CONFIG.format(model=tiny_llama,
+                                         data=str(ROOT / "examples/data/alpaca_mini.json")))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    whole = tmp_path / "whole"
+    subprocess.run(_train_cmd(config, whole), check=True, capture_output=True, env=env)
+    reference = _losses(whole)
+    assert len(reference) == 16
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(config, killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    log = killed / "loss.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter").exists(), "the run finished before it could be killed"
+    # a checkpoint cut off while being written never has a checkpoint's name
+    (killed / ".iter_8.pth.partial").write_bytes(b"truncated")
+    subprocess.run(_train_cmd(config, killed, "--resume", "auto"), check=True,
+                   capture_output=True, env=env)
+    assert _losses(killed) == reference  # bitwise, fp32 on CPU
+    assert (killed / "adapter" / "adapter_model.safetensors").exists()
+    kept = sorted(p.name for p in killed.glob("iter_*.pth"))
+    assert kept == ["iter_12.pth", "iter_16.pth"]
+
+
+def test_unknown_train_key_is_named(tmp_path, tiny_llama):
+    from xtuner_lite.train import train
+
+    cfg = dict(model=dict(pretrained=tiny_llama),
+               train_dataset=dict(data_files=str(ROOT / "examples/data/alpaca_mini.json"),
+                                  tokenizer=tiny_llama, template="smollm2"),
+               train=dict(max_iter=3))
+    with pytest.raises(XtunerError, match="train: unknown key 'max_iter'; did you mean 'max_iters'"):
+        train(cfg, work_dir=tmp_path)
+
+
+def test_exploding_loss_stops_with_a_clear_message(tmp_path, tiny_llama):
+    from xtuner_lite.engine import NonFiniteLossError
+    from xtuner_lite.train import train
+
+    cfg = dict(model=dict(pretrained=tiny_llama, method="full"),
+               train_dataset=dict(data_files=str(ROOT / "examples/data/alpaca_mini.json"),
+                                  tokenizer=tiny_llama, template="smollm2", max_length=96),
+               train=dict(max_iters=40, lr=1e8, max_norm=None, dtype=None, warmup_ratio=0,
+                          save_steps=1, save_total_limit=1))
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is kept"):
+        train(cfg, work_dir=tmp_path)
+    assert list(tmp_path.glob("iter_*.pth"))
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_smollm2_configs_train_with_falling_loss(tmp_path, method):
+    lr = "1e-3" if method == "qlora" else "5e-5"
+    out = subprocess.run(
+        _train_cmd(f"smollm2_135m_alpaca_{method}", tmp_path, "--cfg-options",
+                   "train.max_iters=24", "train.epochs=None", "train.accumulative_counts=1",
+                   f"train.lr={lr}", "train.save_steps=100", "train_dataset.max_length=256",
+                   f"train_dataset.data_files={ROOT / 'examples/data/identity.json'}"),
+        capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = _losses(tmp_path)
+    assert len(losses) == 24
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.5 * first, losses
+    folder = tmp_path / ("adapter" if method == "qlora" else "model")
+    meta = json.loads((folder / "xtuner_lite.json").read_text())
+    assert meta["template"] == "smollm2" and meta["method"] == method
