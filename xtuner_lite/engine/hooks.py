@@ -55,7 +55,18 @@ class ThroughputHook(Hook):
 
 @HOOKS.register_module()
 class LossRecordHook(Hook):
-    """Appends each step's loss to ``loss.jsonl`` in the work dir (for tests and plot-log)."""
+    """Appends each step's loss to ``loss.jsonl`` in the work dir (for tests and plot-log).
+
+    At start it drops records past the step training starts from: all of them for a fresh run,
+    those after the checkpoint for a resumed one, so the file is always one clean curve.
+    """
+
+    def before_train(self, runner) -> None:
+        path = Path(runner.work_dir) / "loss.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= runner.iter]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         record = {"step": runner.iter + 1, "loss": float(outputs["loss"]),
