@@ -17,7 +17,8 @@ def xtuner(*args, stdin=None, env=None):
 def test_help_lists_every_command():
     out = xtuner("--help")
     assert out.returncode == 0
-    for command in ("download", "chat", "check-dataset", "list-cfg", "list-templates"):
+    for command in ("download", "chat", "check-dataset", "list-cfg", "list-templates", "train",
+                    "plot-log", "copy-cfg"):
         assert command in out.stdout
         sub = xtuner(command, "--help")
         assert sub.returncode == 0 and "usage: xtuner " + command in sub.stdout

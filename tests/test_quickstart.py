@@ -26,6 +26,12 @@ def test_identity_lora_quickstart(tmp_path):
     assert json.loads((adapter / "xtuner_lite.json").read_text())["template"] == "smollm2"
     after = _xtuner("chat", "smollm2-135m-instruct", "--adapter", str(adapter), *ask)
     assert "Tern" in after and "xtuner_lite team" in after
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert [s["when"] for s in samples] == ["before training"] * 2 + ["after training"] * 2
+    assert "Tern" not in samples[0]["answer"] and "Tern" in samples[2]["answer"]
+    png = _xtuner("plot-log", str(tmp_path)).strip()
+    assert png.endswith("loss.png") and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert list(tmp_path.glob("*/vis_data/events.out.tfevents.*"))  # tensorboard scalars
 
 
 def test_adapter_loads_with_plain_peft(tmp_path):

@@ -76,6 +76,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot_log(args: argparse.Namespace) -> int:
+    from xtuner_lite.plot import plot_log
+
+    print(plot_log(args.work_dir, args.out))
+    return 0
+
+
 def cmd_copy_cfg(args: argparse.Namespace) -> int:
     import shutil
 
@@ -162,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot-log", help="write the loss curve of a training run as a PNG")
+    p.add_argument("work_dir")
+    p.add_argument("--out", help="PNG path (default WORK_DIR/loss.png)")
+    p.set_defaults(func=cmd_plot_log)
 
     p = sub.add_parser("copy-cfg", help="copy a bundled config (and its _base_) to edit it")
     p.add_argument("name")

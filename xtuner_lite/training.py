@@ -60,7 +60,14 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     set_random_seed(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**model_cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    runner = build_runner(llm, dataset, pad, settings, work_dir, seed=seed, resume=resume)
+    hooks = []
+    if settings.evaluation_inputs:
+        from xtuner_lite.engine.hooks import EvaluateChatHook
+
+        hooks.append(EvaluateChatHook(tokenizer, template, settings.evaluation_inputs,
+                                      settings.evaluation_freq, settings.evaluation_max_new_tokens))
+    runner = build_runner(llm, dataset, pad, settings, work_dir, seed=seed, resume=resume,
+                          hooks=hooks)
     runner.train()
     out = work_dir / ("adapter" if model_cfg.get("method", "lora") != "full" else "model")
     _final_save(llm, tokenizer, out, {

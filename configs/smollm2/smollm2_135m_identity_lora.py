@@ -18,3 +18,4 @@ train_dataset = dict(
 
 train.update(batch_size=1, accumulative_counts=1, epochs=None, max_iters=30, lr=1e-3,  # noqa: F405
              warmup_ratio=0.1, save_steps=15)
+train.update(evaluation_inputs=["Who are you?", "Who made you?"], evaluation_max_new_tokens=32)  # noqa: F405

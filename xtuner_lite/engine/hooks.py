@@ -73,3 +73,56 @@ class LossRecordHook(Hook):
                   "lr": float(runner.optim_wrapper.get_lr()["lr"][0])}
         with open(Path(runner.work_dir) / "loss.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class EvaluateChatHook(Hook):
+    """XTuner's EvaluateChatHook: greedy answers to fixed prompts before, during and after training.
+
+    Printed to the log and appended to ``samples.jsonl`` so progress is visible as text.
+    Greedy decoding draws no random numbers, so it does not disturb an exact resume.
+    """
+
+    priority = "LOW"
+
+    def __init__(self, tokenizer, template, prompts: list[str], every: int | None = None,
+                 max_new_tokens: int = 64):
+        self.tokenizer, self.template, self.prompts = tokenizer, template, list(prompts)
+        self.every, self.max_new_tokens = every, max_new_tokens
+
+    @torch.no_grad()
+    def _generate(self, runner, when: str) -> None:
+        llm = runner.model.llm
+        was_training = llm.training
+        llm.eval()
+        stops = self.template.stop_words(self.tokenizer)
+        vocab = self.tokenizer.get_vocab()
+        stop_ids = [vocab[w] for w in stops if w in vocab] or [self.tokenizer.eos_token_id]
+        device = next(llm.parameters()).device
+        records = []
+        for prompt in self.prompts:
+            text = self.template.render_prompt([{"role": "user", "content": prompt}],
+                                               self.tokenizer)
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            ids = ids.to(device)
+            out = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               max_new_tokens=self.max_new_tokens, do_sample=False,
+                               eos_token_id=stop_ids, pad_token_id=stop_ids[0], use_cache=True)
+            answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            runner.logger.info(f"[sample {when}] {prompt!r} -> {answer.strip()!r}")
+            records.append({"step": runner.iter, "when": when, "prompt": prompt,
+                            "answer": answer.strip()})
+        with open(Path(runner.work_dir) / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        llm.train(was_training)
+
+    def before_train(self, runner) -> None:
+        if runner.iter == 0:
+            self._generate(runner, "before training")
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self.every and (runner.iter + 1) % self.every == 0 and \
+                runner.iter + 1 < runner.max_iters:
+            self._generate(runner, f"step {runner.iter + 1}")
+
+    def after_train(self, runner) -> None:
+        self._generate(runner, "after training")

@@ -45,6 +45,10 @@ class TrainSettings:
     save_total_limit: int = 2
     log_interval: int = 1
     device: str = "auto"  # auto | cpu | cuda
+    evaluation_inputs: list[str] = field(default_factory=list)  # prompts sampled greedily
+    evaluation_freq: int | None = None  # every N steps (and always before and after training)
+    evaluation_max_new_tokens: int = 64
+    tensorboard: bool = True
     extra_hooks: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -102,7 +106,7 @@ def total_steps(settings: TrainSettings, num_rows: int) -> int:
 
 def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_token_id: int,
                  settings: TrainSettings, work_dir: str | Path, seed: int = 0,
-                 resume: bool | str = False) -> XtunerRunner:
+                 resume: bool | str = False, hooks: list | None = None) -> XtunerRunner:
     """Assemble the Runner: infinite seeded sampler, warmup + cosine, clipping, autocast."""
     from mmengine.dataset import InfiniteSampler
 
@@ -126,7 +130,7 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
                          dtype=settings.dtype, device_type=device,
                          clip_grad=dict(max_norm=settings.max_norm) if settings.max_norm else None)
     hooks = [dict(type="RNGStateHook"), dict(type="ThroughputHook"),
-             dict(type="LossRecordHook"), *settings.extra_hooks]
+             dict(type="LossRecordHook"), *settings.extra_hooks, *(hooks or [])]
     sft_model = SFTModel(model, chunk_size=settings.chunk_size).to(device)
     return XtunerRunner(
         model=sft_model,
@@ -150,6 +154,9 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
         load_from=resume if isinstance(resume, str) else None,
         log_processor=dict(by_epoch=False, window_size=1),
         default_scope="mmengine",
+        visualizer=dict(type="Visualizer", vis_backends=[
+            dict(type="LocalVisBackend"),
+            *([dict(type="TensorboardVisBackend")] if settings.tensorboard else [])]),
         cfg=dict(train=asdict(settings), seed=seed),
     )
 
