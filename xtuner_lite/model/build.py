@@ -58,6 +58,7 @@ def build_model(
     compute_dtype: str = "bf16",
     gradient_checkpointing: bool = False,
     attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
 ) -> torch.nn.Module:
     """Load ``pretrained`` (embedded name, folder or hub id) ready to train with ``method``.
 
@@ -71,7 +72,8 @@ def build_model(
     if method not in ("full", "lora", "qlora"):
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
     path = resolve_model_path(pretrained)
-    kwargs: dict[str, Any] = dict(dtype=_dtype(dtype), attn_implementation=attn_implementation)
+    kwargs: dict[str, Any] = dict(dtype=_dtype(dtype), attn_implementation=attn_implementation,
+                                  trust_remote_code=trust_remote_code)
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -1,0 +1,20 @@
+# meta-llama/Meta-Llama-3-8B-Instruct (hub id; any local folder works too).
+pretrained_model = "meta-llama/Meta-Llama-3-8B-Instruct"
+template = "llama3_chat"
+max_length = 2048
+
+model = dict(
+    pretrained=pretrained_model,
+    method="qlora",
+    lora=dict(r=64, alpha=16, dropout=0.1, target_modules="all-linear"),
+    dtype="bf16",
+    compute_dtype="bf16",
+    gradient_checkpointing=True,
+)
+
+# Shapes from the model card's config.json: lets tests and the memory planner build the model
+# on the meta device without weights or the hub.
+architecture = dict(model_type="llama", hidden_size=4096,
+                    intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                    rope_theta=500000.0)
