@@ -86,3 +86,14 @@ def test_chat_matches_transformers_generate(smol_tokenizer):
 def test_missing_model_path_is_clear(ref):
     out = xtuner("chat", ref, "--prompt", "hi")
     assert out.returncode == 1 and "does not exist" in out.stderr
+
+
+def test_copy_cfg_gives_an_editable_config_that_loads(tmp_path):
+    out = xtuner("copy-cfg", "smollm2_135m_alpaca_qlora", str(tmp_path / "mine" / "smollm2"))
+    assert out.returncode == 0, out.stderr
+    from xtuner_lite.config import load_config
+
+    cfg = load_config(out.stdout.strip())
+    assert cfg.model["method"] == "qlora"
+    again = xtuner("copy-cfg", "smollm2_135m_alpaca_qlora", str(tmp_path / "mine" / "smollm2"))
+    assert again.returncode == 1 and "not overwriting" in again.stderr

@@ -126,9 +126,17 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
                                end=warmup))
     schedulers.append(dict(type="CosineAnnealingLR", eta_min=settings.lr * settings.min_lr_ratio,
                            by_epoch=False, begin=warmup, end=max_iters))
-    optim_wrapper = dict(type="AutocastOptimWrapper", optimizer=_optimizer_cfg(settings),
-                         dtype=settings.dtype, device_type=device,
-                         clip_grad=dict(max_norm=settings.max_norm) if settings.max_norm else None)
+    clip = dict(max_norm=settings.max_norm) if settings.max_norm else None
+    if settings.dtype == "fp16":  # fp16 needs loss scaling: mmengine's CUDA AMP wrapper has it
+        if device != "cuda":
+            from xtuner_lite.errors import XtunerError
+
+            raise XtunerError("train.dtype='fp16' needs a CUDA GPU; use 'bf16' (or None) on CPU")
+        optim_wrapper = dict(type="AmpOptimWrapper", dtype="float16", clip_grad=clip,
+                             optimizer=_optimizer_cfg(settings))
+    else:
+        optim_wrapper = dict(type="AutocastOptimWrapper", optimizer=_optimizer_cfg(settings),
+                             dtype=settings.dtype, device_type=device, clip_grad=clip)
     hooks = [dict(type="RNGStateHook"), dict(type="ThroughputHook"),
              dict(type="LossRecordHook"), *settings.extra_hooks, *(hooks or [])]
     sft_model = SFTModel(model, chunk_size=settings.chunk_size).to(device)
