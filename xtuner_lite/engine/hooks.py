@@ -70,7 +70,8 @@ class LossRecordHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         record = {"step": runner.iter + 1, "loss": float(outputs["loss"]),
-                  "lr": float(runner.optim_wrapper.get_lr()["lr"][0])}
+                  "lr": float(runner.optim_wrapper.get_lr()["lr"][0]),
+                  "tokens": sum(int(b["num_tokens"]) for b in data_batch or [])}
         with open(Path(runner.work_dir) / "loss.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -3,14 +3,7 @@ pretrained_model = "meta-llama/Meta-Llama-3-8B-Instruct"
 template = "llama3_chat"
 max_length = 2048
 
-model = dict(
-    pretrained=pretrained_model,
-    method="qlora",
-    lora=dict(r=64, alpha=16, dropout=0.1, target_modules="all-linear"),
-    dtype="bf16",
-    compute_dtype="bf16",
-    gradient_checkpointing=True,
-)
+trust_remote_code = False
 
 # Shapes from the model card's config.json: lets tests and the memory planner build the model
 # on the meta device without weights or the hub.
