@@ -1,7 +1,8 @@
 """LoRA training throughput and peak memory: xtuner_lite vs TRL's SFTTrainer, same work.
 
 Same model (SmolLM2-135M-Instruct), LoRA (r=16, alpha=32, dropout 0.05, all linear layers),
-data file, max_length, packing, micro-batch 1 × accumulation, bf16 autocast on CPU, steps.
+data file, max_length, packing, micro-batch 1 × accumulation, bf16 autocast on CPU, steps, and
+gradient checkpointing (on by default, as in TRL's SFTConfig).
 Each side runs in its own process so peak RSS is its own. Prints real (non-padding) tokens/s,
 peak RSS and the ratios. Run: python benchmarks/bench_train.py [--steps 8] [--max-length 512]
 """
@@ -36,10 +37,12 @@ def run_ours(opts: argparse.Namespace) -> dict:
     work = tempfile.mkdtemp(prefix="bench_ours_")
     cfg = dict(
         model=dict(pretrained="smollm2-135m-instruct", method="lora",
-                   lora=dict(**LORA, target_modules="all-linear")),
+                   lora=dict(**LORA, target_modules="all-linear"),
+                   gradient_checkpointing=opts.checkpointing),
         train_dataset=dict(data_files=str(opts.file), tokenizer="smollm2-135m-instruct",
                            map_fn="alpaca", template="smollm2", max_length=opts.max_length),
         train=dict(batch_size=1, accumulative_counts=opts.accum, max_iters=opts.steps, lr=2e-4,
+                   warmup_ratio=0.0,
                    dtype="bf16", save_steps=10**9, log_interval=10**6, tensorboard=False))
     start = time.perf_counter()
     train(cfg, work_dir=work)
@@ -67,9 +70,10 @@ def run_trl(opts: argparse.Namespace) -> dict:
     args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), use_cpu=True, bf16=True,
                      packing=True, max_length=opts.max_length, per_device_train_batch_size=1,
                      gradient_accumulation_steps=opts.accum, max_steps=opts.steps,
-                     learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.03,
+                     learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0,
                      logging_steps=10**6, save_strategy="no", report_to=[],
                      include_num_input_tokens_seen=True, completion_only_loss=True,
+                     gradient_checkpointing=opts.checkpointing,
                      dataloader_num_workers=0)
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules="all-linear", task_type="CAUSAL_LM")
@@ -87,6 +91,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--accum", type=int, default=2)
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                        help="turn gradient checkpointing off on both sides (TRL's default is on)")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.side:  # child process: one side, one JSON line on stdout
@@ -99,13 +105,15 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--side", side, "--file", str(opts.file),
                "--max-length", str(opts.max_length), "--steps", str(opts.steps),
                "--accum", str(opts.accum)]
+        cmd += [] if opts.checkpointing else ["--no-checkpointing"]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode != 0 or not line:
             sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
         results[side] = json.loads(line[0][7:])
     print(f"SmolLM2-135M LoRA, {opts.steps} steps × 1 × {opts.accum} rows of ≤{opts.max_length} "
-          f"packed tokens, bf16 autocast, {os.cpu_count()} CPU threads; wall time includes "
+          f"packed tokens, bf16 autocast, checkpointing {'on' if opts.checkpointing else 'off'}, "
+          f"{os.cpu_count()} CPU threads; wall time includes "
           "dataset preparation and model loading for both")
     print(f"{'':12s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s} {'peak RSS MiB':>13s}")
     for side, r in results.items():
