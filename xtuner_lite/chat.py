@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from xtuner_lite.data.templates import Template, get_template
+from xtuner_lite.data.templates import Template, get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import default_template_for, load_model, load_tokenizer
 
@@ -57,12 +57,9 @@ class ChatSession:
         self.system = system
         self.options = options or GenerationOptions()
         self.history: list[dict[str, str]] = []
-        stops = self.template.stop_words(self.tokenizer)
         vocab = self.tokenizer.get_vocab()
-        self.stop_ids = [vocab[w] for w in stops if w in vocab]
-        self.stop_strings = [w for w in stops if w not in vocab]
-        if self.tokenizer.eos_token_id is not None:
-            self.stop_ids.append(self.tokenizer.eos_token_id)
+        self.stop_ids = stop_token_ids(self.template, self.tokenizer)
+        self.stop_strings = [w for w in self.template.stop_words(self.tokenizer) if w not in vocab]
 
     def reset(self) -> None:
         self.history = []
@@ -82,7 +79,7 @@ class ChatSession:
         sample = opts.temperature > 0
         kwargs: dict[str, Any] = dict(
             max_new_tokens=opts.max_new_tokens, do_sample=sample,
-            repetition_penalty=opts.repetition_penalty, eos_token_id=sorted(set(self.stop_ids)),
+            repetition_penalty=opts.repetition_penalty, eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
         )
         if sample:

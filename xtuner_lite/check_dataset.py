@@ -111,6 +111,9 @@ def check_dataset(cfg: dict[str, Any], num_samples: int = 1, console: Console | 
     console = console or Console()
     cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
     check_kwargs(process_dataset, cfg, "train_dataset")
+    tokenizer = resolve_tokenizer(cfg["tokenizer"])  # once, for the preview and the full run
+    cfg.update(tokenizer=tokenizer,
+               template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]))
     if num_samples:
         show_stages(cfg, num_samples, console)
     processed = process_dataset(**cfg)

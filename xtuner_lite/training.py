@@ -53,7 +53,8 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
 
     tokenizer = resolve_tokenizer(data_cfg["tokenizer"])
     template = resolve_template(data_cfg.get("template"), tokenizer, data_cfg["tokenizer"])
-    processed = process_dataset(**{**data_cfg, "tokenizer": tokenizer})
+    # the resolved objects, so the data is rendered with exactly the template recorded below
+    processed = process_dataset(**{**data_cfg, "tokenizer": tokenizer, "template": template})
     dataset = SFTDataset(processed.data, processed.stats)
     from mmengine.runner import set_random_seed
 

@@ -195,10 +195,11 @@ def validate_conversation(conv: Any) -> list[dict]:
         if msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
             raise RowError(f"message {i} must have a role in {ROLES} and string content",
                            field="messages")
-    if messages[0]["role"] != "text" and not any(_trained(m) for m in messages):
+    if messages[0]["role"] != "text" and not any(is_trained(m) for m in messages):
         raise RowError("no assistant turn to train on", field="messages")
     return messages
 
 
-def _trained(msg: dict) -> bool:
+def is_trained(msg: dict) -> bool:
+    """A message is trained when it says so (``loss``); by default assistant turns are."""
     return bool(msg.get("loss", msg["role"] == "assistant"))

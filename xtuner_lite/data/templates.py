@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from xtuner_lite.data.map_fns import is_trained
 from xtuner_lite.errors import XtunerError
 
 Segment = tuple[str, bool]  # (text, trained)
@@ -23,10 +24,6 @@ class Template(Protocol):
     def render_prompt(self, messages: list[dict], tokenizer: Any = None) -> str: ...
 
     def stop_words(self, tokenizer: Any = None) -> list[str]: ...
-
-
-def _trained(msg: dict) -> bool:
-    return bool(msg.get("loss", msg["role"] == "assistant"))
 
 
 def _special(tokenizer: Any, name: str) -> str:
@@ -83,7 +80,7 @@ class ChatTemplate:
             role, content = msg["role"], msg["content"]
             if role == "assistant":
                 segments.append((self._fill(self.assistant, tokenizer), False))
-                trained = _trained(msg)
+                trained = is_trained(msg)
                 segments.append((content + self._fill(self.eot, tokenizer), trained))
                 if self.separator:
                     segments.append((self.separator, False))
@@ -94,7 +91,7 @@ class ChatTemplate:
             fmt = {"user": self.user, "tool": self.tool or self.user, "system": self.system}[role]
             if fmt is None:
                 raise XtunerError(f"template {self.name!r} has no {role} role")
-            segments.append((self._fill(fmt, tokenizer, content), _trained(msg)))
+            segments.append((self._fill(fmt, tokenizer, content), is_trained(msg)))
         return segments
 
     def render_prompt(self, messages: list[dict], tokenizer: Any = None) -> str:
@@ -238,7 +235,7 @@ class JinjaTemplate:
             else:
                 end = len(turn)
             segments.append((full[pos:len(prompt) + start], False))
-            segments.append((turn[start:end], _trained(msg)))
+            segments.append((turn[start:end], is_trained(msg)))
             pos = len(prompt) + end
         segments.append((full[pos:], False))
         return [s for s in segments if s[0]]
@@ -253,6 +250,15 @@ class JinjaTemplate:
         for tid in eos_ids if isinstance(eos_ids, list) else []:
             words.append(tok.convert_ids_to_tokens(tid))
         return list(dict.fromkeys(words))
+
+
+def stop_token_ids(template: Template, tokenizer: Any) -> list[int]:
+    """Token ids that end generation: the template's stop words that are single tokens, + EOS."""
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[w] for w in template.stop_words(tokenizer) if w in vocab]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
 
 
 def get_template(name: str | Template, tokenizer: Any = None) -> Template:

@@ -12,6 +12,8 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
+from xtuner_lite.data.templates import stop_token_ids
+
 
 @HOOKS.register_module()
 class RNGStateHook(Hook):
@@ -48,7 +50,7 @@ class ThroughputHook(Hook):
         self._start = time.perf_counter()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        real = sum(int(b["num_tokens"]) for b in data_batch or [])
+        real = float(outputs["tokens"])
         elapsed = time.perf_counter() - self._start
         runner.message_hub.update_scalar("train/tokens_per_sec", real / max(elapsed, 1e-9))
 
@@ -71,7 +73,7 @@ class LossRecordHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         record = {"step": runner.iter + 1, "loss": float(outputs["loss"]),
                   "lr": float(runner.optim_wrapper.get_lr()["lr"][0]),
-                  "tokens": sum(int(b["num_tokens"]) for b in data_batch or [])}
+                  "tokens": int(outputs["tokens"])}
         with open(Path(runner.work_dir) / "loss.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -95,9 +97,7 @@ class EvaluateChatHook(Hook):
         llm = runner.model.llm
         was_training = llm.training
         llm.eval()
-        stops = self.template.stop_words(self.tokenizer)
-        vocab = self.tokenizer.get_vocab()
-        stop_ids = [vocab[w] for w in stops if w in vocab] or [self.tokenizer.eos_token_id]
+        stop_ids = stop_token_ids(self.template, self.tokenizer)
         device = next(llm.parameters()).device
         records = []
         for prompt in self.prompts:

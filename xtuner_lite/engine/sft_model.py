@@ -50,7 +50,7 @@ class SFTModel(BaseModel):
                 "(lower the learning rate, or check the data with `xtuner check-dataset`)")
         optim_wrapper.step()
         optim_wrapper.zero_grad()
-        tokens = sum(int(b["input_ids"].numel()) for b in data)
+        tokens = sum(int(b["num_tokens"]) for b in data)  # real tokens, padding excluded
         return {"loss": torch.tensor(loss_value), "tokens": torch.tensor(float(tokens))}
 
     def init_weights(self) -> None:

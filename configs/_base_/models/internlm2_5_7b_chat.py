@@ -1,14 +1,9 @@
-# internlm/internlm2_5-7b-chat (hub id; any local folder works too). Its modelling code is remote
-# (trust_remote_code); its shapes are Llama's with a fused wqkv.
+# internlm/internlm2_5-7b-chat: InternLM2's architecture and chat template, with its own weights
+# and a larger RoPE base. Remote modelling code (trust_remote_code), as for InternLM2.
+from mmengine.config import read_base
+
+with read_base():
+    from .internlm2_chat_7b import *  # noqa: F403
+
 pretrained_model = "internlm/internlm2_5-7b-chat"
-template = "internlm2_chat"
-max_length = 2048
-
-trust_remote_code = True
-
-# Shapes from the model card's config.json: lets tests and the memory planner build the model
-# on the meta device without weights or the hub.
-architecture = dict(model_type="llama", hidden_size=4096,
-                    intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, vocab_size=92544,
-                    rope_theta=50000000.0)
+architecture.update(rope_theta=50000000.0)  # noqa: F405
