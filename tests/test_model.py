@@ -4,7 +4,15 @@ import torch
 
 from xtuner_lite.data import IGNORE_INDEX, build_packed, collate_packed
 from xtuner_lite.data.tokenize import TokenizedBatch
-from xtuner_lite.model import accumulate_gradients, build_model, chunked_lm_loss, loss_sum
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.model import (
+    accumulate_gradients,
+    build_model,
+    chunked_lm_loss,
+    loss_sum,
+    skip_adapter_input_casts,
+)
+from xtuner_lite.model.dropout import Int16Dropout
 
 LENGTHS = [5, 9, 3, 12]
 
@@ -32,8 +40,9 @@ def _assert_same(a, b, atol=1e-5):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
 
 
-def test_packed_row_equals_per_sample(tiny_llama):
-    model = build_model(tiny_llama, method="full")
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_equals_per_sample(tiny_llama, attn):
+    model = build_model(tiny_llama, method="full", attn_implementation=attn)
     packed = _rows(pack=True)
     assert len(packed) == 1 and len(packed[0]["cu_seqlens"]) == 5
     loss_p, n_p = loss_sum(model, collate_packed(packed))
@@ -120,15 +129,88 @@ def test_qlora_keeps_embeddings_in_their_dtype(tiny_llama):
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_gradient_checkpointing_gives_same_gradients(tiny_llama, method):
+@pytest.mark.parametrize("method,every", [("lora", True), ("lora", 2), ("full", True)])
+def test_gradient_checkpointing_gives_same_gradients(tiny_llama, method, every):
+    """Recomputed layers replay the same LoRA dropout masks (dropout is on here)."""
     batch = collate_packed(_rows(pack=True))
     grads = []
-    for checkpointing in (False, True):
+    for checkpointing in (False, every):
         torch.manual_seed(0)
-        model = build_model(tiny_llama, method=method, lora=dict(r=4, dropout=0.0),
+        model = build_model(tiny_llama, method=method, lora=dict(r=4, dropout=0.1),
                             gradient_checkpointing=checkpointing)
         model.train()
+        if method == "lora":  # B starts at zero: give it values so A's gradient is not zero
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.1)
         accumulate_gradients(model, [batch])
         grads.append(_grads(model))
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is not None
+              and type(m).__name__.endswith("DecoderLayer")]
+    assert [m.gradient_checkpointing for m in layers] == [True, every is True]
     _assert_same(*grads)
+
+
+def test_checkpointing_interval_is_validated(tiny_llama):
+    with pytest.raises(XtunerError, match="gradient_checkpointing"):
+        build_model(tiny_llama, method="lora", gradient_checkpointing=-2)
+
+
+def test_int16_dropout_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    drop = Int16Dropout(0.1)
+    x = torch.full((1000, 1000), 2.0, requires_grad=True)
+    y = drop(x)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - 0.1) < 0.002  # 1e6 draws: 5 standard deviations ≈ 0.0015
+    assert abs(float(y.mean()) - 2.0) < 0.01  # kept values carry the 1/(1-p) scale
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach() / 2.0)
+    drop.eval()
+    assert drop(x) is x
+    assert Int16Dropout(0.0).train()(x) is x
+
+
+def test_lora_uses_int16_dropout(tiny_llama):
+    model = build_model(tiny_llama, method="lora", lora=dict(r=4, dropout=0.05))
+    drops = [m for m in model.modules() if isinstance(m, Int16Dropout)]
+    assert len(drops) == 2 * 7
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_loss_gradients_match_autograd(bias):
+    """Gradients computed inside the loss forward equal autograd through full logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(2, 11, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 11))
+    labels[0, :4] = IGNORE_INDEX
+    logits = head(hidden)[:, :-1].reshape(-1, 50)
+    ref = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="sum")
+    ref.backward()
+    ref_grads = [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+    hidden.grad = None
+    head.zero_grad()
+    loss, count = chunked_lm_loss(hidden, head, labels, chunk_size=3)
+    (loss * 0.5).backward()  # the upstream gradient scales every computed gradient
+    torch.testing.assert_close(loss, ref)
+    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    got = [hidden.grad] + [p.grad for p in head.parameters()]
+    for a, b in zip(got, ref_grads):
+        torch.testing.assert_close(a, b * 0.5, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_lm_loss(hidden, head, labels)[0], ref)
+
+
+def test_autocast_skips_adapter_input_casts(tiny_llama):
+    """Under autocast the fp32 cast of LoRA inputs is redundant: same loss without it."""
+    model = build_model(tiny_llama, method="lora", dtype="bf16", lora=dict(r=4, dropout=0.0))
+    batch = collate_packed(_rows(pack=True))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = loss_sum(model, batch)[0]
+        assert skip_adapter_input_casts(model) == 2 * 7
+        after = loss_sum(model, batch)[0]
+    torch.testing.assert_close(before, after, rtol=1e-2, atol=1e-2)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}

@@ -33,7 +33,7 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     from xtuner_lite.data.dataset import SFTDataset
     from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
     from xtuner_lite.engine import TrainSettings, build_runner
-    from xtuner_lite.model import build_model
+    from xtuner_lite.model import build_model, skip_adapter_input_casts
 
     cfg = load_config(config, cfg_options) if isinstance(config, str) else config
     for key in ("model", "train_dataset", "train"):
@@ -60,6 +60,8 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
 
     set_random_seed(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**model_cfg)
+    if settings.dtype is not None:  # every forward runs under autocast
+        skip_adapter_input_casts(llm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     hooks = []
     if settings.evaluation_inputs:

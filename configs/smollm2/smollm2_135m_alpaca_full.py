@@ -6,5 +6,5 @@ with read_base():
     from .._base_.train.cpu_lora import *  # noqa: F403
 
 # Every weight trains: lower learning rate, fp32 master weights under bf16 autocast.
-model.update(method="full", gradient_checkpointing=True)  # noqa: F405
+model.update(method="full", dtype="fp32", gradient_checkpointing=True)  # noqa: F405
 train.update(epochs=1, lr=2e-5)  # noqa: F405

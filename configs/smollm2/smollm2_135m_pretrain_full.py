@@ -5,7 +5,7 @@ with read_base():
     from .._base_.models.smollm2_135m_instruct import *  # noqa: F403
     from .._base_.train.cpu_lora import *  # noqa: F403
 
-model.update(method="full")  # noqa: F405
+model.update(method="full", dtype="fp32")  # noqa: F405
 train_dataset = dict(
     data_files="examples/data/pretrain_mini.jsonl",
     tokenizer=pretrained_model,  # noqa: F405

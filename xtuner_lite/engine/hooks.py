@@ -105,9 +105,11 @@ class EvaluateChatHook(Hook):
                                                self.tokenizer)
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             ids = ids.to(device)
-            out = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               max_new_tokens=self.max_new_tokens, do_sample=False,
-                               eos_token_id=stop_ids, pad_token_id=stop_ids[0], use_cache=True)
+            with runner.optim_wrapper.optim_context(runner.model):  # training's autocast
+                out = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   max_new_tokens=self.max_new_tokens, do_sample=False,
+                                   eos_token_id=stop_ids, pad_token_id=stop_ids[0],
+                                   use_cache=True)
             answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             runner.logger.info(f"[sample {when}] {prompt!r} -> {answer.strip()!r}")
             records.append({"step": runner.iter, "when": when, "prompt": prompt,

@@ -9,6 +9,7 @@ import torch
 from mmengine.model import BaseModel
 from mmengine.optim import OptimWrapper
 
+from xtuner_lite.engine.memory import release_freed_memory
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.forward import count_trained, loss_sum
 
@@ -50,6 +51,8 @@ class SFTModel(BaseModel):
                 "(lower the learning rate, or check the data with `xtuner check-dataset`)")
         optim_wrapper.step()
         optim_wrapper.zero_grad()
+        if not torch.cuda.is_available():
+            release_freed_memory()
         tokens = sum(int(b["num_tokens"]) for b in data)  # real tokens, padding excluded
         return {"loss": torch.tensor(loss_value), "tokens": torch.tensor(float(tokens))}
 

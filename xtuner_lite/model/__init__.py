@@ -1,8 +1,13 @@
 """Model building, packed attention and the chunked, globally normalized loss."""
 
-from xtuner_lite.model.build import LoraSettings, build_model, disable_cpu_4bit_repack
+from xtuner_lite.model.build import (
+    LoraSettings,
+    build_model,
+    disable_cpu_4bit_repack,
+    skip_adapter_input_casts,
+)
 from xtuner_lite.model.forward import accumulate_gradients, count_trained, loss_sum
 from xtuner_lite.model.loss import chunked_lm_loss
 
 __all__ = ["LoraSettings", "accumulate_gradients", "build_model", "chunked_lm_loss",
-           "count_trained", "disable_cpu_4bit_repack", "loss_sum"]
+           "count_trained", "disable_cpu_4bit_repack", "loss_sum", "skip_adapter_input_casts"]

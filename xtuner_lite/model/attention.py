@@ -1,7 +1,8 @@
 """Keep attention inside each packed sample.
 
 On CPU (SDPA, eager) a block-diagonal causal mask built from ``cu_seqlens`` is passed as a 4D
-attention mask; with FlashAttention the per-sample ``position_ids`` alone tell transformers'
+attention mask (boolean for SDPA; additive for eager, which adds the mask to the scores as is);
+with FlashAttention the per-sample ``position_ids`` alone tell transformers'
 varlen kernel where samples start, so no L×L mask is ever built.
 """
 
@@ -29,6 +30,11 @@ def attention_kwargs(batch: dict[str, torch.Tensor], attn_implementation: str) -
     """Model-call kwargs that keep attention within samples for the given implementation."""
     input_ids = batch["input_ids"]
     kwargs = {"position_ids": batch["position_ids"]}
-    if "flash" not in attn_implementation:
-        kwargs["attention_mask"] = block_causal_mask(batch["cu_seqlens"], *input_ids.shape)
+    if "flash" in attn_implementation:
+        return kwargs
+    mask = block_causal_mask(batch["cu_seqlens"], *input_ids.shape)
+    if attn_implementation == "eager":
+        blocked = torch.finfo(torch.float32).min
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, blocked)
+    kwargs["attention_mask"] = mask
     return kwargs

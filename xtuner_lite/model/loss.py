@@ -1,28 +1,70 @@
 """Causal-LM loss computed in chunks, summed over trained tokens (normalized by the caller).
 
 Full-vocabulary fp32 logits of a long row are the largest tensor of a QLoRA step (4096 tokens ×
-128k vocabulary × 4 bytes = 2 GiB); each chunk's logits are recomputed in backward instead of kept.
+128k vocabulary × 4 bytes = 2 GiB). Here each chunk's logits live only inside the forward: the
+gradients with respect to the hidden states (and the head, if it trains) are computed there and
+kept, so backward neither stores nor recomputes logits (one head matmul and one softmax fewer
+than recomputing each chunk under activation checkpointing).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from xtuner_lite.data.tokenize import IGNORE_INDEX
-
-
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Label of position t is the token at t+1; the last position predicts nothing."""
     pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
     return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T + bias, target_i), gradients computed chunk by chunk in
+    forward. Runs under the caller's autocast, so the head matmuls use its compute dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        need = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if need[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not any(need[:3]):
+                continue
+            # d(sum CE)/d logits = softmax - one_hot, built in place in the logits buffer
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_size] = grad_logits.to(h.dtype) @ weight.to(h.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ h.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+            del logits, grad_logits
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_output.float()
+        return (
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * scale).to(ctx.dtypes[0]),
+            None if grad_bias is None else (grad_bias * scale).to(ctx.dtypes[1]),
+            None,
+            None,
+        )
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
@@ -38,13 +80,6 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.T
     if count == 0:
         return hidden.sum() * 0.0, 0
     hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
-    targets = targets[keep]
-    weight, bias = head.weight, getattr(head, "bias", None)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, weight, bias, t, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, weight, bias, t)
+    total = _LinearCrossEntropy.apply(hidden, head.weight, getattr(head, "bias", None),
+                                      targets[keep], chunk_size)
     return total, count

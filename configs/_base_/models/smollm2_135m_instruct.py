@@ -7,6 +7,6 @@ model = dict(
     pretrained=pretrained_model,
     method="lora",
     lora=dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear"),
-    dtype="fp32",  # master weights; compute runs under train.dtype autocast
+    dtype="bf16",  # frozen base in bf16; LoRA weights stay fp32 under train.dtype autocast
     gradient_checkpointing=False,
 )
