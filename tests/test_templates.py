@@ -130,3 +130,24 @@ def test_unknown_template_suggests():
 def test_auto_without_chat_template_is_clear():
     with pytest.raises(XtunerError, match="needs a tokenizer with a chat_template"):
         get_template("auto", SimpleNamespace(chat_template=None))
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_to_jinja_renders_like_the_template(name, smol_tokenizer):
+    """Merged models carry the training template as a jinja chat_template: same text, always."""
+    tok = _tokenizer_for(name, smol_tokenizer) if name in EXPECTED else smol_tokenizer
+    tmpl = get_template(name)
+    jinja = tmpl.to_jinja()
+    quoted = [{"role": "user", "content": 'say "hi"\\n\nand {{ this }}'}]
+    tool = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "tool", "content": "c"}, {"role": "user", "content": "d"}]
+    for conv in (CONV, CONV[1:], CONV[1:2], quoted, tool):
+        for gen in (True, False):
+            if not gen and conv[-1]["role"] != "assistant":
+                continue
+            want = tmpl.render_prompt(conv, tok) if gen else "".join(
+                t for t, _ in tmpl.render(conv, tok))
+            got = smol_tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=gen, chat_template=jinja,
+                bos_token=tok.bos_token, eos_token=tok.eos_token)
+            assert got == want, (name, conv)

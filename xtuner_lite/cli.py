@@ -50,6 +50,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("" if stream else reply)
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from xtuner_lite.merge import merge_adapter
+
+    base = None if args.base == "-" else args.base
+    out = merge_adapter(base, args.adapter, args.out, dtype=args.dtype,
+                        max_shard_size=args.max_shard_size, force=args.force,
+                        any_base=args.any_base)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="base model (embedded name, folder or hub id); '-' means the "
+                   "base the adapter records")
+    p.add_argument("adapter", help="peft adapter folder (e.g. WORK_DIR/adapter)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--any-base", action="store_true",
+                   help="skip the check that BASE is the model the adapter was trained on")
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> int:
     from xtuner_lite.check_dataset import check_dataset
     from xtuner_lite.config import load_config
@@ -149,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stream", action="store_true", help="print the reply when complete")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base (HF folder)",
+                       description="Merge an adapter into its unquantized base and write a "
+                       "Hugging Face folder with the training chat template and stop tokens.")
+    add_merge_arguments(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("check-dataset", help="show a config's data after each pipeline stage",
                        description="Print samples after load, map fn, chat template, tokenization "

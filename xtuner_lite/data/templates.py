@@ -7,6 +7,8 @@ training tokenization is exactly what the model sees at inference.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -101,6 +103,56 @@ class ChatTemplate:
     def stop_words(self, tokenizer: Any = None) -> list[str]:
         words = [self._fill(s, tokenizer) for s in self.stops]
         return list(dict.fromkeys(w for w in words if w))
+
+    def to_jinja(self) -> str:
+        """The same format as a Hugging Face ``chat_template``, so a merged model's tokenizer
+        renders prompts exactly as training did (``apply_chat_template`` == ``render_prompt``)."""
+
+        def expr(fmt: str, content: str = "") -> str:
+            parts = []
+            for piece in re.split(r"(\{bos\}|\{eos\}|\{content\}|\{system\})", fmt):
+                var = {"{bos}": "bos_token", "{eos}": "eos_token", "{content}": content,
+                       "{system}": "ns.system"}.get(piece)
+                if var is None and piece:
+                    parts.append(json.dumps(piece))
+                elif var:
+                    parts.append(var)
+            return " + ".join(parts) or '""'
+
+        def out(fmt: str, content: str = "") -> str:
+            return "{{ " + expr(fmt, content) + " }}"
+
+        default = json.dumps(self.default_system) if self.default_system is not None else "none"
+        no_role = ("{{ raise_exception('template " + self.name
+                   + " has no ' + m.role + ' role') }}")
+        lines = [
+            "{%- set ns = namespace(system=" + default + ", start=0) -%}",
+            "{%- if messages and messages[0].role == 'system' -%}",
+            "{%- set ns.system = messages[0].content -%}{%- set ns.start = 1 -%}",
+            "{%- endif -%}",
+            out(self.prefix) if self.prefix else "",
+        ]
+        if self.system_in_user is None:
+            lines.append("{%- if ns.system is not none -%}"
+                         + (out(self.system, "ns.system") if self.system else no_role)
+                         + "{%- endif -%}")
+        lines += ["{%- for m in messages[ns.start:] -%}",
+                  "{%- if m.role == 'assistant' -%}"
+                  + out(self.assistant) + "{{ m.content }}" + out(self.eot)
+                  + (out(self.separator) if self.separator else "")]
+        if self.system_in_user is not None:
+            lines.append("{%- elif m.role == 'user' and ns.system is not none -%}"
+                         + out(self.user, "(" + expr(self.system_in_user, "m.content") + ")")
+                         + "{%- set ns.system = none -%}")
+        lines += ["{%- elif m.role == 'user' -%}" + out(self.user, "m.content"),
+                  "{%- elif m.role == 'tool' -%}" + out(self.tool or self.user, "m.content"),
+                  "{%- elif m.role == 'system' -%}"
+                  + (out(self.system, "m.content") if self.system else no_role),
+                  "{%- else -%}" + no_role,
+                  "{%- endif -%}",
+                  "{%- endfor -%}",
+                  "{%- if add_generation_prompt -%}" + out(self.assistant) + "{%- endif -%}"]
+        return "".join(lines)
 
     def with_system(self, default_system: str | None) -> ChatTemplate:
         return replace(self, default_system=default_system)

@@ -1,0 +1,140 @@
+"""``xtuner merge``: LoRA/QLoRA adapter + base → one Hugging Face model folder.
+
+The folder is what transformers, vLLM and LMDeploy load: safetensors shards, the tokenizer with
+the chat template used in training written in as its ``chat_template``, and a generation config
+whose EOS ids include the template's end-of-turn token, so every engine stops where our chat
+stops. A QLoRA adapter is merged into the unquantized base (its 4-bit weights were a storage
+format for training, not the model).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from xtuner_lite.errors import XtunerError
+
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "vocab_size")
+
+
+def architecture_of(config: Any) -> dict[str, Any]:
+    """The shape-defining fields of a transformers config (recorded beside every adapter)."""
+    return {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS}
+
+
+def read_adapter_meta(adapter: str | Path) -> tuple[dict, dict]:
+    """(peft adapter_config.json, xtuner_lite.json or {}) of an adapter folder."""
+    folder = Path(adapter)
+    config_file = folder / "adapter_config.json"
+    if not config_file.exists():
+        raise XtunerError(f"{folder} is not a peft adapter folder (no adapter_config.json)")
+    try:
+        peft_cfg = json.loads(config_file.read_text())
+        meta_file = folder / "xtuner_lite.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    except json.JSONDecodeError as exc:
+        raise XtunerError(f"{folder}: invalid JSON ({exc})") from None
+    return peft_cfg, meta
+
+
+def _same_model(a: str, b: str) -> bool:
+    from xtuner_lite.hub import resolve_model_path
+
+    if a == b:
+        return True
+    try:
+        return Path(resolve_model_path(a)).resolve() == Path(resolve_model_path(b)).resolve()
+    except XtunerError:
+        return False
+
+
+def _check_base(base: str, base_config: Any, peft_cfg: dict, meta: dict, adapter: Path) -> None:
+    recorded = meta.get("architecture")
+    if recorded:
+        found = architecture_of(base_config)
+        diff = {k: (v, found.get(k)) for k, v in recorded.items() if found.get(k) != v}
+        if diff:
+            lines = ", ".join(f"{k}: adapter {a!r} vs base {b!r}" for k, (a, b) in diff.items())
+            raise XtunerError(f"adapter {adapter} was trained on a different model than {base} "
+                              f"({lines})")
+    name = meta.get("base_model") or peft_cfg.get("base_model_name_or_path")
+    if name and not _same_model(str(name), base):
+        raise XtunerError(f"adapter {adapter} was trained on {name!r}, not {base!r}; pass that "
+                          "base, or --any-base if this is the same model stored elsewhere")
+
+
+def load_adapted(base: str | None, adapter: str | Path, dtype: str = "float32",
+                 any_base: bool = False):
+    """(PeftModel on an unquantized base, tokenizer, adapter meta); clear errors on mismatch."""
+    from peft import PeftModel
+
+    from xtuner_lite.hub import load_model, load_tokenizer
+
+    adapter = Path(adapter)
+    peft_cfg, meta = read_adapter_meta(adapter)
+    base = base or meta.get("base_model") or peft_cfg.get("base_model_name_or_path")
+    if not base:
+        raise XtunerError(f"adapter {adapter} does not record its base model; pass BASE")
+    model = load_model(base, dtype=dtype)
+    if not any_base:
+        _check_base(str(base), model.config, peft_cfg, meta, adapter)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), torch_device="cpu")
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise XtunerError(f"adapter {adapter} does not fit base {base}: {first}") from None
+    tokenizer_src = adapter if (adapter / "tokenizer_config.json").exists() else base
+    model.eval()
+    return model, load_tokenizer(tokenizer_src), {**meta, "base_model": str(base)}
+
+
+def write_chat_files(folder: Path, tokenizer: Any, template_name: str | None,
+                     generation_config: Any) -> list[int]:
+    """Write the tokenizer with the training template and a generation config that stops at its
+    end of turn; returns the stop token ids."""
+    from xtuner_lite.data.templates import ChatTemplate, get_template, stop_token_ids
+
+    template = get_template(template_name or "auto", tokenizer)
+    if isinstance(template, ChatTemplate):  # ``auto`` already is the tokenizer's own
+        tokenizer.chat_template = template.to_jinja()
+    stops = stop_token_ids(template, tokenizer)
+    tokenizer.save_pretrained(folder)
+    generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    generation_config.save_pretrained(folder)
+    return stops
+
+
+def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype: str = "bf16",
+                  max_shard_size: str = "2GB", force: bool = False, any_base: bool = False
+                  ) -> Path:
+    """Merge ``adapter`` into ``base`` (default: the base it records) and write ``out``."""
+    import torch
+
+    from xtuner_lite.model.build import _dtype
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise XtunerError(f"output folder {out} exists; pass --force to replace it")
+    target = _dtype(dtype)
+    model, tokenizer, meta = load_adapted(base, adapter, any_base=any_base)
+    with torch.no_grad():
+        merged = model.merge_and_unload()
+    merged = merged.to(target)
+    merged.config.use_cache = True
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+    stops = write_chat_files(tmp, tokenizer, meta.get("template"), merged.generation_config)
+    record = {"merged_from": {"base_model": meta["base_model"], "adapter": str(adapter)},
+              "template": meta.get("template"), "stop_token_ids": stops, "dtype": dtype,
+              "architecture": architecture_of(merged.config)}
+    (tmp / "xtuner_lite.json").write_text(json.dumps(record, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
