@@ -1,7 +1,7 @@
 """Multi-turn chat with a model (and optional LoRA adapter), stopping at the template's end of turn.
 
-Generation goes through ``transformers.generate`` for now; the bundled engine replaces it later
-behind the same :class:`ChatSession` interface.
+Generation runs on the bundled :class:`~xtuner_lite.inference.InferenceEngine`; old turns are
+dropped from the prompt when the conversation outgrows the model's context.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from xtuner_lite.data.templates import Template, get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import default_template_for, load_model, load_tokenizer
+from xtuner_lite.inference import InferenceEngine, SamplingParams
 
 
 @dataclass
@@ -37,13 +36,28 @@ def adapter_template(adapter: str | Path) -> str | None:
     return None
 
 
+def _quantization(bits: int | None) -> dict[str, Any]:
+    """from_pretrained kwargs for 4/8-bit weights through bitsandbytes (None: full precision)."""
+    if bits is None:
+        return {}
+    if bits not in (4, 8):
+        raise XtunerError(f"--bits must be 4 or 8, got {bits}")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True,
+                                                          bnb_4bit_quant_type="nf4")}
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+
+
 class ChatSession:
     """Holds the model, template and conversation history; ``ask`` returns the reply."""
 
     def __init__(self, model: str, adapter: str | None = None, template: str | None = None,
-                 system: str | None = None, options: GenerationOptions | None = None):
+                 system: str | None = None, options: GenerationOptions | None = None,
+                 bits: int | None = None):
         self.tokenizer = load_tokenizer(model)
-        self.model = load_model(model)
+        self.model = load_model(model, **_quantization(bits))
         if adapter:
             from peft import PeftModel
 
@@ -60,6 +74,7 @@ class ChatSession:
         vocab = self.tokenizer.get_vocab()
         self.stop_ids = stop_token_ids(self.template, self.tokenizer)
         self.stop_strings = [w for w in self.template.stop_words(self.tokenizer) if w not in vocab]
+        self.engine = InferenceEngine(self.model, self.tokenizer)
 
     def reset(self) -> None:
         self.history = []
@@ -68,39 +83,40 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.history + [{"role": "user", "content": prompt}]
 
-    @torch.no_grad()
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """Render the conversation, dropping the oldest exchanges until it fits the context."""
+        history = list(self.history)
+        limit = self.engine.context_length
+        while True:
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            messages = system + history + [{"role": "user", "content": prompt}]
+            text = self.template.render_prompt(messages, self.tokenizer)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if limit is None or len(ids) + self.options.max_new_tokens <= limit or not history:
+                return ids
+            history = history[2:]
+
     def ask(self, prompt: str, on_text: Callable[[str], Any] | None = None) -> str:
-        messages = self._messages(prompt)
-        text = self.template.render_prompt(messages, self.tokenizer)
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         opts = self.options
-        if opts.seed is not None:
-            torch.manual_seed(opts.seed)
-        sample = opts.temperature > 0
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=opts.max_new_tokens, do_sample=sample,
-            repetition_penalty=opts.repetition_penalty, eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
-        )
-        if sample:
-            kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if self.stop_strings:
-            kwargs.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
-        if on_text is not None:
-            from transformers import TextStreamer
+        params = SamplingParams(
+            max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
+            top_k=opts.top_k, repetition_penalty=opts.repetition_penalty, seed=opts.seed,
+            stop_token_ids=self.stop_ids, stop_words=self.stop_strings)
+        streamed = [0]
 
-            class _Callback(TextStreamer):
-                def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                    on_text(text)
+        def stream(request, _token: int) -> None:
+            text = self.engine.decode(request)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                on_text(text[streamed[0]:])
+                streamed[0] = len(text)
 
-            kwargs["streamer"] = _Callback(self.tokenizer, skip_prompt=True,
-                                           skip_special_tokens=True)
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        for stop in self.stop_strings:
-            reply = reply.split(stop)[0]
+        request = self.engine.add_request(self._prompt_ids(prompt), params,
+                                          on_token=stream if on_text is not None else None)
+        while not request.finished:
+            self.engine.step()
+        reply = self.engine.decode(request)
+        if on_text is not None and len(reply) > streamed[0]:
+            on_text(reply[streamed[0]:])
         reply = reply.strip()
         self.history += [{"role": "user", "content": prompt},
                          {"role": "assistant", "content": reply}]

@@ -1,0 +1,142 @@
+"""The bundled engine: same greedy tokens as transformers, continuous batching, sampling rules."""
+
+import pytest
+import torch
+
+from xtuner_lite.data.templates import get_template, stop_token_ids
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.inference import InferenceEngine, SamplingParams
+from xtuner_lite.inference.sampling import apply_repetition_penalty, choose_token
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+             "List three prime numbers.", "Hi", "Explain gravity in one sentence, please.",
+             "Translate 'cat' to German."]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from xtuner_lite.hub import load_model, load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct").eval()
+    template = get_template("smollm2")
+    prompts = [tok(template.render_prompt([{"role": "user", "content": q}], tok),
+                   add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    return model, tok, prompts, stop_token_ids(template, tok)
+
+
+def _hf_greedy(model, prompts, stops, batched):
+    """transformers.generate, one by one or as one left-padded batch; cut at the first stop."""
+    groups = [prompts] if batched else [[p] for p in prompts]
+    outputs = []
+    for group in groups:
+        width = max(map(len, group))
+        ids = torch.tensor([[stops[0]] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                             eos_token_id=stops, pad_token_id=stops[0])
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            outputs.append(row[:cut])
+    return outputs
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_greedy_equals_transformers_generate(smol, batched):
+    model, tok, prompts, stops = smol
+    expected = _hf_greedy(model, prompts, stops, batched)
+    engine = InferenceEngine(model, tok)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    got = [r.output_ids for r in engine.generate(prompts, params)]
+    assert got == expected
+    assert any(len(g) < NEW for g in got) and any(len(g) == NEW for g in got)  # ragged ends
+
+
+def test_continuous_batching_joins_mid_decode(smol):
+    model, tok, prompts, stops = smol
+    expected = _hf_greedy(model, prompts, stops, batched=False)
+    engine = InferenceEngine(model, tok, max_batch_size=4)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    streamed = {}
+    requests = [engine.add_request(p, params, on_token=lambda r, t: streamed.setdefault(
+        r.id, []).append(t)) for p in prompts[:2]]
+    for _ in range(5):
+        engine.step()
+    assert all(len(r.output_ids) == 5 for r in requests)
+    requests += [engine.add_request(p, params) for p in prompts[2:]]  # 4 more; batch cap is 4
+    batch_sizes = []
+    while engine.has_work:
+        engine.step()
+        batch_sizes.append(len(engine.running))
+    assert max(batch_sizes) == 4
+    assert [r.output_ids for r in requests] == expected
+    assert [streamed[r.id] for r in requests[:2]] == expected[:2]
+    assert requests[0].text == tok.decode(expected[0], skip_special_tokens=True)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(smol):
+    model, tok, prompts, stops = smol
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=40, seed=7,
+                            stop_token_ids=stops)
+    alone = InferenceEngine(model, tok).generate(prompts[:1], params)[0].output_ids
+    together = InferenceEngine(model, tok).generate(prompts[:3], params)[0].output_ids
+    other = InferenceEngine(model, tok).generate(
+        prompts[:1], SamplingParams(**{**params.__dict__, "seed": 8}))[0].output_ids
+    assert alone == together
+    assert alone != other
+
+
+def test_stop_words_context_guard_and_cancel(smol):
+    model, tok, prompts, stops = smol
+    engine = InferenceEngine(model, tok, context_length=len(prompts[0]) + 3)
+    r = engine.generate(prompts[:1], SamplingParams(max_new_tokens=50, stop_token_ids=stops))[0]
+    assert r.finish_reason == "length" and len(r.output_ids) == 3  # clamped to the context
+    with pytest.raises(XtunerError, match="context is"):
+        engine.add_request(prompts[0] * 2)
+    engine = InferenceEngine(model, tok)
+    full = engine.generate(prompts[:1], SamplingParams(max_new_tokens=NEW))[0]
+    word = full.text.split()[2]
+    cut = engine.generate(prompts[:1], SamplingParams(max_new_tokens=NEW, stop_words=[word]))[0]
+    assert cut.finish_reason == "stop" and word not in cut.text
+    assert full.text.startswith(cut.text)
+    slow = engine.add_request(prompts[1], SamplingParams(max_new_tokens=NEW))
+    engine.step()
+    engine.cancel(slow)
+    assert engine.step() == [slow] and slow.finish_reason == "cancelled"
+    assert not engine.has_work
+
+
+def test_sampling_rules_match_transformers():
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 100)
+    seen = torch.tensor([3, 5, 5, 17, 99])
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(seen[None], logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits[0], seen, 1.3), ref[0])
+    warped = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(20)(None, logits.clone()))
+    allowed = set(torch.isfinite(warped[0]).nonzero().flatten().tolist())
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.8)
+    drawn = {choose_token(logits[0], params, seen[:0], torch.Generator().manual_seed(i))
+             for i in range(300)}
+    assert drawn <= allowed and len(drawn) > 1
+    assert choose_token(logits[0], SamplingParams(), seen[:0], None) == int(logits.argmax())
+
+
+def test_chat_drops_oldest_turns_to_fit_the_context():
+    from xtuner_lite.chat import ChatSession, GenerationOptions
+
+    session = ChatSession("smollm2-135m-instruct", options=GenerationOptions(max_new_tokens=8))
+    session.ask("Name a colour.")
+    session.ask("Name a fruit.")
+    full = session._prompt_ids("Name an animal.")
+    tok = session.tokenizer
+    session.engine.context_length = len(full) + 8 - 1  # one token short: the oldest turn goes
+    trimmed = tok.decode(session._prompt_ids("Name an animal."))
+    assert "colour" not in trimmed and "fruit" in trimmed and "animal" in trimmed
+    assert "colour" in tok.decode(full)

@@ -1,0 +1,234 @@
+"""The bundled inference engine: continuous batching over a transformers model with a KV cache.
+
+Why our own loop rather than ``generate``: ``generate`` decodes a fixed batch until its longest
+request ends, so short requests idle and new ones wait. Here every ``step`` first admits waiting
+requests (one batched prefill, left-padded), splices their caches into the running batch, then
+decodes one token for every running request and retires finished ones at once. Rows are kept
+left-aligned with an attention mask and per-row positions, exactly as ``generate`` pads, so
+greedy output is the same tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.inference.sampling import SamplingParams, choose_token
+
+TokenCallback = Callable[["Request", int], None]
+
+
+@dataclass
+class Request:
+    """One generation: prompt ids in, ``output_ids`` growing until ``finish_reason`` is set."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_token: TokenCallback | None = None
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    text: str = ""  # decoded output (stop words cut), filled when the engine has a tokenizer
+    generator: torch.Generator | None = None
+    max_new_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Pad ``t`` with zeros on the left of ``dim`` up to ``width``."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class InferenceEngine:
+    """Batched, streaming generation for a causal LM (merged, or base + adapter)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch_size: int = 32,
+                 context_length: int | None = None):
+        from transformers import DynamicCache
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        config = model.config
+        self.context_length = context_length or getattr(config, "max_position_embeddings", None)
+        self.device = next(model.parameters()).device
+        self._cache_cls = DynamicCache
+        self._ids = itertools.count()
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # (batch, cached length), 1 = real token
+        self._next: torch.Tensor | None = None  # (batch,) token each running row feeds next
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    on_token: TokenCallback | None = None) -> Request:
+        params = params or SamplingParams()
+        params.validate()
+        if not prompt_ids:
+            raise XtunerError("empty prompt")
+        budget = params.max_new_tokens
+        if self.context_length is not None:
+            room = self.context_length - len(prompt_ids)
+            if room < 1:
+                raise XtunerError(f"prompt is {len(prompt_ids)} tokens; the model's context is "
+                                  f"{self.context_length}")
+            budget = min(budget, room)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        request = Request(next(self._ids), list(prompt_ids), params, on_token,
+                          generator=generator, max_new_tokens=budget)
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (e.g. its client went away); its slot frees on the next step."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        request.finish_reason = request.finish_reason or "cancelled"
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ----------------------------------------------------------------- the loop
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Decode one token for every running request, admit waiting ones (their prefill gives
+        their first token); return the requests that finished in this step."""
+        finished = [r for r in self.running if r.finished]  # cancelled since the last step
+        self._drop(finished)
+        if self.running:
+            finished += self._decode()
+        admitted = self.waiting[: max(self.max_batch_size - len(self.running), 0)]
+        self.waiting = self.waiting[len(admitted):]
+        if admitted:
+            finished += self._prefill(admitted)
+        self._drop([r for r in self.running if r.finished])
+        return finished
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None
+                 ) -> list[Request]:
+        """Run prompts to completion (all admitted together, batched) and return them."""
+        requests = [self.add_request(p, params) for p in prompts]
+        while any(not r.finished for r in requests):
+            self.step()
+        return requests
+
+    # ----------------------------------------------------------------- internals
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _prefill(self, requests: list[Request]) -> list[Request]:
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.zeros(len(requests), width, dtype=torch.long)
+        mask = torch.zeros(len(requests), width, dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = self._cache_cls(config=self.model.config)
+        tokens, finished = self._emit(requests, self._forward(ids, mask, cache))
+        self._splice(requests, cache, mask, tokens)
+        return finished
+
+    def _decode(self) -> list[Request]:
+        ones = self._mask.new_ones(self._mask.shape[0], 1)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        tokens, finished = self._emit(self.running,
+                                      self._forward(self._next[:, None], self._mask, self._cache))
+        self._next = tokens
+        return finished
+
+    def _emit(self, rows: list[Request], logits: torch.Tensor
+              ) -> tuple[torch.Tensor, list[Request]]:
+        """Choose each row's next token, stream it, mark finished requests."""
+        chosen, finished = [], []
+        for i, r in enumerate(rows):
+            seen = torch.tensor(r.prompt_ids + r.output_ids, device=logits.device)
+            token = choose_token(logits[i], r.params, seen, r.generator)
+            chosen.append(token)
+            if not r.finished:  # (a cancelled request only waits to leave the batch)
+                self._accept(r, token)
+            if r.finished:
+                finished.append(r)
+                if self.tokenizer is not None:
+                    r.text = self.decode(r)
+        return torch.tensor(chosen, device=self.device), finished
+
+    def _accept(self, r: Request, token: int) -> None:
+        if token in r.params.stop_token_ids:
+            r.finish_reason = "stop"
+            return
+        r.output_ids.append(token)
+        if r.on_token is not None:
+            r.on_token(r, token)
+        if self._hit_stop_word(r):
+            r.finish_reason = "stop"
+        elif len(r.output_ids) >= r.max_new_tokens:
+            r.finish_reason = "length"
+
+    def decode(self, request: Request) -> str:
+        text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        for word in request.params.stop_words:
+            text = text.split(word)[0]
+        return text
+
+    def _hit_stop_word(self, r: Request) -> bool:
+        if not r.params.stop_words or self.tokenizer is None:
+            return False
+        tail = self.tokenizer.decode(r.output_ids[-16:], skip_special_tokens=False)
+        return any(w in tail for w in r.params.stop_words)
+
+    def _layers(self, cache) -> list:
+        return cache.layers
+
+    def _splice(self, requests: list[Request], cache, mask: torch.Tensor, tokens: torch.Tensor
+                ) -> None:
+        """Append freshly prefilled rows to the running batch, left-padding the shorter side."""
+        if self._cache is None or not self.running:
+            self._cache, self._mask, self._next = cache, mask, tokens
+            self.running = list(requests)
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._layers(self._cache), self._layers(cache)):
+            old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
+            old.values = torch.cat([_left_pad(old.values, width, 2),
+                                    _left_pad(new.values, width, 2)])
+        self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
+        self._next = torch.cat([self._next, tokens])
+        self.running = self.running + list(requests)
+
+    def _drop(self, done: list[Request]) -> None:
+        """Remove finished rows from the batch and the all-padding columns they leave."""
+        if not done:
+            return
+        keep = [i for i, r in enumerate(self.running) if r not in done]
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._next = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._mask = self._mask[index]
+        first = int(self._mask.any(0).nonzero()[0])
+        self._mask = self._mask[:, first:]
+        for layer in self._layers(self._cache):
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+        self._next = self._next[index]
