@@ -97,3 +97,50 @@ def test_copy_cfg_gives_an_editable_config_that_loads(tmp_path):
     assert cfg.model["method"] == "qlora"
     again = xtuner("copy-cfg", "smollm2_135m_alpaca_qlora", str(tmp_path / "mine" / "smollm2"))
     assert again.returncode == 1 and "not overwriting" in again.stderr
+
+
+def test_interactive_chat_through_a_pseudo_terminal():
+    """Two turns that share history, RESET, the same question without it, EXIT — as a user
+    at a terminal (the prompt goes to stderr, as input() writes it there without readline)."""
+    import pty
+    import select
+    import time
+
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "xtuner_lite.cli", "chat",
+                             "smollm2-135m-instruct", "--max-new-tokens", "40"], cwd=ROOT,
+                            stdin=child_fd, stdout=child_fd, stderr=child_fd,
+                            env={**os.environ, "TERM": "dumb"})
+    os.close(child_fd)
+    seen = ""
+
+    def until(marker, timeout=300):
+        nonlocal seen
+        deadline = time.time() + timeout
+        while marker not in seen:
+            assert time.time() < deadline, f"timed out waiting for {marker!r}; got {seen!r}"
+            if select.select([main_fd], [], [], 1)[0]:
+                seen += os.read(main_fd, 4096).decode(errors="replace")
+        before, _, seen = seen.partition(marker)
+        return before
+
+    def say(text):
+        os.write(main_fd, (text + "\n").encode())
+
+    try:
+        until(">>> ")
+        say("Hi! My name is Ada.")
+        assert "Ada" in until(">>> ").split("\n", 1)[1]  # the reply, not the echoed input
+        say("What is my name?")
+        with_history = until(">>> ")
+        say("RESET")
+        assert "history cleared" in until(">>> ")
+        say("What is my name?")
+        fresh = until(">>> ")
+        assert fresh.startswith("What is my name?") and len(fresh) > 30
+        assert with_history != fresh  # greedy: only the dropped history can change the answer
+        say("EXIT")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(main_fd)
