@@ -6,16 +6,15 @@ dropped from the prompt when the conversation outgrows the model's context.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from xtuner_lite.data.templates import Template, get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import default_template_for, load_model, load_tokenizer
 from xtuner_lite.inference import InferenceEngine, SamplingParams
+from xtuner_lite.merge import load_adapted
 
 
 @dataclass
@@ -26,14 +25,6 @@ class GenerationOptions:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
-
-
-def adapter_template(adapter: str | Path) -> str | None:
-    """The template an adapter was trained with, recorded beside it by ``xtuner train``."""
-    meta = Path(adapter) / "xtuner_lite.json"
-    if meta.exists():
-        return json.loads(meta.read_text()).get("template")
-    return None
 
 
 def _quantization(bits: int | None) -> dict[str, Any]:
@@ -56,17 +47,15 @@ class ChatSession:
     def __init__(self, model: str, adapter: str | None = None, template: str | None = None,
                  system: str | None = None, options: GenerationOptions | None = None,
                  bits: int | None = None):
-        self.tokenizer = load_tokenizer(model)
-        self.model = load_model(model, **_quantization(bits))
-        if adapter:
-            from peft import PeftModel
-
-            if not Path(adapter).is_dir():
-                raise XtunerError(f"adapter folder {adapter} does not exist")
-            self.model = PeftModel.from_pretrained(self.model, adapter)
-        self.model.eval()
-        name = template or (adapter_template(adapter) if adapter else None) \
-            or default_template_for(model) or "auto"
+        trained_with = None
+        if adapter:  # the template recorded beside the adapter by ``xtuner train`` is the default
+            self.model, self.tokenizer, meta = load_adapted(model, adapter, any_base=True,
+                                                            **_quantization(bits))
+            trained_with = meta.get("template")
+        else:
+            self.tokenizer = load_tokenizer(model)
+            self.model = load_model(model, **_quantization(bits)).eval()
+        name = template or trained_with or default_template_for(model) or "auto"
         self.template: Template = get_template(name, self.tokenizer)
         self.system = system
         self.options = options or GenerationOptions()
@@ -79,18 +68,16 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
-    def _messages(self, prompt: str) -> list[dict[str, str]]:
+    def _messages(self, prompt: str, history: list[dict[str, str]]) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.history + [{"role": "user", "content": prompt}]
+        return system + history + [{"role": "user", "content": prompt}]
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         """Render the conversation, dropping the oldest exchanges until it fits the context."""
         history = list(self.history)
         limit = self.engine.context_length
         while True:
-            system = [{"role": "system", "content": self.system}] if self.system else []
-            messages = system + history + [{"role": "user", "content": prompt}]
-            text = self.template.render_prompt(messages, self.tokenizer)
+            text = self.template.render_prompt(self._messages(prompt, history), self.tokenizer)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if limit is None or len(ids) + self.options.max_new_tokens <= limit or not history:
                 return ids

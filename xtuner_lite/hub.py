@@ -160,13 +160,25 @@ def load_tokenizer(ref: str | os.PathLike):
         raise XtunerError(f"could not load tokenizer {ref!r}: {exc}") from None
 
 
+def parse_dtype(name):
+    """A torch dtype from a config/CLI name (fp32|float32|bf16|bfloat16|fp16|float16) or dtype."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in dtypes:
+        raise XtunerError(f"unknown dtype {name!r}; use one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
 def load_model(ref: str | os.PathLike, dtype: str = "float32", **kwargs):
     """Load a causal LM by any model reference."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(ref)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
     except OSError as exc:
         raise XtunerError(f"could not load model {ref!r}: {exc}") from None

@@ -28,6 +28,8 @@ def architecture_of(config: Any) -> dict[str, Any]:
 def read_adapter_meta(adapter: str | Path) -> tuple[dict, dict]:
     """(peft adapter_config.json, xtuner_lite.json or {}) of an adapter folder."""
     folder = Path(adapter)
+    if not folder.is_dir():
+        raise XtunerError(f"adapter folder {folder} does not exist")
     config_file = folder / "adapter_config.json"
     if not config_file.exists():
         raise XtunerError(f"{folder} is not a peft adapter folder (no adapter_config.json)")
@@ -67,8 +69,11 @@ def _check_base(base: str, base_config: Any, peft_cfg: dict, meta: dict, adapter
 
 
 def load_adapted(base: str | None, adapter: str | Path, dtype: str = "float32",
-                 any_base: bool = False):
-    """(PeftModel on an unquantized base, tokenizer, adapter meta); clear errors on mismatch."""
+                 any_base: bool = False, **model_kwargs: Any):
+    """(PeftModel on ``base``, tokenizer, adapter meta); clear errors on mismatch.
+
+    ``model_kwargs`` go to ``from_pretrained`` (e.g. a bitsandbytes config for chat); merging
+    passes none, so the adapter lands on the unquantized base."""
     from peft import PeftModel
 
     from xtuner_lite.hub import load_model, load_tokenizer
@@ -78,7 +83,7 @@ def load_adapted(base: str | None, adapter: str | Path, dtype: str = "float32",
     base = base or meta.get("base_model") or peft_cfg.get("base_model_name_or_path")
     if not base:
         raise XtunerError(f"adapter {adapter} does not record its base model; pass BASE")
-    model = load_model(base, dtype=dtype)
+    model = load_model(base, dtype=dtype, **model_kwargs)
     if not any_base:
         _check_base(str(base), model.config, peft_cfg, meta, adapter)
     try:
@@ -115,12 +120,12 @@ def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype:
     """Merge ``adapter`` into ``base`` (default: the base it records) and write ``out``."""
     import torch
 
-    from xtuner_lite.model.build import _dtype
+    from xtuner_lite.hub import parse_dtype
 
     out = Path(out)
     if out.exists() and not force:
         raise XtunerError(f"output folder {out} exists; pass --force to replace it")
-    target = _dtype(dtype)
+    target = parse_dtype(dtype)
     model, tokenizer, meta = load_adapted(base, adapter, any_base=any_base)
     with torch.no_grad():
         merged = model.merge_and_unload()

@@ -2,16 +2,10 @@
 from mmengine.config import read_base
 
 with read_base():
-    from .._base_.models.smollm2_135m_instruct import *  # noqa: F403
+    from .._base_.datasets.alpaca_en_demo import *  # noqa: F403
     from .._base_.train.cpu_lora import *  # noqa: F403
 
 model.update(method="full", dtype="fp32")  # noqa: F405
-train_dataset = dict(
-    data_files="examples/data/pretrain_mini.jsonl",
-    tokenizer=pretrained_model,  # noqa: F405
-    map_fn="pretrain",
-    template=template,  # noqa: F405
-    max_length=512,
-    pack=True,
-)
+train_dataset.update(data_files="examples/data/pretrain_mini.jsonl", map_fn="pretrain",  # noqa: F405
+                     max_length=512)
 train.update(epochs=None, max_iters=20, lr=2e-5, accumulative_counts=1)  # noqa: F405

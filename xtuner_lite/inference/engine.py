@@ -196,9 +196,6 @@ class InferenceEngine:
         tail = self.tokenizer.decode(r.output_ids[-16:], skip_special_tokens=False)
         return any(w in tail for w in r.params.stop_words)
 
-    def _layers(self, cache) -> list:
-        return cache.layers
-
     def _splice(self, requests: list[Request], cache, mask: torch.Tensor, tokens: torch.Tensor
                 ) -> None:
         """Append freshly prefilled rows to the running batch, left-padding the shorter side."""
@@ -207,7 +204,7 @@ class InferenceEngine:
             self.running = list(requests)
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(self._layers(self._cache), self._layers(cache)):
+        for old, new in zip(self._cache.layers, cache.layers):
             old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
             old.values = torch.cat([_left_pad(old.values, width, 2),
                                     _left_pad(new.values, width, 2)])
@@ -228,7 +225,7 @@ class InferenceEngine:
         self._mask = self._mask[index]
         first = int(self._mask.any(0).nonzero()[0])
         self._mask = self._mask[:, first:]
-        for layer in self._layers(self._cache):
+        for layer in self._cache.layers:
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
         self._next = self._next[index]

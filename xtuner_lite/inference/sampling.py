@@ -54,8 +54,8 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tenso
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > params.top_p  # keep the first over p
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the first over p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

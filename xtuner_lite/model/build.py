@@ -24,16 +24,6 @@ class LoraSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if name not in dtypes:
-        raise XtunerError(f"unknown dtype {name!r}; use one of {sorted(dtypes)}")
-    return dtypes[name]
-
-
 def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
     """Stop bitsandbytes repacking 4-bit weights in eval-mode forwards on AVX512-BF16 CPUs.
 
@@ -88,17 +78,17 @@ def build_model(
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from xtuner_lite.hub import resolve_model_path
+    from xtuner_lite.hub import parse_dtype, resolve_model_path
 
     if method not in ("full", "lora", "qlora"):
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
     path = resolve_model_path(pretrained)
-    kwargs: dict[str, Any] = dict(dtype=_dtype(dtype), attn_implementation=attn_implementation,
+    kwargs: dict[str, Any] = dict(dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
                                   trust_remote_code=trust_remote_code)
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=_dtype(compute_dtype), bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_compute_dtype=parse_dtype(compute_dtype), bnb_4bit_quant_storage=torch.uint8)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     if method == "qlora":
