@@ -109,3 +109,35 @@ def test_smollm2_configs_train_with_falling_loss(tmp_path, method):
     folder = tmp_path / ("adapter" if method == "qlora" else "model")
     meta = json.loads((folder / "xtuner_lite.json").read_text())
     assert meta["template"] == "smollm2" and meta["method"] == method
+
+
+def test_convert_pth_to_hf_gives_the_final_adapter(tmp_path, tiny_llama, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from xtuner_lite.cli import main
+
+    config = tmp_path / "tiny_lora.py"
+    config.write_text(TINY_CONFIG.format(model=tiny_llama,
+                                         data=str(ROOT / "examples/data/alpaca_mini.json")))
+    work = tmp_path / "work"
+    assert main(["train", str(config), "--work-dir", str(work),
+                 "--cfg-options", "train.max_iters=4"]) == 0
+    out = tmp_path / "converted"
+    assert main(["convert", "pth_to_hf", str(config), str(work / "iter_4.pth"), str(out)]) == 0
+    final = load_file(work / "adapter" / "adapter_model.safetensors")
+    converted = load_file(out / "adapter_model.safetensors")
+    assert final.keys() == converted.keys() and len(final) > 0
+    assert all(torch.equal(final[k], converted[k]) for k in final)
+    meta = json.loads((out / "xtuner_lite.json").read_text())
+    assert meta["template"] == "smollm2" and meta["base_model"] == tiny_llama
+
+    # the checkpoint of a different config is refused, naming the weight
+    assert main(["convert", "pth_to_hf", str(config), str(work / "iter_4.pth"), str(out),
+                 "--force", "--cfg-options", "model.lora.r=4"]) == 1
+    assert "lora_A.default.weight has shape (8, 64), the config's model (4, 64)" in \
+        capsys.readouterr().err
+    assert main(["convert", "pth_to_hf", str(config), str(tmp_path / "nope.pth"),
+                 str(tmp_path / "o2")]) == 1
+    assert "nope.pth does not exist" in capsys.readouterr().err
+

@@ -73,6 +73,24 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the check that BASE is the model the adapter was trained on")
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from xtuner_lite.convert import pth_to_hf
+
+    out = pth_to_hf(args.config, args.checkpoint, args.out, cfg_options=args.cfg_options,
+                    force=args.force)
+    print(f"converted {args.checkpoint} to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from xtuner_lite.export_gguf import export_gguf
+
+    out = export_gguf(args.merged, args.out, dtype=args.dtype, pre_tokenizer=args.pre,
+                      force=args.force)
+    print(f"GGUF written to {out}")
+    return 0
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> int:
     from xtuner_lite.check_dataset import check_dataset
     from xtuner_lite.config import load_config
@@ -179,6 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
                        "Hugging Face folder with the training chat template and stop tokens.")
     add_merge_arguments(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("convert", help="convert a training checkpoint (pth_to_hf)",
+                       description="Turn a training checkpoint into the adapter (or model) "
+                       "folder `xtuner train` writes at the end.")
+    conv = p.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
+    q = conv.add_parser("pth_to_hf", help="iter_N.pth → peft adapter / HF model folder")
+    q.add_argument("config", help="the config the checkpoint was trained with")
+    q.add_argument("checkpoint", help="WORK_DIR/iter_N.pth")
+    q.add_argument("out", help="output folder")
+    q.add_argument("--force", action="store_true", help="replace an existing output folder")
+    q.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
+    q.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a merged model (gguf)",
+                       description="Export a merged Hugging Face folder to another format.")
+    fmt = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    q = fmt.add_parser("gguf", help="merged folder → GGUF file (llama.cpp, Ollama)")
+    q.add_argument("merged", help="merged model folder (`xtuner merge` output)")
+    q.add_argument("out", help="output .gguf file")
+    q.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    q.add_argument("--pre", help="llama.cpp pre-tokenizer name, e.g. smollm, llama-bpe, qwen2 "
+                   "(default: known for the embedded models, else 'default')")
+    q.add_argument("--force", action="store_true", help="replace an existing file")
+    q.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check-dataset", help="show a config's data after each pipeline stage",
                        description="Print samples after load, map fn, chat template, tokenization "

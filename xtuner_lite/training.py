@@ -33,7 +33,6 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     from xtuner_lite.data.dataset import SFTDataset
     from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
     from xtuner_lite.engine import TrainSettings, build_runner
-    from xtuner_lite.merge import architecture_of
     from xtuner_lite.model import build_model, skip_adapter_input_casts
 
     cfg = load_config(config, cfg_options) if isinstance(config, str) else config
@@ -74,10 +73,20 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
                           hooks=hooks)
     runner.train()
     out = work_dir / ("adapter" if model_cfg.get("method", "lora") != "full" else "model")
+    save_result(llm, tokenizer, template, cfg, out, seed=seed)
+    return out
+
+
+def save_result(llm, tokenizer, template, cfg: dict, out: Path, seed: int | None = None) -> None:
+    """Write the trained adapter (or full model) with what ``xtuner merge``/``chat`` need:
+    base model name, architecture, template, stop words and the training settings."""
+    from xtuner_lite.merge import architecture_of
+
+    model_cfg, data_cfg = dict(cfg["model"]), dict(cfg["train_dataset"])
     _final_save(llm, tokenizer, out, {
         "base_model": str(model_cfg["pretrained"]), "method": model_cfg.get("method", "lora"),
         "architecture": architecture_of(llm.config),
         "template": template.name, "stop_words": template.stop_words(tokenizer),
-        "max_length": data_cfg.get("max_length"), "train": train_cfg, "seed": seed,
+        "max_length": data_cfg.get("max_length"), "train": dict(cfg["train"]),
+        "seed": cfg.get("seed", 0) if seed is None else seed,
     })
-    return out
