@@ -41,29 +41,74 @@ def _quantization(bits: int | None) -> dict[str, Any]:
     return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
 
 
+@dataclass
+class ChatModel:
+    """A loaded model with the template it chats in and where that template ends a turn."""
+
+    model: Any
+    tokenizer: Any
+    template: Template
+    stop_ids: list[int]
+    stop_strings: list[str]  # stop words that are not single tokens
+
+    @classmethod
+    def load(cls, model: str, adapter: str | None = None, template: str | None = None,
+             bits: int | None = None) -> ChatModel:
+        """The template recorded beside an adapter by ``xtuner train`` is the default."""
+        trained_with = None
+        if adapter:
+            llm, tokenizer, meta = load_adapted(model, adapter, any_base=True,
+                                                **_quantization(bits))
+            trained_with = meta.get("template")
+        else:
+            tokenizer = load_tokenizer(model)
+            llm = load_model(model, **_quantization(bits)).eval()
+        name = template or trained_with or default_template_for(model) or "auto"
+        chat_template = get_template(name, tokenizer)
+        vocab = tokenizer.get_vocab()
+        return cls(llm, tokenizer, chat_template, stop_token_ids(chat_template, tokenizer),
+                   [w for w in chat_template.stop_words(tokenizer) if w not in vocab])
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.template.render_prompt(messages, self.tokenizer)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def sampling(self, options: GenerationOptions, stop_words: list[str] = ()) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+            top_p=options.top_p, top_k=options.top_k,
+            repetition_penalty=options.repetition_penalty, seed=options.seed,
+            stop_token_ids=self.stop_ids, stop_words=self.stop_strings + list(stop_words))
+
+
+class TextStream:
+    """Turns a request's growing output into text deltas, holding back a half-decoded
+    multi-byte character until its last byte arrives."""
+
+    def __init__(self, engine: InferenceEngine):
+        self.engine = engine
+        self.sent = 0
+
+    def delta(self, request, final: bool = False) -> str:
+        text = self.engine.decode(request)
+        if text.endswith("\ufffd") and not final:
+            return ""
+        out, self.sent = text[self.sent:], max(len(text), self.sent)
+        return out
+
+
 class ChatSession:
     """Holds the model, template and conversation history; ``ask`` returns the reply."""
 
     def __init__(self, model: str, adapter: str | None = None, template: str | None = None,
                  system: str | None = None, options: GenerationOptions | None = None,
                  bits: int | None = None):
-        trained_with = None
-        if adapter:  # the template recorded beside the adapter by ``xtuner train`` is the default
-            self.model, self.tokenizer, meta = load_adapted(model, adapter, any_base=True,
-                                                            **_quantization(bits))
-            trained_with = meta.get("template")
-        else:
-            self.tokenizer = load_tokenizer(model)
-            self.model = load_model(model, **_quantization(bits)).eval()
-        name = template or trained_with or default_template_for(model) or "auto"
-        self.template: Template = get_template(name, self.tokenizer)
+        self.chat = ChatModel.load(model, adapter, template, bits)
+        self.tokenizer, self.template = self.chat.tokenizer, self.chat.template
         self.system = system
         self.options = options or GenerationOptions()
         self.history: list[dict[str, str]] = []
-        vocab = self.tokenizer.get_vocab()
-        self.stop_ids = stop_token_ids(self.template, self.tokenizer)
-        self.stop_strings = [w for w in self.template.stop_words(self.tokenizer) if w not in vocab]
-        self.engine = InferenceEngine(self.model, self.tokenizer)
+        self.engine = InferenceEngine(self.chat.model, self.tokenizer)
 
     def reset(self) -> None:
         self.history = []
@@ -77,34 +122,26 @@ class ChatSession:
         history = list(self.history)
         limit = self.engine.context_length
         while True:
-            text = self.template.render_prompt(self._messages(prompt, history), self.tokenizer)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.chat.prompt_ids(self._messages(prompt, history))
             if limit is None or len(ids) + self.options.max_new_tokens <= limit or not history:
                 return ids
             history = history[2:]
 
     def ask(self, prompt: str, on_text: Callable[[str], Any] | None = None) -> str:
-        opts = self.options
-        params = SamplingParams(
-            max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
-            top_k=opts.top_k, repetition_penalty=opts.repetition_penalty, seed=opts.seed,
-            stop_token_ids=self.stop_ids, stop_words=self.stop_strings)
-        streamed = [0]
+        stream = TextStream(self.engine)
 
-        def stream(request, _token: int) -> None:
-            text = self.engine.decode(request)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                on_text(text[streamed[0]:])
-                streamed[0] = len(text)
+        def on_token(request, _token: int) -> None:
+            if text := stream.delta(request):
+                on_text(text)
 
-        request = self.engine.add_request(self._prompt_ids(prompt), params,
-                                          on_token=stream if on_text is not None else None)
+        request = self.engine.add_request(self._prompt_ids(prompt),
+                                          self.chat.sampling(self.options),
+                                          on_token=on_token if on_text is not None else None)
         while not request.finished:
             self.engine.step()
-        reply = self.engine.decode(request)
-        if on_text is not None and len(reply) > streamed[0]:
-            on_text(reply[streamed[0]:])
-        reply = reply.strip()
+        if on_text is not None and (rest := stream.delta(request, final=True)):
+            on_text(rest)
+        reply = self.engine.decode(request).strip()
         self.history += [{"role": "user", "content": prompt},
                          {"role": "assistant", "content": reply}]
         return reply

@@ -50,6 +50,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("" if stream else reply)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from xtuner_lite.serve import serve
+
+    serve(args.model, adapter=args.adapter, template=args.template, bits=args.bits,
+          host=args.host, port=args.port, name=args.served_model_name,
+          max_batch_size=args.max_batch_size)
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from xtuner_lite.merge import merge_adapter
 
@@ -191,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the reply when complete")
     p.add_argument("--bits", type=int, choices=[4, 8], help="4/8-bit weights (bitsandbytes)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions)",
+                       description="Serve /v1/chat/completions, /v1/completions (streaming "
+                       "included), /v1/models and /health; concurrent requests are batched.")
+    p.add_argument("model", help="embedded name, local HF folder or hub id")
+    p.add_argument("--adapter", help="peft adapter folder")
+    p.add_argument("--template", help="chat template name or 'auto' (default: the model's)")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="4/8-bit weights (bitsandbytes)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--served-model-name", help="the 'model' clients ask for "
+                   "(default: the model or adapter folder's name)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base (HF folder)",
                        description="Merge an adapter into its unquantized base and write a "

@@ -1,0 +1,140 @@
+"""`xtuner serve` as a real server process, driven by the official openai client."""
+
+import http.client
+import json
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc = subprocess.Popen([sys.executable, "-m", "xtuner_lite.cli", "serve", MODEL, "--port",
+                             "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"http://([\d.]+):(\d+)", line)
+    if not match:
+        proc.kill()
+        pytest.fail(f"server did not start: {line}{proc.stdout.read()}")
+    yield match.group(1), int(match.group(2))
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    host, port = server
+    return openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0)
+
+
+def _raw(server, method, path, body=None):
+    conn = http.client.HTTPConnection(*server, timeout=120)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def _health(server):
+    return _raw(server, "GET", "/health")[1]
+
+
+ASK = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def test_chat_completion_equals_transformers_generate_and_streams_the_same(client):
+    from xtuner_lite.hub import load_model, load_tokenizer
+
+    reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=24,
+                                           temperature=0)
+    tokenizer = load_tokenizer(MODEL)
+    ids = tokenizer.apply_chat_template(ASK, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    out = load_model(MODEL).generate(ids, max_new_tokens=24, do_sample=False)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.prompt_tokens == ids.shape[1]
+    assert reply.usage.completion_tokens == 24 and reply.choices[0].finish_reason == "length"
+
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=24,
+                                            temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert len(chunks) > 10  # token by token, not one blob
+
+
+def test_completions_models_and_stop(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    text = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12,
+                                     temperature=0).choices[0].text
+    assert text.startswith(" 5, 6")
+    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12,
+                                    temperature=0, stop=[" 7"])
+    assert cut.choices[0].text == text.split(" 7")[0] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text
+
+
+def test_bad_requests_get_openai_errors(server, client):
+    import openai
+
+    status, body = _raw(server, "POST", "/v1/chat/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="'gpt-4' does not exist") as info:
+        client.chat.completions.create(model="gpt-4", messages=ASK)
+    assert info.value.code == "model_not_found"
+    status, body = _raw(server, "POST", "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": ASK, "temperature": "hot"}))
+    assert status == 400 and body["error"]["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError, match="maximum context length") as info:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=100_000)
+    assert info.value.code == "context_length_exceeded"
+    status, body = _raw(server, "POST", "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": "hello"}))
+    assert status == 400 and body["error"]["param"] == "messages"
+    assert _raw(server, "GET", "/v2/nothing")[0] == 404
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    before = _health(server)
+    conn = http.client.HTTPConnection(*server, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0,
+         "stream": True}), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.fp.readline()  # the first chunk arrived: the request is decoding
+    assert _health(server)["running"] == 1
+    conn.sock.close()
+    conn.close()
+    deadline = time.time() + 60
+    while time.time() < deadline and _health(server)["running"]:
+        time.sleep(0.2)
+    after = _health(server)
+    assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
+
+
+def test_32_concurrent_clients_are_all_served_in_batches(server, client):
+    before = _health(server)
+
+    def ask(i: int) -> str:
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}],
+            max_tokens=8, temperature=0.7, seed=i).choices[0].message.content
+
+    with ThreadPoolExecutor(32) as pool:
+        replies = list(pool.map(ask, range(32)))
+    assert len(replies) == 32 and all(replies)
+    after = _health(server)
+    assert after["finished"] == before["finished"] + 32
+    assert after["peak_batch"] >= 8  # decoded together, not one after another

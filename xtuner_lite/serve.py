@@ -1,0 +1,394 @@
+"""``xtuner serve``: an OpenAI-compatible HTTP server on the bundled inference engine.
+
+Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (both with ``stream: true`` as
+server-sent events), ``/v1/models``, ``/health``. Each HTTP request runs on its own thread; one
+worker thread owns the engine, so concurrent requests are decoded together in one batch
+(continuous batching). The standard library's HTTP server is enough for localhost and keeps
+the dependency list short; a streaming client that goes away cancels its request.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from xtuner_lite.chat import ChatModel, GenerationOptions, TextStream
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.inference import InferenceEngine
+
+
+class APIError(Exception):
+    """An OpenAI-style error: HTTP status, message, offending parameter."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+# --------------------------------------------------------------------------- the engine worker
+@dataclass
+class Job:
+    """One request as the HTTP thread sees it: events arrive on ``events``."""
+
+    prompt_ids: list[int]
+    params: Any
+    # ("text", delta) ... then ("done", finish_reason, full text) or ("error", message)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    request: Any = None
+    completion_tokens: int = 0
+
+
+class EngineWorker:
+    """The only thread that touches the engine; HTTP threads talk to it through queues."""
+
+    def __init__(self, engine: InferenceEngine):
+        self.engine = engine
+        self.commands: queue.Queue = queue.Queue()
+        self.jobs: dict[int, tuple[Job, TextStream]] = {}  # engine request id → job
+        self.stats = {"finished": 0, "cancelled": 0, "peak_batch": 0}
+        self.thread = threading.Thread(target=self._loop, name="xtuner-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        self.commands.put(("add", job))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        self.commands.put(("cancel", job))
+
+    def load(self) -> dict[str, int]:
+        """Queue lengths now, requests finished and cancelled so far, the largest batch."""
+        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
+                **self.stats}
+
+    def _loop(self) -> None:
+        while True:
+            block = not self.engine.has_work
+            try:
+                while True:
+                    self._handle(*self.commands.get(block=block))
+                    block = False
+            except queue.Empty:
+                pass
+            if self.engine.has_work:
+                finished = self.engine.step()
+                self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self.engine.running)
+                                               + len(finished))
+                for request in finished:
+                    self.stats["cancelled" if request.finish_reason == "cancelled"
+                               else "finished"] += 1
+                    job, stream = self.jobs.pop(request.id)
+                    if rest := stream.delta(request, final=True):
+                        job.events.put(("text", rest))
+                    job.completion_tokens = len(request.output_ids)
+                    job.events.put(("done", request.finish_reason, self.engine.decode(request)))
+
+    def _handle(self, command: str, job: Job) -> None:
+        if command == "cancel":
+            request = job.request
+            if request is not None and not request.finished:
+                self.engine.cancel(request)
+                if request not in self.engine.running:  # was waiting: it never reaches step()
+                    self.jobs.pop(request.id, None)
+                    self.stats["cancelled"] += 1
+                    job.events.put(("done", "cancelled", ""))
+            return
+        stream = TextStream(self.engine)
+
+        def on_token(request, _token: int) -> None:
+            if text := stream.delta(request):
+                job.events.put(("text", text))
+
+        try:
+            job.request = self.engine.add_request(job.prompt_ids, job.params, on_token=on_token)
+        except XtunerError as exc:
+            job.events.put(("error", str(exc)))
+            return
+        self.jobs[job.request.id] = (job, stream)
+
+
+# --------------------------------------------------------------------------- request parsing
+def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise APIError(400, f"'{key}' must be {names}, got {type(value).__name__}", key,
+                       "invalid_type")
+    return value
+
+
+def _in_range(body: dict, key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise APIError(400, f"'{key}' must be between {low} and {high}, got {value}", key,
+                       "invalid_value")
+
+
+def _message_text(message: Any, index: int) -> dict[str, str]:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise APIError(400, f"messages[{index}] must be an object with a 'role'",
+                       f"messages[{index}]")
+    content = message.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise APIError(400, f"messages[{index}].content: only text parts are supported",
+                           f"messages[{index}].content")
+        content = "".join(str(p.get("text", "")) for p in content)
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise APIError(400, f"messages[{index}].content must be a string",
+                       f"messages[{index}].content")
+    if message["role"] not in ("system", "user", "assistant", "tool"):
+        raise APIError(400, f"messages[{index}].role {message['role']!r} is not one of system, "
+                       "user, assistant, tool", f"messages[{index}].role")
+    return {"role": message["role"], "content": content}
+
+
+def generation_options(body: dict, default_max_tokens: int | None) -> tuple[
+        GenerationOptions, list[str], int | None]:
+    """(options, stop strings, max_tokens as asked) from an OpenAI request body."""
+    max_tokens = _get(body, "max_completion_tokens", (int,), None)
+    max_tokens = _get(body, "max_tokens", (int,), max_tokens)
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens",
+                       "invalid_value")
+    temperature = float(_get(body, "temperature", (int, float), 1.0))
+    _in_range(body, "temperature", temperature, 0.0, 2.0)
+    top_p = float(_get(body, "top_p", (int, float), 1.0))
+    _in_range(body, "top_p", top_p, 1e-9, 1.0)
+    top_k = _get(body, "top_k", (int,), 0)
+    repetition_penalty = float(_get(body, "repetition_penalty", (int, float), 1.0))
+    _in_range(body, "repetition_penalty", repetition_penalty, 1e-3, 100.0)
+    for key in ("presence_penalty", "frequency_penalty"):
+        if _get(body, key, (int, float), 0) != 0:
+            raise APIError(400, f"'{key}' is not supported; use 'repetition_penalty'", key,
+                           "unsupported_parameter")
+    if _get(body, "n", (int,), 1) != 1:
+        raise APIError(400, "only n=1 is supported", "n", "unsupported_parameter")
+    if _get(body, "logprobs", (bool, int), False):
+        raise APIError(400, "'logprobs' is not supported", "logprobs", "unsupported_parameter")
+    stop = _get(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(w, str) and w for w in stop) or len(stop) > 4:
+        raise APIError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
+    seed = _get(body, "seed", (int,), None)
+    options = GenerationOptions(max_new_tokens=max_tokens or default_max_tokens or 1,
+                                temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, seed=seed)
+    return options, stop, max_tokens
+
+
+# --------------------------------------------------------------------------- HTTP
+class Server:
+    """The served model, its engine worker, and the HTTP request handling."""
+
+    def __init__(self, chat: ChatModel, name: str, max_batch_size: int = 32):
+        self.chat = chat
+        self.name = name
+        self.engine = InferenceEngine(chat.model, chat.tokenizer, max_batch_size=max_batch_size)
+        self.worker = EngineWorker(self.engine)
+        self.created = int(time.time())
+
+    def prepare(self, path: str, body: Any) -> tuple[Job, dict]:
+        """Validate a completion request and turn it into a job (not yet submitted)."""
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        model = _get(body, "model", (str,), None)
+        if model is None:
+            raise APIError(400, "'model' is required", "model", "missing_required_parameter")
+        if model != self.name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves "
+                           f"'{self.name}'", "model", "model_not_found")
+        if path == "/v1/chat/completions":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise APIError(400, "'messages' must be a non-empty list", "messages")
+            prompt_ids = self.chat.prompt_ids([_message_text(m, i)
+                                               for i, m in enumerate(messages)])
+            default_max = None
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise APIError(400, "'prompt' must be a non-empty string", "prompt")
+            prompt_ids = self.chat.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            default_max = 16  # OpenAI's default for /v1/completions
+        context = self.engine.context_length
+        room = None if context is None else context - len(prompt_ids)
+        options, stop, asked = generation_options(body, default_max or room)
+        if room is not None and (room < 1 or (asked is not None and asked > room)):
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the "
+                           f"prompt is {len(prompt_ids)} and max_tokens is "
+                           f"{asked if asked is not None else 'at least 1'}", "max_tokens",
+                           "context_length_exceeded")
+        _get(body, "stream", (bool,), False)
+        _get(body, "stream_options", (dict,), None)
+        return Job(prompt_ids, self.chat.sampling(options, stop)), body
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            server_version = "xtuner_lite"
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet access log
+                pass
+
+            def _json(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/health":
+                    self._json(200, {"status": "ok", **server.worker.load()})
+                elif self.path == "/v1/models":
+                    self._json(200, {"object": "list", "data": [{
+                        "id": server.name, "object": "model", "created": server.created,
+                        "owned_by": "xtuner_lite"}]})
+                else:
+                    self._json(404, APIError(404, f"no route {self.path}").body())
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                if self.path not in ("/v1/chat/completions", "/v1/completions"):
+                    self._json(404, APIError(404, f"no route {self.path}").body())
+                    return
+                try:
+                    try:
+                        body = json.loads(raw or b"null")
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+                    job, body = server.prepare(self.path, body)
+                except APIError as exc:
+                    self._json(exc.status, exc.body())
+                    return
+                server.worker.submit(job)
+                if body.get("stream"):
+                    self._stream(job, body)
+                else:
+                    self._complete(job)
+
+            def _complete(self, job: Job) -> None:
+                while True:
+                    event = job.events.get()
+                    if event[0] == "error":
+                        self._json(400, APIError(400, event[1]).body())
+                        return
+                    if event[0] == "done":
+                        break
+                _, reason, text = event
+                self._json(200, server.response(self.path, job, text, reason))
+
+            def _stream(self, job: Job, body: dict) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                chunk = server.chunker(self.path)
+                try:
+                    if self.path == "/v1/chat/completions":
+                        self._send(chunk({"role": "assistant", "content": ""}, None))
+                    while True:
+                        event = job.events.get()
+                        if event[0] == "text":
+                            self._send(chunk(event[1], None))
+                        elif event[0] == "error":
+                            self._send({"error": APIError(400, event[1]).body()["error"]})
+                            break
+                        else:
+                            self._send(chunk(None, event[1]))
+                            if (body.get("stream_options") or {}).get("include_usage"):
+                                self._send({**chunk(None, None), "choices": [],
+                                            "usage": server.usage(job)})
+                            break
+                    self._write(b"data: [DONE]\n\n")
+                    self._write(b"")
+                except (BrokenPipeError, ConnectionResetError):  # the client went away
+                    server.worker.cancel(job)
+                    self.close_connection = True
+
+            def _send(self, payload: dict) -> None:
+                self._write(f"data: {json.dumps(payload)}\n\n".encode())
+
+            def _write(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+        return Handler
+
+    def usage(self, job: Job) -> dict[str, int]:
+        prompt = len(job.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
+                "total_tokens": prompt + job.completion_tokens}
+
+    def response(self, path: str, job: Job, text: str, reason: str) -> dict:
+        if path == "/v1/chat/completions":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": reason}
+            kind, prefix = "chat.completion", "chatcmpl"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            kind, prefix = "text_completion", "cmpl"
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                "model": self.name, "choices": [choice], "usage": self.usage(job)}
+
+    def chunker(self, path: str):
+        """A function (delta text or role dict, finish reason) → one SSE chunk object."""
+        chat = path == "/v1/chat/completions"
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def chunk(delta: str | dict | None, reason: str | None) -> dict:
+            if chat:
+                content = delta if isinstance(delta, dict) else (
+                    {} if delta is None else {"content": delta})
+                choice = {"index": 0, "delta": content, "finish_reason": reason}
+                kind = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": reason,
+                          "logprobs": None}
+                kind = "text_completion"
+            return {"id": ident, "object": kind, "created": created, "model": self.name,
+                    "choices": [choice]}
+
+        return chunk
+
+
+def serve(model: str, adapter: str | None = None, template: str | None = None,
+          bits: int | None = None, host: str = "127.0.0.1", port: int = 8000,
+          name: str | None = None, max_batch_size: int = 32) -> None:
+    """Load the model and serve until interrupted; prints the URL once it is listening."""
+    from pathlib import Path
+
+    chat = ChatModel.load(model, adapter, template, bits)
+    server = Server(chat, name or Path(adapter or model).name, max_batch_size)
+    httpd = ThreadingHTTPServer((host, port), server.handler())
+    httpd.daemon_threads = True
+    url = f"http://{httpd.server_address[0]}:{httpd.server_address[1]}"
+    print(f"serving {server.name!r} on {url}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
