@@ -18,10 +18,26 @@ def test_help_lists_every_command():
     out = xtuner("--help")
     assert out.returncode == 0
     for command in ("download", "chat", "check-dataset", "list-cfg", "list-templates", "train",
-                    "plot-log", "copy-cfg"):
+                    "plot-log", "copy-cfg", "merge", "convert", "export", "serve"):
         assert command in out.stdout
         sub = xtuner(command, "--help")
         assert sub.returncode == 0 and "usage: xtuner " + command in sub.stdout
+
+
+def test_lmdeploy_backend_says_what_is_missing(monkeypatch, capsys):
+    import sys
+    import types
+
+    from xtuner_lite.cli import main
+
+    if "lmdeploy" not in sys.modules:  # the test environment never has it
+        assert main(["chat", "smollm2-135m-instruct", "--backend", "lmdeploy", "--prompt",
+                     "hi"]) == 1
+        assert "LMDeploy, which is not installed" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "lmdeploy", types.ModuleType("lmdeploy"))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["chat", "smollm2-135m-instruct", "--backend", "lmdeploy", "--prompt", "hi"]) == 1
+    assert "needs a CUDA GPU and none is visible" in capsys.readouterr().err
 
 
 def test_missing_command_is_an_error_not_help():

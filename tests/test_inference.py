@@ -136,7 +136,24 @@ def test_chat_drops_oldest_turns_to_fit_the_context():
     session.ask("Name a fruit.")
     full = session._prompt_ids("Name an animal.")
     tok = session.tokenizer
-    session.engine.context_length = len(full) + 8 - 1  # one token short: the oldest turn goes
+    session.context_length = len(full) + 8 - 1  # one token short: the oldest turn goes
     trimmed = tok.decode(session._prompt_ids("Name an animal."))
     assert "colour" not in trimmed and "fruit" in trimmed and "animal" in trimmed
     assert "colour" in tok.decode(full)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_engine_equals_transformers_generate(smol, bits):
+    """Request by request: bitsandbytes' own kernels make a row depend on its batch (4-bit picks
+    another CPU kernel for one row than for several; LLM.int8 picks outlier columns over the
+    whole batch), for transformers.generate as much as for us."""
+    from xtuner_lite.chat import _quantization
+    from xtuner_lite.hub import load_model
+
+    _, tok, prompts, stops = smol
+    model = load_model("smollm2-135m-instruct", **_quantization(bits)).eval()
+    assert model.is_loaded_in_4bit if bits == 4 else model.is_loaded_in_8bit
+    expected = _hf_greedy(model, prompts[:3], stops, batched=False)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    got = [InferenceEngine(model, tok).generate([p], params)[0].output_ids for p in prompts[:3]]
+    assert got == expected and any(len(g) > 4 for g in got)

@@ -38,7 +38,8 @@ def _quantization(bits: int | None) -> dict[str, Any]:
     if bits == 4:
         return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True,
                                                           bnb_4bit_quant_type="nf4")}
-    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    # LLM.int8 multiplies in fp16: load the rest in fp16 too rather than cast at every layer
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "dtype": "float16"}
 
 
 @dataclass
@@ -53,10 +54,21 @@ class ChatModel:
 
     @classmethod
     def load(cls, model: str, adapter: str | None = None, template: str | None = None,
-             bits: int | None = None) -> ChatModel:
-        """The template recorded beside an adapter by ``xtuner train`` is the default."""
+             bits: int | None = None, weights: bool = True) -> ChatModel:
+        """The template recorded beside an adapter by ``xtuner train`` is the default.
+        ``weights=False`` loads only the tokenizer and template (another engine holds the model).
+        """
         trained_with = None
-        if adapter:
+        if not weights:
+            from pathlib import Path
+
+            from xtuner_lite.merge import read_adapter_meta
+
+            llm = None
+            trained_with = read_adapter_meta(adapter)[1].get("template") if adapter else None
+            has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
+            tokenizer = load_tokenizer(adapter if has_tokenizer else model)
+        elif adapter:
             llm, tokenizer, meta = load_adapted(model, adapter, any_base=True,
                                                 **_quantization(bits))
             trained_with = meta.get("template")
@@ -102,13 +114,33 @@ class ChatSession:
 
     def __init__(self, model: str, adapter: str | None = None, template: str | None = None,
                  system: str | None = None, options: GenerationOptions | None = None,
-                 bits: int | None = None):
-        self.chat = ChatModel.load(model, adapter, template, bits)
-        self.tokenizer, self.template = self.chat.tokenizer, self.chat.template
+                 bits: int | None = None, backend: str = "torch"):
         self.system = system
         self.options = options or GenerationOptions()
         self.history: list[dict[str, str]] = []
-        self.engine = InferenceEngine(self.chat.model, self.tokenizer)
+        self.lmdeploy = None
+        if backend == "lmdeploy":
+            from xtuner_lite.hub import resolve_model_path
+            from xtuner_lite.inference.lmdeploy_backend import LMDeployGenerator, require_lmdeploy
+
+            require_lmdeploy()  # before loading anything
+            if bits is not None:
+                raise XtunerError("--bits is for --backend torch; LMDeploy quantizes a model "
+                                  "ahead of time with `lmdeploy lite auto_awq`")
+            self.chat = ChatModel.load(model, adapter, template, weights=False)
+            path = resolve_model_path(model)
+            self.lmdeploy = LMDeployGenerator(path, adapter)
+            from transformers import AutoConfig
+
+            self.context_length = getattr(AutoConfig.from_pretrained(path),
+                                          "max_position_embeddings", None)
+        elif backend == "torch":
+            self.chat = ChatModel.load(model, adapter, template, bits)
+            self.engine = InferenceEngine(self.chat.model, self.chat.tokenizer)
+            self.context_length = self.engine.context_length
+        else:
+            raise XtunerError(f"unknown backend {backend!r}; choose torch or lmdeploy")
+        self.tokenizer, self.template = self.chat.tokenizer, self.chat.template
 
     def reset(self) -> None:
         self.history = []
@@ -120,7 +152,7 @@ class ChatSession:
     def _prompt_ids(self, prompt: str) -> list[int]:
         """Render the conversation, dropping the oldest exchanges until it fits the context."""
         history = list(self.history)
-        limit = self.engine.context_length
+        limit = self.context_length
         while True:
             ids = self.chat.prompt_ids(self._messages(prompt, history))
             if limit is None or len(ids) + self.options.max_new_tokens <= limit or not history:
@@ -128,6 +160,8 @@ class ChatSession:
             history = history[2:]
 
     def ask(self, prompt: str, on_text: Callable[[str], Any] | None = None) -> str:
+        if self.lmdeploy is not None:
+            return self._remember(prompt, self._ask_lmdeploy(prompt, on_text))
         stream = TextStream(self.engine)
 
         def on_token(request, _token: int) -> None:
@@ -141,7 +175,20 @@ class ChatSession:
             self.engine.step()
         if on_text is not None and (rest := stream.delta(request, final=True)):
             on_text(rest)
-        reply = self.engine.decode(request).strip()
+        return self._remember(prompt, self.engine.decode(request))
+
+    def _ask_lmdeploy(self, prompt: str, on_text: Callable[[str], Any] | None) -> str:
+        text = self.tokenizer.decode(self._prompt_ids(prompt))
+        chunks = []
+        for delta in self.lmdeploy.stream(text, self.options, self.chat.stop_ids,
+                                          self.chat.stop_strings):
+            chunks.append(delta)
+            if on_text is not None:
+                on_text(delta)
+        return "".join(chunks)
+
+    def _remember(self, prompt: str, reply: str) -> str:
+        reply = reply.strip()
         self.history += [{"role": "user", "content": prompt},
                          {"role": "assistant", "content": reply}]
         return reply

@@ -26,7 +26,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     session = ChatSession(args.model, adapter=args.adapter, template=args.template,
-                          system=args.system, options=options, bits=args.bits)
+                          system=args.system, options=options, bits=args.bits,
+                          backend=args.backend)
     stream = None if args.no_stream else (lambda t: print(t, end="", flush=True))
     if args.prompt is not None or not sys.stdin.isatty():
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stream", action="store_true", help="print the reply when complete")
     p.add_argument("--bits", type=int, choices=[4, 8], help="4/8-bit weights (bitsandbytes)")
+    p.add_argument("--backend", default="torch", choices=["torch", "lmdeploy"],
+                   help="torch: the bundled engine (CPU or GPU); lmdeploy: LMDeploy's pipeline "
+                   "(optional extra, CUDA GPU only)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions)",
