@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -98,6 +99,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_gguf(args.merged, args.out, dtype=args.dtype, pre_tokenizer=args.pre,
                       force=args.force)
     print(f"GGUF written to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from xtuner_lite.evaluation import run_eval
+
+    run_eval(args.models, args.tasks, data_root=args.data_root, limit=args.limit,
+             seed=args.seed, out=args.out, dtype=args.dtype, batch_tokens=args.batch_tokens)
+    if args.out:
+        print(f"results and per-sample predictions: {args.out}")
+    return 0
+
+
+def cmd_contamination(args: argparse.Namespace) -> int:
+    from xtuner_lite.evaluation.contamination import report_contamination
+
+    report_contamination(args.train_data, args.task, data_root=args.data_root, n=args.ngram,
+                         threshold=args.threshold, show=args.show, out=args.out)
     return 0
 
 
@@ -248,6 +267,37 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: known for the embedded models, else 'default')")
     q.add_argument("--force", action="store_true", help="replace an existing file")
     q.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="evaluate models on MCQ, generative and perplexity tasks",
+                       description="OpenCompass-style evaluation from local files: "
+                       "log-likelihood and circular multiple choice, GSM8K-style generation, "
+                       "perplexity. Several --models are shown side by side with differences.")
+    p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
+                   help="embedded name, HF folder, merged folder or adapter folder")
+    p.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                   help="bundled task name (see below) or a task .json file")
+    p.add_argument("--data-root", default=os.environ.get("XTUNER_EVAL_DATA"),
+                   help="folder the bundled tasks' files are relative to "
+                   "(e.g. ../shared/data/eval; default $XTUNER_EVAL_DATA)")
+    p.add_argument("--limit", type=int, help="score a seeded random subset of N rows per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON file for scores and per-sample predictions")
+    p.add_argument("--dtype", default="float32", help="model dtype (float32, bf16)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring batch")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("contamination", help="n-gram overlap of training data with a task",
+                       description="List evaluation samples whose n-grams occur in the "
+                       "training data (OpenCompass's contamination check).")
+    p.add_argument("train_data", nargs="+", help="training files (jsonl/json, any text fields)")
+    p.add_argument("--task", required=True, help="bundled task name or task .json file")
+    p.add_argument("--data-root", default=os.environ.get("XTUNER_EVAL_DATA"))
+    p.add_argument("--ngram", type=int, default=13, help="n-gram length in words (default 13)")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="flag a sample when more than this share of its n-grams overlap")
+    p.add_argument("--show", type=int, default=10, help="overlapping samples to print")
+    p.add_argument("--out", help="JSON file listing every flagged sample")
+    p.set_defaults(func=cmd_contamination)
 
     p = sub.add_parser("check-dataset", help="show a config's data after each pipeline stage",
                        description="Print samples after load, map fn, chat template, tokenization "

@@ -1,0 +1,101 @@
+"""``xtuner contamination``: which evaluation samples also appear in the training data.
+
+Word n-grams (lower-cased, punctuation dropped) of every training row are hashed once; each
+evaluation row is flagged when its own n-grams hit that set, with the share that did and the
+training row they came from (OpenCompass's n-gram data-contamination check).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.evaluation.tasks import Row, load_rows, read_rows
+
+WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string inside a row (any nesting: alpaca fields, message lists, ...)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = WORD.findall(text.lower())
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+@dataclass
+class Overlap:
+    source: str  # the evaluation row
+    share: float  # of its n-grams found in the training data
+    hits: int
+    total: int
+    train_source: str  # the training row of the first hit
+    example: str  # that n-gram
+
+
+def find_overlaps(train_rows: list[Row], eval_rows: list[Row], n: int = 13,
+                  threshold: float = 0.0) -> tuple[list[Overlap], int]:
+    """(flagged evaluation rows, number of evaluation rows too short to hold an n-gram)."""
+    seen: dict[int, int] = {}
+    for index, row in enumerate(train_rows):
+        for text in _strings(row.fields):
+            for gram in ngrams(text, n):
+                seen.setdefault(hash(gram), index)
+    flagged, short = [], 0
+    for row in eval_rows:
+        grams = [g for text in _strings(row.fields) for g in ngrams(text, n)]
+        if not grams:
+            short += 1
+            continue
+        hits = [g for g in grams if hash(g) in seen]
+        share = len(hits) / len(grams)
+        if hits and share > threshold:
+            first = train_rows[seen[hash(hits[0])]]
+            flagged.append(Overlap(row.source, share, len(hits), len(grams), first.source,
+                                   " ".join(hits[0])))
+    flagged.sort(key=lambda o: o.share, reverse=True)
+    return flagged, short
+
+
+def report_contamination(train_files: list[str], task: str, data_root=None, n: int = 13,
+                         threshold: float = 0.0, show: int = 10,
+                         out: str | os.PathLike | None = None) -> list[Overlap]:
+    from xtuner_lite.evaluation.run import resolve_task
+
+    if n < 1:
+        raise XtunerError(f"--ngram must be at least 1, got {n}")
+    spec = resolve_task(task)
+    train_rows = []
+    for name in train_files:
+        path = Path(name)
+        if not path.is_file():
+            raise XtunerError(f"training file {path} does not exist")
+        train_rows += read_rows(path)
+    eval_rows = load_rows(spec, data_root)
+    flagged, short = find_overlaps(train_rows, eval_rows, n, threshold)
+    print(f"{len(flagged)} of {len(eval_rows)} {spec.name} samples share a {n}-word n-gram with "
+          f"{len(train_rows)} training rows" + (f" (threshold {threshold:.0%})" if threshold
+                                                 else ""))
+    if short:
+        print(f"{short} samples have fewer than {n} words and were not checked "
+              "(use a smaller --ngram to include them)")
+    for o in flagged[:show]:
+        print(f"  {o.share:6.1%}  {o.source}  ~ {o.train_source}: \"{o.example}\"")
+    if out is not None:
+        Path(out).write_text(json.dumps({"task": spec.name, "ngram": n, "checked":
+                                         len(eval_rows) - short, "too_short": short,
+                                         "flagged": [vars(o) for o in flagged]}, indent=1))
+    return flagged

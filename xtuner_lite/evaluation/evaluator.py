@@ -1,0 +1,278 @@
+"""Run tasks on a model: multiple choice (log-likelihood, circular), generation, perplexity.
+
+``evaluate_model`` returns, per task, the scores and every sample's prediction, so a results file
+can be audited question by question.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.evaluation.loglik import LoglikScorer
+from xtuner_lite.evaluation.tasks import (
+    Row,
+    TaskSpec,
+    choices_of,
+    field_of,
+    gold_of,
+    load_rows,
+    render,
+)
+
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]
+    n: int
+    subjects: dict[str, dict[str, float]] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def interval(self, metric: str) -> float:
+        """Half-width of the normal-approximation 95 % interval of an accuracy."""
+        p = self.metrics[metric]
+        return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / max(self.n, 1))
+
+
+@dataclass
+class LoadedModel:
+    """What the evaluator needs: model, tokenizer and (for chat prompts) a template."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    template: Any = None
+
+
+# ----------------------------------------------------------------------------- prompts
+def _options(spec: TaskSpec, choices: list[str]) -> str:
+    return "\n".join(f"{spec.letters[i]}. {c}" for i, c in enumerate(choices))
+
+
+def _mcq_requests(spec: TaskSpec, row: Row, choices: list[str]) -> list[tuple[str, str]]:
+    """(context, continuation) per option, without few-shot prefix."""
+    if spec.style == "letter":
+        context = render(spec.prompt, row, options=_options(spec, choices))
+        return [(context, f" {spec.letters[i]}") for i in range(len(choices))]
+    if spec.style == "partial":
+        continuation = render(spec.continuation, row)
+        return [(render(spec.prompt, row, choice=c), continuation) for c in choices]
+    context = render(spec.prompt, row)
+    return [(context, render(spec.continuation, row, choice=c)) for c in choices]
+
+
+def _exemplar(spec: TaskSpec, row: Row) -> str:
+    if spec.kind == "generate":
+        target = spec.fewshot_target or (" {" + spec.target + "}")
+        return render(spec.prompt, row) + render(target, row)
+    choices = choices_of(spec, row)
+    context, continuation = _mcq_requests(spec, row, choices)[gold_of(spec, row, len(choices))]
+    return context + continuation
+
+
+class PromptBuilder:
+    """Few-shot prefix (per subject, from the dev rows) and optional chat wrapping."""
+
+    def __init__(self, spec: TaskSpec, data_root, model: LoadedModel):
+        self.spec = spec
+        self.model = model
+        self.shots: dict[str | None, list[Row]] = defaultdict(list)
+        if spec.num_fewshot:
+            for row in load_rows(spec, data_root, which="fewshot"):
+                if len(self.shots[row.subject]) < spec.num_fewshot:
+                    self.shots[row.subject].append(row)
+
+    def prefix(self, row: Row) -> str:
+        spec = self.spec
+        head = render(spec.description, row) if spec.description else ""
+        shots = [r for r in self.shots.get(row.subject, []) if r.source != row.source]
+        return head + "".join(_exemplar(spec, r) + spec.fewshot_separator
+                              for r in shots[:spec.num_fewshot])
+
+    def context(self, row: Row, context: str) -> str:
+        text = self.prefix(row) + context
+        if not self.spec.chat:
+            return text
+        if self.model.template is None:
+            raise XtunerError(f"task {self.spec.name!r} asks for the chat template but the "
+                              "model has none")
+        return self.model.template.render_prompt([{"role": "user", "content": text}],
+                                                 self.model.tokenizer)
+
+
+# ----------------------------------------------------------------------------- task kinds
+def _accuracy(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def evaluate_mcq(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
+                 scorer: LoglikScorer) -> TaskResult:
+    builder = PromptBuilder(spec, data_root, model)
+    rotations = []  # (row index, rotation, gold, requests)
+    for index, row in enumerate(rows):
+        choices = choices_of(spec, row)
+        gold = gold_of(spec, row, len(choices))
+        shifts = range(len(choices)) if spec.circular else range(1)
+        for shift in shifts:  # option i moves to position (i + shift) % n
+            order = [choices[(j - shift) % len(choices)] for j in range(len(choices))]
+            requests = [(builder.context(row, c), x) for c, x in _mcq_requests(spec, row, order)]
+            rotations.append((index, shift, (gold + shift) % len(choices), requests))
+    flat = [pair for *_, requests in rotations for pair in requests]
+    scores = iter(scorer.score(flat))
+    per_row: dict[int, list[tuple[int, int, int, list[float]]]] = defaultdict(list)
+    for index, shift, gold, requests in rotations:
+        lls = [next(scores).logprob for _ in requests]
+        per_row[index].append((shift, gold, _argmax(lls), lls))
+
+    samples, correct, correct_norm, circular = [], [], [], []
+    by_subject: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        runs = per_row[index]
+        shift, gold, pred, lls = runs[0]
+        ok = pred == gold
+        correct.append(ok)
+        sample = {"source": row.source, "gold": gold, "pred": pred, "logprobs": lls,
+                  "correct": ok}
+        if spec.style == "cloze":  # length-normalised by the option's characters (lm-eval's)
+            lengths = [len(c) for c in choices_of(spec, row)]
+            norm = _argmax([ll / max(n, 1) for ll, n in zip(lls, lengths)])
+            correct_norm.append(norm == gold)
+            sample["pred_norm"] = norm
+        if spec.circular:
+            every = all(p == g for _, g, p, _ in runs)
+            circular.append(every)
+            sample["circular_correct"] = every
+        by_subject[row.subject or ""].append((ok, sample.get("circular_correct", ok)))
+        samples.append(sample)
+    metrics = {"acc": _accuracy(correct)}
+    if correct_norm:
+        metrics["acc_norm"] = _accuracy(correct_norm)
+    if circular:
+        metrics["circular_acc"] = _accuracy(circular)
+    subjects = {}
+    if len(by_subject) > 1:
+        subjects = {s: {"acc": _accuracy([a for a, _ in v]), "n": len(v),
+                        **({"circular_acc": _accuracy([c for _, c in v])} if circular else {})}
+                    for s, v in sorted(by_subject.items())}
+        metrics["subject_avg_acc"] = sum(v["acc"] for v in subjects.values()) / len(subjects)
+    return TaskResult(spec.name, metrics, len(rows), subjects, samples)
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def extract_answer(text: str, how: str, letters: str = "ABCD") -> str | None:
+    """The answer inside a generation: last number, a standalone option letter, or a regex."""
+    if how == "none":
+        return text.strip()
+    if how == "last_number":
+        numbers = NUMBER.findall(text)
+        return normalize_number(numbers[-1]) if numbers else None
+    if how == "letter":
+        pattern = rf"(?:answer is|answer:|^|\(|\s)\(?([{letters}])\)?(?=[\s.,:)]|$)"
+        found = re.findall(pattern, text.strip(), flags=re.IGNORECASE | re.MULTILINE)
+        return found[0].upper() if found else None
+    if how.startswith("regex:"):
+        match = re.search(how[len("regex:"):], text)
+        return match.group(1).strip() if match else None
+    raise XtunerError(f"unknown extract {how!r} (none, last_number, letter, regex:<pattern>)")
+
+
+def normalize_number(text: str) -> str:
+    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def evaluate_generate(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
+                      max_batch_size: int = 32) -> TaskResult:
+    from xtuner_lite.inference import InferenceEngine, SamplingParams
+
+    builder = PromptBuilder(spec, data_root, model)
+    prompts = [model.tokenizer(builder.context(row, render(spec.prompt, row)),
+                               add_special_tokens=False)["input_ids"] for row in rows]
+    stops = list(spec.stop)
+    stop_ids = []
+    if spec.chat and model.template is not None:
+        from xtuner_lite.data.templates import stop_token_ids
+
+        stop_ids = stop_token_ids(model.template, model.tokenizer)
+    engine = InferenceEngine(model.model, model.tokenizer, max_batch_size=max_batch_size)
+    params = SamplingParams(max_new_tokens=spec.max_new_tokens, stop_words=stops,
+                            stop_token_ids=stop_ids)
+    outputs = engine.generate(prompts, params)
+    samples, correct = [], []
+    for row, request in zip(rows, outputs):
+        reference = str(field_of(row, spec.target))
+        if spec.target_regex:
+            match = re.search(spec.target_regex, reference, flags=re.MULTILINE)
+            if not match:
+                raise XtunerError(f"{row.source}: {spec.target!r} does not match "
+                                  f"target_regex {spec.target_regex!r}")
+            reference = match.group(1)
+        if spec.extract == "last_number":
+            reference = normalize_number(reference)
+        answer = extract_answer(request.text, spec.extract, spec.letters)
+        ok = answer is not None and (answer == reference.strip() if spec.match == "exact"
+                                     else reference.strip() in answer)
+        correct.append(ok)
+        samples.append({"source": row.source, "output": request.text, "extracted": answer,
+                        "reference": reference, "correct": ok})
+    return TaskResult(spec.name, {"acc": _accuracy(correct)}, len(rows), {}, samples)
+
+
+def evaluate_perplexity(spec: TaskSpec, rows: list[Row], model: LoadedModel,
+                        scorer: LoglikScorer) -> TaskResult:
+    """Disjoint windows of ``spec.window`` tokens, each predicted from the token before it (or
+    the end-of-text token for the first): lm-evaluation-harness's rolling log-likelihood."""
+    texts = [str(field_of(row, spec.text)) for row in rows]
+    requests, owners = [], []
+    for i, text in enumerate(texts):
+        ids = scorer.encode(text)
+        for start in range(0, len(ids), spec.window):
+            context = ids[start - 1:start] if start else scorer.empty_context
+            requests.append((context, ids[start:start + spec.window]))
+            owners.append(i)
+    scores = scorer.score_ids(requests)
+    nll = [0.0] * len(texts)
+    tokens = [0] * len(texts)
+    for owner, score in zip(owners, scores):
+        nll[owner] -= score.logprob
+        tokens[owner] += score.num_tokens
+    total_nll, total_tokens = sum(nll), sum(tokens)
+    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    total_words = sum(len(t.split()) for t in texts)
+    metrics = {"perplexity": math.exp(total_nll / max(total_tokens, 1)),
+               "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1),
+               "word_perplexity": math.exp(total_nll / max(total_words, 1))}
+    samples = [{"source": row.source, "nll": n, "tokens": t} for row, n, t in
+               zip(rows, nll, tokens)]
+    return TaskResult(spec.name, metrics, len(rows), {}, samples)
+
+
+def evaluate_model(model: LoadedModel, tasks: list[TaskSpec], data_root=None,
+                   limit: int | None = None, seed: int = 0, batch_tokens: int = 4096
+                   ) -> dict[str, TaskResult]:
+    """Every task on one model; ``limit`` scores a seeded subset of each task's rows."""
+    scorer = LoglikScorer(model.model, model.tokenizer, batch_tokens=batch_tokens)
+    results = {}
+    for spec in tasks:
+        rows = load_rows(spec, data_root, limit=limit, seed=seed)
+        if spec.kind == "mcq":
+            results[spec.name] = evaluate_mcq(spec, rows, model, data_root, scorer)
+        elif spec.kind == "generate":
+            results[spec.name] = evaluate_generate(spec, rows, model, data_root)
+        else:
+            results[spec.name] = evaluate_perplexity(spec, rows, model, scorer)
+    return results
