@@ -69,6 +69,12 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
 
         hooks.append(EvaluateChatHook(tokenizer, template, settings.evaluation_inputs,
                                       settings.evaluation_freq, settings.evaluation_max_new_tokens))
+    if settings.eval_tasks:
+        from xtuner_lite.engine.hooks import EvaluateTasksHook
+
+        hooks.append(EvaluateTasksHook(tokenizer, template, settings.eval_tasks,
+                                       settings.eval_freq, settings.eval_data_root,
+                                       settings.eval_limit, seed))
     runner = build_runner(llm, dataset, pad, settings, work_dir, seed=seed, resume=resume,
                           hooks=hooks)
     runner.train()

@@ -129,3 +129,52 @@ class EvaluateChatHook(Hook):
 
     def after_train(self, runner) -> None:
         self._generate(runner, "after training")
+
+
+class EvaluateTasksHook(Hook):
+    """Scores a small task set (``xtuner eval`` tasks, usually with a ``limit``) before training,
+    every ``every`` steps and at the end; logs ``eval/<task>/<metric>`` scalars and appends to
+    ``eval.jsonl``. Scoring draws no random numbers, so an exact resume is undisturbed."""
+
+    priority = "LOW"
+
+    def __init__(self, tokenizer, template, tasks: list, every: int | None = None,
+                 data_root: str | None = None, limit: int | None = None, seed: int = 0):
+        from xtuner_lite.evaluation.run import resolve_task
+
+        self.tokenizer, self.template = tokenizer, template
+        self.specs = [resolve_task(t) for t in tasks]  # a bad task fails before training starts
+        self.every, self.data_root, self.limit, self.seed = every, data_root, limit, seed
+
+    @torch.no_grad()
+    def _evaluate(self, runner, when: str) -> None:
+        from xtuner_lite.evaluation import LoadedModel, evaluate_model
+
+        llm = runner.model.llm
+        was_training = llm.training
+        llm.eval()
+        model = LoadedModel("training", llm, self.tokenizer, self.template)
+        with runner.optim_wrapper.optim_context(runner.model):  # training's autocast
+            results = evaluate_model(model, self.specs, self.data_root, self.limit, self.seed)
+        llm.train(was_training)
+        record = {"step": runner.iter, "when": when}
+        for task, result in results.items():
+            for metric, value in result.metrics.items():
+                runner.message_hub.update_scalar(f"eval/{task}/{metric}", value)
+            record[task] = {**result.metrics, "n": result.n}
+            scores = ", ".join(f"{m} {v:.4f}" for m, v in result.metrics.items())
+            runner.logger.info(f"[eval {when}] {task} (n={result.n}): {scores}")
+        with open(Path(runner.work_dir) / "eval.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def before_train(self, runner) -> None:
+        if runner.iter == 0:
+            self._evaluate(runner, "before training")
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self.every and (runner.iter + 1) % self.every == 0 and \
+                runner.iter + 1 < runner.max_iters:
+            self._evaluate(runner, f"step {runner.iter + 1}")
+
+    def after_train(self, runner) -> None:
+        self._evaluate(runner, "after training")

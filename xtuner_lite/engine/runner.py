@@ -48,6 +48,10 @@ class TrainSettings:
     evaluation_inputs: list[str] = field(default_factory=list)  # prompts sampled greedily
     evaluation_freq: int | None = None  # every N steps (and always before and after training)
     evaluation_max_new_tokens: int = 64
+    eval_tasks: list[Any] = field(default_factory=list)  # `xtuner eval` tasks scored in training
+    eval_freq: int | None = None  # every N steps (and always before and after training)
+    eval_limit: int | None = 100  # seeded subset per task
+    eval_data_root: str | None = None  # where bundled tasks' files are
     tensorboard: bool = True
     extra_hooks: list[dict[str, Any]] = field(default_factory=list)
 
