@@ -160,3 +160,11 @@ def test_interactive_chat_through_a_pseudo_terminal():
     finally:
         proc.kill()
         os.close(main_fd)
+
+
+def test_python_api_exposes_every_command():
+    import xtuner_lite
+
+    for name in ("train", "merge_adapter", "pth_to_hf", "export_gguf", "ChatSession",
+                 "InferenceEngine", "run_eval", "serve"):
+        assert callable(getattr(xtuner_lite, name)), name

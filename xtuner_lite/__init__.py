@@ -1,5 +1,8 @@
 """xtuner_lite: memory-efficient LLM fine-tuning (full, LoRA, QLoRA) that also runs on CPU."""
 
+from importlib import import_module
+from typing import Any
+
 from xtuner_lite.config import load_config
 from xtuner_lite.data import SFTDataset, get_template, load_rows, process_dataset
 from xtuner_lite.errors import DataError, XtunerError
@@ -8,8 +11,23 @@ from xtuner_lite.training import train
 
 __version__ = "0.1.0"
 
+# everything the CLI does, one import away; loaded on first use (they pull in torch/peft)
+_LAZY = {
+    "merge_adapter": "xtuner_lite.merge", "pth_to_hf": "xtuner_lite.convert",
+    "export_gguf": "xtuner_lite.export_gguf", "ChatSession": "xtuner_lite.chat",
+    "InferenceEngine": "xtuner_lite.inference", "SamplingParams": "xtuner_lite.inference",
+    "run_eval": "xtuner_lite.evaluation", "serve": "xtuner_lite.serve",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'xtuner_lite' has no attribute {name!r}")
+
+
 __all__ = [
     "DataError", "SFTDataset", "XtunerError", "__version__", "download_embedded", "get_template",
     "load_config", "load_model", "load_rows", "load_tokenizer", "process_dataset",
-    "resolve_model_path", "train",
+    "resolve_model_path", "train", *_LAZY,
 ]
