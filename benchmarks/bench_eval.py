@@ -19,28 +19,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK_YAML = """task: bench_mcq
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
+SPEC = dict(name="bench_mcq", prompt="{query}\nAnswer:", answer="gold")
 
 
 def run_lm_eval(model_path: str, data: Path, batch_size: int) -> tuple[dict, list, float]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from xtuner_lite.evaluation import TaskSpec
+    from xtuner_lite.evaluation.lm_eval_task import to_lm_eval_yaml
+
     with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "bench_mcq.yaml").write_text(TASK_YAML.format(data=data))
+        spec = TaskSpec(data=str(data), **SPEC)
+        Path(folder, "bench_mcq.yaml").write_text(to_lm_eval_yaml(spec, data))
         start = time.perf_counter()
         out = lm_eval.simple_evaluate(
             model="hf", model_args=f"pretrained={model_path},dtype=float32",
@@ -58,7 +49,7 @@ def run_ours(model_ref: str, data: Path) -> tuple[dict, list, float]:
 
     start = time.perf_counter()
     model = load_for_eval(model_ref)
-    spec = TaskSpec(name="bench_mcq", data=str(data), prompt="{query}\nAnswer:", answer="gold")
+    spec = TaskSpec(data=str(data), **SPEC)
     result = evaluate_model(model, [spec])["bench_mcq"]
     return result.metrics, [s["pred"] for s in result.samples], time.perf_counter() - start
 

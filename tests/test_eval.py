@@ -10,6 +10,7 @@ import torch
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation import LoadedModel, LoglikScorer, TaskSpec, evaluate_model
 from xtuner_lite.evaluation.evaluator import evaluate_mcq, extract_answer, normalize_number
+from xtuner_lite.evaluation.lm_eval_task import to_lm_eval_yaml
 from xtuner_lite.evaluation.tasks import Row, load_rows
 
 from conftest import shared_file
@@ -44,23 +45,6 @@ def test_shared_prefix_scores_equal_whole_sequence_scores(smol):
         assert score.logprob == pytest.approx(_reference_logprob(smol.model, c, x), abs=1e-3)
 
 
-def _write_lm_eval_task(folder, data):
-    (folder / "arc_local.yaml").write_text(f"""task: arc_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
-
-
 def test_mcq_accuracy_agrees_with_lm_evaluation_harness(smol, tmp_path):
     """Same model, same 60 ARC-Easy questions, same prompt format: same per-question choice."""
     lm_eval = pytest.importorskip("lm_eval")
@@ -69,7 +53,8 @@ def test_mcq_accuracy_agrees_with_lm_evaluation_harness(smol, tmp_path):
     lines = shared_file("eval/llmfoundry_arc_easy.jsonl").read_text().splitlines()[:60]
     data = tmp_path / "arc60.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    _write_lm_eval_task(tmp_path, data)
+    spec = TaskSpec(name="arc", data=str(data), prompt="{query}\nAnswer:", answer="gold")
+    (tmp_path / "arc_local.yaml").write_text(to_lm_eval_yaml(spec, data, "arc_local"))
     from xtuner_lite.hub import resolve_model_path
 
     reference = lm_eval.simple_evaluate(
@@ -77,7 +62,6 @@ def test_mcq_accuracy_agrees_with_lm_evaluation_harness(smol, tmp_path):
         tasks=["arc_local"], task_manager=TaskManager(include_path=str(tmp_path)),
         batch_size=16, device="cpu", log_samples=True)
     theirs = reference["results"]["arc_local"]
-    spec = TaskSpec(name="arc", data=str(data), prompt="{query}\nAnswer:", answer="gold")
     ours = evaluate_model(smol, [spec])["arc"]
     assert abs(ours.metrics["acc"] - theirs["acc,none"]) <= 0.005
     assert abs(ours.metrics["acc_norm"] - theirs["acc_norm,none"]) <= 0.005

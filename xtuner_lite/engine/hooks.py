@@ -78,14 +78,34 @@ class LossRecordHook(Hook):
             f.write(json.dumps(record) + "\n")
 
 
-class EvaluateChatHook(Hook):
+class PeriodicHook(Hook):
+    """Runs ``_run(runner, when)`` before training, every ``every`` steps and at the end."""
+
+    priority = "LOW"
+    every: int | None = None
+
+    def _run(self, runner, when: str) -> None:
+        raise NotImplementedError
+
+    def before_train(self, runner) -> None:
+        if runner.iter == 0:
+            self._run(runner, "before training")
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self.every and (runner.iter + 1) % self.every == 0 and \
+                runner.iter + 1 < runner.max_iters:
+            self._run(runner, f"step {runner.iter + 1}")
+
+    def after_train(self, runner) -> None:
+        self._run(runner, "after training")
+
+
+class EvaluateChatHook(PeriodicHook):
     """XTuner's EvaluateChatHook: greedy answers to fixed prompts before, during and after training.
 
     Printed to the log and appended to ``samples.jsonl`` so progress is visible as text.
     Greedy decoding draws no random numbers, so it does not disturb an exact resume.
     """
-
-    priority = "LOW"
 
     def __init__(self, tokenizer, template, prompts: list[str], every: int | None = None,
                  max_new_tokens: int = 64):
@@ -93,7 +113,7 @@ class EvaluateChatHook(Hook):
         self.every, self.max_new_tokens = every, max_new_tokens
 
     @torch.no_grad()
-    def _generate(self, runner, when: str) -> None:
+    def _run(self, runner, when: str) -> None:
         llm = runner.model.llm
         was_training = llm.training
         llm.eval()
@@ -118,20 +138,8 @@ class EvaluateChatHook(Hook):
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         llm.train(was_training)
 
-    def before_train(self, runner) -> None:
-        if runner.iter == 0:
-            self._generate(runner, "before training")
 
-    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if self.every and (runner.iter + 1) % self.every == 0 and \
-                runner.iter + 1 < runner.max_iters:
-            self._generate(runner, f"step {runner.iter + 1}")
-
-    def after_train(self, runner) -> None:
-        self._generate(runner, "after training")
-
-
-class EvaluateTasksHook(Hook):
+class EvaluateTasksHook(PeriodicHook):
     """Scores a small task set (``xtuner eval`` tasks, usually with a ``limit``) before training,
     every ``every`` steps and at the end; logs ``eval/<task>/<metric>`` scalars and appends to
     ``eval.jsonl``. Scoring draws no random numbers, so an exact resume is undisturbed."""
@@ -147,7 +155,7 @@ class EvaluateTasksHook(Hook):
         self.every, self.data_root, self.limit, self.seed = every, data_root, limit, seed
 
     @torch.no_grad()
-    def _evaluate(self, runner, when: str) -> None:
+    def _run(self, runner, when: str) -> None:
         from xtuner_lite.evaluation import LoadedModel, evaluate_model
 
         llm = runner.model.llm
@@ -166,15 +174,3 @@ class EvaluateTasksHook(Hook):
             runner.logger.info(f"[eval {when}] {task} (n={result.n}): {scores}")
         with open(Path(runner.work_dir) / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def before_train(self, runner) -> None:
-        if runner.iter == 0:
-            self._evaluate(runner, "before training")
-
-    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if self.every and (runner.iter + 1) % self.every == 0 and \
-                runner.iter + 1 < runner.max_iters:
-            self._evaluate(runner, f"step {runner.iter + 1}")
-
-    def after_train(self, runner) -> None:
-        self._evaluate(runner, "after training")
