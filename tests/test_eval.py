@@ -235,10 +235,12 @@ def test_eval_cli_compares_models_side_by_side(tiny_llama, tmp_path, capsys):
     adapter = _make_adapter(tiny_llama, tmp_path / "adapter")
     out = tmp_path / "results.json"
     assert main(["eval", "--models", tiny_llama, str(adapter), "--tasks", str(spec),
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--num-fewshot", "2"]) == 0
     table = capsys.readouterr().out
     assert "capitals" in table and "Δ adapter" in table
-    results = json.loads(out.read_text())["results"]
+    saved = json.loads(out.read_text())
+    assert saved["config"]["tasks"][0]["num_fewshot"] == 2
+    results = saved["results"]
     before, after = results[tiny_llama]["capitals"], results[str(adapter)]["capitals"]
     assert before["n"] == after["n"] == 6 and len(after["samples"]) == 6
     assert before["samples"][0]["logprobs"] != after["samples"][0]["logprobs"]  # adapter used
@@ -262,3 +264,31 @@ def test_training_hook_scores_tasks_before_during_and_after(tiny_llama, tmp_path
                .splitlines()]
     assert [r["when"] for r in records] == ["before training", "step 2", "after training"]
     assert all(r["capitals"]["n"] == 6 and 0 <= r["capitals"]["acc"] <= 1 for r in records)
+
+
+def test_generation_scoring_extracts_the_written_letter(monkeypatch):
+    from xtuner_lite.evaluation import evaluator
+
+    rows = _letter_rows()
+    oracle = {r.fields["question"]: r.fields["choices"][r.fields["answer"]] for r in rows}
+
+    def answer(spec, model, prompts, max_batch_size=32):
+        replies = []
+        for prompt in prompts:
+            lines = prompt.split("\n")
+            options = dict(line.split(". ", 1) for line in lines[1:-1])
+            letter = next(k for k, v in options.items() if v == oracle[lines[0]])
+            replies.append(f"I think the answer is ({letter}) because it fits.")
+        return replies
+
+    spec = TaskSpec(name="toy", data="-", style="letter", scoring="generate",
+                    prompt="{question}\n{options}\nAnswer:")
+    monkeypatch.setattr(evaluator, "_generate", answer)
+    right = evaluate_mcq(spec, rows, LoadedModel("fake", None, None), None, scorer=None)
+    assert right.metrics == {"acc": 1.0, "circular_acc": 1.0}
+    assert right.samples[0]["output"].startswith("I think")
+    monkeypatch.setattr(evaluator, "_generate", lambda s, m, p, b=32: ["no idea"] * len(p))
+    lost = evaluate_mcq(spec, rows, LoadedModel("fake", None, None), None, scorer=None)
+    assert lost.metrics["acc"] == 0.0 and {s["pred"] for s in lost.samples} == {-1}
+    with pytest.raises(XtunerError, match="scoring must be 'loglik', or 'generate' with style"):
+        TaskSpec(name="bad", data="-", scoring="generate")

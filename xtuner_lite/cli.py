@@ -105,8 +105,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from xtuner_lite.evaluation import run_eval
 
+    overrides = {k: v for k, v in (("num_fewshot", args.num_fewshot), ("chat", args.chat))
+                 if v is not None}
     run_eval(args.models, args.tasks, data_root=args.data_root, limit=args.limit,
-             seed=args.seed, out=args.out, dtype=args.dtype, batch_tokens=args.batch_tokens)
+             seed=args.seed, out=args.out, dtype=args.dtype, batch_tokens=args.batch_tokens,
+             overrides=overrides)
     if args.out:
         print(f"results and per-sample predictions: {args.out}")
     return 0
@@ -284,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON file for scores and per-sample predictions")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bf16)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring batch")
+    p.add_argument("--num-fewshot", type=int, help="override every task's few-shot count")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction,
+                   help="wrap prompts in the model's chat template (or not), for every task")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("contamination", help="n-gram overlap of training data with a task",

@@ -29,6 +29,12 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     "mmlu": dict(data="mmlu/test/*.csv", fewshot_data="mmlu/dev/*.csv", style="letter",
                  description=MMLU_DESCRIPTION, prompt=LETTER_PROMPT,
                  choices=["choice0", "choice1", "choice2", "choice3"]),
+    # MMLU answered in writing through the chat template: the letter is extracted from the reply
+    "mmlu_gen": dict(data="mmlu/test/*.csv", fewshot_data="mmlu/dev/*.csv", style="letter",
+                     scoring="generate", chat=True, max_new_tokens=24,
+                     description=MMLU_DESCRIPTION,
+                     prompt=LETTER_PROMPT.replace("Answer:", "Answer with the letter only."),
+                     choices=["choice0", "choice1", "choice2", "choice3"]),
     # MMLU as a cloze task (SmolLM2's model card reports this one)
     "mmlu_cloze": dict(data="mmlu/test/*.csv", description=MMLU_DESCRIPTION,
                        prompt="Question: {question}\nAnswer:",

@@ -124,12 +124,19 @@ def evaluate_mcq(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
             order = [choices[(j - shift) % len(choices)] for j in range(len(choices))]
             requests = [(builder.context(row, c), x) for c, x in _mcq_requests(spec, row, order)]
             rotations.append((index, shift, (gold + shift) % len(choices), requests))
-    flat = [pair for *_, requests in rotations for pair in requests]
-    scores = iter(scorer.score(flat))
-    per_row: dict[int, list[tuple[int, int, int, list[float]]]] = defaultdict(list)
-    for index, shift, gold, requests in rotations:
-        lls = [next(scores).logprob for _ in requests]
-        per_row[index].append((shift, gold, _argmax(lls), lls))
+    per_row: dict[int, list[tuple[int, int, int, Any]]] = defaultdict(list)
+    if spec.scoring == "generate":  # the model writes its answer; the letter is extracted
+        outputs = _generate(spec, model, [requests[0][0] for *_, requests in rotations])
+        for (index, shift, gold, requests), text in zip(rotations, outputs):
+            letter = extract_answer(text, "letter", spec.letters[:len(requests)])
+            pred = spec.letters.index(letter) if letter else -1
+            per_row[index].append((shift, gold, pred, text))
+    else:
+        flat = [pair for *_, requests in rotations for pair in requests]
+        scores = iter(scorer.score(flat))
+        for index, shift, gold, requests in rotations:
+            lls = [next(scores).logprob for _ in requests]
+            per_row[index].append((shift, gold, _argmax(lls), lls))
 
     samples, correct, correct_norm, circular = [], [], [], []
     by_subject: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
@@ -138,8 +145,8 @@ def evaluate_mcq(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
         shift, gold, pred, lls = runs[0]
         ok = pred == gold
         correct.append(ok)
-        sample = {"source": row.source, "gold": gold, "pred": pred, "logprobs": lls,
-                  "correct": ok}
+        sample = {"source": row.source, "gold": gold, "pred": pred, "correct": ok,
+                  "output" if spec.scoring == "generate" else "logprobs": lls}
         if spec.style == "cloze":  # length-normalised by the option's characters (lm-eval's)
             lengths = [len(c) for c in choices_of(spec, row)]
             norm = _argmax([ll / max(n, 1) for ll, n in zip(lls, lengths)])
@@ -195,25 +202,31 @@ def normalize_number(text: str) -> str:
     return str(int(value)) if value == int(value) else str(value)
 
 
-def evaluate_generate(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
-                      max_batch_size: int = 32) -> TaskResult:
+def _generate(spec: TaskSpec, model: LoadedModel, prompts: list[str], max_batch_size: int = 32
+              ) -> list[str]:
+    """Greedy continuations of rendered prompts on the bundled engine (all batched), cut at the
+    task's stop words and, for chat prompts, at the template's end of turn."""
     from xtuner_lite.inference import InferenceEngine, SamplingParams
 
-    builder = PromptBuilder(spec, data_root, model)
-    prompts = [model.tokenizer(builder.context(row, render(spec.prompt, row)),
-                               add_special_tokens=False)["input_ids"] for row in rows]
-    stops = list(spec.stop)
     stop_ids = []
     if spec.chat and model.template is not None:
         from xtuner_lite.data.templates import stop_token_ids
 
         stop_ids = stop_token_ids(model.template, model.tokenizer)
     engine = InferenceEngine(model.model, model.tokenizer, max_batch_size=max_batch_size)
-    params = SamplingParams(max_new_tokens=spec.max_new_tokens, stop_words=stops,
+    params = SamplingParams(max_new_tokens=spec.max_new_tokens, stop_words=list(spec.stop),
                             stop_token_ids=stop_ids)
-    outputs = engine.generate(prompts, params)
+    ids = [model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return [request.text for request in engine.generate(ids, params)]
+
+
+def evaluate_generate(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
+                      max_batch_size: int = 32) -> TaskResult:
+    builder = PromptBuilder(spec, data_root, model)
+    outputs = _generate(spec, model, [builder.context(row, render(spec.prompt, row))
+                                      for row in rows], max_batch_size)
     samples, correct = [], []
-    for row, request in zip(rows, outputs):
+    for row, text in zip(rows, outputs):
         reference = str(field_of(row, spec.target))
         if spec.target_regex:
             match = re.search(spec.target_regex, reference, flags=re.MULTILINE)
@@ -223,11 +236,11 @@ def evaluate_generate(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_
             reference = match.group(1)
         if spec.extract == "last_number":
             reference = normalize_number(reference)
-        answer = extract_answer(request.text, spec.extract, spec.letters)
+        answer = extract_answer(text, spec.extract, spec.letters)
         ok = answer is not None and (answer == reference.strip() if spec.match == "exact"
                                      else reference.strip() in answer)
         correct.append(ok)
-        samples.append({"source": row.source, "output": request.text, "extracted": answer,
+        samples.append({"source": row.source, "output": text, "extracted": answer,
                         "reference": reference, "correct": ok})
     return TaskResult(spec.name, {"acc": _accuracy(correct)}, len(rows), {}, samples)
 

@@ -64,10 +64,15 @@ def main_metric(result: TaskResult) -> str:
 
 def run_eval(models: list[str], tasks: list[str | dict | TaskSpec], data_root=None,
              limit: int | None = None, seed: int = 0, out: str | os.PathLike | None = None,
-             dtype: str = "float32", batch_tokens: int = 4096, show: bool = True
-             ) -> dict[str, dict[str, TaskResult]]:
-    """Evaluate every model on every task; print the table; write ``out`` (JSON) if given."""
+             dtype: str = "float32", batch_tokens: int = 4096, show: bool = True,
+             overrides: dict[str, Any] | None = None) -> dict[str, dict[str, TaskResult]]:
+    """Evaluate every model on every task; print the table; write ``out`` (JSON) if given.
+    ``overrides`` set spec fields for every task (e.g. ``num_fewshot``, ``chat``)."""
+    import dataclasses
+
     specs = [resolve_task(t) for t in tasks]
+    if overrides:
+        specs = [dataclasses.replace(s, **overrides) for s in specs]
     results: dict[str, dict[str, TaskResult]] = {}
     timing = {}
     for ref in models:

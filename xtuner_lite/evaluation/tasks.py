@@ -39,6 +39,7 @@ class TaskSpec:
     continuation: str = " {choice}"  # what is scored after the prompt (cloze)
     letters: str = "ABCDEFGHIJ"
     circular: bool | None = None  # rotate the options (default: on for letter style)
+    scoring: str = "loglik"  # loglik | generate (letter style: the model writes the letter)
     # few-shot examples: the first rows of ``fewshot_data`` (or of the task's own data)
     num_fewshot: int = 0
     fewshot_data: str | None = None
@@ -62,6 +63,10 @@ class TaskSpec:
         if self.style not in STYLES:
             raise XtunerError(f"task {self.name!r}: style must be one of {STYLES}, not "
                               f"{self.style!r}")
+        if self.scoring not in ("loglik", "generate") or \
+                self.scoring == "generate" and self.kind == "mcq" and self.style != "letter":
+            raise XtunerError(f"task {self.name!r}: scoring must be 'loglik', or 'generate' with "
+                              f"style 'letter' (got {self.scoring!r}, style {self.style!r})")
         if self.circular is None:
             self.circular = self.kind == "mcq" and self.style == "letter"
 
