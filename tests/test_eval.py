@@ -292,3 +292,14 @@ def test_generation_scoring_extracts_the_written_letter(monkeypatch):
     assert lost.metrics["acc"] == 0.0 and {s["pred"] for s in lost.samples} == {-1}
     with pytest.raises(XtunerError, match="scoring must be 'loglik', or 'generate' with style"):
         TaskSpec(name="bad", data="-", scoring="generate")
+
+
+def test_example_task_files_load_their_data_from_beside_them():
+    from xtuner_lite.evaluation.run import resolve_task
+
+    from conftest import ROOT
+
+    for name in ("capitals.json", "capitals_letter.json"):
+        spec = resolve_task(str(ROOT / "examples/tasks" / name))
+        rows = load_rows(spec, data_root=None)
+        assert len(rows) == 12 and spec.data.endswith("examples/tasks/capitals.jsonl")

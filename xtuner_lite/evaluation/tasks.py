@@ -105,6 +105,11 @@ def load_spec_file(path: str | os.PathLike) -> TaskSpec:
                           f"{exc.msg}") from None
     if not isinstance(spec, dict):
         raise XtunerError(f"{path}: a task file holds one JSON object")
+    for key in ("data", "fewshot_data"):  # data beside the task file needs no --data-root
+        value = spec.get(key)
+        if isinstance(value, str) and not os.path.isabs(value) and \
+                glob.glob(str(path.parent / value)):
+            spec[key] = str(path.parent / value)
     return TaskSpec.from_dict(spec, str(path))
 
 
