@@ -164,6 +164,10 @@ def test_interactive_chat_through_a_pseudo_terminal():
 
 def test_python_api_exposes_every_command():
     import xtuner_lite
+    import xtuner_lite.chat  # noqa: F401 - submodules imported first must not shadow the names
+    import xtuner_lite.convert  # noqa: F401
+    import xtuner_lite.export  # noqa: F401
+    import xtuner_lite.server  # noqa: F401
 
     for name in ("train", "merge_adapter", "pth_to_hf", "export_gguf", "ChatSession",
                  "InferenceEngine", "run_eval", "serve"):

@@ -6,7 +6,7 @@ from test_merge import _make_adapter
 
 from xtuner_lite.cli import main
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.export_gguf import export_gguf
+from xtuner_lite.export import export_gguf
 from xtuner_lite.merge import merge_adapter
 
 

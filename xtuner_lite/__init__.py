@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 # everything the CLI does, one import away; loaded on first use (they pull in torch/peft)
 _LAZY = {
     "merge_adapter": "xtuner_lite.merge", "pth_to_hf": "xtuner_lite.convert",
-    "export_gguf": "xtuner_lite.export_gguf", "ChatSession": "xtuner_lite.chat",
+    "export_gguf": "xtuner_lite.export", "ChatSession": "xtuner_lite.chat",
     "InferenceEngine": "xtuner_lite.inference", "SamplingParams": "xtuner_lite.inference",
-    "run_eval": "xtuner_lite.evaluation", "serve": "xtuner_lite.serve",
+    "run_eval": "xtuner_lite.evaluation", "serve": "xtuner_lite.server",
 }
 
 

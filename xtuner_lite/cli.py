@@ -53,7 +53,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xtuner_lite.serve import serve
+    from xtuner_lite.server import serve
 
     serve(args.model, adapter=args.adapter, template=args.template, bits=args.bits,
           host=args.host, port=args.port, name=args.served_model_name,
@@ -94,7 +94,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from xtuner_lite.export_gguf import export_gguf
+    from xtuner_lite.export import export_gguf
 
     out = export_gguf(args.merged, args.out, dtype=args.dtype, pre_tokenizer=args.pre,
                       force=args.force)
