@@ -123,6 +123,18 @@ def cmd_contamination(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from xtuner_lite.config import load_config
+    from xtuner_lite.plan import parse_size, print_plan, settings_from_config
+
+    cfg = load_config(args.config, args.cfg_options)
+    shape, settings = settings_from_config(
+        cfg, max_length=args.max_length, batch_size=args.batch_size,
+        world_size=args.devices, zero=args.zero)
+    fits = print_plan(shape, settings, parse_size(args.gpu_mem) if args.gpu_mem else None)
+    return 0 if fits else 3
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> int:
     from xtuner_lite.check_dataset import check_dataset
     from xtuner_lite.config import load_config
@@ -304,6 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=10, help="overlapping samples to print")
     p.add_argument("--out", help="JSON file listing every flagged sample")
     p.set_defaults(func=cmd_contamination)
+
+    p = sub.add_parser("plan", help="predict a config's peak GPU memory by component",
+                       description="Predict peak training memory from the model's config alone "
+                       "(no weights): weights, gradients, optimizer, activations, loss. With "
+                       "--gpu-mem, say whether it fits (exit 3 if not) and what would.")
+    p.add_argument("config", help="config file or name")
+    p.add_argument("--gpu-mem", help="memory per device, e.g. 8GiB")
+    p.add_argument("--max-length", type=int, help="override the dataset's max_length")
+    p.add_argument("--batch-size", type=int, help="override train.batch_size")
+    p.add_argument("--devices", type=int, help="data-parallel devices (default 1)")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (3 = FSDP)")
+    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("check-dataset", help="show a config's data after each pipeline stage",
                        description="Print samples after load, map fn, chat template, tokenization "

@@ -1,0 +1,337 @@
+"""``xtuner plan``: predict a training run's peak memory from the model's config alone.
+
+Components: weights (quantized / frozen / trainable), gradients, optimizer state, the
+activations autograd keeps for backward (every decoder layer, or only layer inputs under
+gradient checkpointing plus the one layer being recomputed), the loss's logits (whole or in
+chunks) and framework overhead. The activation count follows what autograd saves in a Hugging
+Face Llama-style decoder layer under autocast (see ``layer_activation_bytes``); it is checked
+against saved-tensor measurements of real runs in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from xtuner_lite.errors import XtunerError
+
+GiB = 1024**3
+MiB = 1024**2
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax / 64 + fp32 / 16384
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Shape:
+    """The shape-defining fields of a decoder-only transformer config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> Shape:
+        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else \
+            (lambda k, d=None: getattr(config, k, d))
+        heads = get("num_attention_heads")
+        if not all(get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "vocab_size")) or not heads:
+            raise XtunerError("the model config lacks hidden_size, intermediate_size, "
+                              "num_hidden_layers, num_attention_heads or vocab_size")
+        return cls(get("hidden_size"), get("intermediate_size"), get("num_hidden_layers"),
+                   heads, get("num_key_value_heads") or heads,
+                   get("head_dim") or get("hidden_size") // heads, get("vocab_size"),
+                   bool(get("tie_word_embeddings", False)),
+                   bool(get("attention_bias", get("model_type") == "qwen2")))
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear of one decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_linear_params(self) -> int:
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return sum(a * b for a, b in self.linear_dims().values()) + bias
+
+    def params(self) -> dict[str, int]:
+        embed = self.vocab * self.hidden
+        return {"linear": self.layers * self.layer_linear_params(),
+                "norms": self.layers * 2 * self.hidden + self.hidden,
+                "embed": embed, "head": 0 if self.tied else embed}
+
+
+@dataclass
+class PlanSettings:
+    method: str = "qlora"  # full | lora | qlora
+    lora_r: int = 64
+    lora_targets: tuple[str, ...] = LINEARS
+    lora_dropout: float = 0.05
+    base_dtype: str = "bf16"  # storage dtype of frozen / non-quantized weights
+    compute_dtype: str = "bf16"  # autocast dtype (fp32: none)
+    max_length: int = 2048
+    batch_size: int = 1
+    gradient_checkpointing: bool = True
+    chunk_size: int | None = 1024  # loss chunk in tokens; None: whole logits
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
+    world_size: int = 1
+    zero: int = 0  # 0 (plain data parallel), 1, 2, 3 (3 = FSDP full sharding)
+    explicit_mask: bool = False  # CPU SDPA with a packed mask (GPU varlen flash: False)
+    overhead_gib: float = 0.5  # CUDA context and allocator slack, not in max_memory_allocated
+
+
+@dataclass
+class MemoryPlan:
+    components: list[tuple[str, float, str]] = field(default_factory=list)  # name, bytes, how
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b, _ in self.components)
+
+    def get(self, name: str) -> float:
+        return sum(b for n, b, _ in self.components if n == name)
+
+
+def lora_params(shape: Shape, r: int, targets: tuple[str, ...]) -> int:
+    dims = shape.linear_dims()
+    unknown = [t for t in targets if t not in dims]
+    if unknown:
+        raise XtunerError(f"unknown LoRA target(s) {unknown}; known: {list(dims)}")
+    return shape.layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
+    """Bytes autograd saves for backward in one decoder layer for ``tokens`` tokens.
+
+    Per token: each RMSNorm keeps its fp32 input (4·H); attention keeps q (after rotary), k and v
+    repeated to all heads, its output (c bytes each) and the log-sum-exp; the MLP keeps gate,
+    up and SiLU outputs (c·I each). A frozen linear keeps nothing (only its weight is needed);
+    a LoRA linear keeps its dropout mask (1 byte) and dropped input (c bytes) per input element,
+    and A's output (c·r); a trained linear keeps its input in the compute dtype.
+    """
+    c = DTYPE_BYTES[s.compute_dtype]
+    h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
+    per_token = 2 * 4 * h + 4 * c * q + 4 * shape.heads + 3 * c * i
+    if s.explicit_mask:
+        per_token += c * s.max_length  # the block mask, cast per layer
+    dims = shape.linear_dims()
+    if s.method == "full":
+        # inputs in the compute dtype, shared by q/k/v and by gate/up when already that dtype
+        per_token += c * (h + q + h + i) + 2 * 4 * h  # + normalized inputs, for norm weights
+        if DTYPE_BYTES[s.base_dtype] != c:  # each of q/k/v, gate/up casts its own copy
+            per_token += c * (2 * h + h)
+    else:
+        mask = 1 if s.lora_dropout > 0 else 0
+        for target in s.lora_targets:
+            per_token += (mask + c) * dims[target][0] + c * s.lora_r
+    return per_token * tokens
+
+
+def layer_weight_copies(shape: Shape, s: PlanSettings) -> float:
+    """Autocast's compute-dtype copies of one layer's weights, kept for backward: of every
+    linear stored in a wider dtype (fp32 master weights, an fp32 frozen base), and of the LoRA
+    weights. (4-bit layers keep their packed weights, not a dequantized copy.)"""
+    c = DTYPE_BYTES[s.compute_dtype]
+    if c == 4:
+        return 0.0
+    copies = 0.0
+    if s.method == "full" or (s.method == "lora" and DTYPE_BYTES[s.base_dtype] != c):
+        copies += c * shape.layer_linear_params()
+    if s.method != "full":
+        copies += c * lora_params(shape, s.lora_r, s.lora_targets) / shape.layers
+    return copies
+
+
+def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
+    """Peak training memory by component for one device."""
+    if s.method not in ("full", "lora", "qlora"):
+        raise XtunerError(f"method must be full, lora or qlora, got {s.method!r}")
+    for key in ("base_dtype", "compute_dtype"):
+        if getattr(s, key) not in DTYPE_BYTES:
+            raise XtunerError(f"{key} must be one of {sorted(DTYPE_BYTES)}")
+    n = max(s.world_size, 1)
+    p = shape.params()
+    base = DTYPE_BYTES[s.base_dtype]
+    plan = MemoryPlan()
+    shard3 = n if s.zero >= 3 else 1
+    if s.method == "full":
+        trainable = sum(p.values())
+        plan.components.append(("weights", 4 * trainable / shard3, "fp32 master weights"))
+    else:
+        trainable = lora_params(shape, s.lora_r, s.lora_targets)
+        other = p["norms"] + p["embed"] + p["head"]
+        if s.method == "qlora":
+            frozen = NF4_BYTES_PER_PARAM * p["linear"] + base * other
+            how = "NF4 + double-quant linears, the rest in the base dtype"
+        else:
+            frozen = base * (p["linear"] + other)
+            how = "frozen base in the base dtype"
+        plan.components.append(("weights", frozen / shard3, how))
+        plan.components.append(("adapter", 4 * trainable / shard3, "fp32 LoRA weights"))
+    grads_shard = n if s.zero >= 2 else 1
+    plan.components.append(("gradients", 4 * trainable / grads_shard, "fp32"))
+    state = 2 if "8bit" in s.optimizer else 8
+    plan.components.append(("optimizer", state * trainable / (n if s.zero >= 1 else 1),
+                            f"{s.optimizer}: {state} bytes per trained parameter"))
+    tokens = s.batch_size * s.max_length
+    layer = layer_activation_bytes(shape, s, tokens) + layer_weight_copies(shape, s)
+    res = DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
+    if s.gradient_checkpointing:
+        plan.components.append(("activations", shape.layers * res * shape.hidden * tokens,
+                                "each layer's input (gradient checkpointing)"))
+        plan.components.append(("recomputed layer", layer,
+                                "one layer's activations, rebuilt during backward"))
+    else:
+        plan.components.append(("activations", shape.layers * layer, "every layer's"))
+    plan.components.append(("final norm", (4 + DTYPE_BYTES[s.compute_dtype]) * shape.hidden
+                            * tokens, "the last norm's fp32 input and the loss's hidden input"))
+    loss_tokens = min(s.chunk_size, tokens) if s.chunk_size else tokens
+    plan.components.append(("logits and loss", 3 * 4 * shape.vocab * loss_tokens
+                            + 4 * shape.hidden * tokens,
+                            f"fp32 logits, softmax and gradient of {loss_tokens} tokens, "
+                            "and the hidden-state gradient"))
+    if s.method == "full":
+        plan.components.append(("head gradient", 4 * shape.vocab * shape.hidden,
+                                "the output layer's gradient, computed with the loss"))
+    plan.components.append(("overhead", s.overhead_gib * GiB, "CUDA context, allocator slack"))
+    return plan
+
+
+def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
+    """Changes that bring the plan under ``budget`` bytes: each single change that is enough,
+    else the shortest run of changes (cheapest first, max_length last) that is."""
+    from dataclasses import replace
+
+    steps: list[tuple[str, dict[str, Any]]] = []
+    if not s.gradient_checkpointing:
+        steps.append(("gradient_checkpointing=True", {"gradient_checkpointing": True}))
+    for chunk in (512, 256):
+        if not s.chunk_size or s.chunk_size > chunk:
+            steps.append((f"chunk_size={chunk}", {"chunk_size": chunk}))
+    if "8bit" not in s.optimizer:
+        steps.append(("optimizer='paged_adamw_8bit'", {"optimizer": "paged_adamw_8bit"}))
+    if s.method == "full":
+        steps.append(("method='lora'", {"method": "lora"}))
+    if s.method in ("full", "lora"):
+        steps.append(("method='qlora'", {"method": "qlora"}))
+    if s.world_size > 1 and s.zero < 3:
+        steps.append(("ZeRO-3 / FSDP", {"zero": 3}))
+    length = s.max_length
+    while length > 256:
+        length //= 2
+        steps.append((f"max_length={length}", {"max_length": length}))
+    single = [name for name, change in steps
+              if plan_memory(shape, replace(s, **change)).total <= budget]
+    if single:
+        return single
+    current, names = s, {}
+    for name, change in steps:
+        current = replace(current, **change)
+        names.update({key: name for key in change})  # a later chunk/length replaces an earlier
+        if plan_memory(shape, current).total <= budget:
+            return [" + ".join(dict.fromkeys(names.values()))]
+    return []
+
+
+def parse_size(text: str) -> float:
+    units = {"gib": GiB, "gb": 1e9, "mib": 1024**2, "mb": 1e6, "g": GiB, "m": 1024**2}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            return float(lowered[: -len(unit)]) * factor
+    try:
+        return float(lowered) * GiB
+    except ValueError:
+        raise XtunerError(f"cannot read memory size {text!r} (e.g. 8GiB, 24GB)") from None
+
+
+def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSettings]:
+    """The model shape and plan settings a training config implies (no weights loaded)."""
+    model = dict(cfg["model"])
+    train = dict(cfg.get("train", {}))
+    data = dict(cfg.get("train_dataset", {}))
+    if cfg.get("architecture"):
+        shape = Shape.from_config(dict(cfg["architecture"]))
+    else:
+        from transformers import AutoConfig
+
+        from xtuner_lite.hub import resolve_model_path
+
+        path = resolve_model_path(str(model["pretrained"]))
+        shape = Shape.from_config(AutoConfig.from_pretrained(
+            path, trust_remote_code=bool(model.get("trust_remote_code", False))))
+    lora = dict(model.get("lora") or {})
+    targets = lora.get("target_modules", "all-linear")
+    autocast = train.get("dtype", "bf16")
+    settings = PlanSettings(
+        method=model.get("method", "lora"), lora_r=int(lora.get("r", 64)),
+        lora_targets=LINEARS if targets == "all-linear" else tuple(targets),
+        lora_dropout=float(lora.get("dropout", 0.1)),
+        base_dtype=model.get("dtype", "fp32"), compute_dtype=autocast or "fp32",
+        max_length=int(data.get("max_length", 2048)), batch_size=int(train.get("batch_size", 1)),
+        gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
+        chunk_size=int(train.get("chunk_size", 1024)),
+        optimizer=train.get("optimizer", "adamw"))
+    from dataclasses import replace
+
+    return shape, replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
+    """Print the component table; with a budget, whether it fits and what would make it fit."""
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = plan_memory(shape, s)
+    table = Table(title=f"{s.method} · max_length {s.max_length} × batch {s.batch_size} · "
+                        f"{s.world_size} device(s){f' ZeRO-{s.zero}' if s.zero else ''}")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("what")
+    for name, size, how in plan.components:
+        table.add_row(name, f"{size / GiB:.2f}", how)
+    table.add_row("total", f"{plan.total / GiB:.2f}", "peak, per device")
+    console = Console()
+    console.print(table)
+    if budget is None:
+        return True
+    fits = plan.total <= budget
+    console.print(f"{'fits' if fits else 'does NOT fit'} in {budget / GiB:.1f} GiB")
+    if not fits:
+        options = suggestions(shape, s, budget)
+        console.print("would fit with: " + ("; ".join(options) if options else
+                                            "no single change; try several, or more devices"))
+    return fits
+
+
+def measure_saved_bytes(model: Any, batch: dict, compute_dtype: str = "bf16",
+                        chunk_size: int = 1024) -> int:
+    """Bytes of the tensors autograd keeps for backward after one training forward (parameters
+    excluded; each storage once): the activation memory the planner predicts, measured."""
+    import torch
+
+    from xtuner_lite.model.forward import loss_sum
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    autocast = DTYPE_BYTES[compute_dtype] == 2
+    dtype = torch.float16 if compute_dtype in ("fp16", "float16") else torch.bfloat16
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(model.device.type, dtype=dtype, enabled=autocast):
+        loss_sum(model, batch, chunk_size)
+    return sum(seen.values())
