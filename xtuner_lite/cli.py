@@ -72,6 +72,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model to generate with: chat and serve take the same."""
+    p.add_argument("model", help="embedded name, local HF folder or hub id")
+    p.add_argument("--adapter", help="peft adapter folder")
+    p.add_argument("--template", help="chat template name or 'auto' (default: the model's)")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="4/8-bit weights (bitsandbytes)")
+
+
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="base model (embedded name, folder or hub id); '-' means the "
                    "base the adapter records")
@@ -221,9 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a model (optionally + LoRA adapter)",
                        description="Multi-turn chat. Type RESET to clear history, EXIT to quit. "
                        "With --prompt or piped stdin, answers once and exits.")
-    p.add_argument("model", help="embedded name, local HF folder or hub id")
-    p.add_argument("--adapter", help="peft adapter folder")
-    p.add_argument("--template", help="chat template name or 'auto' (default: the model's)")
+    add_model_arguments(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -233,7 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stream", action="store_true", help="print the reply when complete")
-    p.add_argument("--bits", type=int, choices=[4, 8], help="4/8-bit weights (bitsandbytes)")
     p.add_argument("--backend", default="torch", choices=["torch", "lmdeploy"],
                    help="torch: the bundled engine (CPU or GPU); lmdeploy: LMDeploy's pipeline "
                    "(optional extra, CUDA GPU only)")
@@ -242,10 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions)",
                        description="Serve /v1/chat/completions, /v1/completions (streaming "
                        "included), /v1/models and /health; concurrent requests are batched.")
-    p.add_argument("model", help="embedded name, local HF folder or hub id")
-    p.add_argument("--adapter", help="peft adapter folder")
-    p.add_argument("--template", help="chat template name or 'auto' (default: the model's)")
-    p.add_argument("--bits", type=int, choices=[4, 8], help="4/8-bit weights (bitsandbytes)")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--served-model-name", help="the 'model' clients ask for "
