@@ -131,7 +131,7 @@ def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> 
     return value
 
 
-def _in_range(body: dict, key: str, value: float, low: float, high: float) -> None:
+def _in_range(key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise APIError(400, f"'{key}' must be between {low} and {high}, got {value}", key,
                        "invalid_value")
@@ -167,12 +167,12 @@ def generation_options(body: dict, default_max_tokens: int | None) -> tuple[
         raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens",
                        "invalid_value")
     temperature = float(_get(body, "temperature", (int, float), 1.0))
-    _in_range(body, "temperature", temperature, 0.0, 2.0)
+    _in_range("temperature", temperature, 0.0, 2.0)
     top_p = float(_get(body, "top_p", (int, float), 1.0))
-    _in_range(body, "top_p", top_p, 1e-9, 1.0)
+    _in_range("top_p", top_p, 1e-9, 1.0)
     top_k = _get(body, "top_k", (int,), 0)
     repetition_penalty = float(_get(body, "repetition_penalty", (int, float), 1.0))
-    _in_range(body, "repetition_penalty", repetition_penalty, 1e-3, 100.0)
+    _in_range("repetition_penalty", repetition_penalty, 1e-3, 100.0)
     for key in ("presence_penalty", "frequency_penalty"):
         if _get(body, key, (int, float), 0) != 0:
             raise APIError(400, f"'{key}' is not supported; use 'repetition_penalty'", key,

@@ -116,8 +116,8 @@ def evaluate_mcq(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
                  scorer: LoglikScorer) -> TaskResult:
     builder = PromptBuilder(spec, data_root, model)
     rotations = []  # (row index, rotation, gold, requests)
-    for index, row in enumerate(rows):
-        choices = choices_of(spec, row)
+    row_choices = [choices_of(spec, row) for row in rows]
+    for index, (row, choices) in enumerate(zip(rows, row_choices)):
         gold = gold_of(spec, row, len(choices))
         shifts = range(len(choices)) if spec.circular else range(1)
         for shift in shifts:  # option i moves to position (i + shift) % n
@@ -148,7 +148,7 @@ def evaluate_mcq(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
         sample = {"source": row.source, "gold": gold, "pred": pred, "correct": ok,
                   "output" if spec.scoring == "generate" else "logprobs": lls}
         if spec.style == "cloze":  # length-normalised by the option's characters (lm-eval's)
-            lengths = [len(c) for c in choices_of(spec, row)]
+            lengths = [len(c) for c in row_choices[index]]
             norm = _argmax([ll / max(n, 1) for ll, n in zip(lls, lengths)])
             correct_norm.append(norm == gold)
             sample["pred_norm"] = norm
