@@ -158,13 +158,17 @@ def cmd_check_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from xtuner_lite.engine.distributed import relaunch_with_torchrun
     from xtuner_lite.training import train
 
+    code = relaunch_with_torchrun(args.argv)  # NPROC_PER_NODE=N: the same command, N processes
+    if code is not None:
+        return code
     resume: bool | str = False
     if args.resume:
         resume = True if args.resume == "auto" else args.resume
     out = train(args.config, work_dir=args.work_dir, resume=resume, seed=args.seed,
-                cfg_options=args.cfg_options)
+                cfg_options=args.cfg_options, deepspeed=args.deepspeed, fsdp=args.fsdp)
     print(f"saved: {out}")
     return 0
 
@@ -350,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: newest complete checkpoint in the work dir; or a checkpoint path")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
+    engine = p.add_mutually_exclusive_group()
+    engine.add_argument("--deepspeed", metavar="zero1|zero2|zero2_offload|zero3|zero3_offload|"
+                        "JSON", help="train with DeepSpeed ZeRO (launch with NPROC_PER_NODE=N)")
+    engine.add_argument("--fsdp", action="store_true",
+                        help="train with torch FSDP2 (launch with NPROC_PER_NODE=N)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plot-log", help="write the loss curve of a training run as a PNG")
@@ -374,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars drown the real output

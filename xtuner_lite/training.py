@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from xtuner_lite.config import check_kwargs, load_config
+from xtuner_lite.engine.distributed import init_process_group, main_process_first, world
 from xtuner_lite.errors import XtunerError
 
 
-def _final_save(llm, tokenizer, out: Path, meta: dict[str, Any]) -> None:
-    """A standard peft adapter (or HF model) folder, plus the tokenizer and how it was trained."""
+def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[str, Any]
+                ) -> None:
+    """A standard peft adapter (or HF model) folder, plus the tokenizer and how it was trained.
+    ``state_dict`` holds the weights when the model itself is sharded (ZeRO-3, FSDP2)."""
     tmp = out.with_name(out.name + ".partial")
-    llm.save_pretrained(tmp)
+    llm.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
     (tmp / "xtuner_lite.json").write_text(json.dumps(meta, indent=1, default=str))
     if out.exists():
@@ -24,11 +30,13 @@ def _final_save(llm, tokenizer, out: Path, meta: dict[str, Any]) -> None:
 
 
 def train(config: str | dict, work_dir: str | Path | None = None, resume: bool | str = False,
-          seed: int | None = None, cfg_options: list[str] | dict | None = None) -> Path:
+          seed: int | None = None, cfg_options: list[str] | dict | None = None,
+          deepspeed: str | dict | None = None, fsdp: bool = False) -> Path:
     """Train from a config file/name (or an already loaded config); return the final folder.
 
     ``resume=True`` (``--resume auto``) continues from the newest complete checkpoint in
-    ``work_dir``; a path resumes from that checkpoint.
+    ``work_dir``; a path resumes from that checkpoint. ``deepspeed`` (a ZeRO preset or json)
+    and ``fsdp`` pick the engine of a multi-process run (``NPROC_PER_NODE=N`` / torchrun).
     """
     from xtuner_lite.data.dataset import SFTDataset
     from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
@@ -42,6 +50,10 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     model_cfg = dict(cfg["model"])
     data_cfg = {k: v for k, v in dict(cfg["train_dataset"]).items() if k != "type"}
     train_cfg = dict(cfg["train"])
+    if deepspeed:
+        train_cfg["deepspeed"] = deepspeed
+    if fsdp:
+        train_cfg["fsdp"] = True
     check_kwargs(build_model, model_cfg, "model")
     check_kwargs(process_dataset, data_cfg, "train_dataset")
     check_kwargs(TrainSettings, train_cfg, "train")
@@ -51,10 +63,17 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name)
     work_dir.mkdir(parents=True, exist_ok=True)
 
+    device = settings.device if settings.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    distributed = init_process_group(device, settings.dist_timeout)
+    rank = world()[0]
+
     tokenizer = resolve_tokenizer(data_cfg["tokenizer"])
     template = resolve_template(data_cfg.get("template"), tokenizer, data_cfg["tokenizer"])
-    # the resolved objects, so the data is rendered with exactly the template recorded below
-    processed = process_dataset(**{**data_cfg, "tokenizer": tokenizer, "template": template})
+    # the resolved objects, so the data is rendered with exactly the template recorded below;
+    # rank 0 processes and caches the data, the other ranks then read the cache
+    with main_process_first(settings.dist_timeout):
+        processed = process_dataset(**{**data_cfg, "tokenizer": tokenizer, "template": template})
     dataset = SFTDataset(processed.data, processed.stats)
     from mmengine.runner import set_random_seed
 
@@ -64,7 +83,10 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
         skip_adapter_input_casts(llm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     hooks = []
-    if settings.evaluation_inputs:
+    if distributed and (settings.evaluation_inputs or settings.eval_tasks):
+        warnings.warn("sample generations and eval_tasks run in single-process training only; "
+                      "run `xtuner chat` / `xtuner eval` on the result", stacklevel=2)
+    elif settings.evaluation_inputs:
         from xtuner_lite.engine.hooks import EvaluateChatHook
 
         hooks.append(EvaluateChatHook(tokenizer, template, settings.evaluation_inputs,
@@ -79,17 +101,25 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
                           hooks=hooks)
     runner.train()
     out = work_dir / ("adapter" if model_cfg.get("method", "lora") != "full" else "model")
-    save_result(llm, tokenizer, template, cfg, out, seed=seed)
+    if not distributed:
+        save_result(llm, tokenizer, template, cfg, out, seed=seed)
+        return out
+    # the trained weights gathered from every rank's shards (collective), written by rank 0
+    state = runner.strategy.consolidated_state_dict()
+    if rank == 0:
+        save_result(llm, tokenizer, template, cfg, out, seed=seed, state_dict=state)
+    torch.distributed.barrier()
     return out
 
 
-def save_result(llm, tokenizer, template, cfg: dict, out: Path, seed: int | None = None) -> None:
+def save_result(llm, tokenizer, template, cfg: dict, out: Path, seed: int | None = None,
+                state_dict: dict | None = None) -> None:
     """Write the trained adapter (or full model) with what ``xtuner merge``/``chat`` need:
     base model name, architecture, template, stop words and the training settings."""
     from xtuner_lite.merge import architecture_of
 
     model_cfg, data_cfg = dict(cfg["model"]), dict(cfg["train_dataset"])
-    _final_save(llm, tokenizer, out, {
+    _final_save(llm, tokenizer, out, state_dict, {
         "base_model": str(model_cfg["pretrained"]), "method": model_cfg.get("method", "lora"),
         "architecture": architecture_of(llm.config),
         "template": template.name, "stop_words": template.stop_words(tokenizer),

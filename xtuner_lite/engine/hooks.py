@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from xtuner_lite.data.templates import stop_token_ids
+from xtuner_lite.engine.distributed import rng_state, set_rng_state
 
 
 @HOOKS.register_module()
@@ -22,10 +21,7 @@ class RNGStateHook(Hook):
     priority = "VERY_LOW"
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                   "python": random.getstate()}
-        if torch.cuda.is_available():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_state"] = rng_state()
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._pending = checkpoint.get("rng_state")
@@ -33,13 +29,8 @@ class RNGStateHook(Hook):
     def before_train(self, runner) -> None:
         # after mmengine re-seeds at resume; restore what the checkpoint held
         state = getattr(self, "_pending", None)
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if state is not None:
+            set_rng_state(state)
 
 
 @HOOKS.register_module()
@@ -64,6 +55,8 @@ class LossRecordHook(Hook):
     """
 
     def before_train(self, runner) -> None:
+        if runner.rank != 0:  # the logged loss is already the global one
+            return
         path = Path(runner.work_dir) / "loss.jsonl"
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
@@ -71,6 +64,8 @@ class LossRecordHook(Hook):
             path.write_text("".join(line + "\n" for line in kept))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if runner.rank != 0:
+            return
         record = {"step": runner.iter + 1, "loss": float(outputs["loss"]),
                   "lr": float(runner.optim_wrapper.get_lr()["lr"][0]),
                   "tokens": int(outputs["tokens"])}

@@ -22,6 +22,7 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
 from xtuner_lite.data.dataset import collate_packed
+from xtuner_lite.engine.distributed import world
 
 
 @dataclass
@@ -54,6 +55,10 @@ class TrainSettings:
     eval_data_root: str | None = None  # where bundled tasks' files are
     tensorboard: bool = True
     extra_hooks: list[dict[str, Any]] = field(default_factory=list)
+    # multi-process (NPROC_PER_NODE=N): DDP by default, or one of these engines
+    deepspeed: str | dict | None = None  # zero1|zero2|zero2_offload|zero3|zero3_offload|x.json
+    fsdp: bool = False  # torch FSDP2 fully_shard per decoder layer
+    dist_timeout: int = 1800  # seconds ranks wait for each other (e.g. for rank 0's data)
 
 
 class GlobalBatchCollator:
@@ -131,20 +136,31 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
     schedulers.append(dict(type="CosineAnnealingLR", eta_min=settings.lr * settings.min_lr_ratio,
                            by_epoch=False, begin=warmup, end=max_iters))
     clip = dict(max_norm=settings.max_norm) if settings.max_norm else None
-    if settings.dtype == "fp16":  # fp16 needs loss scaling: mmengine's CUDA AMP wrapper has it
-        if device != "cuda":
-            from xtuner_lite.errors import XtunerError
+    _, world_size = world()
+    strategy = None
+    if world_size > 1 or settings.deepspeed or settings.fsdp:
+        strategy = _strategy(settings, world_size)
+    if settings.dtype == "fp16" and device != "cuda":
+        from xtuner_lite.errors import XtunerError
 
-            raise XtunerError("train.dtype='fp16' needs a CUDA GPU; use 'bf16' (or None) on CPU")
+        raise XtunerError("train.dtype='fp16' needs a CUDA GPU; use 'bf16' (or None) on CPU")
+    if strategy is not None and strategy["type"] == "SFTDeepSpeedStrategy":
+        # DeepSpeed clips (its config's gradient_clipping) and steps itself
+        optim_wrapper = dict(type="SFTDeepSpeedOptimWrapper", optimizer=_optimizer_cfg(settings),
+                             dtype=settings.dtype, device_type=device)
+    elif settings.dtype == "fp16":  # fp16 needs loss scaling: mmengine's CUDA AMP wrapper has it
         optim_wrapper = dict(type="AmpOptimWrapper", dtype="float16", clip_grad=clip,
                              optimizer=_optimizer_cfg(settings))
-    else:
+    else:  # FSDP2 casts through its MixedPrecisionPolicy instead of autocast
+        dtype = None if strategy is not None and settings.fsdp else settings.dtype
         optim_wrapper = dict(type="AutocastOptimWrapper", optimizer=_optimizer_cfg(settings),
-                             dtype=settings.dtype, device_type=device, clip_grad=clip)
-    hooks = [dict(type="RNGStateHook"), dict(type="ThroughputHook"),
+                             dtype=dtype, device_type=device, clip_grad=clip)
+    # one process: the RNG hook saves its RNG; several: the strategy saves every rank's
+    rng = [dict(type="RNGStateHook")] if strategy is None else []
+    hooks = [*rng, dict(type="ThroughputHook"),
              dict(type="LossRecordHook"), *settings.extra_hooks, *(hooks or [])]
     sft_model = SFTModel(model, chunk_size=settings.chunk_size).to(device)
-    return XtunerRunner(
+    common = dict(
         model=sft_model,
         work_dir=str(work_dir),
         train_dataloader=loader,
@@ -171,6 +187,34 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
             *([dict(type="TensorboardVisBackend")] if settings.tensorboard else [])]),
         cfg=dict(train=asdict(settings), seed=seed),
     )
+    if strategy is None:
+        return XtunerRunner(**common)
+    from mmengine.runner import FlexibleRunner
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    return FlexibleRunner(**common, strategy=strategy, launcher="pytorch",
+                          env_cfg=dict(dist_cfg=dict(backend=backend)))
+
+
+def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
+    """The mmengine strategy for a multi-process run: DeepSpeed, FSDP2 or DDP."""
+    from xtuner_lite.engine import strategies
+    from xtuner_lite.errors import XtunerError
+
+    if world_size < 2:
+        raise XtunerError("train.deepspeed / train.fsdp need several processes: launch with "
+                          "NPROC_PER_NODE=N xtuner train ... (N >= 2)")
+    if settings.deepspeed and settings.fsdp:
+        raise XtunerError("choose one of --deepspeed and --fsdp")
+    if settings.deepspeed:
+        strategies.require_deepspeed()
+        config = strategies.deepspeed_config(settings.deepspeed, settings.batch_size,
+                                             settings.accumulative_counts, settings.max_norm,
+                                             world_size)
+        return dict(type="SFTDeepSpeedStrategy", config=config, exclude_frozen_parameters=True)
+    if settings.fsdp:
+        return dict(type="FSDP2Strategy", dtype=settings.dtype)
+    return dict(type="SFTDDPStrategy")
 
 
 __all__ = ["GlobalBatchCollator", "TrainSettings", "XtunerRunner", "build_runner"]

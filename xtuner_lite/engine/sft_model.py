@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from mmengine.model import BaseModel
 from mmengine.optim import OptimWrapper
 
+from xtuner_lite.engine.distributed import global_sum, world
 from xtuner_lite.engine.memory import release_freed_memory
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.forward import count_trained, loss_sum
@@ -34,34 +37,56 @@ class SFTModel(BaseModel):
         device = next(self.llm.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
-    def train_step(self, data: list[dict[str, torch.Tensor]], optim_wrapper: OptimWrapper
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of token losses of one micro-batch. Going through ``forward`` (not calling the
+        LLM directly) is what lets DDP, DeepSpeed and FSDP2 hook the step."""
+        return loss_sum(self.llm, self._device(batch), self.chunk_size)[0]
+
+    def train_step(self, data: list[dict[str, torch.Tensor]], optim_wrapper: OptimWrapper,
+                   forward: Callable[[dict], torch.Tensor] | None = None,
+                   no_sync: Callable[[], AbstractContextManager] | None = None
                    ) -> dict[str, torch.Tensor]:
-        total = max(sum(count_trained(b) for b in data), 1)
+        """One optimizer step over this process's micro-batches.
+
+        Under data parallelism ``forward`` is the wrapped model (DDP, DeepSpeed engine, or this
+        FSDP2-sharded module) and gradients are averaged over the world; scaling each loss sum
+        by world / global trained tokens makes that average the global token mean.
+        ``no_sync`` skips the gradient all-reduce of all but the last micro-batch (DDP).
+        """
+        forward = forward or self
+        _, world_size = world()
+        local = sum(count_trained(b) for b in data)
+        total = max(global_sum(local)[0], 1)
+        step_each = getattr(optim_wrapper, "step_every_micro_batch", False)
         loss_value = 0.0
-        for batch in data:
-            with optim_wrapper.optim_context(self):
-                loss, _ = loss_sum(self.llm, self._device(batch), self.chunk_size)
-            optim_wrapper.backward(loss / total)
+        for i, batch in enumerate(data):
+            sync = no_sync() if no_sync and i < len(data) - 1 else nullcontext()
+            with sync:
+                with optim_wrapper.optim_context(self):
+                    loss = forward(batch)
+                optim_wrapper.backward(loss * (world_size / total))
             loss_value += float(loss.detach())
+            if step_each:  # DeepSpeed counts micro-batches and steps at the boundary itself
+                optim_wrapper.step()
+        tokens = sum(int(b["num_tokens"]) for b in data)  # real tokens, padding excluded
+        loss_value, tokens = global_sum(loss_value, tokens)
         loss_value /= total
         if not math.isfinite(loss_value):
-            optim_wrapper.zero_grad()
+            if not step_each:
+                optim_wrapper.zero_grad()
             raise NonFiniteLossError(
                 f"loss is {loss_value} at this step; stopping. The last good checkpoint is kept "
                 "(lower the learning rate, or check the data with `xtuner check-dataset`)")
-        optim_wrapper.step()
-        optim_wrapper.zero_grad()
+        if not step_each:
+            optim_wrapper.step()
+            optim_wrapper.zero_grad()
         if not torch.cuda.is_available():
             release_freed_memory()
-        tokens = sum(int(b["num_tokens"]) for b in data)  # real tokens, padding excluded
         return {"loss": torch.tensor(loss_value), "tokens": torch.tensor(float(tokens))}
 
     def init_weights(self) -> None:
         """Pretrained weights are never re-initialized (mmengine's default also chokes on the
         uint8 storage of 4-bit weights while logging their statistics)."""
-
-    def forward(self, *args, **kwargs):  # mmengine's abstract API; training goes via train_step
-        raise NotImplementedError("SFTModel is trained through train_step")
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Only what training changes (LoRA weights; all weights in a full fine-tune), so a

@@ -1,0 +1,368 @@
+"""Multi-process training on existing engines: DDP, DeepSpeed ZeRO and torch FSDP2.
+
+Each is an mmengine strategy for its ``FlexibleRunner`` (DeepSpeed through mmengine's own
+``DeepSpeedStrategy``, as XTuner does). What we add, and why:
+
+- ``SFTModel.train_step`` runs our token-normalized accumulation through the wrapped model
+  (mmengine's wrappers assume one micro-batch per step and a mean loss).
+- Checkpoints are written under a temporary name and renamed once every rank has finished
+  (a kill mid-write leaves the previous checkpoint), and hold every rank's RNG state (each rank
+  draws its own dropout masks), so a resumed run repeats the same steps.
+- mmengine's loaders use ``torch.load``'s ``weights_only`` default, which refuses its own
+  checkpoints under torch >= 2.6; ours load them with the full unpickler (we wrote them).
+- The final adapter (or model) is gathered from ZeRO-3 / FSDP2 shards to rank 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from mmengine._strategy import DDPStrategy
+from mmengine.registry import MODEL_WRAPPERS, OPTIM_WRAPPERS, STRATEGIES
+
+from xtuner_lite.engine.distributed import gather_rng_states, set_rng_state, world
+from xtuner_lite.errors import XtunerError
+
+ZERO_PRESETS: dict[str, dict[str, Any]] = {
+    "zero1": {"stage": 1},
+    "zero2": {"stage": 2},
+    "zero2_offload": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+    "zero3": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+    "zero3_offload": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                      "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                      "offload_param": {"device": "cpu", "pin_memory": True}},
+}
+
+
+def deepspeed_config(choice: str | dict, batch_size: int, accumulative_counts: int,
+                     max_norm: float | None, world_size: int) -> dict[str, Any]:
+    """A DeepSpeed config from a preset name or a json file/dict; the training config's micro
+    batch, accumulation and clipping win over the json's, with a warning naming each change."""
+    if isinstance(choice, dict):
+        config = copy.deepcopy(choice)
+    elif choice in ZERO_PRESETS:
+        config = {"zero_optimization": copy.deepcopy(ZERO_PRESETS[choice])}
+    elif str(choice).endswith(".json"):
+        path = Path(choice)
+        if not path.is_file():
+            raise XtunerError(f"--deepspeed {choice}: no such file")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise XtunerError(f"--deepspeed {choice}: not valid JSON (line {e.lineno}: {e.msg})"
+                              ) from None
+    else:
+        raise XtunerError(f"--deepspeed: unknown {choice!r}; use one of "
+                          f"{', '.join(ZERO_PRESETS)} or a path to a DeepSpeed .json")
+    ours = {"train_micro_batch_size_per_gpu": batch_size,
+            "gradient_accumulation_steps": accumulative_counts,
+            "train_batch_size": batch_size * accumulative_counts * world_size,
+            "gradient_clipping": max_norm or 0.0}
+    changed = [f"{key}: {config[key]} -> {value}" for key, value in ours.items()
+               if key in config and config[key] not in (value, "auto")]
+    if changed:
+        warnings.warn("the training config overrides the DeepSpeed json: " + "; ".join(changed),
+                      stacklevel=2)
+    config.update(ours)
+    # our optimizer (torch AdamW or bitsandbytes') also with ZeRO-Offload
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    for precision in ("fp16", "bf16"):  # we autocast; DeepSpeed's own casting stays off
+        if config.get(precision, {}).get("enabled") == "auto":
+            config[precision]["enabled"] = False
+    return config
+
+
+def _trainable_only(state: dict[str, torch.Tensor], model: torch.nn.Module,
+                    prefix: str = "") -> OrderedDict:
+    names = {prefix + n for n, p in model.named_parameters() if p.requires_grad}
+    return OrderedDict((k, v) for k, v in state.items() if k in names)
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> OrderedDict:
+    return OrderedDict((k[len(prefix):] if k.startswith(prefix) else k, v)
+                       for k, v in state.items())
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Rank 0 renames a finished checkpoint into place once all ranks have written theirs."""
+    _barrier()
+    if world()[0] == 0:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _barrier()
+
+
+def _tmp_name(filename: str) -> str:
+    head, tail = os.path.split(filename)
+    return os.path.join(head, f".{tail}.partial")
+
+
+# ------------------------------------------------------------------------------ DDP and FSDP2
+
+
+@MODEL_WRAPPERS.register_module()
+class SFTDataParallel(torch.nn.parallel.DistributedDataParallel):
+    """DDP that runs ``SFTModel.train_step`` (all-reduce once per optimizer step)."""
+
+    def train_step(self, data, optim_wrapper):
+        return self.module.train_step(data, optim_wrapper, forward=self, no_sync=self.no_sync)
+
+
+@MODEL_WRAPPERS.register_module()
+class SFTShardedModel(torch.nn.Module):
+    """Holds an FSDP2-sharded ``SFTModel``; FSDP2 works in place, so this only routes calls."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def train_step(self, data, optim_wrapper):
+        return self.module.train_step(data, optim_wrapper)
+
+
+@STRATEGIES.register_module()
+class SFTDDPStrategy(DDPStrategy):
+    """DDP on CPU (gloo) or GPU (nccl), with atomic checkpoints that keep every rank's RNG."""
+
+    def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return SFTDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+    def _inner(self) -> torch.nn.Module:
+        return self.model.module
+
+    def model_state_dict(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self._inner().state_dict().items()}
+
+    def save_checkpoint(self, filename: str, *, save_optimizer: bool = True,
+                        save_param_scheduler: bool = True, extra_ckpt: dict | None = None,
+                        callback=None) -> None:
+        # every rank: the state may be sharded (FSDP2) and every rank's RNG is gathered
+        extra = dict(extra_ckpt or {})
+        extra["rng_states"] = gather_rng_states()
+        state = {"state_dict": self.model_state_dict()}
+        if save_optimizer:
+            state["optimizer"] = self.optim_state_dict()
+        if world()[0] == 0:
+            import time
+
+            import mmengine
+
+            if save_param_scheduler and hasattr(self, "param_schedulers"):
+                state["param_schedulers"] = self.scheduler_state_dict()
+            extra.setdefault("meta", {}).update(
+                seed=self.seed, time=time.strftime("%Y%m%d_%H%M%S"),
+                mmengine=mmengine.__version__)
+            state.update(extra)
+            tmp = _tmp_name(filename)
+            torch.save(state, tmp)
+            os.replace(tmp, filename)
+        _barrier()
+
+    def load_checkpoint(self, filename: str, *, map_location: Any = "cpu", strict: bool = False,
+                        revise_keys: list | None = None, callback=None) -> dict:
+        self.logger.info(f"Load checkpoint from {filename}")
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        if callback is not None:
+            callback(checkpoint)
+        self.load_model_state_dict(checkpoint.pop("state_dict"), strict=strict,
+                                   revise_keys=revise_keys or [(r"^module.", "")])
+        return checkpoint
+
+    def resume(self, filename: str, **kwargs) -> dict:
+        checkpoint = super().resume(filename, **kwargs)
+        states = checkpoint.get("rng_states")
+        if states and len(states) == world()[1]:
+            set_rng_state(states[world()[0]])
+        return checkpoint
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The trained weights in the LLM's own names, full tensors, on rank 0 (else None)."""
+        inner = self._inner()
+        state = _strip(_trainable_only(inner.state_dict(), inner), "llm.")
+        return state if world()[0] == 0 else None
+
+
+@STRATEGIES.register_module()
+class FSDP2Strategy(SFTDDPStrategy):
+    """torch FSDP2: ``fully_shard`` per decoder layer, then the root (embeddings, norm, head).
+
+    Parameters, gradients and optimizer state are sharded over the ranks; with ``dtype`` set,
+    compute runs in that dtype (``MixedPrecisionPolicy``) and gradients reduce in fp32.
+    """
+
+    def __init__(self, *, dtype: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.dtype = dtype
+
+    def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from xtuner_lite.model.build import _decoder_layers
+
+        policy = MixedPrecisionPolicy()
+        if self.dtype is not None:
+            compute = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+            policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        for layer in _decoder_layers(model.llm):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return SFTShardedModel(model)
+
+    def model_state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        inner = self._inner()
+        full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+        return _trainable_only(full, inner)
+
+    def optim_state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(
+            self._inner(), self.optim_wrapper.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state_dict(self, state_dict: dict, *, strict: bool = False,
+                              revise_keys: list | None = None) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self._inner(), state_dict,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def load_optim_state_dict(self, state_dict: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(self._inner(), self.optim_wrapper.optimizer, state_dict,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        state = _strip(self.model_state_dict(), "llm.")  # collective: every rank gathers
+        return state if world()[0] == 0 else None
+
+
+# ------------------------------------------------------------------------------ DeepSpeed
+
+
+def _deepspeed_strategy_base():
+    try:
+        import deepspeed  # noqa: F401
+        from mmengine._strategy.deepspeed import DeepSpeedOptimWrapper, DeepSpeedStrategy
+    except ImportError:
+        return None, None
+    return DeepSpeedOptimWrapper, DeepSpeedStrategy
+
+
+_DSOptimWrapper, _DSStrategy = _deepspeed_strategy_base()
+
+
+def require_deepspeed() -> None:
+    if _DSStrategy is None:
+        raise XtunerError("--deepspeed needs DeepSpeed: pip install -c "
+                          "requirements/constraints.txt -e '.[deepspeed]'")
+
+
+if _DSStrategy is not None:
+
+    @OPTIM_WRAPPERS.register_module()
+    class SFTDeepSpeedOptimWrapper(_DSOptimWrapper):
+        """Autocast forwards; the engine counts micro-batches and steps at the boundary, and
+        the loss is already normalized by the global token count (no 1/accumulation scale)."""
+
+        step_every_micro_batch = True
+
+        def __init__(self, optimizer, dtype: str | None = None, device_type: str = "cpu"):
+            super().__init__(optimizer)
+            self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                   None: None}[dtype]
+            self.device_type = device_type
+
+        @contextmanager
+        def optim_context(self, model: torch.nn.Module):
+            if self.autocast_dtype is None:
+                yield
+            else:
+                with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+                    yield
+
+        def backward(self, loss: torch.Tensor, **kwargs) -> None:
+            self.model.backward(loss, scale_wrt_gas=False)
+
+        def zero_grad(self, **kwargs) -> None:
+            """The engine zeroes gradients itself after each optimizer step."""
+
+    @STRATEGIES.register_module()
+    class SFTDeepSpeedStrategy(_DSStrategy):
+        """mmengine's DeepSpeedStrategy with our train step, atomic checkpoints, every rank's
+        RNG in the checkpoint, and a process group that we created (gloo works on CPU)."""
+
+        def _setup_distributed(self, launcher=None, backend: str = "nccl", **kwargs) -> None:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized()
+                                       else backend)
+
+        def _wrap_model(self, model: torch.nn.Module):
+            wrapper = super()._wrap_model(model)
+            wrapper.train_step = lambda data, optim_wrapper: model.train_step(
+                data, optim_wrapper, forward=wrapper.model)
+            return wrapper
+
+        def save_checkpoint(self, filename: str, *, save_optimizer: bool = True,
+                            save_param_scheduler: bool = True, extra_ckpt: dict | None = None,
+                            callback=None) -> None:
+            extra = dict(extra_ckpt or {})
+            extra["rng_states"] = gather_rng_states()
+            tmp = _tmp_name(filename)
+            super().save_checkpoint(tmp, save_optimizer=True,
+                                    save_param_scheduler=save_param_scheduler,
+                                    extra_ckpt=extra)
+            _publish(tmp, filename)
+
+        def resume(self, filename: str, **kwargs) -> dict:
+            checkpoint = super().resume(filename, **kwargs)
+            states = checkpoint.get("rng_states")
+            if states and len(states) == world()[1]:
+                set_rng_state(states[world()[0]])
+            return checkpoint
+
+        def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+            engine = self.model.model
+            inner = engine.module
+            if engine.zero_optimization_partition_weights():  # ZeRO-3: gather (collective)
+                state = engine._zero3_consolidated_16bit_state_dict(
+                    exclude_frozen_parameters=True)
+            else:
+                state = _trainable_only(inner.state_dict(), inner)
+            if world()[0] != 0:
+                return None
+            return _strip({k: v.detach().cpu() for k, v in state.items()}, "llm.")
+
+
+__all__ = ["FSDP2Strategy", "SFTDDPStrategy", "ZERO_PRESETS", "deepspeed_config",
+           "require_deepspeed"]
