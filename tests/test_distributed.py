@@ -1,0 +1,200 @@
+"""Multi-process training on CPU (2 gloo processes): DDP, DeepSpeed ZeRO-2/3 and FSDP2.
+
+2 processes x batch 1 must give the losses and weights of 1 process x accumulation 2 (same
+global batches, loss normalized by the global token count), and a DeepSpeed run killed with
+SIGKILL must resume to the uninterrupted run's losses, bitwise (every rank's RNG restored).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from xtuner_lite.engine.distributed import torchrun_command
+from xtuner_lite.engine.strategies import deepspeed_config
+from xtuner_lite.errors import XtunerError
+
+from conftest import ROOT
+
+CONFIG = """
+model = dict(pretrained={model!r}, method={method!r}, lora=dict(r=8, alpha=16, dropout={dropout}))
+train_dataset = dict(data_files={data!r}, tokenizer={model!r}, map_fn="alpaca",
+                     template="smollm2", max_length=96, pack=True)
+train = dict(batch_size=1, accumulative_counts=1, max_iters={iters}, lr={lr}, dtype=None,
+             warmup_ratio=0.0, save_steps=4, save_total_limit=2, log_interval=4)
+"""
+
+
+def _config(tmp_path, model, method="lora", dropout=0.0, iters=8):
+    path = tmp_path / f"{method}_{dropout}_{iters}.py"
+    path.write_text(CONFIG.format(model=model, method=method, dropout=dropout, iters=iters,
+                                  lr=1e-2 if method == "lora" else 1e-3,
+                                  data=str(ROOT / "examples/data/alpaca_mini.json")))
+    return path
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _env(nproc: int) -> dict:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("NPROC_PER_NODE", None)
+    if nproc > 1:
+        env.update(NPROC_PER_NODE=str(nproc), PORT=_free_port())
+    return env
+
+
+def _cmd(config, work_dir, *extra):
+    return [sys.executable, "-m", "xtuner_lite.cli", "train", str(config), "--work-dir",
+            str(work_dir), *extra]
+
+
+def _train(config, work_dir, nproc, *extra):
+    proc = subprocess.run(_cmd(config, work_dir, *extra), capture_output=True, text=True,
+                          env=_env(nproc))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _losses(work_dir)
+
+
+def _losses(work_dir):
+    by_step = {}
+    for line in open(work_dir / "loss.jsonl"):
+        record = json.loads(line)
+        by_step[record["step"]] = record["loss"]
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    name = "adapter_model" if (folder / "adapter_config.json").exists() else "model"
+    return load_file(folder / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama):
+    """One process, accumulation 2: the run two processes x batch 1 must reproduce."""
+    runs = {}
+    for method in ("lora", "full"):
+        tmp = tmp_path_factory.mktemp(f"one_{method}")
+        config = _config(tmp, tiny_llama, method)
+        losses = _train(config, tmp / "work", 1, "--cfg-options", "train.accumulative_counts=2")
+        runs[method] = (config, losses, tmp / "work")
+    return runs
+
+
+@pytest.mark.parametrize("engine,method", [
+    ("ddp", "lora"), ("zero2", "lora"), ("zero3", "full"), ("fsdp", "full")])
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, reference, engine, method):
+    config, expected, one_dir = reference[method]
+    extra = {"ddp": [], "fsdp": ["--fsdp"]}.get(engine, ["--deepspeed", engine])
+    losses = _train(config, tmp_path / "work", 2, *extra)
+    assert len(losses) == len(expected) == 8
+    assert losses == pytest.approx(expected, abs=1e-5)  # fp32; reduction order differs
+    assert expected[-1] < expected[0]
+    # the final adapter/model is gathered from the shards and equals the one-process result
+    out = "adapter" if method == "lora" else "model"
+    ours, theirs = _weights(tmp_path / "work" / out), _weights(one_dir / out)
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=2e-4, rtol=0)
+    assert json.loads((tmp_path / "work" / out / "xtuner_lite.json").read_text())["method"] \
+        == method
+
+
+def test_deepspeed_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
+    # dropout on: each rank draws its own masks, so every rank's RNG must come back
+    config = _config(tmp_path, tiny_llama, dropout=0.1, iters=40)
+    reference = _train(config, tmp_path / "whole", 2, "--deepspeed", "zero3")
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(config, killed, "--deepspeed", "zero3"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env(2), start_new_session=True)
+    log = killed / "loss.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    done = len(log.read_text().splitlines())
+    resume_from = int((killed / "last_checkpoint").read_text().split("iter_")[-1].split(".")[0])
+    assert resume_from < done < 40, "the run finished before it could be killed"
+    assert (killed / f"iter_{resume_from}.pth").is_dir()
+    resumed = _train(config, killed, 2, "--deepspeed", "zero3", "--resume", "auto")
+    assert resumed == reference  # bitwise
+    assert (killed / "adapter" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in killed.glob("iter_*.pth")) == ["iter_36.pth", "iter_40.pth"]
+
+
+def test_deepspeed_config_presets_and_overrides(tmp_path):
+    config = deepspeed_config("zero3_offload", batch_size=2, accumulative_counts=4,
+                              max_norm=1.0, world_size=2)
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert config["train_batch_size"] == 16 and config["gradient_clipping"] == 1.0
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                "train_micro_batch_size_per_gpu": 8,
+                                "gradient_accumulation_steps": "auto"}))
+    with pytest.warns(UserWarning, match="train_micro_batch_size_per_gpu: 8 -> 1"):
+        config = deepspeed_config(str(path), 1, 2, None, 2)
+    assert config["gradient_accumulation_steps"] == 2 and config["gradient_clipping"] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # values that agree are not reported
+        deepspeed_config({"train_micro_batch_size_per_gpu": 1}, 1, 1, None, 2)
+
+    with pytest.raises(XtunerError, match="unknown 'zero4'"):
+        deepspeed_config("zero4", 1, 1, None, 2)
+    with pytest.raises(XtunerError, match="no such file"):
+        deepspeed_config(str(tmp_path / "missing.json"), 1, 1, None, 2)
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(XtunerError, match="bad.json: not valid JSON"):
+        deepspeed_config(str(tmp_path / "bad.json"), 1, 1, None, 2)
+
+
+def test_nproc_per_node_runs_torchrun(monkeypatch):
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "NNODES", "NODE_RANK", "ADDR", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    assert torchrun_command(["train", "x.py"]) is None
+    monkeypatch.setenv("NPROC_PER_NODE", "1")
+    assert torchrun_command(["train", "x.py"]) is None  # one process: no launcher needed
+    monkeypatch.setenv("NPROC_PER_NODE", "4")
+    monkeypatch.setenv("NNODES", "2")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("ADDR", "10.0.0.1")
+    command = torchrun_command(["train", "x.py", "--deepspeed", "zero2"])
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1"} \
+        <= set(command)
+    assert command[-5:] == ["xtuner_lite.cli", "train", "x.py", "--deepspeed", "zero2"]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert torchrun_command(["train", "x.py"]) is None  # already a torchrun worker
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("NPROC_PER_NODE", "two")
+    with pytest.raises(XtunerError, match="NPROC_PER_NODE must be a positive integer"):
+        torchrun_command(["train", "x.py"])
+
+
+def test_engine_flags_need_several_processes(tmp_path, tiny_llama):
+    config = _config(tmp_path, tiny_llama)
+    proc = subprocess.run(_cmd(config, tmp_path / "w", "--fsdp"), capture_output=True,
+                          text=True, env=_env(1))
+    assert proc.returncode == 1
+    assert "need several processes: launch with NPROC_PER_NODE=N" in proc.stderr
+    assert "Traceback" not in proc.stderr
