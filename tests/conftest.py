@@ -52,3 +52,14 @@ def tiny_llama(tmp_path_factory, smol_tokenizer):
     LlamaForCausalLM(config).save_pretrained(path)
     smol_tokenizer.save_pretrained(path)
     return str(path)
+
+
+def wait_for_lines(path: Path, lines: int, proc, timeout: float = 300) -> None:
+    """Poll until ``path`` has ``lines`` lines (or ``proc`` ends): the moment to kill a run."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.005)

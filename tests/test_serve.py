@@ -17,11 +17,14 @@ MODEL = "smollm2-135m-instruct"
 def server():
     proc = subprocess.Popen([sys.executable, "-m", "xtuner_lite.cli", "serve", MODEL, "--port",
                              "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = proc.stdout.readline()
-    match = re.search(r"http://([\d.]+):(\d+)", line)
-    if not match:
-        proc.kill()
-        pytest.fail(f"server did not start: {line}{proc.stdout.read()}")
+    seen = ""
+    for line in proc.stdout:  # libraries may print warnings (stderr) before the address
+        seen += line
+        match = re.search(r"http://([\d.]+):(\d+)", line)
+        if match:
+            break
+    else:
+        pytest.fail(f"server did not start: {seen}")
     yield match.group(1), int(match.group(2))
     proc.terminate()
     proc.wait(timeout=30)

@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from xtuner_lite.errors import XtunerError
 
-from conftest import ROOT
+from conftest import ROOT, wait_for_lines
 
 TINY_CONFIG = """
 model = dict(pretrained={model!r}, method="lora", lora=dict(r=8, alpha=16, dropout=0.1))
@@ -49,11 +48,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
     proc = subprocess.Popen(_train_cmd(config, killed), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     log = killed / "loss.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.005)
+    wait_for_lines(log, 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "adapter").exists(), "the run finished before it could be killed"

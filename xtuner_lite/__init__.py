@@ -1,7 +1,12 @@
 """xtuner_lite: memory-efficient LLM fine-tuning (full, LoRA, QLoRA) that also runs on CPU."""
+# ruff: noqa: E402 - DeepSpeed's accelerator is named before the imports below load mmengine
 
 from importlib import import_module
 from typing import Any
+
+from xtuner_lite.deepspeed_env import name_cpu_accelerator
+
+name_cpu_accelerator()  # before anything imports mmengine (and through it DeepSpeed)
 
 from xtuner_lite.config import load_config
 from xtuner_lite.data import SFTDataset, get_template, load_rows, process_dataset

@@ -66,6 +66,9 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     device = settings.device if settings.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")
     distributed = init_process_group(device, settings.dist_timeout)
+    if (settings.deepspeed or settings.fsdp) and not distributed:
+        raise XtunerError("train.deepspeed / train.fsdp need several processes: launch with "
+                          "NPROC_PER_NODE=N xtuner train ... (N >= 2)")
     rank = world()[0]
 
     tokenizer = resolve_tokenizer(data_cfg["tokenizer"])

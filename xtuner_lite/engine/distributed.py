@@ -134,3 +134,11 @@ def gather_rng_states() -> list[dict]:
     states: list = [None] * size
     dist.all_gather_object(states, rng_state())
     return states
+
+
+def restore_rank_rng(checkpoint: dict) -> None:
+    """Set this rank's RNG from a checkpoint written by a run with the same world size."""
+    rank, size = world()
+    states = checkpoint.get("rng_states")
+    if states and len(states) == size:
+        set_rng_state(states[rank])

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from mmengine._strategy import DDPStrategy
 from mmengine.registry import MODEL_WRAPPERS, OPTIM_WRAPPERS, STRATEGIES
 
-from xtuner_lite.engine.distributed import gather_rng_states, set_rng_state, world
+from xtuner_lite.engine.distributed import gather_rng_states, restore_rank_rng, world
 from xtuner_lite.errors import XtunerError
 
 ZERO_PRESETS: dict[str, dict[str, Any]] = {
@@ -189,9 +189,7 @@ class SFTDDPStrategy(DDPStrategy):
 
     def resume(self, filename: str, **kwargs) -> dict:
         checkpoint = super().resume(filename, **kwargs)
-        states = checkpoint.get("rng_states")
-        if states and len(states) == world()[1]:
-            set_rng_state(states[world()[0]])
+        restore_rank_rng(checkpoint)
         return checkpoint
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -346,9 +344,7 @@ if _DSStrategy is not None:
 
         def resume(self, filename: str, **kwargs) -> dict:
             checkpoint = super().resume(filename, **kwargs)
-            states = checkpoint.get("rng_states")
-            if states and len(states) == world()[1]:
-                set_rng_state(states[world()[0]])
+            restore_rank_rng(checkpoint)
             return checkpoint
 
         def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
