@@ -1,8 +1,9 @@
-"""Multi-process training on CPU (2 gloo processes): DDP, DeepSpeed ZeRO-2/3 and FSDP2.
+"""Multi-process training on CPU (2 gloo processes): DeepSpeed ZeRO-2/3 and FSDP2.
 
 2 processes x batch 1 must give the losses and weights of 1 process x accumulation 2 (same
-global batches, loss normalized by the global token count), and a DeepSpeed run killed with
-SIGKILL must resume to the uninterrupted run's losses, bitwise (every rank's RNG restored).
+global batches, loss normalized by the global token count) for LoRA, full and QLoRA (whose 4-bit
+weights ZeRO-3 shards once stored in a float dtype), and a DeepSpeed run killed with SIGKILL
+must resume to the uninterrupted run's losses, bitwise.
 """
 
 import json
@@ -23,7 +24,8 @@ from xtuner_lite.errors import XtunerError
 from conftest import ROOT, wait_for_lines
 
 CONFIG = """
-model = dict(pretrained={model!r}, method={method!r}, lora=dict(r=8, alpha=16, dropout={dropout}))
+model = dict(pretrained={model!r}, method={method!r}, lora=dict(r=8, alpha=16, dropout={dropout}),
+             compute_dtype="fp32")
 train_dataset = dict(data_files={data!r}, tokenizer={model!r}, map_fn="alpaca",
                      template="smollm2", max_length=96, pack=True)
 train = dict(batch_size=1, accumulative_counts=1, max_iters={iters}, lr={lr}, dtype=None,
@@ -84,24 +86,30 @@ def _weights(folder):
 def reference(tmp_path_factory, tiny_llama):
     """One process, accumulation 2: the run two processes x batch 1 must reproduce."""
     runs = {}
-    for method in ("lora", "full"):
-        tmp = tmp_path_factory.mktemp(f"one_{method}")
-        config = _config(tmp, tiny_llama, method)
-        losses = _train(config, tmp / "work", 1, "--cfg-options", "train.accumulative_counts=2")
-        runs[method] = (config, losses, tmp / "work")
-    return runs
+
+    def run(method):
+        if method not in runs:
+            tmp = tmp_path_factory.mktemp(f"one_{method}")
+            config = _config(tmp, tiny_llama, method)
+            losses = _train(config, tmp / "work", 1, "--cfg-options",
+                            "train.accumulative_counts=2")
+            runs[method] = (config, losses, tmp / "work")
+        return runs[method]
+
+    return run
 
 
-@pytest.mark.parametrize("engine,method", [("zero2", "lora"), ("zero3", "full"), ("fsdp", "full")])
+@pytest.mark.parametrize("engine,method", [("zero2", "lora"), ("zero3", "full"), ("fsdp", "full"),
+                                           ("zero3", "qlora")])
 def test_two_processes_equal_one_process_with_accumulation(tmp_path, reference, engine, method):
-    config, expected, one_dir = reference[method]
+    config, expected, one_dir = reference(method)
     extra = ["--fsdp"] if engine == "fsdp" else ["--deepspeed", engine]
     losses = _train(config, tmp_path / "work", 2, *extra)
     assert len(losses) == len(expected) == 8
     assert losses == pytest.approx(expected, abs=1e-5)  # fp32; reduction order differs
     assert expected[-1] < expected[0]
     # the final adapter/model is gathered from the shards and equals the one-process result
-    out = "adapter" if method == "lora" else "model"
+    out = "model" if method == "full" else "adapter"
     ours, theirs = _weights(tmp_path / "work" / out), _weights(one_dir / out)
     assert ours.keys() == theirs.keys()
     for name in theirs:

@@ -58,6 +58,11 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     check_kwargs(process_dataset, data_cfg, "train_dataset")
     check_kwargs(TrainSettings, train_cfg, "train")
     settings = TrainSettings(**train_cfg)
+    if model_cfg.get("method") == "qlora" and "quant_storage" not in model_cfg and \
+            _shards_weights(settings):
+        # ZeRO-3 / FSDP shard weights of one float dtype; packed 4-bit bytes stored as uint8
+        # cannot join them, stored as the model's dtype they can
+        model_cfg["quant_storage"] = model_cfg.get("dtype", "fp32")
     seed = cfg.get("seed", 0) if seed is None else seed
     name = Path(config).stem if isinstance(config, str) else "run"
     work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name)
@@ -113,6 +118,16 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
         save_result(llm, tokenizer, template, cfg, out, seed=seed, state_dict=state)
     torch.distributed.barrier()
     return out
+
+
+def _shards_weights(settings) -> bool:
+    if settings.fsdp:
+        return True
+    if not settings.deepspeed:
+        return False
+    from xtuner_lite.engine.strategies import zero_stage
+
+    return zero_stage(settings.deepspeed) == 3
 
 
 def save_result(llm, tokenizer, template, cfg: dict, out: Path, seed: int | None = None,

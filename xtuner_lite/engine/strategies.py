@@ -44,10 +44,8 @@ ZERO_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def deepspeed_config(choice: str | dict, batch_size: int, accumulative_counts: int,
-                     max_norm: float | None, world_size: int) -> dict[str, Any]:
-    """A DeepSpeed config from a preset name or a json file/dict; the training config's micro
-    batch, accumulation and clipping win over the json's, with a warning naming each change."""
+def _base_config(choice: str | dict) -> dict[str, Any]:
+    """The DeepSpeed config a preset name, a json path or a dict stands for."""
     if isinstance(choice, dict):
         config = copy.deepcopy(choice)
     elif choice in ZERO_PRESETS:
@@ -64,6 +62,19 @@ def deepspeed_config(choice: str | dict, batch_size: int, accumulative_counts: i
     else:
         raise XtunerError(f"--deepspeed: unknown {choice!r}; use one of "
                           f"{', '.join(ZERO_PRESETS)} or a path to a DeepSpeed .json")
+    return config
+
+
+def zero_stage(choice: str | dict) -> int:
+    """The ZeRO stage a ``--deepspeed`` choice asks for (0 when it names none)."""
+    return int(_base_config(choice).get("zero_optimization", {}).get("stage", 0))
+
+
+def deepspeed_config(choice: str | dict, batch_size: int, accumulative_counts: int,
+                     max_norm: float | None, world_size: int) -> dict[str, Any]:
+    """A DeepSpeed config from a preset name or a json file/dict; the training config's micro
+    batch, accumulation and clipping win over the json's, with a warning naming each change."""
+    config = _base_config(choice)
     ours = {"train_micro_batch_size_per_gpu": batch_size,
             "gradient_accumulation_steps": accumulative_counts,
             "train_batch_size": batch_size * accumulative_counts * world_size,

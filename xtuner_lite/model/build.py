@@ -63,6 +63,7 @@ def build_model(
     lora: LoraSettings | dict | None = None,
     dtype: str = "fp32",
     compute_dtype: str = "bf16",
+    quant_storage: str = "uint8",
     gradient_checkpointing: bool | int = False,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
@@ -71,7 +72,9 @@ def build_model(
 
     ``dtype`` is the storage dtype of the loaded weights: fp32 master weights for a full
     fine-tune; bf16 halves the frozen base of LoRA (adapter weights stay fp32, trained under
-    autocast). ``compute_dtype`` is what the 4-bit layers dequantize to in QLoRA.
+    autocast). ``compute_dtype`` is what the 4-bit layers dequantize to in QLoRA;
+    ``quant_storage`` the dtype their packed 4-bit bytes are stored as: a float dtype (bf16,
+    fp32) lets DeepSpeed ZeRO-3 and FSDP shard them like any other weight.
     ``gradient_checkpointing``: True recomputes every decoder layer in backward; an integer k
     recomputes every k-th layer only (torchtune's selective checkpointing), trading memory for
     speed.
@@ -88,7 +91,9 @@ def build_model(
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=parse_dtype(compute_dtype), bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_compute_dtype=parse_dtype(compute_dtype),
+            bnb_4bit_quant_storage=torch.uint8 if quant_storage == "uint8"
+            else parse_dtype(quant_storage))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     if method == "qlora":
