@@ -41,6 +41,7 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     from xtuner_lite.data.dataset import SFTDataset
     from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
     from xtuner_lite.engine import TrainSettings, build_runner
+    from xtuner_lite.engine.runner import check_engine_choice, resolve_device
     from xtuner_lite.model import build_model, skip_adapter_input_casts
 
     cfg = load_config(config, cfg_options) if isinstance(config, str) else config
@@ -68,13 +69,9 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    device = settings.device if settings.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    distributed = init_process_group(device, settings.dist_timeout)
-    if (settings.deepspeed or settings.fsdp) and not distributed:
-        raise XtunerError("train.deepspeed / train.fsdp need several processes: launch with "
-                          "NPROC_PER_NODE=N xtuner train ... (N >= 2)")
-    rank = world()[0]
+    distributed = init_process_group(resolve_device(settings), settings.dist_timeout)
+    rank, world_size = world()
+    check_engine_choice(settings, world_size)  # before any work
 
     tokenizer = resolve_tokenizer(data_cfg["tokenizer"])
     template = resolve_template(data_cfg.get("template"), tokenizer, data_cfg["tokenizer"])

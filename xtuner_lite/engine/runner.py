@@ -123,8 +123,7 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
 
     max_iters = total_steps(settings, len(dataset))
     warmup = int(settings.warmup_ratio * max_iters)
-    device = settings.device if settings.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(settings)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=settings.batch_size * settings.accumulative_counts,
         sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
@@ -196,16 +195,29 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
                           env_cfg=dict(dist_cfg=dict(backend=backend)))
 
 
-def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
-    """The mmengine strategy for a multi-process run: DeepSpeed, FSDP2 or DDP."""
-    from xtuner_lite.engine import strategies
+def resolve_device(settings: TrainSettings) -> str:
+    """``train.device``, with ``auto`` meaning CUDA when there is a GPU."""
+    if settings.device != "auto":
+        return settings.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_engine_choice(settings: TrainSettings, world_size: int) -> None:
+    """DeepSpeed and FSDP2 shard over processes: refuse them in a single process."""
     from xtuner_lite.errors import XtunerError
 
-    if world_size < 2:
+    if (settings.deepspeed or settings.fsdp) and world_size < 2:
         raise XtunerError("train.deepspeed / train.fsdp need several processes: launch with "
                           "NPROC_PER_NODE=N xtuner train ... (N >= 2)")
     if settings.deepspeed and settings.fsdp:
         raise XtunerError("choose one of --deepspeed and --fsdp")
+
+
+def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
+    """The mmengine strategy for a multi-process run: DeepSpeed, FSDP2 or DDP."""
+    from xtuner_lite.engine import strategies
+
+    check_engine_choice(settings, world_size)
     if settings.deepspeed:
         strategies.require_deepspeed()
         config = strategies.deepspeed_config(settings.deepspeed, settings.batch_size,
