@@ -214,3 +214,30 @@ def test_autocast_skips_adapter_input_casts(tiny_llama):
         after = loss_sum(model, batch)[0]
     torch.testing.assert_close(before, after, rtol=1e-2, atol=1e-2)
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+
+
+def test_bf16_lora_weights_train_and_are_planned(tiny_llama):
+    """model.lora_dtype='bf16' (the QLoRA paper's adapters): bf16 weights and gradients, the
+    loss falls under autocast, and the planner counts 2 bytes per adapter weight and gradient."""
+    from xtuner_lite.plan import PlanSettings, Shape, plan_memory
+
+    model = build_model(tiny_llama, method="qlora", lora=dict(r=4, alpha=8, dropout=0.0),
+                        lora_dtype="bf16")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.bfloat16 for p in trained)
+    batch = collate_packed(_rows(pack=True))
+    optimizer = torch.optim.AdamW(trained, lr=1e-2)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(accumulate_gradients(model, [batch]))
+        assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in trained)
+        optimizer.step()
+    assert losses[-1] < losses[0]
+    shape = Shape.from_config(model.config)
+    fp32, bf16 = (plan_memory(shape, PlanSettings(lora_r=4, lora_dtype=d))
+                  for d in ("fp32", "bf16"))
+    stored = sum(p.numel() * p.element_size() for p in trained)
+    assert bf16.get("adapter") == stored == fp32.get("adapter") / 2
+    assert bf16.get("gradients") == fp32.get("gradients") / 2

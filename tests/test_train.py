@@ -136,3 +136,30 @@ def test_convert_pth_to_hf_gives_the_final_adapter(tmp_path, tiny_llama, capsys)
                  str(tmp_path / "o2")]) == 1
     assert "nope.pth does not exist" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("max_iters,warmup_ratio", [(40, 0.03), (10, 0.1), (100, 0.03), (20, 0)])
+def test_lr_schedule_reaches_the_peak_lr_and_decays(max_iters, warmup_ratio):
+    """The schedule mmengine builds from our dicts: warmup ends at the configured lr, then the
+    cosine falls to min_lr (a one-step LinearLR would keep lr/1000 for the whole run)."""
+    import torch
+    from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
+
+    from xtuner_lite.engine.runner import TrainSettings, lr_schedule
+
+    settings = TrainSettings(lr=2e-4, warmup_ratio=warmup_ratio, min_lr_ratio=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
+    kinds = {"LinearLR": LinearLR, "CosineAnnealingLR": CosineAnnealingLR}
+    schedulers = [kinds[cfg.pop("type")](optimizer, **cfg)
+                  for cfg in map(dict, lr_schedule(settings, max_iters))]
+    lrs = []
+    for _ in range(max_iters):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    peak = max(range(max_iters), key=lrs.__getitem__)
+    assert lrs[peak] == pytest.approx(settings.lr, rel=1e-3)
+    assert peak <= max(2, int(warmup_ratio * max_iters))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert settings.lr * 0.1 <= lrs[-1] < settings.lr * 0.2

@@ -75,6 +75,7 @@ class PlanSettings:
     lora_r: int = 64
     lora_targets: tuple[str, ...] = LINEARS
     lora_dropout: float = 0.05
+    lora_dtype: str = "fp32"  # the adapter's weights and gradients
     base_dtype: str = "bf16"  # storage dtype of frozen / non-quantized weights
     compute_dtype: str = "bf16"  # autocast dtype (fp32: none)
     max_length: int = 2048
@@ -88,13 +89,21 @@ class PlanSettings:
     overhead_gib: float = 0.5  # CUDA context and allocator slack, not in max_memory_allocated
 
 
+# components alive only during forward/backward, or only during the optimizer step
+BACKWARD = ("activations", "recomputed layer", "final norm", "logits and loss", "head gradient")
+STEP = ("optimizer step",)
+
+
 @dataclass
 class MemoryPlan:
     components: list[tuple[str, float, str]] = field(default_factory=list)  # name, bytes, how
 
     @property
     def total(self) -> float:
-        return sum(b for _, b, _ in self.components)
+        """Peak: what is held throughout, plus the larger of the two transients — forward /
+        backward (activations, logits) and the optimizer step — which never overlap."""
+        held = sum(b for n, b, _ in self.components if n not in BACKWARD + STEP)
+        return held + max(sum(map(self.get, BACKWARD)), sum(map(self.get, STEP)))
 
     def get(self, name: str) -> float:
         return sum(b for n, b, _ in self.components if n == name)
@@ -175,12 +184,20 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
             frozen = base * (p["linear"] + other)
             how = "frozen base in the base dtype"
         plan.components.append(("weights", frozen / shard3, how))
-        plan.components.append(("adapter", 4 * trainable / shard3, "fp32 LoRA weights"))
+        plan.components.append(("adapter", DTYPE_BYTES[s.lora_dtype] * trainable / shard3,
+                                f"{s.lora_dtype} LoRA weights"))
     grads_shard = n if s.zero >= 2 else 1
-    plan.components.append(("gradients", 4 * trainable / grads_shard, "fp32"))
+    grad_bytes = 4 if s.method == "full" else DTYPE_BYTES[s.lora_dtype]
+    plan.components.append(("gradients", grad_bytes * trainable / grads_shard,
+                            "fp32" if grad_bytes == 4 else s.lora_dtype))
     state = 2 if "8bit" in s.optimizer else 8
     plan.components.append(("optimizer", state * trainable / (n if s.zero >= 1 else 1),
                             f"{s.optimizer}: {state} bytes per trained parameter"))
+    if "8bit" not in s.optimizer:  # torch's foreach AdamW: sqrt(second moment) of every tensor
+        state_bytes = 4 if s.method == "full" else DTYPE_BYTES[s.lora_dtype]
+        plan.components.append(("optimizer step", state_bytes * trainable / (n if s.zero >= 1
+                                                                             else 1),
+                                "foreach AdamW's temporary, one second-moment-sized copy"))
     tokens = s.batch_size * s.max_length
     layer = layer_activation_bytes(shape, s, tokens) + layer_weight_copies(shape, s)
     res = DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
@@ -218,6 +235,8 @@ def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
             steps.append((f"chunk_size={chunk}", {"chunk_size": chunk}))
     if "8bit" not in s.optimizer:
         steps.append(("optimizer='paged_adamw_8bit'", {"optimizer": "paged_adamw_8bit"}))
+    if s.method != "full" and DTYPE_BYTES[s.lora_dtype] == 4:
+        steps.append(("model.lora_dtype='bf16'", {"lora_dtype": "bf16"}))
     if s.method == "full":
         steps.append(("method='lora'", {"method": "lora"}))
     if s.method in ("full", "lora"):
@@ -274,7 +293,7 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
     settings = PlanSettings(
         method=model.get("method", "lora"), lora_r=int(lora.get("r", 64)),
         lora_targets=LINEARS if targets == "all-linear" else tuple(targets),
-        lora_dropout=float(lora.get("dropout", 0.1)),
+        lora_dropout=float(lora.get("dropout", 0.1)), lora_dtype=model.get("lora_dtype", "fp32"),
         base_dtype=model.get("dtype", "fp32"), compute_dtype=autocast or "fp32",
         max_length=int(data.get("max_length", 2048)), batch_size=int(train.get("batch_size", 1)),
         gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
@@ -298,7 +317,8 @@ def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
     table.add_column("what")
     for name, size, how in plan.components:
         table.add_row(name, f"{size / GiB:.2f}", how)
-    table.add_row("total", f"{plan.total / GiB:.2f}", "peak, per device")
+    table.add_row("total", f"{plan.total / GiB:.2f}",
+                  "peak per device: held + the larger of backward's and the step's transients")
     console = Console()
     console.print(table)
     if budget is None:

@@ -83,7 +83,7 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     from mmengine.runner import set_random_seed
 
     set_random_seed(seed)  # LoRA weights are initialized randomly: same seed, same start
-    llm = build_model(**model_cfg)
+    llm = build_model(**model_cfg, device=_load_device(settings, distributed))
     if settings.dtype is not None:  # every forward runs under autocast
         skip_adapter_input_casts(llm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -115,6 +115,18 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
         save_result(llm, tokenizer, template, cfg, out, seed=seed, state_dict=state)
     torch.distributed.barrier()
     return out
+
+
+def _load_device(settings, distributed: bool) -> str | None:
+    """Where the weights are loaded: straight onto this process's GPU (no host copy of the whole
+    model; NF4 quantized there) — except under DeepSpeed / FSDP2, which shard from host memory."""
+    import os
+
+    from xtuner_lite.engine.runner import resolve_device
+
+    if resolve_device(settings) != "cuda" or settings.deepspeed or settings.fsdp:
+        return None
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if distributed else "cuda"
 
 
 def _shards_weights(settings) -> bool:

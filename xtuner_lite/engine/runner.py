@@ -113,6 +113,24 @@ def total_steps(settings: TrainSettings, num_rows: int) -> int:
     return max(1, math.ceil((settings.epochs or 1) * num_rows / rows_per_step))
 
 
+def lr_schedule(settings: TrainSettings, max_iters: int) -> list[dict[str, Any]]:
+    """Linear warmup from 1e-3 × lr, then cosine down to ``min_lr_ratio`` × lr.
+
+    mmengine's LinearLR reaches the full lr one step before its ``end`` and, over a single step
+    (end=1), never leaves its start factor: the whole run would train at lr/1000. So a warmup
+    rounds up to two steps (one at the start factor, then the full lr)."""
+    warmup = int(settings.warmup_ratio * max_iters)
+    if warmup == 1:
+        warmup = 2
+    schedulers = []
+    if warmup > 0:
+        schedulers.append(dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0,
+                               end=warmup))
+    schedulers.append(dict(type="CosineAnnealingLR", eta_min=settings.lr * settings.min_lr_ratio,
+                           by_epoch=False, begin=warmup, end=max_iters))
+    return schedulers
+
+
 def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_token_id: int,
                  settings: TrainSettings, work_dir: str | Path, seed: int = 0,
                  resume: bool | str = False, hooks: list | None = None) -> XtunerRunner:
@@ -122,18 +140,11 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
     from xtuner_lite.engine.sft_model import SFTModel
 
     max_iters = total_steps(settings, len(dataset))
-    warmup = int(settings.warmup_ratio * max_iters)
     device = resolve_device(settings)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=settings.batch_size * settings.accumulative_counts,
         sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
         collate_fn=GlobalBatchCollator(settings.batch_size, pad_token_id), num_workers=0)
-    schedulers = []
-    if warmup > 0:
-        schedulers.append(dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0,
-                               end=warmup))
-    schedulers.append(dict(type="CosineAnnealingLR", eta_min=settings.lr * settings.min_lr_ratio,
-                           by_epoch=False, begin=warmup, end=max_iters))
     clip = dict(max_norm=settings.max_norm) if settings.max_norm else None
     _, world_size = world()
     strategy = None
@@ -165,7 +176,7 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
         train_dataloader=loader,
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         optim_wrapper=optim_wrapper,
-        param_scheduler=schedulers,
+        param_scheduler=lr_schedule(settings, max_iters),
         default_hooks=dict(
             timer=dict(type="IterTimerHook"),
             logger=dict(type="LoggerHook", interval=settings.log_interval,

@@ -67,6 +67,8 @@ def build_model(
     gradient_checkpointing: bool | int = False,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    device: str | None = None,
+    lora_dtype: str = "fp32",
 ) -> torch.nn.Module:
     """Load ``pretrained`` (embedded name, folder or hub id) ready to train with ``method``.
 
@@ -78,6 +80,10 @@ def build_model(
     ``gradient_checkpointing``: True recomputes every decoder layer in backward; an integer k
     recomputes every k-th layer only (torchtune's selective checkpointing), trading memory for
     speed.
+    ``lora_dtype``: the adapter's weights (and so gradients); fp32 by default, bf16 as the QLoRA
+    paper's reference code does — half the adapter memory for large r on big models.
+    ``device``: a CUDA device loads (and NF4-quantizes) the weights straight onto the GPU, layer
+    by layer, instead of building the whole model in host memory first.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -88,6 +94,8 @@ def build_model(
     path = resolve_model_path(pretrained)
     kwargs: dict[str, Any] = dict(dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
                                   trust_remote_code=trust_remote_code)
+    if device is not None and str(device).startswith("cuda"):
+        kwargs["device_map"] = {"": device}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -118,6 +126,10 @@ def build_model(
                         target_modules=settings.target_modules, task_type="CAUSAL_LM",
                         **settings.extra)
     model = get_peft_model(model, config)  # adapter weights are fp32 whatever the base dtype
+    if lora_dtype not in ("fp32", "float32"):
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(parse_dtype(lora_dtype))
     use_int16_lora_dropout(model)
     return model
 
