@@ -157,3 +157,36 @@ def test_quantized_engine_equals_transformers_generate(smol, bits):
     params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
     got = [InferenceEngine(model, tok).generate([p], params)[0].output_ids for p in prompts[:3]]
     assert got == expected and any(len(g) > 4 for g in got)
+
+
+def test_shared_prefix_is_prefilled_once_with_the_same_greedy_tokens(smol):
+    """Few-shot prompts share a long prefix: it is run once (fewer prefilled tokens) and every
+    answer is still token-identical to transformers.generate on the whole prompt."""
+    model, tok, _, stops = smol
+    shots = "".join(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n"
+                    for a, b in [(2, 3), (10, 7), (41, 1), (6, 6), (13, 29)])
+    prompts = [tok(shots + f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
+               for q in QUESTIONS[:4]]
+    fed = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, input_ids, **kwargs):
+            fed.append(input_ids.numel())
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    engine = InferenceEngine(Counting(), tok)
+    got = [r.output_ids for r in engine.generate(prompts, params)]
+    assert got == _hf_greedy(model, prompts, stops, batched=False)
+    shared = engine._shared_prefix([engine.add_request(p) for p in prompts])
+    assert shared >= 64
+    prefill = fed[0] + fed[1]  # the prefix once, then each prompt's own tokens (left-padded)
+    assert prefill <= sum(map(len, prompts)) - (len(prompts) - 1) * shared + len(prompts) * 8
+    fed.clear()
+    plain = InferenceEngine(Counting(), tok, share_prefix=0)
+    assert [r.output_ids for r in plain.generate(prompts, params)] == got
+    assert fed[0] == len(prompts) * max(map(len, prompts))

@@ -55,12 +55,16 @@ class InferenceEngine:
     """Batched, streaming generation for a causal LM (merged, or base + adapter)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch_size: int = 32,
-                 context_length: int | None = None):
+                 context_length: int | None = None, share_prefix: int = 64):
+        """``share_prefix``: when the prompts admitted together share at least this many leading
+        tokens (few-shot exemplars, a long system prompt), that prefix is prefilled once and its
+        keys/values copied to every row; 0 turns it off."""
         from transformers import DynamicCache
 
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.share_prefix = share_prefix
         config = model.config
         self.context_length = context_length or getattr(config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
@@ -136,17 +140,40 @@ class InferenceEngine:
         return out.logits[:, -1].float()
 
     def _prefill(self, requests: list[Request]) -> list[Request]:
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.zeros(len(requests), width, dtype=torch.long)
-        mask = torch.zeros(len(requests), width, dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
         cache = self._cache_cls(config=self.model.config)
+        shared = self._shared_prefix(requests)
+        if shared:  # run it once, then give every row its own copy of the prefix's cache
+            prefix = torch.tensor([requests[0].prompt_ids[:shared]], device=self.device)
+            self._forward(prefix, torch.ones_like(prefix), cache)
+            for layer in cache.layers:
+                layer.keys = layer.keys.repeat(len(requests), 1, 1, 1)
+                layer.values = layer.values.repeat(len(requests), 1, 1, 1)
+        # the rest of each prompt, left-padded: [shared prefix][padding][own tokens]
+        width = max(len(r.prompt_ids) for r in requests) - shared
+        ids = torch.zeros(len(requests), width, dtype=torch.long)
+        mask = torch.zeros(len(requests), shared + width, dtype=torch.long)
+        mask[:, :shared] = 1
+        for i, r in enumerate(requests):
+            own = r.prompt_ids[shared:]
+            ids[i, width - len(own):] = torch.tensor(own)
+            mask[i, shared + width - len(own):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         tokens, finished = self._emit(requests, self._forward(ids, mask, cache))
         self._splice(requests, cache, mask, tokens)
         return finished
+
+    def _shared_prefix(self, requests: list[Request]) -> int:
+        """Leading tokens all ``requests`` share (each keeps at least one of its own, whose
+        logits give its first token), or 0 when below ``share_prefix``."""
+        if len(requests) < 2 or not self.share_prefix:
+            return 0
+        first = requests[0].prompt_ids
+        shared = min(len(r.prompt_ids) for r in requests) - 1
+        for r in requests[1:]:
+            same = next((i for i, (a, b) in enumerate(zip(first, r.prompt_ids)) if a != b),
+                        len(r.prompt_ids))
+            shared = min(shared, same)
+        return shared if shared >= self.share_prefix else 0
 
     def _decode(self) -> list[Request]:
         ones = self._mask.new_ones(self._mask.shape[0], 1)
