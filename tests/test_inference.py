@@ -182,10 +182,16 @@ def test_shared_prefix_is_prefilled_once_with_the_same_greedy_tokens(smol):
     engine = InferenceEngine(Counting(), tok)
     got = [r.output_ids for r in engine.generate(prompts, params)]
     assert got == _hf_greedy(model, prompts, stops, batched=False)
-    shared = engine._shared_prefix([engine.add_request(p) for p in prompts])
+    shared = len(engine._prefix[0])  # the prefix kept after the batch
     assert shared >= 64
     prefill = fed[0] + fed[1]  # the prefix once, then each prompt's own tokens (left-padded)
     assert prefill <= sum(map(len, prompts)) - (len(prompts) - 1) * shared + len(prompts) * 8
+    fed.clear()  # a later request with the same prefix reuses the kept prefix
+    late = tok(shots + "Question: How many legs has a cat?\nAnswer:",
+               add_special_tokens=False)["input_ids"]
+    answer = engine.generate([late], params)[0].output_ids
+    assert fed[0] == len(late) - shared
+    assert answer == _hf_greedy(model, [late], stops, batched=False)[0]
     fed.clear()
     plain = InferenceEngine(Counting(), tok, share_prefix=0)
     assert [r.output_ids for r in plain.generate(prompts, params)] == got

@@ -10,9 +10,11 @@ greedy output is the same tokens.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -65,6 +67,7 @@ class InferenceEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.share_prefix = share_prefix
+        self._prefix: tuple[list[int], Any] | None = None  # last shared prefix and its cache
         config = model.config
         self.context_length = context_length or getattr(config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
@@ -142,9 +145,13 @@ class InferenceEngine:
     def _prefill(self, requests: list[Request]) -> list[Request]:
         cache = self._cache_cls(config=self.model.config)
         shared = self._shared_prefix(requests)
-        if shared:  # run it once, then give every row its own copy of the prefix's cache
-            prefix = torch.tensor([requests[0].prompt_ids[:shared]], device=self.device)
-            self._forward(prefix, torch.ones_like(prefix), cache)
+        if shared:  # run it once (kept for later admissions), every row gets its own copy
+            ids = requests[0].prompt_ids[:shared]
+            if self._prefix is None or self._prefix[0] != ids:
+                prefix = torch.tensor([ids], device=self.device)
+                self._forward(prefix, torch.ones_like(prefix), cache)
+                self._prefix = (ids, cache)
+            cache = copy.deepcopy(self._prefix[1])
             for layer in cache.layers:
                 layer.keys = layer.keys.repeat(len(requests), 1, 1, 1)
                 layer.values = layer.values.repeat(len(requests), 1, 1, 1)
@@ -164,8 +171,16 @@ class InferenceEngine:
 
     def _shared_prefix(self, requests: list[Request]) -> int:
         """Leading tokens all ``requests`` share (each keeps at least one of its own, whose
-        logits give its first token), or 0 when below ``share_prefix``."""
-        if len(requests) < 2 or not self.share_prefix:
+        logits give its first token): the kept prefix when they all start with it, else their
+        common prefix; 0 when below ``share_prefix``."""
+        if not self.share_prefix:
+            return 0
+        if self._prefix is not None:
+            kept = self._prefix[0]
+            if all(len(r.prompt_ids) > len(kept) and r.prompt_ids[:len(kept)] == kept
+                   for r in requests):
+                return len(kept)
+        if len(requests) < 2:
             return 0
         first = requests[0].prompt_ids
         shared = min(len(r.prompt_ids) for r in requests) - 1
@@ -187,9 +202,13 @@ class InferenceEngine:
               ) -> tuple[torch.Tensor, list[Request]]:
         """Choose each row's next token, stream it, mark finished requests."""
         chosen, finished = [], []
+        greedy = logits.argmax(-1).tolist()  # one call for the whole batch
         for i, r in enumerate(rows):
-            seen = torch.tensor(r.prompt_ids + r.output_ids, device=logits.device)
-            token = choose_token(logits[i], r.params, seen, r.generator)
+            if r.params.temperature == 0 and r.params.repetition_penalty == 1.0:
+                token = greedy[i]
+            else:
+                seen = torch.tensor(r.prompt_ids + r.output_ids, device=logits.device)
+                token = choose_token(logits[i], r.params, seen, r.generator)
             chosen.append(token)
             if not r.finished:  # (a cancelled request only waits to leave the batch)
                 self._accept(r, token)
