@@ -28,7 +28,7 @@ quickstart: install
 
 test: install-tests
 	ruff check xtuner_lite tests tools benchmarks configs examples
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -ra tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -ra --durations=12 tests
 
 bench: install-tests
 	$(PYTHON) benchmarks/bench_data.py
