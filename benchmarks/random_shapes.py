@@ -146,17 +146,21 @@ def train_and_measure(folder: Path, *, method: str, max_length: int, steps: int,
     return result
 
 
-def planned_gib(folder: Path, *, method: str, max_length: int, gradient_checkpointing: bool,
-                chunk_size: int, lora_r: int, optimizer: str, explicit_mask: bool = True,
-                lora_dtype: str = "fp32") -> float:
-    """What ``xtuner plan`` predicts for the same run, without the fixed CUDA-context overhead
-    (which ``max_memory_allocated`` does not count)."""
-    from transformers import AutoConfig
-
+def planned_gib(shape: str | Path, *, method: str, max_length: int,
+                gradient_checkpointing: bool, chunk_size: int, lora_r: int, optimizer: str,
+                explicit_mask: bool = True, lora_dtype: str = "fp32") -> float:
+    """What ``xtuner plan`` predicts for ``train_and_measure``'s run on a shape (a name in
+    ``SHAPES`` or a model folder), without the fixed CUDA-context overhead (which
+    ``max_memory_allocated`` does not count)."""
     from xtuner_lite.plan import GiB, PlanSettings, Shape, plan_memory
 
-    shape = Shape.from_config(AutoConfig.from_pretrained(folder))
-    plan = plan_memory(shape, PlanSettings(
+    if str(shape) in SHAPES:
+        config = {"tie_word_embeddings": False, **SHAPES[str(shape)]}
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(shape)
+    plan = plan_memory(Shape.from_config(config), PlanSettings(
         method=method, lora_r=lora_r, lora_dropout=0.1,
         base_dtype="fp32" if method == "full" else "bf16", compute_dtype="bf16",
         max_length=max_length, gradient_checkpointing=gradient_checkpointing,

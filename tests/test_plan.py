@@ -148,19 +148,14 @@ def _planned_gib(row: dict) -> float:
     import importlib.util
     from pathlib import Path
 
-    from xtuner_lite.plan import GiB
-
     spec = importlib.util.spec_from_file_location(
         "random_shapes", Path(__file__).resolve().parents[1] / "benchmarks/random_shapes.py")
     shapes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shapes)
-    shape = Shape.from_config({"tie_word_embeddings": False, **shapes.SHAPES[row["shape"]]})
-    plan = plan_memory(shape, PlanSettings(
-        method=row["method"], lora_r=64, lora_dropout=0.1, lora_dtype=row["lora_dtype"],
-        base_dtype="fp32" if row["method"] == "full" else "bf16", compute_dtype="bf16",
-        max_length=row["max_length"], gradient_checkpointing=row["checkpointing"],
-        chunk_size=row["chunk_size"], optimizer=row["optimizer"], explicit_mask=True))
-    return (plan.total - plan.get("overhead")) / GiB
+    return shapes.planned_gib(row["shape"], method=row["method"], max_length=row["max_length"],
+                              gradient_checkpointing=row["checkpointing"], lora_r=64,
+                              chunk_size=row["chunk_size"], optimizer=row["optimizer"],
+                              lora_dtype=row["lora_dtype"])
 
 
 def test_plan_against_recorded_cuda_peaks():
