@@ -187,16 +187,15 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
         plan.components.append(("adapter", DTYPE_BYTES[s.lora_dtype] * trainable / shard3,
                                 f"{s.lora_dtype} LoRA weights"))
     grads_shard = n if s.zero >= 2 else 1
-    grad_bytes = 4 if s.method == "full" else DTYPE_BYTES[s.lora_dtype]
-    plan.components.append(("gradients", grad_bytes * trainable / grads_shard,
-                            "fp32" if grad_bytes == 4 else s.lora_dtype))
+    state_shard = n if s.zero >= 1 else 1
+    trained_bytes = 4 if s.method == "full" else DTYPE_BYTES[s.lora_dtype]  # weight, gradient
+    plan.components.append(("gradients", trained_bytes * trainable / grads_shard,
+                            "fp32" if trained_bytes == 4 else s.lora_dtype))
     state = 2 if "8bit" in s.optimizer else 8
-    plan.components.append(("optimizer", state * trainable / (n if s.zero >= 1 else 1),
+    plan.components.append(("optimizer", state * trainable / state_shard,
                             f"{s.optimizer}: {state} bytes per trained parameter"))
     if "8bit" not in s.optimizer:  # torch's foreach AdamW: sqrt(second moment) of every tensor
-        state_bytes = 4 if s.method == "full" else DTYPE_BYTES[s.lora_dtype]
-        plan.components.append(("optimizer step", state_bytes * trainable / (n if s.zero >= 1
-                                                                             else 1),
+        plan.components.append(("optimizer step", trained_bytes * trainable / state_shard,
                                 "foreach AdamW's temporary, one second-moment-sized copy"))
     tokens = s.batch_size * s.max_length
     layer = layer_activation_bytes(shape, s, tokens) + layer_weight_copies(shape, s)
