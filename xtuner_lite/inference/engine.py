@@ -143,18 +143,9 @@ class InferenceEngine:
         return out.logits[:, -1].float()
 
     def _prefill(self, requests: list[Request]) -> list[Request]:
-        cache = self._cache_cls(config=self.model.config)
         shared = self._shared_prefix(requests)
-        if shared:  # run it once (kept for later admissions), every row gets its own copy
-            ids = requests[0].prompt_ids[:shared]
-            if self._prefix is None or self._prefix[0] != ids:
-                prefix = torch.tensor([ids], device=self.device)
-                self._forward(prefix, torch.ones_like(prefix), cache)
-                self._prefix = (ids, cache)
-            cache = copy.deepcopy(self._prefix[1])
-            for layer in cache.layers:
-                layer.keys = layer.keys.repeat(len(requests), 1, 1, 1)
-                layer.values = layer.values.repeat(len(requests), 1, 1, 1)
+        cache = (self._prefix_cache(requests[0].prompt_ids[:shared], len(requests)) if shared
+                 else self._cache_cls(config=self.model.config))
         # the rest of each prompt, left-padded: [shared prefix][padding][own tokens]
         width = max(len(r.prompt_ids) for r in requests) - shared
         ids = torch.zeros(len(requests), width, dtype=torch.long)
@@ -168,6 +159,20 @@ class InferenceEngine:
         tokens, finished = self._emit(requests, self._forward(ids, mask, cache))
         self._splice(requests, cache, mask, tokens)
         return finished
+
+    def _prefix_cache(self, ids: list[int], rows: int):
+        """A cache holding ``ids``' keys/values for ``rows`` rows; the prefix is run once and
+        kept for later admissions."""
+        if self._prefix is None or self._prefix[0] != ids:
+            cache = self._cache_cls(config=self.model.config)
+            prefix = torch.tensor([ids], device=self.device)
+            self._forward(prefix, torch.ones_like(prefix), cache)
+            self._prefix = (ids, cache)
+        cache = copy.deepcopy(self._prefix[1])
+        for layer in cache.layers:
+            layer.keys = layer.keys.repeat(rows, 1, 1, 1)
+            layer.values = layer.values.repeat(rows, 1, 1, 1)
+        return cache
 
     def _shared_prefix(self, requests: list[Request]) -> int:
         """Leading tokens all ``requests`` share (each keeps at least one of its own, whose
