@@ -33,8 +33,10 @@ def _reference_logprob(model, context_ids, continuation_ids):
                enumerate(continuation_ids))
 
 
-def test_shared_prefix_scores_equal_whole_sequence_scores(smol):
-    scorer = LoglikScorer(smol.model, smol.tokenizer, batch_tokens=300)  # forces several batches
+@pytest.mark.parametrize("chunk_tokens", [256, 3])
+def test_shared_prefix_scores_equal_whole_sequence_scores(smol, chunk_tokens):
+    # several context batches; options packed into one row, or split across many
+    scorer = LoglikScorer(smol.model, smol.tokenizer, batch_tokens=300, chunk_tokens=chunk_tokens)
     pairs = [("Question: What colour is the sky?\nAnswer:", " blue"),
              ("Question: What colour is the sky?\nAnswer:", " green on Tuesdays and purple"),
              ("The capital of France is ", "Paris"), ("Hi", " there, friend"),

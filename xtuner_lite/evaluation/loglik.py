@@ -2,8 +2,9 @@
 
 The options of one question share their prompt. Rather than running prompt+option k times (what
 lm-evaluation-harness does), a batch of distinct contexts is prefilled once (left-padded, with a
-KV cache), each context's cache rows are repeated for its options, and only the option tokens
-are run. Tokenization splits pairs exactly as lm-evaluation-harness does, so the numbers agree.
+KV cache) with only its last logits, which score each option's first token; the options' other
+tokens then run packed into rows without padding, each attending to its own context's cached
+keys. Tokenization splits pairs exactly as lm-evaluation-harness does, so the numbers agree.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ class LoglikScorer:
     """``score([(context, continuation), ...])`` for a causal LM and its tokenizer."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_tokens: int = 4096,
-                 max_length: int | None = None):
+                 max_length: int | None = None, chunk_tokens: int = 256):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.batch_tokens = batch_tokens
+        self.batch_tokens = batch_tokens  # context positions (padded) per prefill
+        # option tokens per packed row; each attends to the keys of every context in its
+        # chunk, so a longer row pays more attention for the same tokens
+        self.chunk_tokens = chunk_tokens
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
         self.device = next(model.parameters()).device
         eos = tokenizer.eos_token_id
@@ -66,20 +70,17 @@ class LoglikScorer:
         order = sorted(groups, key=len, reverse=True)  # similar lengths batch together
         results: list[Score | None] = [None] * len(encoded)
         batch: list[tuple[int, ...]] = []
-        cost = 0
-        for context in order:
-            rows = groups[context]
-            longest = max(len(encoded[i][1]) for i in rows)
-            width = len(batch[0]) if batch else len(context)
-            # tokens this batch will hold: contexts (padded) + every option row's full width
-            extra = width + len(rows) * (width + longest)
-            if batch and cost + extra > self.batch_tokens:
+        real = 0
+        for context in order:  # the longest comes first: it sets the batch's width
+            padded = (len(batch) + 1) * len(batch[0]) if batch else 0
+            # a new batch when this one is full or would be more than a tenth left padding
+            if batch and (padded > self.batch_tokens or padded > 1.1 * (real + len(context))):
                 self._run(batch, groups, encoded, results)
                 if progress:
                     progress(sum(len(groups[c]) for c in batch))
-                batch, cost = [], 0
+                batch, real = [], 0
             batch.append(context)
-            cost += extra
+            real += len(context)
         if batch:
             self._run(batch, groups, encoded, results)
             if progress:
@@ -88,6 +89,7 @@ class LoglikScorer:
 
     def _run(self, contexts: list[tuple[int, ...]], groups: dict, encoded: list,
              results: list) -> None:
+        """Prefill the contexts (left-padded, last logits only), then score the options."""
         from transformers import DynamicCache
 
         device = self.device
@@ -105,45 +107,66 @@ class LoglikScorer:
         first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
 
         requests = [(row, i) for row, context in enumerate(contexts) for i in groups[context]]
-        # options sorted by length and run in chunks, so short ones are not padded to the longest
-        requests.sort(key=lambda r: len(encoded[r[1]][1]))
-        prefix = [(layer.keys, layer.values) for layer in cache.layers]
-        chunk: list[tuple[int, int]] = []
-        for request in requests:
-            longest = len(encoded[request[1]][1])
-            if chunk and (len(chunk) + 1) * (width + longest) > self.batch_tokens:
-                self._options(chunk, encoded, results, first, mask, cache, prefix)
-                chunk = []
-            chunk.append(request)
-        self._options(chunk, encoded, results, first, mask, cache, prefix)
-
-    def _options(self, requests: list[tuple[int, int]], encoded: list, results: list,
-                 first: torch.Tensor, mask: torch.Tensor, cache, prefix: list) -> None:
-        """Score options (context row, request index) on their contexts' cached keys/values."""
-        device, width = self.device, mask.shape[1]
         owner = torch.tensor([row for row, _ in requests], device=device)
-        length = max(len(encoded[i][1]) for _, i in requests)
-        cont = torch.zeros(len(requests), length, dtype=torch.long)
-        cont_mask = torch.zeros(len(requests), length, dtype=torch.long)
+        heads = torch.tensor([encoded[i][1][0] for _, i in requests], device=device)
+        logprobs = first[owner, heads].double()
+        misses = (first.argmax(-1)[owner] != heads).long()
+        prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        # the rest of every option, packed without padding, in chunks of whole options
+        chunk: list[int] = []
+        size = 0
         for r, (_, i) in enumerate(requests):
+            n = len(encoded[i][1]) - 1
+            if not n:
+                continue
+            if chunk and size + n > self.chunk_tokens:
+                self._packed(chunk, requests, encoded, mask, cache, prefix, logprobs, misses)
+                chunk, size = [], 0
+            chunk.append(r)
+            size += n
+        if chunk:
+            self._packed(chunk, requests, encoded, mask, cache, prefix, logprobs, misses)
+        for r, (_, i) in enumerate(requests):
+            results[i] = Score(float(logprobs[r]), bool(misses[r] == 0), len(encoded[i][1]))
+
+    def _packed(self, chunk: list[int], requests: list[tuple[int, int]], encoded: list,
+                mask: torch.Tensor, cache, prefix: list, logprobs: torch.Tensor,
+                misses: torch.Tensor) -> None:
+        """Run options' tokens after the first as one row: each attends to its own context's
+        cached keys and to its own earlier tokens only, so no option is padded to the longest.
+        Adds each option's log-probability and argmax misses into ``logprobs``/``misses``."""
+        device, width = self.device, mask.shape[1]
+        top = requests[chunk[0]][0]  # requests are in context-row order
+        span = requests[chunk[-1]][0] - top + 1
+        ids, targets, positions, segment, own = [], [], [], [], []
+        for k, r in enumerate(chunk):
+            row, i = requests[r]
             tokens = encoded[i][1]
-            cont[r, :len(tokens)] = torch.tensor(tokens)
-            cont_mask[r, :len(tokens)] = 1
-        cont, cont_mask = cont.to(device), cont_mask.to(device)
-        logprobs = first[owner].gather(1, cont[:, :1]).squeeze(1)
-        greedy = first[owner].argmax(-1) == cont[:, 0]
-        if length > 1:  # options longer than one token: run them on the repeated cache
-            for layer, (keys, values) in zip(cache.layers, prefix):
-                layer.keys, layer.values = keys[owner], values[owner]
-            full_mask = torch.cat([mask[owner], cont_mask], dim=1)
-            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, width:width + length - 1]
-            out = self.model(input_ids=cont[:, :-1], attention_mask=full_mask[:, :-1],
-                             position_ids=pos, past_key_values=cache, use_cache=True)
-            logits = out.logits.float()  # no log_softmax copy: gather minus logsumexp
-            target = cont[:, 1:]
-            valid = cont_mask[:, 1:].bool()
-            token_lp = logits.gather(2, target[..., None]).squeeze(2) - logits.logsumexp(-1)
-            logprobs = logprobs + (token_lp * valid).sum(1)
-            greedy &= ((logits.argmax(-1) == target) | ~valid).all(1)
-        for r, (_, i) in enumerate(requests):
-            results[i] = Score(float(logprobs[r]), bool(greedy[r]), len(encoded[i][1]))
+            start = int(mask[row].sum())  # the context's length: its next position
+            ids += tokens[:-1]
+            targets += tokens[1:]
+            positions += range(start, start + len(tokens) - 1)
+            segment += [k] * (len(tokens) - 1)
+            own += [row - top] * (len(tokens) - 1)
+        segment_t = torch.tensor(segment, device=device)
+        own_t = torch.tensor(own, device=device)
+        key_owner = torch.arange(span, device=device).repeat_interleave(width)
+        real = mask[top:top + span].bool().reshape(-1)
+        to_context = (own_t[:, None] == key_owner[None, :]) & real[None, :]
+        order = torch.arange(len(ids), device=device)
+        to_itself = (segment_t[:, None] == segment_t[None, :]) & (order[:, None] >= order[None, :])
+        attention = torch.cat([to_context, to_itself], dim=1)[None, None]
+        for layer, (keys, values) in zip(cache.layers, prefix):  # the rows, as one long row
+            layer.keys = keys[top:top + span].transpose(0, 1).reshape(
+                1, keys.shape[1], span * width, keys.shape[3])
+            layer.values = values[top:top + span].transpose(0, 1).reshape(
+                1, values.shape[1], span * width, values.shape[3])
+        out = self.model(input_ids=torch.tensor([ids], device=device), attention_mask=attention,
+                         position_ids=torch.tensor([positions], device=device),
+                         past_key_values=cache, use_cache=True)
+        logits = out.logits[0].float()  # no log_softmax copy: gather minus logsumexp
+        target = torch.tensor(targets, device=device)
+        token_lp = logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(-1)
+        rows = torch.tensor(chunk, device=device)[segment_t]
+        logprobs.index_add_(0, rows, token_lp.double())
+        misses.index_add_(0, rows, (logits.argmax(-1) != target).long())
