@@ -12,6 +12,7 @@ from xtuner_lite.model import (
     loss_sum,
     skip_adapter_input_casts,
 )
+from xtuner_lite.model.attention import PACKED_SDPA, segments_of
 from xtuner_lite.model.dropout import Int16Dropout
 
 LENGTHS = [5, 9, 3, 12]
@@ -57,6 +58,28 @@ def test_packed_row_equals_per_sample(tiny_llama, attn):
     assert n_p == n
     assert abs(float(loss_p) - total) < 1e-4
     _assert_same(grads_p, _grads(model))
+
+
+def test_packed_sdpa_equals_the_block_mask_and_is_plain_sdpa_otherwise(tiny_llama):
+    model = build_model(tiny_llama, method="full")
+    assert model.config._attn_implementation == PACKED_SDPA
+    batch = collate_packed(_rows(pack=True) + _rows(pack=False)[:1])  # 2nd row: padded tail
+    assert segments_of(batch["cu_seqlens"], *batch["input_ids"].shape) == [
+        (0, 0, 12), (0, 12, 21), (0, 21, 26), (0, 26, 29), (1, 0, 5), (1, 5, 29)]
+    losses, grads, logits = [], [], []
+    ids = batch["input_ids"][:1, :12]
+    for impl in (PACKED_SDPA, "sdpa"):  # sample by sample, then one block-masked call
+        model.config._attn_implementation = impl
+        model.zero_grad()
+        loss, _ = loss_sum(model, batch)
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(_grads(model))
+        with torch.no_grad():  # no segments (generation, evaluation): SDPA with its mask
+            logits.append(model(ids, attention_mask=torch.ones_like(ids)).logits)
+    assert abs(losses[0] - losses[1]) < 1e-4
+    _assert_same(*grads)
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
 
 
 def test_accumulation_equals_one_big_batch(tiny_llama):

@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON file for scores and per-sample predictions")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bf16)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring batch")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="context tokens per batch")
     p.add_argument("--num-fewshot", type=int, help="override every task's few-shot count")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction,
                    help="wrap prompts in the model's chat template (or not), for every task")

@@ -1,14 +1,20 @@
 """Keep attention inside each packed sample.
 
-On CPU (SDPA, eager) a block-diagonal causal mask built from ``cu_seqlens`` is passed as a 4D
-attention mask (boolean for SDPA; additive for eager, which adds the mask to the scores as is);
-with FlashAttention the per-sample ``position_ids`` alone tell transformers'
-varlen kernel where samples start, so no L×L mask is ever built.
+With SDPA (the default) the model runs :data:`PACKED_SDPA`, transformers' SDPA plus one rule:
+a training forward that passes ``segments`` attends sample by sample, each with the causal
+kernel and no mask. A 512-token row of three samples then costs the three samples' attention,
+not the row's: on 2 CPU cores forward + backward takes less than half the time of one masked
+call. Any other call (generation, evaluation) is plain SDPA. Eager attention gets an additive
+block-diagonal mask built from ``cu_seqlens``; with FlashAttention the per-sample
+``position_ids`` alone tell transformers' varlen kernel where samples start.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+PACKED_SDPA = "xtuner_packed_sdpa"
 
 
 def segment_ids(cu_seqlens: torch.Tensor, batch: int, width: int) -> torch.Tensor:
@@ -26,11 +32,60 @@ def block_causal_mask(cu_seqlens: torch.Tensor, batch: int, width: int) -> torch
     return (same & causal)[:, None]
 
 
+def segments_of(cu_seqlens: torch.Tensor, batch: int, width: int) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every sample, in order; a row's unfilled tail is one more segment
+    (what the block mask does with it too)."""
+    cuts = {int(c) for c in cu_seqlens.tolist() if 0 < int(c) < batch * width}
+    cuts |= {row * width for row in range(1, batch)}
+    bounds = [0, *sorted(cuts), batch * width]
+    return [(start // width, start % width, start % width + end - start)
+            for start, end in zip(bounds, bounds[1:])]
+
+
+def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor | None,
+                          scaling: float | None = None, dropout: float = 0.0,
+                          segments: list[tuple[int, int, int]] | None = None, **kwargs
+                          ) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: (batch, heads, length, dim) in, (batch, length, heads,
+    dim) out. Without ``segments`` this is transformers' SDPA."""
+    if segments is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, dropout=dropout, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    # CPU: the fp32 kernels' backward runs ~2x faster than bf16's at sample lengths (measured)
+    dtype = torch.float32 if query.device.type == "cpu" else query.dtype
+    rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    with torch.autocast(query.device.type, enabled=False):
+        for row, start, end in segments:
+            q, k, v = (t[row:row + 1, :, start:end].to(dtype) for t in (query, key, value))
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            rows[row].append(F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scaling, dropout_p=dropout))
+    out = torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def register_packed_sdpa() -> None:
+    """Make :data:`PACKED_SDPA` a transformers attention implementation (masks as SDPA's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+
+
 def attention_kwargs(batch: dict[str, torch.Tensor], attn_implementation: str) -> dict:
     """Model-call kwargs that keep attention within samples for the given implementation."""
     input_ids = batch["input_ids"]
     kwargs = {"position_ids": batch["position_ids"]}
     if "flash" in attn_implementation:
+        return kwargs
+    if attn_implementation == PACKED_SDPA:
+        kwargs["segments"] = segments_of(batch["cu_seqlens"], *input_ids.shape)
         return kwargs
     mask = block_causal_mask(batch["cu_seqlens"], *input_ids.shape)
     if attn_implementation == "eager":

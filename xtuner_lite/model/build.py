@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
 from xtuner_lite.model.dropout import use_int16_lora_dropout
 
 Method = Literal["full", "lora", "qlora"]
@@ -92,6 +93,9 @@ def build_model(
     if method not in ("full", "lora", "qlora"):
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
     path = resolve_model_path(pretrained)
+    if attn_implementation == "sdpa":  # SDPA, attending sample by sample in packed rows
+        register_packed_sdpa()
+        attn_implementation = PACKED_SDPA
     kwargs: dict[str, Any] = dict(dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
                                   trust_remote_code=trust_remote_code)
     if device is not None and str(device).startswith("cuda"):

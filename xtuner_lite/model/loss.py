@@ -36,12 +36,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
             logits = F.linear(h, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            # softmax in place in the one fp32 buffer: torch.logsumexp would allocate another
+            # chunk-sized temporary (and fresh pages cost as much as the arithmetic on CPU)
+            maxes = logits.amax(-1, keepdim=True)
+            sums = logits.sub_(maxes).exp_().sum(-1, keepdim=True)
+            total += (maxes + sums.log()).sum() - picked.sum()
             if not any(need[:3]):
                 continue
-            # d(sum CE)/d logits = softmax - one_hot, built in place in the logits buffer
-            grad_logits = logits.sub_(lse[:, None]).exp_()
+            # d(sum CE)/d logits = softmax - one_hot
+            grad_logits = logits.div_(sums)
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_logits.to(h.dtype) @ weight.to(h.dtype)
