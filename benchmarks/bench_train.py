@@ -43,7 +43,7 @@ def run_ours(opts: argparse.Namespace) -> dict:
         train_dataset=dict(data_files=str(opts.file), tokenizer="smollm2-135m-instruct",
                            map_fn="alpaca", template="smollm2", max_length=opts.max_length),
         train=dict(batch_size=1, accumulative_counts=opts.accum, max_iters=opts.steps, lr=2e-4,
-                   warmup_ratio=0.0,
+                   warmup_ratio=0.0, chunk_size=opts.chunk_size,
                    dtype="bf16", save_steps=10**9, log_interval=10**6, tensorboard=False))
     start = time.perf_counter()
     train(cfg, work_dir=work)
@@ -97,6 +97,8 @@ def main() -> None:
                         help="turn gradient checkpointing off on both sides (TRL's default is on)")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="ours: recompute every k-th decoder layer (TRL recomputes all)")
+    parser.add_argument("--chunk-size", type=int, default=1024,
+                        help="ours: tokens per loss chunk (fp32 logits live one chunk at a time)")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.side:  # child process: one side, one JSON line on stdout
@@ -108,7 +110,8 @@ def main() -> None:
     for side in ("ours", "trl"):
         cmd = [sys.executable, __file__, "--side", side, "--file", str(opts.file),
                "--max-length", str(opts.max_length), "--steps", str(opts.steps),
-               "--accum", str(opts.accum), "--checkpoint-every", str(opts.checkpoint_every)]
+               "--accum", str(opts.accum), "--checkpoint-every", str(opts.checkpoint_every),
+               "--chunk-size", str(opts.chunk_size)]
         cmd += [] if opts.checkpointing else ["--no-checkpointing"]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
