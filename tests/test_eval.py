@@ -33,9 +33,12 @@ def _reference_logprob(model, context_ids, continuation_ids):
                enumerate(continuation_ids))
 
 
-@pytest.mark.parametrize("chunk_tokens", [256, 3])
-def test_shared_prefix_scores_equal_whole_sequence_scores(smol, chunk_tokens):
-    # several context batches; options packed into one row, or split across many
+@pytest.mark.parametrize("chunk_tokens,attention", [(256, "sdpa"), (3, "sdpa"), (256, "eager")])
+def test_shared_prefix_scores_equal_whole_sequence_scores(smol, chunk_tokens, attention,
+                                                          monkeypatch):
+    # several context batches; options packed into one row, or split across many; the packed
+    # rows' block mask is boolean for SDPA and additive for eager attention
+    monkeypatch.setattr(smol.model.config, "_attn_implementation", attention)
     scorer = LoglikScorer(smol.model, smol.tokenizer, batch_tokens=300, chunk_tokens=chunk_tokens)
     pairs = [("Question: What colour is the sky?\nAnswer:", " blue"),
              ("Question: What colour is the sky?\nAnswer:", " green on Tuesdays and purple"),

@@ -9,10 +9,27 @@ keys. Tokenization splits pairs exactly as lm-evaluation-harness does, so the nu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+
+@contextmanager
+def _custom_mask_attention(model: torch.nn.Module) -> Iterator[bool]:
+    """Run with an attention that takes a custom 4D mask: SDPA as is, eager as is (yields True:
+    it wants an additive mask); any other (FlashAttention ignores such masks) as SDPA meanwhile."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl == "eager" or "sdpa" in impl:
+        yield impl == "eager"
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield False
+    finally:
+        config._attn_implementation = impl
 
 
 @dataclass
@@ -161,9 +178,15 @@ class LoglikScorer:
                 1, keys.shape[1], span * width, keys.shape[3])
             layer.values = values[top:top + span].transpose(0, 1).reshape(
                 1, values.shape[1], span * width, values.shape[3])
-        out = self.model(input_ids=torch.tensor([ids], device=device), attention_mask=attention,
-                         position_ids=torch.tensor([positions], device=device),
-                         past_key_values=cache, use_cache=True)
+        with _custom_mask_attention(self.model) as additive:
+            if additive:  # eager attention adds the mask to the scores
+                blocked = torch.finfo(self.model.dtype).min
+                attention = torch.zeros(attention.shape, dtype=self.model.dtype,
+                                        device=device).masked_fill_(~attention, blocked)
+            out = self.model(input_ids=torch.tensor([ids], device=device),
+                             attention_mask=attention,
+                             position_ids=torch.tensor([positions], device=device),
+                             past_key_values=cache, use_cache=True)
         logits = out.logits[0].float()  # no log_softmax copy: gather minus logsumexp
         target = torch.tensor(targets, device=device)
         token_lp = logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(-1)
