@@ -93,9 +93,6 @@ def build_model(
     if method not in ("full", "lora", "qlora"):
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
     path = resolve_model_path(pretrained)
-    if attn_implementation == "sdpa":  # SDPA, attending sample by sample in packed rows
-        register_packed_sdpa()
-        attn_implementation = PACKED_SDPA
     kwargs: dict[str, Any] = dict(dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
                                   trust_remote_code=trust_remote_code)
     if device is not None and str(device).startswith("cuda"):
@@ -108,6 +105,11 @@ def build_model(
             else parse_dtype(quant_storage))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
+    if attn_implementation == "sdpa" and model.is_backend_compatible():
+        # SDPA that attends sample by sample in packed rows; models with their own attention
+        # code (remote code) keep SDPA and get the block mask
+        register_packed_sdpa()
+        model.config._attn_implementation = PACKED_SDPA
     if method == "qlora":
         disable_cpu_4bit_repack(model)
     if gradient_checkpointing:
