@@ -148,7 +148,7 @@ def train_and_measure(folder: Path, *, method: str, max_length: int, steps: int,
 
 def planned_gib(shape: str | Path, *, method: str, max_length: int,
                 gradient_checkpointing: bool, chunk_size: int, lora_r: int, optimizer: str,
-                explicit_mask: bool = True, lora_dtype: str = "fp32") -> float:
+                explicit_mask: bool = False, lora_dtype: str = "fp32") -> float:
     """What ``xtuner plan`` predicts for ``train_and_measure``'s run on a shape (a name in
     ``SHAPES`` or a model folder), without the fixed CUDA-context overhead (which
     ``max_memory_allocated`` does not count)."""

@@ -85,7 +85,9 @@ class PlanSettings:
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
     world_size: int = 1
     zero: int = 0  # 0 (plain data parallel), 1, 2, 3 (3 = FSDP full sharding)
-    explicit_mask: bool = False  # CPU SDPA with a packed mask (GPU varlen flash: False)
+    explicit_mask: bool = False  # one block-masked attention call per packed row (eager,
+    # remote-code models); otherwise attention runs sample by sample or varlen, maskless
+    attention_fp32: bool = False  # CPU: the per-sample SDPA keeps q/k/v/out in fp32
     overhead_gib: float = 0.5  # CUDA context and allocator slack, not in max_memory_allocated
 
 
@@ -121,14 +123,16 @@ def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
     """Bytes autograd saves for backward in one decoder layer for ``tokens`` tokens.
 
     Per token: each RMSNorm keeps its fp32 input (4·H); attention keeps q (after rotary), k and v
-    repeated to all heads, its output (c bytes each) and the log-sum-exp; the MLP keeps gate,
-    up and SiLU outputs (c·I each). A frozen linear keeps nothing (only its weight is needed);
-    a LoRA linear keeps its dropout mask (1 byte) and dropped input (c bytes) per input element,
-    and A's output (c·r); a trained linear keeps its input in the compute dtype.
+    repeated to all heads, its output (c bytes each, 4 when it runs in fp32) and the
+    log-sum-exp; the MLP keeps gate, up and SiLU outputs (c·I each). A frozen linear keeps
+    nothing (only its weight is needed); a LoRA linear keeps its dropout mask (1 byte) and
+    dropped input (c bytes) per input element, and A's output (c·r); a trained linear keeps its
+    input in the compute dtype.
     """
     c = DTYPE_BYTES[s.compute_dtype]
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
-    per_token = 2 * 4 * h + 4 * c * q + 4 * shape.heads + 3 * c * i
+    a = 4 if s.attention_fp32 else c
+    per_token = 2 * 4 * h + 4 * a * q + 4 * shape.heads + 3 * c * i
     if s.explicit_mask:
         per_token += c * s.max_length  # the block mask, cast per layer
     dims = shape.linear_dims()
