@@ -155,14 +155,14 @@ class LoglikScorer:
         device, width = self.device, mask.shape[1]
         top = requests[chunk[0]][0]  # requests are in context-row order
         span = requests[chunk[-1]][0] - top + 1
+        lengths = mask.sum(1).tolist()  # each context's length: its options' first position
         ids, targets, positions, segment, own = [], [], [], [], []
         for k, r in enumerate(chunk):
             row, i = requests[r]
             tokens = encoded[i][1]
-            start = int(mask[row].sum())  # the context's length: its next position
             ids += tokens[:-1]
             targets += tokens[1:]
-            positions += range(start, start + len(tokens) - 1)
+            positions += range(lengths[row], lengths[row] + len(tokens) - 1)
             segment += [k] * (len(tokens) - 1)
             own += [row - top] * (len(tokens) - 1)
         segment_t = torch.tensor(segment, device=device)
