@@ -7,6 +7,7 @@ from xtuner_lite.data.tokenize import TokenizedBatch
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model import (
     accumulate_gradients,
+    attention,
     build_model,
     chunked_lm_loss,
     loss_sum,
@@ -60,7 +61,12 @@ def test_packed_row_equals_per_sample(tiny_llama, attn):
     _assert_same(grads_p, _grads(model))
 
 
-def test_packed_sdpa_equals_the_block_mask_and_is_plain_sdpa_otherwise(tiny_llama):
+@pytest.mark.parametrize("matmul_max_length", [1024, 0], ids=["matmul", "sdpa-fp32"])
+def test_packed_sdpa_equals_the_block_mask_and_is_plain_sdpa_otherwise(
+        tiny_llama, monkeypatch, matmul_max_length):
+    """CPU attends sample by sample with two matmuls, and with SDPA in fp32 beyond
+    MATMUL_ATTENTION_MAX_LENGTH: both must equal one block-masked SDPA call."""
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_LENGTH", matmul_max_length)
     model = build_model(tiny_llama, method="full")
     assert model.config._attn_implementation == PACKED_SDPA
     batch = collate_packed(_rows(pack=True) + _rows(pack=False)[:1])  # 2nd row: padded tail
@@ -179,16 +185,21 @@ def test_checkpointing_interval_is_validated(tiny_llama):
         build_model(tiny_llama, method="lora", gradient_checkpointing=-2)
 
 
-def test_int16_dropout_rate_scale_and_gradient():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int16_dropout_rate_scale_and_gradient(dtype):
     torch.manual_seed(0)
     drop = Int16Dropout(0.1)
-    x = torch.full((1000, 1000), 2.0, requires_grad=True)
+    x = torch.full((1000, 1000), 2.0, dtype=dtype, requires_grad=True)
     y = drop(x)
+    assert y.dtype == dtype and set(y.unique().tolist()) == {0.0, float(x[0, 0] * drop.scale)}
     dropped = float((y == 0).float().mean())
     assert abs(dropped - 0.1) < 0.002  # 1e6 draws: 5 standard deviations ≈ 0.0015
-    assert abs(float(y.mean()) - 2.0) < 0.01  # kept values carry the 1/(1-p) scale
+    assert abs(float(y.float().mean()) - 2.0) < 0.02  # kept values carry the 1/(1-p) scale
     y.sum().backward()
     torch.testing.assert_close(x.grad, y.detach() / 2.0)
+    torch.manual_seed(0)  # the mask comes from torch's generator state: same seed, same mask
+    torch.testing.assert_close(drop(x), y)
+    assert not torch.equal(drop(x), y)
     drop.eval()
     assert drop(x) is x
     assert Int16Dropout(0.0).train()(x) is x

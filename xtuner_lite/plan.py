@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.model.attention import MATMUL_ATTENTION_MAX_LENGTH
 
 GiB = 1024**3
 MiB = 1024**2
@@ -87,7 +88,8 @@ class PlanSettings:
     zero: int = 0  # 0 (plain data parallel), 1, 2, 3 (3 = FSDP full sharding)
     explicit_mask: bool = False  # one block-masked attention call per packed row (eager,
     # remote-code models); otherwise attention runs sample by sample or varlen, maskless
-    attention_fp32: bool = False  # CPU: the per-sample SDPA keeps q/k/v/out in fp32
+    cpu_attention: bool = False  # CPU's per-sample attention: two matmuls keeping the
+    # probabilities up to MATMUL_ATTENTION_MAX_LENGTH, fp32 SDPA for longer samples
     overhead_gib: float = 0.5  # CUDA context and allocator slack, not in max_memory_allocated
 
 
@@ -122,17 +124,22 @@ def lora_params(shape: Shape, r: int, targets: tuple[str, ...]) -> int:
 def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
     """Bytes autograd saves for backward in one decoder layer for ``tokens`` tokens.
 
-    Per token: each RMSNorm keeps its fp32 input (4·H); attention keeps q (after rotary), k and v
-    repeated to all heads, its output (c bytes each, 4 when it runs in fp32) and the
-    log-sum-exp; the MLP keeps gate, up and SiLU outputs (c·I each). A frozen linear keeps
+    Per token: each RMSNorm keeps its fp32 input (4·H); SDPA keeps q (after rotary), k and v
+    repeated to all heads, its output (c bytes each, 4 when it runs in fp32 on CPU) and the
+    log-sum-exp, while CPU's matmul attention keeps q, k, v and the attention probabilities
+    (c·heads per key, planned for one sample filling the row); the MLP keeps gate, up and SiLU
+    outputs (c·I each). A frozen linear keeps
     nothing (only its weight is needed); a LoRA linear keeps its dropout mask (1 byte) and
     dropped input (c bytes) per input element, and A's output (c·r); a trained linear keeps its
     input in the compute dtype.
     """
     c = DTYPE_BYTES[s.compute_dtype]
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
-    a = 4 if s.attention_fp32 else c
-    per_token = 2 * 4 * h + 4 * a * q + 4 * shape.heads + 3 * c * i
+    if s.cpu_attention and s.max_length <= MATMUL_ATTENTION_MAX_LENGTH:
+        attention = c * (q + 2 * shape.kv_heads * shape.head_dim + shape.heads * s.max_length)
+    else:
+        attention = 4 * (4 if s.cpu_attention else c) * q + 4 * shape.heads
+    per_token = 2 * 4 * h + attention + 3 * c * i
     if s.explicit_mask:
         per_token += c * s.max_length  # the block mask, cast per layer
     dims = shape.linear_dims()

@@ -69,7 +69,12 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    distributed = init_process_group(resolve_device(settings), settings.dist_timeout)
+    device = resolve_device(settings)
+    if device == "cpu":
+        from xtuner_lite.engine.memory import cap_mmap_threshold
+
+        cap_mmap_threshold()  # large activation buffers go back to the OS on free
+    distributed = init_process_group(device, settings.dist_timeout)
     rank, world_size = world()
     check_engine_choice(settings, world_size)  # before any work
 

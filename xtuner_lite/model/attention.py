@@ -1,15 +1,19 @@
 """Keep attention inside each packed sample.
 
 With SDPA (the default) the model runs :data:`PACKED_SDPA`, transformers' SDPA plus one rule:
-a training forward that passes ``segments`` attends sample by sample, each with the causal
-kernel and no mask. A 512-token row of three samples then costs the three samples' attention,
-not the row's: on 2 CPU cores forward + backward takes less than half the time of one masked
-call. Any other call (generation, evaluation) is plain SDPA. Eager attention gets an additive
-block-diagonal mask built from ``cu_seqlens``; with FlashAttention the per-sample
-``position_ids`` alone tell transformers' varlen kernel where samples start.
+a training forward that passes ``segments`` attends sample by sample, with no mask to build. A
+512-token row of three samples then costs the three samples' attention, not the row's: on 2 CPU
+cores forward + backward takes less than half the time of one masked call. On CPU a sample up
+to :data:`MATMUL_ATTENTION_MAX_LENGTH` tokens attends with two batched matmuls in the compute
+dtype (faster than SDPA's CPU kernels there), a longer one with SDPA in fp32; on GPU each sample
+runs SDPA's causal kernel. Any other call (generation, evaluation) is plain SDPA. Eager
+attention gets an additive block-diagonal mask built from ``cu_seqlens``; with FlashAttention
+the per-sample ``position_ids`` alone tell transformers' varlen kernel where samples start.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,35 @@ def segments_of(cu_seqlens: torch.Tensor, batch: int, width: int) -> list[tuple[
             for start, end in zip(bounds, bounds[1:])]
 
 
+MATMUL_ATTENTION_MAX_LENGTH = 1024
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_bias(length: int, groups: int, dtype: torch.dtype, device: torch.device
+                 ) -> torch.Tensor:
+    """(groups·length, length) additive causal mask, one copy per query head of a group."""
+    blocked = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(blocked, -torch.inf)
+    return bias.repeat(groups, 1)
+
+
+def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     scaling: float | None) -> torch.Tensor:
+    """Causal attention of one sample, (heads, length, dim) in the inputs' dtype, as two batched
+    matmuls over the key/value heads: the query heads sharing a key/value head are stacked along
+    the length, so grouped-query attention needs no repeated keys and values. On CPU at sample
+    lengths this runs forward + backward ~1.7x faster than SDPA's fp32 kernel (measured)."""
+    heads, length, dim = query.shape
+    kv_heads = key.shape[0]
+    groups = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    bias = _causal_bias(length, groups, query.dtype, query.device)
+    scores = torch.baddbmm(bias, query.reshape(kv_heads, groups * length, dim),
+                           key.transpose(1, 2), alpha=scale)
+    out = torch.softmax(scores, dim=-1) @ value
+    return out.view(heads, length, dim)
+
+
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, attention_mask: torch.Tensor | None,
                           scaling: float | None = None, dropout: float = 0.0,
@@ -55,12 +88,18 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     groups = query.shape[1] // key.shape[1]
-    # CPU: the fp32 kernels' backward runs ~2x faster than bf16's at sample lengths (measured)
-    dtype = torch.float32 if query.device.type == "cpu" else query.dtype
+    cpu = query.device.type == "cpu"
     rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
     with torch.autocast(query.device.type, enabled=False):
         for row, start, end in segments:
-            q, k, v = (t[row:row + 1, :, start:end].to(dtype) for t in (query, key, value))
+            q, k, v = (t[row, :, start:end] for t in (query, key, value))
+            if cpu and end - start <= MATMUL_ATTENTION_MAX_LENGTH and dropout == 0.0:
+                # in the projections' dtype (rotary may have promoted q and k to fp32)
+                q, k = q.to(v.dtype), k.to(v.dtype)
+                rows[row].append(matmul_attention(q, k, v, scaling)[None])
+                continue
+            # CPU: the fp32 kernels' backward runs ~2x faster than bf16's (measured)
+            q, k, v = (t[None].to(torch.float32 if cpu else t.dtype) for t in (q, k, v))
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             rows[row].append(F.scaled_dot_product_attention(
