@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,8 @@ def run_ours(opts: argparse.Namespace) -> dict:
     cfg = dict(
         model=dict(pretrained="smollm2-135m-instruct", method="lora", dtype="bf16",
                    lora=dict(**LORA, target_modules="all-linear"),
-                   gradient_checkpointing=opts.checkpoint_every if opts.checkpointing else False),
+                   gradient_checkpointing=(opts.checkpoint_fraction or opts.checkpoint_every)
+                   if opts.checkpointing else False),
         train_dataset=dict(data_files=str(opts.file), tokenizer="smollm2-135m-instruct",
                            map_fn="alpaca", template="smollm2", max_length=opts.max_length),
         train=dict(batch_size=1, accumulative_counts=opts.accum, max_iters=opts.steps, lr=2e-4,
@@ -97,8 +99,13 @@ def main() -> None:
                         help="turn gradient checkpointing off on both sides (TRL's default is on)")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="ours: recompute every k-th decoder layer (TRL recomputes all)")
-    parser.add_argument("--chunk-size", type=int, default=1024,
+    parser.add_argument("--checkpoint-fraction", type=float,
+                        help="ours: recompute this share of the decoder layers (overrides "
+                             "--checkpoint-every)")
+    parser.add_argument("--chunk-size", type=int, default=128,
                         help="ours: tokens per loss chunk (fp32 logits live one chunk at a time)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run both sides this many times, alternating; print the median")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.side:  # child process: one side, one JSON line on stdout
@@ -106,31 +113,46 @@ def main() -> None:
         result["peak_rss_mib"] = peak_rss_mib()
         print("RESULT " + json.dumps(result))
         return
-    results = {}
-    for side in ("ours", "trl"):
-        cmd = [sys.executable, __file__, "--side", side, "--file", str(opts.file),
-               "--max-length", str(opts.max_length), "--steps", str(opts.steps),
-               "--accum", str(opts.accum), "--checkpoint-every", str(opts.checkpoint_every),
-               "--chunk-size", str(opts.chunk_size)]
-        cmd += [] if opts.checkpointing else ["--no-checkpointing"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode != 0 or not line:
-            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-        results[side] = json.loads(line[0][7:])
+    from xtuner_lite.hub import resolve_model_path
+
+    resolve_model_path("smollm2-135m-instruct", "bf16")  # one-time caches, outside the timings
+    runs = []
+    for _ in range(opts.repeats):  # the sides alternate, so a slow spell of a shared machine
+        results = {}                # hits both, and each pair gives its own ratio
+        for side in ("ours", "trl"):
+            cmd = [sys.executable, __file__, "--side", side, "--file", str(opts.file),
+                   "--max-length", str(opts.max_length), "--steps", str(opts.steps),
+                   "--accum", str(opts.accum), "--checkpoint-every", str(opts.checkpoint_every),
+                   "--checkpoint-fraction", str(opts.checkpoint_fraction or 0),
+                   "--chunk-size", str(opts.chunk_size)]
+            cmd += [] if opts.checkpointing else ["--no-checkpointing"]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode != 0 or not line:
+                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+            results[side] = json.loads(line[0][7:])
+            results[side]["tokens_per_s"] = results[side]["tokens"] / results[side]["seconds"]
+        runs.append(results)
     print(f"SmolLM2-135M LoRA, {opts.steps} steps × 1 × {opts.accum} rows of ≤{opts.max_length} "
           f"packed tokens, bf16 autocast, checkpointing {'on' if opts.checkpointing else 'off'}, "
           f"{os.cpu_count()} CPU threads; wall time includes "
           "dataset preparation and model loading for both")
-    print(f"{'':12s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s} {'peak RSS MiB':>13s}")
-    for side, r in results.items():
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        print(f"{side:12s} {r['tokens']:8.0f} {r['seconds']:8.1f} {r['tokens_per_s']:9.1f} "
-              f"{r['peak_rss_mib']:13.0f}")
-    ours, trl = results["ours"], results["trl"]
-    print(f"throughput ratio (ours / trl): {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x")
-    print(f"peak memory ratio (ours / trl): {ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x")
-    print(json.dumps(results))
+    print(f"{'run':4s} {'':6s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s} "
+          f"{'peak RSS MiB':>13s} {'speed ratio':>12s} {'memory ratio':>13s}")
+    speed, memory = [], []
+    for i, results in enumerate(runs, 1):
+        ours, trl = results["ours"], results["trl"]
+        speed.append(ours["tokens_per_s"] / trl["tokens_per_s"])
+        memory.append(ours["peak_rss_mib"] / trl["peak_rss_mib"])
+        for side, r in results.items():
+            ratios = f"{speed[-1]:11.2f}x {memory[-1]:12.2f}x" if side == "ours" else ""
+            print(f"{i:<4d} {side:6s} {r['tokens']:8.0f} {r['seconds']:8.1f} "
+                  f"{r['tokens_per_s']:9.1f} {r['peak_rss_mib']:13.0f} {ratios}")
+    print(f"throughput ratio (ours / trl): median {statistics.median(speed):.2f}x "
+          f"(range {min(speed):.2f}-{max(speed):.2f}x over {len(runs)} runs)")
+    print(f"peak memory ratio (ours / trl): median {statistics.median(memory):.2f}x "
+          f"(range {min(memory):.2f}-{max(memory):.2f}x)")
+    print(json.dumps(runs))
 
 
 if __name__ == "__main__":

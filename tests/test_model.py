@@ -158,7 +158,8 @@ def test_qlora_keeps_embeddings_in_their_dtype(tiny_llama):
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("method,every", [("lora", True), ("lora", 2), ("full", True)])
+@pytest.mark.parametrize("method,every", [("lora", True), ("lora", 2), ("lora", 0.5),
+                                         ("full", True)])
 def test_gradient_checkpointing_gives_same_gradients(tiny_llama, method, every):
     """Recomputed layers replay the same LoRA dropout masks (dropout is on here)."""
     batch = collate_packed(_rows(pack=True))
@@ -176,7 +177,8 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_llama, method, every):
         grads.append(_grads(model))
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is not None
               and type(m).__name__.endswith("DecoderLayer")]
-    assert [m.gradient_checkpointing for m in layers] == [True, every is True]
+    assert [m.gradient_checkpointing for m in layers] == {True: [True, True], 2: [True, False],
+                                                          0.5: [False, True]}[every]
     _assert_same(*grads)
 
 

@@ -100,7 +100,7 @@ def test_weights_gradients_and_optimizer_state_match(tmp_path, method, base):
     assert state == plan.get("optimizer")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, 0.5])
 @pytest.mark.parametrize("method, base", [("lora", "bf16"), ("full", "fp32")])
 def test_whole_model_activations_within_ten_percent(tmp_path, checkpointing, method, base):
     tokens = 256

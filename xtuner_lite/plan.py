@@ -15,6 +15,7 @@ from typing import Any
 
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.attention import MATMUL_ATTENTION_MAX_LENGTH
+from xtuner_lite.model.build import checkpointed_layers
 
 GiB = 1024**3
 MiB = 1024**2
@@ -81,7 +82,7 @@ class PlanSettings:
     compute_dtype: str = "bf16"  # autocast dtype (fp32: none)
     max_length: int = 2048
     batch_size: int = 1
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int | float = True  # as build_model's
     chunk_size: int | None = 1024  # loss chunk in tokens; None: whole logits
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
     world_size: int = 1
@@ -211,9 +212,13 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
     tokens = s.batch_size * s.max_length
     layer = layer_activation_bytes(shape, s, tokens) + layer_weight_copies(shape, s)
     res = DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
-    if s.gradient_checkpointing:
-        plan.components.append(("activations", shape.layers * res * shape.hidden * tokens,
-                                "each layer's input (gradient checkpointing)"))
+    recomputed = sum(checkpointed_layers(shape.layers, s.gradient_checkpointing or False))
+    kept = shape.layers - recomputed
+    if recomputed:
+        plan.components.append(("activations", recomputed * res * shape.hidden * tokens
+                                + kept * layer,
+                                f"the input of {recomputed} checkpointed layers" +
+                                (f", all of {kept} others'" if kept else "")))
         plan.components.append(("recomputed layer", layer,
                                 "one layer's activations, rebuilt during backward"))
     else:
@@ -238,7 +243,7 @@ def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
     from dataclasses import replace
 
     steps: list[tuple[str, dict[str, Any]]] = []
-    if not s.gradient_checkpointing:
+    if s.gradient_checkpointing not in (True, 1):
         steps.append(("gradient_checkpointing=True", {"gradient_checkpointing": True}))
     for chunk in (512, 256):
         if not s.chunk_size or s.chunk_size > chunk:
@@ -306,7 +311,7 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         lora_dropout=float(lora.get("dropout", 0.1)), lora_dtype=model.get("lora_dtype", "fp32"),
         base_dtype=model.get("dtype", "fp32"), compute_dtype=autocast or "fp32",
         max_length=int(data.get("max_length", 2048)), batch_size=int(train.get("batch_size", 1)),
-        gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
+        gradient_checkpointing=model.get("gradient_checkpointing", False),
         chunk_size=int(train.get("chunk_size", 1024)),
         optimizer=train.get("optimizer", "adamw"))
     from dataclasses import replace

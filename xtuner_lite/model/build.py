@@ -42,13 +42,21 @@ def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
     return count
 
 
-def _checkpoint_interval(setting: bool | int) -> int:
-    if setting is True:
-        return 1
+def checkpointed_layers(num_layers: int, setting: bool | int | float) -> list[bool]:
+    """Which decoder layers recompute their activations in backward.
+
+    ``True``: all; ``False``: none; an integer k >= 1: every k-th; a fraction 0 < f < 1: that
+    share of the layers, spread evenly — the knob to fill the memory left over by full
+    checkpointing (each layer kept saves its recomputation).
+    """
+    if setting is True or setting is False:
+        return [setting] * num_layers
     if isinstance(setting, int) and setting >= 1:
-        return setting
-    raise XtunerError(f"model.gradient_checkpointing must be true/false or an integer k >= 1 "
-                      f"(checkpoint every k-th layer), got {setting!r}")
+        return [i % setting == 0 for i in range(num_layers)]
+    if isinstance(setting, float) and 0.0 < setting <= 1.0:
+        return [int((i + 1) * setting) > int(i * setting) for i in range(num_layers)]
+    raise XtunerError(f"model.gradient_checkpointing must be true/false, an integer k >= 1 "
+                      f"(every k-th layer) or a fraction in (0, 1] of the layers, got {setting!r}")
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -65,7 +73,7 @@ def build_model(
     dtype: str = "fp32",
     compute_dtype: str = "bf16",
     quant_storage: str = "uint8",
-    gradient_checkpointing: bool | int = False,
+    gradient_checkpointing: bool | int | float = False,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     device: str | None = None,
@@ -79,8 +87,8 @@ def build_model(
     ``quant_storage`` the dtype their packed 4-bit bytes are stored as: a float dtype (bf16,
     fp32) lets DeepSpeed ZeRO-3 and FSDP shard them like any other weight.
     ``gradient_checkpointing``: True recomputes every decoder layer in backward; an integer k
-    recomputes every k-th layer only (torchtune's selective checkpointing), trading memory for
-    speed.
+    recomputes every k-th layer only (torchtune's selective checkpointing), a fraction that
+    share of the layers, trading memory for speed.
     ``lora_dtype``: the adapter's weights (and so gradients); fp32 by default, bf16 as the QLoRA
     paper's reference code does — half the adapter memory for large r on big models.
     ``device``: a CUDA device loads (and NF4-quantizes) the weights straight onto the GPU, layer
@@ -92,7 +100,8 @@ def build_model(
 
     if method not in ("full", "lora", "qlora"):
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
-    path = resolve_model_path(pretrained)
+    # QLoRA quantizes from the stored (fp32) weights; LoRA/full load a bf16/fp16 copy directly
+    path = resolve_model_path(pretrained, None if method == "qlora" else dtype)
     kwargs: dict[str, Any] = dict(dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
                                   trust_remote_code=trust_remote_code)
     if device is not None and str(device).startswith("cuda"):
@@ -105,6 +114,8 @@ def build_model(
             else parse_dtype(quant_storage))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
+    canonical = resolve_model_path(pretrained)  # what adapters record as their base
+    model.name_or_path = model.config._name_or_path = canonical
     if attn_implementation == "sdpa" and model.is_backend_compatible():
         # SDPA that attends sample by sample in packed rows; models with their own attention
         # code (remote code) keep SDPA and get the block mask
@@ -116,13 +127,13 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method != "full":
             model.enable_input_require_grads()  # frozen embeddings: let checkpointed grads flow
-        every = _checkpoint_interval(gradient_checkpointing)
         layers = _decoder_layers(model)
-        if every > 1 and not layers:
+        chosen = checkpointed_layers(len(layers), gradient_checkpointing)
+        if not all(chosen) and not layers:
             raise XtunerError(f"{type(model).__name__} has no transformers checkpointing layers; "
-                              "use model.gradient_checkpointing=True instead of an interval")
-        for i, layer in enumerate(layers):
-            layer.gradient_checkpointing = i % every == 0
+                              "use model.gradient_checkpointing=True instead of a subset")
+        for layer, recompute in zip(layers, chosen):
+            layer.gradient_checkpointing = recompute
     if method == "full":
         return model
     from peft import LoraConfig, get_peft_model
