@@ -129,7 +129,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
 _HALF = {"bfloat16": "bf16", "float16": "fp16"}
 
 
-def _half_precision_copy(source: Path, dtype) -> Path:
+def _half_precision_copy(source: Path, dtype, suffix: str) -> Path:
     """The embedded model's cached folder with its weights in ``dtype``, made once.
 
     Embedded models are cached in fp32 (dequantized from their GGUF). Loading those in bf16
@@ -139,7 +139,7 @@ def _half_precision_copy(source: Path, dtype) -> Path:
     """
     from transformers import AutoModelForCausalLM
 
-    target = source.with_name(f"{source.name}-{_HALF[str(dtype).removeprefix('torch.')]}")
+    target = source.with_name(f"{source.name}-{suffix}")
     if (target / "config.json").exists():
         return target
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
@@ -169,8 +169,11 @@ def resolve_model_path(ref: str | os.PathLike, dtype: Any = None) -> str:
     ref = str(ref)
     if ref.lower() in EMBEDDED_MODELS:
         folder = download_embedded(ref.lower())
-        if dtype is not None and str(parse_dtype(dtype)).removeprefix("torch.") in _HALF:
-            folder = _half_precision_copy(folder, parse_dtype(dtype))
+        if dtype is not None:
+            dtype = parse_dtype(dtype)
+            suffix = _HALF.get(str(dtype).removeprefix("torch."))
+            if suffix:
+                folder = _half_precision_copy(folder, dtype, suffix)
         return str(folder)
     path = Path(ref).expanduser()
     if path.exists():
