@@ -129,10 +129,9 @@ def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
     repeated to all heads, its output (c bytes each, 4 when it runs in fp32 on CPU) and the
     log-sum-exp, while CPU's matmul attention keeps q, k, v and the attention probabilities
     (c·heads per key, planned for one sample filling the row); the MLP keeps gate, up and SiLU
-    outputs (c·I each). A frozen linear keeps
-    nothing (only its weight is needed); a LoRA linear keeps its dropout mask (1 byte) and
-    dropped input (c bytes) per input element, and A's output (c·r); a trained linear keeps its
-    input in the compute dtype.
+    outputs (c·I each). A frozen linear keeps nothing (only its weight is needed); a LoRA linear
+    keeps its dropout mask (1 byte) and dropped input (c bytes) per input element, and A's
+    output (c·r); a trained linear keeps its input in the compute dtype.
     """
     c = DTYPE_BYTES[s.compute_dtype]
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim

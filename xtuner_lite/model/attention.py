@@ -49,13 +49,12 @@ def segments_of(cu_seqlens: torch.Tensor, batch: int, width: int) -> list[tuple[
 MATMUL_ATTENTION_MAX_LENGTH = 1024
 
 
-@functools.lru_cache(maxsize=32)
-def _causal_bias(length: int, groups: int, dtype: torch.dtype, device: torch.device
-                 ) -> torch.Tensor:
-    """(groups·length, length) additive causal mask, one copy per query head of a group."""
-    blocked = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-    bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(blocked, -torch.inf)
-    return bias.repeat(groups, 1)
+@functools.lru_cache(maxsize=4)
+def _causal_bias(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size, size) additive causal mask. One per dtype and device, sliced for each sample:
+    a mask cached per sample length would hold megabytes for every length seen."""
+    blocked = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(size, size, dtype=dtype, device=device).masked_fill(blocked, -torch.inf)
 
 
 def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -68,7 +67,9 @@ def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     kv_heads = key.shape[0]
     groups = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
-    bias = _causal_bias(length, groups, query.dtype, query.device)
+    size = max(length, MATMUL_ATTENTION_MAX_LENGTH)
+    # one copy of the mask per query head of a group: freed after the call (baddbmm keeps none)
+    bias = _causal_bias(size, query.dtype, query.device)[:length, :length].repeat(groups, 1)
     scores = torch.baddbmm(bias, query.reshape(kv_heads, groups * length, dim),
                            key.transpose(1, 2), alpha=scale)
     out = torch.softmax(scores, dim=-1) @ value
