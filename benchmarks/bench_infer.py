@@ -2,14 +2,17 @@
 
 16 chat prompts × 128 new tokens, greedy, SmolLM2-135M-Instruct on CPU. HF runs once as one
 left-padded batch and once prompt by prompt; ours admits all requests and retires each as soon
-as it ends. Prints generated tokens/s and the ratios, and checks that the outputs agree.
-Run: python benchmarks/bench_infer.py [--prompts 16] [--new-tokens 128]
+as it ends. Prints generated tokens/s and the ratios, and checks that the outputs agree. With
+``--repeats N`` HF batched and ours run N times alternately (this machine's speed drifts by
+±10 % between runs) and the median of the per-pair ratios is printed too.
+Run: python benchmarks/bench_infer.py [--prompts 16] [--new-tokens 128] [--repeats 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,11 +41,20 @@ def hf_generate(model, prompts, stops, new_tokens):
     return rows
 
 
+def _rate(result: tuple[float, list[list[int]]]) -> float:
+    """Generated tokens per second of a (seconds, outputs) result."""
+    seconds, rows = result
+    return sum(map(len, rows)) / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-pack", action="store_true",
+                        help="decode from the plain weights (no oneDNN-packed copy)")
     opts = parser.parse_args()
     tok, model = load_tokenizer(opts.model), load_model(opts.model).eval()
     template = get_template("smollm2" if "smollm2" in opts.model else "auto", tok)
@@ -51,29 +63,42 @@ def main() -> None:
                  for i in range(opts.prompts)]
     prompts = [tok(template.render_prompt([{"role": "user", "content": q}], tok),
                    add_special_tokens=False)["input_ids"] for q in questions]
-    results = {}
-    with torch.no_grad():
-        start = time.perf_counter()
-        batched = hf_generate(model, prompts, stops, opts.new_tokens)
-        results["hf batched"] = (time.perf_counter() - start, batched)
-        start = time.perf_counter()
-        single = [hf_generate(model, [p], stops, opts.new_tokens)[0] for p in prompts]
-        results["hf one-by-one"] = (time.perf_counter() - start, single)
-    engine = InferenceEngine(model, tok)
+    engine = InferenceEngine(model, tok, pack_weights=False if opts.no_pack else None)
     params = SamplingParams(max_new_tokens=opts.new_tokens, stop_token_ids=stops)
-    start = time.perf_counter()
-    ours = [r.output_ids for r in engine.generate(prompts, params)]
-    results["xtuner_lite"] = (time.perf_counter() - start, ours)
+
+    def timed(run):
+        start = time.perf_counter()
+        rows = run()
+        return time.perf_counter() - start, rows
+
+    results, pairs = {}, []
+    with torch.no_grad():
+        results["hf one-by-one"] = timed(
+            lambda: [hf_generate(model, [p], stops, opts.new_tokens)[0] for p in prompts])
+        for _ in range(opts.repeats):
+            results["hf batched"] = timed(lambda: hf_generate(model, prompts, stops,
+                                                              opts.new_tokens))
+            results["xtuner_lite"] = timed(
+                lambda: [r.output_ids for r in engine.generate(prompts, params)])
+            pairs.append(_rate(results["xtuner_lite"]) / _rate(results["hf batched"]))
+    ours, single = results["xtuner_lite"][1], results["hf one-by-one"][1]
     print(f"{opts.model}, {opts.prompts} prompts × ≤{opts.new_tokens} new tokens, greedy, "
           f"{torch.get_num_threads()} CPU threads")
     print(f"{'':14s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s}")
     speed = {}
     for name, (seconds, rows) in results.items():
-        tokens = sum(map(len, rows))
-        speed[name] = tokens / seconds
-        print(f"{name:14s} {tokens:7d} {seconds:8.1f} {speed[name]:9.1f}")
+        speed[name] = _rate((seconds, rows))
+        print(f"{name:14s} {sum(map(len, rows)):7d} {seconds:8.1f} {speed[name]:9.1f}")
     print(f"ours vs HF batched: {speed['xtuner_lite'] / speed['hf batched']:.2f}x, "
-          f"vs HF one-by-one: {speed['xtuner_lite'] / speed['hf one-by-one']:.2f}x")
+          f"vs HF one-by-one: {speed['xtuner_lite'] / speed['hf one-by-one']:.2f}x (last run)")
+    if len(pairs) > 1:
+        print(f"ours vs HF batched over {len(pairs)} alternating runs: "
+              f"{', '.join(f'{r:.2f}' for r in pairs)}; median {statistics.median(pairs):.2f}x")
+    decoder = engine._decoder
+    print("ours decodes with " + (f"FastDecoder, {decoder.packed_bytes / 2**20:.0f} MiB of "
+                                  "oneDNN-packed weights beside the model's"
+                                  if decoder is not None else
+                                  f"the model's forward ({engine.fallback_reason})"))
     same = sum(a == b for a, b in zip(ours, single))
     print(f"outputs identical to HF one-by-one: {same}/{len(ours)}")
 

@@ -196,3 +196,89 @@ def test_shared_prefix_is_prefilled_once_with_the_same_greedy_tokens(smol):
     plain = InferenceEngine(Counting(), tok, share_prefix=0)
     assert [r.output_ids for r in plain.generate(prompts, params)] == got
     assert fed[0] == len(prompts) * max(map(len, prompts))
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_fast_decoder_packed_and_plain_equal_transformers_generate(smol, pack):
+    """SmolLM2 decodes through FastDecoder (not the model's forward), with oneDNN-packed
+    weights and with plain ones; a wrapped model falls back to the forward, same tokens."""
+    model, tok, prompts, stops = smol
+    expected = _hf_greedy(model, prompts, stops, batched=True)
+    engine = InferenceEngine(model, tok, pack_weights=pack)
+    assert engine.fallback_reason is None
+    assert (engine._decoder.packed_bytes > 0) == pack
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    assert [r.output_ids for r in engine.generate(prompts, params)] == expected
+
+
+def _tiny(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
+        for layer in model.model.layers:  # q/k/v carry biases: make them matter
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                         layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fast_decoder_on_tiny_models_past_the_cache_growth(kind):
+    """One prompt alone for 300 new tokens (the in-place KV cache grows twice), then ragged
+    prompts with rows retiring at different steps and one joining late: the same greedy
+    tokens as generate."""
+    model = _tiny(kind)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (5, 17, 9)]
+    limits = [300, 120, 200]
+    expected = []
+    for p, n in zip(prompts, limits):
+        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p)),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+        expected.append(out[0, len(p):].tolist())
+    for pack in (True, False):
+        engine = InferenceEngine(model, pack_weights=pack)
+        assert engine.fallback_reason is None
+        alone = engine.generate(prompts[:1], SamplingParams(max_new_tokens=limits[0]))[0]
+        assert alone.output_ids == expected[0], f"pack={pack}"
+        requests = [engine.add_request(p, SamplingParams(max_new_tokens=n))
+                    for p, n in zip(prompts[:2], limits[:2])]
+        for _ in range(30):
+            engine.step()
+        requests.append(engine.add_request(prompts[2], SamplingParams(max_new_tokens=200)))
+        while engine.has_work:
+            engine.step()
+        assert [r.output_ids for r in requests] == expected, f"pack={pack}"
+        assert engine._cache is None  # every row retired
+
+
+def test_models_the_fast_decoder_does_not_cover_are_named_with_the_reason():
+    """These decode through their own forward (the engine's other tests cover that path: the
+    counting wrapper, 4/8-bit models)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from xtuner_lite.inference.decoder import unsupported_reason
+
+    mistral = MistralForCausalLM(MistralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=16))
+    assert "model type 'mistral'" in unsupported_reason(mistral)
+    assert "output head" in unsupported_reason(_tiny("llama").model)  # a bare decoder
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(_tiny("llama"), peft.LoraConfig(target_modules=["q_proj"]))
+    assert "unmerged adapters" in InferenceEngine(lora).fallback_reason
+    assert "unmerged adapters" in unsupported_reason(lora.base_model.model)
+
+    class Quantized(torch.nn.Linear):
+        pass
+
+    model = _tiny("llama")
+    model.model.layers[1].mlp.up_proj = Quantized(64, 96, bias=False)
+    assert "wrapped" in unsupported_reason(model)

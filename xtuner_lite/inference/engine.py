@@ -5,7 +5,8 @@ request ends, so short requests idle and new ones wait. Here every ``step`` firs
 requests (one batched prefill, left-padded), splices their caches into the running batch, then
 decodes one token for every running request and retires finished ones at once. Rows are kept
 left-aligned with an attention mask and per-row positions, exactly as ``generate`` pads, so
-greedy output is the same tokens.
+greedy output is the same tokens. Keys and values live in a ``KVCache`` written in place, and
+Llama-family models decode through ``FastDecoder`` (other models through their own forward).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.inference.decoder import FastDecoder, unsupported_reason
+from xtuner_lite.inference.kv_cache import KVCache
 from xtuner_lite.inference.sampling import SamplingParams, choose_token
 
 TokenCallback = Callable[["Request", int], None]
@@ -43,24 +46,23 @@ class Request:
         return self.finish_reason is not None
 
 
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Pad ``t`` with zeros on the left of ``dim`` up to ``width``."""
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad a (rows, columns) ``t`` with zeros on the left up to ``width`` columns."""
+    missing = width - t.shape[1]
+    return torch.cat([t.new_zeros(t.shape[0], missing), t], dim=1) if missing > 0 else t
 
 
 class InferenceEngine:
     """Batched, streaming generation for a causal LM (merged, or base + adapter)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch_size: int = 32,
-                 context_length: int | None = None, share_prefix: int = 64):
+                 context_length: int | None = None, share_prefix: int = 64,
+                 pack_weights: bool | None = None):
         """``share_prefix``: when the prompts admitted together share at least this many leading
         tokens (few-shot exemplars, a long system prompt), that prefix is prefilled once and its
-        keys/values copied to every row; 0 turns it off."""
+        keys/values copied to every row; 0 turns it off. ``pack_weights``: let the fast decoder
+        keep oneDNN-packed copies of the weights (faster on CPU, a second copy of the weights
+        in memory; None decides by free memory — see ``inference/decoder.py``)."""
         from transformers import DynamicCache
 
         self.model = model.eval()
@@ -75,7 +77,11 @@ class InferenceEngine:
         self._ids = itertools.count()
         self.waiting: list[Request] = []
         self.running: list[Request] = []
-        self._cache = None
+        # Llama-family models decode through FastDecoder; why others cannot is kept for tests
+        self.fallback_reason = unsupported_reason(model)
+        self._decoder = (FastDecoder(model, pack=pack_weights) if self.fallback_reason is None
+                         else None)
+        self._cache: KVCache | None = None
         self._mask: torch.Tensor | None = None  # (batch, cached length), 1 = real token
         self._next: torch.Tensor | None = None  # (batch,) token each running row feeds next
 
@@ -157,7 +163,9 @@ class InferenceEngine:
             mask[i, shared + width - len(own):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         tokens, finished = self._emit(requests, self._forward(ids, mask, cache))
-        self._splice(requests, cache, mask, tokens)
+        filled = KVCache.from_tensors([layer.keys for layer in cache.layers],
+                                      [layer.values for layer in cache.layers])
+        self._splice(requests, filled, mask, tokens)
         return finished
 
     def _prefix_cache(self, ids: list[int], rows: int):
@@ -198,8 +206,15 @@ class InferenceEngine:
     def _decode(self) -> list[Request]:
         ones = self._mask.new_ones(self._mask.shape[0], 1)
         self._mask = torch.cat([self._mask, ones], dim=1)
-        tokens, finished = self._emit(self.running,
-                                      self._forward(self._next[:, None], self._mask, self._cache))
+        self._cache.reserve(1)
+        if self._decoder is not None:
+            positions = self._mask.sum(-1) - 1
+            logits = self._decoder(self._next, positions, self._mask, self._cache)
+        else:
+            logits = self._forward(self._next[:, None], self._mask,
+                                   self._cache.as_transformers_cache())
+            self._cache.advance(1)
+        tokens, finished = self._emit(self.running, logits)
         self._next = tokens
         return finished
 
@@ -247,19 +262,16 @@ class InferenceEngine:
         tail = self.tokenizer.decode(r.output_ids[-16:], skip_special_tokens=False)
         return any(w in tail for w in r.params.stop_words)
 
-    def _splice(self, requests: list[Request], cache, mask: torch.Tensor, tokens: torch.Tensor
-                ) -> None:
+    def _splice(self, requests: list[Request], cache: KVCache, mask: torch.Tensor,
+                tokens: torch.Tensor) -> None:
         """Append freshly prefilled rows to the running batch, left-padding the shorter side."""
         if self._cache is None or not self.running:
             self._cache, self._mask, self._next = cache, mask, tokens
             self.running = list(requests)
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
-            old.values = torch.cat([_left_pad(old.values, width, 2),
-                                    _left_pad(new.values, width, 2)])
-        self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
+        self._cache.extend(cache)
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
         self._next = torch.cat([self._next, tokens])
         self.running = self.running + list(requests)
 
@@ -276,7 +288,5 @@ class InferenceEngine:
         self._mask = self._mask[index]
         first = int(self._mask.any(0).nonzero()[0])
         self._mask = self._mask[:, first:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        self._cache.select(index, first)
         self._next = self._next[index]

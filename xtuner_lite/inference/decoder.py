@@ -1,0 +1,161 @@
+"""One decode step of a Llama-family model, run straight from its modules' weights.
+
+Why not the model's own forward for decoding: with one new token per row every projection is a
+skinny (rows × features) product, and on CPU that is where a decode step's time goes. oneDNN
+runs it from weights packed once into its blocked layout at ~1.6× the rate of the plain
+``F.linear`` (SmolLM2, 16 rows: 30 layers 44 → 28 ms, the 49k-vocabulary head 18 → 6.4 ms;
+the same fp32 products, rounding differences at the 1e-6 level). The packed copy costs memory
+once more the size of the projections, so it is made only for CPU models that leave room for it;
+otherwise ``W @ x.T`` (15-40 % faster than ``x @ W.T`` under MKL for 16 rows, bit-identical) is
+used. The step also skips the generic forward's per-token mask building and module dispatch;
+norms, rotary embedding and activation call the model's own modules.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xtuner_lite.inference.kv_cache import KVCache
+
+MODEL_TYPES = ("llama", "qwen2")  # full attention, RMSNorm, rotary, gated SiLU-family MLP
+PACK_MEMORY_SHARE = 0.25  # pack only when the packed copy fits in this share of free memory
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``FastDecoder`` cannot run ``model`` (None when it can)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {MODEL_TYPES}"
+    if hasattr(model, "peft_config"):
+        return "it carries unmerged adapters"
+    if type(getattr(model, "lm_head", None)) is not nn.Linear:
+        return "the output head is not a plain Linear layer"
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return "the logits are rescaled"
+    for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+        if getattr(layer.self_attn, "sliding_window", None):
+            return "it uses sliding-window attention"
+    try:
+        wrapped = any(type(m) is not nn.Linear for m in _linears(model))
+    except AttributeError as err:
+        return f"its modules are not laid out as Llama's ({err})"
+    return "its projections are wrapped (adapter or quantized layers)" if wrapped else None
+
+
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    """Every projection the decode step multiplies by, the output head last."""
+    found = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        found += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                  mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    return found + [model.lm_head]
+
+
+def _free_memory() -> int:
+    """Bytes of memory available to new allocations (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _should_pack(model: nn.Module) -> bool:
+    if model.lm_head.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    size = sum(m.weight.numel() * m.weight.element_size() for m in _linears(model))
+    return size <= PACK_MEMORY_SHARE * _free_memory()
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` in oneDNN's layout for products with a few rows (None where the op is
+    missing or disagrees with ``F.linear``)."""
+    weight = weight.detach()
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+        probe = torch.ones(2, weight.shape[1], dtype=weight.dtype)
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+    return packed if torch.allclose(got, F.linear(probe, weight), rtol=1e-3, atol=1e-3) else None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in transformers' rotate-half convention (same operations, same order)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+class FastDecoder:
+    """Next-token logits for one new token per row, reading and extending a ``KVCache``."""
+
+    def __init__(self, model: nn.Module, pack: bool | None = None):
+        """``pack``: multiply by oneDNN-packed copies of the weights (None: on CPU when the copy
+        fits in a quarter of the free memory)."""
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"FastDecoder cannot run this model: {reason}")
+        self.model, self.inner = model, model.model
+        self.heads = model.config.num_attention_heads
+        self.kv_heads = model.config.num_key_value_heads
+        self.head_dim = self.inner.layers[0].self_attn.head_dim
+        if pack is None:
+            pack = _should_pack(model)
+        self._packed: dict[nn.Linear, torch.Tensor] = {}
+        for linear in _linears(model) if pack else []:
+            packed = _pack(linear.weight)
+            if packed is None:  # this build cannot: every product takes the plain path
+                self._packed.clear()
+                break
+            self._packed[linear] = packed
+
+    @property
+    def packed_bytes(self) -> int:
+        """Memory held by the packed weight copies."""
+        return sum(m.weight.numel() * m.weight.element_size() for m in self._packed)
+
+    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` for a (rows, features) ``x`` (see the module docstring)."""
+        packed = self._packed.get(layer)
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+        if layer.bias is None:
+            return torch.mm(layer.weight, x.t()).t()
+        return torch.addmm(layer.bias[:, None], layer.weight, x.t()).t()
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor:
+        """``tokens``/``positions``: (rows,); ``mask``: (rows, cache.length + 1), nonzero where
+        a column is a real token. Writes the new keys/values (``cache.reserve(1)`` first), then
+        advances the cache; returns fp32 logits (rows, vocabulary)."""
+        rows, linear = tokens.shape[0], self._linear
+        h = self.inner.embed_tokens(tokens)
+        cos, sin = self.inner.rotary_emb(h[:, None], positions[:, None])
+        cos, sin = cos[:, None], sin[:, None]  # (rows, 1, 1, head_dim): broadcast over heads
+        # additive mask, (rows, 1, 1, columns): broadcast over kv heads and query heads
+        attend = torch.zeros(mask.shape, dtype=h.dtype, device=h.device)
+        attend = attend.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
+        groups = self.heads // self.kv_heads
+        for i, layer in enumerate(self.inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = layer.input_layernorm(h)
+            # a kv head's query heads stand in for its query positions (as transformers does
+            # for one-token decoding): no repeated keys, and the flash CPU kernel applies
+            q = linear(attn.q_proj, x).reshape(rows, self.kv_heads, groups, self.head_dim)
+            k = linear(attn.k_proj, x).reshape(rows, self.kv_heads, 1, self.head_dim)
+            v = linear(attn.v_proj, x).reshape(rows, self.kv_heads, 1, self.head_dim)
+            keys, values = cache.write(i, _rotate(k, cos, sin), v)
+            out = F.scaled_dot_product_attention(_rotate(q, cos, sin).contiguous(), keys, values,
+                                                 attn_mask=attend, scale=attn.scaling)
+            h = h + linear(attn.o_proj, out.reshape(rows, -1))
+            x = layer.post_attention_layernorm(h)
+            h = h + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x))
+                           * linear(mlp.up_proj, x))
+        cache.advance(1)
+        return linear(self.model.lm_head, self.inner.norm(h)).float()
