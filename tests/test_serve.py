@@ -117,6 +117,9 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     response = conn.getresponse()
     assert response.status == 200
     response.fp.readline()  # the first chunk arrived: the request is decoding
+    deadline = time.time() + 10  # (/health shows the state after the engine's current step)
+    while time.time() < deadline and _health(server)["running"] != 1:
+        time.sleep(0.05)
     assert _health(server)["running"] == 1
     conn.sock.close()
     conn.close()

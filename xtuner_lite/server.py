@@ -58,6 +58,7 @@ class EngineWorker:
         self.commands: queue.Queue = queue.Queue()
         self.jobs: dict[int, tuple[Job, TextStream]] = {}  # engine request id → job
         self.stats = {"finished": 0, "cancelled": 0, "peak_batch": 0}
+        self._load = {"running": 0, "waiting": 0, **self.stats}
         self.thread = threading.Thread(target=self._loop, name="xtuner-engine", daemon=True)
         self.thread.start()
 
@@ -69,9 +70,13 @@ class EngineWorker:
         self.commands.put(("cancel", job))
 
     def load(self) -> dict[str, int]:
-        """Queue lengths now, requests finished and cancelled so far, the largest batch."""
-        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                **self.stats}
+        """Queue lengths after the engine's last step, requests finished and cancelled so far,
+        the largest batch (a snapshot the engine thread publishes: its lists change mid-step)."""
+        return dict(self._load)
+
+    def _publish_load(self) -> None:
+        self._load = {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
+                      **self.stats}
 
     def _loop(self) -> None:
         while True:
@@ -82,6 +87,7 @@ class EngineWorker:
                     block = False
             except queue.Empty:
                 pass
+            self._publish_load()
             if self.engine.has_work:
                 finished = self.engine.step()
                 self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self.engine.running)
@@ -94,6 +100,7 @@ class EngineWorker:
                         job.events.put(("text", rest))
                     job.completion_tokens = len(request.output_ids)
                     job.events.put(("done", request.finish_reason, self.engine.decode(request)))
+                self._publish_load()
 
     def _handle(self, command: str, job: Job) -> None:
         if command == "cancel":
