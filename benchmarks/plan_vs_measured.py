@@ -47,7 +47,7 @@ def main() -> None:
             shape = Shape.from_config(model.config)
             plan = plan_memory(shape, PlanSettings(
                 method=method, base_dtype=base, lora_r=16, max_length=n,
-                gradient_checkpointing=ckpt, cpu_attention=True, optimizer="adamw"))
+                gradient_checkpointing=ckpt, cpu=True, optimizer="adamw"))
             storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                         for t in model.state_dict().values()}
             weights = sum(storages.values())

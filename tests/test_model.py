@@ -14,7 +14,7 @@ from xtuner_lite.model import (
     skip_adapter_input_casts,
 )
 from xtuner_lite.model.attention import PACKED_SDPA, segments_of
-from xtuner_lite.model.dropout import Int16Dropout
+from xtuner_lite.model.dropout import DropoutLinear
 
 LENGTHS = [5, 9, 3, 12]
 
@@ -187,31 +187,71 @@ def test_checkpointing_interval_is_validated(tiny_llama):
         build_model(tiny_llama, method="lora", gradient_checkpointing=-2)
 
 
+def _dropout_linear(weight: torch.Tensor, p: float = 0.1) -> DropoutLinear:
+    module = DropoutLinear(weight.shape[1], weight.shape[0], p)
+    module.weight = torch.nn.Parameter(weight.clone())
+    return module.train()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int16_dropout_rate_scale_and_gradient(dtype):
-    torch.manual_seed(0)
-    drop = Int16Dropout(0.1)
+def test_dropout_linear_rate_scale_and_gradients(dtype):
+    """Through an identity weight the output is the dropped input (rate, 1/(1-p) scale); through
+    a random weight, output and both gradients equal autograd through that same mask."""
     x = torch.full((1000, 1000), 2.0, dtype=dtype, requires_grad=True)
-    y = drop(x)
-    assert y.dtype == dtype and set(y.unique().tolist()) == {0.0, float(x[0, 0] * drop.scale)}
-    dropped = float((y == 0).float().mean())
-    assert abs(dropped - 0.1) < 0.002  # 1e6 draws: 5 standard deviations ≈ 0.0015
-    assert abs(float(y.float().mean()) - 2.0) < 0.02  # kept values carry the 1/(1-p) scale
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, y.detach() / 2.0)
+    identity = _dropout_linear(torch.eye(1000, dtype=dtype))
+    torch.manual_seed(0)
+    y = identity(x)
+    keep = y.detach() != 0
+    assert y.dtype == dtype and set(y.unique().tolist()) == {0.0, float(x[0, 0] * identity.scale)}
+    assert abs(1 - float(keep.float().mean()) - 0.1) < 0.002  # 1e6 draws: 5 sd ≈ 0.0015
+    assert abs(float(y.float().mean()) - 2.0) < 0.02
     torch.manual_seed(0)  # the mask comes from torch's generator state: same seed, same mask
-    torch.testing.assert_close(drop(x), y)
-    assert not torch.equal(drop(x), y)
-    drop.eval()
-    assert drop(x) is x
-    assert Int16Dropout(0.0).train()(x) is x
+    assert torch.equal(identity(x), y)
+    assert not torch.equal(identity(x), y)
+
+    torch.manual_seed(1)
+    weight = torch.randn(8, 1000, dtype=dtype)
+    inputs = torch.randn(1000, 1000, dtype=dtype).requires_grad_()
+    module = _dropout_linear(weight)
+    torch.manual_seed(0)
+    out = module(inputs)
+    reference_w = weight.clone().requires_grad_()
+    reference = torch.nn.functional.linear(inputs * keep * identity.scale, reference_w)
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x_grad = inputs.grad.clone()
+    inputs.grad = None
+    reference.backward(grad)
+    torch.testing.assert_close(x_grad, inputs.grad)
+    torch.testing.assert_close(module.weight.grad, reference_w.grad)
+    module.eval()
+    torch.testing.assert_close(module(inputs), torch.nn.functional.linear(inputs, weight))
 
 
-def test_lora_uses_int16_dropout(tiny_llama):
+def test_dropout_linear_saves_the_shared_input_not_masks():
+    """q/k/v read one input: their products save that tensor (and their weights), nothing else."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    modules = [_dropout_linear(torch.randn(4, 32)) for _ in range(3)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = [m(x.requires_grad_()) for m in modules]
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    weights = {m.weight.untyped_storage().data_ptr() for m in modules}
+    assert storages == {x.untyped_storage().data_ptr()} | weights
+    sum(o.float().sum() for o in outputs).backward()
+    assert all(m.weight.grad is not None and m.weight.grad.dtype == torch.float32
+               for m in modules)
+
+
+def test_lora_fuses_its_dropout_into_lora_a(tiny_llama):
     model = build_model(tiny_llama, method="lora", lora=dict(r=4, dropout=0.05))
-    drops = [m for m in model.modules() if isinstance(m, Int16Dropout)]
-    assert len(drops) == 2 * 7
+    fused = [m for m in model.modules() if isinstance(m, DropoutLinear)]
+    assert len(fused) == 2 * 7 and all(m.p == 0.05 for m in fused)
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert any(".lora_A.default.weight" in k for k in model.state_dict())
 
 
 @pytest.mark.parametrize("bias", [False, True])

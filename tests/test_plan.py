@@ -67,7 +67,7 @@ def test_layer_activations_match_saved_tensors(tmp_path, shape_kwargs, method, b
         saved.append(_saved_bytes(_build(path, method, base), tokens))
     measured = saved[1] - saved[0]
     settings = PlanSettings(method=method, base_dtype=base, lora_r=16, max_length=tokens,
-                            cpu_attention=True)  # CPU: per-sample attention
+                            cpu=True)  # CPU: per-sample attention
     planned = layer_activation_bytes(shape, settings, tokens) + \
         layer_weight_copies(shape, settings)
     assert planned == pytest.approx(measured, rel=tolerance)
@@ -107,7 +107,7 @@ def test_whole_model_activations_within_ten_percent(tmp_path, checkpointing, met
     path, shape = _tiny(tmp_path, 4, **SHAPES[0])
     measured = _saved_bytes(_build(path, method, base, checkpointing), tokens)
     plan = plan_memory(shape, PlanSettings(method=method, base_dtype=base, lora_r=16,
-                                           max_length=tokens, cpu_attention=True,
+                                           max_length=tokens, cpu=True,
                                            gradient_checkpointing=checkpointing))
     # (the loss's hidden-state gradient is held outside autograd's saved tensors; a full
     # fine-tune's head gradient, computed with the loss, is inside)

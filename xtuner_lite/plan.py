@@ -22,6 +22,10 @@ MiB = 1024**2
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax / 64 + fp32 / 16384
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# which linears read the same input tensor
+INPUT_OF = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
+            "o_proj": "attention output", "gate_proj": "mlp", "up_proj": "mlp",
+            "down_proj": "mlp hidden"}
 
 
 @dataclass
@@ -89,8 +93,8 @@ class PlanSettings:
     zero: int = 0  # 0 (plain data parallel), 1, 2, 3 (3 = FSDP full sharding)
     explicit_mask: bool = False  # one block-masked attention call per packed row (eager,
     # remote-code models); otherwise attention runs sample by sample or varlen, maskless
-    cpu_attention: bool = False  # CPU's per-sample attention: two matmuls keeping the
-    # probabilities up to MATMUL_ATTENTION_MAX_LENGTH, fp32 SDPA for longer samples
+    cpu: bool = False  # CPU kernels: per-sample attention as two matmuls keeping q/k/v up to
+    # MATMUL_ATTENTION_MAX_LENGTH (fp32 SDPA for longer samples); LoRA dropout inside lora_A
     overhead_gib: float = 0.5  # CUDA context and allocator slack, not in max_memory_allocated
 
 
@@ -127,18 +131,19 @@ def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
 
     Per token: each RMSNorm keeps its fp32 input (4·H); SDPA keeps q (after rotary), k and v
     repeated to all heads, its output (c bytes each, 4 when it runs in fp32 on CPU) and the
-    log-sum-exp, while CPU's matmul attention keeps q, k, v and the attention probabilities
-    (c·heads per key, planned for one sample filling the row); the MLP keeps gate, up and SiLU
-    outputs (c·I each). A frozen linear keeps nothing (only its weight is needed); a LoRA linear
-    keeps its dropout mask (1 byte) and dropped input (c bytes) per input element, and A's
-    output (c·r); a trained linear keeps its input in the compute dtype.
+    log-sum-exp, while CPU's matmul attention keeps q, k and v (it recomputes the
+    probabilities); the MLP keeps gate, up and SiLU outputs (c·I each). A frozen linear keeps
+    nothing (only its weight is needed); a LoRA linear keeps A's output (c·r) and its input —
+    once for the linears reading the same tensor, unless a separate dropout layer keeps a mask
+    (1 byte) and a dropped copy (c bytes) per input element for each (GPU); a trained linear
+    keeps its input in the compute dtype.
     """
     c = DTYPE_BYTES[s.compute_dtype]
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
-    if s.cpu_attention and s.max_length <= MATMUL_ATTENTION_MAX_LENGTH:
-        attention = c * (q + 2 * shape.kv_heads * shape.head_dim + shape.heads * s.max_length)
+    if s.cpu and s.max_length <= MATMUL_ATTENTION_MAX_LENGTH:
+        attention = c * (q + 2 * shape.kv_heads * shape.head_dim)
     else:
-        attention = 4 * (4 if s.cpu_attention else c) * q + 4 * shape.heads
+        attention = 4 * (4 if s.cpu else c) * q + 4 * shape.heads
     per_token = 2 * 4 * h + attention + 3 * c * i
     if s.explicit_mask:
         per_token += c * s.max_length  # the block mask, cast per layer
@@ -149,16 +154,35 @@ def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
         if DTYPE_BYTES[s.base_dtype] != c:  # each of q/k/v, gate/up casts its own copy
             per_token += c * (2 * h + h)
     else:
-        mask = 1 if s.lora_dropout > 0 else 0
-        for target in s.lora_targets:
-            per_token += (mask + c) * dims[target][0] + c * s.lora_r
+        per_token += c * s.lora_r * len(s.lora_targets)  # A's outputs
+        if s.lora_dropout > 0 and not s.cpu:  # a mask and a compute-dtype dropped copy each
+            per_token += sum((1 + c) * dims[t][0] for t in s.lora_targets)
+        else:
+            per_token += _lora_input_bytes(dims, s, c)
     return per_token * tokens
+
+
+def _lora_input_bytes(dims: dict[str, tuple[int, int]], s: PlanSettings, c: int) -> float:
+    """Per token, the inputs LoRA's A products keep when no dropout layer copies them: hidden
+    states in the base dtype (the MLP's inner product in the compute dtype), each tensor once
+    for the linears reading it — but without dropout autocast casts a wider one per linear."""
+    total, counted = 0.0, set()
+    for target in s.lora_targets:
+        source = INPUT_OF.get(target, target)
+        size = c if source == "mlp hidden" else DTYPE_BYTES[s.base_dtype]
+        if s.lora_dropout == 0 and size != c:
+            total += c * dims[target][0]
+        elif source not in counted:
+            total += size * dims[target][0]
+            counted.add(source)
+    return total
 
 
 def layer_weight_copies(shape: Shape, s: PlanSettings) -> float:
     """Autocast's compute-dtype copies of one layer's weights, kept for backward: of every
     linear stored in a wider dtype (fp32 master weights, an fp32 frozen base), and of the LoRA
-    weights. (4-bit layers keep their packed weights, not a dequantized copy.)"""
+    weights — but A's on CPU with dropout, whose fused product casts it again in backward.
+    (4-bit layers keep their packed weights, not a dequantized copy.)"""
     c = DTYPE_BYTES[s.compute_dtype]
     if c == 4:
         return 0.0
@@ -167,6 +191,9 @@ def layer_weight_copies(shape: Shape, s: PlanSettings) -> float:
         copies += c * shape.layer_linear_params()
     if s.method != "full":
         copies += c * lora_params(shape, s.lora_r, s.lora_targets) / shape.layers
+        if s.cpu and s.lora_dropout > 0:
+            dims = shape.linear_dims()
+            copies -= c * s.lora_r * sum(dims[t][0] for t in s.lora_targets)
     return copies
 
 

@@ -9,7 +9,7 @@ import torch
 
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
-from xtuner_lite.model.dropout import use_int16_lora_dropout
+from xtuner_lite.model.dropout import fuse_lora_dropout
 
 Method = Literal["full", "lora", "qlora"]
 
@@ -147,7 +147,7 @@ def build_model(
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(parse_dtype(lora_dtype))
-    use_int16_lora_dropout(model)
+    fuse_lora_dropout(model)
     return model
 
 

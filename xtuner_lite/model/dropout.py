@@ -1,21 +1,37 @@
-"""LoRA dropout with a ~2.5× cheaper random mask on CPU.
+"""LoRA's input dropout fused into its A projection, with a cheaper mask, on CPU.
 
-On CPU, torch's Mersenne-Twister generator is the bottleneck of ``nn.Dropout``: one sequential
-32-bit draw per element (a fifth of a LoRA step on SmolLM2, measured). Here one 64-bit draw of
-numpy's SFC64 generator (seeded by one draw from torch's generator, so ``torch.manual_seed``,
-checkpointed recomputation and resumed RNG state replay the same masks) gives four 16-bit
-uniforms; a 16-bit threshold keeps the drop rate within 1/65536 of ``p``, and the kept values
-are scaled by the exact inverse of the realised keep probability, so the expected output equals
-the input as with ``nn.Dropout``. Applying the mask in numpy (an integer multiply of the raw
-bits) is also ~3× faster than torch's ``where`` on 2 cores (measured).
+peft computes ``lora_B(lora_A(dropout(x)))`` in every adapted layer. Two costs of that on CPU:
+
+- Memory: each layer's dropout saves its mask and ``lora_A`` saves the dropped copy of ``x``
+  for its weight gradient — 7.3 MiB of a SmolLM2 decoder layer's ~20 MiB of activations at 512
+  tokens, although q/k/v (and gate/up) all read the same ``x``. Here A's product saves ``x``
+  itself (one tensor for the modules sharing it) and the mask's seed; backward draws the same
+  mask again (~3.7 MiB saved per layer: more layers fit without recomputation).
+- Time: torch's Mersenne-Twister generator draws one 32-bit number per element sequentially (a
+  fifth of a LoRA step, measured). One 64-bit draw of numpy's SFC64 generator (seeded by one
+  draw from torch's generator, so ``torch.manual_seed``, checkpointed recomputation and resumed
+  RNG state replay the same masks) gives four 16-bit uniforms; a 16-bit threshold keeps the drop
+  rate within 1/65536 of ``p``, and kept values are scaled by the exact inverse of the realised
+  keep probability, so the expected output equals the input as with ``nn.Dropout``. The mask is
+  applied in numpy as an integer multiply of the raw bits (~3× faster than torch's ``where``).
+
+On GPU (fast generators, other memory trade-offs) the layer is plain dropout then the product.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 _RAW_VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.float32}
+
+
+def _keep_mask(seed: int, shape: torch.Size, dropped: int) -> np.ndarray:
+    """Bool mask of ``shape``: True where the 16-bit uniform drawn from ``seed`` is kept."""
+    n = int(np.prod(shape))
+    uniform16 = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
+    return (uniform16 >= dropped).reshape(shape)
 
 
 def _masked(x: torch.Tensor, keep: np.ndarray, scale: float) -> torch.Tensor:
@@ -25,60 +41,79 @@ def _masked(x: torch.Tensor, keep: np.ndarray, scale: float) -> torch.Tensor:
     return torch.from_numpy(raw * keep).view(x.dtype).view(x.shape).mul_(scale)
 
 
-class _MaskedScale(torch.autograd.Function):
-    """y = x · keep · scale. The mask is saved as a tensor (not held on ``ctx``), so that
-    activation checkpointing drops it with the layer's other activations and recomputes it."""
+class _DroppedProduct(torch.autograd.Function):
+    """y = (x · keep · scale) W^T, saving x and the mask's seed (not the mask, not the product's
+    input). Runs under the caller's autocast: the product is in the compute dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return _masked(x, keep.numpy(), scale)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, seed: int, dropped: int,
+                scale: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.mask = (seed, dropped, scale)
+        return F.linear(_masked(x, _keep_mask(seed, x.shape, dropped), scale), weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        seed, dropped, scale = ctx.mask
+        keep = _keep_mask(seed, x.shape, dropped)
         grad = grad.contiguous()
-        if grad.dtype not in _RAW_VIEWS:
-            return grad * keep.to(grad.dtype) * ctx.scale, None, None
-        return _masked(grad, keep.numpy(), ctx.scale), None, None
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _masked((grad @ weight.to(grad.dtype)).to(x.dtype), keep, scale)
+        if ctx.needs_input_grad[1]:
+            dropped_x = _masked(x, keep, scale).to(grad.dtype)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ dropped_x.reshape(-1, x.shape[-1])
+        return grad_x, grad_weight, None, None, None
 
 
-class Int16Dropout(torch.nn.Module):
-    """Drop each element with probability ``round(p * 65536) / 65536`` (training mode only)."""
+class DropoutLinear(torch.nn.Linear):
+    """A LoRA ``lora_A`` (bias-free) whose input dropout is part of its product."""
 
-    def __init__(self, p: float):
-        super().__init__()
+    def __init__(self, in_features: int, out_features: int, p: float, **kwargs):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        super().__init__(in_features, out_features, bias=False, **kwargs)
         self.p = p
         self.dropped = round(p * 65536)  # 16-bit uniforms below this are zeroed
         self.scale = 65536 / (65536 - self.dropped)
 
+    @classmethod
+    def replacing(cls, linear: torch.nn.Linear, p: float) -> DropoutLinear:
+        """A ``DropoutLinear`` holding ``linear``'s own weight parameter."""
+        module = cls(linear.in_features, linear.out_features, p, device="meta")
+        module.weight = linear.weight
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropped == 0:
-            return x
-        if x.device.type != "cpu" or x.dtype not in _RAW_VIEWS:  # GPU generators are fast
-            return torch.nn.functional.dropout(x, self.p, training=True)
+            return F.linear(x, self.weight)
+        if x.device.type != "cpu" or x.dtype not in _RAW_VIEWS:
+            return F.linear(F.dropout(x, self.p, training=True), self.weight)
         seed = int(torch.empty((), dtype=torch.int64).random_())
-        n = x.numel()
-        uniform16 = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
-        keep = (uniform16 >= self.dropped).reshape(x.shape)
-        return _MaskedScale.apply(x.contiguous(), torch.from_numpy(keep), self.scale)
+        return _DroppedProduct.apply(x.contiguous(), self.weight, seed, self.dropped, self.scale)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"{super().extra_repr()}, p={self.p}"
 
 
-def use_int16_lora_dropout(model: torch.nn.Module) -> int:
-    """Swap every peft LoRA ``nn.Dropout`` for :class:`Int16Dropout`; returns how many."""
+def fuse_lora_dropout(model: torch.nn.Module) -> int:
+    """In every plain LoRA layer of ``model``, move the ``nn.Dropout`` into a
+    :class:`DropoutLinear` ``lora_A`` (the dropout becomes ``nn.Identity``); returns how many.
+    State-dict keys and the trained parameters are unchanged."""
     count = 0
     for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
+        dropouts, projections = getattr(module, "lora_dropout", None), getattr(module, "lora_A",
+                                                                             None)
+        if not isinstance(dropouts, torch.nn.ModuleDict) or not isinstance(projections,
+                                                                           torch.nn.ModuleDict):
             continue
         for name, dropout in dropouts.items():
-            if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
-                dropouts[name] = Int16Dropout(dropout.p)
+            linear = projections[name] if name in projections else None
+            if (isinstance(dropout, torch.nn.Dropout) and dropout.p > 0
+                    and type(linear) is torch.nn.Linear and linear.bias is None
+                    and name not in getattr(module, "lora_variant", {})):
+                projections[name] = DropoutLinear.replacing(linear, dropout.p)
+                dropouts[name] = torch.nn.Identity()
                 count += 1
     return count
