@@ -134,9 +134,9 @@ def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
     log-sum-exp, while CPU's matmul attention keeps q, k and v (it recomputes the
     probabilities); the MLP keeps gate, up and SiLU outputs (c·I each). A frozen linear keeps
     nothing (only its weight is needed); a LoRA linear keeps A's output (c·r) and its input —
-    once for the linears reading the same tensor, unless a separate dropout layer keeps a mask
-    (1 byte) and a dropped copy (c bytes) per input element for each (GPU); a trained linear
-    keeps its input in the compute dtype.
+    once for the linears reading the same tensor, with its dropout mask as bits (CPU) — or, with
+    a separate dropout layer (GPU), a mask (1 byte) and a dropped copy (c bytes) per input
+    element for each; a trained linear keeps its input in the compute dtype.
     """
     c = DTYPE_BYTES[s.compute_dtype]
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
@@ -159,6 +159,8 @@ def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
             per_token += sum((1 + c) * dims[t][0] for t in s.lora_targets)
         else:
             per_token += _lora_input_bytes(dims, s, c)
+            if s.lora_dropout > 0:  # CPU's fused dropout keeps each mask as bits
+                per_token += sum(dims[t][0] for t in s.lora_targets) / 8
     return per_token * tokens
 
 

@@ -5,8 +5,8 @@ peft computes ``lora_B(lora_A(dropout(x)))`` in every adapted layer. Two costs o
 - Memory: each layer's dropout saves its mask and ``lora_A`` saves the dropped copy of ``x``
   for its weight gradient — 7.3 MiB of a SmolLM2 decoder layer's ~20 MiB of activations at 512
   tokens, although q/k/v (and gate/up) all read the same ``x``. Here A's product saves ``x``
-  itself (one tensor for the modules sharing it) and the mask's seed; backward draws the same
-  mask again (~3.7 MiB saved per layer: more layers fit without recomputation).
+  itself (one tensor for the modules sharing it) and the mask as bits (~3.4 MiB saved per
+  layer: more layers fit without recomputation).
 - Time: torch's Mersenne-Twister generator draws one 32-bit number per element sequentially (a
   fifth of a LoRA step, measured). One 64-bit draw of numpy's SFC64 generator (seeded by one
   draw from torch's generator, so ``torch.manual_seed``, checkpointed recomputation and resumed
@@ -42,21 +42,22 @@ def _masked(x: torch.Tensor, keep: np.ndarray, scale: float) -> torch.Tensor:
 
 
 class _DroppedProduct(torch.autograd.Function):
-    """y = (x · keep · scale) W^T, saving x and the mask's seed (not the mask, not the product's
-    input). Runs under the caller's autocast: the product is in the compute dtype."""
+    """y = (x · keep · scale) W^T, saving x and the mask packed 8 elements to a byte (not the
+    mask as bools, not the product's input). Unpacking takes a tenth of drawing the mask again.
+    Runs under the caller's autocast: the product is in the compute dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, seed: int, dropped: int,
-                scale: float) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.mask = (seed, dropped, scale)
-        return F.linear(_masked(x, _keep_mask(seed, x.shape, dropped), scale), weight)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, keep: np.ndarray, scale: float
+                ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, torch.from_numpy(np.packbits(keep)))
+        ctx.scale = scale
+        return F.linear(_masked(x, keep, scale), weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        seed, dropped, scale = ctx.mask
-        keep = _keep_mask(seed, x.shape, dropped)
+        x, weight, bits = ctx.saved_tensors
+        scale = ctx.scale
+        keep = np.unpackbits(bits.numpy(), count=x.numel()).view(bool).reshape(x.shape)
         grad = grad.contiguous()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
@@ -64,7 +65,7 @@ class _DroppedProduct(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dropped_x = _masked(x, keep, scale).to(grad.dtype)
             grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ dropped_x.reshape(-1, x.shape[-1])
-        return grad_x, grad_weight, None, None, None
+        return grad_x, grad_weight, None, None
 
 
 class DropoutLinear(torch.nn.Linear):
@@ -91,7 +92,8 @@ class DropoutLinear(torch.nn.Linear):
         if x.device.type != "cpu" or x.dtype not in _RAW_VIEWS:
             return F.linear(F.dropout(x, self.p, training=True), self.weight)
         seed = int(torch.empty((), dtype=torch.int64).random_())
-        return _DroppedProduct.apply(x.contiguous(), self.weight, seed, self.dropped, self.scale)
+        keep = _keep_mask(seed, x.shape, self.dropped)
+        return _DroppedProduct.apply(x.contiguous(), self.weight, keep, self.scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}"
