@@ -47,8 +47,6 @@ def segments_of(cu_seqlens: torch.Tensor, batch: int, width: int) -> list[tuple[
 
 
 MATMUL_ATTENTION_MAX_LENGTH = 1024
-# attribute build_model sets on the attention modules of checkpointed layers
-KEEP_PROBABILITIES = "xtuner_keep_attention_probabilities"
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,23 +93,19 @@ class _MatmulAttention(torch.autograd.Function):
 
 
 def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     scaling: float | None, keep_probabilities: bool = False) -> torch.Tensor:
+                     scaling: float | None) -> torch.Tensor:
     """Causal attention of one sample, (heads, length, dim) in the inputs' dtype, as two batched
     matmuls over the key/value heads: the query heads sharing a key/value head are stacked along
     the length, so grouped-query attention needs no repeated keys and values. On CPU at sample
     lengths this runs forward + backward ~1.7x faster than SDPA's fp32 kernel (measured).
-    ``keep_probabilities``: save them for backward instead of recomputing them — right in a
-    checkpointed layer, whose saved tensors live only from its recomputation to its backward
-    (5 % of a SmolLM2 step faster, measured)."""
+    Backward recomputes the probabilities (see ``_MatmulAttention``). Saving them in layers
+    that checkpointing recomputes anyway, where they live only until that layer's backward,
+    was ~5 % faster in one process but raised the benchmark's peak by ~40 MiB: not done."""
     heads, length, dim = query.shape
     kv_heads = key.shape[0]
     scale = dim ** -0.5 if scaling is None else scaling
     stacked = query.reshape(kv_heads, heads // kv_heads * length, dim)
-    if keep_probabilities:
-        out = torch.bmm(_probabilities(stacked, key, scale), value)
-    else:
-        out = _MatmulAttention.apply(stacked, key, value, scale)
-    return out.view(heads, length, dim)
+    return _MatmulAttention.apply(stacked, key, value, scale).view(heads, length, dim)
 
 
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -135,8 +129,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             if cpu and end - start <= MATMUL_ATTENTION_MAX_LENGTH and dropout == 0.0:
                 # in the projections' dtype (rotary may have promoted q and k to fp32)
                 q, k = q.to(v.dtype), k.to(v.dtype)
-                keep = getattr(module, KEEP_PROBABILITIES, False)
-                rows[row].append(matmul_attention(q, k, v, scaling, keep)[None])
+                rows[row].append(matmul_attention(q, k, v, scaling)[None])
                 continue
             # CPU: the fp32 kernels' backward runs ~2x faster than bf16's (measured)
             q, k, v = (t[None].to(torch.float32 if cpu else t.dtype) for t in (q, k, v))

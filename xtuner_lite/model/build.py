@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.model.attention import KEEP_PROBABILITIES, PACKED_SDPA, register_packed_sdpa
+from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
 from xtuner_lite.model.dropout import fuse_lora_dropout
 
 Method = Literal["full", "lora", "qlora"]
@@ -134,8 +134,6 @@ def build_model(
                               "use model.gradient_checkpointing=True instead of a subset")
         for layer, recompute in zip(layers, chosen):
             layer.gradient_checkpointing = recompute
-            if hasattr(layer, "self_attn"):  # recomputed anyway: keep what backward needs
-                setattr(layer.self_attn, KEEP_PROBABILITIES, recompute)
     if method == "full":
         return model
     from peft import LoraConfig, get_peft_model
