@@ -321,3 +321,45 @@ def test_bf16_lora_weights_train_and_are_planned(tiny_llama):
     stored = sum(p.numel() * p.element_size() for p in trained)
     assert bf16.get("adapter") == stored == fp32.get("adapter") / 2
     assert bf16.get("gradients") == fp32.get("gradients") / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_norm_and_mlp_equal_transformers_and_save_less(dtype):
+    """Same outputs and gradients as LlamaRMSNorm / LlamaMLP (fp32: to rounding; bf16: within
+    bf16 rounding), with less kept for backward: no fp32 copy of the norm's input, no SiLU
+    output."""
+    import copy
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    from xtuner_lite.model.lean_layers import use_lean_layers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=160)
+    originals = [LlamaRMSNorm(64, eps=1e-5), LlamaMLP(config)]
+    torch.nn.init.normal_(originals[0].weight, 1.0, 0.3)
+    for original in originals:
+        original.to(dtype)
+        lean = copy.deepcopy(original)
+        assert use_lean_layers(lean) == 1
+        x = torch.randn(3, 17, 64, dtype=dtype)
+        grad = torch.randn(3, 17, 64, dtype=dtype)
+        results, kept = [], []
+        for module in (original, lean):
+            inputs = x.clone().requires_grad_()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+                out = module(inputs)
+            out.backward(grad)
+            params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+            kept.append(sum(t.untyped_storage().nbytes() for t in
+                            {t.untyped_storage().data_ptr(): t for t in saved}.values()
+                            if t.untyped_storage().data_ptr() not in params))
+            results.append([out, inputs.grad, *(p.grad for p in module.parameters())])
+        tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(
+            rtol=2e-2, atol=2e-2)
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, **tolerance)
+        assert kept[1] < kept[0]

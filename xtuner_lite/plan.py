@@ -129,10 +129,11 @@ def lora_params(shape: Shape, r: int, targets: tuple[str, ...]) -> int:
 def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
     """Bytes autograd saves for backward in one decoder layer for ``tokens`` tokens.
 
-    Per token: each RMSNorm keeps its fp32 input (4·H); SDPA keeps q (after rotary), k and v
-    repeated to all heads, its output (c bytes each, 4 when it runs in fp32 on CPU) and the
-    log-sum-exp, while CPU's matmul attention keeps q, k and v (it recomputes the
-    probabilities); the MLP keeps gate, up and SiLU outputs (c·I each). A frozen linear keeps
+    Per token (Llama-family layers with ``model/lean_layers.py``): each RMSNorm keeps its input
+    (in the hidden states' dtype, the base dtype) and a fp32 scale; SDPA keeps q (after
+    rotary), k and v repeated to all heads, its output (c bytes each, 4 when it runs in fp32
+    on CPU) and the log-sum-exp, while CPU's matmul attention keeps q, k and v (it recomputes
+    the probabilities); the MLP keeps gate and up (c·I each). A frozen linear keeps
     nothing (only its weight is needed); a LoRA linear keeps A's output (c·r) and its input —
     once for the linears reading the same tensor, with its dropout mask as bits (CPU) — or, with
     a separate dropout layer (GPU), a mask (1 byte) and a dropped copy (c bytes) per input
@@ -144,13 +145,13 @@ def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
         attention = c * (q + 2 * shape.kv_heads * shape.head_dim)
     else:
         attention = 4 * (4 if s.cpu else c) * q + 4 * shape.heads
-    per_token = 2 * 4 * h + attention + 3 * c * i
+    per_token = 2 * (DTYPE_BYTES[s.base_dtype] * h + 4) + attention + 2 * c * i
     if s.explicit_mask:
         per_token += c * s.max_length  # the block mask, cast per layer
     dims = shape.linear_dims()
     if s.method == "full":
         # inputs in the compute dtype, shared by q/k/v and by gate/up when already that dtype
-        per_token += c * (h + q + h + i) + 2 * 4 * h  # + normalized inputs, for norm weights
+        per_token += c * (h + q + h + i)
         if DTYPE_BYTES[s.base_dtype] != c:  # each of q/k/v, gate/up casts its own copy
             per_token += c * (2 * h + h)
     else:
@@ -251,8 +252,8 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
                                 "one layer's activations, rebuilt during backward"))
     else:
         plan.components.append(("activations", shape.layers * layer, "every layer's"))
-    plan.components.append(("final norm", (4 + DTYPE_BYTES[s.compute_dtype]) * shape.hidden
-                            * tokens, "the last norm's fp32 input and the loss's hidden input"))
+    plan.components.append(("final norm", (res + DTYPE_BYTES[s.compute_dtype]) * shape.hidden
+                            * tokens, "the last norm's input and the loss's hidden input"))
     loss_tokens = min(s.chunk_size, tokens) if s.chunk_size else tokens
     plan.components.append(("logits and loss", 3 * 4 * shape.vocab * loss_tokens
                             + 4 * shape.hidden * tokens,

@@ -10,6 +10,7 @@ import torch
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
 from xtuner_lite.model.dropout import fuse_lora_dropout
+from xtuner_lite.model.lean_layers import use_lean_layers
 
 Method = Literal["full", "lora", "qlora"]
 
@@ -114,6 +115,7 @@ def build_model(
             else parse_dtype(quant_storage))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
+    use_lean_layers(model)
     canonical = resolve_model_path(pretrained)  # what adapters record as their base
     model.name_or_path = model.config._name_or_path = canonical
     if attn_implementation == "sdpa" and model.is_backend_compatible():
