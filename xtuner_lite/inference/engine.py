@@ -77,7 +77,7 @@ class InferenceEngine:
         self._ids = itertools.count()
         self.waiting: list[Request] = []
         self.running: list[Request] = []
-        # Llama-family models decode through FastDecoder; why others cannot is kept for tests
+        # None when FastDecoder runs this model (Llama family), else why it cannot
         self.fallback_reason = unsupported_reason(model)
         self._decoder = (FastDecoder(model, pack=pack_weights) if self.fallback_reason is None
                          else None)

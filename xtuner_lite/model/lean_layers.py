@@ -6,8 +6,8 @@ than they need be. transformers' RMSNorm upcasts its input and autograd keeps th
 and one fp32 scale per token. The MLP's ``act(gate) * up`` keeps gate, up and SiLU's output; here
 SiLU is recomputed in backward from gate (1.5 MiB less). Less kept per layer lets more layers
 skip activation checkpointing within the same memory. The backward formulas are autograd's own
-ops (``silu_backward``, the norm's closed form in fp32), so gradients equal the originals' (in
-fp32 to rounding; tested).
+(``silu_backward``; the norm's chain rule in fp32, in the same order, so an overflow still ends
+in NaN), and gradients equal the originals' (in fp32 to rounding; tested).
 
 Applied per module instance of the classes listed below (their ``forward`` is known), never by
 class name.
@@ -42,7 +42,10 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = (grad * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
         g = (grad * weight).to(x.dtype).float()  # rounded where autograd rounds it
-        grad_x = scale * (g - normed * (g * normed).mean(-1, keepdim=True))
+        # scale·g − scale³·x·mean(g·x), in autograd's order: an overflowed variance (scale 0)
+        # gives NaN here as there, so a diverging run still stops at a non-finite loss
+        grad_variance = (g * xf).sum(-1, keepdim=True) * (-0.5 * scale.pow(3))
+        grad_x = g * scale + grad_variance * (2 / x.shape[-1]) * xf
         return grad_x.to(x.dtype), grad_weight, None
 
 
