@@ -56,6 +56,10 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
     return found + [model.lm_head]
 
 
+def _weight_bytes(linears: list[nn.Linear]) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in linears)
+
+
 def _free_memory() -> int:
     """Bytes of memory available to new allocations (0 where the OS does not say)."""
     try:
@@ -67,8 +71,7 @@ def _free_memory() -> int:
 def _should_pack(model: nn.Module) -> bool:
     if model.lm_head.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    size = sum(m.weight.numel() * m.weight.element_size() for m in _linears(model))
-    return size <= PACK_MEMORY_SHARE * _free_memory()
+    return _weight_bytes(_linears(model)) <= PACK_MEMORY_SHARE * _free_memory()
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -117,7 +120,7 @@ class FastDecoder:
     @property
     def packed_bytes(self) -> int:
         """Memory held by the packed weight copies."""
-        return sum(m.weight.numel() * m.weight.element_size() for m in self._packed)
+        return _weight_bytes(list(self._packed))
 
     def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` for a (rows, features) ``x`` (see the module docstring)."""

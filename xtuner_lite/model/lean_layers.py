@@ -37,10 +37,10 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, scale = ctx.saved_tensors
         xf = x.float()
-        normed = xf * scale
         grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+        if ctx.needs_input_grad[1]:  # (frozen in LoRA: no normalised copy made then)
+            normed = (xf * scale).to(x.dtype)
+            grad_weight = (grad * normed).reshape(-1, x.shape[-1]).sum(0)
         g = (grad * weight).to(x.dtype).float()  # rounded where autograd rounds it
         # scale·g − scale³·x·mean(g·x), in autograd's order: an overflowed variance (scale 0)
         # gives NaN here as there, so a diverging run still stops at a non-finite loss
