@@ -58,7 +58,7 @@ class EngineWorker:
         self.commands: queue.Queue = queue.Queue()
         self.jobs: dict[int, tuple[Job, TextStream]] = {}  # engine request id → job
         self.stats = {"finished": 0, "cancelled": 0, "peak_batch": 0}
-        self._load = {"running": 0, "waiting": 0, **self.stats}
+        self._publish_load()
         self.thread = threading.Thread(target=self._loop, name="xtuner-engine", daemon=True)
         self.thread.start()
 

@@ -31,10 +31,6 @@ class KVCache:
         return cls([_with_room(k, length + room) for k in keys],
                    [_with_room(v, length + room) for v in values], length)
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
     def filled(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the filled columns of one layer."""
         return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]

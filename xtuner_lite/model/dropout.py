@@ -105,10 +105,10 @@ def fuse_lora_dropout(model: torch.nn.Module) -> int:
     State-dict keys and the trained parameters are unchanged."""
     count = 0
     for module in model.modules():
-        dropouts, projections = getattr(module, "lora_dropout", None), getattr(module, "lora_A",
-                                                                             None)
-        if not isinstance(dropouts, torch.nn.ModuleDict) or not isinstance(projections,
-                                                                           torch.nn.ModuleDict):
+        dropouts = getattr(module, "lora_dropout", None)
+        projections = getattr(module, "lora_A", None)
+        if not (isinstance(dropouts, torch.nn.ModuleDict)
+                and isinstance(projections, torch.nn.ModuleDict)):
             continue
         for name, dropout in dropouts.items():
             linear = projections[name] if name in projections else None
