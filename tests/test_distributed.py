@@ -25,7 +25,7 @@ from conftest import ROOT, wait_for_lines
 
 CONFIG = """
 model = dict(pretrained={model!r}, method={method!r}, lora=dict(r=8, alpha=16, dropout={dropout}),
-             compute_dtype="fp32")
+             compute_dtype="fp32", gradient_checkpointing={checkpointing})
 train_dataset = dict(data_files={data!r}, tokenizer={model!r}, map_fn="alpaca",
                      template="smollm2", max_length=96, pack=True)
 train = dict(batch_size=1, accumulative_counts=1, max_iters={iters}, lr={lr}, dtype=None,
@@ -33,9 +33,10 @@ train = dict(batch_size=1, accumulative_counts=1, max_iters={iters}, lr={lr}, dt
 """
 
 
-def _config(tmp_path, model, method="lora", dropout=0.0, iters=8):
+def _config(tmp_path, model, method="lora", dropout=0.0, iters=8, checkpointing=False):
     path = tmp_path / f"{method}_{dropout}_{iters}.py"
     path.write_text(CONFIG.format(model=model, method=method, dropout=dropout, iters=iters,
+                                  checkpointing=checkpointing,
                                   lr=1e-2 if method == "lora" else 1e-3,
                                   data=str(ROOT / "examples/data/alpaca_mini.json")))
     return path
@@ -84,13 +85,14 @@ def _weights(folder):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama):
-    """One process, accumulation 2: the run two processes x batch 1 must reproduce."""
+    """One process, accumulation 2: the run two processes x batch 1 must reproduce (with
+    reentrant gradient checkpointing, whose inner backward the engines' hooks must follow)."""
     runs = {}
 
     def run(method):
         if method not in runs:
             tmp = tmp_path_factory.mktemp(f"one_{method}")
-            config = _config(tmp, tiny_llama, method)
+            config = _config(tmp, tiny_llama, method, checkpointing=True)
             losses = _train(config, tmp / "work", 1, "--cfg-options",
                             "train.accumulative_counts=2")
             runs[method] = (config, losses, tmp / "work")

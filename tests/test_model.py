@@ -88,6 +88,30 @@ def test_packed_sdpa_equals_the_block_mask_and_is_plain_sdpa_otherwise(
     torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
 
 
+def test_matmul_attention_pads_lengths_to_few_shapes(monkeypatch):
+    """Every sample length its own matmul shape made oneDNN cache a kernel per length (resident
+    memory grew step after step); padded lengths give a few shapes and the same result."""
+    shapes = set()
+    apply = attention._MatmulAttention.apply
+    monkeypatch.setattr(attention._MatmulAttention, "apply",
+                        lambda q, k, v, s: shapes.add(tuple(k.shape)) or apply(q, k, v, s))
+    torch.manual_seed(0)
+    step = attention.ATTENTION_LENGTH_STEP
+    for length in range(1, 3 * step + 1):
+        q, k, v = (torch.randn(heads, length, 8, dtype=torch.float64, requires_grad=True)
+                   for heads in (4, 2, 2))
+        out = attention.matmul_attention(q, k, v, None)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                               enable_gqa=True)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = torch.autograd.grad(ref, (q, k, v), grad)
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    assert {s[1] for s in shapes} == {step, 2 * step, 3 * step}
+
+
 def test_accumulation_equals_one_big_batch(tiny_llama):
     """4 micro-batches of 1 sample == 1 batch of 4 samples (different lengths), fp32."""
     model = build_model(tiny_llama, method="full")
