@@ -139,6 +139,38 @@ def test_chunked_loss_matches_transformers(tiny_llama):
     _assert_same(ref_grads, _grads(model))
 
 
+def test_chunked_loss_pads_rows_to_few_head_shapes(monkeypatch):
+    """The trained-token count varies every step; the head's products see a multiple of
+    LOSS_ROW_STEP rows (a few shapes for oneDNN to cache) and the padding changes nothing."""
+    from xtuner_lite.model import loss as loss_module
+
+    rows = set()
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(loss_module.F, "linear",
+                        lambda x, w, b=None: rows.add(x.shape[0]) or linear(x, w, b))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    step = loss_module.LOSS_ROW_STEP
+    for length in (1, step - 1, step, step + 5, 3 * step + 2):
+        hidden = torch.randn(1, length + 1, 16, requires_grad=True)
+        labels = torch.randint(0, 50, (1, length + 1))
+        labels[0, 0] = IGNORE_INDEX  # never a target (the shifted labels start at position 1)
+        total, count = chunked_lm_loss(hidden, head, labels, chunk_size=2 * step)
+        total.backward()
+        got = (total.detach(), hidden.grad, head.weight.grad, head.bias.grad)
+        hidden.grad, head.weight.grad, head.bias.grad = None, None, None
+        logits = linear(hidden[0, :-1], head.weight, head.bias)
+        ref = torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="sum")
+        ref.backward()
+        assert count == length
+        torch.testing.assert_close(got[0], ref.detach())
+        torch.testing.assert_close(got[1], hidden.grad)
+        torch.testing.assert_close(got[2], head.weight.grad)
+        torch.testing.assert_close(got[3], head.bias.grad)
+        hidden.grad, head.weight.grad, head.bias.grad = None, None, None
+    assert rows <= {step, 2 * step}
+
+
 def test_lora_targets_every_linear_but_the_head(tiny_llama):
     model = build_model(tiny_llama, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
     wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if "lora_A" in n}
@@ -240,7 +272,7 @@ def test_dropout_linear_rate_scale_and_gradients(dtype):
     torch.manual_seed(0)
     out = module(inputs)
     reference_w = weight.clone().requires_grad_()
-    reference = torch.nn.functional.linear(inputs * keep * identity.scale, reference_w)
+    reference = torch.nn.functional.linear(inputs * keep, reference_w) * identity.scale
     torch.testing.assert_close(out, reference)
     grad = torch.randn_like(out)
     out.backward(grad)

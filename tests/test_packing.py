@@ -57,3 +57,9 @@ def test_collate_pads_and_keeps_boundaries():
     assert batch["labels"][1].tolist() == [-100, -100, -100]
     assert batch["cu_seqlens"].tolist() == [0, 2, 3, 4, 6]
     assert batch["position_ids"].dtype == torch.long
+    # rounded up to a multiple: one more padding position per row, real tokens unchanged
+    wide = collate_packed(rows, pad_token_id=0, pad_to_multiple_of=4)
+    assert wide["input_ids"].tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]]
+    assert wide["labels"][0].tolist() == [-100, 2, 3, -100]
+    assert wide["cu_seqlens"].tolist() == [0, 2, 3, 4, 5, 8]
+    assert int(wide["num_tokens"]) == int(batch["num_tokens"]) == 4

@@ -73,6 +73,14 @@ def test_unknown_train_key_is_named(tmp_path, tiny_llama):
         train(cfg, work_dir=tmp_path)
 
 
+def test_non_positive_batch_settings_are_named():
+    from xtuner_lite.engine.runner import TrainSettings
+
+    for name, value in (("pad_to_multiple_of", 0), ("batch_size", -1), ("chunk_size", 1.5)):
+        with pytest.raises(XtunerError, match=f"train.{name} must be a positive integer"):
+            TrainSettings(**{name: value})
+
+
 def test_exploding_loss_stops_with_a_clear_message(tmp_path, tiny_llama):
     from xtuner_lite.engine import NonFiniteLossError
     from xtuner_lite.training import train

@@ -29,13 +29,16 @@ class SFTDataset(torch.utils.data.Dataset):
         return self.data.row(i)
 
 
-def collate_packed(rows: list[dict[str, list[int]]], pad_token_id: int = 0
-                   ) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[dict[str, list[int]]], pad_token_id: int = 0,
+                   pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad rows into a batch; cu_seqlens are flattened over the batch (varlen layout).
 
     Padding is its own "sample" in cu_seqlens with labels -100, so attention stays per sample.
+    ``pad_to_multiple_of`` rounds the width up: on CPU every new width makes oneDNN build and
+    keep another set of kernels (resident memory grows through a run whose rows vary).
     """
-    width = max(len(r["input_ids"]) for r in rows)
+    longest = max(len(r["input_ids"]) for r in rows)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     batch = len(rows)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)

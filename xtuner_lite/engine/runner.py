@@ -23,6 +23,7 @@ from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
 from xtuner_lite.data.dataset import collate_packed
 from xtuner_lite.engine.distributed import world
+from xtuner_lite.errors import XtunerError
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TrainSettings:
     max_norm: float | None = 1.0
     dtype: str | None = "bf16"  # autocast dtype: bf16 | fp16 (GPU) | None for fp32
     chunk_size: int = 1024  # tokens per loss chunk
+    pad_to_multiple_of: int = 32  # row width rounded up: a few shapes, a few cached kernels
     save_steps: int = 100
     save_total_limit: int = 2
     log_interval: int = 1
@@ -60,15 +62,23 @@ class TrainSettings:
     fsdp: bool = False  # torch FSDP2 fully_shard per decoder layer
     dist_timeout: int = 1800  # seconds ranks wait for each other (e.g. for rank 0's data)
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "accumulative_counts", "chunk_size", "pad_to_multiple_of"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise XtunerError(f"train.{name} must be a positive integer, got {value!r}")
+
 
 class GlobalBatchCollator:
     """Splits a loader batch of ``batch_size * accumulative_counts`` rows into micro-batches."""
 
-    def __init__(self, batch_size: int, pad_token_id: int):
+    def __init__(self, batch_size: int, pad_token_id: int, pad_to_multiple_of: int = 1):
         self.batch_size, self.pad_token_id = batch_size, pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> list[dict[str, torch.Tensor]]:
-        return [collate_packed(rows[i:i + self.batch_size], self.pad_token_id)
+        return [collate_packed(rows[i:i + self.batch_size], self.pad_token_id,
+                               self.pad_to_multiple_of)
                 for i in range(0, len(rows), self.batch_size)]
 
 
@@ -144,7 +154,8 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=settings.batch_size * settings.accumulative_counts,
         sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
-        collate_fn=GlobalBatchCollator(settings.batch_size, pad_token_id), num_workers=0)
+        collate_fn=GlobalBatchCollator(settings.batch_size, pad_token_id,
+                                       settings.pad_to_multiple_of), num_workers=0)
     clip = dict(max_norm=settings.max_norm) if settings.max_norm else None
     _, world_size = world()
     strategy = None

@@ -12,7 +12,6 @@ from mmengine.model import BaseModel
 from mmengine.optim import OptimWrapper
 
 from xtuner_lite.engine.distributed import global_sum, world
-from xtuner_lite.engine.memory import release_freed_memory
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.forward import count_trained, loss_sum
 
@@ -80,8 +79,6 @@ class SFTModel(BaseModel):
         if not step_each:
             optim_wrapper.step()
             optim_wrapper.zero_grad()
-        if not torch.cuda.is_available():
-            release_freed_memory()
         return {"loss": torch.tensor(loss_value), "tokens": torch.tensor(float(tokens))}
 
     def init_weights(self) -> None:

@@ -34,36 +34,37 @@ def _keep_mask(seed: int, shape: torch.Size, dropped: int) -> np.ndarray:
     return (uniform16 >= dropped).reshape(shape)
 
 
-def _masked(x: torch.Tensor, keep: np.ndarray, scale: float) -> torch.Tensor:
-    """x where ``keep`` else 0, times ``scale``; x contiguous, on CPU. Zeroing the raw bits of
-    a 16-bit float gives +0.0, so half-precision values are masked as integers."""
+def _masked(x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+    """x where ``keep`` else 0; x contiguous, on CPU. Zeroing the raw bits of a 16-bit float
+    gives +0.0, so half-precision values are masked as integers."""
     raw = x.detach().view(_RAW_VIEWS[x.dtype]).numpy()
-    return torch.from_numpy(raw * keep).view(x.dtype).view(x.shape).mul_(scale)
+    return torch.from_numpy(raw * keep).view(x.dtype).view(x.shape)
 
 
 class _DroppedProduct(torch.autograd.Function):
-    """y = (x · keep · scale) W^T, saving x and the mask packed 8 elements to a byte (not the
+    """y = scale · (x · keep) W^T, saving x and the mask packed 8 elements to a byte (not the
     mask as bools, not the product's input). Unpacking takes a tenth of drawing the mask again.
-    Runs under the caller's autocast: the product is in the compute dtype."""
+    ``scale`` multiplies the rank-wide product and its gradient, not the model-wide input (two
+    passes over the input fewer). Runs under the caller's autocast: the product is in the
+    compute dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, keep: np.ndarray, scale: float
                 ) -> torch.Tensor:
         ctx.save_for_backward(x, weight, torch.from_numpy(np.packbits(keep)))
         ctx.scale = scale
-        return F.linear(_masked(x, keep, scale), weight)
+        return F.linear(_masked(x, keep), weight).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, bits = ctx.saved_tensors
-        scale = ctx.scale
         keep = np.unpackbits(bits.numpy(), count=x.numel()).view(bool).reshape(x.shape)
-        grad = grad.contiguous()
+        grad = grad * ctx.scale
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = _masked((grad @ weight.to(grad.dtype)).to(x.dtype), keep, scale)
+            grad_x = _masked((grad @ weight.to(grad.dtype)).to(x.dtype), keep)
         if ctx.needs_input_grad[1]:
-            dropped_x = _masked(x, keep, scale).to(grad.dtype)
+            dropped_x = _masked(x, keep).to(grad.dtype)
             grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ dropped_x.reshape(-1, x.shape[-1])
         return grad_x, grad_weight, None, None
 

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 from xtuner_lite.data.tokenize import IGNORE_INDEX
 
+# The trained positions are padded to a multiple of this many rows, so the head's matmuls come
+# in a few shapes: oneDNN builds and keeps a kernel per shape, and the count varies every step.
+LOSS_ROW_STEP = 32
+
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Label of position t is the token at t+1; the last position predicts nothing."""
@@ -27,7 +31,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+                targets: torch.Tensor, chunk_size: int, valid: int) -> torch.Tensor:
+        """Rows from ``valid`` on are padding: computed, but neither summed nor back-propagated."""
         need = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if need[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
@@ -41,12 +46,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # chunk-sized temporary (and fresh pages cost as much as the arithmetic on CPU)
             maxes = logits.amax(-1, keepdim=True)
             sums = logits.sub_(maxes).exp_().sum(-1, keepdim=True)
-            total += (maxes + sums.log()).sum() - picked.sum()
+            real = max(0, min(t.shape[0], valid - start))
+            total += (maxes[:real] + sums[:real].log()).sum() - picked[:real].sum()
             if not any(need[:3]):
                 continue
             # d(sum CE)/d logits = softmax - one_hot
             grad_logits = logits.div_(sums)
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad_logits[real:] = 0.0
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_logits.to(h.dtype) @ weight.to(h.dtype)
             if grad_weight is not None:
@@ -68,6 +75,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if grad_bias is None else (grad_bias * scale).to(ctx.dtypes[1]),
             None,
             None,
+            None,
         )
 
 
@@ -83,7 +91,10 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.T
     count = int(keep.sum())
     if count == 0:
         return hidden.sum() * 0.0, 0
-    hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
+    pad = -count % LOSS_ROW_STEP
+    if pad:
+        hidden, targets = F.pad(hidden, (0, 0, 0, pad)), F.pad(targets, (0, pad))
     total = _LinearCrossEntropy.apply(hidden, head.weight, getattr(head, "bias", None),
-                                      targets[keep], chunk_size)
+                                      targets, chunk_size, count)
     return total, count
