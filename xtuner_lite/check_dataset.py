@@ -11,7 +11,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 
 from xtuner_lite.config import check_kwargs
@@ -23,6 +22,7 @@ from xtuner_lite.data.pipeline import (
     resolve_template,
     resolve_tokenizer,
 )
+from xtuner_lite.data.report import report_stats
 from xtuner_lite.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError
 
@@ -79,32 +79,6 @@ def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | No
                             title_align="left"))
 
 
-def stats_table(stats: DatasetStats) -> Table:
-    table = Table(title="dataset statistics", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value", justify="right")
-    skipped = sum(stats.rows_skipped.values())
-    rows = [
-        ("sources", ", ".join(stats.sources)),
-        ("rows loaded", f"{stats.rows_loaded}"),
-        ("rows skipped", f"{skipped}"),
-        *((f"  skipped: {reason}", f"{n}") for reason, n in stats.rows_skipped.items()),
-        ("rows truncated to max_length", f"{stats.rows_truncated}"),
-        ("samples kept", f"{stats.samples}"),
-        ("token length min / mean / p50 / p90 / p99 / max",
-         " / ".join(f"{stats.lengths[k]:.0f}"
-                    for k in ("min", "mean", "p50", "p90", "p99", "max"))),
-        ("tokens (trained)", f"{stats.tokens} ({stats.trained_tokens})"),
-        ("max_length", f"{stats.max_length}"),
-        ("rows after packing" if stats.packed else "rows (unpacked)", f"{stats.rows}"),
-        ("packing efficiency (real tokens / slots)", f"{stats.packing_efficiency:.1%}"),
-        ("loaded from cache", "yes" if stats.from_cache else "no"),
-    ]
-    for what, value in rows:
-        table.add_row(what, value)
-    return table
-
-
 def check_dataset(cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None
                   ) -> DatasetStats:
     """Show stages for the first rows, process everything, print and return the stats."""
@@ -124,7 +98,5 @@ def check_dataset(cfg: dict[str, Any], num_samples: int = 1, console: Console | 
         f"cu_seqlens {row['cu_seqlens'][:8]}{' ...' if len(row['cu_seqlens']) > 8 else ''}; "
         f"position_ids restart at 0 for each sample",
         title="5. first packed row" if stats.packed else "5. first row", title_align="left"))
-    console.print(stats_table(stats))
-    for example in stats.skipped_examples[:5]:
-        console.print(f"[yellow]skipped[/] {example}")
+    report_stats(stats, console)
     return stats

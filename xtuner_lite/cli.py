@@ -168,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         resume = True if args.resume == "auto" else args.resume
     out = train(args.config, work_dir=args.work_dir, resume=resume, seed=args.seed,
-                cfg_options=args.cfg_options, deepspeed=args.deepspeed, fsdp=args.fsdp)
+                cfg_options=args.cfg_options, deepspeed=args.deepspeed, fsdp=args.fsdp,
+                overwrite=args.overwrite)
     print(f"saved: {out}")
     return 0
 
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default work_dirs/CONFIG_NAME)")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="auto: newest complete checkpoint in the work dir; or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a work dir that holds a previous run (its checkpoints "
+                   "and loss curve are deleted; without this such a work dir is refused)")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     engine = p.add_mutually_exclusive_group()

@@ -11,6 +11,7 @@ from typing import Any
 from xtuner_lite.errors import XtunerError
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+SECTIONS = ("model", "train_dataset", "train", "seed", "work_dir")  # what a config defines
 
 
 def find_config(ref: str) -> Path:
@@ -64,7 +65,21 @@ def load_config(ref: str, cfg_options: list[str] | dict | None = None):
                               + (f"; did you mean {hint[0]!r}?" if hint else ""))
     if options:
         cfg.merge_from_dict(options)
+    check_sections(cfg, path)
     return cfg
+
+
+def check_sections(cfg: Any, path: Path) -> None:
+    """Refuse a top-level dict whose name is a misspelt section (``trian = dict(...)`` would
+    otherwise be ignored while the base config's ``train`` is used). Other top-level names are
+    the user's own variables and stay allowed."""
+    for key in cfg.keys():
+        if key in SECTIONS or not isinstance(cfg[key], dict):
+            continue
+        hint = get_close_matches(key, SECTIONS, n=1, cutoff=0.75)
+        if hint:
+            raise XtunerError(f"config {path}: unknown top-level dict {key!r}; did you mean "
+                              f"{hint[0]!r}?")
 
 
 def check_kwargs(fn: Callable, kwargs: dict[str, Any], where: str) -> None:

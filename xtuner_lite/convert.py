@@ -9,25 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.errors import XtunerError
 
 PREFIX = "llm."  # SFTModel keeps the causal LM as ``self.llm``
 
 
 def read_checkpoint_weights(checkpoint: str | Path) -> dict:
-    """The trainable weights of an ``iter_N.pth`` (keys relative to the causal LM)."""
-    import torch
-
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise XtunerError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign file: say which
-        raise XtunerError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    weights = state.get("state_dict") if isinstance(state, dict) else None
-    if not isinstance(weights, dict):
-        raise XtunerError(f"{path} is not an xtuner training checkpoint (no 'state_dict')")
+    """The trainable weights of an ``iter_N.pth`` (keys relative to the causal LM), read
+    without unpickling anything but tensors and plain data."""
+    weights = ckpt.load(checkpoint)[ckpt.STATE_DICT]
     return {k.removeprefix("module.").removeprefix(PREFIX): v for k, v in weights.items()}
 
 

@@ -23,7 +23,8 @@ class DataError(XtunerError):
 class RowError(ValueError):
     """Raised by a map fn for one bad row; the pipeline adds file and row, or counts a skip."""
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, skip: bool = False):
         self.reason = message
         self.field = field
+        self.skip = skip  # counted and skipped even without ``skip_invalid`` (asked for)
         super().__init__(message)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
+from xtuner_lite import workdir
+from xtuner_lite.atomic import atomic_path
 from xtuner_lite.config import check_kwargs, load_config
+from xtuner_lite.data.report import report_skips, write_report
+from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import init_process_group, main_process_first, world
+from xtuner_lite.engine.sft_model import TrainingStoppedError
 from xtuner_lite.errors import XtunerError
 
 
@@ -18,31 +25,44 @@ def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[s
                 ) -> None:
     """A standard peft adapter (or HF model) folder, plus the tokenizer and how it was trained.
     ``state_dict`` holds the weights when the model itself is sharded (ZeRO-3, FSDP2)."""
-    tmp = out.with_name(out.name + ".partial")
-    llm.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
-    tokenizer.save_pretrained(tmp)
-    (tmp / "xtuner_lite.json").write_text(json.dumps(meta, indent=1, default=str))
-    if out.exists():
-        import shutil
+    with atomic_path(out) as tmp:
+        llm.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "xtuner_lite.json").write_text(json.dumps(meta, indent=1, default=str))
 
-        shutil.rmtree(out)
-    tmp.rename(out)
+
+def _stopped(exc: TrainingStoppedError, work_dir: Path, failed_step: int) -> XtunerError:
+    """Set aside the checkpoint whose weights gave the bad step (it was saved right before it)
+    and say which checkpoint a resume will continue from."""
+    if world()[0] == 0:
+        ckpt.set_aside(work_dir, from_step=failed_step - 1)
+    good = ckpt.latest(work_dir, warn=lambda _: None)
+    if good is None:
+        where = ("no checkpoint from before the divergence exists; start again (--overwrite) "
+                 "with a lower train.lr")
+    else:
+        where = (f"the last good checkpoint is kept: {good.name}; continue from it with "
+                 "--resume auto, e.g. with a lower train.lr")
+    return type(exc)(f"{exc} at step {failed_step}; {where}")
 
 
 def train(config: str | dict, work_dir: str | Path | None = None, resume: bool | str = False,
           seed: int | None = None, cfg_options: list[str] | dict | None = None,
-          deepspeed: str | dict | None = None, fsdp: bool = False) -> Path:
+          deepspeed: str | dict | None = None, fsdp: bool = False,
+          overwrite: bool = False) -> Path:
     """Train from a config file/name (or an already loaded config); return the final folder.
 
     ``resume=True`` (``--resume auto``) continues from the newest complete checkpoint in
-    ``work_dir``; a path resumes from that checkpoint. ``deepspeed`` (a ZeRO preset or json)
-    and ``fsdp`` pick the engine of a multi-process run (``NPROC_PER_NODE=N`` / torchrun).
+    ``work_dir``; a path resumes from that checkpoint. A work dir holding a previous run is
+    refused unless resuming or ``overwrite``; one training at a time holds a work dir.
+    ``deepspeed`` (a ZeRO preset or json) and ``fsdp`` pick the engine of a multi-process run
+    (``NPROC_PER_NODE=N`` / torchrun).
     """
-    from xtuner_lite.data.dataset import SFTDataset
-    from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
-    from xtuner_lite.engine import TrainSettings, build_runner
+    from xtuner_lite.data.pipeline import process_dataset
+    from xtuner_lite.engine import TrainSettings
     from xtuner_lite.engine.runner import check_engine_choice, resolve_device
-    from xtuner_lite.model import build_model, skip_adapter_input_casts
+    from xtuner_lite.model import build_model
+    from xtuner_lite.model.build import LoraSettings
 
     cfg = load_config(config, cfg_options) if isinstance(config, str) else config
     for key in ("model", "train_dataset", "train"):
@@ -59,6 +79,8 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     check_kwargs(process_dataset, data_cfg, "train_dataset")
     check_kwargs(TrainSettings, train_cfg, "train")
     settings = TrainSettings(**train_cfg)
+    if model_cfg.get("method", "lora") != "full":
+        LoraSettings.from_config(model_cfg.get("lora"))  # before any work
     if model_cfg.get("method") == "qlora" and "quant_storage" not in model_cfg and \
             _shards_weights(settings):
         # ZeRO-3 / FSDP shard weights of one float dtype; packed 4-bit bytes stored as uint8
@@ -67,7 +89,7 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     seed = cfg.get("seed", 0) if seed is None else seed
     name = Path(config).stem if isinstance(config, str) else "run"
     work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    workdir.check_writable(work_dir)
 
     device = resolve_device(settings)
     if device == "cpu":
@@ -77,6 +99,25 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     distributed = init_process_group(device, settings.dist_timeout)
     rank, world_size = world()
     check_engine_choice(settings, world_size)  # before any work
+    with workdir.locked(work_dir) if rank == 0 else nullcontext():
+        if rank == 0:
+            workdir.check_start(work_dir, resume, overwrite)
+        start = workdir.resume_checkpoint(work_dir, resume, warn=print if rank == 0 else
+                                          lambda _: None)
+        if overwrite and not resume and rank == 0:
+            workdir.clear_previous_run(work_dir)
+        return _train(cfg, model_cfg, data_cfg, settings, seed, work_dir, start, distributed)
+
+
+def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: Path,
+           start: Path | None, distributed: bool) -> Path:
+    """Data, model, runner, the loop and the result, in a work dir held by this training."""
+    from xtuner_lite.data.dataset import SFTDataset
+    from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
+    from xtuner_lite.engine import build_runner
+    from xtuner_lite.model import build_model, skip_adapter_input_casts
+
+    rank, _ = world()
 
     tokenizer = resolve_tokenizer(data_cfg["tokenizer"])
     template = resolve_template(data_cfg.get("template"), tokenizer, data_cfg["tokenizer"])
@@ -84,6 +125,9 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     # rank 0 processes and caches the data, the other ranks then read the cache
     with main_process_first(settings.dist_timeout):
         processed = process_dataset(**{**data_cfg, "tokenizer": tokenizer, "template": template})
+    if rank == 0:  # what was skipped or truncated, as check-dataset counts it
+        report_skips(processed.stats, Console(), examples=3)
+        write_report(processed.stats, work_dir / workdir.DATA_REPORT)
     dataset = SFTDataset(processed.data, processed.stats)
     from mmengine.runner import set_random_seed
 
@@ -107,9 +151,12 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
         hooks.append(EvaluateTasksHook(tokenizer, template, settings.eval_tasks,
                                        settings.eval_freq, settings.eval_data_root,
                                        settings.eval_limit, seed))
-    runner = build_runner(llm, dataset, pad, settings, work_dir, seed=seed, resume=resume,
+    runner = build_runner(llm, dataset, pad, settings, work_dir, seed=seed, resume=start,
                           hooks=hooks)
-    runner.train()
+    try:
+        runner.train()
+    except TrainingStoppedError as exc:
+        raise _stopped(exc, work_dir, runner.iter + 1) from None
     out = work_dir / ("adapter" if model_cfg.get("method", "lora") != "full" else "model")
     if not distributed:
         save_result(llm, tokenizer, template, cfg, out, seed=seed)

@@ -6,6 +6,9 @@ We parse JSON ourselves rather than through ``datasets`` because its errors lose
 
 from __future__ import annotations
 
+import csv
+import glob
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ class Rows:
     records: list[Any]
     unit: str = "row"  # "line" for jsonl, "row" otherwise
     numbers: list[int] = field(default_factory=list)  # 1-based line numbers for jsonl
+    invalid: list[tuple[str, str]] = field(default_factory=list)  # (where, why): unparsed lines
 
     def locate(self, index: int) -> str:
         if self.numbers:
@@ -44,7 +48,7 @@ def _read_text(path: Path) -> str:
                         source=str(path), location=f"line {line}") from None
 
 
-def _load_json(path: Path) -> Rows:
+def _load_json(path: Path, skip_invalid: bool = False) -> Rows:
     text = _read_text(path)
     if not text.strip():
         raise DataError("file is empty", source=str(path))
@@ -52,7 +56,7 @@ def _load_json(path: Path) -> Rows:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # a .json file that is really JSON Lines
-            return _load_jsonl(path, text)
+            return _load_jsonl(path, text, skip_invalid)
         raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=str(path),
                         location=f"line {exc.lineno}") from None
     if isinstance(data, dict):
@@ -68,58 +72,95 @@ def _load_json(path: Path) -> Rows:
     return Rows(str(path), data)
 
 
-def _load_jsonl(path: Path, text: str | None = None) -> Rows:
+def _load_jsonl(path: Path, text: str | None = None, skip_invalid: bool = False) -> Rows:
     text = _read_text(path) if text is None else text
-    records, numbers = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    records, numbers, invalid = [], [], []
+    # only "\n" ends a JSON Lines record: str.splitlines() also splits at U+2028, U+2029, U+0085
+    # and other characters that are valid inside a JSON string
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=str(path),
-                            location=f"line {lineno}") from None
+            reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
+            if not skip_invalid:
+                raise DataError(reason, source=str(path), location=f"line {lineno}") from None
+            invalid.append((f"line {lineno}", "invalid JSON"))
+            continue
         numbers.append(lineno)
-    if not records:
+    if not records and not invalid:
         raise DataError("file is empty", source=str(path))
-    return Rows(str(path), records, unit="line", numbers=numbers)
+    return Rows(str(path), records, unit="line", numbers=numbers, invalid=invalid)
+
+
+def _csv_record_lines(text: str, delimiter: str) -> list[int]:
+    """The 1-based line each data record of a CSV starts on (a quoted field may span lines)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    starts, previous = [], 0
+    for row in reader:
+        start, previous = previous + 1, reader.line_num
+        if row:  # blank lines are not records
+            starts.append(start)
+    return starts[1:]  # after the header
 
 
 def _load_table(path: Path, kind: str) -> Rows:
     import datasets
 
-    if kind == "csv":
-        _read_text(path)  # fail early, with a line number, on non-UTF-8 bytes
+    text = _read_text(path) if kind == "csv" else ""  # non-UTF-8 bytes: fail with a line
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train",
+                                   **({"delimiter": delimiter} if kind == "csv" else {}))
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise DataError(f"could not read {kind}: {exc}", source=str(path)) from None
     if len(ds) == 0:
         raise DataError("file is empty", source=str(path))
     rows = Rows(str(path), ds.to_list())
-    if kind == "csv":  # row i is on line i + 2 (1-based, after the header)
-        rows.unit, rows.numbers = "line", list(range(2, len(ds) + 2))
+    if kind == "csv":
+        starts = _csv_record_lines(text, delimiter)
+        rows.unit = "line"
+        rows.numbers = starts if len(starts) == len(ds) else list(range(2, len(ds) + 2))
     return rows
 
 
-def load_rows(path: str | os.PathLike, split: str = "train") -> Rows:
-    """Load one data source: a file, a saved HF dataset folder, or a hub dataset id."""
+def expand(data_files: list[str]) -> list[str]:
+    """Data sources with glob patterns expanded (sorted); a pattern matching nothing is an
+    error naming it."""
+    out = []
+    for ref in data_files:
+        if any(c in ref for c in "*?[") and not Path(ref).expanduser().exists():
+            matches = sorted(glob.glob(os.path.expanduser(ref), recursive=True))
+            if not matches:
+                raise DataError("no file matches this pattern", source=ref)
+            out.extend(matches)
+        else:
+            out.append(ref)
+    return out
+
+
+def load_rows(path: str | os.PathLike, split: str = "train", skip_invalid: bool = False
+              ) -> Rows:
+    """Load one data source: a file, a saved HF dataset folder, or a hub dataset id.
+    ``skip_invalid``: JSON Lines that do not parse are listed in ``Rows.invalid``, not raised."""
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
     if p.is_dir():
         return _load_saved_dataset(p, split)
     if p.exists():
         if suffix == ".json":
-            return _load_json(p)
+            return _load_json(p, skip_invalid)
         if suffix == ".jsonl":
-            return _load_jsonl(p)
+            return _load_jsonl(p, skip_invalid=skip_invalid)
         if suffix in (".csv", ".tsv"):
             return _load_table(p, "csv")
         if suffix == ".parquet":
             return _load_table(p, "parquet")
         raise DataError(f"unsupported file type {suffix!r} (json, jsonl, csv, parquet or a "
                         "saved dataset folder)", source=str(p))
-    if suffix in (".json", ".jsonl", ".csv", ".parquet") or str(path).startswith((".", "/", "~")):
+    if suffix in (".json", ".jsonl", ".csv", ".tsv", ".parquet") or \
+            str(path).startswith((".", "/", "~")):
         raise DataError("file not found", source=str(p))
     return _load_hub_dataset(str(path), split)
 

@@ -21,14 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from xtuner_lite.data.loaders import Rows, load_rows
+from xtuner_lite.data import control
+from xtuner_lite.data.loaders import Rows, expand, load_rows
 from xtuner_lite.data.map_fns import MapFn, get_map_fn, validate_conversation
 from xtuner_lite.data.packing import PackedData, build_packed
 from xtuner_lite.data.templates import Template, get_template
 from xtuner_lite.data.tokenize import TokenizedBatch, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError, XtunerError
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 PARALLEL_MIN_ROWS = 20_000
 CHUNK_ROWS = 2_000
 
@@ -42,6 +43,7 @@ class DatasetStats:
     rows_skipped: dict[str, int] = field(default_factory=dict)
     skipped_examples: list[str] = field(default_factory=list)
     rows_truncated: int = 0
+    rows_with_control_tokens: int = 0  # kept with chat-control token text in a message
     samples: int = 0
     rows: int = 0
     tokens: int = 0
@@ -76,14 +78,35 @@ class ChunkResult:
     tokens: TokenizedBatch
     indices: np.ndarray
     errors: list[tuple[int, RowError]]
+    flagged: int = 0  # rows with control-token text
+
+
+def _guard_control_tokens(messages: list[dict], tokens: list[str], mode: str
+                          ) -> tuple[list[dict], bool]:
+    """Messages with control-token text escaped (``escape``) or refused (``skip``); and whether
+    any was found."""
+    found = next((t for m in messages if (t := control.find_control_token(m["content"], tokens))),
+                 None)
+    if found is None:
+        return messages, False
+    if mode == "skip":
+        raise RowError(f"message text contains the control token {found!r}", field="messages",
+                       skip=True)
+    if mode == "escape":
+        messages = [{**m, "content": control.escape(m["content"], tokens)} for m in messages]
+    return messages, True
 
 
 def _process_records(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template,
-                     max_length: int, offset: int = 0) -> ChunkResult:
-    rendered, indices, errors = [], [], []
+                     max_length: int, offset: int = 0, control_tokens: str = "warn"
+                     ) -> ChunkResult:
+    rendered, indices, errors, flagged = [], [], [], 0
+    tokens = control.control_tokens(tokenizer)
     for i, record in enumerate(records, start=offset):
         try:
             messages = validate_conversation(map_fn(record))
+            messages, found = _guard_control_tokens(messages, tokens, control_tokens)
+            flagged += found and control_tokens == "warn"  # kept as they are: at risk
             rendered.append(template.render(messages, tokenizer))
             indices.append(i)
         except RowError as exc:
@@ -93,23 +116,26 @@ def _process_records(records: list[Any], tokenizer: Any, map_fn: MapFn, template
         except Exception as exc:  # noqa: BLE001 - a user map fn failing: report it per row
             errors.append((i, RowError(f"map fn raised {type(exc).__name__}: {exc}")))
     return ChunkResult(tokenize_rendered(rendered, tokenizer, max_length),
-                       np.array(indices, dtype=np.int64), errors)
+                       np.array(indices, dtype=np.int64), errors, flagged)
 
 
 def _worker_chunk(bounds: tuple[int, int]) -> ChunkResult:
     w = _WORKER
     return _process_records(w["records"][bounds[0]:bounds[1]], w["tokenizer"], w["map_fn"],
-                            w["template"], w["max_length"], offset=bounds[0])
+                            w["template"], w["max_length"], offset=bounds[0],
+                            control_tokens=w["control_tokens"])
 
 
 def _run(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template, max_length: int,
-         num_proc: int) -> ChunkResult:
+         num_proc: int, control_tokens: str = "warn") -> ChunkResult:
     if num_proc <= 1:
-        return _process_records(records, tokenizer, map_fn, template, max_length)
+        return _process_records(records, tokenizer, map_fn, template, max_length,
+                                control_tokens=control_tokens)
     import multiprocessing as mp
 
     _WORKER.update(records=records, tokenizer=tokenizer, map_fn=map_fn, template=template,
-                   max_length=max_length)  # inherited by forked workers, never pickled
+                   max_length=max_length, control_tokens=control_tokens)  # inherited by forked
+    # workers, never pickled
     chunks = [(i, min(i + CHUNK_ROWS, len(records))) for i in range(0, len(records), CHUNK_ROWS)]
     try:
         with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("fork")) as pool:
@@ -118,7 +144,7 @@ def _run(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template, 
         _WORKER.clear()
     return ChunkResult(TokenizedBatch.concat([p.tokens for p in parts]),
                        np.concatenate([p.indices for p in parts]),
-                       [e for p in parts for e in p.errors])
+                       [e for p in parts for e in p.errors], sum(p.flagged for p in parts))
 
 
 # ---------------------------------------------------------------- cache keys
@@ -127,9 +153,10 @@ def _run(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template, 
 def _file_digest(path: str) -> str:
     p = Path(path).expanduser()
     digest = hashlib.sha256()
+    if not p.exists():  # a hub id: keyed by name (the hub's cache holds its files)
+        digest.update(path.encode())
+        return digest.hexdigest()
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    if not p.exists():
-        digest.update(path.encode())  # a hub id: keyed by name
     for f in files:
         digest.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
         with open(f, "rb") as fh:
@@ -154,12 +181,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(files: list[str], tokenizer: Any, map_fn: MapFn, template: Template,
-              max_length: int, pack: bool, shuffle: bool, seed: int, skip_invalid: bool) -> str:
+              max_length: int, pack: bool, shuffle: bool, seed: int, skip_invalid: bool,
+              control_tokens: str = "warn") -> str:
     template_id = (repr(template) if not hasattr(template, "tokenizer")
                    else f"auto:{template.tokenizer.chat_template}")
     parts = [CACHE_VERSION, *(_file_digest(f) for f in files), tokenizer_fingerprint(tokenizer),
              _callable_digest(map_fn), template_id, str(max_length), str(pack), str(shuffle),
-             str(seed), str(skip_invalid)]
+             str(seed), str(skip_invalid), control_tokens]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
 
 
@@ -228,17 +256,24 @@ def process_dataset(
     skip_invalid: bool = False,
     use_cache: bool = True,
     num_proc: int | None = None,
+    control_tokens: str = "warn",
 ) -> ProcessedDataset:
     """Run the whole pipeline on one or more data sources and return packed rows and stats.
 
     ``tokenizer`` is a tokenizer or any model reference; ``template`` None picks the model's own
     (the embedded model's template, else ``auto``). Invalid rows raise a :class:`DataError`
     naming file, row and field, unless ``skip_invalid``, which counts them by reason instead.
+    ``control_tokens``: what to do with rows whose message text contains a chat-control token
+    (``<|im_start|>`` ...), which would otherwise forge turns: ``warn`` (count them, keep them
+    as they are), ``escape`` (make the text plain) or ``skip`` (count and drop them).
     """
     many = isinstance(data_files, (list, tuple))
-    files = [str(f) for f in (data_files if many else [data_files])]
+    files = expand([str(f) for f in (data_files if many else [data_files])])
     if not files:
-        raise XtunerError("data_files is empty")
+        raise XtunerError("train_dataset.data_files is empty")
+    if control_tokens not in control.MODES:
+        raise XtunerError(f"train_dataset.control_tokens must be one of {control.MODES}, got "
+                          f"{control_tokens!r}")
     if max_length < 2:
         raise XtunerError(f"max_length must be at least 2, got {max_length}")
     tokenizer_ref, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
@@ -247,7 +282,8 @@ def process_dataset(
 
     key = None
     if use_cache:
-        key = cache_key(files, tokenizer, fn, tmpl, max_length, pack, shuffle, seed, skip_invalid)
+        key = cache_key(files, tokenizer, fn, tmpl, max_length, pack, shuffle, seed, skip_invalid,
+                        control_tokens)
         cached = _load(dataset_cache_dir() / key)
         if cached is not None:
             return cached
@@ -262,13 +298,18 @@ def process_dataset(
             stats.skipped_examples.append(f"{rows.source} {rows.locate(index)}: {reason}")
 
     for path in files:
-        rows: Rows = load_rows(path)
-        stats.rows_loaded += len(rows)
+        rows: Rows = load_rows(path, skip_invalid=skip_invalid)
+        stats.rows_loaded += len(rows) + len(rows.invalid)
+        for where, reason in rows.invalid:
+            skipped[reason] += 1
+            if len(stats.skipped_examples) < 20:
+                stats.skipped_examples.append(f"{rows.source} {where}: {reason}")
         procs = num_proc if num_proc is not None else (
             min(os.cpu_count() or 1, 8) if len(rows) >= PARALLEL_MIN_ROWS else 1)
-        result = _run(rows.records, tokenizer, fn, tmpl, max_length, procs)
+        result = _run(rows.records, tokenizer, fn, tmpl, max_length, procs, control_tokens)
+        stats.rows_with_control_tokens += result.flagged
         for i, error in result.errors:
-            if not skip_invalid:
+            if not skip_invalid and not error.skip:
                 raise DataError(error.reason, source=rows.source, location=rows.locate(i),
                                 field=error.field)
             skip(rows, i, error.reason + (f" (field {error.field!r})" if error.field else ""))

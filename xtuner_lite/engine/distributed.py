@@ -110,7 +110,13 @@ def global_sum(*values: float) -> list[float]:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """Every RNG's state as tensors and plain numbers (a checkpoint must load without
+    unpickling numpy objects)."""
+    numpy = np.random.get_state(legacy=False)
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+                       "pos": int(numpy["state"]["pos"]), "has_gauss": int(numpy["has_gauss"]),
+                       "gauss": float(numpy["gauss"])},
              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -119,7 +125,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": numpy["key"].numpy().astype(np.uint32),
+                                   "pos": numpy["pos"]},
+                         "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -136,9 +146,8 @@ def gather_rng_states() -> list[dict]:
     return states
 
 
-def restore_rank_rng(checkpoint: dict) -> None:
-    """Set this rank's RNG from a checkpoint written by a run with the same world size."""
+def restore_rank_rng(states: list[dict] | None) -> None:
+    """Set this rank's RNG from the states of a run with the same world size."""
     rank, size = world()
-    states = checkpoint.get("rng_states")
     if states and len(states) == size:
         set_rng_state(states[rank])

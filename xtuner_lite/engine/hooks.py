@@ -1,36 +1,93 @@
-"""Hooks: exact resume (RNG state), tokens/s in the progress line, sample generations."""
+"""Hooks: checkpoints kept safely, exact resume (RNG state), tokens/s, sample generations."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
-from mmengine.hooks import Hook
+from mmengine.dist import is_main_process
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.registry import HOOKS
 
 from xtuner_lite.data.templates import stop_token_ids
-from xtuner_lite.engine.distributed import rng_state, set_rng_state
+from xtuner_lite.engine import checkpoint as ckpt
+from xtuner_lite.engine.distributed import gather_rng_states, global_sum, restore_rank_rng
 
 
-@HOOKS.register_module()
 class RNGStateHook(Hook):
-    """Saves and restores every RNG, so a resumed run draws the same dropout masks."""
+    """Saves and restores every RNG, so a resumed run draws the same dropout masks (one
+    process; the multi-process strategies gather every rank's state themselves)."""
 
     priority = "VERY_LOW"
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()
+        checkpoint[ckpt.RNG_STATES] = gather_rng_states()
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        self._pending = checkpoint.get("rng_state")
+        self._pending = checkpoint.get(ckpt.RNG_STATES)
 
     def before_train(self, runner) -> None:
         # after mmengine re-seeds at resume; restore what the checkpoint held
-        state = getattr(self, "_pending", None)
-        if state is not None:
-            set_rng_state(state)
+        restore_rank_rng(getattr(self, "_pending", None))
+
+
+class PlainCheckpointHook(Hook):
+    """Last before a checkpoint is written: mmengine's numpy values and HistoryBuffers become
+    tensors and tagged dicts, so the file loads without unpickling arbitrary objects."""
+
+    priority = "LOWEST"
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint.update(ckpt.to_plain(checkpoint))
+
+
+class SafeCheckpointHook(CheckpointHook):
+    """mmengine's CheckpointHook with nothing trained put at risk:
+
+    - older checkpoints are deleted only once a newer one is complete and the step after it
+      gave a finite loss (mmengine deletes the oldest before writing the next one, so a kill
+      mid-write with ``max_keep_ckpts=1`` left nothing);
+    - weights that are not finite are never saved;
+    - ``last_checkpoint`` names the file relative to the work dir.
+    """
+
+    def __init__(self, interval: int, keep: int):
+        super().__init__(interval=interval, by_epoch=False, max_keep_ckpts=-1, save_last=True)
+        self.keep = keep
+        self._unconfirmed = False
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self._unconfirmed:  # this step's loss was finite: the newest checkpoint is good
+            self._prune()
+        super().after_train_iter(runner, batch_idx, data_batch, outputs)
+
+    def after_train(self, runner) -> None:
+        super().after_train(runner)
+        self._prune()
+
+    def _prune(self) -> None:
+        self._unconfirmed = False
+        if is_main_process():
+            ckpt.prune(self.out_dir, self.keep)
+
+    def _save_checkpoint_with_step(self, runner, step: int, meta: dict) -> None:
+        if global_sum(0.0 if ckpt.all_finite(runner.model) else 1.0)[0]:
+            runner.logger.warning(f"step {step}: trained weights are not finite; no checkpoint "
+                                  "saved")
+            return
+        filename = ckpt.FILENAME.format(step)
+        self.last_ckpt = os.path.join(self.out_dir, filename)
+        runner.message_hub.update_info("last_ckpt", self.last_ckpt)
+        runner.save_checkpoint(self.out_dir, filename, self.file_client_args,
+                               save_optimizer=self.save_optimizer,
+                               save_param_scheduler=self.save_param_scheduler, meta=meta,
+                               by_epoch=False, backend_args=self.backend_args, **self.args)
+        if is_main_process():
+            ckpt.record_latest(runner.work_dir, self.last_ckpt)
+        self._unconfirmed = True
 
 
 @HOOKS.register_module()

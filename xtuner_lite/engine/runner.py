@@ -1,10 +1,12 @@
 """Training on mmengine's Runner, with its known problems fixed here and nowhere else.
 
-- Resume: mmengine 0.10.7 loads checkpoints with torch's default ``weights_only=True`` (torch ≥
-  2.6), which refuses its own HistoryBuffer; we load our own checkpoint files with the full
-  unpickler (they are written by this runner, so trusted).
+- Resume: mmengine 0.10.7's checkpoints hold numpy objects and its HistoryBuffer, which torch's
+  ``weights_only`` loader refuses; ours are written as tensors and plain data and read without
+  arbitrary unpickling (``engine/checkpoint.py``), and ``--resume auto`` looks only inside the
+  work dir.
 - Checkpoints are written to a temporary name and renamed, so a kill mid-write leaves the previous
-  checkpoint as the newest complete one; only trainable weights are stored.
+  checkpoint as the newest complete one; older ones are deleted only after that; only trainable
+  weights are stored.
 - Mixed precision on CPU: :class:`AutocastOptimWrapper` (``AmpOptimWrapper`` is CUDA-only).
 - No 2-second sleep when the data runs out: an infinite sampler never runs out.
 """
@@ -12,18 +14,23 @@
 from __future__ import annotations
 
 import math
-import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from mmengine.runner import Runner
-from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
+from xtuner_lite.atomic import atomic_path
 from xtuner_lite.data.dataset import collate_packed
+from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import world
+from xtuner_lite.engine.hooks import PlainCheckpointHook, RNGStateHook, SafeCheckpointHook
 from xtuner_lite.errors import XtunerError
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+DTYPES = ("bf16", "fp16", None)
 
 
 @dataclass
@@ -63,10 +70,68 @@ class TrainSettings:
     dist_timeout: int = 1800  # seconds ranks wait for each other (e.g. for rank 0's data)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "accumulative_counts", "chunk_size", "pad_to_multiple_of"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise XtunerError(f"train.{name} must be a positive integer, got {value!r}")
+        problems = [f"train.{name} must be {accepted}, got {getattr(self, name)!r}"
+                    for name, ok, accepted in _RULES if not ok(getattr(self, name))]
+        if self.device not in ("auto", "cpu") and not _cuda_device_ok(self.device):
+            problems.append(f"train.device={self.device!r} but this machine has no such CUDA "
+                            "device; use 'auto' or 'cpu'")
+        if problems:
+            raise XtunerError("; ".join(problems) if len(problems) == 1 else
+                              "invalid train settings:\n  " + "\n  ".join(problems))
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return _int(value) and value >= 1
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _fraction(value: Any) -> bool:
+    return _num(value) and 0 <= value <= 1
+
+
+_RULES = [  # (key, check, what is accepted): every train setting with a range
+    *[(name, _positive_int, "a positive integer") for name in (
+        "batch_size", "accumulative_counts", "chunk_size", "pad_to_multiple_of", "save_steps",
+        "log_interval", "evaluation_max_new_tokens", "dist_timeout")],
+    *[(name, _optional(_positive_int), "a positive integer or None") for name in (
+        "max_iters", "evaluation_freq", "eval_freq", "eval_limit")],
+    ("save_total_limit", lambda v: _int(v) and (v >= 1 or v == -1),
+     "a positive integer (or -1 to keep every checkpoint)"),
+    ("epochs", _optional(lambda v: _num(v) and v > 0), "a number > 0 or None"),
+    ("lr", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("weight_decay", lambda v: _num(v) and v >= 0, "a number >= 0"),
+    ("betas", lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and
+     all(_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("warmup_ratio", _fraction, "a number in [0, 1]"),
+    ("min_lr_ratio", _fraction, "a number in [0, 1]"),
+    ("max_norm", _optional(lambda v: _num(v) and v > 0), "a number > 0 (or None: no clipping)"),
+    ("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    ("dtype", lambda v: v in DTYPES, "'bf16', 'fp16' or None (fp32)"),
+    ("device", lambda v: isinstance(v, str) and (v in ("auto", "cpu") or
+                                                   re.fullmatch(r"cuda(:\d+)?", v) is not None),
+     "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+]
+
+
+def _cuda_device_ok(device: Any) -> bool:
+    """Whether a well-formed ``cuda[:N]`` names a GPU this machine has (malformed values are
+    reported by the rules)."""
+    if not isinstance(device, str) or not re.fullmatch(r"cuda(:\d+)?", device):
+        return True
+    index = int(device.split(":")[1]) if ":" in device else 0
+    return torch.cuda.is_available() and index < torch.cuda.device_count()
 
 
 class GlobalBatchCollator:
@@ -86,16 +151,14 @@ class XtunerRunner(Runner):
     """mmengine's Runner with atomic, trainable-only checkpoints and a working resume."""
 
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs) -> None:
-        tmp = f".{filename}.partial"
-        super().save_checkpoint(out_dir, tmp, *args, **kwargs)
-        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, filename))
+        with atomic_path(Path(out_dir) / filename) as tmp:
+            super().save_checkpoint(out_dir, tmp.name, *args, **kwargs)
 
     def load_checkpoint(self, filename: str, map_location: Any = "cpu", strict: bool = False,
                         revise_keys: list | None = None):
-        checkpoint = torch.load(filename, map_location=map_location, weights_only=False)
+        checkpoint = ckpt.load(filename, map_location=map_location)
         self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
-        checkpoint = _load_checkpoint_to_model(self.model, checkpoint, strict,
-                                               revise_keys=revise_keys or [(r"^module.", "")])
+        ckpt.load_trained_weights(self.model, checkpoint[ckpt.STATE_DICT], filename)
         self._has_loaded = True
         self.logger.info(f"Load checkpoint from {filename}")
         return checkpoint
@@ -108,11 +171,6 @@ def _optimizer_cfg(settings: TrainSettings) -> dict[str, Any]:
     import bitsandbytes as bnb
 
     classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
-    if settings.optimizer not in classes:
-        from xtuner_lite.errors import XtunerError
-
-        raise XtunerError(f"train.optimizer: unknown {settings.optimizer!r}; use adamw, "
-                          "adamw_8bit or paged_adamw_8bit")
     return dict(type=classes[settings.optimizer], **kw)
 
 
@@ -143,8 +201,9 @@ def lr_schedule(settings: TrainSettings, max_iters: int) -> list[dict[str, Any]]
 
 def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_token_id: int,
                  settings: TrainSettings, work_dir: str | Path, seed: int = 0,
-                 resume: bool | str = False, hooks: list | None = None) -> XtunerRunner:
-    """Assemble the Runner: infinite seeded sampler, warmup + cosine, clipping, autocast."""
+                 resume: str | Path | None = None, hooks: list | None = None) -> XtunerRunner:
+    """Assemble the Runner: infinite seeded sampler, warmup + cosine, clipping, autocast.
+    ``resume``: the checkpoint to continue from (found by ``checkpoint.latest`` for auto)."""
     from mmengine.dataset import InfiniteSampler
 
     from xtuner_lite.engine.sft_model import SFTModel
@@ -162,8 +221,6 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
     if world_size > 1 or settings.deepspeed or settings.fsdp:
         strategy = _strategy(settings, world_size)
     if settings.dtype == "fp16" and device != "cuda":
-        from xtuner_lite.errors import XtunerError
-
         raise XtunerError("train.dtype='fp16' needs a CUDA GPU; use 'bf16' (or None) on CPU")
     if strategy is not None and strategy["type"] == "SFTDeepSpeedStrategy":
         # DeepSpeed clips (its config's gradient_clipping) and steps itself
@@ -177,7 +234,7 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
         optim_wrapper = dict(type="AutocastOptimWrapper", optimizer=_optimizer_cfg(settings),
                              dtype=dtype, device_type=device, clip_grad=clip)
     # one process: the RNG hook saves its RNG; several: the strategy saves every rank's
-    rng = [dict(type="RNGStateHook")] if strategy is None else []
+    rng = [RNGStateHook(), PlainCheckpointHook()] if strategy is None else []
     hooks = [*rng, dict(type="ThroughputHook"),
              dict(type="LossRecordHook"), *settings.extra_hooks, *(hooks or [])]
     sft_model = SFTModel(model, chunk_size=settings.chunk_size).to(device)
@@ -193,14 +250,13 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
             logger=dict(type="LoggerHook", interval=settings.log_interval,
                         log_metric_by_epoch=False),
             param_scheduler=dict(type="ParamSchedulerHook"),
-            checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=settings.save_steps,
-                            max_keep_ckpts=settings.save_total_limit, save_last=True),
+            checkpoint=SafeCheckpointHook(settings.save_steps, settings.save_total_limit),
             sampler_seed=dict(type="DistSamplerSeedHook"),
         ),
         custom_hooks=hooks,
         randomness=dict(seed=seed),
-        resume=bool(resume),
-        load_from=resume if isinstance(resume, str) else None,
+        resume=resume is not None,
+        load_from=None if resume is None else str(resume),
         log_processor=dict(by_epoch=False, window_size=1),
         default_scope="mmengine",
         visualizer=dict(type="Visualizer", vis_backends=[
@@ -226,8 +282,6 @@ def resolve_device(settings: TrainSettings) -> str:
 
 def check_engine_choice(settings: TrainSettings, world_size: int) -> None:
     """DeepSpeed and FSDP2 shard over processes: refuse them in a single process."""
-    from xtuner_lite.errors import XtunerError
-
     if (settings.deepspeed or settings.fsdp) and world_size < 2:
         raise XtunerError("train.deepspeed / train.fsdp need several processes: launch with "
                           "NPROC_PER_NODE=N xtuner train ... (N >= 2)")

@@ -16,8 +16,24 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.forward import count_trained, loss_sum
 
 
-class NonFiniteLossError(XtunerError):
-    """Raised when a step's loss is NaN or inf; the last good checkpoint is kept."""
+class TrainingStoppedError(XtunerError):
+    """Training cannot go on from this step; the checkpoints from before it are kept."""
+
+
+class NonFiniteLossError(TrainingStoppedError):
+    """A step's loss is NaN or inf."""
+
+
+class CollapsedRunError(TrainingStoppedError):
+    """The model predicts the uniform distribution and gets no gradient: the weights were
+    destroyed (typically by far too high a learning rate) without any NaN."""
+
+
+def _collapsed(loss: float, vocab_size: int | None, params: list[torch.nn.Parameter]) -> bool:
+    """Loss at ln V (every token equally likely) with an all-zero gradient."""
+    if not vocab_size or abs(loss - math.log(vocab_size)) > 1e-3 * math.log(vocab_size):
+        return False
+    return all(p.grad is None or not bool(p.grad.abs().max() > 0) for p in params)
 
 
 class SFTModel(BaseModel):
@@ -31,6 +47,10 @@ class SFTModel(BaseModel):
         super().__init__()
         self.llm = llm
         self.chunk_size = chunk_size
+        self.vocab_size = getattr(getattr(llm, "config", None), "vocab_size", None)
+
+    def _trained(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
     def _device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = next(self.llm.parameters()).device
@@ -73,9 +93,14 @@ class SFTModel(BaseModel):
         if not math.isfinite(loss_value):
             if not step_each:
                 optim_wrapper.zero_grad()
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at this step; stopping. The last good checkpoint is kept "
-                "(lower the learning rate, or check the data with `xtuner check-dataset`)")
+            raise NonFiniteLossError(f"loss is {loss_value}; training stopped (lower the "
+                                     "learning rate, or check the data with "
+                                     "`xtuner check-dataset`)")
+        if not step_each and _collapsed(loss_value, self.vocab_size, self._trained()):
+            optim_wrapper.zero_grad()
+            raise CollapsedRunError(f"the model collapsed: loss {loss_value:.4f} = ln(vocabulary "
+                                    "size) with a zero gradient, so the weights were destroyed "
+                                    "(usually by too high a learning rate); training stopped")
         if not step_each:
             optim_wrapper.step()
             optim_wrapper.zero_grad()

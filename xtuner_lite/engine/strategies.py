@@ -8,8 +8,8 @@ Each is an mmengine strategy for its ``FlexibleRunner`` (DeepSpeed through mmeng
 - Checkpoints are written under a temporary name and renamed once every rank has finished
   (a kill mid-write leaves the previous checkpoint), and hold every rank's RNG state (each rank
   draws its own dropout masks), so a resumed run repeats the same steps.
-- mmengine's loaders use ``torch.load``'s ``weights_only`` default, which refuses its own
-  checkpoints under torch >= 2.6; ours load them with the full unpickler (we wrote them).
+- Checkpoints are written and read by ``engine/checkpoint.py`` (plain data, no arbitrary
+  unpickling), as in one process.
 - The final adapter (or model) is gathered from ZeRO-3 / FSDP2 shards to rank 0.
 """
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -30,6 +28,8 @@ import torch.distributed as dist
 from mmengine._strategy import DDPStrategy
 from mmengine.registry import MODEL_WRAPPERS, OPTIM_WRAPPERS, STRATEGIES
 
+from xtuner_lite.atomic import partial_path, publish
+from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import gather_rng_states, restore_rank_rng, world
 from xtuner_lite.errors import XtunerError
 
@@ -114,15 +114,8 @@ def _publish(tmp: str, final: str) -> None:
     """Rank 0 renames a finished checkpoint into place once all ranks have written theirs."""
     _barrier()
     if world()[0] == 0:
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)
     _barrier()
-
-
-def _tmp_name(filename: str) -> str:
-    head, tail = os.path.split(filename)
-    return os.path.join(head, f".{tail}.partial")
 
 
 # ------------------------------------------------------------------------------ DDP and FSDP2
@@ -168,39 +161,43 @@ class SFTDDPStrategy(DDPStrategy):
                         callback=None) -> None:
         # every rank: the state may be sharded (FSDP2) and every rank's RNG is gathered
         extra = dict(extra_ckpt or {})
-        extra["rng_states"] = gather_rng_states()
-        state = {"state_dict": self.model_state_dict()}
+        extra[ckpt.RNG_STATES] = gather_rng_states()
+        state = {ckpt.STATE_DICT: self.model_state_dict()}
         if save_optimizer:
-            state["optimizer"] = self.optim_state_dict()
+            state[ckpt.OPTIMIZER] = self.optim_state_dict()
         if world()[0] == 0:
             import time
 
             import mmengine
 
             if save_param_scheduler and hasattr(self, "param_schedulers"):
-                state["param_schedulers"] = self.scheduler_state_dict()
-            extra.setdefault("meta", {}).update(
+                state[ckpt.PARAM_SCHEDULERS] = self.scheduler_state_dict()
+            extra.setdefault(ckpt.META, {}).update(
                 seed=self.seed, time=time.strftime("%Y%m%d_%H%M%S"),
                 mmengine=mmengine.__version__)
             state.update(extra)
-            tmp = _tmp_name(filename)
-            torch.save(state, tmp)
-            os.replace(tmp, filename)
+            if callback is not None:
+                callback(state)
+            ckpt.save(state, filename)
         _barrier()
 
     def load_checkpoint(self, filename: str, *, map_location: Any = "cpu", strict: bool = False,
                         revise_keys: list | None = None, callback=None) -> dict:
         self.logger.info(f"Load checkpoint from {filename}")
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        checkpoint = ckpt.load(filename)
         if callback is not None:
             callback(checkpoint)
-        self.load_model_state_dict(checkpoint.pop("state_dict"), strict=strict,
+        self.load_model_state_dict(checkpoint.pop(ckpt.STATE_DICT), strict=strict,
                                    revise_keys=revise_keys or [(r"^module.", "")])
         return checkpoint
 
+    def load_model_state_dict(self, state_dict: dict, *, strict: bool = False,
+                              revise_keys: list | None = None) -> None:
+        ckpt.load_trained_weights(self._inner(), state_dict, "the checkpoint")
+
     def resume(self, filename: str, **kwargs) -> dict:
         checkpoint = super().resume(filename, **kwargs)
-        restore_rank_rng(checkpoint)
+        restore_rank_rng(checkpoint.get(ckpt.RNG_STATES))
         return checkpoint
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -346,8 +343,8 @@ if _DSStrategy is not None:
                             save_param_scheduler: bool = True, extra_ckpt: dict | None = None,
                             callback=None) -> None:
             extra = dict(extra_ckpt or {})
-            extra["rng_states"] = gather_rng_states()
-            tmp = _tmp_name(filename)
+            extra[ckpt.RNG_STATES] = gather_rng_states()
+            tmp = str(partial_path(filename))
             super().save_checkpoint(tmp, save_optimizer=True,
                                     save_param_scheduler=save_param_scheduler,
                                     extra_ckpt=extra)
@@ -355,7 +352,7 @@ if _DSStrategy is not None:
 
         def resume(self, filename: str, **kwargs) -> dict:
             checkpoint = super().resume(filename, **kwargs)
-            restore_rank_rng(checkpoint)
+            restore_rank_rng(checkpoint.get(ckpt.RNG_STATES))
             return checkpoint
 
         def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:

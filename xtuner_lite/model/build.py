@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 
+from xtuner_lite.config import check_kwargs
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
 from xtuner_lite.model.dropout import fuse_lora_dropout
@@ -24,6 +25,35 @@ class LoraSettings:
     dropout: float = 0.1
     target_modules: str | list[str] = "all-linear"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        rules = [
+            ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
+             "an integer >= 1"),
+            ("alpha", number(self.alpha) and self.alpha > 0, "a number > 0"),
+            ("dropout", number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
+            ("target_modules", isinstance(self.target_modules, str) or (
+                isinstance(self.target_modules, (list, tuple)) and self.target_modules and
+                all(isinstance(m, str) for m in self.target_modules)),
+             "'all-linear' or a list of module names"),
+        ]
+        problems = [f"model.lora.{key} must be {accepted}, got {getattr(self, key)!r}"
+                    for key, ok, accepted in rules if not ok]
+        if problems:
+            raise XtunerError("; ".join(problems))
+
+    @classmethod
+    def from_config(cls, value: LoraSettings | dict | None) -> LoraSettings:
+        """From a config's ``model.lora`` dict, naming an unknown or misspelt key."""
+        if isinstance(value, LoraSettings):
+            return value
+        if value is not None and not isinstance(value, dict):
+            raise XtunerError(f"model.lora must be a dict, got {type(value).__name__}")
+        check_kwargs(cls, dict(value or {}), "model.lora")
+        return cls(**(value or {}))
 
 
 def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
@@ -143,7 +173,7 @@ def build_model(
         return model
     from peft import LoraConfig, get_peft_model
 
-    settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
+    settings = LoraSettings.from_config(lora)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.target_modules, task_type="CAUSAL_LM",
                         **settings.extra)
