@@ -6,25 +6,19 @@ dropped from the prompt when the conversation outgrows the model's context.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from xtuner_lite.data import control
 from xtuner_lite.data.templates import Template, get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import default_template_for, load_model, load_tokenizer
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.merge import load_adapted
 
-
-@dataclass
-class GenerationOptions:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+GenerationOptions = SamplingParams  # the user's decoding options: one type, one validation
 
 
 def _quantization(bits: int | None) -> dict[str, Any]:
@@ -82,20 +76,36 @@ class ChatModel:
                    [w for w in chat_template.stop_words(tokenizer) if w not in vocab])
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation rendered and tokenized; chat-control tokens typed inside a message
+        are escaped, so message text can never open or close a turn."""
+        tokens = control.control_tokens(self.tokenizer)
+        messages = [{**m, "content": control.escape(m["content"], tokens)} for m in messages]
         text = self.template.render_prompt(messages, self.tokenizer)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def sampling(self, options: GenerationOptions, stop_words: list[str] = ()) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-            top_p=options.top_p, top_k=options.top_k,
-            repetition_penalty=options.repetition_penalty, seed=options.seed,
-            stop_token_ids=self.stop_ids, stop_words=self.stop_strings + list(stop_words))
+    def sampling(self, options: SamplingParams, stop_words: list[str] = ()) -> SamplingParams:
+        """``options`` validated, with the template's stops and ``stop_words`` added."""
+        return dataclasses.replace(
+            options.validate(), stop_token_ids=list(self.stop_ids),
+            stop_words=self.stop_strings + list(options.stop_words) + list(stop_words))
+
+
+def held_back(text: str, stop_words: list[str]) -> int:
+    """Length of the longest end of ``text`` that may be the start of a stop word: it is not
+    streamed until the next tokens show whether the stop word follows."""
+    longest = 0
+    for word in stop_words:
+        for size in range(min(len(word) - 1, len(text)), longest, -1):
+            if text.endswith(word[:size]):
+                longest = size
+                break
+    return longest
 
 
 class TextStream:
     """Turns a request's growing output into text deltas, holding back a half-decoded
-    multi-byte character until its last byte arrives."""
+    multi-byte character until its last byte arrives, and text that may begin a stop word
+    until it is known not to (so the streamed text equals the complete one)."""
 
     def __init__(self, engine: InferenceEngine):
         self.engine = engine
@@ -103,8 +113,10 @@ class TextStream:
 
     def delta(self, request, final: bool = False) -> str:
         text = self.engine.decode(request)
-        if text.endswith("\ufffd") and not final:
-            return ""
+        if not final:
+            if text.endswith("\ufffd"):
+                return ""
+            text = text[:len(text) - held_back(text, request.params.stop_words)]
         out, self.sent = text[self.sent:], max(len(text), self.sent)
         return out
 

@@ -9,7 +9,57 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from xtuner_lite.errors import XtunerError
+from xtuner_lite.errors import UsageError, XtunerError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _typed(check, accepted: str, convert=int):
+    """An argparse type: ``convert`` the text, then ``check`` it, else name what is accepted."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except (ValueError, XtunerError):
+            raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}")
+        return value
+    parse.__name__ = accepted  # argparse names the type in some messages
+    return parse
+
+
+def _size(text: str) -> str:
+    from xtuner_lite.plan import parse_size
+
+    parse_size(text)
+    return text
+
+
+positive_int = _typed(lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _typed(lambda v: v >= 0, "an integer >= 0")
+port_number = _typed(lambda v: 0 <= v <= 65535, "a port in [0, 65535] (0: any free port)")
+fraction = _typed(lambda v: 0 <= v <= 1, "a number in [0, 1]", float)
+memory_size = _typed(lambda v: True, "a size such as 2GB or 500MB", _size)
+
+
+def _sampling_from_args(args: argparse.Namespace):
+    """The chat options as one validated SamplingParams; a bad value names its flag."""
+    from xtuner_lite.inference.sampling import SamplingError, SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    try:
+        return params.validate()
+    except SamplingError as exc:
+        flag = "--" + exc.param.replace("_", "-")
+        raise UsageError(str(exc).replace(exc.param, flag, 1)) from None
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -21,11 +71,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from xtuner_lite.chat import ChatSession, GenerationOptions
+    options = _sampling_from_args(args)  # before the model loads
+    from xtuner_lite.chat import ChatSession
 
-    options = GenerationOptions(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     session = ChatSession(args.model, adapter=args.adapter, template=args.template,
                           system=args.system, options=options, bits=args.bits,
                           backend=args.backend)
@@ -86,7 +134,7 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="peft adapter folder (e.g. WORK_DIR/adapter)")
     p.add_argument("out", help="output folder")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--max-shard-size", default="2GB", type=memory_size)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--any-base", action="store_true",
                    help="skip the check that BASE is the model the adapter was trained on")
@@ -219,7 +267,7 @@ def cmd_list_templates(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="xtuner", description="xtuner_lite: memory-efficient LLM fine-tuning, CPU included.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -237,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--prompt", help="answer this one prompt and exit")
+    # ranges are SamplingParams' own, checked together before the model loads
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -254,10 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "included), /v1/models and /health; concurrent requests are batched.")
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--port", type=port_number, default=8000, help="0 picks a free port")
     p.add_argument("--served-model-name", help="the 'model' clients ask for "
                    "(default: the model or adapter folder's name)")
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=positive_int, default=32)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base (HF folder)",
@@ -301,12 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=os.environ.get("XTUNER_EVAL_DATA"),
                    help="folder the bundled tasks' files are relative to "
                    "(e.g. ../shared/data/eval; default $XTUNER_EVAL_DATA)")
-    p.add_argument("--limit", type=int, help="score a seeded random subset of N rows per task")
+    p.add_argument("--limit", type=positive_int,
+                   help="score a seeded random subset of N rows per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON file for scores and per-sample predictions")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bf16)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="context tokens per batch")
-    p.add_argument("--num-fewshot", type=int, help="override every task's few-shot count")
+    p.add_argument("--batch-tokens", type=positive_int, default=4096,
+                   help="context tokens per batch")
+    p.add_argument("--num-fewshot", type=non_negative_int,
+                   help="override every task's few-shot count")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction,
                    help="wrap prompts in the model's chat template (or not), for every task")
     p.set_defaults(func=cmd_eval)
@@ -317,10 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_data", nargs="+", help="training files (jsonl/json, any text fields)")
     p.add_argument("--task", required=True, help="bundled task name or task .json file")
     p.add_argument("--data-root", default=os.environ.get("XTUNER_EVAL_DATA"))
-    p.add_argument("--ngram", type=int, default=13, help="n-gram length in words (default 13)")
-    p.add_argument("--threshold", type=float, default=0.0,
+    p.add_argument("--ngram", type=positive_int, default=13,
+                   help="n-gram length in words (default 13)")
+    p.add_argument("--threshold", type=fraction, default=0.0,
                    help="flag a sample when more than this share of its n-grams overlap")
-    p.add_argument("--show", type=int, default=10, help="overlapping samples to print")
+    p.add_argument("--show", type=non_negative_int, default=10,
+                   help="overlapping samples to print")
     p.add_argument("--out", help="JSON file listing every flagged sample")
     p.set_defaults(func=cmd_contamination)
 
@@ -329,10 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(no weights): weights, gradients, optimizer, activations, loss. With "
                        "--gpu-mem, say whether it fits (exit 3 if not) and what would.")
     p.add_argument("config", help="config file or name")
-    p.add_argument("--gpu-mem", help="memory per device, e.g. 8GiB")
-    p.add_argument("--max-length", type=int, help="override the dataset's max_length")
-    p.add_argument("--batch-size", type=int, help="override train.batch_size")
-    p.add_argument("--devices", type=int, help="data-parallel devices (default 1)")
+    p.add_argument("--gpu-mem", type=memory_size, help="memory per device, e.g. 8GiB")
+    p.add_argument("--max-length", type=positive_int, help="override the dataset's max_length")
+    p.add_argument("--batch-size", type=positive_int, help="override train.batch_size")
+    p.add_argument("--devices", type=positive_int, help="data-parallel devices (default 1)")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (3 = FSDP)")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     p.set_defaults(func=cmd_plan)
@@ -342,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(trained tokens highlighted) and packing, then dataset statistics.")
     p.add_argument("config", help="config file or name with a train_dataset dict")
     p.add_argument("--data", nargs="+", help="override train_dataset.data_files")
-    p.add_argument("--show", type=int, default=1, help="samples to show per stage (default 1)")
+    p.add_argument("--show", type=non_negative_int, default=1,
+                   help="samples to show per stage (default 1)")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     p.set_defaults(func=cmd_check_dataset)
 
@@ -391,9 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars drown the real output
+    from xtuner_lite.deepspeed_env import name_cpu_accelerator
+
+    name_cpu_accelerator()  # DeepSpeed's "no GPU" warning, printed by any import of it
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except UsageError as exc:  # an option out of range: like argparse's own errors
+        print(f"xtuner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except XtunerError as exc:
         if args.debug:
             traceback.print_exc()

@@ -7,6 +7,10 @@ class XtunerError(Exception):
     """An error caused by user input or environment, with a message that says what to fix."""
 
 
+class UsageError(XtunerError):
+    """A command-line option or request value out of range (the CLI exits 2, before any work)."""
+
+
 class DataError(XtunerError):
     """Bad data: names the file, the row or line, and the field."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from xtuner_lite.errors import XtunerError
+from xtuner_lite.errors import UsageError, XtunerError
 from xtuner_lite.model.attention import MATMUL_ATTENTION_MAX_LENGTH
 from xtuner_lite.model.build import checkpointed_layers
 
@@ -305,15 +305,18 @@ def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
 
 
 def parse_size(text: str) -> float:
-    units = {"gib": GiB, "gb": 1e9, "mib": 1024**2, "mb": 1e6, "g": GiB, "m": 1024**2}
-    lowered = text.strip().lower()
-    for unit, factor in units.items():
-        if lowered.endswith(unit):
-            return float(lowered[: -len(unit)]) * factor
+    """Bytes in a memory size such as ``8GiB``, ``24GB``, ``500MB`` (a bare number is GiB)."""
+    units = {"gib": GiB, "gb": 1e9, "mib": 1024**2, "mb": 1e6, "kib": 1024, "kb": 1e3,
+             "g": GiB, "m": 1024**2}
+    lowered = str(text).strip().lower()
+    unit = next((u for u in units if lowered.endswith(u)), None)
     try:
-        return float(lowered) * GiB
+        value = float(lowered[: -len(unit)] if unit else lowered) * (units[unit] if unit else GiB)
     except ValueError:
-        raise XtunerError(f"cannot read memory size {text!r} (e.g. 8GiB, 24GB)") from None
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise UsageError(f"cannot read memory size {text!r} (e.g. 8GiB, 24GB, 500MB)")
+    return value
 
 
 def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSettings]:

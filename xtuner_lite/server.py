@@ -18,9 +18,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from xtuner_lite.chat import ChatModel, GenerationOptions, TextStream
-from xtuner_lite.errors import XtunerError
-from xtuner_lite.inference import InferenceEngine
+from xtuner_lite.chat import ChatModel, TextStream
+from xtuner_lite.errors import UsageError, XtunerError
+from xtuner_lite.inference import InferenceEngine, SamplingParams
+from xtuner_lite.inference.sampling import SamplingError
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body larger than this is refused unread (413)
+READ_TIMEOUT_S = 30  # a client that sends nothing for this long is disconnected
+LISTEN_BACKLOG = 128  # connections the OS queues before accept (the default 5 reset clients)
 
 
 class APIError(Exception):
@@ -44,7 +49,7 @@ class Job:
 
     prompt_ids: list[int]
     params: Any
-    # ("text", delta) ... then ("done", finish_reason, full text) or ("error", message)
+    # ("text", delta) ... then ("done", finish_reason, full text) or ("error", status, message)
     events: queue.Queue = field(default_factory=queue.Queue)
     request: Any = None
     completion_tokens: int = 0
@@ -57,10 +62,15 @@ class EngineWorker:
         self.engine = engine
         self.commands: queue.Queue = queue.Queue()
         self.jobs: dict[int, tuple[Job, TextStream]] = {}  # engine request id → job
-        self.stats = {"finished": 0, "cancelled": 0, "peak_batch": 0}
+        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0}
+        self.fatal: str | None = None  # why the engine thread stopped, if it ever does
         self._publish_load()
-        self.thread = threading.Thread(target=self._loop, name="xtuner-engine", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="xtuner-engine", daemon=True)
         self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.fatal is None
 
     def submit(self, job: Job) -> Job:
         self.commands.put(("add", job))
@@ -78,6 +88,15 @@ class EngineWorker:
         self._load = {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
                       **self.stats}
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - never die silently: /health says so
+            self.fatal = f"{type(exc).__name__}: {exc}"
+            for job, _ in self.jobs.values():
+                job.events.put(("error", 500, f"the engine stopped: {self.fatal}"))
+            raise
+
     def _loop(self) -> None:
         while True:
             block = not self.engine.has_work
@@ -89,18 +108,30 @@ class EngineWorker:
                 pass
             self._publish_load()
             if self.engine.has_work:
-                finished = self.engine.step()
+                try:
+                    finished = self.engine.step()
+                except Exception as exc:  # noqa: BLE001 - a step that fails as a whole: its
+                    # requests get a 500, the engine starts again from an empty batch
+                    finished = self.engine.fail_all(f"internal error: {type(exc).__name__}: "
+                                                    f"{exc}")
                 self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self.engine.running)
                                                + len(finished))
                 for request in finished:
-                    self.stats["cancelled" if request.finish_reason == "cancelled"
-                               else "finished"] += 1
-                    job, stream = self.jobs.pop(request.id)
-                    if rest := stream.delta(request, final=True):
-                        job.events.put(("text", rest))
-                    job.completion_tokens = len(request.output_ids)
-                    job.events.put(("done", request.finish_reason, self.engine.decode(request)))
+                    self._finish(request)
                 self._publish_load()
+
+    def _finish(self, request) -> None:
+        kind = {"cancelled": "cancelled", "error": "failed"}.get(request.finish_reason,
+                                                                 "finished")
+        self.stats[kind] += 1
+        job, stream = self.jobs.pop(request.id)
+        job.completion_tokens = len(request.output_ids)
+        if request.finish_reason == "error":
+            job.events.put(("error", 500, request.error))
+            return
+        if rest := stream.delta(request, final=True):
+            job.events.put(("text", rest))
+        job.events.put(("done", request.finish_reason, self.engine.decode(request)))
 
     def _handle(self, command: str, job: Job) -> None:
         if command == "cancel":
@@ -121,7 +152,10 @@ class EngineWorker:
         try:
             job.request = self.engine.add_request(job.prompt_ids, job.params, on_token=on_token)
         except XtunerError as exc:
-            job.events.put(("error", str(exc)))
+            job.events.put(("error", 400, str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - this request fails alone
+            job.events.put(("error", 500, f"internal error: {type(exc).__name__}: {exc}"))
             return
         self.jobs[job.request.id] = (job, stream)
 
@@ -136,12 +170,6 @@ def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> 
         raise APIError(400, f"'{key}' must be {names}, got {type(value).__name__}", key,
                        "invalid_type")
     return value
-
-
-def _in_range(key: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise APIError(400, f"'{key}' must be between {low} and {high}, got {value}", key,
-                       "invalid_value")
 
 
 def _message_text(message: Any, index: int) -> dict[str, str]:
@@ -166,20 +194,11 @@ def _message_text(message: Any, index: int) -> dict[str, str]:
 
 
 def generation_options(body: dict, default_max_tokens: int | None) -> tuple[
-        GenerationOptions, list[str], int | None]:
-    """(options, stop strings, max_tokens as asked) from an OpenAI request body."""
+        SamplingParams, list[str], int | None]:
+    """(sampling params, stop strings, max_tokens as asked) from an OpenAI request body; the
+    ranges are ``SamplingParams``'s own (one validation for the CLI and the server)."""
     max_tokens = _get(body, "max_completion_tokens", (int,), None)
     max_tokens = _get(body, "max_tokens", (int,), max_tokens)
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens",
-                       "invalid_value")
-    temperature = float(_get(body, "temperature", (int, float), 1.0))
-    _in_range("temperature", temperature, 0.0, 2.0)
-    top_p = float(_get(body, "top_p", (int, float), 1.0))
-    _in_range("top_p", top_p, 1e-9, 1.0)
-    top_k = _get(body, "top_k", (int,), 0)
-    repetition_penalty = float(_get(body, "repetition_penalty", (int, float), 1.0))
-    _in_range("repetition_penalty", repetition_penalty, 1e-3, 100.0)
     for key in ("presence_penalty", "frequency_penalty"):
         if _get(body, key, (int, float), 0) != 0:
             raise APIError(400, f"'{key}' is not supported; use 'repetition_penalty'", key,
@@ -192,11 +211,19 @@ def generation_options(body: dict, default_max_tokens: int | None) -> tuple[
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(w, str) and w for w in stop) or len(stop) > 4:
         raise APIError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
-    seed = _get(body, "seed", (int,), None)
-    options = GenerationOptions(max_new_tokens=max_tokens or default_max_tokens or 1,
-                                temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty, seed=seed)
-    return options, stop, max_tokens
+    params = SamplingParams(
+        max_new_tokens=max_tokens if max_tokens is not None else (default_max_tokens or 1),
+        temperature=_get(body, "temperature", (int, float), 1.0),
+        top_p=_get(body, "top_p", (int, float), 1.0), top_k=_get(body, "top_k", (int,), 0),
+        repetition_penalty=_get(body, "repetition_penalty", (int, float), 1.0),
+        seed=_get(body, "seed", (int,), None))
+    try:
+        params.validate()
+    except SamplingError as exc:
+        param = "max_tokens" if exc.param == "max_new_tokens" else exc.param
+        message = str(exc).replace("max_new_tokens", "max_tokens", 1)
+        raise APIError(400, f"'{param}': {message}", param, "invalid_value") from None
+    return params, stop, max_tokens
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -253,6 +280,7 @@ class Server:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             server_version = "xtuner_lite"
+            timeout = READ_TIMEOUT_S  # a silent or slow client cannot hold a thread forever
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet access log
                 pass
@@ -267,7 +295,12 @@ class Server:
 
             def do_GET(self) -> None:
                 if self.path == "/health":
-                    self._json(200, {"status": "ok", **server.worker.load()})
+                    worker = server.worker
+                    if worker.alive:
+                        self._json(200, {"status": "ok", **worker.load()})
+                    else:
+                        self._json(503, {"status": "error", "error": worker.fatal or
+                                         "the engine thread stopped", **worker.load()})
                 elif self.path == "/v1/models":
                     self._json(200, {"object": "list", "data": [{
                         "id": server.name, "object": "model", "created": server.created,
@@ -276,19 +309,24 @@ class Server:
                     self._json(404, APIError(404, f"no route {self.path}").body())
 
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                if self.path not in ("/v1/chat/completions", "/v1/completions"):
-                    self._json(404, APIError(404, f"no route {self.path}").body())
-                    return
                 try:
+                    raw = self._body()
+                    if self.path not in ("/v1/chat/completions", "/v1/completions"):
+                        raise APIError(404, f"no route {self.path}")
                     try:
                         body = json.loads(raw or b"null")
                     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+                    if not server.worker.alive:
+                        raise APIError(503, "the engine has stopped; restart the server",
+                                       kind="server_error")
                     job, body = server.prepare(self.path, body)
                 except APIError as exc:
                     self._json(exc.status, exc.body())
+                    return
+                except Exception as exc:  # noqa: BLE001 - this request fails alone
+                    self._json(500, APIError(500, f"internal error: {type(exc).__name__}: "
+                                             f"{exc}", kind="server_error").body())
                     return
                 server.worker.submit(job)
                 if body.get("stream"):
@@ -296,11 +334,35 @@ class Server:
                 else:
                     self._complete(job)
 
+            def _body(self) -> bytes:
+                """The request body, read only when it is JSON of an acceptable size: a web
+                page cannot post it without a CORS preflight, and size is checked unread."""
+                declared = self.headers.get("Content-Length")
+                if declared is None:
+                    length = 0
+                elif not declared.strip().isdigit():
+                    self.close_connection = True
+                    raise APIError(400, f"invalid Content-Length {declared!r}")
+                else:
+                    length = int(declared)
+                if length > MAX_BODY_BYTES:
+                    self.close_connection = True  # the unread body must not be parsed as a request
+                    raise APIError(413, f"request body of {length} bytes is over the limit of "
+                                   f"{MAX_BODY_BYTES}")
+                kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+                if kind != "application/json":
+                    self.close_connection = True
+                    raise APIError(415, "Content-Type must be application/json, got "
+                                   f"{kind or 'none'!r}")
+                return self.rfile.read(length) if length else b""
+
             def _complete(self, job: Job) -> None:
                 while True:
                     event = job.events.get()
                     if event[0] == "error":
-                        self._json(400, APIError(400, event[1]).body())
+                        _, status, message = event
+                        kind = "server_error" if status >= 500 else "invalid_request_error"
+                        self._json(status, APIError(status, message, kind=kind).body())
                         return
                     if event[0] == "done":
                         break
@@ -322,7 +384,10 @@ class Server:
                         if event[0] == "text":
                             self._send(chunk(event[1], None))
                         elif event[0] == "error":
-                            self._send({"error": APIError(400, event[1]).body()["error"]})
+                            _, status, message = event
+                            kind = ("server_error" if status >= 500
+                                    else "invalid_request_error")
+                            self._send(APIError(status, message, kind=kind).body())
                             break
                         else:
                             self._send(chunk(None, event[1]))
@@ -332,7 +397,7 @@ class Server:
                             break
                     self._write(b"data: [DONE]\n\n")
                     self._write(b"")
-                except (BrokenPipeError, ConnectionResetError):  # the client went away
+                except OSError:  # the client went away or stopped reading (timeout)
                     server.worker.cancel(job)
                     self.close_connection = True
 
@@ -383,19 +448,37 @@ class Server:
         return chunk
 
 
+class HTTPServer(ThreadingHTTPServer):
+    """One thread per connection, a listen queue deep enough for many simultaneous clients."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+
+def bind(host: str, port: int) -> HTTPServer:
+    """Bind the listening socket (before the model loads: a busy port fails at once)."""
+    try:
+        return HTTPServer((host, port), BaseHTTPRequestHandler, bind_and_activate=True)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def serve(model: str, adapter: str | None = None, template: str | None = None,
           bits: int | None = None, host: str = "127.0.0.1", port: int = 8000,
           name: str | None = None, max_batch_size: int = 32) -> None:
     """Load the model and serve until interrupted; prints the URL once it is listening."""
     from pathlib import Path
 
-    chat = ChatModel.load(model, adapter, template, bits)
-    server = Server(chat, name or Path(adapter or model).name, max_batch_size)
-    httpd = ThreadingHTTPServer((host, port), server.handler())
-    httpd.daemon_threads = True
-    url = f"http://{httpd.server_address[0]}:{httpd.server_address[1]}"
-    print(f"serving {server.name!r} on {url}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be an integer >= 1, got {max_batch_size!r}")
+    httpd = bind(host, port)
     try:
+        chat = ChatModel.load(model, adapter, template, bits)
+        server = Server(chat, name or Path(adapter or model).name, max_batch_size)
+        httpd.RequestHandlerClass = server.handler()
+        url = f"http://{httpd.server_address[0]}:{httpd.server_address[1]}"
+        print(f"serving {server.name!r} on {url}/v1 (OpenAI-compatible; Ctrl-C stops)",
+              flush=True)
         httpd.serve_forever()
     finally:
         httpd.server_close()

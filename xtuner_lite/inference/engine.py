@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from xtuner_lite.errors import XtunerError
+from xtuner_lite.errors import UsageError, XtunerError
 from xtuner_lite.inference.decoder import FastDecoder, unsupported_reason
 from xtuner_lite.inference.kv_cache import KVCache
 from xtuner_lite.inference.sampling import SamplingParams, choose_token
@@ -36,7 +36,8 @@ class Request:
     params: SamplingParams
     on_token: TokenCallback | None = None
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # why, when finish_reason is "error"
     text: str = ""  # decoded output (stop words cut), filled when the engine has a tokenizer
     generator: torch.Generator | None = None
     max_new_tokens: int = 0
@@ -65,6 +66,8 @@ class InferenceEngine:
         in memory; None decides by free memory — see ``inference/decoder.py``)."""
         from transformers import DynamicCache
 
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise UsageError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -116,6 +119,17 @@ class InferenceEngine:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def fail_all(self, message: str) -> list[Request]:
+        """After a step failed as a whole (not one request's fault): end every request with
+        ``message`` and start again from an empty batch; returns the ended requests."""
+        ended = self.running + self.waiting
+        for request in ended:
+            request.finish_reason, request.error = "error", message
+        self.running, self.waiting = [], []
+        self._cache = self._mask = self._next = None
+        self._prefix = None
+        return ended
 
     # ----------------------------------------------------------------- the loop
     @torch.no_grad()
@@ -227,8 +241,13 @@ class InferenceEngine:
             if r.params.temperature == 0 and r.params.repetition_penalty == 1.0:
                 token = greedy[i]
             else:
-                seen = torch.tensor(r.prompt_ids + r.output_ids, device=logits.device)
-                token = choose_token(logits[i], r.params, seen, r.generator)
+                try:
+                    seen = torch.tensor(r.prompt_ids + r.output_ids, device=logits.device)
+                    token = choose_token(logits[i], r.params, seen, r.generator)
+                except (RuntimeError, ValueError) as exc:  # this request fails, not the batch
+                    token = greedy[i]
+                    if not r.finished:
+                        r.finish_reason, r.error = "error", f"sampling failed: {exc}"
             chosen.append(token)
             if not r.finished:  # (a cancelled request only waits to leave the batch)
                 self._accept(r, token)

@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from xtuner_lite.errors import UsageError
+
+MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds
+
+
+class SamplingError(UsageError):
+    """A sampling parameter out of range; ``param`` names it (the CLI and the server say so)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# the one place the accepted ranges are written: (name, check, what is accepted)
+RULES = [
+    ("max_new_tokens", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("temperature", lambda v: _num(v) and 0 <= v <= 2, "a number in [0, 2] (0: greedy)"),
+    ("top_p", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("top_k", lambda v: _int(v) and v >= 0, "an integer >= 0 (0: off)"),
+    ("repetition_penalty", lambda v: _num(v) and 0 < v <= 100, "a number in (0, 100]"),
+    ("seed", lambda v: v is None or (_int(v) and 0 <= v <= MAX_SEED),
+     f"an integer in [0, {MAX_SEED}]"),
+]
 
 
 @dataclass
@@ -20,15 +54,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop_words: list[str] = field(default_factory=list)
 
-    def validate(self) -> None:
-        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-                  (self.temperature >= 0, "temperature must be >= 0"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.top_k >= 0, "top_k must be >= 0"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+    def validate(self) -> SamplingParams:
+        """Raise :class:`SamplingError` naming the first value out of range; return self."""
+        for name, ok, accepted in RULES:
+            value = getattr(self, name)
+            if not ok(value):
+                raise SamplingError(f"{name} must be {accepted}, got {value!r}", name)
+        return self
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float
@@ -48,7 +80,9 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tenso
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf for the
+    # others (the greedy limit), never inf - inf = nan
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
