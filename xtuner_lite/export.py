@@ -9,10 +9,10 @@ the metadata, so the file chats and stops like the folder it came from.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from xtuner_lite.atomic import partial_path, publish, remove
 from xtuner_lite.errors import XtunerError
 
 # HF model_type → (GGUF architecture, permute q/k into llama.cpp's rotary layout)
@@ -120,8 +120,8 @@ def export_gguf(merged: str | Path, out: str | Path, dtype: str = "f16",
     tokenizer = load_tokenizer(str(folder))
     vocab = _tokenizer_fields(tokenizer, config.vocab_size, folder)
 
-    tmp = out.with_name(f".{out.name}.partial")
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(out)
     writer = gguf.GGUFWriter(str(tmp), arch_name)
     writer.add_name(folder.resolve().name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -185,7 +185,10 @@ def export_gguf(merged: str | Path, out: str | Path, dtype: str = "f16",
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    finally:
+    except BaseException:
         writer.close()
-    os.replace(tmp, out)
+        remove(tmp)
+        raise
+    writer.close()
+    publish(tmp, out)
     return out

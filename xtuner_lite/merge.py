@@ -10,11 +10,12 @@ format for training, not the model).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
+from xtuner_lite.atomic import atomic_path
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.workdir import is_work_dir
 
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "intermediate_size", "vocab_size")
@@ -114,6 +115,26 @@ def write_chat_files(folder: Path, tokenizer: Any, template_name: str | None,
     return stops
 
 
+def check_output(out: Path, inputs: list[str | Path], force: bool) -> None:
+    """Refuse an output folder whose replacement would destroy trained work: one that is or
+    contains an input (the adapter, a local base), or that is a training work dir; and an
+    existing one without ``force``."""
+    target = out.resolve()
+    for ref in inputs:
+        source = Path(ref).expanduser()
+        if not source.exists():
+            continue  # a hub id or an embedded name
+        source = source.resolve()
+        if target == source or target in source.parents:
+            raise XtunerError(f"output {out} is or contains the input {ref}; writing it would "
+                              "delete that input: choose another output folder")
+    if is_work_dir(out):
+        raise XtunerError(f"output {out} is a training work dir (checkpoints, logs, results); "
+                          "choose another output folder")
+    if out.exists() and not force:
+        raise XtunerError(f"output folder {out} exists; pass --force to replace it")
+
+
 def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype: str = "bf16",
                   max_shard_size: str = "2GB", force: bool = False, any_base: bool = False
                   ) -> Path:
@@ -123,23 +144,19 @@ def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype:
     from xtuner_lite.hub import parse_dtype
 
     out = Path(out)
-    if out.exists() and not force:
-        raise XtunerError(f"output folder {out} exists; pass --force to replace it")
+    check_output(out, [adapter, *([base] if base else [])], force)
     target = parse_dtype(dtype)
     model, tokenizer, meta = load_adapted(base, adapter, any_base=any_base)
     with torch.no_grad():
         merged = model.merge_and_unload()
     merged = merged.to(target)
     merged.config.use_cache = True
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-    stops = write_chat_files(tmp, tokenizer, meta.get("template"), merged.generation_config)
-    record = {"merged_from": {"base_model": meta["base_model"], "adapter": str(adapter)},
-              "template": meta.get("template"), "stop_token_ids": stops, "dtype": dtype,
-              "architecture": architecture_of(merged.config)}
-    (tmp / "xtuner_lite.json").write_text(json.dumps(record, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    check_output(out, [adapter, meta["base_model"]], force)  # the base '-' stood for, too
+    with atomic_path(out) as tmp:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        stops = write_chat_files(tmp, tokenizer, meta.get("template"), merged.generation_config)
+        record = {"merged_from": {"base_model": meta["base_model"], "adapter": str(adapter)},
+                  "template": meta.get("template"), "stop_token_ids": stops, "dtype": dtype,
+                  "architecture": architecture_of(merged.config)}
+        (tmp / "xtuner_lite.json").write_text(json.dumps(record, indent=1))
     return out

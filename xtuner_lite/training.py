@@ -102,8 +102,8 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     with workdir.locked(work_dir) if rank == 0 else nullcontext():
         if rank == 0:
             workdir.check_start(work_dir, resume, overwrite)
-        start = workdir.resume_checkpoint(work_dir, resume, warn=print if rank == 0 else
-                                          lambda _: None)
+        start = ckpt.resume_point(work_dir, resume, warn=print if rank == 0 else
+                                  lambda _: None)
         if overwrite and not resume and rank == 0:
             workdir.clear_previous_run(work_dir)
         return _train(cfg, model_cfg, data_cfg, settings, seed, work_dir, start, distributed)

@@ -4,25 +4,40 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 from xtuner_lite.atomic import remove
-from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.errors import XtunerError
 
+# the names a training writes into its work dir, named once
+FILENAME = "iter_{}.pth"  # a checkpoint after that many optimizer steps
+DIVERGED_SUFFIX = ".diverged"  # a checkpoint set aside: its weights diverged
+LAST_CHECKPOINT = "last_checkpoint"
 LOCK = ".xtuner_lite.lock"
 LOSS_LOG = "loss.jsonl"
 DATA_REPORT = "dataset_stats.json"
 RESULT_FOLDERS = ("adapter", "model")
 # what a run writes that a new run from scratch would mix with its own
-RUN_FILES = (LOSS_LOG, "samples.jsonl", "eval.jsonl", ckpt.LAST_CHECKPOINT, DATA_REPORT)
+RUN_FILES = (LOSS_LOG, "samples.jsonl", "eval.jsonl", LAST_CHECKPOINT, DATA_REPORT)
+_CHECKPOINT = re.compile(r"^iter_(\d+)\.pth$")
 
 
 class WorkDirError(XtunerError):
     """A work dir that cannot be used as asked (busy, holding a run, not a writable folder)."""
+
+
+def checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``iter_N.pth`` in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), path) for path in folder.iterdir()
+             if (m := _CHECKPOINT.match(path.name))]
+    return sorted(found)
 
 
 def left_by_a_run(folder: str | Path) -> list[str]:
@@ -30,7 +45,7 @@ def left_by_a_run(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [path.name for _, path in ckpt.checkpoints(folder)]
+    found = [path.name for _, path in checkpoints(folder)]
     found += [name for name in (*RUN_FILES, *RESULT_FOLDERS, LOCK) if (folder / name).exists()]
     return found
 
@@ -55,9 +70,9 @@ def check_writable(folder: Path) -> None:
 def clear_previous_run(folder: Path) -> None:
     """``--overwrite``: remove what a previous run left that a new one would mix with (its
     checkpoints, curves and data report); logs stay, the result is replaced at the end."""
-    for _, path in ckpt.checkpoints(folder):
+    for _, path in checkpoints(folder):
         remove(path)
-    for path in folder.glob(f"iter_*.pth{ckpt.DIVERGED_SUFFIX}"):
+    for path in folder.glob(f"iter_*.pth{DIVERGED_SUFFIX}"):
         remove(path)
     for name in RUN_FILES:
         remove(folder / name)
@@ -74,22 +89,6 @@ def check_start(folder: Path, resume: bool | str, overwrite: bool) -> None:
         raise WorkDirError(f"work dir {folder} holds a previous run ({shown}); pass "
                            "--resume auto to continue it, --overwrite to start over in it, or "
                            "choose another --work-dir")
-
-
-def resume_checkpoint(folder: Path, resume: bool | str, warn) -> Path | None:
-    """The checkpoint to resume from: ``True`` (auto) the newest complete one inside the work
-    dir, a path that checkpoint; clear errors before any model is loaded."""
-    if not resume:
-        return None
-    if resume is True:
-        found = ckpt.latest(folder, warn=warn)
-        if found is None:
-            warn(f"--resume auto: no checkpoint in {folder}; starting from scratch")
-    else:
-        found = Path(resume)
-    if found is not None:
-        ckpt.verify(found)
-    return found
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from mmengine.logging import HistoryBuffer
 
 from xtuner_lite.atomic import atomic_path, remove, write_text
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.workdir import DIVERGED_SUFFIX, LAST_CHECKPOINT, checkpoints
 
 # the keys of a checkpoint, named once
 STATE_DICT = "state_dict"
@@ -39,10 +40,6 @@ MESSAGE_HUB = "message_hub"
 META = "meta"
 RNG_STATES = "rng_states"  # one RNG state per rank (a list of one in a single process)
 
-FILENAME = "iter_{}.pth"
-DIVERGED_SUFFIX = ".diverged"
-LAST_CHECKPOINT = "last_checkpoint"
-_NAME = re.compile(r"^iter_(\d+)\.pth$")
 _HISTORY = "__history_buffer__"
 
 
@@ -168,16 +165,6 @@ def is_complete(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------ the checkpoints of a work dir
-def checkpoints(work_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every ``iter_N.pth`` in ``work_dir``, oldest first."""
-    found = []
-    for path in Path(work_dir).iterdir() if Path(work_dir).is_dir() else []:
-        match = _NAME.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
 def latest(work_dir: str | Path, warn: Callable[[str], None] = print) -> Path | None:
     """The newest complete checkpoint in ``work_dir`` (None when there is none); unreadable
     newer ones are named through ``warn`` and passed over."""
@@ -190,6 +177,20 @@ def latest(work_dir: str | Path, warn: Callable[[str], None] = print) -> Path | 
             return path
         skipped.append(path.name)
     return None
+
+
+def resume_point(work_dir: str | Path, resume: bool | str | Path,
+                 warn: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from, verified before any model is built: ``True`` (``--resume
+    auto``) the newest complete one inside ``work_dir``, a path that checkpoint, else None."""
+    if not resume:
+        return None
+    found = latest(work_dir, warn=warn) if resume is True else Path(resume)
+    if found is None:
+        warn(f"--resume auto: no checkpoint in {work_dir}; starting from scratch")
+    else:
+        verify(found)
+    return found
 
 
 def record_latest(work_dir: str | Path, path: str | Path) -> None:

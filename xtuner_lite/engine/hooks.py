@@ -15,6 +15,7 @@ from mmengine.registry import HOOKS
 from xtuner_lite.data.templates import stop_token_ids
 from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import gather_rng_states, global_sum, restore_rank_rng
+from xtuner_lite.workdir import FILENAME
 
 
 class RNGStateHook(Hook):
@@ -78,7 +79,7 @@ class SafeCheckpointHook(CheckpointHook):
             runner.logger.warning(f"step {step}: trained weights are not finite; no checkpoint "
                                   "saved")
             return
-        filename = ckpt.FILENAME.format(step)
+        filename = FILENAME.format(step)
         self.last_ckpt = os.path.join(self.out_dir, filename)
         runner.message_hub.update_info("last_ckpt", self.last_ckpt)
         runner.save_checkpoint(self.out_dir, filename, self.file_client_args,

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xtuner_lite.atomic import write_text
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation.builtin import BUILTIN_TASKS, builtin_task
 from xtuner_lite.evaluation.evaluator import LoadedModel, TaskResult, evaluate_model
@@ -98,11 +99,7 @@ def write_results(results: dict[str, dict[str, TaskResult]], out, config: dict[s
                        "subjects": r.subjects, "samples": r.samples}
                 for name, r in by_task.items()}
         for model, by_task in results.items()}}
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_text(out, json.dumps(payload, indent=1, ensure_ascii=False))
 
 
 def print_table(results: dict[str, dict[str, TaskResult]]) -> None:
