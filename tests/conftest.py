@@ -63,3 +63,49 @@ def wait_for_lines(path: Path, lines: int, proc, timeout: float = 300) -> None:
         if path.exists() and len(path.read_text().splitlines()) >= lines:
             return
         time.sleep(0.005)
+
+
+ALPACA_MINI = ROOT / "examples" / "data" / "alpaca_mini.json"
+
+
+def tiny_train_cfg(model: str, method: str = "lora", **train) -> dict:
+    """A config dict that trains ``model`` for a few steps on the bundled Alpaca sample (fp32,
+    so resumed runs are bitwise comparable); ``train`` overrides the train settings."""
+    settings = dict(batch_size=1, accumulative_counts=1, max_iters=4, lr=1e-3, dtype=None,
+                    save_steps=2, save_total_limit=2, log_interval=1, warmup_ratio=0,
+                    tensorboard=False)
+    settings.update(train)
+    return dict(model=dict(pretrained=model, method=method,
+                           lora=dict(r=4, alpha=8, dropout=0.1)),
+                train_dataset=dict(data_files=str(ALPACA_MINI), tokenizer=model,
+                                   template="smollm2", max_length=64),
+                train=settings)
+
+
+def loss_curve(work_dir) -> list[float]:
+    """The losses of ``loss.jsonl`` by step (a resumed run rewrites the steps it redoes)."""
+    import json
+
+    by_step = {}
+    for line in (Path(work_dir) / "loss.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record["loss"]
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def start_server(*args: str):
+    """``xtuner serve ARGS --port 0`` as a process; returns (process, (host, port)) once it
+    listens."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "xtuner_lite.cli", "serve", *args, "--port",
+                             "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    for line in proc.stdout:  # libraries may print warnings (stderr) before the address
+        seen += line
+        match = re.search(r"http://([\d.]+):(\d+)", line)
+        if match:
+            return proc, (match.group(1), int(match.group(2)))
+    pytest.fail(f"server did not start: {seen}")

@@ -230,9 +230,11 @@ def generation_options(body: dict, default_max_tokens: int | None) -> tuple[
 class Server:
     """The served model, its engine worker, and the HTTP request handling."""
 
-    def __init__(self, chat: ChatModel, name: str, max_batch_size: int = 32):
+    def __init__(self, chat: ChatModel, name: str, max_batch_size: int = 32,
+                 read_timeout: float = READ_TIMEOUT_S):
         self.chat = chat
         self.name = name
+        self.read_timeout = read_timeout
         self.engine = InferenceEngine(chat.model, chat.tokenizer, max_batch_size=max_batch_size)
         self.worker = EngineWorker(self.engine)
         self.created = int(time.time())
@@ -280,7 +282,7 @@ class Server:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             server_version = "xtuner_lite"
-            timeout = READ_TIMEOUT_S  # a silent or slow client cannot hold a thread forever
+            timeout = server.read_timeout  # a silent or slow client cannot hold a thread forever
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet access log
                 pass

@@ -48,13 +48,13 @@ def report_stats(stats: DatasetStats, console: Console, examples: int = 5) -> No
 
 def report_skips(stats: DatasetStats, console: Console, examples: int = 3) -> None:
     """One line of what was loaded, skipped (by reason) and truncated, then a few skipped rows."""
-    console.print(summary_line(stats), highlight=False, markup=False)
+    console.print(summary_line(stats), highlight=False, markup=False, soft_wrap=True)
     _examples(stats, console, examples)
 
 
 def _examples(stats: DatasetStats, console: Console, examples: int) -> None:
     for example in stats.skipped_examples[:examples]:
-        console.print(f"[yellow]skipped[/] {example}", highlight=False)
+        console.print(f"[yellow]skipped[/] {example}", highlight=False, soft_wrap=True)
 
 
 def summary_line(stats: DatasetStats) -> str:
