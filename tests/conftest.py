@@ -109,3 +109,12 @@ def start_server(*args: str):
         if match:
             return proc, (match.group(1), int(match.group(2)))
     pytest.fail(f"server did not start: {seen}")
+
+
+@pytest.fixture(scope="module")
+def smol_server():
+    """``xtuner serve smollm2-135m-instruct`` for the tests of one module: (host, port)."""
+    proc, address = start_server("smollm2-135m-instruct")
+    yield address
+    proc.terminate()
+    proc.wait(timeout=30)

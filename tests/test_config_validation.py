@@ -133,3 +133,19 @@ def test_serve_on_a_busy_port_exits_2_before_loading(capsys, monkeypatch):
         assert main(["serve", "smollm2-135m-instruct", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, fast):
+    from xtuner_lite.engine import runner
+    from xtuner_lite.engine.runner import TrainSettings, cpu_precision
+
+    monkeypatch.setattr(runner, "cpu_has_fast_bf16", lambda: fast)
+    model = dict(pretrained="x", method="qlora", dtype="bf16", compute_dtype="bf16")
+    new_model, settings, changed = cpu_precision(model, TrainSettings(dtype="bf16", device="cpu"))
+    if fast:
+        assert (new_model, settings.dtype, changed) == (model, "bf16", [])
+    else:
+        assert settings.dtype is None and new_model["dtype"] == new_model["compute_dtype"] == \
+            "fp32" and len(changed) == 3
+        assert model["dtype"] == "bf16"  # the caller's config is not changed in place

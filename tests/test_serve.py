@@ -2,9 +2,6 @@
 
 import http.client
 import json
-import re
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,20 +11,8 @@ MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def server():
-    proc = subprocess.Popen([sys.executable, "-m", "xtuner_lite.cli", "serve", MODEL, "--port",
-                             "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = ""
-    for line in proc.stdout:  # libraries may print warnings (stderr) before the address
-        seen += line
-        match = re.search(r"http://([\d.]+):(\d+)", line)
-        if match:
-            break
-    else:
-        pytest.fail(f"server did not start: {seen}")
-    yield match.group(1), int(match.group(2))
-    proc.terminate()
-    proc.wait(timeout=30)
+def server(smol_server):
+    return smol_server
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ import pytest
 
 from xtuner_lite.server import MAX_BODY_BYTES
 
-from conftest import start_server
-
 MODEL = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -51,14 +49,6 @@ def greedy(address):
                            {"model": MODEL, "messages": ASK, "temperature": 0, "max_tokens": 12})
     assert status == 200, body
     return body["choices"][0]["message"]["content"]
-
-
-@pytest.fixture(scope="module")
-def smol_server():
-    proc, address = start_server(MODEL)
-    yield address
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture

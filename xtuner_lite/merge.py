@@ -78,6 +78,7 @@ def load_adapted(base: str | None, adapter: str | Path, dtype: str = "float32",
     from peft import PeftModel
 
     from xtuner_lite.hub import load_model, load_tokenizer
+    from xtuner_lite.model.build import peft_wrapping
 
     adapter = Path(adapter)
     peft_cfg, meta = read_adapter_meta(adapter)
@@ -88,7 +89,8 @@ def load_adapted(base: str | None, adapter: str | Path, dtype: str = "float32",
     if not any_base:
         _check_base(str(base), model.config, peft_cfg, meta, adapter)
     try:
-        model = PeftModel.from_pretrained(model, str(adapter), torch_device="cpu")
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(adapter), torch_device="cpu")
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise XtunerError(f"adapter {adapter} does not fit base {base}: {first}") from None

@@ -60,7 +60,7 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     """
     from xtuner_lite.data.pipeline import process_dataset
     from xtuner_lite.engine import TrainSettings
-    from xtuner_lite.engine.runner import check_engine_choice, resolve_device
+    from xtuner_lite.engine.runner import check_engine_choice, cpu_precision, resolve_device
     from xtuner_lite.model import build_model
     from xtuner_lite.model.build import LoraSettings
 
@@ -96,6 +96,11 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
         from xtuner_lite.engine.memory import cap_mmap_threshold
 
         cap_mmap_threshold()  # large activation buffers go back to the OS on free
+        model_cfg, settings, changed = cpu_precision(model_cfg, settings)
+        if changed:
+            print("this CPU has no native bf16 matrix multiply (AVX512/AMX), where bf16 runs "
+                  f"several times slower than fp32; training in fp32: {', '.join(changed)}",
+                  flush=True)
     distributed = init_process_group(device, settings.dist_timeout)
     rank, world_size = world()
     check_engine_choice(settings, world_size)  # before any work

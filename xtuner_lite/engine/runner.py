@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -278,6 +279,34 @@ def resolve_device(settings: TrainSettings) -> str:
     if settings.device != "auto":
         return settings.device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (oneDNN on AVX512/AMX); without it
+    (AVX2-only CPUs) torch falls back to reference loops several times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+
+
+def cpu_precision(model_cfg: dict[str, Any], settings: TrainSettings
+                  ) -> tuple[dict[str, Any], TrainSettings, list[str]]:
+    """On a CPU without native bf16 matmuls, bf16 (autocast, frozen base weights, QLoRA's
+    compute dtype) would make a step tens of times slower: use fp32 there instead. Returns the
+    configs to train with and what was changed (empty when nothing was)."""
+    if resolve_device(settings) != "cpu" or cpu_has_fast_bf16():
+        return model_cfg, settings, []
+    changed = []
+    if settings.dtype == "bf16":
+        settings = dataclasses.replace(settings, dtype=None)
+        changed.append("train.dtype bf16 -> None (fp32)")
+    model_cfg = dict(model_cfg)
+    for key in ("dtype", "compute_dtype"):
+        if model_cfg.get(key) in ("bf16", "bfloat16"):
+            model_cfg[key] = "fp32"
+            changed.append(f"model.{key} bf16 -> fp32")
+    return model_cfg, settings, changed
 
 
 def check_engine_choice(settings: TrainSettings, world_size: int) -> None:

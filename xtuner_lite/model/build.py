@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,6 +57,16 @@ class LoraSettings:
             raise XtunerError(f"model.lora must be a dict, got {type(value).__name__}")
         check_kwargs(cls, dict(value or {}), "model.lora")
         return cls(**(value or {}))
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Wrapping a model in peft: peft reads ``is_gradient_checkpointing``, which transformers
+    5 deprecates with a FutureWarning on every run that a user cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
@@ -177,7 +190,8 @@ def build_model(
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.target_modules, task_type="CAUSAL_LM",
                         **settings.extra)
-    model = get_peft_model(model, config)  # adapter weights are fp32 whatever the base dtype
+    with peft_wrapping():
+        model = get_peft_model(model, config)  # adapter weights are fp32 whatever the base dtype
     if lora_dtype not in ("fp32", "float32"):
         for param in model.parameters():
             if param.requires_grad:
