@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 SHARED ?= ../shared/data
 
-.PHONY: install install-tests quickstart test lint bench
+.PHONY: install install-tests quickstart test test-fast lint bench
 
 install:
 	$(PIP) -e .
@@ -26,9 +26,17 @@ quickstart: install
 	@echo "== after fine-tuning:" && xtuner chat smollm2-135m-instruct \
 		--adapter work_dirs/quickstart/adapter $(ASK)
 
+PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -ra
+
+# everything but the gpu tier (CI)
 test: install-tests
 	ruff check xtuner_lite tests tools benchmarks configs examples
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -ra --durations=12 tests
+	$(PYTEST) --durations=12 -m "not gpu" tests
+
+# the inner loop: unit tests only (no integration, slow or gpu tier); needs `make install-tests`
+test-fast:
+	ruff check xtuner_lite tests tools benchmarks configs examples
+	$(PYTEST) -m "not integration and not slow and not gpu" tests
 
 bench: install-tests
 	$(PYTHON) benchmarks/bench_data.py

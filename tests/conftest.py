@@ -25,6 +25,18 @@ def shared_file(relative: str) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip, with the reason, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     from xtuner_lite.hub import load_tokenizer

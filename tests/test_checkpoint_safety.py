@@ -12,6 +12,8 @@ from xtuner_lite.errors import XtunerError
 
 from conftest import loss_curve, tiny_train_cfg
 
+pytestmark = pytest.mark.integration
+
 
 class _Payload:
     """Unpickling this runs a shell command: what a crafted checkpoint would carry."""

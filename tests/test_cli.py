@@ -7,6 +7,8 @@ import pytest
 
 from conftest import ROOT, shared_file
 
+pytestmark = pytest.mark.integration
+
 
 def xtuner(*args, stdin=None, env=None):
     return subprocess.run([sys.executable, "-m", "xtuner_lite.cli", *args], capture_output=True,

@@ -75,6 +75,7 @@ def test_missing_files_patterns_and_empty_lists_are_named(tmp_path):
         str(tmp_path / "part0.jsonl"), str(tmp_path / "part1.jsonl")]
 
 
+@pytest.mark.integration
 def test_training_reports_rows_it_skips_and_writes_them_down(tmp_path, tiny_llama, capsys):
     from xtuner_lite.training import train
 

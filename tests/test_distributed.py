@@ -23,6 +23,8 @@ from xtuner_lite.errors import XtunerError
 
 from conftest import ROOT, wait_for_lines
 
+pytestmark = pytest.mark.slow
+
 CONFIG = """
 model = dict(pretrained={model!r}, method={method!r}, lora=dict(r=8, alpha=16, dropout={dropout}),
              compute_dtype="fp32", gradient_checkpointing={checkpointing})

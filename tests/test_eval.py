@@ -15,6 +15,8 @@ from xtuner_lite.evaluation.tasks import Row, load_rows
 
 from conftest import shared_file
 
+pytestmark = pytest.mark.integration
+
 MODEL = "smollm2-135m-instruct"
 
 

@@ -9,6 +9,8 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.export import export_gguf
 from xtuner_lite.merge import merge_adapter
 
+pytestmark = pytest.mark.integration
+
 
 def _load_gguf(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

@@ -8,6 +8,8 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.sampling import apply_repetition_penalty, choose_token
 
+pytestmark = pytest.mark.integration
+
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "List three prime numbers.", "Hi", "Explain gravity in one sentence, please.",
              "Translate 'cat' to German."]

@@ -9,6 +9,8 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.merge import architecture_of, merge_adapter
 from xtuner_lite.model import build_model
 
+pytestmark = pytest.mark.integration
+
 
 def _make_adapter(base, folder, method="lora", template="chatml"):
     """A trained-looking adapter: random (non-zero) LoRA B, saved as ``xtuner train`` does."""

@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 MODEL = "smollm2-135m-instruct"
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from xtuner_lite.server import MAX_BODY_BYTES
 
+pytestmark = pytest.mark.integration
+
 MODEL = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 

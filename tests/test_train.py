@@ -12,6 +12,8 @@ from xtuner_lite.errors import XtunerError
 
 from conftest import ROOT, wait_for_lines
 
+pytestmark = pytest.mark.slow
+
 TINY_CONFIG = """
 model = dict(pretrained={model!r}, method="lora", lora=dict(r=8, alpha=16, dropout=0.1))
 train_dataset = dict(data_files={data!r}, tokenizer={model!r}, map_fn="alpaca",

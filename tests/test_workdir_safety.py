@@ -10,6 +10,8 @@ from xtuner_lite.errors import XtunerError
 
 from conftest import loss_curve, tiny_train_cfg
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_llama):
