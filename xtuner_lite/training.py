@@ -200,7 +200,7 @@ def save_result(llm, tokenizer, template, cfg: dict, out: Path, seed: int | None
                 state_dict: dict | None = None) -> None:
     """Write the trained adapter (or full model) with what ``xtuner merge``/``chat`` need:
     base model name, architecture, template, stop words and the training settings."""
-    from xtuner_lite.merge import architecture_of
+    from xtuner_lite.adapters import architecture_of
 
     model_cfg, data_cfg = dict(cfg["model"]), dict(cfg["train_dataset"])
     _final_save(llm, tokenizer, out, state_dict, {

@@ -42,7 +42,7 @@ def load_for_eval(ref: str, dtype: str = "float32") -> LoadedModel:
     from xtuner_lite.hub import default_template_for, load_model, load_tokenizer
 
     if (Path(ref) / "adapter_config.json").exists():
-        from xtuner_lite.merge import load_adapted
+        from xtuner_lite.adapters import load_adapted
 
         model, tokenizer, meta = load_adapted(None, ref, dtype=dtype)
         template = meta.get("template") or default_template_for(meta["base_model"]) or "auto"
