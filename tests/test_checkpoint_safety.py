@@ -179,3 +179,12 @@ def test_a_truncated_or_foreign_resume_path_is_one_clear_error(tmp_path, tiny_ll
         assert message in err and "Traceback" not in err, err
     with pytest.raises(XtunerError):
         ckpt.load(tmp_path / "cut.pth")
+
+
+def test_pruning_never_counts_a_cut_off_checkpoint_as_kept(tmp_path):
+    for step in (4, 6):
+        ckpt.save({ckpt.STATE_DICT: {"w": torch.ones(2)}}, tmp_path / f"iter_{step}.pth")
+    (tmp_path / "iter_8.pth").write_bytes(b"PK\x03\x04 cut off")  # from before a resume
+    ckpt.prune(tmp_path, keep=1)
+    assert [p.name for _, p in ckpt.checkpoints(tmp_path)] == ["iter_6.pth"]
+    assert torch.equal(ckpt.load(tmp_path / "iter_6.pth")[ckpt.STATE_DICT]["w"], torch.ones(2))

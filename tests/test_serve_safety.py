@@ -111,6 +111,14 @@ def test_a_multi_word_stop_string_is_never_streamed(smol_server):
     assert whole.choices[0].finish_reason == "stop"
 
 
+def test_a_prompt_longer_than_the_context_says_so_without_max_tokens(tiny_server):
+    _, address = tiny_server  # the tiny Llama's context is 512 tokens
+    status, body = request(address, "POST", "/v1/chat/completions",
+                           {"model": MODEL, "messages": [{"role": "user",
+                                                          "content": "word " * 700}]})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+
+
 # ------------------------------------------------------------------ the body and the socket
 @pytest.mark.parametrize("headers,status", [
     ({"Content-Type": "text/plain"}, 415),

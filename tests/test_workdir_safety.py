@@ -74,3 +74,10 @@ def test_a_work_dir_that_cannot_be_one_is_a_clear_error(tmp_path, tiny_llama):
         train(tiny_train_cfg(tiny_llama), work_dir=blocker)
     with pytest.raises(workdir.WorkDirError, match="cannot create work dir"):
         train(tiny_train_cfg(tiny_llama), work_dir=blocker / "inside")
+
+
+def test_a_read_only_work_dir_is_a_clear_error(tmp_path, monkeypatch):
+    # root may write anywhere, so the permission answer is what the OS would tell a user
+    monkeypatch.setattr(workdir.os, "access", lambda path, mode: False)
+    with pytest.raises(workdir.WorkDirError, match="is not writable"):
+        workdir.check_writable(tmp_path)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from xtuner_lite.chat import ChatModel, TextStream
 from xtuner_lite.errors import UsageError, XtunerError
 from xtuner_lite.inference import InferenceEngine, SamplingParams
+from xtuner_lite.inference.chat_model import ChatModel, TextStream
 from xtuner_lite.inference.sampling import SamplingError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body larger than this is refused unread (413)
@@ -212,7 +212,8 @@ def generation_options(body: dict, default_max_tokens: int | None) -> tuple[
     if not all(isinstance(w, str) and w for w in stop) or len(stop) > 4:
         raise APIError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
     params = SamplingParams(
-        max_new_tokens=max_tokens if max_tokens is not None else (default_max_tokens or 1),
+        # without max_tokens: the room left in the context (the caller reports a prompt too long)
+        max_new_tokens=max_tokens if max_tokens is not None else max(default_max_tokens or 1, 1),
         temperature=_get(body, "temperature", (int, float), 1.0),
         top_p=_get(body, "top_p", (int, float), 1.0), top_k=_get(body, "top_k", (int,), 0),
         repetition_penalty=_get(body, "repetition_penalty", (int, float), 1.0),

@@ -145,7 +145,11 @@ def verify(path: str | Path) -> None:
                               "written, or not a training checkpoint)")
     if path.is_dir():
         return
-    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle inside a complete archive
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}"
+                              ) from None
     if unsafe:
         raise CheckpointError(f"refusing to load {path}: it holds Python objects other than "
                               f"tensors and plain data ({', '.join(unsafe[:3])}), which could "
@@ -200,13 +204,19 @@ def record_latest(work_dir: str | Path, path: str | Path) -> None:
 
 
 def prune(work_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (``keep`` < 1 keeps all)."""
+    """Keep the newest ``keep`` complete checkpoints (``keep`` < 1 keeps all); delete older
+    ones and any cut off mid-write (an incomplete newer file must never count as one of the
+    kept, or the last good one would go)."""
     if keep < 1:
         return []
-    old = [path for _, path in checkpoints(work_dir)][:-keep]
-    for path in old:
+    removed, kept = [], 0
+    for _, path in reversed(checkpoints(work_dir)):
+        if is_complete(path) and kept < keep:
+            kept += 1
+            continue
         remove(path)
-    return old
+        removed.append(path)
+    return removed
 
 
 def set_aside(work_dir: str | Path, from_step: int) -> list[Path]:
