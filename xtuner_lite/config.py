@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from difflib import get_close_matches
 from pathlib import Path
@@ -80,6 +81,17 @@ def check_sections(cfg: Any, path: Path) -> None:
         if hint:
             raise XtunerError(f"config {path}: unknown top-level dict {key!r}; did you mean "
                               f"{hint[0]!r}?")
+
+
+def is_int(value: Any) -> bool:
+    """An integer setting (``True``/``False`` are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float setting (not a bool, not nan or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 def check_kwargs(fn: Callable, kwargs: dict[str, Any], where: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from mmengine.runner import Runner
 
 from xtuner_lite.atomic import atomic_path
+from xtuner_lite.config import is_int, is_number
 from xtuner_lite.data.dataset import collate_packed
 from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import world
@@ -81,17 +82,8 @@ class TrainSettings:
                               "invalid train settings:\n  " + "\n  ".join(problems))
 
 
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value)
-
-
 def _positive_int(value: Any) -> bool:
-    return _int(value) and value >= 1
+    return is_int(value) and value >= 1
 
 
 def _optional(check):
@@ -99,7 +91,7 @@ def _optional(check):
 
 
 def _fraction(value: Any) -> bool:
-    return _num(value) and 0 <= value <= 1
+    return is_number(value) and 0 <= value <= 1
 
 
 _RULES = [  # (key, check, what is accepted): every train setting with a range
@@ -108,16 +100,17 @@ _RULES = [  # (key, check, what is accepted): every train setting with a range
         "log_interval", "evaluation_max_new_tokens", "dist_timeout")],
     *[(name, _optional(_positive_int), "a positive integer or None") for name in (
         "max_iters", "evaluation_freq", "eval_freq", "eval_limit")],
-    ("save_total_limit", lambda v: _int(v) and (v >= 1 or v == -1),
+    ("save_total_limit", lambda v: is_int(v) and (v >= 1 or v == -1),
      "a positive integer (or -1 to keep every checkpoint)"),
-    ("epochs", _optional(lambda v: _num(v) and v > 0), "a number > 0 or None"),
-    ("lr", lambda v: _num(v) and v > 0, "a number > 0"),
-    ("weight_decay", lambda v: _num(v) and v >= 0, "a number >= 0"),
+    ("epochs", _optional(lambda v: is_number(v) and v > 0), "a number > 0 or None"),
+    ("lr", lambda v: is_number(v) and v > 0, "a number > 0"),
+    ("weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0"),
     ("betas", lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and
-     all(_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+     all(is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     ("warmup_ratio", _fraction, "a number in [0, 1]"),
     ("min_lr_ratio", _fraction, "a number in [0, 1]"),
-    ("max_norm", _optional(lambda v: _num(v) and v > 0), "a number > 0 (or None: no clipping)"),
+    ("max_norm", _optional(lambda v: is_number(v) and v > 0),
+     "a number > 0 (or None: no clipping)"),
     ("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     ("dtype", lambda v: v in DTYPES, "'bf16', 'fp16' or None (fp32)"),
     ("device", lambda v: isinstance(v, str) and (v in ("auto", "cpu") or

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from xtuner_lite.config import is_int, is_number
 from xtuner_lite.errors import UsageError
 
 MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds
@@ -21,22 +20,14 @@ class SamplingError(UsageError):
         self.param = param
 
 
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # the one place the accepted ranges are written: (name, check, what is accepted)
 RULES = [
-    ("max_new_tokens", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    ("temperature", lambda v: _num(v) and 0 <= v <= 2, "a number in [0, 2] (0: greedy)"),
-    ("top_p", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
-    ("top_k", lambda v: _int(v) and v >= 0, "an integer >= 0 (0: off)"),
-    ("repetition_penalty", lambda v: _num(v) and 0 < v <= 100, "a number in (0, 100]"),
-    ("seed", lambda v: v is None or (_int(v) and 0 <= v <= MAX_SEED),
+    ("max_new_tokens", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("temperature", lambda v: is_number(v) and 0 <= v <= 2, "a number in [0, 2] (0: greedy)"),
+    ("top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("top_k", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
+    ("repetition_penalty", lambda v: is_number(v) and 0 < v <= 100, "a number in (0, 100]"),
+    ("seed", lambda v: v is None or (is_int(v) and 0 <= v <= MAX_SEED),
      f"an integer in [0, {MAX_SEED}]"),
 ]
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from xtuner_lite.config import check_kwargs
+from xtuner_lite.config import check_kwargs, is_int, is_number
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
 from xtuner_lite.model.dropout import fuse_lora_dropout
@@ -30,14 +30,11 @@ class LoraSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        def number(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
         rules = [
-            ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
+            ("r", is_int(self.r) and self.r >= 1,
              "an integer >= 1"),
-            ("alpha", number(self.alpha) and self.alpha > 0, "a number > 0"),
-            ("dropout", number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
+            ("alpha", is_number(self.alpha) and self.alpha > 0, "a number > 0"),
+            ("dropout", is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
             ("target_modules", isinstance(self.target_modules, str) or (
                 isinstance(self.target_modules, (list, tuple)) and self.target_modules and
                 all(isinstance(m, str) for m in self.target_modules)),
