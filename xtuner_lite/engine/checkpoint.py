@@ -101,7 +101,7 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(f"refusing to load {path}: it holds Python objects other than "
                               f"tensors and plain data{what}, which could run code when "
