@@ -1,7 +1,7 @@
 """The memory planner against ``torch.cuda.max_memory_allocated`` (issue 6). Needs a CUDA GPU.
 
 Random-initialised models with real shapes (``random_shapes.py``), trained a few steps through
-``build_model`` + ``SFTModel`` under bf16 autocast for full / LoRA / QLoRA, with and without
+``build_model`` + ``TrainModel`` under bf16 autocast for full / LoRA / QLoRA, with and without
 gradient checkpointing, at several lengths; each row prints the planned peak (without the fixed
 CUDA context, which the allocator does not count) beside the measured peak allocated.
 Run: python benchmarks/plan_vs_cuda.py [--shapes smollm2_135m smollm2_1_7b llama2_7b]

@@ -82,7 +82,8 @@ def train_and_measure(folder: Path, *, method: str, max_length: int, steps: int,
     """Train ``steps`` steps on packed random rows under bf16 autocast; the first step is
     warm-up for the timing. On CUDA: peak allocated / reserved over the steps (the weights,
     loaded before, included), optionally under a ``set_per_process_memory_fraction`` cap."""
-    from xtuner_lite.engine.sft_model import SFTModel
+    from xtuner_lite.engine.objectives import NextTokenObjective
+    from xtuner_lite.engine.train_model import TrainModel
     from xtuner_lite.model import build_model, skip_adapter_input_casts
 
     cuda = device == "cuda"
@@ -97,7 +98,7 @@ def train_and_measure(folder: Path, *, method: str, max_length: int, steps: int,
                       gradient_checkpointing=gradient_checkpointing, lora_dtype=lora_dtype,
                       device=device if cuda else None)
     skip_adapter_input_casts(llm)
-    model = SFTModel(llm, chunk_size=chunk_size).to(device)
+    model = TrainModel(llm, NextTokenObjective(chunk_size)).to(device)
     model.train()  # from_pretrained gives eval mode: no checkpointing, no dropout
     trained = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":

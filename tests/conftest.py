@@ -66,6 +66,35 @@ def tiny_llama(tmp_path_factory, smol_tokenizer):
     return str(path)
 
 
+def real_step(model, micro_batches, lr: float = 0.0, dtype: str | None = None,
+              optimizer=None) -> tuple[float, dict]:
+    """One optimizer step through the real step (``engine/step.py``) with next-token loss:
+    (the step's loss, the gradients the optimizer received, by the model's parameter names).
+    ``lr=0`` leaves the weights as they are; pass ``optimizer`` to keep its state across steps.
+    """
+    import torch
+
+    from xtuner_lite.engine import NextTokenObjective, TrainModel
+    from xtuner_lite.engine.optim import AutocastOptimWrapper
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = optimizer or torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    seen = {}
+
+    def record(opt, args, kwargs):
+        seen.update({names[id(p)]: p.grad.detach().clone() for group in opt.param_groups
+                     for p in group["params"] if p.grad is not None})
+
+    handle = optimizer.register_step_pre_hook(record)
+    try:
+        wrapper = AutocastOptimWrapper(optimizer, dtype=dtype, device_type="cpu")
+        out = TrainModel(model, NextTokenObjective()).train_step(micro_batches, wrapper)
+    finally:
+        handle.remove()
+    return float(out["loss"]), seen
+
+
 def wait_for_lines(path: Path, lines: int, proc, timeout: float = 300) -> None:
     """Poll until ``path`` has ``lines`` lines (or ``proc`` ends): the moment to kill a run."""
     import time

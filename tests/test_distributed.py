@@ -91,24 +91,31 @@ def reference(tmp_path_factory, tiny_llama):
     reentrant gradient checkpointing, whose inner backward the engines' hooks must follow)."""
     runs = {}
 
-    def run(method):
-        if method not in runs:
-            tmp = tmp_path_factory.mktemp(f"one_{method}")
+    def run(method, accumulation=2):
+        if (method, accumulation) not in runs:
+            tmp = tmp_path_factory.mktemp(f"one_{method}_{accumulation}")
             config = _config(tmp, tiny_llama, method, checkpointing=True)
             losses = _train(config, tmp / "work", 1, "--cfg-options",
-                            "train.accumulative_counts=2")
-            runs[method] = (config, losses, tmp / "work")
-        return runs[method]
+                            f"train.accumulative_counts={accumulation}")
+            runs[method, accumulation] = (config, losses, tmp / "work")
+        return runs[method, accumulation]
 
     return run
 
 
-@pytest.mark.parametrize("engine,method", [("zero2", "lora"), ("zero3", "full"), ("fsdp", "full"),
-                                           ("zero3", "qlora")])
-def test_two_processes_equal_one_process_with_accumulation(tmp_path, reference, engine, method):
-    config, expected, one_dir = reference(method)
-    extra = ["--fsdp"] if engine == "fsdp" else ["--deepspeed", engine]
-    losses = _train(config, tmp_path / "work", 2, *extra)
+ENGINE_FLAGS = {"ddp": [], "fsdp": ["--fsdp"], "zero2": ["--deepspeed", "zero2"],
+                "zero3": ["--deepspeed", "zero3"]}
+
+
+@pytest.mark.parametrize("engine,method,accumulation", [
+    ("zero2", "lora", 1), ("zero3", "full", 1), ("fsdp", "full", 1), ("zero3", "qlora", 1),
+    # accumulating in each process: the gradient all-reduce skipped on the first micro-batch
+    ("ddp", "lora", 2), ("fsdp", "full", 2)])
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, reference, engine, method,
+                                                           accumulation):
+    config, expected, one_dir = reference(method, 2 * accumulation)
+    losses = _train(config, tmp_path / "work", 2, *ENGINE_FLAGS[engine], "--cfg-options",
+                    f"train.accumulative_counts={accumulation}")
     assert len(losses) == len(expected) == 8
     assert losses == pytest.approx(expected, abs=1e-5)  # fp32; reduction order differs
     assert expected[-1] < expected[0]

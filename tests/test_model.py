@@ -6,7 +6,6 @@ from xtuner_lite.data import IGNORE_INDEX, build_packed, collate_packed
 from xtuner_lite.data.tokenize import TokenizedBatch
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model import (
-    accumulate_gradients,
     attention,
     build_model,
     chunked_lm_loss,
@@ -15,6 +14,8 @@ from xtuner_lite.model import (
 )
 from xtuner_lite.model.attention import PACKED_SDPA, segments_of
 from xtuner_lite.model.dropout import DropoutLinear
+
+from conftest import real_step
 
 LENGTHS = [5, 9, 3, 12]
 
@@ -113,15 +114,15 @@ def test_matmul_attention_pads_lengths_to_few_shapes(monkeypatch):
 
 
 def test_accumulation_equals_one_big_batch(tiny_llama):
-    """4 micro-batches of 1 sample == 1 batch of 4 samples (different lengths), fp32."""
+    """4 micro-batches of 1 sample == 1 batch of 4 samples (different lengths), fp32, through
+    the real optimizer step."""
     model = build_model(tiny_llama, method="full")
     rows = _rows(pack=False)
-    mean_big = accumulate_gradients(model, [collate_packed(rows)])
-    big = _grads(model)
-    model.zero_grad()
-    mean_acc = accumulate_gradients(model, [collate_packed([r]) for r in rows])
+    mean_big, big = real_step(model, [collate_packed(rows)])
+    mean_acc, acc = real_step(model, [collate_packed([r]) for r in rows])
     assert abs(mean_big - mean_acc) < 1e-5
-    _assert_same(big, _grads(model))
+    assert len(big) == len(list(model.parameters()))
+    _assert_same(big, acc)
 
 
 def test_chunked_loss_matches_transformers(tiny_llama):
@@ -199,13 +200,10 @@ def test_qlora_trains_after_an_eval_no_grad_forward(tiny_llama):
     before = {n: p.detach().clone() for n, p in _lora_params(model).items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):  # B starts at zero, so A first gets a gradient on the second step
-        optimizer.zero_grad()
-        accumulate_gradients(model, [batch])
-        for name, p in _lora_params(model).items():
-            assert p.grad is not None, name
-        optimizer.step()
+        _, grads = real_step(model, [batch], optimizer=optimizer)
+        assert grads.keys() == _lora_params(model).keys()
     for name, p in _lora_params(model).items():
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+        assert grads[name].abs().sum() > 0, f"{name} got a zero gradient"
         assert not torch.equal(before[name], p.detach()), f"{name} did not change"
 
 
@@ -229,8 +227,7 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_llama, method, every):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     torch.nn.init.normal_(p, std=0.1)
-        accumulate_gradients(model, [batch])
-        grads.append(_grads(model))
+        grads.append(real_step(model, [batch])[1])
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is not None
               and type(m).__name__.endswith("DecoderLayer")]
     assert [m.gradient_checkpointing for m in layers] == {True: [True, True], 2: [True, False],
@@ -365,11 +362,10 @@ def test_bf16_lora_weights_train_and_are_planned(tiny_llama):
     optimizer = torch.optim.AdamW(trained, lr=1e-2)
     losses = []
     for _ in range(6):
-        optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses.append(accumulate_gradients(model, [batch]))
-        assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in trained)
-        optimizer.step()
+        loss, grads = real_step(model, [batch], dtype="bf16", optimizer=optimizer)
+        losses.append(loss)
+        assert len(grads) == len(trained)
+        assert all(g.dtype == torch.bfloat16 for g in grads.values())
     assert losses[-1] < losses[0]
     shape = Shape.from_config(model.config)
     fp32, bf16 = (plan_memory(shape, PlanSettings(lora_r=4, lora_dtype=d))

@@ -139,14 +139,12 @@ def test_lr_schedule_reaches_the_peak_lr_and_decays(max_iters, warmup_ratio):
     """The schedule mmengine builds from our dicts: warmup ends at the configured lr, then the
     cosine falls to min_lr (a one-step LinearLR would keep lr/1000 for the whole run)."""
     import torch
-    from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
 
     from xtuner_lite.engine.runner import TrainSettings, lr_schedule
 
     settings = TrainSettings(lr=2e-4, warmup_ratio=warmup_ratio, min_lr_ratio=0.1)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
-    kinds = {"LinearLR": LinearLR, "CosineAnnealingLR": CosineAnnealingLR}
-    schedulers = [kinds[cfg.pop("type")](optimizer, **cfg)
+    schedulers = [cfg.pop("type")(optimizer, **cfg)
                   for cfg in map(dict, lr_schedule(settings, max_iters))]
     lrs = []
     for _ in range(max_iters):

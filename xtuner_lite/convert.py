@@ -1,6 +1,6 @@
 """``xtuner convert pth_to_hf``: a training checkpoint → the adapter (or model) folder.
 
-A checkpoint (``iter_N.pth``) holds only the trainable weights (see ``SFTModel.state_dict``), so
+A checkpoint (``iter_N.pth``) holds only the trainable weights (see ``TrainModel.state_dict``), so
 the model is rebuilt from the config and the weights are loaded into it; every trainable weight
 must be in the checkpoint and nothing else, or the config and checkpoint do not belong together.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.errors import XtunerError
 
-PREFIX = "llm."  # SFTModel keeps the causal LM as ``self.llm``
+PREFIX = "llm."  # TrainModel keeps the causal LM as ``self.llm``
 
 
 def read_checkpoint_weights(checkpoint: str | Path) -> dict:

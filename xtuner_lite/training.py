@@ -17,7 +17,7 @@ from xtuner_lite.config import check_kwargs, load_config
 from xtuner_lite.data.report import report_skips, write_report
 from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import init_process_group, main_process_first, world
-from xtuner_lite.engine.sft_model import TrainingStoppedError
+from xtuner_lite.engine.step import TrainingStoppedError
 from xtuner_lite.errors import XtunerError
 
 

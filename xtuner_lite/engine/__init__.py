@@ -1,17 +1,17 @@
-"""mmengine integration: the SFT model wrapper, CPU autocast, hooks and the runner."""
+"""mmengine integration: the trained model and its step, objectives, hooks and the runner."""
 
 from xtuner_lite.deepspeed_env import name_cpu_accelerator
 
 name_cpu_accelerator()  # before mmengine's optimizer registry imports DeepSpeed
 
-from xtuner_lite.engine import hooks, optim  # noqa: E402, F401 - register hooks, optim wrapper
+from xtuner_lite.engine.objectives import NextTokenObjective, Objective  # noqa: E402
 from xtuner_lite.engine.runner import TrainSettings, XtunerRunner, build_runner  # noqa: E402
-from xtuner_lite.engine.sft_model import (  # noqa: E402
+from xtuner_lite.engine.step import (  # noqa: E402
     CollapsedRunError,
     NonFiniteLossError,
-    SFTModel,
     TrainingStoppedError,
 )
+from xtuner_lite.engine.train_model import TrainModel  # noqa: E402
 
-__all__ = ["CollapsedRunError", "NonFiniteLossError", "SFTModel", "TrainSettings",
-           "TrainingStoppedError", "XtunerRunner", "build_runner"]
+__all__ = ["CollapsedRunError", "NextTokenObjective", "NonFiniteLossError", "Objective",
+           "TrainModel", "TrainSettings", "TrainingStoppedError", "XtunerRunner", "build_runner"]

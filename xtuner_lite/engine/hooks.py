@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook, Hook
-from mmengine.registry import HOOKS
 
 from xtuner_lite.data.templates import stop_token_ids
 from xtuner_lite.engine import checkpoint as ckpt
@@ -91,7 +90,6 @@ class SafeCheckpointHook(CheckpointHook):
         self._unconfirmed = True
 
 
-@HOOKS.register_module()
 class ThroughputHook(Hook):
     """Puts real (non-padding) tokens per second into the logged scalars."""
 
@@ -104,7 +102,6 @@ class ThroughputHook(Hook):
         runner.message_hub.update_scalar("train/tokens_per_sec", real / max(elapsed, 1e-9))
 
 
-@HOOKS.register_module()
 class LossRecordHook(Hook):
     """Appends each step's loss to ``loss.jsonl`` in the work dir (for tests and plot-log).
 

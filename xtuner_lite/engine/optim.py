@@ -6,10 +6,8 @@ from contextlib import contextmanager
 
 import torch
 from mmengine.optim import OptimWrapper
-from mmengine.registry import OPTIM_WRAPPERS
 
 
-@OPTIM_WRAPPERS.register_module()
 class AutocastOptimWrapper(OptimWrapper):
     """Runs forwards under ``torch.autocast`` (bf16 on CPU or GPU); weights stay fp32.
 

@@ -21,14 +21,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mmengine.runner import Runner
+from mmengine.dataset import InfiniteSampler
+from mmengine.hooks import DistSamplerSeedHook, IterTimerHook, LoggerHook, ParamSchedulerHook
+from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+from mmengine.runner import FlexibleRunner, Runner
+from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
 
 from xtuner_lite.atomic import atomic_path
 from xtuner_lite.config import is_int, is_number
 from xtuner_lite.data.dataset import collate_packed
 from xtuner_lite.engine import checkpoint as ckpt
+from xtuner_lite.engine import strategies
 from xtuner_lite.engine.distributed import world
-from xtuner_lite.engine.hooks import PlainCheckpointHook, RNGStateHook, SafeCheckpointHook
+from xtuner_lite.engine.hooks import (
+    LossRecordHook,
+    PlainCheckpointHook,
+    RNGStateHook,
+    SafeCheckpointHook,
+    ThroughputHook,
+)
+from xtuner_lite.engine.objectives import NextTokenObjective, Objective
+from xtuner_lite.engine.optim import AutocastOptimWrapper
+from xtuner_lite.engine.train_model import TrainModel
 from xtuner_lite.errors import XtunerError
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -162,7 +176,7 @@ def _optimizer_cfg(settings: TrainSettings) -> dict[str, Any]:
     kw = dict(lr=settings.lr, weight_decay=settings.weight_decay, betas=tuple(settings.betas))
     if settings.optimizer == "adamw":
         return dict(type=torch.optim.AdamW, **kw)
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # only for its 8-bit optimizers (a slow import)
 
     classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
     return dict(type=classes[settings.optimizer], **kw)
@@ -186,22 +200,20 @@ def lr_schedule(settings: TrainSettings, max_iters: int) -> list[dict[str, Any]]
         warmup = 2
     schedulers = []
     if warmup > 0:
-        schedulers.append(dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0,
+        schedulers.append(dict(type=LinearLR, start_factor=1e-3, by_epoch=False, begin=0,
                                end=warmup))
-    schedulers.append(dict(type="CosineAnnealingLR", eta_min=settings.lr * settings.min_lr_ratio,
+    schedulers.append(dict(type=CosineAnnealingLR, eta_min=settings.lr * settings.min_lr_ratio,
                            by_epoch=False, begin=warmup, end=max_iters))
     return schedulers
 
 
 def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_token_id: int,
                  settings: TrainSettings, work_dir: str | Path, seed: int = 0,
-                 resume: str | Path | None = None, hooks: list | None = None) -> XtunerRunner:
+                 resume: str | Path | None = None, hooks: list | None = None,
+                 objective: Objective | None = None) -> XtunerRunner:
     """Assemble the Runner: infinite seeded sampler, warmup + cosine, clipping, autocast.
-    ``resume``: the checkpoint to continue from (found by ``checkpoint.latest`` for auto)."""
-    from mmengine.dataset import InfiniteSampler
-
-    from xtuner_lite.engine.sft_model import SFTModel
-
+    ``resume``: the checkpoint to continue from (found by ``checkpoint.latest`` for auto);
+    ``objective``: what is trained (next-token SFT by default)."""
     max_iters = total_steps(settings, len(dataset))
     device = resolve_device(settings)
     loader = torch.utils.data.DataLoader(
@@ -216,36 +228,35 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
         strategy = _strategy(settings, world_size)
     if settings.dtype == "fp16" and device != "cuda":
         raise XtunerError("train.dtype='fp16' needs a CUDA GPU; use 'bf16' (or None) on CPU")
-    if strategy is not None and strategy["type"] == "SFTDeepSpeedStrategy":
+    if settings.deepspeed:
         # DeepSpeed clips (its config's gradient_clipping) and steps itself
-        optim_wrapper = dict(type="SFTDeepSpeedOptimWrapper", optimizer=_optimizer_cfg(settings),
-                             dtype=settings.dtype, device_type=device)
+        optim_wrapper = dict(type=strategies.SFTDeepSpeedOptimWrapper,
+                             optimizer=_optimizer_cfg(settings), dtype=settings.dtype,
+                             device_type=device)
     elif settings.dtype == "fp16":  # fp16 needs loss scaling: mmengine's CUDA AMP wrapper has it
-        optim_wrapper = dict(type="AmpOptimWrapper", dtype="float16", clip_grad=clip,
+        optim_wrapper = dict(type=AmpOptimWrapper, dtype="float16", clip_grad=clip,
                              optimizer=_optimizer_cfg(settings))
     else:  # FSDP2 casts through its MixedPrecisionPolicy instead of autocast
         dtype = None if strategy is not None and settings.fsdp else settings.dtype
-        optim_wrapper = dict(type="AutocastOptimWrapper", optimizer=_optimizer_cfg(settings),
+        optim_wrapper = dict(type=AutocastOptimWrapper, optimizer=_optimizer_cfg(settings),
                              dtype=dtype, device_type=device, clip_grad=clip)
     # one process: the RNG hook saves its RNG; several: the strategy saves every rank's
     rng = [RNGStateHook(), PlainCheckpointHook()] if strategy is None else []
-    hooks = [*rng, dict(type="ThroughputHook"),
-             dict(type="LossRecordHook"), *settings.extra_hooks, *(hooks or [])]
-    sft_model = SFTModel(model, chunk_size=settings.chunk_size).to(device)
+    hooks = [*rng, ThroughputHook(), LossRecordHook(), *settings.extra_hooks, *(hooks or [])]
+    objective = objective or NextTokenObjective(chunk_size=settings.chunk_size)
     common = dict(
-        model=sft_model,
+        model=TrainModel(model, objective).to(device),
         work_dir=str(work_dir),
         train_dataloader=loader,
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         optim_wrapper=optim_wrapper,
         param_scheduler=lr_schedule(settings, max_iters),
         default_hooks=dict(
-            timer=dict(type="IterTimerHook"),
-            logger=dict(type="LoggerHook", interval=settings.log_interval,
-                        log_metric_by_epoch=False),
-            param_scheduler=dict(type="ParamSchedulerHook"),
+            timer=IterTimerHook(),
+            logger=LoggerHook(interval=settings.log_interval, log_metric_by_epoch=False),
+            param_scheduler=ParamSchedulerHook(),
             checkpoint=SafeCheckpointHook(settings.save_steps, settings.save_total_limit),
-            sampler_seed=dict(type="DistSamplerSeedHook"),
+            sampler_seed=DistSamplerSeedHook(),
         ),
         custom_hooks=hooks,
         randomness=dict(seed=seed),
@@ -253,15 +264,13 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
         load_from=None if resume is None else str(resume),
         log_processor=dict(by_epoch=False, window_size=1),
         default_scope="mmengine",
-        visualizer=dict(type="Visualizer", vis_backends=[
-            dict(type="LocalVisBackend"),
-            *([dict(type="TensorboardVisBackend")] if settings.tensorboard else [])]),
+        visualizer=dict(type=Visualizer, vis_backends=[
+            dict(type=LocalVisBackend),
+            *([dict(type=TensorboardVisBackend)] if settings.tensorboard else [])]),
         cfg=dict(train=asdict(settings), seed=seed),
     )
     if strategy is None:
         return XtunerRunner(**common)
-    from mmengine.runner import FlexibleRunner
-
     backend = "nccl" if device == "cuda" else "gloo"
     return FlexibleRunner(**common, strategy=strategy, launcher="pytorch",
                           env_cfg=dict(dist_cfg=dict(backend=backend)))
@@ -313,18 +322,17 @@ def check_engine_choice(settings: TrainSettings, world_size: int) -> None:
 
 def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
     """The mmengine strategy for a multi-process run: DeepSpeed, FSDP2 or DDP."""
-    from xtuner_lite.engine import strategies
-
     check_engine_choice(settings, world_size)
     if settings.deepspeed:
         strategies.require_deepspeed()
         config = strategies.deepspeed_config(settings.deepspeed, settings.batch_size,
                                              settings.accumulative_counts, settings.max_norm,
                                              world_size)
-        return dict(type="SFTDeepSpeedStrategy", config=config, exclude_frozen_parameters=True)
+        return dict(type=strategies.SFTDeepSpeedStrategy, config=config,
+                    exclude_frozen_parameters=True)
     if settings.fsdp:
-        return dict(type="FSDP2Strategy", dtype=settings.dtype)
-    return dict(type="SFTDDPStrategy")
+        return dict(type=strategies.FSDP2Strategy, dtype=settings.dtype)
+    return dict(type=strategies.SFTDDPStrategy)
 
 
 __all__ = ["GlobalBatchCollator", "TrainSettings", "XtunerRunner", "build_runner"]

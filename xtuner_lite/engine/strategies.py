@@ -3,8 +3,8 @@
 Each is an mmengine strategy for its ``FlexibleRunner`` (DeepSpeed through mmengine's own
 ``DeepSpeedStrategy``, as XTuner does). What we add, and why:
 
-- ``SFTModel.train_step`` runs our token-normalized accumulation through the wrapped model
-  (mmengine's wrappers assume one micro-batch per step and a mean loss).
+- Every engine runs the one step of ``engine/step.py`` (mmengine's wrappers assume one
+  micro-batch per step and a mean loss); each passes only its :class:`Accumulation`.
 - Checkpoints are written under a temporary name and renamed once every rank has finished
   (a kill mid-write leaves the previous checkpoint), and hold every rank's RNG state (each rank
   draws its own dropout masks), so a resumed run repeats the same steps.
@@ -19,19 +19,29 @@ import copy
 import json
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from mmengine._strategy import DDPStrategy
-from mmengine.registry import MODEL_WRAPPERS, OPTIM_WRAPPERS, STRATEGIES
+from mmengine.registry import MODEL_WRAPPERS
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from xtuner_lite.atomic import partial_path, publish
 from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import gather_rng_states, restore_rank_rng, world
+from xtuner_lite.engine.step import Accumulation, optimizer_step
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.model.build import decoder_layers
 
 ZERO_PRESETS: dict[str, dict[str, Any]] = {
     "zero1": {"stage": 1},
@@ -121,27 +131,43 @@ def _publish(tmp: str, final: str) -> None:
 # ------------------------------------------------------------------------------ DDP and FSDP2
 
 
-@MODEL_WRAPPERS.register_module()
+def _step(model: torch.nn.Module, data, optim_wrapper, acc: Accumulation) -> dict:
+    return optimizer_step(model, model.objective, data, optim_wrapper, acc)
+
+
 class SFTDataParallel(torch.nn.parallel.DistributedDataParallel):
-    """DDP that runs ``SFTModel.train_step`` (all-reduce once per optimizer step)."""
+    """DDP running the step through itself, all-reducing once per optimizer step."""
 
     def train_step(self, data, optim_wrapper):
-        return self.module.train_step(data, optim_wrapper, forward=self, no_sync=self.no_sync)
+        skip = lambda skip: self.no_sync() if skip else nullcontext()  # noqa: E731
+        return _step(self.module, data, optim_wrapper, Accumulation(self, skip))
 
 
-@MODEL_WRAPPERS.register_module()
 class SFTShardedModel(torch.nn.Module):
-    """Holds an FSDP2-sharded ``SFTModel``; FSDP2 works in place, so this only routes calls."""
+    """Holds an FSDP2-sharded ``TrainModel`` (FSDP2 works in place)."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()
         self.module = module
 
+    @contextmanager
+    def _no_backward_sync(self, skip: bool):
+        # gradients of skipped micro-batches stay unsharded; reduce-scatter once at the last
+        self.module.set_requires_gradient_sync(not skip)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
     def train_step(self, data, optim_wrapper):
-        return self.module.train_step(data, optim_wrapper)
+        return _step(self.module, data, optim_wrapper,
+                     Accumulation(self.module, self._no_backward_sync))
 
 
-@STRATEGIES.register_module()
+# mmengine tells a wrapper from a model only by its registry; registered here, once, by name
+MODEL_WRAPPERS.register_module(module=SFTShardedModel, force=True)
+
+
 class SFTDDPStrategy(DDPStrategy):
     """DDP on CPU (gloo) or GPU (nccl), with atomic checkpoints that keep every rank's RNG."""
 
@@ -207,7 +233,6 @@ class SFTDDPStrategy(DDPStrategy):
         return state if world()[0] == 0 else None
 
 
-@STRATEGIES.register_module()
 class FSDP2Strategy(SFTDDPStrategy):
     """torch FSDP2: ``fully_shard`` per decoder layer, then the root (embeddings, norm, head).
 
@@ -220,50 +245,32 @@ class FSDP2Strategy(SFTDDPStrategy):
         self.dtype = dtype
 
     def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        from xtuner_lite.model.build import _decoder_layers
-
         policy = MixedPrecisionPolicy()
         if self.dtype is not None:
             compute = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
             policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-        for layer in _decoder_layers(model.llm):
+        for layer in decoder_layers(model.llm):
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return SFTShardedModel(model)
 
     def model_state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         inner = self._inner()
         full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True,
                                                                      cpu_offload=True))
         return _trainable_only(full, inner)
 
     def optim_state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
         return get_optimizer_state_dict(
             self._inner(), self.optim_wrapper.optimizer,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_model_state_dict(self, state_dict: dict, *, strict: bool = False,
                               revise_keys: list | None = None) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         set_model_state_dict(self._inner(), state_dict,
                              options=StateDictOptions(full_state_dict=True, strict=False))
 
     def load_optim_state_dict(self, state_dict: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
         set_optimizer_state_dict(self._inner(), self.optim_wrapper.optimizer, state_dict,
                                  options=StateDictOptions(full_state_dict=True))
 
@@ -278,13 +285,18 @@ class FSDP2Strategy(SFTDDPStrategy):
 def _deepspeed_strategy_base():
     try:
         import deepspeed  # noqa: F401
-        from mmengine._strategy.deepspeed import DeepSpeedOptimWrapper, DeepSpeedStrategy
+        from mmengine._strategy.deepspeed import (
+            DeepSpeedOptimWrapper,
+            DeepSpeedStrategy,
+            MMDeepSpeedEngineWrapper,
+        )
     except ImportError:
-        return None, None
-    return DeepSpeedOptimWrapper, DeepSpeedStrategy
+        return None, None, None
+    return DeepSpeedOptimWrapper, DeepSpeedStrategy, MMDeepSpeedEngineWrapper
 
 
-_DSOptimWrapper, _DSStrategy = _deepspeed_strategy_base()
+# DeepSpeed is an optional extra: its classes exist only when it is installed
+_DSOptimWrapper, _DSStrategy, _DSEngineWrapper = _deepspeed_strategy_base()
 
 
 def require_deepspeed() -> None:
@@ -295,7 +307,6 @@ def require_deepspeed() -> None:
 
 if _DSStrategy is not None:
 
-    @OPTIM_WRAPPERS.register_module()
     class SFTDeepSpeedOptimWrapper(_DSOptimWrapper):
         """Autocast forwards; the engine counts micro-batches and steps at the boundary, and
         the loss is already normalized by the global token count (no 1/accumulation scale)."""
@@ -322,7 +333,14 @@ if _DSStrategy is not None:
         def zero_grad(self, **kwargs) -> None:
             """The engine zeroes gradients itself after each optimizer step."""
 
-    @STRATEGIES.register_module()
+    class SFTDeepSpeedEngine(_DSEngineWrapper):
+        """The DeepSpeed engine running the step; it steps itself at the accumulation
+        boundary, so its ``step()`` is called after every micro-batch."""
+
+        def train_step(self, data, optim_wrapper):
+            return _step(self.model.module, data, optim_wrapper,
+                         Accumulation(self.model, engine_steps=True))
+
     class SFTDeepSpeedStrategy(_DSStrategy):
         """mmengine's DeepSpeedStrategy with our train step, atomic checkpoints, every rank's
         RNG in the checkpoint, and a process group that we created (gloo works on CPU)."""
@@ -335,9 +353,7 @@ if _DSStrategy is not None:
 
         def _wrap_model(self, model: torch.nn.Module):
             wrapper = super()._wrap_model(model)
-            wrapper.train_step = lambda data, optim_wrapper: model.train_step(
-                data, optim_wrapper, forward=wrapper.model)
-            return wrapper
+            return SFTDeepSpeedEngine(model=wrapper.model, inputs_to_half=self._inputs_to_half)
 
         def save_checkpoint(self, filename: str, *, save_optimizer: bool = True,
                             save_param_scheduler: bool = True, extra_ckpt: dict | None = None,

@@ -100,7 +100,7 @@ def checkpointed_layers(num_layers: int, setting: bool | int | float) -> list[bo
                       f"(every k-th layer) or a fraction in (0, 1] of the layers, got {setting!r}")
 
 
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules transformers checkpoints (its GradientCheckpointingLayer subclasses)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -172,7 +172,7 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         if method != "full":
             model.enable_input_require_grads()  # frozen embeddings: let checkpointed grads flow
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         chosen = checkpointed_layers(len(layers), gradient_checkpointing)
         if not all(chosen) and not layers:
             raise XtunerError(f"{type(model).__name__} has no transformers checkpointing layers; "

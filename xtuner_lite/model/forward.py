@@ -26,21 +26,3 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size:
 def count_trained(batch: dict[str, torch.Tensor]) -> int:
     """Trained tokens in a batch (labels are shifted by one inside the loss)."""
     return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def accumulate_gradients(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
-                         chunk_size: int = 1024, scale_tokens: int | None = None) -> float:
-    """Backward every micro-batch with the loss normalized by the global trained-token count.
-
-    Dividing each micro-batch's loss *sum* by the total count over all micro-batches (and, under
-    data parallelism, all ranks: pass ``scale_tokens``) gives the same gradient as one big batch,
-    unlike averaging per-micro-batch means (transformers#34191). Returns the mean token loss.
-    """
-    total = scale_tokens if scale_tokens is not None else sum(map(count_trained, micro_batches))
-    total = max(total, 1)
-    value = 0.0
-    for batch in micro_batches:
-        loss, _ = loss_sum(model, batch, chunk_size)
-        (loss / total).backward()
-        value += float(loss.detach())
-    return value / total
