@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from mmengine.runner import set_random_seed
 from rich.console import Console
 
 from xtuner_lite import workdir
+from xtuner_lite.adapters import architecture_of
 from xtuner_lite.atomic import atomic_path
 from xtuner_lite.config import check_kwargs, load_config
+from xtuner_lite.data.dataset import SFTDataset
+from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
 from xtuner_lite.data.report import report_skips, write_report
+from xtuner_lite.engine import build_runner
 from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import init_process_group, main_process_first, world
+from xtuner_lite.engine.hooks import EvaluateChatHook, EvaluateTasksHook
+from xtuner_lite.engine.memory import cap_mmap_threshold
+from xtuner_lite.engine.runner import (
+    TrainSettings,
+    check_engine_choice,
+    cpu_precision,
+    resolve_device,
+)
 from xtuner_lite.engine.step import TrainingStoppedError
+from xtuner_lite.engine.strategies import zero_stage
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.model import build_model, skip_adapter_input_casts
+from xtuner_lite.model.build import LoraSettings
 
 
 def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[str, Any]
@@ -58,12 +76,6 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     ``deepspeed`` (a ZeRO preset or json) and ``fsdp`` pick the engine of a multi-process run
     (``NPROC_PER_NODE=N`` / torchrun).
     """
-    from xtuner_lite.data.pipeline import process_dataset
-    from xtuner_lite.engine import TrainSettings
-    from xtuner_lite.engine.runner import check_engine_choice, cpu_precision, resolve_device
-    from xtuner_lite.model import build_model
-    from xtuner_lite.model.build import LoraSettings
-
     cfg = load_config(config, cfg_options) if isinstance(config, str) else config
     for key in ("model", "train_dataset", "train"):
         if key not in cfg:
@@ -79,6 +91,7 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     check_kwargs(process_dataset, data_cfg, "train_dataset")
     check_kwargs(TrainSettings, train_cfg, "train")
     settings = TrainSettings(**train_cfg)
+    settings = dataclasses.replace(settings, device=resolve_device(settings))  # once, here
     if model_cfg.get("method", "lora") != "full":
         LoraSettings.from_config(model_cfg.get("lora"))  # before any work
     if model_cfg.get("method") == "qlora" and "quant_storage" not in model_cfg and \
@@ -91,17 +104,14 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name)
     workdir.check_writable(work_dir)
 
-    device = resolve_device(settings)
-    if device == "cpu":
-        from xtuner_lite.engine.memory import cap_mmap_threshold
-
+    if settings.device == "cpu":
         cap_mmap_threshold()  # large activation buffers go back to the OS on free
         model_cfg, settings, changed = cpu_precision(model_cfg, settings)
         if changed:
             print("this CPU has no native bf16 matrix multiply (AVX512/AMX), where bf16 runs "
                   f"several times slower than fp32; training in fp32: {', '.join(changed)}",
                   flush=True)
-    distributed = init_process_group(device, settings.dist_timeout)
+    distributed = init_process_group(settings.device, settings.dist_timeout)
     rank, world_size = world()
     check_engine_choice(settings, world_size)  # before any work
     with workdir.locked(work_dir) if rank == 0 else nullcontext():
@@ -117,11 +127,6 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
 def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: Path,
            start: Path | None, distributed: bool) -> Path:
     """Data, model, runner, the loop and the result, in a work dir held by this training."""
-    from xtuner_lite.data.dataset import SFTDataset
-    from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
-    from xtuner_lite.engine import build_runner
-    from xtuner_lite.model import build_model, skip_adapter_input_casts
-
     rank, _ = world()
 
     tokenizer = resolve_tokenizer(data_cfg["tokenizer"])
@@ -134,8 +139,6 @@ def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: 
         report_skips(processed.stats, Console(), examples=3)
         write_report(processed.stats, work_dir / workdir.DATA_REPORT)
     dataset = SFTDataset(processed.data, processed.stats)
-    from mmengine.runner import set_random_seed
-
     set_random_seed(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**model_cfg, device=_load_device(settings, distributed))
     if settings.dtype is not None:  # every forward runs under autocast
@@ -146,13 +149,9 @@ def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: 
         warnings.warn("sample generations and eval_tasks run in single-process training only; "
                       "run `xtuner chat` / `xtuner eval` on the result", stacklevel=2)
     elif settings.evaluation_inputs:
-        from xtuner_lite.engine.hooks import EvaluateChatHook
-
         hooks.append(EvaluateChatHook(tokenizer, template, settings.evaluation_inputs,
                                       settings.evaluation_freq, settings.evaluation_max_new_tokens))
     if settings.eval_tasks:
-        from xtuner_lite.engine.hooks import EvaluateTasksHook
-
         hooks.append(EvaluateTasksHook(tokenizer, template, settings.eval_tasks,
                                        settings.eval_freq, settings.eval_data_root,
                                        settings.eval_limit, seed))
@@ -177,11 +176,7 @@ def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: 
 def _load_device(settings, distributed: bool) -> str | None:
     """Where the weights are loaded: straight onto this process's GPU (no host copy of the whole
     model; NF4 quantized there) — except under DeepSpeed / FSDP2, which shard from host memory."""
-    import os
-
-    from xtuner_lite.engine.runner import resolve_device
-
-    if resolve_device(settings) != "cuda" or settings.deepspeed or settings.fsdp:
+    if settings.device != "cuda" or settings.deepspeed or settings.fsdp:
         return None
     return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if distributed else "cuda"
 
@@ -191,8 +186,6 @@ def _shards_weights(settings) -> bool:
         return True
     if not settings.deepspeed:
         return False
-    from xtuner_lite.engine.strategies import zero_stage
-
     return zero_stage(settings.deepspeed) == 3
 
 
@@ -200,8 +193,6 @@ def save_result(llm, tokenizer, template, cfg: dict, out: Path, seed: int | None
                 state_dict: dict | None = None) -> None:
     """Write the trained adapter (or full model) with what ``xtuner merge``/``chat`` need:
     base model name, architecture, template, stop words and the training settings."""
-    from xtuner_lite.adapters import architecture_of
-
     model_cfg, data_cfg = dict(cfg["model"]), dict(cfg["train_dataset"])
     _final_save(llm, tokenizer, out, state_dict, {
         "base_model": str(model_cfg["pretrained"]), "method": model_cfg.get("method", "lora"),

@@ -321,8 +321,8 @@ def check_engine_choice(settings: TrainSettings, world_size: int) -> None:
 
 
 def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
-    """The mmengine strategy for a multi-process run: DeepSpeed, FSDP2 or DDP."""
-    check_engine_choice(settings, world_size)
+    """The mmengine strategy for a multi-process run: DeepSpeed, FSDP2 or DDP (the choice was
+    checked by ``check_engine_choice`` before any work)."""
     if settings.deepspeed:
         strategies.require_deepspeed()
         config = strategies.deepspeed_config(settings.deepspeed, settings.batch_size,
