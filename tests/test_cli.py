@@ -66,7 +66,7 @@ def test_check_dataset_bad_file_names_line_and_field(tmp_path):
 
 def test_check_dataset_on_real_alpaca():
     data = shared_file("sft/llamafactory_alpaca_en_demo.json")
-    out = xtuner("check-dataset", "configs/data/alpaca_en_demo.py", "--data", str(data))
+    out = xtuner("check-dataset", "alpaca_en_demo", "--data", str(data))
     assert out.returncode == 0, out.stderr
     for stage in ("1. loaded", "2. after map fn", "3. chat template", "4. tokens", "5. first"):
         assert stage in out.stdout

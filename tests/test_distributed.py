@@ -21,7 +21,7 @@ from xtuner_lite.engine.distributed import torchrun_command
 from xtuner_lite.engine.strategies import deepspeed_config
 from xtuner_lite.errors import XtunerError
 
-from conftest import ROOT, wait_for_lines
+from conftest import EXAMPLE_DATA, wait_for_lines
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def _config(tmp_path, model, method="lora", dropout=0.0, iters=8, checkpointing=
     path.write_text(CONFIG.format(model=model, method=method, dropout=dropout, iters=iters,
                                   checkpointing=checkpointing,
                                   lr=1e-2 if method == "lora" else 1e-3,
-                                  data=str(ROOT / "examples/data/alpaca_mini.json")))
+                                  data=str(EXAMPLE_DATA / "alpaca_mini.json")))
     return path
 
 

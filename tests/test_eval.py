@@ -13,7 +13,7 @@ from xtuner_lite.evaluation.evaluator import evaluate_mcq, extract_answer, norma
 from xtuner_lite.evaluation.lm_eval_task import to_lm_eval_yaml
 from xtuner_lite.evaluation.tasks import Row, load_rows
 
-from conftest import shared_file
+from conftest import EXAMPLE_DATA, shared_file
 
 pytestmark = pytest.mark.integration
 
@@ -258,11 +258,9 @@ def test_eval_cli_compares_models_side_by_side(tiny_llama, tmp_path, capsys):
 def test_training_hook_scores_tasks_before_during_and_after(tiny_llama, tmp_path):
     from xtuner_lite.training import train
 
-    from conftest import ROOT
-
     spec = _toy_mcq(tmp_path)
     cfg = dict(model=dict(pretrained=tiny_llama, lora=dict(r=8, alpha=16, dropout=0.0)),
-               train_dataset=dict(data_files=str(ROOT / "examples/data/alpaca_mini.json"),
+               train_dataset=dict(data_files=str(EXAMPLE_DATA / "alpaca_mini.json"),
                                   tokenizer=tiny_llama, template="smollm2", max_length=96),
                train=dict(max_iters=4, lr=1e-2, dtype=None, save_steps=100,
                           eval_tasks=[str(spec)], eval_freq=2, eval_limit=None))
@@ -307,6 +305,6 @@ def test_example_task_files_load_their_data_from_beside_them():
     from conftest import ROOT
 
     for name in ("capitals.json", "capitals_letter.json"):
-        spec = resolve_task(str(ROOT / "examples/tasks" / name))
+        spec = resolve_task(str(ROOT / "xtuner_lite/examples/tasks" / name))
         rows = load_rows(spec, data_root=None)
         assert len(rows) == 12 and spec.data.endswith("examples/tasks/capitals.jsonl")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import EXAMPLE_DATA, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_adapter_loads_with_plain_peft(tmp_path):
 
     cfg = dict(model=dict(pretrained="smollm2-135m-instruct", method="lora",
                           lora=dict(r=4, alpha=8, dropout=0.0)),
-               train_dataset=dict(data_files=str(ROOT / "examples/data/identity.json"),
+               train_dataset=dict(data_files=str(EXAMPLE_DATA / "identity.json"),
                                   tokenizer="smollm2-135m-instruct", max_length=256),
                train=dict(max_iters=2, lr=1e-3, dtype=None, save_steps=100))
     out = train(cfg, work_dir=tmp_path)

@@ -3,7 +3,7 @@
 import re
 import subprocess
 
-from conftest import ROOT
+from conftest import EXAMPLE_DATA, ROOT
 
 
 def test_ci_runs_the_readme_test_command():
@@ -24,9 +24,9 @@ def test_make_targets_resolve():
 def test_example_data_goes_through_the_pipeline(smol_tokenizer):
     from xtuner_lite import process_dataset
 
-    alpaca = process_dataset(ROOT / "examples/data/alpaca_mini.json", smol_tokenizer,
+    alpaca = process_dataset(EXAMPLE_DATA / "alpaca_mini.json", smol_tokenizer,
                              map_fn="alpaca", template="smollm2", use_cache=False)
-    chat = process_dataset(ROOT / "examples/data/chat_mini.jsonl", smol_tokenizer,
+    chat = process_dataset(EXAMPLE_DATA / "chat_mini.jsonl", smol_tokenizer,
                            map_fn="openai", template="smollm2", use_cache=False)
     assert alpaca.stats.samples == 8 and chat.stats.samples == 2
     assert chat.stats.trained_tokens < chat.stats.tokens

@@ -10,7 +10,7 @@ import pytest
 
 from xtuner_lite.errors import XtunerError
 
-from conftest import ROOT, wait_for_lines
+from conftest import EXAMPLE_DATA, ROOT, wait_for_lines
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def _train_cmd(config, work_dir, *extra):
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
     config = tmp_path / "tiny_lora.py"
     config.write_text(TINY_CONFIG.format(model=tiny_llama,
-                                         data=str(ROOT / "examples/data/alpaca_mini.json")))
+                                         data=str(EXAMPLE_DATA / "alpaca_mini.json")))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     whole = tmp_path / "whole"
     subprocess.run(_train_cmd(config, whole), check=True, capture_output=True, env=env)
@@ -68,7 +68,7 @@ def test_unknown_train_key_is_named(tmp_path, tiny_llama):
     from xtuner_lite.training import train
 
     cfg = dict(model=dict(pretrained=tiny_llama),
-               train_dataset=dict(data_files=str(ROOT / "examples/data/alpaca_mini.json"),
+               train_dataset=dict(data_files=str(EXAMPLE_DATA / "alpaca_mini.json"),
                                   tokenizer=tiny_llama, template="smollm2"),
                train=dict(max_iter=3))
     with pytest.raises(XtunerError, match="unknown key 'max_iter'; did you mean 'max_iters'"):
@@ -90,7 +90,7 @@ def test_smollm2_configs_train_with_falling_loss(tmp_path, method):
         _train_cmd(f"smollm2_135m_alpaca_{method}", tmp_path, "--cfg-options",
                    "train.max_iters=24", "train.epochs=None", "train.accumulative_counts=1",
                    f"train.lr={lr}", "train.save_steps=100", "train_dataset.max_length=256",
-                   f"train_dataset.data_files={ROOT / 'examples/data/identity.json'}"),
+                   f"train_dataset.data_files={EXAMPLE_DATA / 'identity.json'}"),
         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     losses = _losses(tmp_path)
@@ -110,7 +110,7 @@ def test_convert_pth_to_hf_gives_the_final_adapter(tmp_path, tiny_llama, capsys)
 
     config = tmp_path / "tiny_lora.py"
     config.write_text(TINY_CONFIG.format(model=tiny_llama,
-                                         data=str(ROOT / "examples/data/alpaca_mini.json")))
+                                         data=str(EXAMPLE_DATA / "alpaca_mini.json")))
     work = tmp_path / "work"
     assert main(["train", str(config), "--work-dir", str(work),
                  "--cfg-options", "train.max_iters=4"]) == 0

@@ -193,7 +193,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_check_dataset(args: argparse.Namespace) -> int:
     from xtuner_lite.check_dataset import check_dataset
-    from xtuner_lite.config import load_config
+    from xtuner_lite.config import load_config, resolve_data_files
 
     cfg = load_config(args.config, args.cfg_options)
     if "train_dataset" not in cfg:
@@ -201,6 +201,8 @@ def cmd_check_dataset(args: argparse.Namespace) -> int:
     dataset_cfg = dict(cfg.train_dataset)
     if args.data:
         dataset_cfg["data_files"] = args.data
+    dataset_cfg["data_files"] = resolve_data_files(
+        dataset_cfg.get("data_files"), "--data" if args.data else "train_dataset.data_files")
     check_dataset(dataset_cfg, num_samples=args.show)
     return 0
 
@@ -253,7 +255,7 @@ def cmd_list_cfg(args: argparse.Namespace) -> int:
 
     for path in sorted(CONFIG_ROOT.rglob("*.py")):
         if "_base_" not in path.parts and (not args.pattern or args.pattern in path.stem):
-            print(f"{path.stem:40s} {path.relative_to(CONFIG_ROOT.parent)}")
+            print(f"{path.stem:40s} {path.relative_to(CONFIG_ROOT)}")
     return 0
 
 
@@ -463,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`xtuner list-cfg | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # noqa: BLE001 - unexpected: full traceback plus the message, non-zero
         traceback.print_exc()
         print(f"xtuner {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Config files: pure-Python mmengine configs, found by path or by name under ``configs/``."""
+"""Config files: pure-Python mmengine configs, found by path or by name among the bundled ones
+(``xtuner_lite/configs``, shipped in the wheel), and the data paths they name."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from typing import Any
 
 from xtuner_lite.errors import XtunerError
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+PACKAGE_ROOT = Path(__file__).resolve().parent
+CONFIG_ROOT = PACKAGE_ROOT / "configs"
+# example data shipped in the package; a bundled config names it "examples/data/<file>"
+BUNDLED_DATA = PACKAGE_ROOT
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 SECTIONS = ("model", "train_dataset", "train", "seed", "work_dir")  # what a config defines
 
 
@@ -81,6 +86,31 @@ def check_sections(cfg: Any, path: Path) -> None:
         if hint:
             raise XtunerError(f"config {path}: unknown top-level dict {key!r}; did you mean "
                               f"{hint[0]!r}?")
+
+
+def resolve_data_files(data_files: Any, key: str = "train_dataset.data_files") -> Any:
+    """Each relative data path as it is under the current directory, else as bundled with the
+    package (``examples/data/...``); a local file found in neither is an error naming it and
+    the option that points at a copy. Hub dataset ids pass unchanged."""
+    if data_files is None:
+        return None
+    many = isinstance(data_files, (list, tuple))
+    resolved = [_resolve_data_path(str(ref), key) for ref in (data_files if many else
+                                                              [data_files])]
+    return resolved if many else resolved[0]
+
+
+def _resolve_data_path(ref: str, key: str) -> str:
+    path = Path(ref).expanduser()
+    if path.exists() or any(c in ref for c in "*?["):
+        return ref
+    if not path.is_absolute() and (BUNDLED_DATA / path).exists():
+        return str(BUNDLED_DATA / path)
+    if path.suffix.lower() in DATA_SUFFIXES or ref.startswith((".", "/", "~")):
+        raise XtunerError(f"{key}: {ref} not found (relative to {Path.cwd()}, nor bundled "
+                          f"with xtuner_lite); point at your copy with --cfg-options "
+                          f"{key}=PATH")
+    return ref  # a hub dataset id
 
 
 def is_int(value: Any) -> bool:

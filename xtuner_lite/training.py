@@ -17,7 +17,7 @@ from rich.console import Console
 from xtuner_lite import workdir
 from xtuner_lite.adapters import architecture_of
 from xtuner_lite.atomic import atomic_path
-from xtuner_lite.config import check_kwargs, load_config
+from xtuner_lite.config import check_kwargs, load_config, resolve_data_files
 from xtuner_lite.data.dataset import SFTDataset
 from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
 from xtuner_lite.data.report import report_skips, write_report
@@ -82,6 +82,7 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
             raise XtunerError(f"config has no {key!r} dict")
     model_cfg = dict(cfg["model"])
     data_cfg = {k: v for k, v in dict(cfg["train_dataset"]).items() if k != "type"}
+    data_cfg["data_files"] = resolve_data_files(data_cfg.get("data_files"))
     train_cfg = dict(cfg["train"])
     if deepspeed:
         train_cfg["deepspeed"] = deepspeed

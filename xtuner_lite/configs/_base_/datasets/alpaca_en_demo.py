@@ -1,4 +1,4 @@
-# LLaMA-Factory's 999-row Alpaca demo (from ../shared/data; point data_files at your own copy).
+# LLaMA-Factory's 999-row Alpaca demo (../shared/data, not bundled: point data_files at a copy).
 from mmengine.config import read_base
 
 with read_base():
