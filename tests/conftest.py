@@ -96,6 +96,39 @@ def real_step(model, micro_batches, lr: float = 0.0, dtype: str | None = None,
     return float(out["loss"]), seen
 
 
+def run_in_pty(cmd: list[str], timeout: float = 600, **env: str) -> tuple[int, str]:
+    """Run ``cmd`` with a pseudo-terminal as stdin/stdout/stderr, as a user at a terminal
+    would: (exit code, everything it wrote)."""
+    import pty
+    import select
+    import subprocess
+    import time
+
+    main_fd, child_fd = pty.openpty()
+    environ = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=child_fd, stdout=child_fd, stderr=child_fd,
+                            env={**environ, "TERM": "xterm-256color", "COLUMNS": "160", **env})
+    os.close(child_fd)
+    chunks, deadline = [], time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if select.select([main_fd], [], [], 1)[0]:
+                try:
+                    chunk = os.read(main_fd, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=max(1.0, deadline - time.time()))
+    finally:
+        proc.kill()
+        os.close(main_fd)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
 def wait_for_lines(path: Path, lines: int, proc, timeout: float = 300) -> None:
     """Poll until ``path`` has ``lines`` lines (or ``proc`` ends): the moment to kill a run."""
     import time

@@ -219,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = True if args.resume == "auto" else args.resume
     out = train(args.config, work_dir=args.work_dir, resume=resume, seed=args.seed,
                 cfg_options=args.cfg_options, deepspeed=args.deepspeed, fsdp=args.fsdp,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, verbose=args.verbose)
     print(f"saved: {out}")
     return 0
 
@@ -414,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over in a work dir that holds a previous run (its checkpoints "
                    "and loss curve are deleted; without this such a work dir is refused)")
     p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--verbose", action="store_true", help="also print mmengine's environment, "
+                   "config and per-step log (always written to the work dir's log file)")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     engine = p.add_mutually_exclusive_group()
     engine.add_argument("--deepspeed", metavar="zero1|zero2|zero2_offload|zero3|zero3_offload|"

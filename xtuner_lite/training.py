@@ -26,6 +26,7 @@ from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import init_process_group, main_process_first, world
 from xtuner_lite.engine.hooks import EvaluateChatHook, EvaluateTasksHook
 from xtuner_lite.engine.memory import cap_mmap_threshold
+from xtuner_lite.engine.progress import ProgressHook
 from xtuner_lite.engine.runner import (
     TrainSettings,
     check_engine_choice,
@@ -67,14 +68,15 @@ def _stopped(exc: TrainingStoppedError, work_dir: Path, failed_step: int) -> Xtu
 def train(config: str | dict, work_dir: str | Path | None = None, resume: bool | str = False,
           seed: int | None = None, cfg_options: list[str] | dict | None = None,
           deepspeed: str | dict | None = None, fsdp: bool = False,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, verbose: bool = False) -> Path:
     """Train from a config file/name (or an already loaded config); return the final folder.
 
     ``resume=True`` (``--resume auto``) continues from the newest complete checkpoint in
     ``work_dir``; a path resumes from that checkpoint. A work dir holding a previous run is
     refused unless resuming or ``overwrite``; one training at a time holds a work dir.
     ``deepspeed`` (a ZeRO preset or json) and ``fsdp`` pick the engine of a multi-process run
-    (``NPROC_PER_NODE=N`` / torchrun).
+    (``NPROC_PER_NODE=N`` / torchrun). ``verbose`` also prints mmengine's environment dump,
+    config and per-step lines (always in the work dir's log file).
     """
     cfg = load_config(config, cfg_options) if isinstance(config, str) else config
     for key in ("model", "train_dataset", "train"):
@@ -122,11 +124,12 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
                                   lambda _: None)
         if overwrite and not resume and rank == 0:
             workdir.clear_previous_run(work_dir)
-        return _train(cfg, model_cfg, data_cfg, settings, seed, work_dir, start, distributed)
+        return _train(cfg, model_cfg, data_cfg, settings, seed, work_dir, start, distributed,
+                      verbose)
 
 
 def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: Path,
-           start: Path | None, distributed: bool) -> Path:
+           start: Path | None, distributed: bool, verbose: bool = False) -> Path:
     """Data, model, runner, the loop and the result, in a work dir held by this training."""
     rank, _ = world()
 
@@ -157,11 +160,15 @@ def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: 
                                        settings.eval_freq, settings.eval_data_root,
                                        settings.eval_limit, seed))
     runner = build_runner(llm, dataset, pad, settings, work_dir, seed=seed, resume=start,
-                          hooks=hooks)
+                          hooks=hooks, verbose=verbose)
     try:
         runner.train()
     except TrainingStoppedError as exc:
         raise _stopped(exc, work_dir, runner.iter + 1) from None
+    finally:  # a live progress bar gives the terminal back, also after an error
+        for hook in runner.hooks:
+            if isinstance(hook, ProgressHook):
+                hook.close()
     out = work_dir / ("adapter" if model_cfg.get("method", "lora") != "full" else "model")
     if not distributed:
         save_result(llm, tokenizer, template, cfg, out, seed=seed)

@@ -14,6 +14,7 @@ from mmengine.hooks import CheckpointHook, Hook
 from xtuner_lite.data.templates import stop_token_ids
 from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import gather_rng_states, global_sum, restore_rank_rng
+from xtuner_lite.engine.progress import say
 from xtuner_lite.workdir import FILENAME
 
 
@@ -181,7 +182,9 @@ class EvaluateChatHook(PeriodicHook):
                                    eos_token_id=stop_ids, pad_token_id=stop_ids[0],
                                    use_cache=True)
             answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            runner.logger.info(f"[sample {when}] {prompt!r} -> {answer.strip()!r}")
+            line = f"[sample {when}] {prompt!r} -> {answer.strip()!r}"
+            runner.logger.info(line)
+            say(line)
             records.append({"step": runner.iter, "when": when, "prompt": prompt,
                             "answer": answer.strip()})
         with open(Path(runner.work_dir) / "samples.jsonl", "a") as f:
@@ -221,6 +224,8 @@ class EvaluateTasksHook(PeriodicHook):
                 runner.message_hub.update_scalar(f"eval/{task}/{metric}", value)
             record[task] = {**result.metrics, "n": result.n}
             scores = ", ".join(f"{m} {v:.4f}" for m, v in result.metrics.items())
-            runner.logger.info(f"[eval {when}] {task} (n={result.n}): {scores}")
+            line = f"[eval {when}] {task} (n={result.n}): {scores}"
+            runner.logger.info(line)
+            say(line)
         with open(Path(runner.work_dir) / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -42,6 +42,7 @@ from xtuner_lite.engine.hooks import (
 )
 from xtuner_lite.engine.objectives import NextTokenObjective, Objective
 from xtuner_lite.engine.optim import AutocastOptimWrapper
+from xtuner_lite.engine.progress import ProgressHook, quiet_console
 from xtuner_lite.engine.train_model import TrainModel
 from xtuner_lite.errors import XtunerError
 
@@ -155,7 +156,25 @@ class GlobalBatchCollator:
                 for i in range(0, len(rows), self.batch_size)]
 
 
-class XtunerRunner(Runner):
+class QuietConsole:
+    """mmengine's log to the work dir's log file; its console shows warnings only, unless
+    ``verbose`` (the progress hook shows the run)."""
+
+    def __init__(self, *args, verbose: bool = False, **kwargs):
+        self._verbose = verbose  # read by build_logger, which runs inside Runner.__init__
+        super().__init__(*args, **kwargs)
+
+    def build_logger(self, *args, **kwargs):
+        logger = super().build_logger(*args, **kwargs)
+        quiet_console(logger, self._verbose)
+        return logger
+
+
+class XtunerFlexibleRunner(QuietConsole, FlexibleRunner):
+    """mmengine's FlexibleRunner (DDP, DeepSpeed, FSDP2 strategies) with a quiet console."""
+
+
+class XtunerRunner(QuietConsole, Runner):
     """mmengine's Runner with atomic, trainable-only checkpoints and a working resume."""
 
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs) -> None:
@@ -210,10 +229,12 @@ def lr_schedule(settings: TrainSettings, max_iters: int) -> list[dict[str, Any]]
 def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_token_id: int,
                  settings: TrainSettings, work_dir: str | Path, seed: int = 0,
                  resume: str | Path | None = None, hooks: list | None = None,
-                 objective: Objective | None = None) -> XtunerRunner:
+                 objective: Objective | None = None, verbose: bool = False) -> XtunerRunner:
     """Assemble the Runner: infinite seeded sampler, warmup + cosine, clipping, autocast.
     ``resume``: the checkpoint to continue from (found by ``checkpoint.latest`` for auto);
-    ``objective``: what is trained (next-token SFT by default)."""
+    ``objective``: what is trained (next-token SFT by default); ``verbose``: mmengine's
+    environment dump, config and per-step lines on the console too, not only in the log file.
+    """
     max_iters = total_steps(settings, len(dataset))
     device = resolve_device(settings)
     loader = torch.utils.data.DataLoader(
@@ -242,7 +263,8 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
                              dtype=dtype, device_type=device, clip_grad=clip)
     # one process: the RNG hook saves its RNG; several: the strategy saves every rank's
     rng = [RNGStateHook(), PlainCheckpointHook()] if strategy is None else []
-    hooks = [*rng, ThroughputHook(), LossRecordHook(), *settings.extra_hooks, *(hooks or [])]
+    hooks = [*rng, ThroughputHook(), LossRecordHook(), ProgressHook(settings.log_interval, device),
+             *settings.extra_hooks, *(hooks or [])]
     objective = objective or NextTokenObjective(chunk_size=settings.chunk_size)
     common = dict(
         model=TrainModel(model, objective).to(device),
@@ -268,12 +290,13 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
             dict(type=LocalVisBackend),
             *([dict(type=TensorboardVisBackend)] if settings.tensorboard else [])]),
         cfg=dict(train=asdict(settings), seed=seed),
+        verbose=verbose,
     )
-    if strategy is None:
-        return XtunerRunner(**common)
     backend = "nccl" if device == "cuda" else "gloo"
-    return FlexibleRunner(**common, strategy=strategy, launcher="pytorch",
-                          env_cfg=dict(dist_cfg=dict(backend=backend)))
+    if strategy is None:
+        return XtunerRunner(**common, env_cfg=dict(dist_cfg=dict(backend=backend)))
+    return XtunerFlexibleRunner(**common, strategy=strategy, launcher="pytorch",
+                                env_cfg=dict(dist_cfg=dict(backend=backend)))
 
 
 def resolve_device(settings: TrainSettings) -> str:

@@ -1,0 +1,76 @@
+"""What a user sees while training: a live bar at a terminal, plain step lines in a pipe, and
+none of mmengine's environment dump, config or hook table (they are in the log file)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_in_pty, tiny_train_cfg
+
+pytestmark = pytest.mark.integration
+
+STEPS = 4
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_llama):
+    cfg = tiny_train_cfg(tiny_llama, max_iters=STEPS, save_steps=STEPS)
+    path = tmp_path / "tiny.py"
+    path.write_text("".join(f"{key} = {value!r}\n" for key, value in cfg.items()))
+    return path
+
+
+def _cmd(config, work_dir, *extra):
+    return [sys.executable, "-m", "xtuner_lite.cli", "train", str(config), "--work-dir",
+            str(work_dir), *extra]
+
+
+def _assert_quiet(text: str, work_dir) -> None:
+    for noise in ("nccl", "GPU number", "System environment", "Config:", "Hooks will be",
+                  "has no metainfo", "FileClient", "Iter(train)"):
+        assert noise not in text
+    log = next(work_dir.glob("*/*.log")).read_text()  # the file keeps what the console hides
+    assert "System environment" in log and "Hooks will be executed" in log
+    assert "Iter(train)" in log and "'backend': 'gloo'" in log
+
+
+def test_piped_output_is_one_line_per_step(tiny_config, tmp_path):
+    work = tmp_path / "piped"
+    out = subprocess.run(_cmd(tiny_config, work), capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={"CUDA_VISIBLE_DEVICES": "", **_env()})
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert [s.split()[1] for s in steps] == [f"{i}/{STEPS}" for i in range(1, STEPS + 1)]
+    for field in ("loss ", "lr ", "tok/s", "eta ", "peak ", "GiB"):
+        assert field in steps[-1]
+    assert "\r" not in out.stdout and "\x1b[" not in out.stdout  # no terminal control codes
+    assert len(out.stdout.splitlines()) <= STEPS + 4
+    _assert_quiet(out.stdout + out.stderr, work)
+
+
+def test_a_terminal_gets_a_live_progress_bar(tiny_config, tmp_path):
+    work = tmp_path / "tty"
+    code, text = run_in_pty(_cmd(tiny_config, work), CUDA_VISIBLE_DEVICES="")
+    assert code == 0, text[-3000:]
+    assert "\x1b[" in text and "━" in text  # redrawn in place: control codes and a bar
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert f"step {STEPS}/{STEPS}" in plain
+    assert "loss " in plain and "tok/s" in plain and "eta " in plain and "GiB" in plain
+    # redrawn in place: every update of the bar on one line (a pipe would get one per step)
+    assert len([line for line in plain.split("\n") if "step " in line]) == 1
+    _assert_quiet(plain, work)
+
+
+def test_verbose_prints_what_the_log_file_holds(tiny_config, tmp_path):
+    out = subprocess.run(_cmd(tiny_config, tmp_path / "verbose", "--verbose"),
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "System environment" in out.stdout and "Iter(train)" in out.stdout
+
+
+def _env():
+    import os
+
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
