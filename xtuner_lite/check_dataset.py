@@ -26,17 +26,44 @@ from xtuner_lite.data.report import report_stats
 from xtuner_lite.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError
 
+CLIP = 160  # characters of a long string (or of each end of a long text) shown by default
 
-def _marked(parts: list[tuple[str, bool]], console: Console) -> Text:
-    text = Text()
-    plain = not console.is_terminal
+
+def _clip_values(value: Any, limit: int | None) -> Any:
+    """Long strings in a row elided in the middle, so a sample fits on a screen."""
+    if isinstance(value, str):
+        return _clip(value, limit)
+    if isinstance(value, dict):
+        return {k: _clip_values(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clip_values(v, limit) for v in value]
+    return value
+
+
+def _runs(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Neighbouring parts with the same trained flag merged into one run."""
     runs: list[tuple[str, bool]] = []
-    for part, trained in parts:  # merge neighbours with the same flag into one run
+    for part, trained in parts:
         if runs and runs[-1][1] == trained:
             runs[-1] = (runs[-1][0] + part, trained)
         else:
             runs.append((part, trained))
-    for part, trained in runs:
+    return runs
+
+
+def _clip(text: str, limit: int | None) -> str:
+    if not limit or len(text) <= 2 * limit:
+        return text
+    return f"{text[:limit]} … [{len(text) - 2 * limit} characters] … {text[-limit:]}"
+
+
+def _marked(parts: list[tuple[str, bool]], console: Console, limit: int | None = None) -> Text:
+    """Trained runs in green (between ⟦ ⟧ off a terminal); each run's middle elided past
+    ``limit`` characters at each end, so its start and its end-of-turn token stay visible."""
+    text = Text()
+    plain = not console.is_terminal
+    for part, trained in _runs(parts):
+        part = _clip(part, limit)
         if trained:
             text.append(f"⟦{part}⟧" if plain else part, style="bold green")
         else:
@@ -44,8 +71,11 @@ def _marked(parts: list[tuple[str, bool]], console: Console) -> Text:
     return text
 
 
-def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None) -> None:
-    """Print the first ``num_samples`` rows after load, map fn, template and tokenization."""
+def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None,
+                full: bool = False) -> None:
+    """Print the first ``num_samples`` rows after load, map fn, template and tokenization
+    (long texts elided in the middle unless ``full``)."""
+    limit = None if full else CLIP
     console = console or Console()
     tokenizer = resolve_tokenizer(cfg["tokenizer"])
     template = resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"])
@@ -56,32 +86,34 @@ def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | No
                   f"{template.stop_words(tokenizer)}")
     for i in range(min(num_samples, len(rows))):
         where = f"{rows.source} {rows.locate(i)}"
-        raw = json.dumps(rows.records[i], ensure_ascii=False, indent=1)
-        console.print(Panel(raw[:2000], title=f"1. loaded — {where}", title_align="left"))
+        raw = json.dumps(_clip_values(rows.records[i], limit), ensure_ascii=False, indent=1)
+        console.print(Panel(raw, title=f"1. loaded — {where}", title_align="left"))
         try:
             messages = validate_conversation(map_fn(rows.records[i]))
         except RowError as exc:
             raise DataError(exc.reason, source=rows.source, location=rows.locate(i),
                             field=exc.field) from None
-        console.print(Panel(json.dumps(messages, ensure_ascii=False, indent=1)[:2000],
+        console.print(Panel(json.dumps(_clip_values(messages, limit), ensure_ascii=False,
+                                       indent=1),
                             title="2. after map fn", title_align="left"))
         segments = template.render(messages, tokenizer)
-        console.print(Panel(_marked(segments, console), title="3. chat template (trained = green)",
-                            title_align="left"))
+        console.print(Panel(_marked(segments, console, limit),
+                            title="3. chat template (trained = green)", title_align="left"))
         tokens = tokenize_rendered([segments], tokenizer, cfg.get("max_length"))
         input_ids, labels = tokens.sample(0)
         pieces = [(tokenizer.decode([t]), label != IGNORE_INDEX)
                   for t, label in zip(input_ids, labels)]
         trained = sum(1 for _, t in pieces if t)
-        console.print(Panel(_marked(pieces, console),
+        console.print(Panel(_marked(pieces, console, limit),
                             title=f"4. tokens: {len(pieces)}, trained {trained}"
                                   + (" (TRUNCATED)" if tokens.truncated[0] else ""),
                             title_align="left"))
 
 
-def check_dataset(cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None
-                  ) -> DatasetStats:
-    """Show stages for the first rows, process everything, print and return the stats."""
+def check_dataset(cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None,
+                  full: bool = False) -> DatasetStats:
+    """Show stages for the first rows, process everything, print and return the stats.
+    ``full``: show long texts whole."""
     console = console or Console()
     cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
     check_kwargs(process_dataset, cfg, "train_dataset")
@@ -89,7 +121,7 @@ def check_dataset(cfg: dict[str, Any], num_samples: int = 1, console: Console | 
     cfg.update(tokenizer=tokenizer,
                template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]))
     if num_samples:
-        show_stages(cfg, num_samples, console)
+        show_stages(cfg, num_samples, console, full)
     processed = process_dataset(**cfg)
     stats = processed.stats
     row = processed.data.row(0)

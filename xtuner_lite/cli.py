@@ -203,7 +203,7 @@ def cmd_check_dataset(args: argparse.Namespace) -> int:
         dataset_cfg["data_files"] = args.data
     dataset_cfg["data_files"] = resolve_data_files(
         dataset_cfg.get("data_files"), "--data" if args.data else "train_dataset.data_files")
-    check_dataset(dataset_cfg, num_samples=args.show)
+    check_dataset(dataset_cfg, num_samples=args.show, full=args.full)
     return 0
 
 
@@ -400,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="override train_dataset.data_files")
     p.add_argument("--show", type=non_negative_int, default=1,
                    help="samples to show per stage (default 1)")
+    p.add_argument("--full", action="store_true",
+                   help="show long texts whole (default: their start and end)")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     p.set_defaults(func=cmd_check_dataset)
 
