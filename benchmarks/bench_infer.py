@@ -94,7 +94,7 @@ def main() -> None:
     if len(pairs) > 1:
         print(f"ours vs HF batched over {len(pairs)} alternating runs: "
               f"{', '.join(f'{r:.2f}' for r in pairs)}; median {statistics.median(pairs):.2f}x")
-    decoder = engine._decoder
+    decoder = engine.runner.decoder
     print("ours decodes with " + (f"FastDecoder, {decoder.packed_bytes / 2**20:.0f} MiB of "
                                   "oneDNN-packed weights beside the model's"
                                   if decoder is not None else

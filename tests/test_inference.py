@@ -184,7 +184,7 @@ def test_shared_prefix_is_prefilled_once_with_the_same_greedy_tokens(smol):
     engine = InferenceEngine(Counting(), tok)
     got = [r.output_ids for r in engine.generate(prompts, params)]
     assert got == _hf_greedy(model, prompts, stops, batched=False)
-    shared = len(engine._prefix[0])  # the prefix kept after the batch
+    shared = len(engine.runner.prefix[0])  # the prefix kept after the batch
     assert shared >= 64
     prefill = fed[0] + fed[1]  # the prefix once, then each prompt's own tokens (left-padded)
     assert prefill <= sum(map(len, prompts)) - (len(prompts) - 1) * shared + len(prompts) * 8
@@ -208,7 +208,7 @@ def test_fast_decoder_packed_and_plain_equal_transformers_generate(smol, pack):
     expected = _hf_greedy(model, prompts, stops, batched=True)
     engine = InferenceEngine(model, tok, pack_weights=pack)
     assert engine.fallback_reason is None
-    assert (engine._decoder.packed_bytes > 0) == pack
+    assert (engine.runner.decoder.packed_bytes > 0) == pack
     params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
     assert [r.output_ids for r in engine.generate(prompts, params)] == expected
 
@@ -258,7 +258,7 @@ def test_fast_decoder_on_tiny_models_past_the_cache_growth(kind):
         while engine.has_work:
             engine.step()
         assert [r.output_ids for r in requests] == expected, f"pack={pack}"
-        assert engine._cache is None  # every row retired
+        assert engine.runner.cache is None  # every row retired
 
 
 def test_models_the_fast_decoder_does_not_cover_are_named_with_the_reason():

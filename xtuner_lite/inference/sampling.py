@@ -84,3 +84,21 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tenso
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def choose_tokens(logits: torch.Tensor, rows: list) -> tuple[list[int], dict[int, str]]:
+    """Each row's next token (rows: requests with ``params``, ``greedy``, ``prompt_ids``,
+    ``output_ids`` and ``generator``) and, by row, why sampling failed for a request (that
+    row falls back to its argmax; the batch goes on)."""
+    greedy = logits.argmax(-1).tolist()  # one call for the whole batch
+    tokens, errors = [], {}
+    for i, r in enumerate(rows):
+        token = greedy[i]
+        if not r.greedy:
+            try:
+                seen = torch.tensor(r.prompt_ids + r.output_ids, device=logits.device)
+                token = choose_token(logits[i], r.params, seen, r.generator)
+            except (RuntimeError, ValueError) as exc:
+                errors[i] = f"sampling failed: {exc}"
+        tokens.append(token)
+    return tokens, errors
