@@ -54,11 +54,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--work", default="work_dirs/bench_8gb", help="random weights go here")
     parser.add_argument("--delete", action="store_true", help="delete each shape's weights after")
+    parser.add_argument("--results", help="also append each result to this .jsonl")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_8gb: needs a CUDA GPU (or --device cpu for a smoke test)")
     for shape in args.shape:
-        print(json.dumps(run(shape, args)), flush=True)
+        try:
+            result = run(shape, args)
+        except torch.OutOfMemoryError as exc:  # the proof failed: a result too
+            result = {"shape": shape, "check": "8gib_proof", "out_of_memory": str(exc)[:200]}
+            torch.cuda.empty_cache()
+        print(json.dumps(result), flush=True)
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write(json.dumps({"check": "8gib_proof", **result}) + "\n")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", default="work_dirs/plan_vs_cuda", help="random weights go here")
     parser.add_argument("--delete", action="store_true", help="delete each shape's weights after")
+    parser.add_argument("--results", help="also append each measurement to this .jsonl")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("plan_vs_cuda: needs a CUDA GPU")
@@ -62,6 +63,10 @@ def main() -> None:
             print(f"| {shape} | {method} | {'on' if ckpt else 'off'} | {length} | {optimizer} | "
                   f"{planned:.2f} | {peak:.2f} | {planned / peak - 1:+.1%} |", flush=True)
             print("   " + json.dumps(measured), flush=True)
+            if args.results:
+                with open(args.results, "a") as f:
+                    f.write(json.dumps({"check": "plan_vs_cuda", "planned_gib": planned,
+                                        **measured}) + "\n")
         if args.delete:
             shutil.rmtree(folder)
 

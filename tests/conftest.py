@@ -68,7 +68,7 @@ def tiny_llama(tmp_path_factory, smol_tokenizer):
 
 
 def real_step(model, micro_batches, lr: float = 0.0, dtype: str | None = None,
-              optimizer=None) -> tuple[float, dict]:
+              optimizer=None, device_type: str = "cpu") -> tuple[float, dict]:
     """One optimizer step through the real step (``engine/step.py``) with next-token loss:
     (the step's loss, the gradients the optimizer received, by the model's parameter names).
     ``lr=0`` leaves the weights as they are; pass ``optimizer`` to keep its state across steps.
@@ -89,7 +89,7 @@ def real_step(model, micro_batches, lr: float = 0.0, dtype: str | None = None,
 
     handle = optimizer.register_step_pre_hook(record)
     try:
-        wrapper = AutocastOptimWrapper(optimizer, dtype=dtype, device_type="cpu")
+        wrapper = AutocastOptimWrapper(optimizer, dtype=dtype, device_type=device_type)
         out = TrainModel(model, NextTokenObjective()).train_step(micro_batches, wrapper)
     finally:
         handle.remove()

@@ -57,30 +57,30 @@ class TrainSettings:
     batch_size: int = 1  # rows per micro-batch
     accumulative_counts: int = 1  # micro-batches per optimizer step
     max_iters: int | None = None  # optimizer steps; or give epochs
-    epochs: float | None = None
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: float | None = None  # passes over the data (when max_iters is None)
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes, GPU)
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    max_norm: float | None = 1.0
+    warmup_ratio: float = 0.03  # share of the steps warming up linearly, then cosine
+    min_lr_ratio: float = 0.0  # the cosine ends at this share of lr
+    max_norm: float | None = 1.0  # gradient clipping norm; None: no clipping
     dtype: str | None = "bf16"  # autocast dtype: bf16 | fp16 (GPU) | None for fp32
     chunk_size: int = 1024  # tokens per loss chunk
     pad_to_multiple_of: int = 32  # row width rounded up: a few shapes, a few cached kernels
-    save_steps: int = 100
-    save_total_limit: int = 2
-    log_interval: int = 1
+    save_steps: int = 100  # a checkpoint every N steps (and at the end)
+    save_total_limit: int = 2  # checkpoints kept (-1: all)
+    log_interval: int = 1  # a progress line every N steps when output is not a terminal
     device: str = "auto"  # auto | cpu | cuda
     evaluation_inputs: list[str] = field(default_factory=list)  # prompts sampled greedily
     evaluation_freq: int | None = None  # every N steps (and always before and after training)
-    evaluation_max_new_tokens: int = 64
+    evaluation_max_new_tokens: int = 64  # length of those samples
     eval_tasks: list[Any] = field(default_factory=list)  # `xtuner eval` tasks scored in training
     eval_freq: int | None = None  # every N steps (and always before and after training)
     eval_limit: int | None = 100  # seeded subset per task
     eval_data_root: str | None = None  # where bundled tasks' files are
-    tensorboard: bool = True
-    extra_hooks: list[dict[str, Any]] = field(default_factory=list)
+    tensorboard: bool = True  # scalars for TensorBoard in the work dir
+    extra_hooks: list[dict[str, Any]] = field(default_factory=list)  # mmengine hook dicts
     # multi-process (NPROC_PER_NODE=N): DDP by default, or one of these engines
     deepspeed: str | dict | None = None  # zero1|zero2|zero2_offload|zero3|zero3_offload|x.json
     fsdp: bool = False  # torch FSDP2 fully_shard per decoder layer

@@ -1,0 +1,108 @@
+"""The GPU tier: what only a CUDA device can show (skipped without one; `tools/gpu_checks.sh`
+runs it together with the 8 GiB proof and the planner-vs-measured check)."""
+
+import importlib.util
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from xtuner_lite.data import IGNORE_INDEX, build_packed, collate_packed
+from xtuner_lite.data.tokenize import TokenizedBatch
+from xtuner_lite.model import build_model, loss_sum
+
+from conftest import ROOT, real_step, tiny_train_cfg
+
+pytestmark = pytest.mark.gpu
+
+LENGTHS = [37, 90, 12, 120]
+
+
+def _rows(pack: bool, vocab: int = 500):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, size=sum(LENGTHS)).astype(np.int32)
+    labels = ids.copy()
+    labels[rng.random(len(ids)) < 0.3] = IGNORE_INDEX
+    data = build_packed(TokenizedBatch(ids, labels, np.array(LENGTHS),
+                                       np.zeros(len(LENGTHS), bool)),
+                        max_length=512, pack=pack, shuffle=False)
+    return [data.row(i) for i in range(len(data))]
+
+
+def _cuda(batch):
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_bf16_training_on_cuda_lowers_the_loss(tiny_llama, method):
+    model = build_model(tiny_llama, method=method, dtype="bf16" if method != "full" else "fp32",
+                        compute_dtype="bf16", lora=dict(r=8, alpha=16, dropout=0.0),
+                        device="cuda")
+    assert next(model.parameters()).is_cuda
+    batch = _cuda(collate_packed(_rows(pack=True)))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-2 if method != "full" else 1e-3)
+    losses = [real_step(model, [batch], dtype="bf16", optimizer=optimizer,
+                        device_type="cuda")[0] for _ in range(8)]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizers_train_through_the_cli(tiny_llama, tmp_path, optimizer):
+    from xtuner_lite.training import train
+
+    cfg = tiny_train_cfg(tiny_llama, max_iters=8, optimizer=optimizer, dtype="bf16",
+                         device="cuda", lr=1e-2)
+    train(cfg, work_dir=tmp_path)
+    losses = [float(line.split('"loss": ')[1].split(",")[0])
+              for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+def test_fp16_training_uses_loss_scaling(tiny_llama, tmp_path):
+    config = tmp_path / "fp16.py"
+    cfg = tiny_train_cfg(tiny_llama, max_iters=6, dtype="fp16", device="cuda", lr=1e-2)
+    config.write_text("".join(f"{key} = {value!r}\n" for key, value in cfg.items()))
+    out = subprocess.run([sys.executable, "-m", "xtuner_lite.cli", "train", str(config),
+                          "--work-dir", str(tmp_path / "w")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_packed_rows_equal_per_sample_on_cuda(tiny_llama, attn):
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    model = build_model(tiny_llama, method="full", dtype="bf16", attn_implementation=attn,
+                        device="cuda")
+    with torch.no_grad():
+        packed, count = loss_sum(model, _cuda(collate_packed(_rows(pack=True))))
+        parts = [loss_sum(model, _cuda(collate_packed([row]))) for row in _rows(pack=False)]
+    assert count == sum(c for _, c in parts)
+    total = sum(float(loss) for loss, _ in parts)
+    assert abs(float(packed) - total) <= 2e-2 * abs(total)  # bf16
+
+
+def test_engine_greedy_equals_generate_on_cuda():
+    from xtuner_lite.data.templates import get_template, stop_token_ids
+    from xtuner_lite.hub import load_model, load_tokenizer
+    from xtuner_lite.inference import InferenceEngine, SamplingParams
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct").cuda().eval()
+    template = get_template("smollm2")
+    stops = stop_token_ids(template, tok)
+    prompts = [tok(template.render_prompt([{"role": "user", "content": q}], tok),
+                   add_special_tokens=False)["input_ids"]
+               for q in ("What is the capital of France?", "Write a haiku about the sea.")]
+    expected = []
+    for p in prompts:
+        out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=24,
+                             do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+        row = out[0, len(p):].tolist()
+        expected.append(row[:next((i for i, t in enumerate(row) if t in stops), len(row))])
+    engine = InferenceEngine(model, tok)
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=stops))
+    assert [r.output_ids for r in got] == expected
