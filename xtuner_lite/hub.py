@@ -132,10 +132,10 @@ _HALF = {"bfloat16": "bf16", "float16": "fp16"}
 def _half_precision_copy(source: Path, dtype, suffix: str) -> Path:
     """The embedded model's cached folder with its weights in ``dtype``, made once.
 
-    Embedded models are cached in fp32 (dequantized from their GGUF). Loading those in bf16
-    converts every weight while the whole fp32 file is mapped: +780 MiB of peak memory for
-    SmolLM2 over imports against +44 MiB from a bf16 file, which loads as a lazy memory map
-    (measured). The copy holds exactly what that conversion gives (same rounding).
+    Embedded models are cached in fp32 (dequantized from their GGUF). Loading those in bf16 converts
+    every weight while the whole fp32 file is mapped, a peak far above the model's bf16 size; a bf16
+    file loads as a lazy memory map. The copy holds exactly what that conversion gives (same
+    rounding).
     """
     from transformers import AutoModelForCausalLM
 

@@ -3,10 +3,10 @@
 glibc raises its mmap threshold after large frees, so big activation buffers (logits chunks,
 long rows' activations) land in the heap and raise its high-water mark. A fixed 4 MiB threshold
 makes each of them its own mapping, returned on free: a lower peak at the same speed (lower
-thresholds cost page faults: at 1 MiB a step took 5x the faults and 14 % longer, measured).
+thresholds cost page faults).
 Freed smaller buffers stay in the heap for the next step to reuse; giving them back with
-``malloc_trim`` after every step lowered the peak by ~1 % and made steps ~12 % slower (the next
-step faults every page in again; SmolLM2 LoRA, 24 steps, measured), so nothing trims.
+``malloc_trim`` after every step lowered the peak a little and made steps slower (the next
+step faults every page in again), so nothing trims.
 No-op where the C library is not glibc.
 """
 

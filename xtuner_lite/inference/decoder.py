@@ -1,14 +1,13 @@
 """One decode step of a Llama-family model, run straight from its modules' weights.
 
 Why not the model's own forward for decoding: with one new token per row every projection is a
-skinny (rows × features) product, and on CPU that is where a decode step's time goes. oneDNN
-runs it from weights packed once into its blocked layout at ~1.6× the rate of the plain
-``F.linear`` (SmolLM2, 16 rows: 30 layers 44 → 28 ms, the 49k-vocabulary head 18 → 6.4 ms;
-the same fp32 products, rounding differences at the 1e-6 level). The packed copy costs memory
-once more the size of the projections, so it is made only for CPU models that leave room for it;
-otherwise ``W @ x.T`` (15-40 % faster than ``x @ W.T`` under MKL for 16 rows, bit-identical) is
-used. The step also skips the generic forward's per-token mask building and module dispatch;
-norms, rotary embedding and activation call the model's own modules.
+skinny (rows × features) product, and on CPU that is where a decode step's time goes. oneDNN runs it
+faster from weights packed once into its blocked layout than the plain ``F.linear`` (the same fp32
+products, rounding differences at the 1e-6 level; see docs/benchmarks.md). The packed copy costs
+memory once more the size of the projections, so it is made only for CPU models that leave room for
+it; otherwise ``W @ x.T`` (faster than ``x @ W.T`` under MKL for few rows, bit-identical) is used.
+The step also skips the generic forward's per-token mask building and module dispatch; norms, rotary
+embedding and activation call the model's own modules.
 """
 
 from __future__ import annotations

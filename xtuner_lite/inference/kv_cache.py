@@ -1,8 +1,8 @@
 """The running batch's keys and values, written in place into buffers with room to grow.
 
 Why not transformers' ``DynamicCache``: it appends each token with ``torch.cat``, copying the
-whole cache of every layer on every step — at 16 rows of ~150 tokens that copy was half of a
-SmolLM2 decode step on CPU (57 ms of ~110). Here a step writes one column per layer; buffers
+whole cache of every layer on every step, a large share of a small model's decode step on
+CPU. Here a step writes one column per layer; buffers
 grow by ``GROW`` columns at a time, so the copy happens once per ``GROW`` tokens.
 """
 

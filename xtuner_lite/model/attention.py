@@ -1,14 +1,13 @@
 """Keep attention inside each packed sample.
 
-With SDPA (the default) the model runs :data:`PACKED_SDPA`, transformers' SDPA plus one rule:
-a training forward that passes ``segments`` attends sample by sample, with no mask to build. A
-512-token row of three samples then costs the three samples' attention, not the row's: on 2 CPU
-cores forward + backward takes less than half the time of one masked call. On CPU a sample up
-to :data:`MATMUL_ATTENTION_MAX_LENGTH` tokens attends with two batched matmuls in the compute
-dtype (faster than SDPA's CPU kernels there), a longer one with SDPA in fp32; on GPU each sample
-runs SDPA's causal kernel. Any other call (generation, evaluation) is plain SDPA. Eager
-attention gets an additive block-diagonal mask built from ``cu_seqlens``; with FlashAttention
-the per-sample ``position_ids`` alone tell transformers' varlen kernel where samples start.
+With SDPA (the default) the model runs :data:`PACKED_SDPA`, transformers' SDPA plus one rule: a
+training forward that passes ``segments`` attends sample by sample, with no mask to build. A row of
+three samples then costs the three samples' attention, not the whole row's. On CPU a sample up to
+:data:`MATMUL_ATTENTION_MAX_LENGTH` tokens attends with two batched matmuls in the compute dtype
+(faster than SDPA's CPU kernels there), a longer one with SDPA in fp32; on GPU each sample runs
+SDPA's causal kernel. Any other call (generation, evaluation) is plain SDPA. Eager attention gets an
+additive block-diagonal mask built from ``cu_seqlens``; with FlashAttention the per-sample
+``position_ids`` alone tell transformers' varlen kernel where samples start.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ def segments_of(cu_seqlens: torch.Tensor, batch: int, width: int) -> list[tuple[
 MATMUL_ATTENTION_MAX_LENGTH = 1024
 # Sample lengths are padded up to a multiple of this for the matmul path. oneDNN builds and
 # caches a kernel per matmul shape: with every sample length its own shape, a run's resident
-# memory grew ~18 MiB per step (SmolLM2, 512-token rows of alpaca) until its cache filled.
+# memory grows step after step until its cache fills.
 ATTENTION_LENGTH_STEP = 32
 
 
@@ -73,8 +72,8 @@ def _probabilities(query: torch.Tensor, key: torch.Tensor, scale: float) -> torc
 
 class _MatmulAttention(torch.autograd.Function):
     """Causal attention that recomputes its probabilities in backward instead of saving them:
-    they are a layer's largest activation (heads × length²: 4.5 of a SmolLM2 LoRA layer's ~20
-    MiB at 512 tokens), and recomputing them costs one more batched matmul and softmax."""
+    they are a layer's largest activation (heads × length²), and recomputing them costs one
+    more batched matmul and softmax."""
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
@@ -100,11 +99,11 @@ def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scaling: float | None) -> torch.Tensor:
     """Causal attention of one sample, (heads, length, dim) in the inputs' dtype, as two batched
     matmuls over the key/value heads: the query heads sharing a key/value head are stacked along
-    the length, so grouped-query attention needs no repeated keys and values. On CPU at sample
-    lengths this runs forward + backward ~1.7x faster than SDPA's fp32 kernel (measured).
+    the length, so grouped-query attention needs no repeated keys and values. On CPU at these
+    sample lengths this beats SDPA's fp32 kernel (see docs/benchmarks.md).
     Backward recomputes the probabilities (see ``_MatmulAttention``). Saving them in layers
     that checkpointing recomputes anyway, where they live only until that layer's backward,
-    was ~5 % faster in one process but raised the benchmark's peak by ~40 MiB: not done."""
+    gained little speed for a higher peak: not done."""
     heads, length, dim = query.shape
     kv_heads = key.shape[0]
     scale = dim ** -0.5 if scaling is None else scaling
@@ -141,7 +140,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                 q, k = q.to(v.dtype), k.to(v.dtype)
                 rows[row].append(matmul_attention(q, k, v, scaling)[None])
                 continue
-            # CPU: the fp32 kernels' backward runs ~2x faster than bf16's (measured)
+            # CPU: SDPA's fp32 backward kernel is faster than its bf16 one
             q, k, v = (t[None].to(torch.float32 if cpu else t.dtype) for t in (q, k, v))
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

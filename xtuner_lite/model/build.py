@@ -168,7 +168,7 @@ def build_model(
     if gradient_checkpointing:
         # reentrant: the first pass runs without autograd, so it leaves no graph nodes behind;
         # non-reentrant's small long-lived nodes split the heap's freed activation blocks
-        # (SmolLM2 LoRA: ~40-90 MiB higher peak, ~2 % slower, measured)
+        # and raise the peak
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         if method != "full":
             model.enable_input_require_grads()  # frozen embeddings: let checkpointed grads flow
@@ -200,8 +200,8 @@ def build_model(
 def skip_adapter_input_casts(model: torch.nn.Module) -> int:
     """Under autocast, stop peft casting each LoRA layer's input to the adapter's fp32 dtype.
 
-    Autocast casts it back to the compute dtype for the matmul anyway; the two copies cost ~5 %
-    of a SmolLM2 LoRA step on CPU (measured). Only valid when forwards run under autocast.
+    Autocast casts it back to the compute dtype for the matmul anyway; the two copies are pure
+    overhead. Only valid when forwards run under autocast.
     """
     count = 0
     for module in model.modules():

@@ -3,17 +3,17 @@
 peft computes ``lora_B(lora_A(dropout(x)))`` in every adapted layer. Two costs of that on CPU:
 
 - Memory: each layer's dropout saves its mask and ``lora_A`` saves the dropped copy of ``x``
-  for its weight gradient — 7.3 MiB of a SmolLM2 decoder layer's ~20 MiB of activations at 512
-  tokens, although q/k/v (and gate/up) all read the same ``x``. Here A's product saves ``x``
-  itself (one tensor for the modules sharing it) and the mask as bits (~3.4 MiB saved per
-  layer: more layers fit without recomputation).
+  for its weight gradient — a large share of a decoder layer's activations, although q/k/v
+  (and gate/up) all read the same ``x``. Here A's product saves ``x``
+  itself (one tensor for the modules sharing it) and the mask as bits (more layers fit
+  without recomputation).
 - Time: torch's Mersenne-Twister generator draws one 32-bit number per element sequentially (a
-  fifth of a LoRA step, measured). One 64-bit draw of numpy's SFC64 generator (seeded by one
+  noticeable share of a LoRA step). One 64-bit draw of numpy's SFC64 generator (seeded by one
   draw from torch's generator, so ``torch.manual_seed``, checkpointed recomputation and resumed
   RNG state replay the same masks) gives four 16-bit uniforms; a 16-bit threshold keeps the drop
   rate within 1/65536 of ``p``, and kept values are scaled by the exact inverse of the realised
   keep probability, so the expected output equals the input as with ``nn.Dropout``. The mask is
-  applied in numpy as an integer multiply of the raw bits (~3× faster than torch's ``where``).
+  applied in numpy as an integer multiply of the raw bits (cheaper than torch's ``where``).
 
 On GPU (fast generators, other memory trade-offs) the layer is plain dropout then the product.
 """

@@ -1,13 +1,12 @@
 """Llama-family RMSNorm and gated-SiLU MLP that save less for backward, same gradients.
 
-A SmolLM2 LoRA layer at 512 tokens keeps ~11 MiB for backward; two of its pieces are larger
-than they need be. transformers' RMSNorm upcasts its input and autograd keeps that fp32 copy
-(2× the bf16 input, 1.1 MiB for the layer's two norms); here the norm keeps its input as it came
-and one fp32 scale per token. The MLP's ``act(gate) * up`` keeps gate, up and SiLU's output; here
-SiLU is recomputed in backward from gate (1.5 MiB less). Less kept per layer lets more layers
-skip activation checkpointing within the same memory. The backward formulas are autograd's own
-(``silu_backward``; the norm's chain rule in fp32, in the same order, so an overflow still ends
-in NaN), and gradients equal the originals' (in fp32 to rounding; tested).
+Two of the pieces a decoder layer keeps for backward are larger than they need be. transformers'
+RMSNorm upcasts its input and autograd keeps that fp32 copy (twice the size of a bf16 input); here
+the norm keeps its input as it came and one fp32 scale per token. The MLP's ``act(gate) * up`` keeps
+gate, up and SiLU's output; here SiLU is recomputed in backward from gate. Less kept per layer lets
+more layers skip activation checkpointing within the same memory. The backward formulas are
+autograd's own (``silu_backward``; the norm's chain rule in fp32, in the same order, so an overflow
+still ends in NaN), and gradients equal the originals' (in fp32 to rounding; tested).
 
 Applied per module instance of the classes listed below (their ``forward`` is known), never by
 class name.
