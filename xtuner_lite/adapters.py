@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from peft import PeftModel
+
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.hub import load_model, load_tokenizer, resolve_model_path
 from xtuner_lite.model.build import peft_wrapping
 
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -37,7 +40,6 @@ def read_adapter_meta(adapter: str | Path) -> tuple[dict, dict]:
 
 
 def _same_model(a: str, b: str) -> bool:
-    from xtuner_lite.hub import resolve_model_path
 
     if a == b:
         return True
@@ -68,9 +70,7 @@ def load_adapted(base: str | None, adapter: str | Path, dtype: str = "float32",
 
     ``model_kwargs`` go to ``from_pretrained`` (e.g. a bitsandbytes config for chat); merging
     passes none, so the adapter lands on the unquantized base."""
-    from peft import PeftModel  # lazy: importing peft costs seconds, most callers never need it
 
-    from xtuner_lite.hub import load_model, load_tokenizer
 
     adapter = Path(adapter)
     peft_cfg, meta = read_adapter_meta(adapter)

@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from transformers import AutoConfig
+
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel, TextStream, quantization_kwargs
 
@@ -29,7 +32,7 @@ class ChatSession:
         self.history: list[dict[str, str]] = []
         self.lmdeploy = None
         if backend == "lmdeploy":
-            from xtuner_lite.hub import resolve_model_path
+            # LMDeploy is an optional GPU-only extra
             from xtuner_lite.inference.lmdeploy_backend import LMDeployGenerator, require_lmdeploy
 
             require_lmdeploy()  # before loading anything
@@ -39,7 +42,6 @@ class ChatSession:
             self.chat = ChatModel.load(model, adapter, template, weights=False)
             path = resolve_model_path(model)
             self.lmdeploy = LMDeployGenerator(path, adapter)
-            from transformers import AutoConfig
 
             self.context_length = getattr(AutoConfig.from_pretrained(path),
                                           "max_position_embeddings", None)

@@ -1,4 +1,8 @@
-"""The ``xtuner`` command. Every failure exits non-zero with the real message, never just help."""
+"""The ``xtuner`` command. Every failure exits non-zero with the real message, never just help.
+
+Each command imports what it runs inside its ``cmd_*`` function: torch, transformers and
+mmengine take seconds to import, and ``xtuner --help`` or a bad option must answer at once.
+"""
 
 from __future__ import annotations
 

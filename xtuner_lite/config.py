@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import math
 from collections.abc import Callable
@@ -39,7 +40,6 @@ def find_config(ref: str) -> Path:
 
 def parse_cfg_options(items: list[str] | None) -> dict[str, Any]:
     """``key.sub=value`` pairs; values are parsed as Python literals where they can be."""
-    import ast
 
     options: dict[str, Any] = {}
     for item in items or []:
@@ -55,7 +55,7 @@ def parse_cfg_options(items: list[str] | None) -> dict[str, Any]:
 
 def load_config(ref: str, cfg_options: list[str] | dict | None = None):
     """Load an mmengine config by path or name and apply ``--cfg-options`` overrides."""
-    from mmengine.config import Config
+    from mmengine.config import Config  # slow to import; the setting checks here are not
 
     path = find_config(ref)
     try:

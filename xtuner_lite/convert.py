@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xtuner_lite.config import load_config
+from xtuner_lite.data.pipeline import resolve_template, resolve_tokenizer
 from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.model import build_model
+from xtuner_lite.training import save_result
 
 PREFIX = "llm."  # TrainModel keeps the causal LM as ``self.llm``
 
@@ -26,10 +30,6 @@ def pth_to_hf(config: str, checkpoint: str | Path, out: str | Path,
               cfg_options: list[str] | dict | None = None, force: bool = False) -> Path:
     """Rebuild the config's model, load the checkpoint's weights, save it as ``xtuner train``
     saves its result (peft adapter folder, or HF model folder for a full fine-tune)."""
-    from xtuner_lite.config import load_config
-    from xtuner_lite.data.pipeline import resolve_template, resolve_tokenizer
-    from xtuner_lite.model import build_model
-    from xtuner_lite.training import save_result
 
     out = Path(out)
     if out.exists() and not force:

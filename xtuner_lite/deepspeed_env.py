@@ -14,7 +14,7 @@ import os
 def name_cpu_accelerator() -> None:
     if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
         return
-    import torch
+    import torch  # only once DeepSpeed is known to be installed
 
     if not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"

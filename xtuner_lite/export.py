@@ -12,8 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
+import torch
+
 from xtuner_lite.atomic import partial_path, publish, remove
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.hub import EMBEDDED_MODELS, embedded_model_dir, load_model, load_tokenizer
 
 # HF model_type → (GGUF architecture, permute q/k into llama.cpp's rotary layout)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -76,7 +81,6 @@ def _tokenizer_fields(tokenizer: Any, vocab_size: int, folder: Path) -> dict[str
 
 def default_pre_tokenizer(folder: Path) -> str:
     """llama.cpp's pre-tokenizer name when the folder is (merged from) an embedded model."""
-    from xtuner_lite.hub import EMBEDDED_MODELS, embedded_model_dir
 
     meta_file = folder / "xtuner_lite.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
@@ -94,11 +98,7 @@ def export_gguf(merged: str | Path, out: str | Path, dtype: str = "f16",
     ``pre_tokenizer`` is llama.cpp's name for the model's pre-tokenizer regex (``smollm``,
     ``llama-bpe``, ``qwen2``, ...; default: known for embedded models, else ``default``);
     transformers ignores it, llama.cpp uses it to split text."""
-    import gguf
-    import numpy as np
-    import torch
 
-    from xtuner_lite.hub import load_model, load_tokenizer
 
     folder, out = Path(merged), Path(out)
     if not (folder / "config.json").exists():

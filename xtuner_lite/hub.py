@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
 from xtuner_lite.errors import XtunerError
 
 
@@ -110,8 +113,6 @@ def download_embedded(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
@@ -137,7 +138,6 @@ def _half_precision_copy(source: Path, dtype, suffix: str) -> Path:
     file loads as a lazy memory map. The copy holds exactly what that conversion gives (same
     rounding).
     """
-    from transformers import AutoModelForCausalLM
 
     target = source.with_name(f"{source.name}-{suffix}")
     if (target / "config.json").exists():
@@ -194,7 +194,6 @@ def default_template_for(ref: str) -> str | None:
 
 def load_tokenizer(ref: str | os.PathLike):
     """Load a tokenizer by any model reference; a readable error when the hub is out of reach."""
-    from transformers import AutoTokenizer
 
     path = resolve_model_path(ref)
     try:
@@ -205,7 +204,6 @@ def load_tokenizer(ref: str | os.PathLike):
 
 def parse_dtype(name):
     """A torch dtype from a config/CLI name (fp32|float32|bf16|bfloat16|fp16|float16) or dtype."""
-    import torch
 
     if isinstance(name, torch.dtype):
         return name
@@ -218,7 +216,6 @@ def parse_dtype(name):
 
 def load_model(ref: str | os.PathLike, dtype: str = "float32", **kwargs):
     """Load a causal LM by any model reference."""
-    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(ref, None if kwargs.get("quantization_config") else dtype)
     try:

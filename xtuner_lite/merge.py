@@ -13,9 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from xtuner_lite.adapters import architecture_of, load_adapted
 from xtuner_lite.atomic import atomic_path
+from xtuner_lite.data.templates import ChatTemplate, get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.hub import parse_dtype
 from xtuner_lite.workdir import is_work_dir
 
 
@@ -23,7 +27,6 @@ def write_chat_files(folder: Path, tokenizer: Any, template_name: str | None,
                      generation_config: Any) -> list[int]:
     """Write the tokenizer with the training template and a generation config that stops at its
     end of turn; returns the stop token ids."""
-    from xtuner_lite.data.templates import ChatTemplate, get_template, stop_token_ids
 
     template = get_template(template_name or "auto", tokenizer)
     if isinstance(template, ChatTemplate):  # ``auto`` already is the tokenizer's own
@@ -61,9 +64,7 @@ def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype:
                   max_shard_size: str = "2GB", force: bool = False, any_base: bool = False
                   ) -> Path:
     """Merge ``adapter`` into ``base`` (default: the base it records) and write ``out``."""
-    import torch
 
-    from xtuner_lite.hub import parse_dtype
 
     out = Path(out)
     check_output(out, [adapter, *([base] if base else [])], force)

@@ -10,12 +10,19 @@ against saved-tensor measurements of real runs in the tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoConfig
+
 from xtuner_lite.errors import UsageError, XtunerError
+from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.model.attention import MATMUL_ATTENTION_MAX_LENGTH
 from xtuner_lite.model.build import checkpointed_layers
+from xtuner_lite.model.forward import loss_sum
 
 GiB = 1024**3
 MiB = 1024**2
@@ -269,7 +276,6 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
 def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
     """Changes that bring the plan under ``budget`` bytes: each single change that is enough,
     else the shortest run of changes (cheapest first, max_length last) that is."""
-    from dataclasses import replace
 
     steps: list[tuple[str, dict[str, Any]]] = []
     if s.gradient_checkpointing not in (True, 1):
@@ -327,9 +333,7 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
     if cfg.get("architecture"):
         shape = Shape.from_config(dict(cfg["architecture"]))
     else:
-        from transformers import AutoConfig
 
-        from xtuner_lite.hub import resolve_model_path
 
         path = resolve_model_path(str(model["pretrained"]))
         shape = Shape.from_config(AutoConfig.from_pretrained(
@@ -346,15 +350,12 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         gradient_checkpointing=model.get("gradient_checkpointing", False),
         chunk_size=int(train.get("chunk_size", 1024)),
         optimizer=train.get("optimizer", "adamw"))
-    from dataclasses import replace
 
     return shape, replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
     """Print the component table; with a budget, whether it fits and what would make it fit."""
-    from rich.console import Console
-    from rich.table import Table
 
     plan = plan_memory(shape, s)
     table = Table(title=f"{s.method} · max_length {s.max_length} × batch {s.batch_size} · "
@@ -383,9 +384,7 @@ def measure_saved_bytes(model: Any, batch: dict, compute_dtype: str = "bf16",
                         chunk_size: int = 1024) -> int:
     """Bytes of the tensors autograd keeps for backward after one training forward (parameters
     excluded; each storage once): the activation memory the planner predicts, measured."""
-    import torch
 
-    from xtuner_lite.model.forward import loss_sum
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

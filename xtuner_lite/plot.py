@@ -10,7 +10,7 @@ from xtuner_lite.errors import XtunerError
 
 def plot_log(work_dir: str | Path, out: str | Path | None = None) -> Path:
     """Read ``loss.jsonl`` from a work dir and write ``loss.png`` (or ``out``)."""
-    import matplotlib
+    import matplotlib  # only `xtuner plot-log` needs it (a slow import)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from xtuner_lite.errors import UsageError, XtunerError
@@ -470,7 +471,6 @@ def serve(model: str, adapter: str | None = None, template: str | None = None,
           bits: int | None = None, host: str = "127.0.0.1", port: int = 8000,
           name: str | None = None, max_batch_size: int = 32) -> None:
     """Load the model and serve until interrupted; prints the URL once it is listening."""
-    from pathlib import Path
 
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise UsageError(f"--max-batch-size must be an integer >= 1, got {max_batch_size!r}")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mmengine.runner import set_random_seed
 from rich.console import Console
 
 from xtuner_lite import workdir
@@ -23,8 +22,13 @@ from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve
 from xtuner_lite.data.report import report_skips, write_report
 from xtuner_lite.engine import build_runner
 from xtuner_lite.engine import checkpoint as ckpt
-from xtuner_lite.engine.distributed import init_process_group, main_process_first, world
-from xtuner_lite.engine.hooks import EvaluateChatHook, EvaluateTasksHook
+from xtuner_lite.engine.distributed import (
+    init_process_group,
+    main_process_first,
+    seed_everything,
+    world,
+)
+from xtuner_lite.engine.hooks import EvaluateChatHook
 from xtuner_lite.engine.memory import cap_mmap_threshold
 from xtuner_lite.engine.progress import ProgressHook
 from xtuner_lite.engine.runner import (
@@ -36,6 +40,7 @@ from xtuner_lite.engine.runner import (
 from xtuner_lite.engine.step import TrainingStoppedError
 from xtuner_lite.engine.strategies import zero_stage
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.evaluation.hook import EvaluateTasksHook
 from xtuner_lite.model import build_model, skip_adapter_input_casts
 from xtuner_lite.model.build import LoraSettings
 
@@ -143,7 +148,7 @@ def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: 
         report_skips(processed.stats, Console(), examples=3)
         write_report(processed.stats, work_dir / workdir.DATA_REPORT)
     dataset = SFTDataset(processed.data, processed.stats)
-    set_random_seed(seed)  # LoRA weights are initialized randomly: same seed, same start
+    seed_everything(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**model_cfg, device=_load_device(settings, distributed))
     if settings.dtype is not None:  # every forward runs under autocast
         skip_adapter_input_casts(llm)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from xtuner_lite.errors import DataError
 
 
@@ -106,7 +108,6 @@ def _csv_record_lines(text: str, delimiter: str) -> list[int]:
 
 
 def _load_table(path: Path, kind: str) -> Rows:
-    import datasets
 
     text = _read_text(path) if kind == "csv" else ""  # non-UTF-8 bytes: fail with a line
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -166,7 +167,6 @@ def load_rows(path: str | os.PathLike, split: str = "train", skip_invalid: bool 
 
 
 def _load_saved_dataset(p: Path, split: str) -> Rows:
-    import datasets
 
     try:
         ds = datasets.load_from_disk(str(p))
@@ -182,7 +182,6 @@ def _load_saved_dataset(p: Path, split: str) -> Rows:
 
 
 def _load_hub_dataset(repo_id: str, split: str) -> Rows:
-    import datasets
 
     try:
         ds = datasets.load_dataset(repo_id, split=split)

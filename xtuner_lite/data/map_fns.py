@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from difflib import get_close_matches
 from typing import Any
 
 from xtuner_lite.errors import RowError, XtunerError
@@ -175,7 +176,6 @@ def get_map_fn(map_fn: str | MapFn) -> MapFn:
     if callable(map_fn):
         return map_fn
     if map_fn not in MAP_FNS:
-        from difflib import get_close_matches
 
         hint = get_close_matches(str(map_fn), MAP_FNS, n=1)
         raise XtunerError(f"unknown map_fn {map_fn!r}"

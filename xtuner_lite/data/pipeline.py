@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from xtuner_lite.data import control
 from xtuner_lite.data.loaders import Rows, expand, load_rows
@@ -28,6 +30,7 @@ from xtuner_lite.data.packing import PackedData, build_packed
 from xtuner_lite.data.templates import Template, get_template
 from xtuner_lite.data.tokenize import TokenizedBatch, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError, XtunerError
+from xtuner_lite.hub import cache_dir, default_template_for, load_tokenizer
 
 CACHE_VERSION = "2"
 PARALLEL_MIN_ROWS = 20_000
@@ -131,7 +134,6 @@ def _run(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template, 
     if num_proc <= 1:
         return _process_records(records, tokenizer, map_fn, template, max_length,
                                 control_tokens=control_tokens)
-    import multiprocessing as mp
 
     _WORKER.update(records=records, tokenizer=tokenizer, map_fn=map_fn, template=template,
                    max_length=max_length, control_tokens=control_tokens)  # inherited by forked
@@ -192,7 +194,6 @@ def cache_key(files: list[str], tokenizer: Any, map_fn: MapFn, template: Templat
 
 
 def _save(target: Path, result: ProcessedDataset) -> None:
-    from safetensors.numpy import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
@@ -207,7 +208,6 @@ def _save(target: Path, result: ProcessedDataset) -> None:
 
 
 def _load(target: Path) -> ProcessedDataset | None:
-    from safetensors.numpy import load_file
 
     if not (target / "stats.json").exists():
         return None
@@ -219,7 +219,6 @@ def _load(target: Path) -> ProcessedDataset | None:
 
 def dataset_cache_dir() -> Path:
     """Processed datasets live here; override with ``XTUNER_LITE_DATA_CACHE``."""
-    from xtuner_lite.hub import cache_dir
 
     return Path(os.environ.get("XTUNER_LITE_DATA_CACHE") or cache_dir() / "datasets")
 
@@ -229,7 +228,6 @@ def dataset_cache_dir() -> Path:
 
 def resolve_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, os.PathLike)):
-        from xtuner_lite.hub import load_tokenizer
 
         return load_tokenizer(tokenizer)
     return tokenizer
@@ -238,7 +236,6 @@ def resolve_tokenizer(tokenizer: Any) -> Any:
 def resolve_template(template: str | Template | None, tokenizer: Any, tokenizer_ref: Any
                       ) -> Template:
     if template is None:
-        from xtuner_lite.hub import default_template_for
 
         template = default_template_for(str(tokenizer_ref)) or "auto"
     return get_template(template, tokenizer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
+from difflib import get_close_matches
 from typing import Any, Protocol
 
 from xtuner_lite.data.map_fns import is_trained
@@ -320,7 +321,6 @@ def get_template(name: str | Template, tokenizer: Any = None) -> Template:
     if name == "auto":
         return JinjaTemplate(tokenizer)
     if name not in TEMPLATES:
-        from difflib import get_close_matches
 
         hint = get_close_matches(name, TEMPLATES, n=1)
         raise XtunerError(f"unknown chat template {name!r}"

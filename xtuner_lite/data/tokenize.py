@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from xtuner_lite.data.templates import Segment
-
-IGNORE_INDEX = -100
+from xtuner_lite.labels import IGNORE_INDEX
 
 
 @dataclass

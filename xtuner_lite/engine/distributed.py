@@ -109,6 +109,14 @@ def global_sum(*values: float) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's (CPU and every GPU) generators from ``seed``, as mmengine's
+    ``set_random_seed`` does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every CUDA device too
+
+
 def rng_state() -> dict:
     """Every RNG's state as tensors and plain numbers (a checkpoint must load without
     unpickling numpy objects)."""

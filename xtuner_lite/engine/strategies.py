@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import mmengine
 import torch
 import torch.distributed as dist
 from mmengine._strategy import DDPStrategy
@@ -192,9 +194,7 @@ class SFTDDPStrategy(DDPStrategy):
         if save_optimizer:
             state[ckpt.OPTIMIZER] = self.optim_state_dict()
         if world()[0] == 0:
-            import time
 
-            import mmengine
 
             if save_param_scheduler and hasattr(self, "param_schedulers"):
                 state[ckpt.PARAM_SCHEDULERS] = self.scheduler_state_dict()

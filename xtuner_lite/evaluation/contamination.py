@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.evaluation.run import resolve_task
 from xtuner_lite.evaluation.tasks import Row, load_rows, read_rows
 
 WORD = re.compile(r"\w+", re.UNICODE)
@@ -73,7 +74,6 @@ def find_overlaps(train_rows: list[Row], eval_rows: list[Row], n: int = 13,
 def report_contamination(train_files: list[str], task: str, data_root=None, n: int = 13,
                          threshold: float = 0.0, show: int = 10,
                          out: str | os.PathLike | None = None) -> list[Overlap]:
-    from xtuner_lite.evaluation.run import resolve_task
 
     if n < 1:
         raise XtunerError(f"--ngram must be at least 1, got {n}")

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from xtuner_lite.data.templates import stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation.loglik import LoglikScorer
 from xtuner_lite.evaluation.tasks import (
@@ -23,6 +24,7 @@ from xtuner_lite.evaluation.tasks import (
     load_rows,
     render,
 )
+from xtuner_lite.inference import InferenceEngine, SamplingParams
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
@@ -206,11 +208,9 @@ def _generate(spec: TaskSpec, model: LoadedModel, prompts: list[str], max_batch_
               ) -> list[str]:
     """Greedy continuations of rendered prompts on the bundled engine (all batched), cut at the
     task's stop words and, for chat prompts, at the template's end of turn."""
-    from xtuner_lite.inference import InferenceEngine, SamplingParams
 
     stop_ids = []
     if spec.chat and model.template is not None:
-        from xtuner_lite.data.templates import stop_token_ids
 
         stop_ids = stop_token_ids(model.template, model.tokenizer)
     engine = InferenceEngine(model.model, model.tokenizer, max_batch_size=max_batch_size)

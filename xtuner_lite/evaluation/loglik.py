@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 
 @contextmanager
@@ -107,7 +108,6 @@ class LoglikScorer:
     def _run(self, contexts: list[tuple[int, ...]], groups: dict, encoded: list,
              results: list) -> None:
         """Prefill the contexts (left-padded, last logits only), then score the options."""
-        from transformers import DynamicCache
 
         device = self.device
         width = max(map(len, contexts))

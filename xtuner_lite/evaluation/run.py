@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
+from xtuner_lite.adapters import load_adapted
 from xtuner_lite.atomic import write_text
+from xtuner_lite.data.templates import get_template
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation.builtin import BUILTIN_TASKS, builtin_task
 from xtuner_lite.evaluation.evaluator import LoadedModel, TaskResult, evaluate_model
 from xtuner_lite.evaluation.tasks import TaskSpec, load_spec_file
+from xtuner_lite.hub import default_template_for, load_model, load_tokenizer
 
 MAIN_METRIC = ("circular_acc", "acc_norm", "acc", "perplexity")
 
@@ -27,7 +35,6 @@ def resolve_task(ref: str | dict | TaskSpec) -> TaskSpec:
         return load_spec_file(ref)
     spec = builtin_task(ref)
     if spec is None:
-        import difflib
 
         close = difflib.get_close_matches(ref, BUILTIN_TASKS, 1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -38,11 +45,8 @@ def resolve_task(ref: str | dict | TaskSpec) -> TaskSpec:
 
 def load_for_eval(ref: str, dtype: str = "float32") -> LoadedModel:
     """A model name or folder, a merged folder, or an adapter folder (on its recorded base)."""
-    from xtuner_lite.data.templates import get_template
-    from xtuner_lite.hub import default_template_for, load_model, load_tokenizer
 
     if (Path(ref) / "adapter_config.json").exists():
-        from xtuner_lite.adapters import load_adapted
 
         model, tokenizer, meta = load_adapted(None, ref, dtype=dtype)
         template = meta.get("template") or default_template_for(meta["base_model"]) or "auto"
@@ -69,7 +73,6 @@ def run_eval(models: list[str], tasks: list[str | dict | TaskSpec], data_root=No
              overrides: dict[str, Any] | None = None) -> dict[str, dict[str, TaskResult]]:
     """Evaluate every model on every task; print the table; write ``out`` (JSON) if given.
     ``overrides`` set spec fields for every task (e.g. ``num_fewshot``, ``chat``)."""
-    import dataclasses
 
     specs = [resolve_task(t) for t in tasks]
     if overrides:
@@ -105,8 +108,6 @@ def write_results(results: dict[str, dict[str, TaskResult]], out, config: dict[s
 def print_table(results: dict[str, dict[str, TaskResult]]) -> None:
     """Tasks × metrics as rows, models as columns; with two or more models, the change from
     the first (e.g. before fine-tuning) to each later one."""
-    from rich.console import Console
-    from rich.table import Table
 
     models = list(results)
     table = Table(title="xtuner eval")

@@ -8,6 +8,7 @@ names the file, the line and the field.
 from __future__ import annotations
 
 import csv
+import difflib
 import glob
 import json
 import os
@@ -75,7 +76,6 @@ class TaskSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)
         if unknown:
-            import difflib
 
             hints = [difflib.get_close_matches(k, known, 1) for k in unknown]
             detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")

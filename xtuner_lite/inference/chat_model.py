@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import BitsAndBytesConfig
+
 from xtuner_lite.adapters import load_adapted, read_adapter_meta
 from xtuner_lite.data import control
 from xtuner_lite.data.templates import Template, get_template, stop_token_ids
@@ -23,7 +25,6 @@ def quantization_kwargs(bits: int | None) -> dict[str, Any]:
         return {}
     if bits not in (4, 8):
         raise XtunerError(f"--bits must be 4 or 8, got {bits}")
-    from transformers import BitsAndBytesConfig
 
     if bits == 4:
         return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True,

@@ -16,6 +16,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PACKED_SDPA = "xtuner_packed_sdpa"
 
@@ -125,7 +128,6 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     """transformers attention interface: (batch, heads, length, dim) in, (batch, length, heads,
     dim) out. Without ``segments`` this is transformers' SDPA."""
     if segments is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
@@ -152,8 +154,6 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
 def register_packed_sdpa() -> None:
     """Make :data:`PACKED_SDPA` a transformers attention implementation (masks as SDPA's)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)

@@ -9,9 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from xtuner_lite.config import check_kwargs, is_int, is_number
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.hub import parse_dtype, resolve_model_path
 from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
 from xtuner_lite.model.dropout import fuse_lora_dropout
 from xtuner_lite.model.lean_layers import use_lean_layers
@@ -73,7 +77,7 @@ def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
     a no-grad forward in eval mode; after that the LoRA layers above it get zero or no gradient.
     Returns how many layers were guarded.
     """
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # only for 4-bit layers (a slow import)
 
     count = 0
     for module in model.modules():
@@ -102,7 +106,6 @@ def checkpointed_layers(num_layers: int, setting: bool | int | float) -> list[bo
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules transformers checkpoints (its GradientCheckpointingLayer subclasses)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
@@ -135,9 +138,7 @@ def build_model(
     ``device``: a CUDA device loads (and NF4-quantizes) the weights straight onto the GPU, layer
     by layer, instead of building the whole model in host memory first.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from xtuner_lite.hub import parse_dtype, resolve_model_path
 
     if method not in ("full", "lora", "qlora"):
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
@@ -181,7 +182,6 @@ def build_model(
             layer.gradient_checkpointing = recompute
     if method == "full":
         return model
-    from peft import LoraConfig, get_peft_model
 
     settings = LoraSettings.from_config(lora)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,

@@ -19,6 +19,10 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
+from transformers.models.qwen2 import modeling_qwen2
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -74,9 +78,6 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _known_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(RMSNorm classes, gated-MLP classes) whose forward the functions above reproduce."""
-    from transformers.models.llama import modeling_llama
-    from transformers.models.mistral import modeling_mistral
-    from transformers.models.qwen2 import modeling_qwen2
 
     norms = (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm,
              modeling_qwen2.Qwen2RMSNorm)
@@ -87,7 +88,6 @@ def _known_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
 def use_lean_layers(model: nn.Module) -> int:
     """Give the known RMSNorm and SiLU-MLP modules of ``model`` the lean forwards; returns how
     many modules changed."""
-    from transformers.activations import SiLUActivation
 
     norms, mlps = _known_classes()
     count = 0
