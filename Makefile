@@ -31,11 +31,13 @@ PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -ra
 # everything but the gpu tier (CI)
 test: install-tests
 	ruff check xtuner_lite tests tools benchmarks examples
+	ruff format --check xtuner_lite tests tools benchmarks examples
 	$(PYTEST) --durations=12 -m "not gpu" tests
 
 # the inner loop: unit tests only (no integration, slow or gpu tier); needs `make install-tests`
 test-fast:
 	ruff check xtuner_lite tests tools benchmarks examples
+	ruff format --check xtuner_lite tests tools benchmarks examples
 	$(PYTEST) -m "not integration and not slow and not gpu" tests
 
 bench: install-tests

@@ -28,12 +28,25 @@ from random_shapes import SHAPES, planned_gib, random_model_folder, train_and_me
 
 def run(shape: str, args: argparse.Namespace) -> dict:
     folder = random_model_folder(shape, Path(args.work), args.max_length)
-    settings = dict(method="qlora", max_length=args.max_length, gradient_checkpointing=True,
-                    chunk_size=args.chunk_size, lora_r=64, optimizer=args.optimizer,
-                    lora_dtype=args.lora_dtype)
-    result = {"shape": shape, **train_and_measure(folder, steps=args.steps, device=args.device,
-                                                 cap_gib=args.cap_gib if args.device == "cuda"
-                                                 else None, **settings)}
+    settings = dict(
+        method="qlora",
+        max_length=args.max_length,
+        gradient_checkpointing=True,
+        chunk_size=args.chunk_size,
+        lora_r=64,
+        optimizer=args.optimizer,
+        lora_dtype=args.lora_dtype,
+    )
+    result = {
+        "shape": shape,
+        **train_and_measure(
+            folder,
+            steps=args.steps,
+            device=args.device,
+            cap_gib=args.cap_gib if args.device == "cuda" else None,
+            **settings,
+        ),
+    }
     result["planned_gib"] = round(planned_gib(folder, **settings), 3)
     if args.delete:
         shutil.rmtree(folder)
@@ -42,14 +55,16 @@ def run(shape: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", nargs="+", default=["llama2_7b", "internlm2_7b"],
-                        choices=list(SHAPES))
+    parser.add_argument(
+        "--shape", nargs="+", default=["llama2_7b", "internlm2_7b"], choices=list(SHAPES)
+    )
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cap-gib", type=float, default=8.0)
     parser.add_argument("--chunk-size", type=int, default=1024)
-    parser.add_argument("--optimizer", default="adamw",
-                        choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
+    parser.add_argument(
+        "--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"]
+    )
     parser.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--work", default="work_dirs/bench_8gb", help="random weights go here")

@@ -24,8 +24,16 @@ DEFAULT_FILE = SHARED / "sft" / "llamafactory_alpaca_en_demo.json"
 def run_ours(path: Path, tokenizer, max_length: int) -> tuple[int, int]:
     from xtuner_lite import process_dataset
 
-    out = process_dataset(path, tokenizer, map_fn="alpaca", template="smollm2",
-                          max_length=max_length, pack=True, use_cache=False, num_proc=1)
+    out = process_dataset(
+        path,
+        tokenizer,
+        map_fn="alpaca",
+        template="smollm2",
+        max_length=max_length,
+        pack=True,
+        use_cache=False,
+        num_proc=1,
+    )
     return len(out.data), out.stats.tokens
 
 
@@ -36,8 +44,10 @@ def run_trl(path: Path, tokenizer, trainer, args) -> tuple[int, int]:
 
     def to_prompt_completion(row):
         user = row["instruction"] + ("\n" + row["input"] if row["input"] else "")
-        return {"prompt": [{"role": "user", "content": user}],
-                "completion": [{"role": "assistant", "content": row["output"]}]}
+        return {
+            "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": row["output"]}],
+        }
 
     ds = raw.map(to_prompt_completion, remove_columns=raw.column_names)
     packed = trainer._prepare_dataset(ds, tokenizer, args, True, None, "train")
@@ -59,17 +69,36 @@ def main() -> None:
     datasets.disable_caching()  # each TRL run does the work again, like ours with use_cache=False
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    args = SFTConfig(output_dir="/tmp/bench_data_trl", packing=True, max_length=opts.max_length,
-                     completion_only_loss=True, report_to=[], dataset_num_proc=None,
-                     use_cpu=True, bf16=False)
-    tiny = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
-                                        "completion": [{"role": "assistant", "content": "yo"}]}])
-    trainer = SFTTrainer(model=load_model("smollm2-135m-instruct"), args=args,
-                         train_dataset=tiny, processing_class=tokenizer)
+    args = SFTConfig(
+        output_dir="/tmp/bench_data_trl",
+        packing=True,
+        max_length=opts.max_length,
+        completion_only_loss=True,
+        report_to=[],
+        dataset_num_proc=None,
+        use_cpu=True,
+        bf16=False,
+    )
+    tiny = datasets.Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "hi"}],
+                "completion": [{"role": "assistant", "content": "yo"}],
+            }
+        ]
+    )
+    trainer = SFTTrainer(
+        model=load_model("smollm2-135m-instruct"),
+        args=args,
+        train_dataset=tiny,
+        processing_class=tokenizer,
+    )
 
     results = {}
-    for name, fn in (("xtuner_lite", lambda: run_ours(opts.file, tokenizer, opts.max_length)),
-                     ("trl", lambda: run_trl(opts.file, tokenizer, trainer, args))):
+    for name, fn in (
+        ("xtuner_lite", lambda: run_ours(opts.file, tokenizer, opts.max_length)),
+        ("trl", lambda: run_trl(opts.file, tokenizer, trainer, args)),
+    ):
         times = []
         for _ in range(opts.repeats):
             start = time.perf_counter()

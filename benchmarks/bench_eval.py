@@ -34,13 +34,20 @@ def run_lm_eval(model_path: str, data: Path, batch_size: int) -> tuple[dict, lis
         Path(folder, "bench_mcq.yaml").write_text(to_lm_eval_yaml(spec, data))
         start = time.perf_counter()
         out = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={model_path},dtype=float32",
-            tasks=["bench_mcq"], task_manager=TaskManager(include_path=folder),
-            batch_size=batch_size, device="cpu", log_samples=True)
+            model="hf",
+            model_args=f"pretrained={model_path},dtype=float32",
+            tasks=["bench_mcq"],
+            task_manager=TaskManager(include_path=folder),
+            batch_size=batch_size,
+            device="cpu",
+            log_samples=True,
+        )
         seconds = time.perf_counter() - start
     samples = sorted(out["samples"]["bench_mcq"], key=lambda s: s["doc_id"])
-    preds = [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0])
-             for s in samples]
+    preds = [
+        max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0])
+        for s in samples
+    ]
     return out["results"]["bench_mcq"], preds, seconds
 
 
@@ -56,8 +63,9 @@ def run_ours(model_ref: str, data: Path) -> tuple[dict, list, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/eval/"
-                                              "llmfoundry_arc_easy.jsonl"))
+    parser.add_argument(
+        "--data", default=str(ROOT.parent / "shared/data/eval/llmfoundry_arc_easy.jsonl")
+    )
     parser.add_argument("--limit", type=int, help="first N questions only")
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size")
     args = parser.parse_args()
@@ -68,18 +76,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         if args.limit:
             subset = Path(folder, data.name)
-            subset.write_text("".join(data.read_text().splitlines(True)[:args.limit]))
+            subset.write_text("".join(data.read_text().splitlines(True)[: args.limit]))
             data = subset
         theirs, their_preds, their_s = run_lm_eval(model_path, data, args.batch_size)
         ours, our_preds, our_s = run_ours("smollm2-135m-instruct", data)
     same = sum(a == b for a, b in zip(our_preds, their_preds))
     print(f"questions: {len(our_preds)}")
-    print(f"lm-eval : acc {theirs['acc,none'] * 100:.2f}  acc_norm "
-          f"{theirs['acc_norm,none'] * 100:.2f}  {their_s:.1f} s")
-    print(f"xtuner  : acc {ours['acc'] * 100:.2f}  acc_norm {ours['acc_norm'] * 100:.2f}  "
-          f"{our_s:.1f} s")
-    print(f"same prediction on {same}/{len(our_preds)} questions; "
-          f"speed-up {their_s / our_s:.2f}x")
+    print(
+        f"lm-eval : acc {theirs['acc,none'] * 100:.2f}  acc_norm "
+        f"{theirs['acc_norm,none'] * 100:.2f}  {their_s:.1f} s"
+    )
+    print(
+        f"xtuner  : acc {ours['acc'] * 100:.2f}  acc_norm {ours['acc_norm'] * 100:.2f}  "
+        f"{our_s:.1f} s"
+    )
+    print(f"same prediction on {same}/{len(our_preds)} questions; speed-up {their_s / our_s:.2f}x")
 
 
 if __name__ == "__main__":

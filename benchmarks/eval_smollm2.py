@@ -48,12 +48,21 @@ def main() -> None:
         start = time.perf_counter()
         result = evaluate_model(model, [spec], args.data_root, limit, args.seed)[name]
         seconds = time.perf_counter() - start
-        record = {"task": name, "n": result.n, "limit": limit, "seed": args.seed,
-                  "metrics": {k: round(v * 100, 2) for k, v in result.metrics.items()},
-                  "ci95": {k: round(result.interval(k) * 100, 2) for k in result.metrics
-                           if k in ("acc", "acc_norm", "circular_acc")},
-                  "model_card": card, "model_card_metric": card_name,
-                  "seconds": round(seconds, 1)}
+        record = {
+            "task": name,
+            "n": result.n,
+            "limit": limit,
+            "seed": args.seed,
+            "metrics": {k: round(v * 100, 2) for k, v in result.metrics.items()},
+            "ci95": {
+                k: round(result.interval(k) * 100, 2)
+                for k in result.metrics
+                if k in ("acc", "acc_norm", "circular_acc")
+            },
+            "model_card": card,
+            "model_card_metric": card_name,
+            "seconds": round(seconds, 1),
+        }
         print(json.dumps(record), flush=True)
         with out.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -32,24 +32,45 @@ def main() -> None:
     logging.disable(logging.WARNING)
     n = args.tokens
     torch.manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 49152, (1, n)),
-             "labels": torch.randint(0, 49152, (1, n)), "position_ids": torch.arange(n)[None],
-             "cu_seqlens": torch.tensor([0, n], dtype=torch.int32)}
-    print("| method | checkpointing | weights planned / measured | grads+AdamW planned / "
-          "measured | activations planned / measured | error |")
+    batch = {
+        "input_ids": torch.randint(0, 49152, (1, n)),
+        "labels": torch.randint(0, 49152, (1, n)),
+        "position_ids": torch.arange(n)[None],
+        "cu_seqlens": torch.tensor([0, n], dtype=torch.int32),
+    }
+    print(
+        "| method | checkpointing | weights planned / measured | grads+AdamW planned / "
+        "measured | activations planned / measured | error |"
+    )
     print("|---|---|---|---|---|---|")
     for method, base in (("lora", "bf16"), ("qlora", "bf16"), ("full", "fp32")):
         for ckpt in (False, True):
-            model = build_model(MODEL, method=method, dtype=base, gradient_checkpointing=ckpt,
-                                lora=dict(r=16, alpha=32, dropout=0.05))
+            model = build_model(
+                MODEL,
+                method=method,
+                dtype=base,
+                gradient_checkpointing=ckpt,
+                lora=dict(r=16, alpha=32, dropout=0.05),
+            )
             model.train()
             skip_adapter_input_casts(model)
             shape = Shape.from_config(model.config)
-            plan = plan_memory(shape, PlanSettings(
-                method=method, base_dtype=base, lora_r=16, max_length=n,
-                gradient_checkpointing=ckpt, cpu=True, optimizer="adamw"))
-            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                        for t in model.state_dict().values()}
+            plan = plan_memory(
+                shape,
+                PlanSettings(
+                    method=method,
+                    base_dtype=base,
+                    lora_r=16,
+                    max_length=n,
+                    gradient_checkpointing=ckpt,
+                    cpu=True,
+                    optimizer="adamw",
+                ),
+            )
+            storages = {
+                t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in model.state_dict().values()
+            }
             weights = sum(storages.values())
             saved = measure_saved_bytes(model, batch)
             trained = [p for p in model.parameters() if p.requires_grad]
@@ -59,16 +80,23 @@ def main() -> None:
             optimizer = torch.optim.AdamW(trained)
             optimizer.step()
             state = sum(p.grad.numel() * p.grad.element_size() for p in trained) + sum(
-                t.numel() * t.element_size() for s in optimizer.state.values()
-                for t in s.values() if t.dim() > 0)
+                t.numel() * t.element_size()
+                for s in optimizer.state.values()
+                for t in s.values()
+                if t.dim() > 0
+            )
             planned_w = plan.get("weights") + plan.get("adapter")
             planned_s = plan.get("gradients") + plan.get("optimizer")
-            planned_a = (plan.get("activations") + plan.get("final norm")
-                         + plan.get("head gradient"))  # (full: computed with the loss, kept)
-            print(f"| {method} | {'on' if ckpt else 'off'} | {planned_w / MiB:.1f} / "
-                  f"{weights / MiB:.1f} MiB | {planned_s / MiB:.1f} / "
-                  f"{state / MiB:.1f} MiB | {planned_a / MiB:.1f} / "
-                  f"{saved / MiB:.1f} MiB | {planned_a / saved - 1:+.1%} |", flush=True)
+            planned_a = (
+                plan.get("activations") + plan.get("final norm") + plan.get("head gradient")
+            )  # (full: computed with the loss, kept)
+            print(
+                f"| {method} | {'on' if ckpt else 'off'} | {planned_w / MiB:.1f} / "
+                f"{weights / MiB:.1f} MiB | {planned_s / MiB:.1f} / "
+                f"{state / MiB:.1f} MiB | {planned_a / MiB:.1f} / "
+                f"{saved / MiB:.1f} MiB | {planned_a / saved - 1:+.1%} |",
+                flush=True,
+            )
             del model, optimizer
 
 

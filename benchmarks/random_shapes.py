@@ -12,27 +12,81 @@ from pathlib import Path
 import torch
 
 SHAPES = {
-    "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "internlm2_7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=92544),
-    "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "llama2_7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "internlm2_7b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=92544,
+    ),
+    "llama3_8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
     # the models users pick today (Llama layers with their sizes; Qwen2's q/k/v biases omitted)
-    "internlm2_5_7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                           num_attention_heads=32, num_key_value_heads=8, vocab_size=92544),
-    "qwen2_5_7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-    "llama3_1_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "smollm2_135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         tie_word_embeddings=True),
-    "smollm2_1_7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
-                         tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+    "internlm2_5_7b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=92544,
+    ),
+    "qwen2_5_7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+    ),
+    "llama3_1_8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "smollm2_135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "smollm2_1_7b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    ),
 }
 
 
@@ -45,8 +99,9 @@ def random_model_folder(shape: str, root: Path, max_length: int = 4096) -> Path:
     if (folder / "config.json").exists():
         return folder
     sizes = {"tie_word_embeddings": False, **SHAPES[shape]}
-    config = LlamaConfig(**sizes, max_position_embeddings=max(max_length, 4096),
-                         torch_dtype="bfloat16")
+    config = LlamaConfig(
+        **sizes, max_position_embeddings=max(max_length, 4096), torch_dtype="bfloat16"
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -73,19 +128,33 @@ def packed_rows(vocab: int, max_length: int, samples: int, steps: int) -> list[d
     rows = []
     for _ in range(steps):
         ids = torch.randint(0, vocab, (max_length,), generator=generator).tolist()
-        cuts = sorted(torch.randperm(max_length - 1, generator=generator)[:samples - 1].add(1)
-                      .tolist())
+        cuts = sorted(
+            torch.randperm(max_length - 1, generator=generator)[: samples - 1].add(1).tolist()
+        )
         bounds = [0, *cuts, max_length]
         positions = [p for a, b in zip(bounds, bounds[1:]) for p in range(b - a)]
-        rows.append(collate_packed([{"input_ids": ids, "labels": ids, "position_ids": positions,
-                                     "cu_seqlens": bounds}]))
+        rows.append(
+            collate_packed(
+                [{"input_ids": ids, "labels": ids, "position_ids": positions, "cu_seqlens": bounds}]
+            )
+        )
     return rows
 
 
-def train_and_measure(folder: Path, *, method: str, max_length: int, steps: int,
-                      gradient_checkpointing: bool = True, chunk_size: int = 1024,
-                      lora_r: int = 64, optimizer: str = "adamw", device: str = "cuda",
-                      cap_gib: float | None = None, lora_dtype: str = "fp32") -> dict:
+def train_and_measure(
+    folder: Path,
+    *,
+    method: str,
+    max_length: int,
+    steps: int,
+    gradient_checkpointing: bool = True,
+    chunk_size: int = 1024,
+    lora_r: int = 64,
+    optimizer: str = "adamw",
+    device: str = "cuda",
+    cap_gib: float | None = None,
+    lora_dtype: str = "fp32",
+) -> dict:
     """Train ``steps`` steps on packed random rows under bf16 autocast; the first step is
     warm-up for the timing. On CUDA: peak allocated / reserved over the steps (the weights,
     loaded before, included), optionally under a ``set_per_process_memory_fraction`` cap."""
@@ -98,12 +167,19 @@ def train_and_measure(folder: Path, *, method: str, max_length: int, steps: int,
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(
-            1.0 if cap_gib is None else min(1.0, cap_gib * 2**30 / total))
+            1.0 if cap_gib is None else min(1.0, cap_gib * 2**30 / total)
+        )
         torch.cuda.reset_peak_memory_stats()
-    llm = build_model(str(folder), method=method, dtype="fp32" if method == "full" else "bf16",
-                      compute_dtype="bf16", lora=dict(r=lora_r, alpha=16, dropout=0.1),
-                      gradient_checkpointing=gradient_checkpointing, lora_dtype=lora_dtype,
-                      device=device if cuda else None)
+    llm = build_model(
+        str(folder),
+        method=method,
+        dtype="fp32" if method == "full" else "bf16",
+        compute_dtype="bf16",
+        lora=dict(r=lora_r, alpha=16, dropout=0.1),
+        gradient_checkpointing=gradient_checkpointing,
+        lora_dtype=lora_dtype,
+        device=device if cuda else None,
+    )
     skip_adapter_input_casts(llm)
     model = TrainModel(llm, NextTokenObjective(chunk_size)).to(device)
     model.train()  # from_pretrained gives eval mode: no checkpointing, no dropout
@@ -113,8 +189,9 @@ def train_and_measure(folder: Path, *, method: str, max_length: int, steps: int,
     else:
         import bitsandbytes as bnb
 
-        opt = {"adamw_8bit": bnb.optim.AdamW8bit,
-               "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[optimizer](trained, lr=1e-4)
+        opt = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[
+            optimizer
+        ](trained, lr=1e-4)
     vocab = llm.config.vocab_size
     rows = packed_rows(vocab, max_length, 4, steps)
     load_peak = torch.cuda.max_memory_allocated() if cuda else 0
@@ -136,16 +213,25 @@ def train_and_measure(folder: Path, *, method: str, max_length: int, steps: int,
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start if start else float("nan")
-    result = {"method": method, "max_length": max_length, "steps": steps,
-              "checkpointing": gradient_checkpointing, "chunk_size": chunk_size,
-              "optimizer": optimizer, "lora_dtype": lora_dtype,
-              "tokens_per_sec": round(max_length * (steps - 1) / seconds, 1),
-              "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
+    result = {
+        "method": method,
+        "max_length": max_length,
+        "steps": steps,
+        "checkpointing": gradient_checkpointing,
+        "chunk_size": chunk_size,
+        "optimizer": optimizer,
+        "lora_dtype": lora_dtype,
+        "tokens_per_sec": round(max_length * (steps - 1) / seconds, 1),
+        "first_loss": round(losses[0], 4),
+        "last_loss": round(losses[-1], 4),
+    }
     if cuda:
-        result.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
-                      load_peak_gib=round(load_peak / 2**30, 3),
-                      device=torch.cuda.get_device_name(0))
+        result.update(
+            peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+            load_peak_gib=round(load_peak / 2**30, 3),
+            device=torch.cuda.get_device_name(0),
+        )
         if cap_gib is not None:
             result["cap_gib"] = cap_gib
     del model, llm, opt
@@ -154,9 +240,18 @@ def train_and_measure(folder: Path, *, method: str, max_length: int, steps: int,
     return result
 
 
-def planned_gib(shape: str | Path, *, method: str, max_length: int,
-                gradient_checkpointing: bool, chunk_size: int, lora_r: int, optimizer: str,
-                explicit_mask: bool = False, lora_dtype: str = "fp32") -> float:
+def planned_gib(
+    shape: str | Path,
+    *,
+    method: str,
+    max_length: int,
+    gradient_checkpointing: bool,
+    chunk_size: int,
+    lora_r: int,
+    optimizer: str,
+    explicit_mask: bool = False,
+    lora_dtype: str = "fp32",
+) -> float:
     """What ``xtuner plan`` predicts for ``train_and_measure``'s run on a shape (a name in
     ``SHAPES`` or a model folder), without the fixed CUDA-context overhead (which
     ``max_memory_allocated`` does not count)."""
@@ -168,10 +263,20 @@ def planned_gib(shape: str | Path, *, method: str, max_length: int,
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(shape)
-    plan = plan_memory(Shape.from_config(config), PlanSettings(
-        method=method, lora_r=lora_r, lora_dropout=0.1,
-        base_dtype="fp32" if method == "full" else "bf16", compute_dtype="bf16",
-        max_length=max_length, gradient_checkpointing=gradient_checkpointing,
-        chunk_size=chunk_size, optimizer=optimizer, explicit_mask=explicit_mask,
-        lora_dtype=lora_dtype))
+    plan = plan_memory(
+        Shape.from_config(config),
+        PlanSettings(
+            method=method,
+            lora_r=lora_r,
+            lora_dropout=0.1,
+            base_dtype="fp32" if method == "full" else "bf16",
+            compute_dtype="bf16",
+            max_length=max_length,
+            gradient_checkpointing=gradient_checkpointing,
+            chunk_size=chunk_size,
+            optimizer=optimizer,
+            explicit_mask=explicit_mask,
+            lora_dtype=lora_dtype,
+        ),
+    )
     return (plan.total - plan.get("overhead")) / GiB

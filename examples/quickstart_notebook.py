@@ -16,6 +16,7 @@ adapter = train(cfg, work_dir="work_dirs/notebook")
 print("adapter saved in", adapter)
 
 # %% Ask the fine-tuned model who it is.
-chat = ChatSession("smollm2-135m-instruct", adapter=str(adapter),
-                   options=GenerationOptions(max_new_tokens=40))
+chat = ChatSession(
+    "smollm2-135m-instruct", adapter=str(adapter), options=GenerationOptions(max_new_tokens=40)
+)
 print(chat.ask("Who are you?"))

@@ -57,18 +57,33 @@ def tiny_llama(tmp_path_factory, smol_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     path = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).save_pretrained(path)
     smol_tokenizer.save_pretrained(path)
     return str(path)
 
 
-def real_step(model, micro_batches, lr: float = 0.0, dtype: str | None = None,
-              optimizer=None, device_type: str = "cpu") -> tuple[float, dict]:
+def real_step(
+    model,
+    micro_batches,
+    lr: float = 0.0,
+    dtype: str | None = None,
+    optimizer=None,
+    device_type: str = "cpu",
+) -> tuple[float, dict]:
     """One optimizer step through the real step (``engine/step.py``) with next-token loss:
     (the step's loss, the gradients the optimizer received, by the model's parameter names).
     ``lr=0`` leaves the weights as they are; pass ``optimizer`` to keep its state across steps.
@@ -80,12 +95,19 @@ def real_step(model, micro_batches, lr: float = 0.0, dtype: str | None = None,
 
     names = {id(p): n for n, p in model.named_parameters()}
     optimizer = optimizer or torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     seen = {}
 
     def record(opt, args, kwargs):
-        seen.update({names[id(p)]: p.grad.detach().clone() for group in opt.param_groups
-                     for p in group["params"] if p.grad is not None})
+        seen.update(
+            {
+                names[id(p)]: p.grad.detach().clone()
+                for group in opt.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            }
+        )
 
     handle = optimizer.register_step_pre_hook(record)
     try:
@@ -106,8 +128,14 @@ def run_in_pty(cmd: list[str], timeout: float = 600, **env: str) -> tuple[int, s
 
     main_fd, child_fd = pty.openpty()
     environ = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=child_fd, stdout=child_fd, stderr=child_fd,
-                            env={**environ, "TERM": "xterm-256color", "COLUMNS": "160", **env})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdin=child_fd,
+        stdout=child_fd,
+        stderr=child_fd,
+        env={**environ, "TERM": "xterm-256color", "COLUMNS": "160", **env},
+    )
     os.close(child_fd)
     chunks, deadline = [], time.time() + timeout
     try:
@@ -146,15 +174,26 @@ ALPACA_MINI = EXAMPLE_DATA / "alpaca_mini.json"
 def tiny_train_cfg(model: str, method: str = "lora", **train) -> dict:
     """A config dict that trains ``model`` for a few steps on the bundled Alpaca sample (fp32,
     so resumed runs are bitwise comparable); ``train`` overrides the train settings."""
-    settings = dict(batch_size=1, accumulative_counts=1, max_iters=4, lr=1e-3, dtype=None,
-                    save_steps=2, save_total_limit=2, log_interval=1, warmup_ratio=0,
-                    tensorboard=False)
+    settings = dict(
+        batch_size=1,
+        accumulative_counts=1,
+        max_iters=4,
+        lr=1e-3,
+        dtype=None,
+        save_steps=2,
+        save_total_limit=2,
+        log_interval=1,
+        warmup_ratio=0,
+        tensorboard=False,
+    )
     settings.update(train)
-    return dict(model=dict(pretrained=model, method=method,
-                           lora=dict(r=4, alpha=8, dropout=0.1)),
-                train_dataset=dict(data_files=str(ALPACA_MINI), tokenizer=model,
-                                   template="smollm2", max_length=64),
-                train=settings)
+    return dict(
+        model=dict(pretrained=model, method=method, lora=dict(r=4, alpha=8, dropout=0.1)),
+        train_dataset=dict(
+            data_files=str(ALPACA_MINI), tokenizer=model, template="smollm2", max_length=64
+        ),
+        train=settings,
+    )
 
 
 def loss_curve(work_dir) -> list[float]:
@@ -175,8 +214,12 @@ def start_server(*args: str):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "xtuner_lite.cli", "serve", *args, "--port",
-                             "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xtuner_lite.cli", "serve", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = ""
     for line in proc.stdout:  # libraries may print warnings (stderr) before the address
         seen += line

@@ -62,7 +62,8 @@ def test_our_checkpoints_load_with_the_weights_only_unpickler(tmp_path, tiny_lla
 
 
 def test_a_write_cut_off_with_save_total_limit_1_keeps_the_previous_checkpoint(
-        tmp_path, tiny_llama, monkeypatch):
+    tmp_path, tiny_llama, monkeypatch
+):
     """mmengine deleted the old checkpoint before writing the new one: a kill mid-write left
     nothing to resume from."""
     import mmengine.runner.runner as mm_runner
@@ -106,8 +107,10 @@ def test_resume_auto_stays_inside_a_moved_or_copied_work_dir(tmp_path, tiny_llam
     cfg["train"]["max_iters"] = 6
     for folder in ("moved", "copy"):
         train(cfg, work_dir=tmp_path / folder, resume=True)
-        assert [p.name for _, p in ckpt.checkpoints(tmp_path / folder)] == \
-            ["iter_4.pth", "iter_6.pth"]
+        assert [p.name for _, p in ckpt.checkpoints(tmp_path / folder)] == [
+            "iter_4.pth",
+            "iter_6.pth",
+        ]
         assert len(loss_curve(tmp_path / folder)) == 6
     # the newest checkpoint cut short: resume falls back to the one before and says so
     newest = tmp_path / "copy" / "iter_6.pth"
@@ -121,8 +124,7 @@ def test_resume_auto_stays_inside_a_moved_or_copied_work_dir(tmp_path, tiny_llam
     assert len(loss_curve(tmp_path / "copy")) == 8
 
 
-def test_a_nan_stop_sets_aside_the_checkpoint_that_produced_it(tmp_path, tiny_llama,
-                                                                monkeypatch):
+def test_a_nan_stop_sets_aside_the_checkpoint_that_produced_it(tmp_path, tiny_llama, monkeypatch):
     """The checkpoint saved right before a non-finite step holds the weights that gave it: it
     is set aside, and resume continues from the one before, named in the message."""
     from xtuner_lite.engine import NonFiniteLossError, objectives
@@ -137,8 +139,11 @@ def test_a_nan_stop_sets_aside_the_checkpoint_that_produced_it(tmp_path, tiny_ll
 
     monkeypatch.setattr(objectives, "loss_sum", nan_at_step_4)
     cfg = tiny_train_cfg(tiny_llama, max_iters=6, save_steps=1, save_total_limit=1)
-    with pytest.raises(NonFiniteLossError, match=r"at step 4; the last good checkpoint is "
-                       r"kept: iter_2\.pth"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"at step 4; the last good checkpoint is "
+        r"kept: iter_2\.pth",
+    ):
         train(cfg, work_dir=tmp_path)
     assert [p.name for _, p in ckpt.checkpoints(tmp_path)] == ["iter_2.pth"]
     assert (tmp_path / "iter_3.pth.diverged").exists()
@@ -154,10 +159,19 @@ def test_a_collapsed_run_stops_and_keeps_no_destroyed_weights(tmp_path, tiny_lla
     from xtuner_lite.engine import CollapsedRunError
     from xtuner_lite.training import train
 
-    cfg = tiny_train_cfg(tiny_llama, method="full", max_iters=40, lr=1e8, max_norm=None,
-                         save_steps=1, save_total_limit=1)
-    with pytest.raises(CollapsedRunError, match="collapsed.*zero gradient.*at step 2; no "
-                       "checkpoint from before the divergence"):
+    cfg = tiny_train_cfg(
+        tiny_llama,
+        method="full",
+        max_iters=40,
+        lr=1e8,
+        max_norm=None,
+        save_steps=1,
+        save_total_limit=1,
+    )
+    with pytest.raises(
+        CollapsedRunError,
+        match="collapsed.*zero gradient.*at step 2; no checkpoint from before the divergence",
+    ):
         train(cfg, work_dir=tmp_path)
     assert ckpt.checkpoints(tmp_path) == []
     assert (tmp_path / "iter_1.pth.diverged").exists()
@@ -170,11 +184,24 @@ def test_a_truncated_or_foreign_resume_path_is_one_clear_error(tmp_path, tiny_ll
     config.write_text("\n".join(f"{k} = {v!r}" for k, v in tiny_train_cfg(tiny_llama).items()))
     (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 not all there")
     (tmp_path / "notes.txt").write_text("hello")
-    for path, message in (("cut.pth", "not a complete checkpoint"),
-                          ("notes.txt", "not a complete checkpoint"),
-                          ("missing.pth", "does not exist")):
-        assert main(["train", str(config), "--work-dir", str(tmp_path / "w"), "--resume",
-                     str(tmp_path / path)]) == 1
+    for path, message in (
+        ("cut.pth", "not a complete checkpoint"),
+        ("notes.txt", "not a complete checkpoint"),
+        ("missing.pth", "does not exist"),
+    ):
+        assert (
+            main(
+                [
+                    "train",
+                    str(config),
+                    "--work-dir",
+                    str(tmp_path / "w"),
+                    "--resume",
+                    str(tmp_path / path),
+                ]
+            )
+            == 1
+        )
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     with pytest.raises(XtunerError):

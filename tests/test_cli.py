@@ -11,16 +11,34 @@ pytestmark = pytest.mark.integration
 
 
 def xtuner(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "xtuner_lite.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, input=stdin, env={**os.environ, **(env or {})},
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "xtuner_lite.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        input=stdin,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def test_help_lists_every_command():
     out = xtuner("--help")
     assert out.returncode == 0
-    for command in ("download", "chat", "check-dataset", "list-cfg", "list-templates", "train",
-                    "plot-log", "copy-cfg", "merge", "convert", "export", "serve"):
+    for command in (
+        "download",
+        "chat",
+        "check-dataset",
+        "list-cfg",
+        "list-templates",
+        "train",
+        "plot-log",
+        "copy-cfg",
+        "merge",
+        "convert",
+        "export",
+        "serve",
+    ):
         assert command in out.stdout
         sub = xtuner(command, "--help")
         assert sub.returncode == 0 and "usage: xtuner " + command in sub.stdout
@@ -33,8 +51,9 @@ def test_lmdeploy_backend_says_what_is_missing(monkeypatch, capsys):
     from xtuner_lite.cli import main
 
     if "lmdeploy" not in sys.modules:  # the test environment never has it
-        assert main(["chat", "smollm2-135m-instruct", "--backend", "lmdeploy", "--prompt",
-                     "hi"]) == 1
+        assert (
+            main(["chat", "smollm2-135m-instruct", "--backend", "lmdeploy", "--prompt", "hi"]) == 1
+        )
         assert "LMDeploy, which is not installed" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "lmdeploy", types.ModuleType("lmdeploy"))
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
@@ -48,8 +67,14 @@ def test_missing_command_is_an_error_not_help():
 
 
 def test_unknown_config_key_exits_nonzero_with_suggestion():
-    out = xtuner("check-dataset", "alpaca_en_demo", "--show", "0",
-                 "--cfg-options", "train_dataset.max_lenght=5")
+    out = xtuner(
+        "check-dataset",
+        "alpaca_en_demo",
+        "--show",
+        "0",
+        "--cfg-options",
+        "train_dataset.max_lenght=5",
+    )
     assert out.returncode == 1
     assert "unknown key 'max_lenght'; did you mean 'max_length'?" in out.stderr
     assert "Traceback" not in out.stderr
@@ -57,8 +82,12 @@ def test_unknown_config_key_exits_nonzero_with_suggestion():
 
 def test_check_dataset_bad_file_names_line_and_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n"
-                   + json.dumps({"instruction": "q", "output": ["a"]}) + "\n")
+    bad.write_text(
+        json.dumps({"instruction": "q", "output": "a"})
+        + "\n"
+        + json.dumps({"instruction": "q", "output": ["a"]})
+        + "\n"
+    )
     out = xtuner("check-dataset", "alpaca_en_demo", "--show", "0", "--data", str(bad))
     assert out.returncode == 1
     assert f"{bad}, line 2, field 'output': expected a string, got list" in out.stderr
@@ -75,8 +104,14 @@ def test_check_dataset_on_real_alpaca():
 
 
 def test_chat_one_shot_answers_greedily():
-    out = xtuner("chat", "smollm2-135m-instruct", "--prompt", "What is the capital of France?",
-                 "--max-new-tokens", "20")
+    out = xtuner(
+        "chat",
+        "smollm2-135m-instruct",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "20",
+    )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
 
@@ -91,12 +126,19 @@ def test_chat_matches_transformers_generate(smol_tokenizer):
     reply = session.ask("Name a primary colour.")
     model = load_model("smollm2-135m-instruct").eval()
     ids = smol_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Name a primary colour."}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True)["input_ids"]
+        [{"role": "user", "content": "Name a primary colour."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=24, do_sample=False,
-                             eos_token_id=smol_tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    assert reply == smol_tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        ref = model.generate(
+            ids,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=smol_tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        )
+    assert reply == smol_tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert len(session.history) == 2
 
 
@@ -125,10 +167,22 @@ def test_interactive_chat_through_a_pseudo_terminal():
     import time
 
     main_fd, child_fd = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "xtuner_lite.cli", "chat",
-                             "smollm2-135m-instruct", "--max-new-tokens", "40"], cwd=ROOT,
-                            stdin=child_fd, stdout=child_fd, stderr=child_fd,
-                            env={**os.environ, "TERM": "dumb"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xtuner_lite.cli",
+            "chat",
+            "smollm2-135m-instruct",
+            "--max-new-tokens",
+            "40",
+        ],
+        cwd=ROOT,
+        stdin=child_fd,
+        stdout=child_fd,
+        stderr=child_fd,
+        env={**os.environ, "TERM": "dumb"},
+    )
     os.close(child_fd)
     seen = ""
 
@@ -171,6 +225,14 @@ def test_python_api_exposes_every_command():
     import xtuner_lite.export  # noqa: F401
     import xtuner_lite.server  # noqa: F401
 
-    for name in ("train", "merge_adapter", "pth_to_hf", "export_gguf", "ChatSession",
-                 "InferenceEngine", "run_eval", "serve"):
+    for name in (
+        "train",
+        "merge_adapter",
+        "pth_to_hf",
+        "export_gguf",
+        "ChatSession",
+        "InferenceEngine",
+        "run_eval",
+        "serve",
+    ):
         assert callable(getattr(xtuner_lite, name)), name

@@ -23,8 +23,9 @@ BAD_TRAIN = [
 
 
 @pytest.mark.parametrize("key,value,message", BAD_TRAIN)
-def test_out_of_range_train_settings_are_refused_before_any_work(tmp_path, tiny_llama, key,
-                                                                 value, message):
+def test_out_of_range_train_settings_are_refused_before_any_work(
+    tmp_path, tiny_llama, key, value, message
+):
     from xtuner_lite.training import train
 
     cfg = tiny_train_cfg(tiny_llama, **{key: value})
@@ -52,11 +53,14 @@ def test_several_problems_are_reported_together():
     assert "train.lr" in text and "train.max_iters" in text and "train.warmup_ratio" in text
 
 
-@pytest.mark.parametrize("lora,message", [
-    (dict(r=0), r"model\.lora\.r must be an integer >= 1, got 0"),
-    (dict(dropout=1.0), r"model\.lora\.dropout must be a number in \[0, 1\)"),
-    (dict(alpah=16), r"model\.lora: unknown key 'alpah'; did you mean 'alpha'"),
-])
+@pytest.mark.parametrize(
+    "lora,message",
+    [
+        (dict(r=0), r"model\.lora\.r must be an integer >= 1, got 0"),
+        (dict(dropout=1.0), r"model\.lora\.dropout must be a number in \[0, 1\)"),
+        (dict(alpah=16), r"model\.lora: unknown key 'alpah'; did you mean 'alpha'"),
+    ],
+)
 def test_lora_settings_are_checked_before_the_model_loads(tmp_path, tiny_llama, lora, message):
     from xtuner_lite.training import train
 
@@ -71,8 +75,9 @@ def test_a_misspelt_top_level_dict_is_named(tmp_path):
     from xtuner_lite.config import load_config
 
     config = tmp_path / "typo.py"
-    config.write_text("model = dict(pretrained='x')\n"
-                      "trian = dict(lr=1e-3)\nmy_paths = dict(root='/data')\n")
+    config.write_text(
+        "model = dict(pretrained='x')\ntrian = dict(lr=1e-3)\nmy_paths = dict(root='/data')\n"
+    )
     with pytest.raises(XtunerError, match="unknown top-level dict 'trian'; did you mean 'train'"):
         load_config(str(config))
     config.write_text("model = dict(pretrained='x')\nmy_paths = dict(root='/data')\n")
@@ -106,8 +111,7 @@ def _no_model_loads(monkeypatch):
 
 
 @pytest.mark.parametrize("argv,message", BAD_OPTIONS)
-def test_bad_cli_options_exit_2_in_one_line_before_loading(argv, message, capsys,
-                                                          monkeypatch):
+def test_bad_cli_options_exit_2_in_one_line_before_loading(argv, message, capsys, monkeypatch):
     from xtuner_lite.cli import main
 
     _no_model_loads(monkeypatch)
@@ -146,6 +150,9 @@ def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, fast):
     if fast:
         assert (new_model, settings.dtype, changed) == (model, "bf16", [])
     else:
-        assert settings.dtype is None and new_model["dtype"] == new_model["compute_dtype"] == \
-            "fp32" and len(changed) == 3
+        assert (
+            settings.dtype is None
+            and new_model["dtype"] == new_model["compute_dtype"] == "fp32"
+            and len(changed) == 3
+        )
         assert model["dtype"] == "bf16"  # the caller's config is not changed in place

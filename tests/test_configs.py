@@ -8,8 +8,9 @@ from xtuner_lite.data import get_template, process_dataset
 from xtuner_lite.engine import TrainSettings
 from xtuner_lite.model import build_model
 
-TRAIN_CONFIGS = sorted(p for p in CONFIG_ROOT.rglob("*.py")
-                       if "_base_" not in p.parts and p.parent.name != "data")
+TRAIN_CONFIGS = sorted(
+    p for p in CONFIG_ROOT.rglob("*.py") if "_base_" not in p.parts and p.parent.name != "data"
+)
 GPU_CONFIGS = [p for p in TRAIN_CONFIGS if p.parent.name == "gpu"]
 
 
@@ -24,14 +25,19 @@ def test_config_keys_are_valid(path):
 
 def test_there_are_gpu_configs_for_each_model_method_and_data():
     names = {p.stem for p in GPU_CONFIGS}
-    for model in ("qwen2_5_7b_instruct", "llama3_8b_instruct", "internlm2_chat_7b",
-                  "internlm2_5_7b_chat"):
+    for model in (
+        "qwen2_5_7b_instruct",
+        "llama3_8b_instruct",
+        "internlm2_chat_7b",
+        "internlm2_5_7b_chat",
+    ):
         for variant in ("qlora_alpaca", "lora_alpaca", "qlora_custom_jsonl"):
             assert f"{model}_{variant}" in names
 
 
-@pytest.mark.parametrize("path", [p for p in GPU_CONFIGS if "qlora_alpaca" in p.stem],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [p for p in GPU_CONFIGS if "qlora_alpaca" in p.stem], ids=lambda p: p.stem
+)
 def test_gpu_models_build_on_meta_device_with_lora(path):
     """Build the real architecture without weights; LoRA sits on every linear but the head."""
     from peft import LoraConfig, get_peft_model
@@ -43,10 +49,15 @@ def test_gpu_models_build_on_meta_device_with_lora(path):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     lora = cfg.model["lora"]
-    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
-                                             target_modules=lora["target_modules"]))
-    linears = [m for n, m in model.base_model.model.model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+    model = get_peft_model(
+        model,
+        LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"]),
+    )
+    linears = [
+        m
+        for n, m in model.base_model.model.model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in n
+    ]
     expected = sum(lora["r"] * (m.in_features + m.out_features) for m in linears)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == expected and len(linears) == 7 * config.num_hidden_layers

@@ -37,10 +37,17 @@ train = dict(batch_size=1, accumulative_counts=1, max_iters={iters}, lr={lr}, dt
 
 def _config(tmp_path, model, method="lora", dropout=0.0, iters=8, checkpointing=False):
     path = tmp_path / f"{method}_{dropout}_{iters}.py"
-    path.write_text(CONFIG.format(model=model, method=method, dropout=dropout, iters=iters,
-                                  checkpointing=checkpointing,
-                                  lr=1e-2 if method == "lora" else 1e-3,
-                                  data=str(EXAMPLE_DATA / "alpaca_mini.json")))
+    path.write_text(
+        CONFIG.format(
+            model=model,
+            method=method,
+            dropout=dropout,
+            iters=iters,
+            checkpointing=checkpointing,
+            lr=1e-2 if method == "lora" else 1e-3,
+            data=str(EXAMPLE_DATA / "alpaca_mini.json"),
+        )
+    )
     return path
 
 
@@ -59,13 +66,22 @@ def _env(nproc: int) -> dict:
 
 
 def _cmd(config, work_dir, *extra):
-    return [sys.executable, "-m", "xtuner_lite.cli", "train", str(config), "--work-dir",
-            str(work_dir), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "xtuner_lite.cli",
+        "train",
+        str(config),
+        "--work-dir",
+        str(work_dir),
+        *extra,
+    ]
 
 
 def _train(config, work_dir, nproc, *extra):
-    proc = subprocess.run(_cmd(config, work_dir, *extra), capture_output=True, text=True,
-                          env=_env(nproc))
+    proc = subprocess.run(
+        _cmd(config, work_dir, *extra), capture_output=True, text=True, env=_env(nproc)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _losses(work_dir)
 
@@ -95,27 +111,51 @@ def reference(tmp_path_factory, tiny_llama):
         if (method, accumulation) not in runs:
             tmp = tmp_path_factory.mktemp(f"one_{method}_{accumulation}")
             config = _config(tmp, tiny_llama, method, checkpointing=True)
-            losses = _train(config, tmp / "work", 1, "--cfg-options",
-                            f"train.accumulative_counts={accumulation}")
+            losses = _train(
+                config,
+                tmp / "work",
+                1,
+                "--cfg-options",
+                f"train.accumulative_counts={accumulation}",
+            )
             runs[method, accumulation] = (config, losses, tmp / "work")
         return runs[method, accumulation]
 
     return run
 
 
-ENGINE_FLAGS = {"ddp": [], "fsdp": ["--fsdp"], "zero2": ["--deepspeed", "zero2"],
-                "zero3": ["--deepspeed", "zero3"]}
+ENGINE_FLAGS = {
+    "ddp": [],
+    "fsdp": ["--fsdp"],
+    "zero2": ["--deepspeed", "zero2"],
+    "zero3": ["--deepspeed", "zero3"],
+}
 
 
-@pytest.mark.parametrize("engine,method,accumulation", [
-    ("zero2", "lora", 1), ("zero3", "full", 1), ("fsdp", "full", 1), ("zero3", "qlora", 1),
-    # accumulating in each process: the gradient all-reduce skipped on the first micro-batch
-    ("ddp", "lora", 2), ("fsdp", "full", 2)])
-def test_two_processes_equal_one_process_with_accumulation(tmp_path, reference, engine, method,
-                                                           accumulation):
+@pytest.mark.parametrize(
+    "engine,method,accumulation",
+    [
+        ("zero2", "lora", 1),
+        ("zero3", "full", 1),
+        ("fsdp", "full", 1),
+        ("zero3", "qlora", 1),
+        # accumulating in each process: the gradient all-reduce skipped on the first micro-batch
+        ("ddp", "lora", 2),
+        ("fsdp", "full", 2),
+    ],
+)
+def test_two_processes_equal_one_process_with_accumulation(
+    tmp_path, reference, engine, method, accumulation
+):
     config, expected, one_dir = reference(method, 2 * accumulation)
-    losses = _train(config, tmp_path / "work", 2, *ENGINE_FLAGS[engine], "--cfg-options",
-                    f"train.accumulative_counts={accumulation}")
+    losses = _train(
+        config,
+        tmp_path / "work",
+        2,
+        *ENGINE_FLAGS[engine],
+        "--cfg-options",
+        f"train.accumulative_counts={accumulation}",
+    )
     assert len(losses) == len(expected) == 8
     assert losses == pytest.approx(expected, abs=1e-5)  # fp32; reduction order differs
     assert expected[-1] < expected[0]
@@ -125,8 +165,9 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, reference, 
     assert ours.keys() == theirs.keys()
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], atol=2e-4, rtol=0)
-    assert json.loads((tmp_path / "work" / out / "xtuner_lite.json").read_text())["method"] \
-        == method
+    assert (
+        json.loads((tmp_path / "work" / out / "xtuner_lite.json").read_text())["method"] == method
+    )
 
 
 def test_deepspeed_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
@@ -135,9 +176,13 @@ def test_deepspeed_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llam
     reference = _train(config, tmp_path / "whole", 2, "--deepspeed", "zero3")
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(config, killed, "--deepspeed", "zero3"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(2), start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(config, killed, "--deepspeed", "zero3"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(2),
+        start_new_session=True,
+    )
     log = killed / "loss.jsonl"
     wait_for_lines(log, 6, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
@@ -153,16 +198,23 @@ def test_deepspeed_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llam
 
 
 def test_deepspeed_config_presets_and_overrides(tmp_path):
-    config = deepspeed_config("zero3_offload", batch_size=2, accumulative_counts=4,
-                              max_norm=1.0, world_size=2)
+    config = deepspeed_config(
+        "zero3_offload", batch_size=2, accumulative_counts=4, max_norm=1.0, world_size=2
+    )
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert config["train_batch_size"] == 16 and config["gradient_clipping"] == 1.0
 
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2},
-                                "train_micro_batch_size_per_gpu": 8,
-                                "gradient_accumulation_steps": "auto"}))
+    path.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "train_micro_batch_size_per_gpu": 8,
+                "gradient_accumulation_steps": "auto",
+            }
+        )
+    )
     with pytest.warns(UserWarning, match="train_micro_batch_size_per_gpu: 8 -> 1"):
         config = deepspeed_config(str(path), 1, 2, None, 2)
     assert config["gradient_accumulation_steps"] == 2 and config["gradient_clipping"] == 0.0
@@ -192,8 +244,9 @@ def test_nproc_per_node_runs_torchrun(monkeypatch):
     monkeypatch.setenv("ADDR", "10.0.0.1")
     command = torchrun_command(["train", "x.py", "--deepspeed", "zero2"])
     assert command[1:3] == ["-m", "torch.distributed.run"]
-    assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1"} \
-        <= set(command)
+    assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1"} <= set(
+        command
+    )
     assert command[-5:] == ["xtuner_lite.cli", "train", "x.py", "--deepspeed", "zero2"]
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")

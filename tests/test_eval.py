@@ -31,21 +31,25 @@ def _reference_logprob(model, context_ids, continuation_ids):
     ids = torch.tensor([context_ids + continuation_ids])
     with torch.no_grad():
         logprobs = model(ids).logits[0].float().log_softmax(-1)
-    return sum(float(logprobs[len(context_ids) - 1 + j, t]) for j, t in
-               enumerate(continuation_ids))
+    return sum(float(logprobs[len(context_ids) - 1 + j, t]) for j, t in enumerate(continuation_ids))
 
 
 @pytest.mark.parametrize("chunk_tokens,attention", [(256, "sdpa"), (3, "sdpa"), (256, "eager")])
-def test_shared_prefix_scores_equal_whole_sequence_scores(smol, chunk_tokens, attention,
-                                                          monkeypatch):
+def test_shared_prefix_scores_equal_whole_sequence_scores(
+    smol, chunk_tokens, attention, monkeypatch
+):
     # several context batches; options packed into one row, or split across many; the packed
     # rows' block mask is boolean for SDPA and additive for eager attention
     monkeypatch.setattr(smol.model.config, "_attn_implementation", attention)
     scorer = LoglikScorer(smol.model, smol.tokenizer, batch_tokens=300, chunk_tokens=chunk_tokens)
-    pairs = [("Question: What colour is the sky?\nAnswer:", " blue"),
-             ("Question: What colour is the sky?\nAnswer:", " green on Tuesdays and purple"),
-             ("The capital of France is ", "Paris"), ("Hi", " there, friend"),
-             ("", "Hello world"), ("A much longer context " * 12, " end")]
+    pairs = [
+        ("Question: What colour is the sky?\nAnswer:", " blue"),
+        ("Question: What colour is the sky?\nAnswer:", " green on Tuesdays and purple"),
+        ("The capital of France is ", "Paris"),
+        ("Hi", " there, friend"),
+        ("", "Hello world"),
+        ("A much longer context " * 12, " end"),
+    ]
     for (context, continuation), score in zip(pairs, scorer.score(pairs)):
         c, x = scorer.encode_pair(context, continuation)
         assert score.num_tokens == len(x)
@@ -65,9 +69,14 @@ def test_mcq_accuracy_agrees_with_lm_evaluation_harness(smol, tmp_path):
     from xtuner_lite.hub import resolve_model_path
 
     reference = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={resolve_model_path(MODEL)},dtype=float32",
-        tasks=["arc_local"], task_manager=TaskManager(include_path=str(tmp_path)),
-        batch_size=16, device="cpu", log_samples=True)
+        model="hf",
+        model_args=f"pretrained={resolve_model_path(MODEL)},dtype=float32",
+        tasks=["arc_local"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        batch_size=16,
+        device="cpu",
+        log_samples=True,
+    )
     theirs = reference["results"]["arc_local"]
     ours = evaluate_model(smol, [spec])["arc"]
     assert abs(ours.metrics["acc"] - theirs["acc,none"]) <= 0.005
@@ -101,10 +110,16 @@ class _FakeScorer:
 
 
 def _letter_rows():
-    rows = [("Q1", ["a", "b", "c", "d"], 0), ("Q2", ["a", "b", "c", "d"], 2),
-            ("Q3", ["w", "x", "y", "z"], 3), ("Q4", ["p", "q", "r", "s"], 0)]
-    return [Row({"question": q, "choices": c, "answer": g}, f"mem:{i}")
-            for i, (q, c, g) in enumerate(rows)]
+    rows = [
+        ("Q1", ["a", "b", "c", "d"], 0),
+        ("Q2", ["a", "b", "c", "d"], 2),
+        ("Q3", ["w", "x", "y", "z"], 3),
+        ("Q4", ["p", "q", "r", "s"], 0),
+    ]
+    return [
+        Row({"question": q, "choices": c, "answer": g}, f"mem:{i}")
+        for i, (q, c, g) in enumerate(rows)
+    ]
 
 
 def test_circular_evaluation_rotates_options():
@@ -120,15 +135,18 @@ def test_circular_evaluation_rotates_options():
     assert all(s["circular_correct"] for s in knows.samples)
 
 
-@pytest.mark.parametrize("text, how, expected", [
-    ("She has 3 + 4 = 7 apples.\n#### 1,234", "last_number", "1234"),
-    ("The answer is $15.00.", "last_number", "15"),
-    ("no digits here", "last_number", None),
-    ("The answer is (B).", "letter", "B"),
-    ("C. Paris is the capital", "letter", "C"),
-    ("I think it's d", "letter", "D"),
-    ("Answer: 42 apples", "regex:Answer: (\\d+)", "42"),
-])
+@pytest.mark.parametrize(
+    "text, how, expected",
+    [
+        ("She has 3 + 4 = 7 apples.\n#### 1,234", "last_number", "1234"),
+        ("The answer is $15.00.", "last_number", "15"),
+        ("no digits here", "last_number", None),
+        ("The answer is (B).", "letter", "B"),
+        ("C. Paris is the capital", "letter", "C"),
+        ("I think it's d", "letter", "D"),
+        ("Answer: 42 apples", "regex:Answer: (\\d+)", "42"),
+    ],
+)
 def test_answer_extraction(text, how, expected):
     assert extract_answer(text, how) == expected
 
@@ -146,8 +164,7 @@ def test_gsm8k_generation_scores_extracted_numbers(smol, monkeypatch):
     for sample in result.samples:
         assert "Question:" not in sample["output"]  # stopped at the next question
         assert sample["extracted"] == extract_answer(sample["output"], "last_number")
-        assert sample["correct"] == (sample["extracted"] == normalize_number(
-            sample["reference"]))
+        assert sample["correct"] == (sample["extracted"] == normalize_number(sample["reference"]))
 
 
 def test_perplexity_equals_direct_computation(smol, tmp_path):
@@ -159,11 +176,12 @@ def test_perplexity_equals_direct_computation(smol, tmp_path):
     ids = scorer.encode(text)
     nll = 0.0
     for start in range(0, len(ids), 16):  # each window predicted from the token before it
-        context = ids[start - 1:start] if start else scorer.empty_context
-        nll -= _reference_logprob(smol.model, context, ids[start:start + 16])
+        context = ids[start - 1 : start] if start else scorer.empty_context
+        nll -= _reference_logprob(smol.model, context, ids[start : start + 16])
     assert result.metrics["perplexity"] == pytest.approx(math.exp(nll / len(ids)), rel=1e-4)
     assert result.metrics["bits_per_byte"] == pytest.approx(
-        nll / math.log(2) / len(text.encode()), rel=1e-4)
+        nll / math.log(2) / len(text.encode()), rel=1e-4
+    )
 
 
 def test_bad_task_files_name_file_line_and_column(tmp_path):
@@ -171,8 +189,13 @@ def test_bad_task_files_name_file_line_and_column(tmp_path):
 
     bad_csv = tmp_path / "quiz_test.csv"
     bad_csv.write_text("question,choice0,choice1,answer\nWhat?,a,b,0\nShort row,a\n")
-    spec = TaskSpec(name="quiz", data=str(bad_csv), style="letter",
-                    choices=["choice0", "choice1"], prompt="{question}\n{options}\nAnswer:")
+    spec = TaskSpec(
+        name="quiz",
+        data=str(bad_csv),
+        style="letter",
+        choices=["choice0", "choice1"],
+        prompt="{question}\n{options}\nAnswer:",
+    )
     with pytest.raises(XtunerError, match=r"quiz_test.csv:3: no value for column 'choice1'"):
         load_rows(spec, None)
     missing = tmp_path / "m.jsonl"
@@ -197,13 +220,23 @@ def test_contamination_finds_copied_questions(tmp_path, capsys):
     from xtuner_lite.evaluation.contamination import report_contamination
 
     eval_file = tmp_path / "qa.jsonl"
-    questions = [f"Question number {i}: how many marbles does a child with {i} bags of seven "
-                 "marbles each have in total?" for i in range(5)] + ["Too short to check."]
-    eval_file.write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n"
-                                 for q in questions))
+    questions = [
+        f"Question number {i}: how many marbles does a child with {i} bags of seven "
+        "marbles each have in total?"
+        for i in range(5)
+    ] + ["Too short to check."]
+    eval_file.write_text(
+        "".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in questions)
+    )
     train = tmp_path / "train.json"
-    train.write_text(json.dumps([{"instruction": "Say hi", "output": "hi"},
-                                 {"instruction": questions[3], "output": "21"}]))
+    train.write_text(
+        json.dumps(
+            [
+                {"instruction": "Say hi", "output": "hi"},
+                {"instruction": questions[3], "output": "21"},
+            ]
+        )
+    )
     task = {"name": "qa", "kind": "generate", "data": str(eval_file)}
     flagged = report_contamination([str(train)], task, n=8, threshold=0.5)
     assert [o.source for o in flagged] == [f"{eval_file}:4"]
@@ -216,20 +249,34 @@ def test_contamination_finds_copied_questions(tmp_path, capsys):
 
 def _toy_mcq(folder):
     """A small MCQ file the model can learn: capitals, lettered, with their task spec."""
-    facts = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-             ("Egypt", "Cairo"), ("Peru", "Lima")]
+    facts = [
+        ("France", "Paris"),
+        ("Italy", "Rome"),
+        ("Spain", "Madrid"),
+        ("Japan", "Tokyo"),
+        ("Egypt", "Cairo"),
+        ("Peru", "Lima"),
+    ]
     cities = [c for _, c in facts]
     rows = []
     for i, (country, city) in enumerate(facts):
         options = [city] + [c for c in cities if c != city][:3]
-        options = options[i % 4:] + options[:i % 4]
-        rows.append({"question": f"What is the capital of {country}?", "choices": options,
-                     "answer": options.index(city)})
+        options = options[i % 4 :] + options[: i % 4]
+        rows.append(
+            {
+                "question": f"What is the capital of {country}?",
+                "choices": options,
+                "answer": options.index(city),
+            }
+        )
     data = folder / "capitals.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = folder / "capitals.json"
-    spec.write_text(json.dumps({"name": "capitals", "data": str(data),
-                                "prompt": "Question: {question}\nAnswer:"}))
+    spec.write_text(
+        json.dumps(
+            {"name": "capitals", "data": str(data), "prompt": "Question: {question}\nAnswer:"}
+        )
+    )
     return spec
 
 
@@ -241,8 +288,23 @@ def test_eval_cli_compares_models_side_by_side(tiny_llama, tmp_path, capsys):
     spec = _toy_mcq(tmp_path)
     adapter = _make_adapter(tiny_llama, tmp_path / "adapter")
     out = tmp_path / "results.json"
-    assert main(["eval", "--models", tiny_llama, str(adapter), "--tasks", str(spec),
-                 "--out", str(out), "--num-fewshot", "2"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--models",
+                tiny_llama,
+                str(adapter),
+                "--tasks",
+                str(spec),
+                "--out",
+                str(out),
+                "--num-fewshot",
+                "2",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "capitals" in table and "Δ adapter" in table
     saved = json.loads(out.read_text())
@@ -259,14 +321,26 @@ def test_training_hook_scores_tasks_before_during_and_after(tiny_llama, tmp_path
     from xtuner_lite.training import train
 
     spec = _toy_mcq(tmp_path)
-    cfg = dict(model=dict(pretrained=tiny_llama, lora=dict(r=8, alpha=16, dropout=0.0)),
-               train_dataset=dict(data_files=str(EXAMPLE_DATA / "alpaca_mini.json"),
-                                  tokenizer=tiny_llama, template="smollm2", max_length=96),
-               train=dict(max_iters=4, lr=1e-2, dtype=None, save_steps=100,
-                          eval_tasks=[str(spec)], eval_freq=2, eval_limit=None))
+    cfg = dict(
+        model=dict(pretrained=tiny_llama, lora=dict(r=8, alpha=16, dropout=0.0)),
+        train_dataset=dict(
+            data_files=str(EXAMPLE_DATA / "alpaca_mini.json"),
+            tokenizer=tiny_llama,
+            template="smollm2",
+            max_length=96,
+        ),
+        train=dict(
+            max_iters=4,
+            lr=1e-2,
+            dtype=None,
+            save_steps=100,
+            eval_tasks=[str(spec)],
+            eval_freq=2,
+            eval_limit=None,
+        ),
+    )
     train(cfg, work_dir=tmp_path / "work")
-    records = [json.loads(line) for line in (tmp_path / "work/eval.jsonl").read_text()
-               .splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "work/eval.jsonl").read_text().splitlines()]
     assert [r["when"] for r in records] == ["before training", "step 2", "after training"]
     assert all(r["capitals"]["n"] == 6 and 0 <= r["capitals"]["acc"] <= 1 for r in records)
 
@@ -286,8 +360,13 @@ def test_generation_scoring_extracts_the_written_letter(monkeypatch):
             replies.append(f"I think the answer is ({letter}) because it fits.")
         return replies
 
-    spec = TaskSpec(name="toy", data="-", style="letter", scoring="generate",
-                    prompt="{question}\n{options}\nAnswer:")
+    spec = TaskSpec(
+        name="toy",
+        data="-",
+        style="letter",
+        scoring="generate",
+        prompt="{question}\n{options}\nAnswer:",
+    )
     monkeypatch.setattr(evaluator, "_generate", answer)
     right = evaluate_mcq(spec, rows, LoadedModel("fake", None, None), None, scorer=None)
     assert right.metrics == {"acc": 1.0, "circular_acc": 1.0}

@@ -16,8 +16,11 @@ def _load_gguf(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, quantization_config=GgufConfig(dequantize=True),
-        dtype=torch.float32)
+        str(path.parent),
+        gguf_file=path.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+    )
     return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
@@ -83,9 +86,16 @@ def test_qwen2_exports(tmp_path, smol_tokenizer):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     folder = tmp_path / "qwen"
     reference = Qwen2ForCausalLM(config).eval()
     reference.save_pretrained(folder)

@@ -25,9 +25,12 @@ def _rows(pack: bool, vocab: int = 500):
     ids = rng.integers(3, vocab, size=sum(LENGTHS)).astype(np.int32)
     labels = ids.copy()
     labels[rng.random(len(ids)) < 0.3] = IGNORE_INDEX
-    data = build_packed(TokenizedBatch(ids, labels, np.array(LENGTHS),
-                                       np.zeros(len(LENGTHS), bool)),
-                        max_length=512, pack=pack, shuffle=False)
+    data = build_packed(
+        TokenizedBatch(ids, labels, np.array(LENGTHS), np.zeros(len(LENGTHS), bool)),
+        max_length=512,
+        pack=pack,
+        shuffle=False,
+    )
     return [data.row(i) for i in range(len(data))]
 
 
@@ -37,15 +40,22 @@ def _cuda(batch):
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_bf16_training_on_cuda_lowers_the_loss(tiny_llama, method):
-    model = build_model(tiny_llama, method=method, dtype="bf16" if method != "full" else "fp32",
-                        compute_dtype="bf16", lora=dict(r=8, alpha=16, dropout=0.0),
-                        device="cuda")
+    model = build_model(
+        tiny_llama,
+        method=method,
+        dtype="bf16" if method != "full" else "fp32",
+        compute_dtype="bf16",
+        lora=dict(r=8, alpha=16, dropout=0.0),
+        device="cuda",
+    )
     assert next(model.parameters()).is_cuda
     batch = _cuda(collate_packed(_rows(pack=True)))
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-2 if method != "full" else 1e-3)
-    losses = [real_step(model, [batch], dtype="bf16", optimizer=optimizer,
-                        device_type="cuda")[0] for _ in range(8)]
+    losses = [
+        real_step(model, [batch], dtype="bf16", optimizer=optimizer, device_type="cuda")[0]
+        for _ in range(8)
+    ]
     assert losses[-1] < losses[0]
 
 
@@ -53,11 +63,14 @@ def test_bf16_training_on_cuda_lowers_the_loss(tiny_llama, method):
 def test_8bit_optimizers_train_through_the_cli(tiny_llama, tmp_path, optimizer):
     from xtuner_lite.training import train
 
-    cfg = tiny_train_cfg(tiny_llama, max_iters=8, optimizer=optimizer, dtype="bf16",
-                         device="cuda", lr=1e-2)
+    cfg = tiny_train_cfg(
+        tiny_llama, max_iters=8, optimizer=optimizer, dtype="bf16", device="cuda", lr=1e-2
+    )
     train(cfg, work_dir=tmp_path)
-    losses = [float(line.split('"loss": ')[1].split(",")[0])
-              for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    losses = [
+        float(line.split('"loss": ')[1].split(",")[0])
+        for line in (tmp_path / "loss.jsonl").read_text().splitlines()
+    ]
     assert len(losses) == 8 and losses[-1] < losses[0]
 
 
@@ -65,9 +78,21 @@ def test_fp16_training_uses_loss_scaling(tiny_llama, tmp_path):
     config = tmp_path / "fp16.py"
     cfg = tiny_train_cfg(tiny_llama, max_iters=6, dtype="fp16", device="cuda", lr=1e-2)
     config.write_text("".join(f"{key} = {value!r}\n" for key, value in cfg.items()))
-    out = subprocess.run([sys.executable, "-m", "xtuner_lite.cli", "train", str(config),
-                          "--work-dir", str(tmp_path / "w")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xtuner_lite.cli",
+            "train",
+            str(config),
+            "--work-dir",
+            str(tmp_path / "w"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -75,8 +100,9 @@ def test_fp16_training_uses_loss_scaling(tiny_llama, tmp_path):
 def test_packed_rows_equal_per_sample_on_cuda(tiny_llama, attn):
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn is not installed")
-    model = build_model(tiny_llama, method="full", dtype="bf16", attn_implementation=attn,
-                        device="cuda")
+    model = build_model(
+        tiny_llama, method="full", dtype="bf16", attn_implementation=attn, device="cuda"
+    )
     with torch.no_grad():
         packed, count = loss_sum(model, _cuda(collate_packed(_rows(pack=True))))
         parts = [loss_sum(model, _cuda(collate_packed([row]))) for row in _rows(pack=False)]
@@ -94,15 +120,23 @@ def test_engine_greedy_equals_generate_on_cuda():
     model = load_model("smollm2-135m-instruct").cuda().eval()
     template = get_template("smollm2")
     stops = stop_token_ids(template, tok)
-    prompts = [tok(template.render_prompt([{"role": "user", "content": q}], tok),
-                   add_special_tokens=False)["input_ids"]
-               for q in ("What is the capital of France?", "Write a haiku about the sea.")]
+    prompts = [
+        tok(
+            template.render_prompt([{"role": "user", "content": q}], tok), add_special_tokens=False
+        )["input_ids"]
+        for q in ("What is the capital of France?", "Write a haiku about the sea.")
+    ]
     expected = []
     for p in prompts:
-        out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=24,
-                             do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
-        row = out[0, len(p):].tolist()
-        expected.append(row[:next((i for i, t in enumerate(row) if t in stops), len(row))])
+        out = model.generate(
+            torch.tensor([p], device="cuda"),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+        )
+        row = out[0, len(p) :].tolist()
+        expected.append(row[: next((i for i, t in enumerate(row) if t in stops), len(row))])
     engine = InferenceEngine(model, tok)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=stops))
     assert [r.output_ids for r in got] == expected

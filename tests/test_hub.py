@@ -25,8 +25,9 @@ def test_half_precision_copy_holds_what_a_bf16_load_of_the_fp32_cache_gives():
 
     fp32 = hub.download_embedded("smollm2-135m-instruct")
     bf16 = hub.resolve_model_path("smollm2-135m-instruct", "bf16")
-    assert bf16 != str(fp32) and hub.resolve_model_path("smollm2-135m-instruct", "fp32") == \
-        str(fp32)
+    assert bf16 != str(fp32) and hub.resolve_model_path("smollm2-135m-instruct", "fp32") == str(
+        fp32
+    )
     assert (hub.Path(bf16) / "tokenizer.json").exists()
     converted = AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).state_dict()
     copied = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16).state_dict()
@@ -38,8 +39,13 @@ def test_half_precision_copy_holds_what_a_bf16_load_of_the_fp32_cache_gives():
 
 def test_offline_download_gives_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("XTUNER_LITE_CACHE", str(tmp_path))
-    monkeypatch.setattr(hub.subprocess, "run", lambda *a, **k: type(
-        "P", (), {"returncode": 1, "stderr": "ERROR: No matching distribution", "stdout": ""})())
+    monkeypatch.setattr(
+        hub.subprocess,
+        "run",
+        lambda *a, **k: type(
+            "P", (), {"returncode": 1, "stderr": "ERROR: No matching distribution", "stdout": ""}
+        )(),
+    )
     with pytest.raises(XtunerError, match="are you offline"):
         hub.download_embedded("smollm2-135m-instruct")
     assert not (tmp_path / "models" / "smollm2-135m-instruct").exists()

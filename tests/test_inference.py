@@ -10,9 +10,14 @@ from xtuner_lite.inference.sampling import apply_repetition_penalty, choose_toke
 
 pytestmark = pytest.mark.integration
 
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
-             "List three prime numbers.", "Hi", "Explain gravity in one sentence, please.",
-             "Translate 'cat' to German."]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Hi",
+    "Explain gravity in one sentence, please.",
+    "Translate 'cat' to German.",
+]
 NEW = 24
 
 
@@ -23,8 +28,12 @@ def smol():
     tok = load_tokenizer("smollm2-135m-instruct")
     model = load_model("smollm2-135m-instruct").eval()
     template = get_template("smollm2")
-    prompts = [tok(template.render_prompt([{"role": "user", "content": q}], tok),
-                   add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    prompts = [
+        tok(
+            template.render_prompt([{"role": "user", "content": q}], tok), add_special_tokens=False
+        )["input_ids"]
+        for q in QUESTIONS
+    ]
     return model, tok, prompts, stop_token_ids(template, tok)
 
 
@@ -36,8 +45,14 @@ def _hf_greedy(model, prompts, stops, batched):
         width = max(map(len, group))
         ids = torch.tensor([[stops[0]] * (width - len(p)) + p for p in group])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                             eos_token_id=stops, pad_token_id=stops[0])
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+        )
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
             outputs.append(row[:cut])
@@ -61,8 +76,10 @@ def test_continuous_batching_joins_mid_decode(smol):
     engine = InferenceEngine(model, tok, max_batch_size=4)
     params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
     streamed = {}
-    requests = [engine.add_request(p, params, on_token=lambda r, t: streamed.setdefault(
-        r.id, []).append(t)) for p in prompts[:2]]
+    requests = [
+        engine.add_request(p, params, on_token=lambda r, t: streamed.setdefault(r.id, []).append(t))
+        for p in prompts[:2]
+    ]
     for _ in range(5):
         engine.step()
     assert all(len(r.output_ids) == 5 for r in requests)
@@ -79,12 +96,16 @@ def test_continuous_batching_joins_mid_decode(smol):
 
 def test_seeded_sampling_does_not_depend_on_the_batch(smol):
     model, tok, prompts, stops = smol
-    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=40, seed=7,
-                            stop_token_ids=stops)
+    params = SamplingParams(
+        max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=40, seed=7, stop_token_ids=stops
+    )
     alone = InferenceEngine(model, tok).generate(prompts[:1], params)[0].output_ids
     together = InferenceEngine(model, tok).generate(prompts[:3], params)[0].output_ids
-    other = InferenceEngine(model, tok).generate(
-        prompts[:1], SamplingParams(**{**params.__dict__, "seed": 8}))[0].output_ids
+    other = (
+        InferenceEngine(model, tok)
+        .generate(prompts[:1], SamplingParams(**{**params.__dict__, "seed": 8}))[0]
+        .output_ids
+    )
     assert alone == together
     assert alone != other
 
@@ -124,8 +145,10 @@ def test_sampling_rules_match_transformers():
     warped = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(20)(None, logits.clone()))
     allowed = set(torch.isfinite(warped[0]).nonzero().flatten().tolist())
     params = SamplingParams(temperature=1.0, top_k=20, top_p=0.8)
-    drawn = {choose_token(logits[0], params, seen[:0], torch.Generator().manual_seed(i))
-             for i in range(300)}
+    drawn = {
+        choose_token(logits[0], params, seen[:0], torch.Generator().manual_seed(i))
+        for i in range(300)
+    }
     assert drawn <= allowed and len(drawn) > 1
     assert choose_token(logits[0], SamplingParams(), seen[:0], None) == int(logits.argmax())
 
@@ -165,10 +188,14 @@ def test_shared_prefix_is_prefilled_once_with_the_same_greedy_tokens(smol):
     """Few-shot prompts share a long prefix: it is run once (fewer prefilled tokens) and every
     answer is still token-identical to transformers.generate on the whole prompt."""
     model, tok, _, stops = smol
-    shots = "".join(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n"
-                    for a, b in [(2, 3), (10, 7), (41, 1), (6, 6), (13, 29)])
-    prompts = [tok(shots + f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
-               for q in QUESTIONS[:4]]
+    shots = "".join(
+        f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n"
+        for a, b in [(2, 3), (10, 7), (41, 1), (6, 6), (13, 29)]
+    )
+    prompts = [
+        tok(shots + f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
+        for q in QUESTIONS[:4]
+    ]
     fed = []
 
     class Counting(torch.nn.Module):
@@ -189,8 +216,9 @@ def test_shared_prefix_is_prefilled_once_with_the_same_greedy_tokens(smol):
     prefill = fed[0] + fed[1]  # the prefix once, then each prompt's own tokens (left-padded)
     assert prefill <= sum(map(len, prompts)) - (len(prompts) - 1) * shared + len(prompts) * 8
     fed.clear()  # a later request with the same prefix reuses the kept prefix
-    late = tok(shots + "Question: How many legs has a cat?\nAnswer:",
-               add_special_tokens=False)["input_ids"]
+    late = tok(shots + "Question: How many legs has a cat?\nAnswer:", add_special_tokens=False)[
+        "input_ids"
+    ]
     answer = engine.generate([late], params)[0].output_ids
     assert fed[0] == len(late) - shared
     assert answer == _hf_greedy(model, [late], stops, batched=False)[0]
@@ -217,15 +245,21 @@ def _tiny(kind: str):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    shape = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**shape))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
         for layer in model.model.layers:  # q/k/v carry biases: make them matter
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                         layer.self_attn.v_proj):
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)
     return model.eval()
 
@@ -241,17 +275,24 @@ def test_fast_decoder_on_tiny_models_past_the_cache_growth(kind):
     limits = [300, 120, 200]
     expected = []
     for p, n in zip(prompts, limits):
-        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p)),
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
+        out = model.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p)),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(p) :].tolist())
     for pack in (True, False):
         engine = InferenceEngine(model, pack_weights=pack)
         assert engine.fallback_reason is None
         alone = engine.generate(prompts[:1], SamplingParams(max_new_tokens=limits[0]))[0]
         assert alone.output_ids == expected[0], f"pack={pack}"
-        requests = [engine.add_request(p, SamplingParams(max_new_tokens=n))
-                    for p, n in zip(prompts[:2], limits[:2])]
+        requests = [
+            engine.add_request(p, SamplingParams(max_new_tokens=n))
+            for p, n in zip(prompts[:2], limits[:2])
+        ]
         for _ in range(30):
             engine.step()
         requests.append(engine.add_request(prompts[2], SamplingParams(max_new_tokens=200)))
@@ -268,9 +309,17 @@ def test_models_the_fast_decoder_does_not_cover_are_named_with_the_reason():
 
     from xtuner_lite.inference.decoder import unsupported_reason
 
-    mistral = MistralForCausalLM(MistralConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=16))
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=97,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=16,
+        )
+    )
     assert "model type 'mistral'" in unsupported_reason(mistral)
     assert "output head" in unsupported_reason(_tiny("llama").model)  # a bare decoder
     peft = pytest.importorskip("peft")

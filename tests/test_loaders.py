@@ -9,8 +9,10 @@ from xtuner_lite.errors import DataError
 def test_json_jsonl_csv_parquet_and_saved_folder(tmp_path):
     import datasets
 
-    rows = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d",
-                                                              "output": "e"}]
+    rows = [
+        {"instruction": "a", "input": "", "output": "b"},
+        {"instruction": "c", "input": "d", "output": "e"},
+    ]
     (tmp_path / "x.json").write_text(json.dumps(rows))
     (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     ds = datasets.Dataset.from_list(rows)
@@ -29,12 +31,15 @@ def test_jsonl_rows_are_located_by_line(tmp_path):
     assert rows.locate(1) == "line 3"
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"", "file is empty"),
-    (b"  \n", "file is empty"),
-    (b'{"a": 1}\n{"a": 2\n', "line 2"),
-    (b'{"a": 1}\n{"a": "caf\xe9"}\n', "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "file is empty"),
+        (b"  \n", "file is empty"),
+        (b'{"a": 1}\n{"a": 2\n', "line 2"),
+        (b'{"a": 1}\n{"a": "caf\xe9"}\n', "not valid UTF-8"),
+    ],
+)
 def test_bad_jsonl_names_file_and_line(tmp_path, content, expected):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)

@@ -5,11 +5,14 @@ from xtuner_lite.errors import RowError, XtunerError
 
 
 def test_alpaca_joins_input_and_keeps_system():
-    conv = get_map_fn("alpaca")({"instruction": "Add", "input": "1 2", "output": "3",
-                                 "system": "Be brief."})
-    assert conv["messages"] == [{"role": "system", "content": "Be brief."},
-                                {"role": "user", "content": "Add\n1 2"},
-                                {"role": "assistant", "content": "3"}]
+    conv = get_map_fn("alpaca")(
+        {"instruction": "Add", "input": "1 2", "output": "3", "system": "Be brief."}
+    )
+    assert conv["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Add\n1 2"},
+        {"role": "assistant", "content": "3"},
+    ]
 
 
 def test_alpaca_zh_reads_chinese_keys():
@@ -18,25 +21,42 @@ def test_alpaca_zh_reads_chinese_keys():
 
 
 def test_history_builds_every_turn():
-    conv = get_map_fn("oasst1")({"instruction": "q2", "input": "", "output": "a2",
-                                 "history": [["q1", "a1"]]})
+    conv = get_map_fn("oasst1")(
+        {"instruction": "q2", "input": "", "output": "a2", "history": [["q1", "a1"]]}
+    )
     assert [(m["role"], m["content"]) for m in conv["messages"]] == [
-        ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]
+        ("user", "q1"),
+        ("assistant", "a1"),
+        ("user", "q2"),
+        ("assistant", "a2"),
+    ]
 
 
 def test_openai_bare_list_and_loss_flag():
-    conv = get_map_fn("openai")([{"role": "user", "content": "u"},
-                                 {"role": "assistant", "content": "a", "loss": False},
-                                 {"role": "user", "content": "u2"},
-                                 {"role": "assistant", "content": "a2"}])
+    conv = get_map_fn("openai")(
+        [
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a", "loss": False},
+            {"role": "user", "content": "u2"},
+            {"role": "assistant", "content": "a2"},
+        ]
+    )
     assert conv["messages"][1]["loss"] is False and "loss" not in conv["messages"][3]
 
 
 def test_sharegpt_roles_system_and_tools():
-    conv = get_map_fn("sharegpt")({
-        "system": "S", "tools": '[{"name": "f"}]',
-        "conversations": [{"from": "human", "value": "u"}, {"from": "function_call", "value": "c"},
-                          {"from": "observation", "value": "o"}, {"from": "gpt", "value": "a"}]})
+    conv = get_map_fn("sharegpt")(
+        {
+            "system": "S",
+            "tools": '[{"name": "f"}]',
+            "conversations": [
+                {"from": "human", "value": "u"},
+                {"from": "function_call", "value": "c"},
+                {"from": "observation", "value": "o"},
+                {"from": "gpt", "value": "a"},
+            ],
+        }
+    )
     roles = [m["role"] for m in conv["messages"]]
     assert roles == ["system", "user", "assistant", "tool", "assistant"]
     assert '"name": "f"' in conv["messages"][0]["content"]
@@ -44,19 +64,23 @@ def test_sharegpt_roles_system_and_tools():
 
 def test_pretrain_is_one_text_message():
     assert get_map_fn("pretrain")({"text": "hello"}) == {
-        "messages": [{"role": "text", "content": "hello"}]}
+        "messages": [{"role": "text", "content": "hello"}]
+    }
 
 
-@pytest.mark.parametrize("name, row, field", [
-    ("alpaca", {"instruction": "x"}, "output"),
-    ("alpaca", {"instruction": 3, "output": "y"}, "instruction"),
-    ("alpaca", ["not", "a", "dict"], None),
-    ("openai", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ("openai", {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
-    ("sharegpt", {"conversations": [{"from": "alien", "value": "x"}]}, "conversations[0].from"),
-    ("history", {"instruction": "q", "output": "a", "history": [["only one"]]}, "history"),
-    ("pretrain", {"txt": "x"}, "text"),
-])
+@pytest.mark.parametrize(
+    "name, row, field",
+    [
+        ("alpaca", {"instruction": "x"}, "output"),
+        ("alpaca", {"instruction": 3, "output": "y"}, "instruction"),
+        ("alpaca", ["not", "a", "dict"], None),
+        ("openai", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ("openai", {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ("sharegpt", {"conversations": [{"from": "alien", "value": "x"}]}, "conversations[0].from"),
+        ("history", {"instruction": "q", "output": "a", "history": [["only one"]]}, "history"),
+        ("pretrain", {"txt": "x"}, "text"),
+    ],
+)
 def test_bad_rows_name_the_field(name, row, field):
     with pytest.raises(RowError) as err:
         get_map_fn(name)(row)

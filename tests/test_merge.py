@@ -15,15 +15,22 @@ pytestmark = pytest.mark.integration
 def _make_adapter(base, folder, method="lora", template="chatml"):
     """A trained-looking adapter: random (non-zero) LoRA B, saved as ``xtuner train`` does."""
     torch.manual_seed(0)
-    model = build_model(base, method=method, lora=dict(r=4, alpha=8, dropout=0.0),
-                        compute_dtype="fp32")
+    model = build_model(
+        base, method=method, lora=dict(r=4, alpha=8, dropout=0.0), compute_dtype="fp32"
+    )
     for name, p in model.named_parameters():
         if "lora_" in name:
             torch.nn.init.normal_(p, std=0.2)
     model.save_pretrained(folder)
-    (folder / "xtuner_lite.json").write_text(json.dumps({
-        "base_model": base, "template": template,
-        "architecture": architecture_of(model.get_base_model().config)}))
+    (folder / "xtuner_lite.json").write_text(
+        json.dumps(
+            {
+                "base_model": base,
+                "template": template,
+                "architecture": architecture_of(model.get_base_model().config),
+            }
+        )
+    )
     return folder
 
 
@@ -50,8 +57,9 @@ def test_merged_logits_equal_base_plus_adapter(tiny_llama, tmp_path, method):
 
     tok = AutoTokenizer.from_pretrained(out)
     conv = [{"role": "user", "content": "Hi"}]
-    assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == \
-        get_template("chatml").render_prompt(conv, tok)
+    assert tok.apply_chat_template(
+        conv, tokenize=False, add_generation_prompt=True
+    ) == get_template("chatml").render_prompt(conv, tok)
     eos = GenerationConfig.from_pretrained(out).eos_token_id
     assert tok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
     assert sorted(p.suffix for p in out.glob("*.safetensors")) == [".safetensors"]
@@ -62,9 +70,16 @@ def test_merge_refuses_a_different_base(tiny_llama, tmp_path):
 
     adapter = _make_adapter(tiny_llama, tmp_path / "adapter")
     other = tmp_path / "other"
-    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2)).save_pretrained(other)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(other)
     with pytest.raises(XtunerError, match="different model.*hidden_size: adapter 64 vs base 32"):
         merge_adapter(str(other), adapter, tmp_path / "m1")
     with pytest.raises(XtunerError, match="does not fit base"):  # shapes, when told to skip

@@ -64,7 +64,8 @@ def test_packed_row_equals_per_sample(tiny_llama, attn):
 
 @pytest.mark.parametrize("matmul_max_length", [1024, 0], ids=["matmul", "sdpa-fp32"])
 def test_packed_sdpa_equals_the_block_mask_and_is_plain_sdpa_otherwise(
-        tiny_llama, monkeypatch, matmul_max_length):
+    tiny_llama, monkeypatch, matmul_max_length
+):
     """CPU attends sample by sample with two matmuls, and with SDPA in fp32 beyond
     MATMUL_ATTENTION_MAX_LENGTH: both must equal one block-masked SDPA call."""
     monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_LENGTH", matmul_max_length)
@@ -72,7 +73,13 @@ def test_packed_sdpa_equals_the_block_mask_and_is_plain_sdpa_otherwise(
     assert model.config._attn_implementation == PACKED_SDPA
     batch = collate_packed(_rows(pack=True) + _rows(pack=False)[:1])  # 2nd row: padded tail
     assert segments_of(batch["cu_seqlens"], *batch["input_ids"].shape) == [
-        (0, 0, 12), (0, 12, 21), (0, 21, 26), (0, 26, 29), (1, 0, 5), (1, 5, 29)]
+        (0, 0, 12),
+        (0, 12, 21),
+        (0, 21, 26),
+        (0, 26, 29),
+        (1, 0, 5),
+        (1, 5, 29),
+    ]
     losses, grads, logits = [], [], []
     ids = batch["input_ids"][:1, :12]
     for impl in (PACKED_SDPA, "sdpa"):  # sample by sample, then one block-masked call
@@ -94,16 +101,22 @@ def test_matmul_attention_pads_lengths_to_few_shapes(monkeypatch):
     memory grew step after step); padded lengths give a few shapes and the same result."""
     shapes = set()
     apply = attention._MatmulAttention.apply
-    monkeypatch.setattr(attention._MatmulAttention, "apply",
-                        lambda q, k, v, s: shapes.add(tuple(k.shape)) or apply(q, k, v, s))
+    monkeypatch.setattr(
+        attention._MatmulAttention,
+        "apply",
+        lambda q, k, v, s: shapes.add(tuple(k.shape)) or apply(q, k, v, s),
+    )
     torch.manual_seed(0)
     step = attention.ATTENTION_LENGTH_STEP
     for length in range(1, 3 * step + 1):
-        q, k, v = (torch.randn(heads, length, 8, dtype=torch.float64, requires_grad=True)
-                   for heads in (4, 2, 2))
+        q, k, v = (
+            torch.randn(heads, length, 8, dtype=torch.float64, requires_grad=True)
+            for heads in (4, 2, 2)
+        )
         out = attention.matmul_attention(q, k, v, None)
-        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                               enable_gqa=True)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True
+        )
         grad = torch.randn_like(out)
         got = torch.autograd.grad(out, (q, k, v), grad)
         want = torch.autograd.grad(ref, (q, k, v), grad)
@@ -147,8 +160,9 @@ def test_chunked_loss_pads_rows_to_few_head_shapes(monkeypatch):
 
     rows = set()
     linear = torch.nn.functional.linear
-    monkeypatch.setattr(loss_module.F, "linear",
-                        lambda x, w, b=None: rows.add(x.shape[0]) or linear(x, w, b))
+    monkeypatch.setattr(
+        loss_module.F, "linear", lambda x, w, b=None: rows.add(x.shape[0]) or linear(x, w, b)
+    )
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50)
     step = loss_module.LOSS_ROW_STEP
@@ -189,8 +203,9 @@ def test_qlora_trains_after_an_eval_no_grad_forward(tiny_llama):
     """Guards the bitsandbytes CPU repack bug: eval forward must not freeze LoRA gradients."""
     import bitsandbytes as bnb
 
-    model = build_model(tiny_llama, method="qlora", lora=dict(r=4, alpha=8, dropout=0.0),
-                        compute_dtype="fp32")
+    model = build_model(
+        tiny_llama, method="qlora", lora=dict(r=4, alpha=8, dropout=0.0), compute_dtype="fp32"
+    )
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     batch = collate_packed(_rows(pack=True))
     model.eval()
@@ -212,26 +227,38 @@ def test_qlora_keeps_embeddings_in_their_dtype(tiny_llama):
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("method,every", [("lora", True), ("lora", 2), ("lora", 0.5),
-                                         ("full", True)])
+@pytest.mark.parametrize(
+    "method,every", [("lora", True), ("lora", 2), ("lora", 0.5), ("full", True)]
+)
 def test_gradient_checkpointing_gives_same_gradients(tiny_llama, method, every):
     """Recomputed layers replay the same LoRA dropout masks (dropout is on here)."""
     batch = collate_packed(_rows(pack=True))
     grads = []
     for checkpointing in (False, every):
         torch.manual_seed(0)
-        model = build_model(tiny_llama, method=method, lora=dict(r=4, dropout=0.1),
-                            gradient_checkpointing=checkpointing)
+        model = build_model(
+            tiny_llama,
+            method=method,
+            lora=dict(r=4, dropout=0.1),
+            gradient_checkpointing=checkpointing,
+        )
         model.train()
         if method == "lora":  # B starts at zero: give it values so A's gradient is not zero
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     torch.nn.init.normal_(p, std=0.1)
         grads.append(real_step(model, [batch])[1])
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is not None
-              and type(m).__name__.endswith("DecoderLayer")]
-    assert [m.gradient_checkpointing for m in layers] == {True: [True, True], 2: [True, False],
-                                                          0.5: [False, True]}[every]
+    layers = [
+        m
+        for m in model.modules()
+        if getattr(m, "gradient_checkpointing", None) is not None
+        and type(m).__name__.endswith("DecoderLayer")
+    ]
+    assert [m.gradient_checkpointing for m in layers] == {
+        True: [True, True],
+        2: [True, False],
+        0.5: [False, True],
+    }[every]
     _assert_same(*grads)
 
 
@@ -295,12 +322,12 @@ def test_dropout_linear_saves_the_shared_input_not_masks():
     weights = {m.weight.untyped_storage().data_ptr() for m in modules}
     rest = [t for t in saved if t.untyped_storage().data_ptr() not in weights]
     assert {t.untyped_storage().data_ptr() for t in rest if t.dtype != torch.uint8} == {
-        x.untyped_storage().data_ptr()}
+        x.untyped_storage().data_ptr()
+    }
     bits = [t for t in rest if t.dtype == torch.uint8]
     assert len(bits) == 3 and all(t.numel() == x.numel() // 8 for t in bits)
     sum(o.float().sum() for o in outputs).backward()
-    assert all(m.weight.grad is not None and m.weight.grad.dtype == torch.float32
-               for m in modules)
+    assert all(m.weight.grad is not None and m.weight.grad.dtype == torch.float32 for m in modules)
 
 
 def test_lora_fuses_its_dropout_into_lora_a(tiny_llama):
@@ -320,8 +347,9 @@ def test_fused_loss_gradients_match_autograd(bias):
     labels = torch.randint(0, 50, (2, 11))
     labels[0, :4] = IGNORE_INDEX
     logits = head(hidden)[:, :-1].reshape(-1, 50)
-    ref = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1),
-                                            ignore_index=IGNORE_INDEX, reduction="sum")
+    ref = torch.nn.functional.cross_entropy(
+        logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     ref.backward()
     ref_grads = [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()]
     hidden.grad = None
@@ -354,8 +382,9 @@ def test_bf16_lora_weights_train_and_are_planned(tiny_llama):
     loss falls under autocast, and the planner counts 2 bytes per adapter weight and gradient."""
     from xtuner_lite.plan import PlanSettings, Shape, plan_memory
 
-    model = build_model(tiny_llama, method="qlora", lora=dict(r=4, alpha=8, dropout=0.0),
-                        lora_dtype="bf16")
+    model = build_model(
+        tiny_llama, method="qlora", lora=dict(r=4, alpha=8, dropout=0.0), lora_dtype="bf16"
+    )
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.bfloat16 for p in trained)
     batch = collate_packed(_rows(pack=True))
@@ -368,8 +397,9 @@ def test_bf16_lora_weights_train_and_are_planned(tiny_llama):
         assert all(g.dtype == torch.bfloat16 for g in grads.values())
     assert losses[-1] < losses[0]
     shape = Shape.from_config(model.config)
-    fp32, bf16 = (plan_memory(shape, PlanSettings(lora_r=4, lora_dtype=d))
-                  for d in ("fp32", "bf16"))
+    fp32, bf16 = (
+        plan_memory(shape, PlanSettings(lora_r=4, lora_dtype=d)) for d in ("fp32", "bf16")
+    )
     stored = sum(p.numel() * p.element_size() for p in trained)
     assert bf16.get("adapter") == stored == fp32.get("adapter") / 2
     assert bf16.get("gradients") == fp32.get("gradients") / 2
@@ -402,16 +432,22 @@ def test_lean_norm_and_mlp_equal_transformers_and_save_less(dtype):
             inputs = x.clone().requires_grad_()
             saved = []
             with torch.autograd.graph.saved_tensors_hooks(
-                    lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+                lambda t, saved=saved: saved.append(t) or t, lambda t: t
+            ):
                 out = module(inputs)
             out.backward(grad)
             params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-            kept.append(sum(t.untyped_storage().nbytes() for t in
-                            {t.untyped_storage().data_ptr(): t for t in saved}.values()
-                            if t.untyped_storage().data_ptr() not in params))
+            kept.append(
+                sum(
+                    t.untyped_storage().nbytes()
+                    for t in {t.untyped_storage().data_ptr(): t for t in saved}.values()
+                    if t.untyped_storage().data_ptr() not in params
+                )
+            )
             results.append([out, inputs.grad, *(p.grad for p in module.parameters())])
-        tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(
-            rtol=2e-2, atol=2e-2)
+        tolerance = (
+            dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        )
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, **tolerance)
         assert kept[1] < kept[0]

@@ -32,9 +32,12 @@ def test_oversized_sample_is_refused():
 
 
 def test_rows_carry_positions_and_boundaries():
-    tokens = TokenizedBatch(np.arange(1, 10, dtype=np.int32),
-                            np.array([IGNORE_INDEX, 2, 3, 4, 5, 6, 7, 8, 9], dtype=np.int32),
-                            np.array([3, 2, 4]), np.zeros(3, dtype=bool))
+    tokens = TokenizedBatch(
+        np.arange(1, 10, dtype=np.int32),
+        np.array([IGNORE_INDEX, 2, 3, 4, 5, 6, 7, 8, 9], dtype=np.int32),
+        np.array([3, 2, 4]),
+        np.zeros(3, dtype=bool),
+    )
     data = build_packed(tokens, max_length=9, pack=True, seed=0)
     assert len(data) == 1
     row = data.row(0)
@@ -42,16 +45,22 @@ def test_rows_carry_positions_and_boundaries():
     assert sorted(lengths) == [2, 3, 4]
     pos = 0
     for n in lengths:
-        assert row["position_ids"][pos:pos + n] == list(range(n))
+        assert row["position_ids"][pos : pos + n] == list(range(n))
         assert row["labels"][pos] == IGNORE_INDEX  # never predicted across a boundary
-        assert row["labels"][pos + 1:pos + n] == row["input_ids"][pos + 1:pos + n]
+        assert row["labels"][pos + 1 : pos + n] == row["input_ids"][pos + 1 : pos + n]
         pos += n
 
 
 def test_collate_pads_and_keeps_boundaries():
-    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 0],
-             "cu_seqlens": [0, 2, 3]},
-            {"input_ids": [4], "labels": [-100], "position_ids": [0], "cu_seqlens": [0, 1]}]
+    rows = [
+        {
+            "input_ids": [1, 2, 3],
+            "labels": [-100, 2, 3],
+            "position_ids": [0, 1, 0],
+            "cu_seqlens": [0, 2, 3],
+        },
+        {"input_ids": [4], "labels": [-100], "position_ids": [0], "cu_seqlens": [0, 1]},
+    ]
     batch = collate_packed(rows, pad_token_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["labels"][1].tolist() == [-100, -100, -100]

@@ -36,8 +36,16 @@ def _trained_runs(labels):
 @pytest.mark.parametrize("relative, map_fn", REAL_FILES)
 def test_real_files_train_exactly_the_assistant_turns(relative, map_fn, smol_tokenizer):
     path = shared_file(relative)
-    out = process_dataset(path, smol_tokenizer, map_fn=map_fn, template="smollm2",
-                          max_length=8192, pack=False, shuffle=False, use_cache=False)
+    out = process_dataset(
+        path,
+        smol_tokenizer,
+        map_fn=map_fn,
+        template="smollm2",
+        max_length=8192,
+        pack=False,
+        shuffle=False,
+        use_cache=False,
+    )
     raw = load_rows(path)
     assert out.stats.rows_loaded == len(raw) == out.stats.samples
     assert out.stats.rows_skipped == {}
@@ -56,8 +64,9 @@ def test_real_files_train_exactly_the_assistant_turns(relative, map_fn, smol_tok
 
 def test_alpaca_packed_at_2048(smol_tokenizer):
     path = shared_file("sft/llamafactory_alpaca_en_demo.json")
-    out = process_dataset(path, smol_tokenizer, map_fn="alpaca", template="smollm2",
-                          max_length=2048, use_cache=False)
+    out = process_dataset(
+        path, smol_tokenizer, map_fn="alpaca", template="smollm2", max_length=2048, use_cache=False
+    )
     stats = out.stats
     assert stats.samples == 999 and stats.rows_truncated == 0
     assert stats.packing_efficiency > 0.97
@@ -86,10 +95,19 @@ def test_cache_second_run_loads_and_changes_invalidate(tmp_path, smol_tokenizer)
 
 def test_multiprocess_equals_single_process(tmp_path, smol_tokenizer):
     path = tmp_path / "d.jsonl"
-    path.write_text("\n".join(json.dumps({"instruction": f"question {i}" * (i % 7 + 1),
-                                          "output": f"answer {i}"}) for i in range(5000)))
-    kw = dict(tokenizer=smol_tokenizer, map_fn="alpaca", template="smollm2", max_length=256,
-              use_cache=False)
+    path.write_text(
+        "\n".join(
+            json.dumps({"instruction": f"question {i}" * (i % 7 + 1), "output": f"answer {i}"})
+            for i in range(5000)
+        )
+    )
+    kw = dict(
+        tokenizer=smol_tokenizer,
+        map_fn="alpaca",
+        template="smollm2",
+        max_length=256,
+        use_cache=False,
+    )
     one = process_dataset(path, num_proc=1, **kw)
     two = process_dataset(path, num_proc=2, **kw)
     assert (one.data.input_ids == two.data.input_ids).all()
@@ -113,17 +131,21 @@ def test_empty_result_is_an_error(tmp_path, smol_tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"instruction": "q"}))
     with pytest.raises(DataError, match="no usable rows"):
-        process_dataset(path, smol_tokenizer, map_fn="alpaca", template="smollm2",
-                        skip_invalid=True)
+        process_dataset(
+            path, smol_tokenizer, map_fn="alpaca", template="smollm2", skip_invalid=True
+        )
 
 
 def test_truncation_is_counted_and_untrainable_rows_skipped(tmp_path, smol_tokenizer):
     path = tmp_path / "d.jsonl"
-    rows = [{"instruction": "short", "output": "word " * 100},
-            {"instruction": "long " * 200, "output": "x"}]
+    rows = [
+        {"instruction": "short", "output": "word " * 100},
+        {"instruction": "long " * 200, "output": "x"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    out = process_dataset(path, smol_tokenizer, map_fn="alpaca", template="smollm2",
-                          max_length=80, use_cache=False)
+    out = process_dataset(
+        path, smol_tokenizer, map_fn="alpaca", template="smollm2", max_length=80, use_cache=False
+    )
     assert out.stats.rows_truncated == 1 and out.stats.samples == 1
     assert list(out.stats.rows_skipped.values()) == [1]
     assert out.data.sample_lengths.max() == 80
@@ -132,8 +154,9 @@ def test_truncation_is_counted_and_untrainable_rows_skipped(tmp_path, smol_token
 def test_pretrain_trains_every_token_but_the_first(tmp_path, smol_tokenizer):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"text": "The quick brown fox."}))
-    out = process_dataset(path, smol_tokenizer, map_fn="pretrain", template="smollm2",
-                          max_length=64, use_cache=False)
+    out = process_dataset(
+        path, smol_tokenizer, map_fn="pretrain", template="smollm2", max_length=64, use_cache=False
+    )
     row = out.data.row(0)
     assert smol_tokenizer.decode(row["input_ids"]) == "The quick brown fox.<|im_end|>"
     assert row["labels"][0] == IGNORE_INDEX and row["labels"][1:] == row["input_ids"][1:]

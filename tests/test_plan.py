@@ -24,41 +24,61 @@ def _tiny(tmp_path, layers, **shape):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=1024,
-                         tie_word_embeddings=True, **shape)
+    config = LlamaConfig(
+        num_hidden_layers=layers,
+        vocab_size=VOCAB,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        **shape,
+    )
     path = tmp_path / f"m{layers}_{shape['hidden_size']}"
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path), Shape.from_config(config)
 
 
 def _saved_bytes(model, tokens: int) -> int:
-    batch = {"input_ids": torch.randint(0, VOCAB, (1, tokens)),
-             "labels": torch.randint(0, VOCAB, (1, tokens)),
-             "position_ids": torch.arange(tokens)[None],
-             "cu_seqlens": torch.tensor([0, tokens], dtype=torch.int32)}
+    batch = {
+        "input_ids": torch.randint(0, VOCAB, (1, tokens)),
+        "labels": torch.randint(0, VOCAB, (1, tokens)),
+        "position_ids": torch.arange(tokens)[None],
+        "cu_seqlens": torch.tensor([0, tokens], dtype=torch.int32),
+    }
     return measure_saved_bytes(model, batch)
 
 
 def _build(path, method, base, checkpointing=False):
     logging.disable(logging.WARNING)
-    model = build_model(path, method=method, dtype=base, gradient_checkpointing=checkpointing,
-                        lora=dict(r=16, alpha=32, dropout=0.05))
+    model = build_model(
+        path,
+        method=method,
+        dtype=base,
+        gradient_checkpointing=checkpointing,
+        lora=dict(r=16, alpha=32, dropout=0.05),
+    )
     logging.disable(logging.NOTSET)
     model.train()
     skip_adapter_input_casts(model)
     return model
 
 
-SHAPES = [dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-               num_key_value_heads=3),  # SmolLM2's layer
-          dict(hidden_size=256, intermediate_size=704, num_attention_heads=4,
-               num_key_value_heads=4)]
+SHAPES = [
+    dict(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3
+    ),  # SmolLM2's layer
+    dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=4),
+]
 
 
 @pytest.mark.parametrize("shape_kwargs", SHAPES, ids=["smollm2-layer", "mha"])
-@pytest.mark.parametrize("method, base, tolerance", [
-    ("lora", "bf16", 0.01), ("qlora", "bf16", 0.01), ("lora", "fp32", 0.01),
-    ("full", "fp32", 0.05)])
+@pytest.mark.parametrize(
+    "method, base, tolerance",
+    [
+        ("lora", "bf16", 0.01),
+        ("qlora", "bf16", 0.01),
+        ("lora", "fp32", 0.01),
+        ("full", "fp32", 0.05),
+    ],
+)
 def test_layer_activations_match_saved_tensors(tmp_path, shape_kwargs, method, base, tolerance):
     tokens = 192
     saved = []
@@ -66,36 +86,47 @@ def test_layer_activations_match_saved_tensors(tmp_path, shape_kwargs, method, b
         path, shape = _tiny(tmp_path, layers, **shape_kwargs)
         saved.append(_saved_bytes(_build(path, method, base), tokens))
     measured = saved[1] - saved[0]
-    settings = PlanSettings(method=method, base_dtype=base, lora_r=16, max_length=tokens,
-                            cpu=True)  # CPU: per-sample attention
-    planned = layer_activation_bytes(shape, settings, tokens) + \
-        layer_weight_copies(shape, settings)
+    settings = PlanSettings(
+        method=method, base_dtype=base, lora_r=16, max_length=tokens, cpu=True
+    )  # CPU: per-sample attention
+    planned = layer_activation_bytes(shape, settings, tokens) + layer_weight_copies(shape, settings)
     assert planned == pytest.approx(measured, rel=tolerance)
 
 
-@pytest.mark.parametrize("method, base", [("lora", "bf16"), ("qlora", "bf16"),
-                                          ("full", "fp32")])
+@pytest.mark.parametrize("method, base", [("lora", "bf16"), ("qlora", "bf16"), ("full", "fp32")])
 def test_weights_gradients_and_optimizer_state_match(tmp_path, method, base):
     path, shape = _tiny(tmp_path, 2, **SHAPES[1])
     model = _build(path, method, base)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in model.state_dict().values()}  # a tied head shares the embedding's
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in model.state_dict().values()
+    }  # a tied head shares the embedding's
     stored = sum(storages.values())
-    plan = plan_memory(shape, PlanSettings(method=method, base_dtype=base, lora_r=16,
-                                           optimizer="adamw"))
+    plan = plan_memory(
+        shape, PlanSettings(method=method, base_dtype=base, lora_r=16, optimizer="adamw")
+    )
     assert stored == pytest.approx(plan.get("weights") + plan.get("adapter"), rel=0.02)
     trained = [p for p in model.parameters() if p.requires_grad]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = loss_sum(model, {"input_ids": torch.randint(0, VOCAB, (1, 32)),
-                                   "labels": torch.randint(0, VOCAB, (1, 32)),
-                                   "position_ids": torch.arange(32)[None],
-                                   "cu_seqlens": torch.tensor([0, 32], dtype=torch.int32)})
+        loss, _ = loss_sum(
+            model,
+            {
+                "input_ids": torch.randint(0, VOCAB, (1, 32)),
+                "labels": torch.randint(0, VOCAB, (1, 32)),
+                "position_ids": torch.arange(32)[None],
+                "cu_seqlens": torch.tensor([0, 32], dtype=torch.int32),
+            },
+        )
     loss.backward()
     optimizer = torch.optim.AdamW(trained)
     optimizer.step()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trained)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                for t in s.values() if t.dim() > 0)
+    state = sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if t.dim() > 0
+    )
     assert grads == plan.get("gradients")
     assert state == plan.get("optimizer")
 
@@ -106,9 +137,17 @@ def test_whole_model_activations_within_ten_percent(tmp_path, checkpointing, met
     tokens = 256
     path, shape = _tiny(tmp_path, 4, **SHAPES[0])
     measured = _saved_bytes(_build(path, method, base, checkpointing), tokens)
-    plan = plan_memory(shape, PlanSettings(method=method, base_dtype=base, lora_r=16,
-                                           max_length=tokens, cpu=True,
-                                           gradient_checkpointing=checkpointing))
+    plan = plan_memory(
+        shape,
+        PlanSettings(
+            method=method,
+            base_dtype=base,
+            lora_r=16,
+            max_length=tokens,
+            cpu=True,
+            gradient_checkpointing=checkpointing,
+        ),
+    )
     # (the loss's hidden-state gradient is held outside autograd's saved tensors; a full
     # fine-tune's head gradient, computed with the loss, is inside)
     kept = plan.get("activations") + plan.get("final norm") + plan.get("head gradient")
@@ -149,14 +188,21 @@ def _planned_gib(row: dict) -> float:
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "random_shapes", Path(__file__).resolve().parents[1] / "benchmarks/random_shapes.py")
+        "random_shapes", Path(__file__).resolve().parents[1] / "benchmarks/random_shapes.py"
+    )
     shapes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shapes)
-    return shapes.planned_gib(row["shape"], method=row["method"], max_length=row["max_length"],
-                              gradient_checkpointing=row["checkpointing"], lora_r=64,
-                              chunk_size=row["chunk_size"], optimizer=row["optimizer"],
-                              lora_dtype=row["lora_dtype"],
-                              explicit_mask=True)  # recorded before attention ran per sample
+    return shapes.planned_gib(
+        row["shape"],
+        method=row["method"],
+        max_length=row["max_length"],
+        gradient_checkpointing=row["checkpointing"],
+        lora_r=64,
+        chunk_size=row["chunk_size"],
+        optimizer=row["optimizer"],
+        lora_dtype=row["lora_dtype"],
+        explicit_mask=True,
+    )  # recorded before attention ran per sample
 
 
 def test_plan_against_recorded_cuda_peaks():

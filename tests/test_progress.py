@@ -23,13 +23,29 @@ def tiny_config(tmp_path, tiny_llama):
 
 
 def _cmd(config, work_dir, *extra):
-    return [sys.executable, "-m", "xtuner_lite.cli", "train", str(config), "--work-dir",
-            str(work_dir), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "xtuner_lite.cli",
+        "train",
+        str(config),
+        "--work-dir",
+        str(work_dir),
+        *extra,
+    ]
 
 
 def _assert_quiet(text: str, work_dir) -> None:
-    for noise in ("nccl", "GPU number", "System environment", "Config:", "Hooks will be",
-                  "has no metainfo", "FileClient", "Iter(train)"):
+    for noise in (
+        "nccl",
+        "GPU number",
+        "System environment",
+        "Config:",
+        "Hooks will be",
+        "has no metainfo",
+        "FileClient",
+        "Iter(train)",
+    ):
         assert noise not in text
     log = next(work_dir.glob("*/*.log")).read_text()  # the file keeps what the console hides
     assert "System environment" in log and "Hooks will be executed" in log
@@ -38,8 +54,14 @@ def _assert_quiet(text: str, work_dir) -> None:
 
 def test_piped_output_is_one_line_per_step(tiny_config, tmp_path):
     work = tmp_path / "piped"
-    out = subprocess.run(_cmd(tiny_config, work), capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env={"CUDA_VISIBLE_DEVICES": "", **_env()})
+    out = subprocess.run(
+        _cmd(tiny_config, work),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={"CUDA_VISIBLE_DEVICES": "", **_env()},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
     assert [s.split()[1] for s in steps] == [f"{i}/{STEPS}" for i in range(1, STEPS + 1)]
@@ -64,8 +86,14 @@ def test_a_terminal_gets_a_live_progress_bar(tiny_config, tmp_path):
 
 
 def test_verbose_prints_what_the_log_file_holds(tiny_config, tmp_path):
-    out = subprocess.run(_cmd(tiny_config, tmp_path / "verbose", "--verbose"),
-                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=_env())
+    out = subprocess.run(
+        _cmd(tiny_config, tmp_path / "verbose", "--verbose"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env=_env(),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "System environment" in out.stdout and "Iter(train)" in out.stdout
 

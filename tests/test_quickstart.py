@@ -13,8 +13,13 @@ pytestmark = pytest.mark.slow
 
 
 def _xtuner(*args):
-    out = subprocess.run([sys.executable, "-m", "xtuner_lite.cli", *args], capture_output=True,
-                         text=True, cwd=ROOT, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "xtuner_lite.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -46,11 +51,17 @@ def test_adapter_loads_with_plain_peft(tmp_path):
     from xtuner_lite.hub import load_model
     from xtuner_lite.training import train
 
-    cfg = dict(model=dict(pretrained="smollm2-135m-instruct", method="lora",
-                          lora=dict(r=4, alpha=8, dropout=0.0)),
-               train_dataset=dict(data_files=str(EXAMPLE_DATA / "identity.json"),
-                                  tokenizer="smollm2-135m-instruct", max_length=256),
-               train=dict(max_iters=2, lr=1e-3, dtype=None, save_steps=100))
+    cfg = dict(
+        model=dict(
+            pretrained="smollm2-135m-instruct", method="lora", lora=dict(r=4, alpha=8, dropout=0.0)
+        ),
+        train_dataset=dict(
+            data_files=str(EXAMPLE_DATA / "identity.json"),
+            tokenizer="smollm2-135m-instruct",
+            max_length=256,
+        ),
+        train=dict(max_iters=2, lr=1e-3, dtype=None, save_steps=100),
+    )
     out = train(cfg, work_dir=tmp_path)
     model = PeftModel.from_pretrained(load_model("smollm2-135m-instruct"), str(out))
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]

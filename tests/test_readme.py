@@ -24,9 +24,19 @@ def test_make_targets_resolve():
 def test_example_data_goes_through_the_pipeline(smol_tokenizer):
     from xtuner_lite import process_dataset
 
-    alpaca = process_dataset(EXAMPLE_DATA / "alpaca_mini.json", smol_tokenizer,
-                             map_fn="alpaca", template="smollm2", use_cache=False)
-    chat = process_dataset(EXAMPLE_DATA / "chat_mini.jsonl", smol_tokenizer,
-                           map_fn="openai", template="smollm2", use_cache=False)
+    alpaca = process_dataset(
+        EXAMPLE_DATA / "alpaca_mini.json",
+        smol_tokenizer,
+        map_fn="alpaca",
+        template="smollm2",
+        use_cache=False,
+    )
+    chat = process_dataset(
+        EXAMPLE_DATA / "chat_mini.jsonl",
+        smol_tokenizer,
+        map_fn="openai",
+        template="smollm2",
+        use_cache=False,
+    )
     assert alpaca.stats.samples == 8 and chat.stats.samples == 2
     assert chat.stats.trained_tokens < chat.stats.tokens

@@ -42,19 +42,20 @@ ASK = [{"role": "user", "content": "Write a short poem about the sea."}]
 def test_chat_completion_equals_transformers_generate_and_streams_the_same(client):
     from xtuner_lite.hub import load_model, load_tokenizer
 
-    reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=24,
-                                           temperature=0)
+    reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=24, temperature=0)
     tokenizer = load_tokenizer(MODEL)
-    ids = tokenizer.apply_chat_template(ASK, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        ASK, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     out = load_model(MODEL).generate(ids, max_new_tokens=24, do_sample=False)
-    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert reply.choices[0].message.content == expected
     assert reply.usage.prompt_tokens == ids.shape[1]
     assert reply.usage.completion_tokens == 24 and reply.choices[0].finish_reason == "length"
 
-    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=24,
-                                            temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=24, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
@@ -64,14 +65,19 @@ def test_chat_completion_equals_transformers_generate_and_streams_the_same(clien
 
 def test_completions_models_and_stop(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    text = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12,
-                                     temperature=0).choices[0].text
+    text = (
+        client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
     assert text.startswith(" 5, 6")
-    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12,
-                                    temperature=0, stop=[" 7"])
+    cut = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[" 7"]
+    )
     assert cut.choices[0].text == text.split(" 7")[0] and cut.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12,
-                                         temperature=0, stream=True)
+    streamed = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == text
 
 
@@ -83,14 +89,19 @@ def test_bad_requests_get_openai_errors(server, client):
     with pytest.raises(openai.NotFoundError, match="'gpt-4' does not exist") as info:
         client.chat.completions.create(model="gpt-4", messages=ASK)
     assert info.value.code == "model_not_found"
-    status, body = _raw(server, "POST", "/v1/chat/completions", json.dumps(
-        {"model": MODEL, "messages": ASK, "temperature": "hot"}))
+    status, body = _raw(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": MODEL, "messages": ASK, "temperature": "hot"}),
+    )
     assert status == 400 and body["error"]["param"] == "temperature"
     with pytest.raises(openai.BadRequestError, match="maximum context length") as info:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=100_000)
     assert info.value.code == "context_length_exceeded"
-    status, body = _raw(server, "POST", "/v1/chat/completions", json.dumps(
-        {"model": MODEL, "messages": "hello"}))
+    status, body = _raw(
+        server, "POST", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": "hello"})
+    )
     assert status == 400 and body["error"]["param"] == "messages"
     assert _raw(server, "GET", "/v2/nothing")[0] == 404
 
@@ -98,9 +109,20 @@ def test_bad_requests_get_openai_errors(server, client):
 def test_disconnect_mid_stream_frees_the_slot(server):
     before = _health(server)
     conn = http.client.HTTPConnection(*server, timeout=60)
-    conn.request("POST", "/v1/completions", body=json.dumps(
-        {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0,
-         "stream": True}), headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps(
+            {
+                "model": MODEL,
+                "prompt": "Once upon a time",
+                "max_tokens": 4000,
+                "temperature": 0,
+                "stream": True,
+            }
+        ),
+        headers={"Content-Type": "application/json"},
+    )
     response = conn.getresponse()
     assert response.status == 200
     response.fp.readline()  # the first chunk arrived: the request is decoding
@@ -121,9 +143,17 @@ def test_32_concurrent_clients_are_all_served_in_batches(server, client):
     before = _health(server)
 
     def ask(i: int) -> str:
-        return client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}],
-            max_tokens=8, temperature=0.7, seed=i).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Count to {i}."}],
+                max_tokens=8,
+                temperature=0.7,
+                seed=i,
+            )
+            .choices[0]
+            .message.content
+        )
 
     with ThreadPoolExecutor(32) as pool:
         replies = list(pool.map(ask, range(32)))

@@ -32,14 +32,23 @@ def _losses(work_dir):
 
 
 def _train_cmd(config, work_dir, *extra):
-    return [sys.executable, "-m", "xtuner_lite.cli", "train", str(config), "--work-dir",
-            str(work_dir), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "xtuner_lite.cli",
+        "train",
+        str(config),
+        "--work-dir",
+        str(work_dir),
+        *extra,
+    ]
 
 
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
     config = tmp_path / "tiny_lora.py"
-    config.write_text(TINY_CONFIG.format(model=tiny_llama,
-                                         data=str(EXAMPLE_DATA / "alpaca_mini.json")))
+    config.write_text(
+        TINY_CONFIG.format(model=tiny_llama, data=str(EXAMPLE_DATA / "alpaca_mini.json"))
+    )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     whole = tmp_path / "whole"
     subprocess.run(_train_cmd(config, whole), check=True, capture_output=True, env=env)
@@ -47,8 +56,9 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
     assert len(reference) == 16
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(config, killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        _train_cmd(config, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     log = killed / "loss.jsonl"
     wait_for_lines(log, 6, proc)
     proc.send_signal(signal.SIGKILL)
@@ -56,8 +66,9 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
     assert not (killed / "adapter").exists(), "the run finished before it could be killed"
     # a checkpoint cut off while being written never has a checkpoint's name
     (killed / ".iter_8.pth.partial").write_bytes(b"truncated")
-    subprocess.run(_train_cmd(config, killed, "--resume", "auto"), check=True,
-                   capture_output=True, env=env)
+    subprocess.run(
+        _train_cmd(config, killed, "--resume", "auto"), check=True, capture_output=True, env=env
+    )
     assert _losses(killed) == reference  # bitwise, fp32 on CPU
     assert (killed / "adapter" / "adapter_model.safetensors").exists()
     kept = sorted(p.name for p in killed.glob("iter_*.pth"))
@@ -67,10 +78,15 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
 def test_unknown_train_key_is_named(tmp_path, tiny_llama):
     from xtuner_lite.training import train
 
-    cfg = dict(model=dict(pretrained=tiny_llama),
-               train_dataset=dict(data_files=str(EXAMPLE_DATA / "alpaca_mini.json"),
-                                  tokenizer=tiny_llama, template="smollm2"),
-               train=dict(max_iter=3))
+    cfg = dict(
+        model=dict(pretrained=tiny_llama),
+        train_dataset=dict(
+            data_files=str(EXAMPLE_DATA / "alpaca_mini.json"),
+            tokenizer=tiny_llama,
+            template="smollm2",
+        ),
+        train=dict(max_iter=3),
+    )
     with pytest.raises(XtunerError, match="unknown key 'max_iter'; did you mean 'max_iters'"):
         train(cfg, work_dir=tmp_path)
 
@@ -87,11 +103,22 @@ def test_non_positive_batch_settings_are_named():
 def test_smollm2_configs_train_with_falling_loss(tmp_path, method):
     lr = "1e-3" if method == "qlora" else "5e-5"
     out = subprocess.run(
-        _train_cmd(f"smollm2_135m_alpaca_{method}", tmp_path, "--cfg-options",
-                   "train.max_iters=24", "train.epochs=None", "train.accumulative_counts=1",
-                   f"train.lr={lr}", "train.save_steps=100", "train_dataset.max_length=256",
-                   f"train_dataset.data_files={EXAMPLE_DATA / 'identity.json'}"),
-        capture_output=True, text=True, cwd=ROOT)
+        _train_cmd(
+            f"smollm2_135m_alpaca_{method}",
+            tmp_path,
+            "--cfg-options",
+            "train.max_iters=24",
+            "train.epochs=None",
+            "train.accumulative_counts=1",
+            f"train.lr={lr}",
+            "train.save_steps=100",
+            "train_dataset.max_length=256",
+            f"train_dataset.data_files={EXAMPLE_DATA / 'identity.json'}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     losses = _losses(tmp_path)
     assert len(losses) == 24
@@ -109,11 +136,14 @@ def test_convert_pth_to_hf_gives_the_final_adapter(tmp_path, tiny_llama, capsys)
     from xtuner_lite.cli import main
 
     config = tmp_path / "tiny_lora.py"
-    config.write_text(TINY_CONFIG.format(model=tiny_llama,
-                                         data=str(EXAMPLE_DATA / "alpaca_mini.json")))
+    config.write_text(
+        TINY_CONFIG.format(model=tiny_llama, data=str(EXAMPLE_DATA / "alpaca_mini.json"))
+    )
     work = tmp_path / "work"
-    assert main(["train", str(config), "--work-dir", str(work),
-                 "--cfg-options", "train.max_iters=4"]) == 0
+    assert (
+        main(["train", str(config), "--work-dir", str(work), "--cfg-options", "train.max_iters=4"])
+        == 0
+    )
     out = tmp_path / "converted"
     assert main(["convert", "pth_to_hf", str(config), str(work / "iter_4.pth"), str(out)]) == 0
     final = load_file(work / "adapter" / "adapter_model.safetensors")
@@ -124,14 +154,32 @@ def test_convert_pth_to_hf_gives_the_final_adapter(tmp_path, tiny_llama, capsys)
     assert meta["template"] == "smollm2" and meta["base_model"] == tiny_llama
 
     # the checkpoint of a different config is refused, naming the weight
-    assert main(["convert", "pth_to_hf", str(config), str(work / "iter_4.pth"), str(out),
-                 "--force", "--cfg-options", "model.lora.r=4"]) == 1
-    assert "lora_A.default.weight has shape (8, 64), the config's model (4, 64)" in \
-        capsys.readouterr().err
-    assert main(["convert", "pth_to_hf", str(config), str(tmp_path / "nope.pth"),
-                 str(tmp_path / "o2")]) == 1
+    assert (
+        main(
+            [
+                "convert",
+                "pth_to_hf",
+                str(config),
+                str(work / "iter_4.pth"),
+                str(out),
+                "--force",
+                "--cfg-options",
+                "model.lora.r=4",
+            ]
+        )
+        == 1
+    )
+    assert (
+        "lora_A.default.weight has shape (8, 64), the config's model (4, 64)"
+        in capsys.readouterr().err
+    )
+    assert (
+        main(
+            ["convert", "pth_to_hf", str(config), str(tmp_path / "nope.pth"), str(tmp_path / "o2")]
+        )
+        == 1
+    )
     assert "nope.pth does not exist" in capsys.readouterr().err
-
 
 
 @pytest.mark.parametrize("max_iters,warmup_ratio", [(40, 0.03), (10, 0.1), (100, 0.03), (20, 0)])
@@ -144,8 +192,9 @@ def test_lr_schedule_reaches_the_peak_lr_and_decays(max_iters, warmup_ratio):
 
     settings = TrainSettings(lr=2e-4, warmup_ratio=warmup_ratio, min_lr_ratio=0.1)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
-    schedulers = [cfg.pop("type")(optimizer, **cfg)
-                  for cfg in map(dict, lr_schedule(settings, max_iters))]
+    schedulers = [
+        cfg.pop("type")(optimizer, **cfg) for cfg in map(dict, lr_schedule(settings, max_iters))
+    ]
     lrs = []
     for _ in range(max_iters):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -155,5 +204,5 @@ def test_lr_schedule_reaches_the_peak_lr_and_decays(max_iters, warmup_ratio):
     peak = max(range(max_iters), key=lrs.__getitem__)
     assert lrs[peak] == pytest.approx(settings.lr, rel=1e-3)
     assert peak <= max(2, int(warmup_ratio * max_iters))
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
     assert settings.lr * 0.1 <= lrs[-1] < settings.lr * 0.2

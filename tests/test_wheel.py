@@ -20,39 +20,77 @@ def wheel_venv(tmp_path_factory):
     environment's dependencies but not the editable checkout."""
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"  # a copy: setuptools' build/ folder stays out of the checkout
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "work_dirs", "__pycache__", ".*_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
-                    "--no-build-isolation", "-q", "-w", str(tmp / "dist")], check=True,
-                   capture_output=True)
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.egg-info", "work_dirs", "__pycache__", ".*_cache"
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp / "dist").glob("xtuner_lite-*.whl"))
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; "
-                              "print(sysconfig.get_paths()['purelib'])"], check=True,
-                             capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # dependencies from this environment by path: its .pth files (the editable finder) stay out
     deps = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
     (venv / purelib / "deps.pth").write_text("\n".join(dict.fromkeys(deps)) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     return venv
 
 
 def _xtuner(venv, cwd, *args, timeout=900):
     env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "NO_COLOR": "1"}
     env.pop("PYTHONPATH", None)
-    return subprocess.run([str(venv / "bin" / "xtuner"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(venv / "bin" / "xtuner"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_wheel_lists_copies_and_trains_from_an_empty_directory(wheel_venv, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    where = subprocess.run([str(wheel_venv / "bin" / "python"), "-c",
-                            "import xtuner_lite; print(xtuner_lite.__file__)"], cwd=empty,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [
+            str(wheel_venv / "bin" / "python"),
+            "-c",
+            "import xtuner_lite; print(xtuner_lite.__file__)",
+        ],
+        cwd=empty,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(wheel_venv)), where  # the wheel, not the checkout
 
     listed = _xtuner(wheel_venv, empty, "list-cfg")
@@ -63,9 +101,18 @@ def test_wheel_lists_copies_and_trains_from_an_empty_directory(wheel_venv, tmp_p
     assert copied.returncode == 0, copied.stderr
     assert (empty / "mine" / "smollm2_135m_identity_lora.py").is_file()
 
-    trained = _xtuner(wheel_venv, empty, "train", "smollm2_135m_identity_lora",
-                      "--work-dir", "run", "--cfg-options", "train.max_iters=3",
-                      "train.save_steps=3", "train.evaluation_inputs=[]")
+    trained = _xtuner(
+        wheel_venv,
+        empty,
+        "train",
+        "smollm2_135m_identity_lora",
+        "--work-dir",
+        "run",
+        "--cfg-options",
+        "train.max_iters=3",
+        "train.save_steps=3",
+        "train.evaluation_inputs=[]",
+    )
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     assert (empty / "run" / "adapter" / "adapter_model.safetensors").is_file()
 

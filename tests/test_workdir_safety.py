@@ -23,8 +23,11 @@ def finished_run(tmp_path_factory, tiny_llama):
 
 
 def _snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != workdir.LOCK}
+    return {
+        p.relative_to(folder): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != workdir.LOCK
+    }
 
 
 def test_a_second_training_in_a_busy_work_dir_fails_at_once(tmp_path, tiny_llama):
@@ -36,15 +39,17 @@ def test_a_second_training_in_a_busy_work_dir_fails_at_once(tmp_path, tiny_llama
     assert not (tmp_path / "loss.jsonl").exists()
 
 
-def test_rerunning_a_finished_work_dir_needs_resume_or_overwrite(tmp_path, finished_run,
-                                                                tiny_llama):
+def test_rerunning_a_finished_work_dir_needs_resume_or_overwrite(
+    tmp_path, finished_run, tiny_llama
+):
     from xtuner_lite.training import train
 
     work = tmp_path / "run"
     shutil.copytree(finished_run, work)
     before = _snapshot(work)
-    with pytest.raises(workdir.WorkDirError, match="holds a previous run.*--resume auto.*"
-                       "--overwrite"):
+    with pytest.raises(
+        workdir.WorkDirError, match="holds a previous run.*--resume auto.*--overwrite"
+    ):
         train(tiny_train_cfg(tiny_llama, max_iters=2), work_dir=work)
     assert _snapshot(work) == before  # adapter, curve and checkpoints untouched
     train(tiny_train_cfg(tiny_llama, max_iters=3, save_steps=3), work_dir=work, overwrite=True)

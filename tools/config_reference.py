@@ -57,22 +57,30 @@ def _dataclass_section(title: str, cls) -> str:
     comments = _comments(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING
-            else dataclasses.MISSING)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory()
+                if f.default_factory is not dataclasses.MISSING
+                else dataclasses.MISSING
+            )
+        )
         rows.append((f.name, _default(default), comments.get(f.name, "")))
     doc = inspect.cleandoc(cls.__doc__ or "")
     return f"## {title}\n\n{doc}\n\n{_table(rows)}"
 
 
 def reference() -> str:
-    return "\n".join([
-        INTRO,
-        _function_section("model: `build_model`", build_model, skip=("device",)),
-        _dataclass_section("model.lora: `LoraSettings`", LoraSettings),
-        _function_section("train_dataset: `process_dataset`", process_dataset),
-        _dataclass_section("train: `TrainSettings`", TrainSettings),
-    ])
+    return "\n".join(
+        [
+            INTRO,
+            _function_section("model: `build_model`", build_model, skip=("device",)),
+            _dataclass_section("model.lora: `LoraSettings`", LoraSettings),
+            _function_section("train_dataset: `process_dataset`", process_dataset),
+            _dataclass_section("train: `TrainSettings`", TrainSettings),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -10,15 +10,24 @@ __version__ = "0.1.0"
 # everything the CLI does, one import away; loaded on first use, so `import xtuner_lite` and
 # `xtuner --help` stay instant (torch, peft and mmengine take seconds to import)
 _LAZY = {
-    "load_config": "xtuner_lite.config", "train": "xtuner_lite.training",
-    "SFTDataset": "xtuner_lite.data", "get_template": "xtuner_lite.data",
-    "load_rows": "xtuner_lite.data", "process_dataset": "xtuner_lite.data",
-    "download_embedded": "xtuner_lite.hub", "load_model": "xtuner_lite.hub",
-    "load_tokenizer": "xtuner_lite.hub", "resolve_model_path": "xtuner_lite.hub",
-    "merge_adapter": "xtuner_lite.merge", "pth_to_hf": "xtuner_lite.convert",
-    "export_gguf": "xtuner_lite.export", "ChatSession": "xtuner_lite.chat",
-    "InferenceEngine": "xtuner_lite.inference", "SamplingParams": "xtuner_lite.inference",
-    "run_eval": "xtuner_lite.evaluation", "serve": "xtuner_lite.server",
+    "load_config": "xtuner_lite.config",
+    "train": "xtuner_lite.training",
+    "SFTDataset": "xtuner_lite.data",
+    "get_template": "xtuner_lite.data",
+    "load_rows": "xtuner_lite.data",
+    "process_dataset": "xtuner_lite.data",
+    "download_embedded": "xtuner_lite.hub",
+    "load_model": "xtuner_lite.hub",
+    "load_tokenizer": "xtuner_lite.hub",
+    "resolve_model_path": "xtuner_lite.hub",
+    "merge_adapter": "xtuner_lite.merge",
+    "pth_to_hf": "xtuner_lite.convert",
+    "export_gguf": "xtuner_lite.export",
+    "ChatSession": "xtuner_lite.chat",
+    "InferenceEngine": "xtuner_lite.inference",
+    "SamplingParams": "xtuner_lite.inference",
+    "run_eval": "xtuner_lite.evaluation",
+    "serve": "xtuner_lite.server",
 }
 
 

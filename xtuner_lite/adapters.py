@@ -13,8 +13,15 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import load_model, load_tokenizer, resolve_model_path
 from xtuner_lite.model.build import peft_wrapping
 
-ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "intermediate_size", "vocab_size")
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 def architecture_of(config: Any) -> dict[str, Any]:
@@ -56,21 +63,28 @@ def _check_base(base: str, base_config: Any, peft_cfg: dict, meta: dict, adapter
         diff = {k: (v, found.get(k)) for k, v in recorded.items() if found.get(k) != v}
         if diff:
             lines = ", ".join(f"{k}: adapter {a!r} vs base {b!r}" for k, (a, b) in diff.items())
-            raise XtunerError(f"adapter {adapter} was trained on a different model than {base} "
-                              f"({lines})")
+            raise XtunerError(
+                f"adapter {adapter} was trained on a different model than {base} ({lines})"
+            )
     name = meta.get("base_model") or peft_cfg.get("base_model_name_or_path")
     if name and not _same_model(str(name), base):
-        raise XtunerError(f"adapter {adapter} was trained on {name!r}, not {base!r}; pass that "
-                          "base, or --any-base if this is the same model stored elsewhere")
+        raise XtunerError(
+            f"adapter {adapter} was trained on {name!r}, not {base!r}; pass that "
+            "base, or --any-base if this is the same model stored elsewhere"
+        )
 
 
-def load_adapted(base: str | None, adapter: str | Path, dtype: str = "float32",
-                 any_base: bool = False, **model_kwargs: Any):
+def load_adapted(
+    base: str | None,
+    adapter: str | Path,
+    dtype: str = "float32",
+    any_base: bool = False,
+    **model_kwargs: Any,
+):
     """(PeftModel on ``base``, tokenizer, adapter meta); clear errors on mismatch.
 
     ``model_kwargs`` go to ``from_pretrained`` (e.g. a bitsandbytes config for chat); merging
     passes none, so the adapter lands on the unquantized base."""
-
 
     adapter = Path(adapter)
     peft_cfg, meta = read_adapter_meta(adapter)

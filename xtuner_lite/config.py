@@ -34,8 +34,10 @@ def find_config(ref: str) -> Path:
         raise XtunerError(f"config name {ref!r} is ambiguous: {[str(m) for m in matches]}")
     names = [p.stem for p in CONFIG_ROOT.rglob("*.py") if "_base_" not in p.parts]
     hint = get_close_matches(name, names, n=1)
-    raise XtunerError(f"config {ref!r} is neither a file nor a known config name"
-                      + (f"; did you mean {hint[0]!r}?" if hint else "; see `xtuner list-cfg`"))
+    raise XtunerError(
+        f"config {ref!r} is neither a file nor a known config name"
+        + (f"; did you mean {hint[0]!r}?" if hint else "; see `xtuner list-cfg`")
+    )
 
 
 def parse_cfg_options(items: list[str] | None) -> dict[str, Any]:
@@ -67,8 +69,10 @@ def load_config(ref: str, cfg_options: list[str] | dict | None = None):
         head = key.split(".")[0]
         if head not in cfg:
             hint = get_close_matches(head, list(cfg.keys()), n=1)
-            raise XtunerError(f"--cfg-options: config {path} has no key {head!r}"
-                              + (f"; did you mean {hint[0]!r}?" if hint else ""))
+            raise XtunerError(
+                f"--cfg-options: config {path} has no key {head!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
     if options:
         cfg.merge_from_dict(options)
     check_sections(cfg, path)
@@ -84,8 +88,9 @@ def check_sections(cfg: Any, path: Path) -> None:
             continue
         hint = get_close_matches(key, SECTIONS, n=1, cutoff=0.75)
         if hint:
-            raise XtunerError(f"config {path}: unknown top-level dict {key!r}; did you mean "
-                              f"{hint[0]!r}?")
+            raise XtunerError(
+                f"config {path}: unknown top-level dict {key!r}; did you mean {hint[0]!r}?"
+            )
 
 
 def resolve_data_files(data_files: Any, key: str = "train_dataset.data_files") -> Any:
@@ -95,8 +100,7 @@ def resolve_data_files(data_files: Any, key: str = "train_dataset.data_files") -
     if data_files is None:
         return None
     many = isinstance(data_files, (list, tuple))
-    resolved = [_resolve_data_path(str(ref), key) for ref in (data_files if many else
-                                                              [data_files])]
+    resolved = [_resolve_data_path(str(ref), key) for ref in (data_files if many else [data_files])]
     return resolved if many else resolved[0]
 
 
@@ -107,9 +111,11 @@ def _resolve_data_path(ref: str, key: str) -> str:
     if not path.is_absolute() and (BUNDLED_DATA / path).exists():
         return str(BUNDLED_DATA / path)
     if path.suffix.lower() in DATA_SUFFIXES or ref.startswith((".", "/", "~")):
-        raise XtunerError(f"{key}: {ref} not found (relative to {Path.cwd()}, nor bundled "
-                          f"with xtuner_lite); point at your copy with --cfg-options "
-                          f"{key}=PATH")
+        raise XtunerError(
+            f"{key}: {ref} not found (relative to {Path.cwd()}, nor bundled "
+            f"with xtuner_lite); point at your copy with --cfg-options "
+            f"{key}=PATH"
+        )
     return ref  # a hub dataset id
 
 
@@ -120,8 +126,7 @@ def is_int(value: Any) -> bool:
 
 def is_number(value: Any) -> bool:
     """A finite int or float setting (not a bool, not nan or inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_kwargs(fn: Callable, kwargs: dict[str, Any], where: str) -> None:
@@ -132,10 +137,17 @@ def check_kwargs(fn: Callable, kwargs: dict[str, Any], where: str) -> None:
     for key in kwargs:
         if key not in params:
             hint = get_close_matches(key, list(params), n=1)
-            raise XtunerError(f"{where}: unknown key {key!r}"
-                              + (f"; did you mean {hint[0]!r}?" if hint else "")
-                              + f" (accepted: {', '.join(params)})")
-    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs
-               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            raise XtunerError(
+                f"{where}: unknown key {key!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" (accepted: {', '.join(params)})"
+            )
+    missing = [
+        n
+        for n, p in params.items()
+        if p.default is p.empty
+        and n not in kwargs
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     if missing:
         raise XtunerError(f"{where}: missing required key(s) {missing}")

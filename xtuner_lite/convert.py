@@ -26,8 +26,13 @@ def read_checkpoint_weights(checkpoint: str | Path) -> dict:
     return {k.removeprefix("module.").removeprefix(PREFIX): v for k, v in weights.items()}
 
 
-def pth_to_hf(config: str, checkpoint: str | Path, out: str | Path,
-              cfg_options: list[str] | dict | None = None, force: bool = False) -> Path:
+def pth_to_hf(
+    config: str,
+    checkpoint: str | Path,
+    out: str | Path,
+    cfg_options: list[str] | dict | None = None,
+    force: bool = False,
+) -> Path:
     """Rebuild the config's model, load the checkpoint's weights, save it as ``xtuner train``
     saves its result (peft adapter folder, or HF model folder for a full fine-tune)."""
 
@@ -44,15 +49,19 @@ def pth_to_hf(config: str, checkpoint: str | Path, out: str | Path,
     missing = sorted(trainable - weights.keys())
     unexpected = sorted(weights.keys() - trainable)
     if missing or unexpected:
-        detail = (f"{len(missing)} trainable weights missing (e.g. {missing[:2]})" if missing
-                  else f"{len(unexpected)} weights the model does not train (e.g. "
-                  f"{unexpected[:2]})")
+        detail = (
+            f"{len(missing)} trainable weights missing (e.g. {missing[:2]})"
+            if missing
+            else f"{len(unexpected)} weights the model does not train (e.g. {unexpected[:2]})"
+        )
         raise XtunerError(f"checkpoint {checkpoint} does not match config {config}: {detail}")
     params = dict(llm.named_parameters())
     for name, tensor in weights.items():
         if params[name].shape != tensor.shape:
-            raise XtunerError(f"checkpoint {checkpoint}: {name} has shape {tuple(tensor.shape)}, "
-                              f"the config's model {tuple(params[name].shape)}")
+            raise XtunerError(
+                f"checkpoint {checkpoint}: {name} has shape {tuple(tensor.shape)}, "
+                f"the config's model {tuple(params[name].shape)}"
+            )
         params[name].data.copy_(tensor)
     data_cfg = dict(cfg["train_dataset"])
     tokenizer = resolve_tokenizer(data_cfg["tokenizer"])

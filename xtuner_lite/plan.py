@@ -30,9 +30,15 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax / 64
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # which linears read the same input tensor
-INPUT_OF = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
-            "o_proj": "attention output", "gate_proj": "mlp", "up_proj": "mlp",
-            "down_proj": "mlp hidden"}
+INPUT_OF = {
+    "q_proj": "attention",
+    "k_proj": "attention",
+    "v_proj": "attention",
+    "o_proj": "attention output",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp hidden",
+}
 
 
 @dataclass
@@ -51,25 +57,48 @@ class Shape:
 
     @classmethod
     def from_config(cls, config: Any) -> Shape:
-        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else \
-            (lambda k, d=None: getattr(config, k, d))
+        get = (
+            (lambda k, d=None: config.get(k, d))
+            if isinstance(config, dict)
+            else (lambda k, d=None: getattr(config, k, d))
+        )
         heads = get("num_attention_heads")
-        if not all(get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                    "vocab_size")) or not heads:
-            raise XtunerError("the model config lacks hidden_size, intermediate_size, "
-                              "num_hidden_layers, num_attention_heads or vocab_size")
-        return cls(get("hidden_size"), get("intermediate_size"), get("num_hidden_layers"),
-                   heads, get("num_key_value_heads") or heads,
-                   get("head_dim") or get("hidden_size") // heads, get("vocab_size"),
-                   bool(get("tie_word_embeddings", False)),
-                   bool(get("attention_bias", get("model_type") == "qwen2")))
+        if (
+            not all(
+                get(k)
+                for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+            )
+            or not heads
+        ):
+            raise XtunerError(
+                "the model config lacks hidden_size, intermediate_size, "
+                "num_hidden_layers, num_attention_heads or vocab_size"
+            )
+        return cls(
+            get("hidden_size"),
+            get("intermediate_size"),
+            get("num_hidden_layers"),
+            heads,
+            get("num_key_value_heads") or heads,
+            get("head_dim") or get("hidden_size") // heads,
+            get("vocab_size"),
+            bool(get("tie_word_embeddings", False)),
+            bool(get("attention_bias", get("model_type") == "qwen2")),
+        )
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of every linear of one decoder layer."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         h, i = self.hidden, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def layer_linear_params(self) -> int:
         bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
@@ -77,9 +106,12 @@ class Shape:
 
     def params(self) -> dict[str, int]:
         embed = self.vocab * self.hidden
-        return {"linear": self.layers * self.layer_linear_params(),
-                "norms": self.layers * 2 * self.hidden + self.hidden,
-                "embed": embed, "head": 0 if self.tied else embed}
+        return {
+            "linear": self.layers * self.layer_linear_params(),
+            "norms": self.layers * 2 * self.hidden + self.hidden,
+            "embed": embed,
+            "head": 0 if self.tied else embed,
+        }
 
 
 @dataclass
@@ -232,43 +264,82 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
             frozen = base * (p["linear"] + other)
             how = "frozen base in the base dtype"
         plan.components.append(("weights", frozen / shard3, how))
-        plan.components.append(("adapter", DTYPE_BYTES[s.lora_dtype] * trainable / shard3,
-                                f"{s.lora_dtype} LoRA weights"))
+        plan.components.append(
+            (
+                "adapter",
+                DTYPE_BYTES[s.lora_dtype] * trainable / shard3,
+                f"{s.lora_dtype} LoRA weights",
+            )
+        )
     grads_shard = n if s.zero >= 2 else 1
     state_shard = n if s.zero >= 1 else 1
     trained_bytes = 4 if s.method == "full" else DTYPE_BYTES[s.lora_dtype]  # weight, gradient
-    plan.components.append(("gradients", trained_bytes * trainable / grads_shard,
-                            "fp32" if trained_bytes == 4 else s.lora_dtype))
+    plan.components.append(
+        (
+            "gradients",
+            trained_bytes * trainable / grads_shard,
+            "fp32" if trained_bytes == 4 else s.lora_dtype,
+        )
+    )
     state = 2 if "8bit" in s.optimizer else 8
-    plan.components.append(("optimizer", state * trainable / state_shard,
-                            f"{s.optimizer}: {state} bytes per trained parameter"))
+    plan.components.append(
+        (
+            "optimizer",
+            state * trainable / state_shard,
+            f"{s.optimizer}: {state} bytes per trained parameter",
+        )
+    )
     if "8bit" not in s.optimizer:  # torch's foreach AdamW: sqrt(second moment) of every tensor
-        plan.components.append(("optimizer step", trained_bytes * trainable / state_shard,
-                                "foreach AdamW's temporary, one second-moment-sized copy"))
+        plan.components.append(
+            (
+                "optimizer step",
+                trained_bytes * trainable / state_shard,
+                "foreach AdamW's temporary, one second-moment-sized copy",
+            )
+        )
     tokens = s.batch_size * s.max_length
     layer = layer_activation_bytes(shape, s, tokens) + layer_weight_copies(shape, s)
     res = DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
     recomputed = sum(checkpointed_layers(shape.layers, s.gradient_checkpointing or False))
     kept = shape.layers - recomputed
     if recomputed:
-        plan.components.append(("activations", recomputed * res * shape.hidden * tokens
-                                + kept * layer,
-                                f"the input of {recomputed} checkpointed layers" +
-                                (f", all of {kept} others'" if kept else "")))
-        plan.components.append(("recomputed layer", layer,
-                                "one layer's activations, rebuilt during backward"))
+        plan.components.append(
+            (
+                "activations",
+                recomputed * res * shape.hidden * tokens + kept * layer,
+                f"the input of {recomputed} checkpointed layers"
+                + (f", all of {kept} others'" if kept else ""),
+            )
+        )
+        plan.components.append(
+            ("recomputed layer", layer, "one layer's activations, rebuilt during backward")
+        )
     else:
         plan.components.append(("activations", shape.layers * layer, "every layer's"))
-    plan.components.append(("final norm", (res + DTYPE_BYTES[s.compute_dtype]) * shape.hidden
-                            * tokens, "the last norm's input and the loss's hidden input"))
+    plan.components.append(
+        (
+            "final norm",
+            (res + DTYPE_BYTES[s.compute_dtype]) * shape.hidden * tokens,
+            "the last norm's input and the loss's hidden input",
+        )
+    )
     loss_tokens = min(s.chunk_size, tokens) if s.chunk_size else tokens
-    plan.components.append(("logits and loss", 3 * 4 * shape.vocab * loss_tokens
-                            + 4 * shape.hidden * tokens,
-                            f"fp32 logits, softmax and gradient of {loss_tokens} tokens, "
-                            "and the hidden-state gradient"))
+    plan.components.append(
+        (
+            "logits and loss",
+            3 * 4 * shape.vocab * loss_tokens + 4 * shape.hidden * tokens,
+            f"fp32 logits, softmax and gradient of {loss_tokens} tokens, "
+            "and the hidden-state gradient",
+        )
+    )
     if s.method == "full":
-        plan.components.append(("head gradient", 4 * shape.vocab * shape.hidden,
-                                "the output layer's gradient, computed with the loss"))
+        plan.components.append(
+            (
+                "head gradient",
+                4 * shape.vocab * shape.hidden,
+                "the output layer's gradient, computed with the loss",
+            )
+        )
     plan.components.append(("overhead", s.overhead_gib * GiB, "CUDA context, allocator slack"))
     return plan
 
@@ -297,8 +368,9 @@ def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
     while length > 256:
         length //= 2
         steps.append((f"max_length={length}", {"max_length": length}))
-    single = [name for name, change in steps
-              if plan_memory(shape, replace(s, **change)).total <= budget]
+    single = [
+        name for name, change in steps if plan_memory(shape, replace(s, **change)).total <= budget
+    ]
     if single:
         return single
     current, names = s, {}
@@ -312,8 +384,16 @@ def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
 
 def parse_size(text: str) -> float:
     """Bytes in a memory size such as ``8GiB``, ``24GB``, ``500MB`` (a bare number is GiB)."""
-    units = {"gib": GiB, "gb": 1e9, "mib": 1024**2, "mb": 1e6, "kib": 1024, "kb": 1e3,
-             "g": GiB, "m": 1024**2}
+    units = {
+        "gib": GiB,
+        "gb": 1e9,
+        "mib": 1024**2,
+        "mb": 1e6,
+        "kib": 1024,
+        "kb": 1e3,
+        "g": GiB,
+        "m": 1024**2,
+    }
     lowered = str(text).strip().lower()
     unit = next((u for u in units if lowered.endswith(u)), None)
     try:
@@ -333,23 +413,29 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
     if cfg.get("architecture"):
         shape = Shape.from_config(dict(cfg["architecture"]))
     else:
-
-
         path = resolve_model_path(str(model["pretrained"]))
-        shape = Shape.from_config(AutoConfig.from_pretrained(
-            path, trust_remote_code=bool(model.get("trust_remote_code", False))))
+        shape = Shape.from_config(
+            AutoConfig.from_pretrained(
+                path, trust_remote_code=bool(model.get("trust_remote_code", False))
+            )
+        )
     lora = dict(model.get("lora") or {})
     targets = lora.get("target_modules", "all-linear")
     autocast = train.get("dtype", "bf16")
     settings = PlanSettings(
-        method=model.get("method", "lora"), lora_r=int(lora.get("r", 64)),
+        method=model.get("method", "lora"),
+        lora_r=int(lora.get("r", 64)),
         lora_targets=LINEARS if targets == "all-linear" else tuple(targets),
-        lora_dropout=float(lora.get("dropout", 0.1)), lora_dtype=model.get("lora_dtype", "fp32"),
-        base_dtype=model.get("dtype", "fp32"), compute_dtype=autocast or "fp32",
-        max_length=int(data.get("max_length", 2048)), batch_size=int(train.get("batch_size", 1)),
+        lora_dropout=float(lora.get("dropout", 0.1)),
+        lora_dtype=model.get("lora_dtype", "fp32"),
+        base_dtype=model.get("dtype", "fp32"),
+        compute_dtype=autocast or "fp32",
+        max_length=int(data.get("max_length", 2048)),
+        batch_size=int(train.get("batch_size", 1)),
         gradient_checkpointing=model.get("gradient_checkpointing", False),
         chunk_size=int(train.get("chunk_size", 1024)),
-        optimizer=train.get("optimizer", "adamw"))
+        optimizer=train.get("optimizer", "adamw"),
+    )
 
     return shape, replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -358,15 +444,20 @@ def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
     """Print the component table; with a budget, whether it fits and what would make it fit."""
 
     plan = plan_memory(shape, s)
-    table = Table(title=f"{s.method} · max_length {s.max_length} × batch {s.batch_size} · "
-                        f"{s.world_size} device(s){f' ZeRO-{s.zero}' if s.zero else ''}")
+    table = Table(
+        title=f"{s.method} · max_length {s.max_length} × batch {s.batch_size} · "
+        f"{s.world_size} device(s){f' ZeRO-{s.zero}' if s.zero else ''}"
+    )
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("what")
     for name, size, how in plan.components:
         table.add_row(name, f"{size / GiB:.2f}", how)
-    table.add_row("total", f"{plan.total / GiB:.2f}",
-                  "peak per device: held + the larger of backward's and the step's transients")
+    table.add_row(
+        "total",
+        f"{plan.total / GiB:.2f}",
+        "peak per device: held + the larger of backward's and the step's transients",
+    )
     console = Console()
     console.print(table)
     if budget is None:
@@ -375,16 +466,18 @@ def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
     console.print(f"{'fits' if fits else 'does NOT fit'} in {budget / GiB:.1f} GiB")
     if not fits:
         options = suggestions(shape, s, budget)
-        console.print("would fit with: " + ("; ".join(options) if options else
-                                            "no single change; try several, or more devices"))
+        console.print(
+            "would fit with: "
+            + ("; ".join(options) if options else "no single change; try several, or more devices")
+        )
     return fits
 
 
-def measure_saved_bytes(model: Any, batch: dict, compute_dtype: str = "bf16",
-                        chunk_size: int = 1024) -> int:
+def measure_saved_bytes(
+    model: Any, batch: dict, compute_dtype: str = "bf16", chunk_size: int = 1024
+) -> int:
     """Bytes of the tensors autograd keeps for backward after one training forward (parameters
     excluded; each storage once): the activation memory the planner predicts, measured."""
-
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -397,7 +490,9 @@ def measure_saved_bytes(model: Any, batch: dict, compute_dtype: str = "bf16",
 
     autocast = DTYPE_BYTES[compute_dtype] == 2
     dtype = torch.float16 if compute_dtype in ("fp16", "float16") else torch.bfloat16
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast(model.device.type, dtype=dtype, enabled=autocast):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast(model.device.type, dtype=dtype, enabled=autocast),
+    ):
         loss_sum(model, batch, chunk_size)
     return sum(seen.values())

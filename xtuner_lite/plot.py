@@ -26,8 +26,9 @@ def plot_log(work_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set(xlabel="step", ylabel="loss", title=f"training loss — {Path(work_dir).name}")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()
-    lr_ax.plot([r["step"] for r in records], [r["lr"] for r in records], color="grey", lw=0.8,
-               ls="--")
+    lr_ax.plot(
+        [r["step"] for r in records], [r["lr"] for r in records], color="grey", lw=0.8, ls="--"
+    )
     lr_ax.set_ylabel("learning rate", color="grey")
     target = Path(out) if out else Path(work_dir) / "loss.png"
     fig.tight_layout()

@@ -32,15 +32,32 @@ LISTEN_BACKLOG = 128  # connections the OS queues before accept (the default 5 r
 class APIError(Exception):
     """An OpenAI-style error: HTTP status, message, offending parameter."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = (
-            status, message, param, code, kind)
+            status,
+            message,
+            param,
+            code,
+            kind,
+        )
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 # --------------------------------------------------------------------------- the engine worker
@@ -86,8 +103,11 @@ class EngineWorker:
         return dict(self._load)
 
     def _publish_load(self) -> None:
-        self._load = {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                      **self.stats}
+        self._load = {
+            "running": len(self.engine.running),
+            "waiting": len(self.engine.waiting),
+            **self.stats,
+        }
 
     def _run(self) -> None:
         try:
@@ -113,17 +133,16 @@ class EngineWorker:
                     finished = self.engine.step()
                 except Exception as exc:  # noqa: BLE001 - a step that fails as a whole: its
                     # requests get a 500, the engine starts again from an empty batch
-                    finished = self.engine.fail_all(f"internal error: {type(exc).__name__}: "
-                                                    f"{exc}")
-                self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self.engine.running)
-                                               + len(finished))
+                    finished = self.engine.fail_all(f"internal error: {type(exc).__name__}: {exc}")
+                self.stats["peak_batch"] = max(
+                    self.stats["peak_batch"], len(self.engine.running) + len(finished)
+                )
                 for request in finished:
                     self._finish(request)
                 self._publish_load()
 
     def _finish(self, request) -> None:
-        kind = {"cancelled": "cancelled", "error": "failed"}.get(request.finish_reason,
-                                                                 "finished")
+        kind = {"cancelled": "cancelled", "error": "failed"}.get(request.finish_reason, "finished")
         self.stats[kind] += 1
         job, stream = self.jobs.pop(request.id)
         job.completion_tokens = len(request.output_ids)
@@ -168,42 +187,57 @@ def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> 
         return default
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise APIError(400, f"'{key}' must be {names}, got {type(value).__name__}", key,
-                       "invalid_type")
+        raise APIError(
+            400, f"'{key}' must be {names}, got {type(value).__name__}", key, "invalid_type"
+        )
     return value
 
 
 def _message_text(message: Any, index: int) -> dict[str, str]:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise APIError(400, f"messages[{index}] must be an object with a 'role'",
-                       f"messages[{index}]")
+        raise APIError(
+            400, f"messages[{index}] must be an object with a 'role'", f"messages[{index}]"
+        )
     content = message.get("content")
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise APIError(400, f"messages[{index}].content: only text parts are supported",
-                           f"messages[{index}].content")
+            raise APIError(
+                400,
+                f"messages[{index}].content: only text parts are supported",
+                f"messages[{index}].content",
+            )
         content = "".join(str(p.get("text", "")) for p in content)
     if content is None:
         content = ""
     if not isinstance(content, str):
-        raise APIError(400, f"messages[{index}].content must be a string",
-                       f"messages[{index}].content")
+        raise APIError(
+            400, f"messages[{index}].content must be a string", f"messages[{index}].content"
+        )
     if message["role"] not in ("system", "user", "assistant", "tool"):
-        raise APIError(400, f"messages[{index}].role {message['role']!r} is not one of system, "
-                       "user, assistant, tool", f"messages[{index}].role")
+        raise APIError(
+            400,
+            f"messages[{index}].role {message['role']!r} is not one of system, "
+            "user, assistant, tool",
+            f"messages[{index}].role",
+        )
     return {"role": message["role"], "content": content}
 
 
-def generation_options(body: dict, default_max_tokens: int | None) -> tuple[
-        SamplingParams, list[str], int | None]:
+def generation_options(
+    body: dict, default_max_tokens: int | None
+) -> tuple[SamplingParams, list[str], int | None]:
     """(sampling params, stop strings, max_tokens as asked) from an OpenAI request body; the
     ranges are ``SamplingParams``'s own (one validation for the CLI and the server)."""
     max_tokens = _get(body, "max_completion_tokens", (int,), None)
     max_tokens = _get(body, "max_tokens", (int,), max_tokens)
     for key in ("presence_penalty", "frequency_penalty"):
         if _get(body, key, (int, float), 0) != 0:
-            raise APIError(400, f"'{key}' is not supported; use 'repetition_penalty'", key,
-                           "unsupported_parameter")
+            raise APIError(
+                400,
+                f"'{key}' is not supported; use 'repetition_penalty'",
+                key,
+                "unsupported_parameter",
+            )
     if _get(body, "n", (int,), 1) != 1:
         raise APIError(400, "only n=1 is supported", "n", "unsupported_parameter")
     if _get(body, "logprobs", (bool, int), False):
@@ -216,9 +250,11 @@ def generation_options(body: dict, default_max_tokens: int | None) -> tuple[
         # without max_tokens: the room left in the context (the caller reports a prompt too long)
         max_new_tokens=max_tokens if max_tokens is not None else max(default_max_tokens or 1, 1),
         temperature=_get(body, "temperature", (int, float), 1.0),
-        top_p=_get(body, "top_p", (int, float), 1.0), top_k=_get(body, "top_k", (int,), 0),
+        top_p=_get(body, "top_p", (int, float), 1.0),
+        top_k=_get(body, "top_k", (int,), 0),
         repetition_penalty=_get(body, "repetition_penalty", (int, float), 1.0),
-        seed=_get(body, "seed", (int,), None))
+        seed=_get(body, "seed", (int,), None),
+    )
     try:
         params.validate()
     except SamplingError as exc:
@@ -232,8 +268,13 @@ def generation_options(body: dict, default_max_tokens: int | None) -> tuple[
 class Server:
     """The served model, its engine worker, and the HTTP request handling."""
 
-    def __init__(self, chat: ChatModel, name: str, max_batch_size: int = 32,
-                 read_timeout: float = READ_TIMEOUT_S):
+    def __init__(
+        self,
+        chat: ChatModel,
+        name: str,
+        max_batch_size: int = 32,
+        read_timeout: float = READ_TIMEOUT_S,
+    ):
         self.chat = chat
         self.name = name
         self.read_timeout = read_timeout
@@ -249,14 +290,17 @@ class Server:
         if model is None:
             raise APIError(400, "'model' is required", "model", "missing_required_parameter")
         if model != self.name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves "
-                           f"'{self.name}'", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{self.name}'",
+                "model",
+                "model_not_found",
+            )
         if path == "/v1/chat/completions":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise APIError(400, "'messages' must be a non-empty list", "messages")
-            prompt_ids = self.chat.prompt_ids([_message_text(m, i)
-                                               for i, m in enumerate(messages)])
+            prompt_ids = self.chat.prompt_ids([_message_text(m, i) for i, m in enumerate(messages)])
             default_max = None
         else:
             prompt = body.get("prompt")
@@ -270,10 +314,14 @@ class Server:
         room = None if context is None else context - len(prompt_ids)
         options, stop, asked = generation_options(body, default_max or room)
         if room is not None and (room < 1 or (asked is not None and asked > room)):
-            raise APIError(400, f"This model's maximum context length is {context} tokens; the "
-                           f"prompt is {len(prompt_ids)} and max_tokens is "
-                           f"{asked if asked is not None else 'at least 1'}", "max_tokens",
-                           "context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens; the "
+                f"prompt is {len(prompt_ids)} and max_tokens is "
+                f"{asked if asked is not None else 'at least 1'}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         _get(body, "stream", (bool,), False)
         _get(body, "stream_options", (dict,), None)
         return Job(prompt_ids, self.chat.sampling(options, stop)), body
@@ -303,12 +351,29 @@ class Server:
                     if worker.alive:
                         self._json(200, {"status": "ok", **worker.load()})
                     else:
-                        self._json(503, {"status": "error", "error": worker.fatal or
-                                         "the engine thread stopped", **worker.load()})
+                        self._json(
+                            503,
+                            {
+                                "status": "error",
+                                "error": worker.fatal or "the engine thread stopped",
+                                **worker.load(),
+                            },
+                        )
                 elif self.path == "/v1/models":
-                    self._json(200, {"object": "list", "data": [{
-                        "id": server.name, "object": "model", "created": server.created,
-                        "owned_by": "xtuner_lite"}]})
+                    self._json(
+                        200,
+                        {
+                            "object": "list",
+                            "data": [
+                                {
+                                    "id": server.name,
+                                    "object": "model",
+                                    "created": server.created,
+                                    "owned_by": "xtuner_lite",
+                                }
+                            ],
+                        },
+                    )
                 else:
                     self._json(404, APIError(404, f"no route {self.path}").body())
 
@@ -322,15 +387,20 @@ class Server:
                     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
                     if not server.worker.alive:
-                        raise APIError(503, "the engine has stopped; restart the server",
-                                       kind="server_error")
+                        raise APIError(
+                            503, "the engine has stopped; restart the server", kind="server_error"
+                        )
                     job, body = server.prepare(self.path, body)
                 except APIError as exc:
                     self._json(exc.status, exc.body())
                     return
                 except Exception as exc:  # noqa: BLE001 - this request fails alone
-                    self._json(500, APIError(500, f"internal error: {type(exc).__name__}: "
-                                             f"{exc}", kind="server_error").body())
+                    self._json(
+                        500,
+                        APIError(
+                            500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error"
+                        ).body(),
+                    )
                     return
                 server.worker.submit(job)
                 if body.get("stream"):
@@ -351,13 +421,15 @@ class Server:
                     length = int(declared)
                 if length > MAX_BODY_BYTES:
                     self.close_connection = True  # the unread body must not be parsed as a request
-                    raise APIError(413, f"request body of {length} bytes is over the limit of "
-                                   f"{MAX_BODY_BYTES}")
+                    raise APIError(
+                        413, f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES}"
+                    )
                 kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
                 if kind != "application/json":
                     self.close_connection = True
-                    raise APIError(415, "Content-Type must be application/json, got "
-                                   f"{kind or 'none'!r}")
+                    raise APIError(
+                        415, f"Content-Type must be application/json, got {kind or 'none'!r}"
+                    )
                 return self.rfile.read(length) if length else b""
 
             def _complete(self, job: Job) -> None:
@@ -389,15 +461,15 @@ class Server:
                             self._send(chunk(event[1], None))
                         elif event[0] == "error":
                             _, status, message = event
-                            kind = ("server_error" if status >= 500
-                                    else "invalid_request_error")
+                            kind = "server_error" if status >= 500 else "invalid_request_error"
                             self._send(APIError(status, message, kind=kind).body())
                             break
                         else:
                             self._send(chunk(None, event[1]))
                             if (body.get("stream_options") or {}).get("include_usage"):
-                                self._send({**chunk(None, None), "choices": [],
-                                            "usage": server.usage(job)})
+                                self._send(
+                                    {**chunk(None, None), "choices": [], "usage": server.usage(job)}
+                                )
                             break
                     self._write(b"data: [DONE]\n\n")
                     self._write(b"")
@@ -416,19 +488,31 @@ class Server:
 
     def usage(self, job: Job) -> dict[str, int]:
         prompt = len(job.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
-                "total_tokens": prompt + job.completion_tokens}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": job.completion_tokens,
+            "total_tokens": prompt + job.completion_tokens,
+        }
 
     def response(self, path: str, job: Job, text: str, reason: str) -> dict:
         if path == "/v1/chat/completions":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+            }
             kind, prefix = "chat.completion", "chatcmpl"
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
             kind, prefix = "text_completion", "cmpl"
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-                "model": self.name, "choices": [choice], "usage": self.usage(job)}
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [choice],
+            "usage": self.usage(job),
+        }
 
     def chunker(self, path: str):
         """A function (delta text or role dict, finish reason) → one SSE chunk object."""
@@ -438,16 +522,28 @@ class Server:
 
         def chunk(delta: str | dict | None, reason: str | None) -> dict:
             if chat:
-                content = delta if isinstance(delta, dict) else (
-                    {} if delta is None else {"content": delta})
+                content = (
+                    delta
+                    if isinstance(delta, dict)
+                    else ({} if delta is None else {"content": delta})
+                )
                 choice = {"index": 0, "delta": content, "finish_reason": reason}
                 kind = "chat.completion.chunk"
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": reason,
-                          "logprobs": None}
+                choice = {
+                    "index": 0,
+                    "text": delta or "",
+                    "finish_reason": reason,
+                    "logprobs": None,
+                }
                 kind = "text_completion"
-            return {"id": ident, "object": kind, "created": created, "model": self.name,
-                    "choices": [choice]}
+            return {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": self.name,
+                "choices": [choice],
+            }
 
         return chunk
 
@@ -467,9 +563,16 @@ def bind(host: str, port: int) -> HTTPServer:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def serve(model: str, adapter: str | None = None, template: str | None = None,
-          bits: int | None = None, host: str = "127.0.0.1", port: int = 8000,
-          name: str | None = None, max_batch_size: int = 32) -> None:
+def serve(
+    model: str,
+    adapter: str | None = None,
+    template: str | None = None,
+    bits: int | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str | None = None,
+    max_batch_size: int = 32,
+) -> None:
     """Load the model and serve until interrupted; prints the URL once it is listening."""
 
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -480,8 +583,7 @@ def serve(model: str, adapter: str | None = None, template: str | None = None,
         server = Server(chat, name or Path(adapter or model).name, max_batch_size)
         httpd.RequestHandlerClass = server.handler()
         url = f"http://{httpd.server_address[0]}:{httpd.server_address[1]}"
-        print(f"serving {server.name!r} on {url}/v1 (OpenAI-compatible; Ctrl-C stops)",
-              flush=True)
+        print(f"serving {server.name!r} on {url}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
         httpd.serve_forever()
     finally:
         httpd.server_close()

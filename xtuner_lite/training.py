@@ -45,8 +45,7 @@ from xtuner_lite.model import build_model, skip_adapter_input_casts
 from xtuner_lite.model.build import LoraSettings
 
 
-def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[str, Any]
-                ) -> None:
+def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[str, Any]) -> None:
     """A standard peft adapter (or HF model) folder, plus the tokenizer and how it was trained.
     ``state_dict`` holds the weights when the model itself is sharded (ZeRO-3, FSDP2)."""
     with atomic_path(out) as tmp:
@@ -62,18 +61,29 @@ def _stopped(exc: TrainingStoppedError, work_dir: Path, failed_step: int) -> Xtu
         ckpt.set_aside(work_dir, from_step=failed_step - 1)
     good = ckpt.latest(work_dir, warn=lambda _: None)
     if good is None:
-        where = ("no checkpoint from before the divergence exists; start again (--overwrite) "
-                 "with a lower train.lr")
+        where = (
+            "no checkpoint from before the divergence exists; start again (--overwrite) "
+            "with a lower train.lr"
+        )
     else:
-        where = (f"the last good checkpoint is kept: {good.name}; continue from it with "
-                 "--resume auto, e.g. with a lower train.lr")
+        where = (
+            f"the last good checkpoint is kept: {good.name}; continue from it with "
+            "--resume auto, e.g. with a lower train.lr"
+        )
     return type(exc)(f"{exc} at step {failed_step}; {where}")
 
 
-def train(config: str | dict, work_dir: str | Path | None = None, resume: bool | str = False,
-          seed: int | None = None, cfg_options: list[str] | dict | None = None,
-          deepspeed: str | dict | None = None, fsdp: bool = False,
-          overwrite: bool = False, verbose: bool = False) -> Path:
+def train(
+    config: str | dict,
+    work_dir: str | Path | None = None,
+    resume: bool | str = False,
+    seed: int | None = None,
+    cfg_options: list[str] | dict | None = None,
+    deepspeed: str | dict | None = None,
+    fsdp: bool = False,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> Path:
     """Train from a config file/name (or an already loaded config); return the final folder.
 
     ``resume=True`` (``--resume auto``) continues from the newest complete checkpoint in
@@ -102,8 +112,11 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
     settings = dataclasses.replace(settings, device=resolve_device(settings))  # once, here
     if model_cfg.get("method", "lora") != "full":
         LoraSettings.from_config(model_cfg.get("lora"))  # before any work
-    if model_cfg.get("method") == "qlora" and "quant_storage" not in model_cfg and \
-            _shards_weights(settings):
+    if (
+        model_cfg.get("method") == "qlora"
+        and "quant_storage" not in model_cfg
+        and _shards_weights(settings)
+    ):
         # ZeRO-3 / FSDP shard weights of one float dtype; packed 4-bit bytes stored as uint8
         # cannot join them, stored as the model's dtype they can
         model_cfg["quant_storage"] = model_cfg.get("dtype", "fp32")
@@ -116,25 +129,36 @@ def train(config: str | dict, work_dir: str | Path | None = None, resume: bool |
         cap_mmap_threshold()  # large activation buffers go back to the OS on free
         model_cfg, settings, changed = cpu_precision(model_cfg, settings)
         if changed:
-            print("this CPU has no native bf16 matrix multiply (AVX512/AMX), where bf16 runs "
-                  f"several times slower than fp32; training in fp32: {', '.join(changed)}",
-                  flush=True)
+            print(
+                "this CPU has no native bf16 matrix multiply (AVX512/AMX), where bf16 runs "
+                f"several times slower than fp32; training in fp32: {', '.join(changed)}",
+                flush=True,
+            )
     distributed = init_process_group(settings.device, settings.dist_timeout)
     rank, world_size = world()
     check_engine_choice(settings, world_size)  # before any work
     with workdir.locked(work_dir) if rank == 0 else nullcontext():
         if rank == 0:
             workdir.check_start(work_dir, resume, overwrite)
-        start = ckpt.resume_point(work_dir, resume, warn=print if rank == 0 else
-                                  lambda _: None)
+        start = ckpt.resume_point(work_dir, resume, warn=print if rank == 0 else lambda _: None)
         if overwrite and not resume and rank == 0:
             workdir.clear_previous_run(work_dir)
-        return _train(cfg, model_cfg, data_cfg, settings, seed, work_dir, start, distributed,
-                      verbose)
+        return _train(
+            cfg, model_cfg, data_cfg, settings, seed, work_dir, start, distributed, verbose
+        )
 
 
-def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: Path,
-           start: Path | None, distributed: bool, verbose: bool = False) -> Path:
+def _train(
+    cfg,
+    model_cfg: dict,
+    data_cfg: dict,
+    settings,
+    seed: int,
+    work_dir: Path,
+    start: Path | None,
+    distributed: bool,
+    verbose: bool = False,
+) -> Path:
     """Data, model, runner, the loop and the result, in a work dir held by this training."""
     rank, _ = world()
 
@@ -155,17 +179,36 @@ def _train(cfg, model_cfg: dict, data_cfg: dict, settings, seed: int, work_dir: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     hooks = []
     if distributed and (settings.evaluation_inputs or settings.eval_tasks):
-        warnings.warn("sample generations and eval_tasks run in single-process training only; "
-                      "run `xtuner chat` / `xtuner eval` on the result", stacklevel=2)
+        warnings.warn(
+            "sample generations and eval_tasks run in single-process training only; "
+            "run `xtuner chat` / `xtuner eval` on the result",
+            stacklevel=2,
+        )
     elif settings.evaluation_inputs:
-        hooks.append(EvaluateChatHook(tokenizer, template, settings.evaluation_inputs,
-                                      settings.evaluation_freq, settings.evaluation_max_new_tokens))
+        hooks.append(
+            EvaluateChatHook(
+                tokenizer,
+                template,
+                settings.evaluation_inputs,
+                settings.evaluation_freq,
+                settings.evaluation_max_new_tokens,
+            )
+        )
     if settings.eval_tasks:
-        hooks.append(EvaluateTasksHook(tokenizer, template, settings.eval_tasks,
-                                       settings.eval_freq, settings.eval_data_root,
-                                       settings.eval_limit, seed))
-    runner = build_runner(llm, dataset, pad, settings, work_dir, seed=seed, resume=start,
-                          hooks=hooks, verbose=verbose)
+        hooks.append(
+            EvaluateTasksHook(
+                tokenizer,
+                template,
+                settings.eval_tasks,
+                settings.eval_freq,
+                settings.eval_data_root,
+                settings.eval_limit,
+                seed,
+            )
+        )
+    runner = build_runner(
+        llm, dataset, pad, settings, work_dir, seed=seed, resume=start, hooks=hooks, verbose=verbose
+    )
     try:
         runner.train()
     except TrainingStoppedError as exc:
@@ -202,15 +245,31 @@ def _shards_weights(settings) -> bool:
     return zero_stage(settings.deepspeed) == 3
 
 
-def save_result(llm, tokenizer, template, cfg: dict, out: Path, seed: int | None = None,
-                state_dict: dict | None = None) -> None:
+def save_result(
+    llm,
+    tokenizer,
+    template,
+    cfg: dict,
+    out: Path,
+    seed: int | None = None,
+    state_dict: dict | None = None,
+) -> None:
     """Write the trained adapter (or full model) with what ``xtuner merge``/``chat`` need:
     base model name, architecture, template, stop words and the training settings."""
     model_cfg, data_cfg = dict(cfg["model"]), dict(cfg["train_dataset"])
-    _final_save(llm, tokenizer, out, state_dict, {
-        "base_model": str(model_cfg["pretrained"]), "method": model_cfg.get("method", "lora"),
-        "architecture": architecture_of(llm.config),
-        "template": template.name, "stop_words": template.stop_words(tokenizer),
-        "max_length": data_cfg.get("max_length"), "train": dict(cfg["train"]),
-        "seed": cfg.get("seed", 0) if seed is None else seed,
-    })
+    _final_save(
+        llm,
+        tokenizer,
+        out,
+        state_dict,
+        {
+            "base_model": str(model_cfg["pretrained"]),
+            "method": model_cfg.get("method", "lora"),
+            "architecture": architecture_of(llm.config),
+            "template": template.name,
+            "stop_words": template.stop_words(tokenizer),
+            "max_length": data_cfg.get("max_length"),
+            "train": dict(cfg["train"]),
+            "seed": cfg.get("seed", 0) if seed is None else seed,
+        },
+    )

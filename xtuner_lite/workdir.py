@@ -35,8 +35,9 @@ def checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), path) for path in folder.iterdir()
-             if (m := _CHECKPOINT.match(path.name))]
+    found = [
+        (int(m.group(1)), path) for path in folder.iterdir() if (m := _CHECKPOINT.match(path.name))
+    ]
     return sorted(found)
 
 
@@ -57,8 +58,7 @@ def is_work_dir(folder: str | Path) -> bool:
 def check_writable(folder: Path) -> None:
     """Create ``folder`` (and parents) or say why it cannot be a work dir."""
     if folder.exists() and not folder.is_dir():
-        raise WorkDirError(f"work dir {folder} is a file, not a folder; choose another "
-                           "--work-dir")
+        raise WorkDirError(f"work dir {folder} is a file, not a folder; choose another --work-dir")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -82,13 +82,18 @@ def check_start(folder: Path, resume: bool | str, overwrite: bool) -> None:
     """Refuse to start over a previous run unless asked to resume it or to overwrite it."""
     if resume or overwrite:
         return
-    previous = [name for name in left_by_a_run(folder)
-                if name not in (LOCK, DATA_REPORT, "samples.jsonl", "eval.jsonl")]
+    previous = [
+        name
+        for name in left_by_a_run(folder)
+        if name not in (LOCK, DATA_REPORT, "samples.jsonl", "eval.jsonl")
+    ]
     if previous:
         shown = ", ".join(previous[:4]) + (" ..." if len(previous) > 4 else "")
-        raise WorkDirError(f"work dir {folder} holds a previous run ({shown}); pass "
-                           "--resume auto to continue it, --overwrite to start over in it, or "
-                           "choose another --work-dir")
+        raise WorkDirError(
+            f"work dir {folder} holds a previous run ({shown}); pass "
+            "--resume auto to continue it, --overwrite to start over in it, or "
+            "choose another --work-dir"
+        )
 
 
 @contextmanager
@@ -101,8 +106,10 @@ def locked(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "?"
-            raise WorkDirError(f"work dir {folder} is in use by another training (pid {owner}); "
-                               "wait for it to finish or choose another --work-dir") from None
+            raise WorkDirError(
+                f"work dir {folder} is in use by another training (pid {owner}); "
+                "wait for it to finish or choose another --work-dir"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

@@ -9,8 +9,22 @@ from xtuner_lite.data.templates import TEMPLATES, ChatTemplate, JinjaTemplate, g
 from xtuner_lite.data.tokenize import IGNORE_INDEX, tokenize_rendered
 
 __all__ = [
-    "IGNORE_INDEX", "MAP_FNS", "TEMPLATES", "ChatTemplate", "DatasetStats", "JinjaTemplate",
-    "PackedData", "ProcessedDataset", "Rows", "SFTDataset", "build_packed", "collate_packed",
-    "get_map_fn", "get_template", "load_rows", "pack_indices", "process_dataset",
+    "IGNORE_INDEX",
+    "MAP_FNS",
+    "TEMPLATES",
+    "ChatTemplate",
+    "DatasetStats",
+    "JinjaTemplate",
+    "PackedData",
+    "ProcessedDataset",
+    "Rows",
+    "SFTDataset",
+    "build_packed",
+    "collate_packed",
+    "get_map_fn",
+    "get_template",
+    "load_rows",
+    "pack_indices",
+    "process_dataset",
     "tokenize_rendered",
 ]

@@ -29,8 +29,9 @@ class SFTDataset(torch.utils.data.Dataset):
         return self.data.row(i)
 
 
-def collate_packed(rows: list[dict[str, list[int]]], pad_token_id: int = 0,
-                   pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+def collate_packed(
+    rows: list[dict[str, list[int]]], pad_token_id: int = 0, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
     """Right-pad rows into a batch; cu_seqlens are flattened over the batch (varlen layout).
 
     Padding is its own "sample" in cu_seqlens with labels -100, so attention stays per sample.
@@ -54,6 +55,10 @@ def collate_packed(rows: list[dict[str, list[int]]], pad_token_id: int = 0,
         cu += [offset + c for c in r["cu_seqlens"][1:]]
         if n < width:
             cu.append(offset + width)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
-            "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows)),
+    }

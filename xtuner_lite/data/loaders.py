@@ -45,9 +45,12 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"not valid UTF-8 (byte {exc.start} on line {line}: "
-                        f"{data[exc.start:exc.start + 1]!r}); re-save the file as UTF-8",
-                        source=str(path), location=f"line {line}") from None
+        raise DataError(
+            f"not valid UTF-8 (byte {exc.start} on line {line}: "
+            f"{data[exc.start : exc.start + 1]!r}); re-save the file as UTF-8",
+            source=str(path),
+            location=f"line {line}",
+        ) from None
 
 
 def _load_json(path: Path, skip_invalid: bool = False) -> Rows:
@@ -59,18 +62,23 @@ def _load_json(path: Path, skip_invalid: bool = False) -> Rows:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # a .json file that is really JSON Lines
             return _load_jsonl(path, text, skip_invalid)
-        raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=str(path),
-                        location=f"line {exc.lineno}") from None
+        raise DataError(
+            f"invalid JSON: {exc.msg} (column {exc.colno})",
+            source=str(path),
+            location=f"line {exc.lineno}",
+        ) from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) == 1:
             data = data[lists[0]]
         else:
-            raise DataError("expected a JSON list of records (or an object holding one list)",
-                            source=str(path))
+            raise DataError(
+                "expected a JSON list of records (or an object holding one list)", source=str(path)
+            )
     if not isinstance(data, list):
-        raise DataError(f"expected a JSON list of records, got {type(data).__name__}",
-                        source=str(path))
+        raise DataError(
+            f"expected a JSON list of records, got {type(data).__name__}", source=str(path)
+        )
     return Rows(str(path), data)
 
 
@@ -112,8 +120,12 @@ def _load_table(path: Path, kind: str) -> Rows:
     text = _read_text(path) if kind == "csv" else ""  # non-UTF-8 bytes: fail with a line
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train",
-                                   **({"delimiter": delimiter} if kind == "csv" else {}))
+        ds = datasets.load_dataset(
+            kind,
+            data_files=str(path),
+            split="train",
+            **({"delimiter": delimiter} if kind == "csv" else {}),
+        )
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise DataError(f"could not read {kind}: {exc}", source=str(path)) from None
     if len(ds) == 0:
@@ -141,8 +153,7 @@ def expand(data_files: list[str]) -> list[str]:
     return out
 
 
-def load_rows(path: str | os.PathLike, split: str = "train", skip_invalid: bool = False
-              ) -> Rows:
+def load_rows(path: str | os.PathLike, split: str = "train", skip_invalid: bool = False) -> Rows:
     """Load one data source: a file, a saved HF dataset folder, or a hub dataset id.
     ``skip_invalid``: JSON Lines that do not parse are listed in ``Rows.invalid``, not raised."""
     p = Path(path).expanduser()
@@ -158,10 +169,14 @@ def load_rows(path: str | os.PathLike, split: str = "train", skip_invalid: bool 
             return _load_table(p, "csv")
         if suffix == ".parquet":
             return _load_table(p, "parquet")
-        raise DataError(f"unsupported file type {suffix!r} (json, jsonl, csv, parquet or a "
-                        "saved dataset folder)", source=str(p))
-    if suffix in (".json", ".jsonl", ".csv", ".tsv", ".parquet") or \
-            str(path).startswith((".", "/", "~")):
+        raise DataError(
+            f"unsupported file type {suffix!r} (json, jsonl, csv, parquet or a "
+            "saved dataset folder)",
+            source=str(p),
+        )
+    if suffix in (".json", ".jsonl", ".csv", ".tsv", ".parquet") or str(path).startswith(
+        (".", "/", "~")
+    ):
         raise DataError("file not found", source=str(p))
     return _load_hub_dataset(str(path), split)
 
@@ -186,6 +201,9 @@ def _load_hub_dataset(repo_id: str, split: str) -> Rows:
     try:
         ds = datasets.load_dataset(repo_id, split=split)
     except Exception as exc:  # noqa: BLE001 - offline or unknown id: say which
-        raise DataError(f"not a local file and could not be loaded as a hub dataset "
-                        f"({type(exc).__name__}: {exc})", source=repo_id) from None
+        raise DataError(
+            f"not a local file and could not be loaded as a hub dataset "
+            f"({type(exc).__name__}: {exc})",
+            source=repo_id,
+        ) from None
     return Rows(repo_id, ds.to_list())

@@ -51,16 +51,22 @@ def alpaca_map_fn(row: Any) -> Conversation:
     """Alpaca ``{instruction, input, output[, system]}`` → one user/assistant turn."""
     row = _obj(row)
     user = _turn(_str(row, "instruction"), _str(row, "input", required=False))
-    return {"messages": _system(row) + [{"role": "user", "content": user},
-                                        {"role": "assistant", "content": _str(row, "output")}]}
+    return {
+        "messages": _system(row)
+        + [{"role": "user", "content": user}, {"role": "assistant", "content": _str(row, "output")}]
+    }
 
 
 def alpaca_zh_map_fn(row: Any) -> Conversation:
     """Chinese Alpaca: ``instruction_zh/input_zh/output_zh`` (alpaca-gpt4-chinese) or plain keys."""
     row = _obj(row)
     if "instruction_zh" in row:
-        row = {"instruction": row.get("instruction_zh"), "input": row.get("input_zh"),
-               "output": row.get("output_zh"), "system": row.get("system")}
+        row = {
+            "instruction": row.get("instruction_zh"),
+            "input": row.get("input_zh"),
+            "output": row.get("output_zh"),
+            "system": row.get("system"),
+        }
     return alpaca_map_fn(row)
 
 
@@ -69,15 +75,22 @@ def history_map_fn(row: Any) -> Conversation:
     row = _obj(row)
     history = row.get("history") or []
     if not isinstance(history, list):
-        raise RowError(f"expected a list of [user, assistant] pairs, got {type(history).__name__}",
-                       field="history")
+        raise RowError(
+            f"expected a list of [user, assistant] pairs, got {type(history).__name__}",
+            field="history",
+        )
     messages = _system(row)
     for i, pair in enumerate(history):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                and all(isinstance(x, str) for x in pair)):
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(x, str) for x in pair)
+        ):
             raise RowError(f"item {i} is not a [user, assistant] pair of strings", field="history")
-        messages += [{"role": "user", "content": pair[0]},
-                     {"role": "assistant", "content": pair[1]}]
+        messages += [
+            {"role": "user", "content": pair[0]},
+            {"role": "assistant", "content": pair[1]},
+        ]
     last = alpaca_map_fn({k: row.get(k) for k in ("instruction", "input", "output")})
     messages += last["messages"]
     return {"messages": messages}
@@ -96,12 +109,15 @@ def openai_map_fn(row: Any) -> Conversation:
             raise RowError(f"item {i} is not an object", field="messages")
         role = msg.get("role")
         if role not in ("system", "user", "assistant", "tool"):
-            raise RowError(f"item {i} has role {role!r}; expected system/user/assistant/tool",
-                           field=f"messages[{i}].role")
+            raise RowError(
+                f"item {i} has role {role!r}; expected system/user/assistant/tool",
+                field=f"messages[{i}].role",
+            )
         content = msg.get("content")
         if not isinstance(content, str):
-            raise RowError(f"expected a string, got {type(content).__name__}",
-                           field=f"messages[{i}].content")
+            raise RowError(
+                f"expected a string, got {type(content).__name__}", field=f"messages[{i}].content"
+            )
         item = {"role": role, "content": content}
         if "loss" in msg:
             if not isinstance(msg["loss"], bool):
@@ -112,10 +128,15 @@ def openai_map_fn(row: Any) -> Conversation:
 
 
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "function_call": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
     "system": "system",
-    "observation": "tool", "tool": "tool", "function": "tool",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
 }
 
 
@@ -145,12 +166,16 @@ def sharegpt_map_fn(row: Any) -> Conversation:
             raise RowError(f"item {i} is not an object", field="conversations")
         speaker = turn.get("from")
         if speaker not in SHAREGPT_ROLES:
-            raise RowError(f"item {i} has unknown speaker {speaker!r}; expected one of "
-                           f"{sorted(SHAREGPT_ROLES)}", field=f"conversations[{i}].from")
+            raise RowError(
+                f"item {i} has unknown speaker {speaker!r}; expected one of "
+                f"{sorted(SHAREGPT_ROLES)}",
+                field=f"conversations[{i}].from",
+            )
         value = turn.get("value")
         if not isinstance(value, str):
-            raise RowError(f"expected a string, got {type(value).__name__}",
-                           field=f"conversations[{i}].value")
+            raise RowError(
+                f"expected a string, got {type(value).__name__}", field=f"conversations[{i}].value"
+            )
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     return {"messages": messages}
 
@@ -176,11 +201,12 @@ def get_map_fn(map_fn: str | MapFn) -> MapFn:
     if callable(map_fn):
         return map_fn
     if map_fn not in MAP_FNS:
-
         hint = get_close_matches(str(map_fn), MAP_FNS, n=1)
-        raise XtunerError(f"unknown map_fn {map_fn!r}"
-                          + (f"; did you mean {hint[0]!r}?" if hint else "")
-                          + f" (known: {', '.join(sorted(MAP_FNS))}, or pass a function)")
+        raise XtunerError(
+            f"unknown map_fn {map_fn!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + f" (known: {', '.join(sorted(MAP_FNS))}, or pass a function)"
+        )
     return MAP_FNS[map_fn]
 
 
@@ -193,8 +219,9 @@ def validate_conversation(conv: Any) -> list[dict]:
         raise RowError("conversation has no messages", field="messages")
     for i, msg in enumerate(messages):
         if msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
-            raise RowError(f"message {i} must have a role in {ROLES} and string content",
-                           field="messages")
+            raise RowError(
+                f"message {i} must have a role in {ROLES} and string content", field="messages"
+            )
     if messages[0]["role"] != "text" and not any(is_trained(m) for m in messages):
         raise RowError("no assistant turn to train on", field="messages")
     return messages

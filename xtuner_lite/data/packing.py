@@ -82,8 +82,9 @@ class PackedData:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def build_packed(tokens: TokenizedBatch, max_length: int, pack: bool, seed: int = 0,
-                 shuffle: bool = True) -> PackedData:
+def build_packed(
+    tokens: TokenizedBatch, max_length: int, pack: bool, seed: int = 0, shuffle: bool = True
+) -> PackedData:
     """Arrange tokenized samples into rows; a sample's first label is masked.
 
     Masking the first label keeps packed loss equal to per-sample loss: in a packed row the
@@ -100,10 +101,12 @@ def build_packed(tokens: TokenizedBatch, max_length: int, pack: bool, seed: int 
     sample_lengths = lengths[order]
     new_starts = np.concatenate([[0], np.cumsum(sample_lengths)[:-1]]).astype(np.int64)
     # gather index: for each token in the new order, where it sits in the old flat arrays
-    gather = np.arange(int(sample_lengths.sum())) + np.repeat(tokens.starts[order] - new_starts,
-                                                             sample_lengths)
+    gather = np.arange(int(sample_lengths.sum())) + np.repeat(
+        tokens.starts[order] - new_starts, sample_lengths
+    )
     input_ids = tokens.input_ids[gather]
     labels = tokens.labels[gather]
     labels[new_starts[sample_lengths > 0]] = IGNORE_INDEX
-    return PackedData(input_ids, labels, sample_lengths,
-                      np.array([len(r) for r in rows], dtype=np.int64))
+    return PackedData(
+        input_ids, labels, sample_lengths, np.array([len(r) for r in rows], dtype=np.int64)
+    )

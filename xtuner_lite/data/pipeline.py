@@ -84,25 +84,34 @@ class ChunkResult:
     flagged: int = 0  # rows with control-token text
 
 
-def _guard_control_tokens(messages: list[dict], tokens: list[str], mode: str
-                          ) -> tuple[list[dict], bool]:
+def _guard_control_tokens(
+    messages: list[dict], tokens: list[str], mode: str
+) -> tuple[list[dict], bool]:
     """Messages with control-token text escaped (``escape``) or refused (``skip``); and whether
     any was found."""
-    found = next((t for m in messages if (t := control.find_control_token(m["content"], tokens))),
-                 None)
+    found = next(
+        (t for m in messages if (t := control.find_control_token(m["content"], tokens))), None
+    )
     if found is None:
         return messages, False
     if mode == "skip":
-        raise RowError(f"message text contains the control token {found!r}", field="messages",
-                       skip=True)
+        raise RowError(
+            f"message text contains the control token {found!r}", field="messages", skip=True
+        )
     if mode == "escape":
         messages = [{**m, "content": control.escape(m["content"], tokens)} for m in messages]
     return messages, True
 
 
-def _process_records(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template,
-                     max_length: int, offset: int = 0, control_tokens: str = "warn"
-                     ) -> ChunkResult:
+def _process_records(
+    records: list[Any],
+    tokenizer: Any,
+    map_fn: MapFn,
+    template: Template,
+    max_length: int,
+    offset: int = 0,
+    control_tokens: str = "warn",
+) -> ChunkResult:
     rendered, indices, errors, flagged = [], [], [], 0
     tokens = control.control_tokens(tokenizer)
     for i, record in enumerate(records, start=offset):
@@ -118,25 +127,49 @@ def _process_records(records: list[Any], tokenizer: Any, map_fn: MapFn, template
             raise
         except Exception as exc:  # noqa: BLE001 - a user map fn failing: report it per row
             errors.append((i, RowError(f"map fn raised {type(exc).__name__}: {exc}")))
-    return ChunkResult(tokenize_rendered(rendered, tokenizer, max_length),
-                       np.array(indices, dtype=np.int64), errors, flagged)
+    return ChunkResult(
+        tokenize_rendered(rendered, tokenizer, max_length),
+        np.array(indices, dtype=np.int64),
+        errors,
+        flagged,
+    )
 
 
 def _worker_chunk(bounds: tuple[int, int]) -> ChunkResult:
     w = _WORKER
-    return _process_records(w["records"][bounds[0]:bounds[1]], w["tokenizer"], w["map_fn"],
-                            w["template"], w["max_length"], offset=bounds[0],
-                            control_tokens=w["control_tokens"])
+    return _process_records(
+        w["records"][bounds[0] : bounds[1]],
+        w["tokenizer"],
+        w["map_fn"],
+        w["template"],
+        w["max_length"],
+        offset=bounds[0],
+        control_tokens=w["control_tokens"],
+    )
 
 
-def _run(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template, max_length: int,
-         num_proc: int, control_tokens: str = "warn") -> ChunkResult:
+def _run(
+    records: list[Any],
+    tokenizer: Any,
+    map_fn: MapFn,
+    template: Template,
+    max_length: int,
+    num_proc: int,
+    control_tokens: str = "warn",
+) -> ChunkResult:
     if num_proc <= 1:
-        return _process_records(records, tokenizer, map_fn, template, max_length,
-                                control_tokens=control_tokens)
+        return _process_records(
+            records, tokenizer, map_fn, template, max_length, control_tokens=control_tokens
+        )
 
-    _WORKER.update(records=records, tokenizer=tokenizer, map_fn=map_fn, template=template,
-                   max_length=max_length, control_tokens=control_tokens)  # inherited by forked
+    _WORKER.update(
+        records=records,
+        tokenizer=tokenizer,
+        map_fn=map_fn,
+        template=template,
+        max_length=max_length,
+        control_tokens=control_tokens,
+    )  # inherited by forked
     # workers, never pickled
     chunks = [(i, min(i + CHUNK_ROWS, len(records))) for i in range(0, len(records), CHUNK_ROWS)]
     try:
@@ -144,9 +177,12 @@ def _run(records: list[Any], tokenizer: Any, map_fn: MapFn, template: Template, 
             parts = list(pool.map(_worker_chunk, chunks))
     finally:
         _WORKER.clear()
-    return ChunkResult(TokenizedBatch.concat([p.tokens for p in parts]),
-                       np.concatenate([p.indices for p in parts]),
-                       [e for p in parts for e in p.errors], sum(p.flagged for p in parts))
+    return ChunkResult(
+        TokenizedBatch.concat([p.tokens for p in parts]),
+        np.concatenate([p.indices for p in parts]),
+        [e for p in parts for e in p.errors],
+        sum(p.flagged for p in parts),
+    )
 
 
 # ---------------------------------------------------------------- cache keys
@@ -182,14 +218,36 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256((text + repr(extra)).encode()).hexdigest()
 
 
-def cache_key(files: list[str], tokenizer: Any, map_fn: MapFn, template: Template,
-              max_length: int, pack: bool, shuffle: bool, seed: int, skip_invalid: bool,
-              control_tokens: str = "warn") -> str:
-    template_id = (repr(template) if not hasattr(template, "tokenizer")
-                   else f"auto:{template.tokenizer.chat_template}")
-    parts = [CACHE_VERSION, *(_file_digest(f) for f in files), tokenizer_fingerprint(tokenizer),
-             _callable_digest(map_fn), template_id, str(max_length), str(pack), str(shuffle),
-             str(seed), str(skip_invalid), control_tokens]
+def cache_key(
+    files: list[str],
+    tokenizer: Any,
+    map_fn: MapFn,
+    template: Template,
+    max_length: int,
+    pack: bool,
+    shuffle: bool,
+    seed: int,
+    skip_invalid: bool,
+    control_tokens: str = "warn",
+) -> str:
+    template_id = (
+        repr(template)
+        if not hasattr(template, "tokenizer")
+        else f"auto:{template.tokenizer.chat_template}"
+    )
+    parts = [
+        CACHE_VERSION,
+        *(_file_digest(f) for f in files),
+        tokenizer_fingerprint(tokenizer),
+        _callable_digest(map_fn),
+        template_id,
+        str(max_length),
+        str(pack),
+        str(shuffle),
+        str(seed),
+        str(skip_invalid),
+        control_tokens,
+    ]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
 
 
@@ -198,8 +256,15 @@ def _save(target: Path, result: ProcessedDataset) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     d = result.data
-    save_file({"input_ids": d.input_ids, "labels": d.labels, "sample_lengths": d.sample_lengths,
-               "row_sizes": d.row_sizes}, str(tmp / "data.safetensors"))
+    save_file(
+        {
+            "input_ids": d.input_ids,
+            "labels": d.labels,
+            "sample_lengths": d.sample_lengths,
+            "row_sizes": d.row_sizes,
+        },
+        str(tmp / "data.safetensors"),
+    )
     (tmp / "stats.json").write_text(json.dumps(asdict(result.stats), indent=1))
     try:
         os.replace(tmp, target)  # atomic; a concurrent writer of the same key may win, that's fine
@@ -228,15 +293,14 @@ def dataset_cache_dir() -> Path:
 
 def resolve_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, os.PathLike)):
-
         return load_tokenizer(tokenizer)
     return tokenizer
 
 
-def resolve_template(template: str | Template | None, tokenizer: Any, tokenizer_ref: Any
-                      ) -> Template:
+def resolve_template(
+    template: str | Template | None, tokenizer: Any, tokenizer_ref: Any
+) -> Template:
     if template is None:
-
         template = default_template_for(str(tokenizer_ref)) or "auto"
     return get_template(template, tokenizer)
 
@@ -269,8 +333,9 @@ def process_dataset(
     if not files:
         raise XtunerError("train_dataset.data_files is empty")
     if control_tokens not in control.MODES:
-        raise XtunerError(f"train_dataset.control_tokens must be one of {control.MODES}, got "
-                          f"{control_tokens!r}")
+        raise XtunerError(
+            f"train_dataset.control_tokens must be one of {control.MODES}, got {control_tokens!r}"
+        )
     if max_length < 2:
         raise XtunerError(f"max_length must be at least 2, got {max_length}")
     tokenizer_ref, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
@@ -279,8 +344,18 @@ def process_dataset(
 
     key = None
     if use_cache:
-        key = cache_key(files, tokenizer, fn, tmpl, max_length, pack, shuffle, seed, skip_invalid,
-                        control_tokens)
+        key = cache_key(
+            files,
+            tokenizer,
+            fn,
+            tmpl,
+            max_length,
+            pack,
+            shuffle,
+            seed,
+            skip_invalid,
+            control_tokens,
+        )
         cached = _load(dataset_cache_dir() / key)
         if cached is not None:
             return cached
@@ -301,14 +376,18 @@ def process_dataset(
             skipped[reason] += 1
             if len(stats.skipped_examples) < 20:
                 stats.skipped_examples.append(f"{rows.source} {where}: {reason}")
-        procs = num_proc if num_proc is not None else (
-            min(os.cpu_count() or 1, 8) if len(rows) >= PARALLEL_MIN_ROWS else 1)
+        procs = (
+            num_proc
+            if num_proc is not None
+            else (min(os.cpu_count() or 1, 8) if len(rows) >= PARALLEL_MIN_ROWS else 1)
+        )
         result = _run(rows.records, tokenizer, fn, tmpl, max_length, procs, control_tokens)
         stats.rows_with_control_tokens += result.flagged
         for i, error in result.errors:
             if not skip_invalid and not error.skip:
-                raise DataError(error.reason, source=rows.source, location=rows.locate(i),
-                                field=error.field)
+                raise DataError(
+                    error.reason, source=rows.source, location=rows.locate(i), field=error.field
+                )
             skip(rows, i, error.reason + (f" (field {error.field!r})" if error.field else ""))
         trainable = result.tokens.trained_after_first() > 0
         for i in result.indices[~trainable]:
@@ -319,17 +398,22 @@ def process_dataset(
     stats.rows_skipped = dict(skipped)
     tokens = TokenizedBatch.concat(kept)
     if len(tokens.lengths) == 0:
-        raise DataError(f"no usable rows left ({stats.rows_loaded} loaded, "
-                        f"{sum(skipped.values())} skipped: {dict(skipped)})",
-                        source=", ".join(files))
+        raise DataError(
+            f"no usable rows left ({stats.rows_loaded} loaded, "
+            f"{sum(skipped.values())} skipped: {dict(skipped)})",
+            source=", ".join(files),
+        )
     stats.samples = len(tokens.lengths)
     data = build_packed(tokens, max_length, pack, seed, shuffle)
     lengths = data.sample_lengths
     stats.rows = len(data)
     stats.tokens, stats.trained_tokens = data.num_tokens, data.num_trained_tokens
-    stats.lengths = {"min": int(lengths.min()), "mean": float(lengths.mean()),
-                     **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
-                     "max": int(lengths.max())}
+    stats.lengths = {
+        "min": int(lengths.min()),
+        "mean": float(lengths.mean()),
+        **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
+        "max": int(lengths.max()),
+    }
     result = ProcessedDataset(data, stats)
     if key is not None:
         _save(dataset_cache_dir() / key, result)

@@ -26,9 +26,12 @@ def stats_table(stats: DatasetStats) -> Table:
         ("rows truncated to max_length", f"{stats.rows_truncated}"),
         ("rows with chat-control tokens in their text", f"{stats.rows_with_control_tokens}"),
         ("samples kept", f"{stats.samples}"),
-        ("token length min / mean / p50 / p90 / p99 / max",
-         " / ".join(f"{stats.lengths[k]:.0f}"
-                    for k in ("min", "mean", "p50", "p90", "p99", "max"))),
+        (
+            "token length min / mean / p50 / p90 / p99 / max",
+            " / ".join(
+                f"{stats.lengths[k]:.0f}" for k in ("min", "mean", "p50", "p90", "p99", "max")
+            ),
+        ),
         ("tokens (trained)", f"{stats.tokens} ({stats.trained_tokens})"),
         ("max_length", f"{stats.max_length}"),
         ("rows after packing" if stats.packed else "rows (unpacked)", f"{stats.rows}"),
@@ -61,12 +64,19 @@ def summary_line(stats: DatasetStats) -> str:
     """One line: rows loaded, kept, skipped by reason, truncated."""
     skipped = sum(stats.rows_skipped.values())
     reasons = "; ".join(f"{n} {reason}" for reason, n in stats.rows_skipped.items())
-    control = (f"; WARNING: {stats.rows_with_control_tokens} rows have chat-control tokens in "
-               "their text, which can forge turns (train_dataset.control_tokens='escape' or "
-               "'skip')" if stats.rows_with_control_tokens else "")
-    return (f"data: {stats.rows_loaded} rows loaded, {stats.samples} kept, {skipped} skipped"
-            + (f" ({reasons})" if reasons else "")
-            + f", {stats.rows_truncated} truncated to max_length={stats.max_length}" + control)
+    control = (
+        f"; WARNING: {stats.rows_with_control_tokens} rows have chat-control tokens in "
+        "their text, which can forge turns (train_dataset.control_tokens='escape' or "
+        "'skip')"
+        if stats.rows_with_control_tokens
+        else ""
+    )
+    return (
+        f"data: {stats.rows_loaded} rows loaded, {stats.samples} kept, {skipped} skipped"
+        + (f" ({reasons})" if reasons else "")
+        + f", {stats.rows_truncated} truncated to max_length={stats.max_length}"
+        + control
+    )
 
 
 def write_report(stats: DatasetStats, path: str | Path) -> None:

@@ -112,8 +112,12 @@ class ChatTemplate:
         def expr(fmt: str, content: str = "") -> str:
             parts = []
             for piece in re.split(r"(\{bos\}|\{eos\}|\{content\}|\{system\})", fmt):
-                var = {"{bos}": "bos_token", "{eos}": "eos_token", "{content}": content,
-                       "{system}": "ns.system"}.get(piece)
+                var = {
+                    "{bos}": "bos_token",
+                    "{eos}": "eos_token",
+                    "{content}": content,
+                    "{system}": "ns.system",
+                }.get(piece)
                 if var is None and piece:
                     parts.append(json.dumps(piece))
                 elif var:
@@ -124,8 +128,7 @@ class ChatTemplate:
             return "{{ " + expr(fmt, content) + " }}"
 
         default = json.dumps(self.default_system) if self.default_system is not None else "none"
-        no_role = ("{{ raise_exception('template " + self.name
-                   + " has no ' + m.role + ' role') }}")
+        no_role = "{{ raise_exception('template " + self.name + " has no ' + m.role + ' role') }}"
         lines = [
             "{%- set ns = namespace(system=" + default + ", start=0) -%}",
             "{%- if messages and messages[0].role == 'system' -%}",
@@ -134,25 +137,35 @@ class ChatTemplate:
             out(self.prefix) if self.prefix else "",
         ]
         if self.system_in_user is None:
-            lines.append("{%- if ns.system is not none -%}"
-                         + (out(self.system, "ns.system") if self.system else no_role)
-                         + "{%- endif -%}")
-        lines += ["{%- for m in messages[ns.start:] -%}",
-                  "{%- if m.role == 'assistant' -%}"
-                  + out(self.assistant) + "{{ m.content }}" + out(self.eot)
-                  + (out(self.separator) if self.separator else "")]
+            lines.append(
+                "{%- if ns.system is not none -%}"
+                + (out(self.system, "ns.system") if self.system else no_role)
+                + "{%- endif -%}"
+            )
+        lines += [
+            "{%- for m in messages[ns.start:] -%}",
+            "{%- if m.role == 'assistant' -%}"
+            + out(self.assistant)
+            + "{{ m.content }}"
+            + out(self.eot)
+            + (out(self.separator) if self.separator else ""),
+        ]
         if self.system_in_user is not None:
-            lines.append("{%- elif m.role == 'user' and ns.system is not none -%}"
-                         + out(self.user, "(" + expr(self.system_in_user, "m.content") + ")")
-                         + "{%- set ns.system = none -%}")
-        lines += ["{%- elif m.role == 'user' -%}" + out(self.user, "m.content"),
-                  "{%- elif m.role == 'tool' -%}" + out(self.tool or self.user, "m.content"),
-                  "{%- elif m.role == 'system' -%}"
-                  + (out(self.system, "m.content") if self.system else no_role),
-                  "{%- else -%}" + no_role,
-                  "{%- endif -%}",
-                  "{%- endfor -%}",
-                  "{%- if add_generation_prompt -%}" + out(self.assistant) + "{%- endif -%}"]
+            lines.append(
+                "{%- elif m.role == 'user' and ns.system is not none -%}"
+                + out(self.user, "(" + expr(self.system_in_user, "m.content") + ")")
+                + "{%- set ns.system = none -%}"
+            )
+        lines += [
+            "{%- elif m.role == 'user' -%}" + out(self.user, "m.content"),
+            "{%- elif m.role == 'tool' -%}" + out(self.tool or self.user, "m.content"),
+            "{%- elif m.role == 'system' -%}"
+            + (out(self.system, "m.content") if self.system else no_role),
+            "{%- else -%}" + no_role,
+            "{%- endif -%}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt -%}" + out(self.assistant) + "{%- endif -%}",
+        ]
         return "".join(lines)
 
     def with_system(self, default_system: str | None) -> ChatTemplate:
@@ -172,14 +185,20 @@ _CHATML = dict(
 TEMPLATES: dict[str, ChatTemplate] = {
     "chatml": ChatTemplate(name="chatml", **_CHATML),
     "smollm2": ChatTemplate(
-        name="smollm2", **_CHATML,
-        default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+        name="smollm2",
+        **_CHATML,
+        default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    ),
     "qwen2_5": ChatTemplate(
-        name="qwen2_5", **_CHATML,
-        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+        name="qwen2_5",
+        **_CHATML,
+        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    ),
     "internlm2_chat": ChatTemplate(
-        name="internlm2_chat", prefix="{bos}",
-        **{**_CHATML, "tool": "<|im_start|>environment\n{content}<|im_end|>\n"}),
+        name="internlm2_chat",
+        prefix="{bos}",
+        **{**_CHATML, "tool": "<|im_start|>environment\n{content}<|im_end|>\n"},
+    ),
     "llama2_chat": ChatTemplate(
         name="llama2_chat",
         user="{bos}[INST] {content} [/INST]",
@@ -250,14 +269,17 @@ class JinjaTemplate:
 
     def __init__(self, tokenizer: Any):
         if not getattr(tokenizer, "chat_template", None):
-            raise XtunerError("template 'auto' needs a tokenizer with a chat_template; "
-                              f"this one has none. Pick one of {sorted(TEMPLATES)}")
+            raise XtunerError(
+                "template 'auto' needs a tokenizer with a chat_template; "
+                f"this one has none. Pick one of {sorted(TEMPLATES)}"
+            )
         self.tokenizer = tokenizer
 
     def _apply(self, messages: list[dict], generation_prompt: bool) -> str:
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return self.tokenizer.apply_chat_template(plain, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            plain, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     def render(self, messages: list[dict], tokenizer: Any = None) -> list[Segment]:
         if len(messages) == 1 and messages[0]["role"] == "text":
@@ -272,14 +294,18 @@ class JinjaTemplate:
             prompt = self._apply(messages[:i], True) if i else ""
             upto = self._apply(messages[: i + 1], False)
             if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= pos):
-                raise XtunerError("the tokenizer's chat template does not render conversations "
-                                  "prefix by prefix, so assistant turns cannot be located; pass "
-                                  f"an explicit template, one of {sorted(TEMPLATES)}")
-            turn = upto[len(prompt):]
+                raise XtunerError(
+                    "the tokenizer's chat template does not render conversations "
+                    "prefix by prefix, so assistant turns cannot be located; pass "
+                    f"an explicit template, one of {sorted(TEMPLATES)}"
+                )
+            turn = upto[len(prompt) :]
             start = turn.find(msg["content"])
             if start < 0:
-                raise XtunerError("the tokenizer's chat template changes assistant content "
-                                  "(e.g. strips it); pass an explicit template")
+                raise XtunerError(
+                    "the tokenizer's chat template changes assistant content "
+                    "(e.g. strips it); pass an explicit template"
+                )
             end = start + len(msg["content"])
             found = [(turn.find(s, end), s) for s in stops if turn.find(s, end) >= 0]
             if found:
@@ -287,7 +313,7 @@ class JinjaTemplate:
                 end = stop_pos + len(stop)
             else:
                 end = len(turn)
-            segments.append((full[pos:len(prompt) + start], False))
+            segments.append((full[pos : len(prompt) + start], False))
             segments.append((turn[start:end], is_trained(msg)))
             pos = len(prompt) + end
         segments.append((full[pos:], False))
@@ -321,9 +347,10 @@ def get_template(name: str | Template, tokenizer: Any = None) -> Template:
     if name == "auto":
         return JinjaTemplate(tokenizer)
     if name not in TEMPLATES:
-
         hint = get_close_matches(name, TEMPLATES, n=1)
-        raise XtunerError(f"unknown chat template {name!r}"
-                          + (f"; did you mean {hint[0]!r}?" if hint else "")
-                          + f" (known: auto, {', '.join(sorted(TEMPLATES))})")
+        raise XtunerError(
+            f"unknown chat template {name!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + f" (known: auto, {', '.join(sorted(TEMPLATES))})"
+        )
     return TEMPLATES[name]

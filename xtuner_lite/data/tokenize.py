@@ -48,13 +48,21 @@ class TokenizedBatch:
 
     def select(self, keep: np.ndarray) -> TokenizedBatch:
         token_keep = np.repeat(keep, self.lengths)
-        return TokenizedBatch(self.input_ids[token_keep], self.labels[token_keep],
-                              self.lengths[keep], self.truncated[keep])
+        return TokenizedBatch(
+            self.input_ids[token_keep],
+            self.labels[token_keep],
+            self.lengths[keep],
+            self.truncated[keep],
+        )
 
     @staticmethod
     def concat(batches: list[TokenizedBatch]) -> TokenizedBatch:
-        return TokenizedBatch(*(np.concatenate([getattr(b, f) for b in batches]) for f in
-                                ("input_ids", "labels", "lengths", "truncated")))
+        return TokenizedBatch(
+            *(
+                np.concatenate([getattr(b, f) for b in batches])
+                for f in ("input_ids", "labels", "lengths", "truncated")
+            )
+        )
 
 
 def char_mask(segments: list[Segment]) -> tuple[str, np.ndarray]:
@@ -64,7 +72,7 @@ def char_mask(segments: list[Segment]) -> tuple[str, np.ndarray]:
     pos = 0
     for part, trained in segments:
         if trained:
-            mask[pos:pos + len(part)] = 1
+            mask[pos : pos + len(part)] = 1
         pos += len(part)
     return text, mask
 
@@ -74,13 +82,15 @@ def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[lis
     if backend is not None:  # the Rust tokenizer directly: skips transformers' per-row wrapping
         encodings = backend.encode_batch(texts, add_special_tokens=False)
         return [e.ids for e in encodings], [e.offsets for e in encodings]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                    return_attention_mask=False)
+    enc = tokenizer(
+        texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
+    )
     return enc["input_ids"], enc["offset_mapping"]
 
 
-def tokenize_rendered(batch: list[list[Segment]], tokenizer: Any, max_length: int | None
-                      ) -> TokenizedBatch:
+def tokenize_rendered(
+    batch: list[list[Segment]], tokenizer: Any, max_length: int | None
+) -> TokenizedBatch:
     """Tokenize rendered conversations; truncate each to ``max_length`` tokens."""
     if not batch:
         empty = np.zeros(0, dtype=np.int32)
@@ -90,8 +100,9 @@ def tokenize_rendered(batch: list[list[Segment]], tokenizer: Any, max_length: in
     lengths = np.fromiter((len(x) for x in ids_list), dtype=np.int64, count=len(ids_list))
     total = int(lengths.sum())
     ids = np.fromiter(chain.from_iterable(ids_list), dtype=np.int32, count=total)
-    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(offsets_list)), dtype=np.int64,
-                          count=2 * total).reshape(-1, 2)
+    offsets = np.fromiter(
+        chain.from_iterable(chain.from_iterable(offsets_list)), dtype=np.int64, count=2 * total
+    ).reshape(-1, 2)
     # One cumulative trained-character count over all texts; a token is trained when the count
     # grows inside its character span (a zero-width token looks at one character).
     mask = np.concatenate(masks)
@@ -105,6 +116,7 @@ def tokenize_rendered(batch: list[list[Segment]], tokenizer: Any, max_length: in
     if max_length is not None and (lengths > max_length).any():
         position = np.arange(total) - np.repeat(tokens.starts, lengths)
         keep = position < max_length
-        tokens = TokenizedBatch(ids[keep], labels[keep], np.minimum(lengths, max_length),
-                                lengths > max_length)
+        tokens = TokenizedBatch(
+            ids[keep], labels[keep], np.minimum(lengths, max_length), lengths > max_length
+        )
     return tokens

@@ -13,5 +13,14 @@ from xtuner_lite.engine.step import (  # noqa: E402
 )
 from xtuner_lite.engine.train_model import TrainModel  # noqa: E402
 
-__all__ = ["CollapsedRunError", "NextTokenObjective", "NonFiniteLossError", "Objective",
-           "TrainModel", "TrainSettings", "TrainingStoppedError", "XtunerRunner", "build_runner"]
+__all__ = [
+    "CollapsedRunError",
+    "NextTokenObjective",
+    "NonFiniteLossError",
+    "Objective",
+    "TrainModel",
+    "TrainSettings",
+    "TrainingStoppedError",
+    "XtunerRunner",
+    "build_runner",
+]

@@ -52,8 +52,11 @@ def to_plain(obj: Any) -> Any:
     """``obj`` with numpy values and mmengine's HistoryBuffers turned into tensors and tagged
     dicts, so that torch's ``weights_only`` unpickler reads it back."""
     if isinstance(obj, HistoryBuffer):
-        return {_HISTORY: obj.max_length, "log": torch.from_numpy(np.asarray(obj._log_history)),
-                "count": torch.from_numpy(np.asarray(obj._count_history))}
+        return {
+            _HISTORY: obj.max_length,
+            "log": torch.from_numpy(np.asarray(obj._log_history)),
+            "count": torch.from_numpy(np.asarray(obj._count_history)),
+        }
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj)
     if isinstance(obj, np.generic):
@@ -94,8 +97,10 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     missing, truncated, foreign or code-carrying file."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder (a DeepSpeed checkpoint); resume it with "
-                              "--deepspeed, or convert it with `xtuner convert` under DeepSpeed")
+        raise CheckpointError(
+            f"{path} is a folder (a DeepSpeed checkpoint); resume it with "
+            "--deepspeed, or convert it with `xtuner convert` under DeepSpeed"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -103,21 +108,26 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"refusing to load {path}: it holds Python objects other than "
-                              f"tensors and plain data{what}, which could run code when "
-                              "unpickled; xtuner_lite checkpoints never do") from None
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects other than "
+            f"tensors and plain data{what}, which could run code when "
+            "unpickled; xtuner_lite checkpoints never do"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint "
-                              f"({first})") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: truncated or not a checkpoint ({first})"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get(STATE_DICT), dict):
-        raise CheckpointError(f"{path} is not an xtuner_lite training checkpoint "
-                              f"(no {STATE_DICT!r})")
+        raise CheckpointError(
+            f"{path} is not an xtuner_lite training checkpoint (no {STATE_DICT!r})"
+        )
     return from_plain(state)
 
 
-def load_trained_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
-                         source: str | Path) -> None:
+def load_trained_weights(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path
+) -> None:
     """Load a checkpoint's weights: it holds the trained weights only, so every trained weight
     must be there and nothing the model lacks (frozen base weights are expected to be absent;
     mmengine's loader reports each of them as missing)."""
@@ -127,10 +137,12 @@ def load_trained_weights(model: torch.nn.Module, state_dict: dict[str, torch.Ten
     missing = sorted(n for n, p in named.items() if p.requires_grad and n not in state)
     unexpected = sorted(state.keys() - known)
     if missing or unexpected:
-        detail = (f"{len(missing)} trained weights missing (e.g. {missing[:2]})" if missing else
-                  f"{len(unexpected)} weights this model does not have (e.g. {unexpected[:2]})")
-        raise CheckpointError(f"checkpoint {source} does not fit this model and config: "
-                              f"{detail}")
+        detail = (
+            f"{len(missing)} trained weights missing (e.g. {missing[:2]})"
+            if missing
+            else f"{len(unexpected)} weights this model does not have (e.g. {unexpected[:2]})"
+        )
+        raise CheckpointError(f"checkpoint {source} does not fit this model and config: {detail}")
     model.load_state_dict(state, strict=False)
 
 
@@ -141,19 +153,24 @@ def verify(path: str | Path) -> None:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not is_complete(path):
-        raise CheckpointError(f"{path} is not a complete checkpoint (cut off while being "
-                              "written, or not a training checkpoint)")
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (cut off while being "
+            "written, or not a training checkpoint)"
+        )
     if path.is_dir():
         return
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as exc:  # noqa: BLE001 - a damaged pickle inside a complete archive
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}"
-                              ) from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}"
+        ) from None
     if unsafe:
-        raise CheckpointError(f"refusing to load {path}: it holds Python objects other than "
-                              f"tensors and plain data ({', '.join(unsafe[:3])}), which could "
-                              "run code when unpickled; xtuner_lite checkpoints never do")
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects other than "
+            f"tensors and plain data ({', '.join(unsafe[:3])}), which could "
+            "run code when unpickled; xtuner_lite checkpoints never do"
+        )
 
 
 def is_complete(path: Path) -> bool:
@@ -176,15 +193,18 @@ def latest(work_dir: str | Path, warn: Callable[[str], None] = print) -> Path | 
     for _, path in reversed(checkpoints(work_dir)):
         if is_complete(path):
             if skipped:
-                warn(f"{', '.join(skipped)} unreadable (cut off while being written?); "
-                     f"resuming from {path.name} instead")
+                warn(
+                    f"{', '.join(skipped)} unreadable (cut off while being written?); "
+                    f"resuming from {path.name} instead"
+                )
             return path
         skipped.append(path.name)
     return None
 
 
-def resume_point(work_dir: str | Path, resume: bool | str | Path,
-                 warn: Callable[[str], None] = print) -> Path | None:
+def resume_point(
+    work_dir: str | Path, resume: bool | str | Path, warn: Callable[[str], None] = print
+) -> Path | None:
     """The checkpoint to resume from, verified before any model is built: ``True`` (``--resume
     auto``) the newest complete one inside ``work_dir``, a path that checkpoint, else None."""
     if not resume:

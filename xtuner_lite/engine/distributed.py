@@ -38,11 +38,19 @@ def torchrun_command(argv: list[str]) -> list[str] | None:
     nnodes = os.environ.get("NNODES", "1")
     if int(nproc) == 1 and nnodes == "1":
         return None
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--nnodes={nnodes}", f"--node_rank={os.environ.get('NODE_RANK', '0')}",
-            f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}",
-            f"--master_port={os.environ.get('PORT', '29500')}",
-            "-m", "xtuner_lite.cli", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={nnodes}",
+        f"--node_rank={os.environ.get('NODE_RANK', '0')}",
+        f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}",
+        f"--master_port={os.environ.get('PORT', '29500')}",
+        "-m",
+        "xtuner_lite.cli",
+        *argv,
+    ]
 
 
 def relaunch_with_torchrun(argv: list[str]) -> int | None:
@@ -93,9 +101,10 @@ def _barrier(group, timeout_s: int) -> None:
     try:
         dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as e:
-        raise XtunerError(f"rank {dist.get_rank()} waited {timeout_s} s for rank 0 to process "
-                          f"the dataset; raise train.dist_timeout for large datasets ({e})"
-                          ) from None
+        raise XtunerError(
+            f"rank {dist.get_rank()} waited {timeout_s} s for rank 0 to process "
+            f"the dataset; raise train.dist_timeout for large datasets ({e})"
+        ) from None
 
 
 def global_sum(*values: float) -> list[float]:
@@ -121,11 +130,16 @@ def rng_state() -> dict:
     """Every RNG's state as tensors and plain numbers (a checkpoint must load without
     unpickling numpy objects)."""
     numpy = np.random.get_state(legacy=False)
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
-                       "pos": int(numpy["state"]["pos"]), "has_gauss": int(numpy["has_gauss"]),
-                       "gauss": float(numpy["gauss"])},
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": int(numpy["state"]["pos"]),
+            "has_gauss": int(numpy["has_gauss"]),
+            "gauss": float(numpy["gauss"]),
+        },
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -134,10 +148,14 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": numpy["key"].numpy().astype(np.uint32),
-                                   "pos": numpy["pos"]},
-                         "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        }
+    )
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

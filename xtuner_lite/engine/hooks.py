@@ -76,16 +76,24 @@ class SafeCheckpointHook(CheckpointHook):
 
     def _save_checkpoint_with_step(self, runner, step: int, meta: dict) -> None:
         if global_sum(0.0 if ckpt.all_finite(runner.model) else 1.0)[0]:
-            runner.logger.warning(f"step {step}: trained weights are not finite; no checkpoint "
-                                  "saved")
+            runner.logger.warning(
+                f"step {step}: trained weights are not finite; no checkpoint saved"
+            )
             return
         filename = FILENAME.format(step)
         self.last_ckpt = os.path.join(self.out_dir, filename)
         runner.message_hub.update_info("last_ckpt", self.last_ckpt)
-        runner.save_checkpoint(self.out_dir, filename, self.file_client_args,
-                               save_optimizer=self.save_optimizer,
-                               save_param_scheduler=self.save_param_scheduler, meta=meta,
-                               by_epoch=False, backend_args=self.backend_args, **self.args)
+        runner.save_checkpoint(
+            self.out_dir,
+            filename,
+            self.file_client_args,
+            save_optimizer=self.save_optimizer,
+            save_param_scheduler=self.save_param_scheduler,
+            meta=meta,
+            by_epoch=False,
+            backend_args=self.backend_args,
+            **self.args,
+        )
         if is_main_process():
             ckpt.record_latest(runner.work_dir, self.last_ckpt)
         self._unconfirmed = True
@@ -115,16 +123,22 @@ class LossRecordHook(Hook):
             return
         path = Path(runner.work_dir) / "loss.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= runner.iter]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= runner.iter
+            ]
             path.write_text("".join(line + "\n" for line in kept))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if runner.rank != 0:
             return
-        record = {"step": runner.iter + 1, "loss": float(outputs["loss"]),
-                  "lr": float(runner.optim_wrapper.get_lr()["lr"][0]),
-                  "tokens": int(outputs["tokens"])}
+        record = {
+            "step": runner.iter + 1,
+            "loss": float(outputs["loss"]),
+            "lr": float(runner.optim_wrapper.get_lr()["lr"][0]),
+            "tokens": int(outputs["tokens"]),
+        }
         with open(Path(runner.work_dir) / "loss.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -143,8 +157,11 @@ class PeriodicHook(Hook):
             self._run(runner, "before training")
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if self.every and (runner.iter + 1) % self.every == 0 and \
-                runner.iter + 1 < runner.max_iters:
+        if (
+            self.every
+            and (runner.iter + 1) % self.every == 0
+            and runner.iter + 1 < runner.max_iters
+        ):
             self._run(runner, f"step {runner.iter + 1}")
 
     def after_train(self, runner) -> None:
@@ -158,8 +175,14 @@ class EvaluateChatHook(PeriodicHook):
     Greedy decoding draws no random numbers, so it does not disturb an exact resume.
     """
 
-    def __init__(self, tokenizer, template, prompts: list[str], every: int | None = None,
-                 max_new_tokens: int = 64):
+    def __init__(
+        self,
+        tokenizer,
+        template,
+        prompts: list[str],
+        every: int | None = None,
+        max_new_tokens: int = 64,
+    ):
         self.tokenizer, self.template, self.prompts = tokenizer, template, list(prompts)
         self.every, self.max_new_tokens = every, max_new_tokens
 
@@ -172,21 +195,28 @@ class EvaluateChatHook(PeriodicHook):
         device = next(llm.parameters()).device
         records = []
         for prompt in self.prompts:
-            text = self.template.render_prompt([{"role": "user", "content": prompt}],
-                                               self.tokenizer)
+            text = self.template.render_prompt(
+                [{"role": "user", "content": prompt}], self.tokenizer
+            )
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             ids = ids.to(device)
             with runner.optim_wrapper.optim_context(runner.model):  # training's autocast
-                out = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                   max_new_tokens=self.max_new_tokens, do_sample=False,
-                                   eos_token_id=stop_ids, pad_token_id=stop_ids[0],
-                                   use_cache=True)
-            answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                out = llm.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop_ids,
+                    pad_token_id=stop_ids[0],
+                    use_cache=True,
+                )
+            answer = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             line = f"[sample {when}] {prompt!r} -> {answer.strip()!r}"
             runner.logger.info(line)
             say(line)
-            records.append({"step": runner.iter, "when": when, "prompt": prompt,
-                            "answer": answer.strip()})
+            records.append(
+                {"step": runner.iter, "when": when, "prompt": prompt, "answer": answer.strip()}
+            )
         with open(Path(runner.work_dir) / "samples.jsonl", "a") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         llm.train(was_training)

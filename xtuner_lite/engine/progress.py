@@ -18,8 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 # mmengine warnings about its own internals, which a user cannot act on
-NOISE = ("has no metainfo", '"FileClient" will be deprecated',
-         '"HardDiskBackend" is the alias')
+NOISE = ("has no metainfo", '"FileClient" will be deprecated', '"HardDiskBackend" is the alias')
 
 
 class _DropNoise(logging.Filter):
@@ -58,8 +57,7 @@ class ProgressHook(Hook):
 
     priority = "BELOW_NORMAL"  # after the throughput hook has measured the step
 
-    def __init__(self, log_interval: int = 1, device: str = "cpu",
-                 console: Console | None = None):
+    def __init__(self, log_interval: int = 1, device: str = "cpu", console: Console | None = None):
         self.log_interval, self.device = log_interval, device
         self.console = console or Console(file=sys.stdout, highlight=False)
         self._bar: Progress | None = None
@@ -71,13 +69,27 @@ class ProgressHook(Hook):
         self._start = time.perf_counter()
         if self.console.is_terminal:
             self._bar = Progress(
-                TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  "
-                           "{task.fields[speed]} tok/s  eta {task.fields[eta]}  "
-                           "peak {task.fields[memory]}"),
-                console=self.console, transient=False)
-            self._task = self._bar.add_task("train", total=self._total, completed=runner.iter,
-                                            loss="-", lr="-", speed="-", eta="-", memory="-")
+                TextColumn("step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn(
+                    "loss {task.fields[loss]}  lr {task.fields[lr]}  "
+                    "{task.fields[speed]} tok/s  eta {task.fields[eta]}  "
+                    "peak {task.fields[memory]}"
+                ),
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._bar.add_task(
+                "train",
+                total=self._total,
+                completed=runner.iter,
+                loss="-",
+                lr="-",
+                speed="-",
+                eta="-",
+                memory="-",
+            )
             self._bar.start()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -88,18 +100,24 @@ class ProgressHook(Hook):
         if self._bar is not None:
             self._bar.update(self._task, completed=step, **fields)
         elif step % self.log_interval == 0 or step == self._total:
-            self.console.print(f"step {step}/{self._total}  loss {fields['loss']}  "
-                               f"lr {fields['lr']}  {fields['speed']} tok/s  "
-                               f"eta {fields['eta']}  peak {fields['memory']}", markup=False)
+            self.console.print(
+                f"step {step}/{self._total}  loss {fields['loss']}  "
+                f"lr {fields['lr']}  {fields['speed']} tok/s  "
+                f"eta {fields['eta']}  peak {fields['memory']}",
+                markup=False,
+            )
 
     def _fields(self, runner, step: int, outputs) -> dict[str, str]:
         elapsed = time.perf_counter() - self._start
         speed = runner.message_hub.get_scalar("train/tokens_per_sec").current()
         remaining = elapsed / max(step - self._first, 1) * (self._total - step)
-        return {"loss": f"{float(outputs['loss']):.4f}",
-                "lr": f"{runner.optim_wrapper.get_lr()['lr'][0]:.2e}",
-                "speed": f"{speed:,.0f}", "eta": _eta(remaining),
-                "memory": f"{peak_memory_gib(self.device):.2f} GiB"}
+        return {
+            "loss": f"{float(outputs['loss']):.4f}",
+            "lr": f"{runner.optim_wrapper.get_lr()['lr'][0]:.2e}",
+            "speed": f"{speed:,.0f}",
+            "eta": _eta(remaining),
+            "memory": f"{peak_memory_gib(self.device):.2f} GiB",
+        }
 
     def after_train(self, runner) -> None:
         self.close()

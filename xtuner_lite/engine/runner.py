@@ -87,14 +87,22 @@ class TrainSettings:
     dist_timeout: int = 1800  # seconds ranks wait for each other (e.g. for rank 0's data)
 
     def __post_init__(self) -> None:
-        problems = [f"train.{name} must be {accepted}, got {getattr(self, name)!r}"
-                    for name, ok, accepted in _RULES if not ok(getattr(self, name))]
+        problems = [
+            f"train.{name} must be {accepted}, got {getattr(self, name)!r}"
+            for name, ok, accepted in _RULES
+            if not ok(getattr(self, name))
+        ]
         if self.device not in ("auto", "cpu") and not _cuda_device_ok(self.device):
-            problems.append(f"train.device={self.device!r} but this machine has no such CUDA "
-                            "device; use 'auto' or 'cpu'")
+            problems.append(
+                f"train.device={self.device!r} but this machine has no such CUDA "
+                "device; use 'auto' or 'cpu'"
+            )
         if problems:
-            raise XtunerError("; ".join(problems) if len(problems) == 1 else
-                              "invalid train settings:\n  " + "\n  ".join(problems))
+            raise XtunerError(
+                "; ".join(problems)
+                if len(problems) == 1
+                else "invalid train settings:\n  " + "\n  ".join(problems)
+            )
 
 
 def _positive_int(value: Any) -> bool:
@@ -110,27 +118,57 @@ def _fraction(value: Any) -> bool:
 
 
 _RULES = [  # (key, check, what is accepted): every train setting with a range
-    *[(name, _positive_int, "a positive integer") for name in (
-        "batch_size", "accumulative_counts", "chunk_size", "pad_to_multiple_of", "save_steps",
-        "log_interval", "evaluation_max_new_tokens", "dist_timeout")],
-    *[(name, _optional(_positive_int), "a positive integer or None") for name in (
-        "max_iters", "evaluation_freq", "eval_freq", "eval_limit")],
-    ("save_total_limit", lambda v: is_int(v) and (v >= 1 or v == -1),
-     "a positive integer (or -1 to keep every checkpoint)"),
+    *[
+        (name, _positive_int, "a positive integer")
+        for name in (
+            "batch_size",
+            "accumulative_counts",
+            "chunk_size",
+            "pad_to_multiple_of",
+            "save_steps",
+            "log_interval",
+            "evaluation_max_new_tokens",
+            "dist_timeout",
+        )
+    ],
+    *[
+        (name, _optional(_positive_int), "a positive integer or None")
+        for name in ("max_iters", "evaluation_freq", "eval_freq", "eval_limit")
+    ],
+    (
+        "save_total_limit",
+        lambda v: is_int(v) and (v >= 1 or v == -1),
+        "a positive integer (or -1 to keep every checkpoint)",
+    ),
     ("epochs", _optional(lambda v: is_number(v) and v > 0), "a number > 0 or None"),
     ("lr", lambda v: is_number(v) and v > 0, "a number > 0"),
     ("weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0"),
-    ("betas", lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and
-     all(is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    (
+        "betas",
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and len(v) == 2
+            and all(is_number(b) and 0 <= b < 1 for b in v)
+        ),
+        "two numbers in [0, 1)",
+    ),
     ("warmup_ratio", _fraction, "a number in [0, 1]"),
     ("min_lr_ratio", _fraction, "a number in [0, 1]"),
-    ("max_norm", _optional(lambda v: is_number(v) and v > 0),
-     "a number > 0 (or None: no clipping)"),
+    (
+        "max_norm",
+        _optional(lambda v: is_number(v) and v > 0),
+        "a number > 0 (or None: no clipping)",
+    ),
     ("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     ("dtype", lambda v: v in DTYPES, "'bf16', 'fp16' or None (fp32)"),
-    ("device", lambda v: isinstance(v, str) and (v in ("auto", "cpu") or
-                                                   re.fullmatch(r"cuda(:\d+)?", v) is not None),
-     "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (
+        "device",
+        lambda v: (
+            isinstance(v, str)
+            and (v in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", v) is not None)
+        ),
+        "'auto', 'cpu', 'cuda' or 'cuda:N'",
+    ),
 ]
 
 
@@ -151,9 +189,12 @@ class GlobalBatchCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> list[dict[str, torch.Tensor]]:
-        return [collate_packed(rows[i:i + self.batch_size], self.pad_token_id,
-                               self.pad_to_multiple_of)
-                for i in range(0, len(rows), self.batch_size)]
+        return [
+            collate_packed(
+                rows[i : i + self.batch_size], self.pad_token_id, self.pad_to_multiple_of
+            )
+            for i in range(0, len(rows), self.batch_size)
+        ]
 
 
 class QuietConsole:
@@ -181,8 +222,13 @@ class XtunerRunner(QuietConsole, Runner):
         with atomic_path(Path(out_dir) / filename) as tmp:
             super().save_checkpoint(out_dir, tmp.name, *args, **kwargs)
 
-    def load_checkpoint(self, filename: str, map_location: Any = "cpu", strict: bool = False,
-                        revise_keys: list | None = None):
+    def load_checkpoint(
+        self,
+        filename: str,
+        map_location: Any = "cpu",
+        strict: bool = False,
+        revise_keys: list | None = None,
+    ):
         checkpoint = ckpt.load(filename, map_location=map_location)
         self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
         ckpt.load_trained_weights(self.model, checkpoint[ckpt.STATE_DICT], filename)
@@ -219,17 +265,33 @@ def lr_schedule(settings: TrainSettings, max_iters: int) -> list[dict[str, Any]]
         warmup = 2
     schedulers = []
     if warmup > 0:
-        schedulers.append(dict(type=LinearLR, start_factor=1e-3, by_epoch=False, begin=0,
-                               end=warmup))
-    schedulers.append(dict(type=CosineAnnealingLR, eta_min=settings.lr * settings.min_lr_ratio,
-                           by_epoch=False, begin=warmup, end=max_iters))
+        schedulers.append(
+            dict(type=LinearLR, start_factor=1e-3, by_epoch=False, begin=0, end=warmup)
+        )
+    schedulers.append(
+        dict(
+            type=CosineAnnealingLR,
+            eta_min=settings.lr * settings.min_lr_ratio,
+            by_epoch=False,
+            begin=warmup,
+            end=max_iters,
+        )
+    )
     return schedulers
 
 
-def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_token_id: int,
-                 settings: TrainSettings, work_dir: str | Path, seed: int = 0,
-                 resume: str | Path | None = None, hooks: list | None = None,
-                 objective: Objective | None = None, verbose: bool = False) -> XtunerRunner:
+def build_runner(
+    model: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    pad_token_id: int,
+    settings: TrainSettings,
+    work_dir: str | Path,
+    seed: int = 0,
+    resume: str | Path | None = None,
+    hooks: list | None = None,
+    objective: Objective | None = None,
+    verbose: bool = False,
+) -> XtunerRunner:
     """Assemble the Runner: infinite seeded sampler, warmup + cosine, clipping, autocast.
     ``resume``: the checkpoint to continue from (found by ``checkpoint.latest`` for auto);
     ``objective``: what is trained (next-token SFT by default); ``verbose``: mmengine's
@@ -238,10 +300,14 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
     max_iters = total_steps(settings, len(dataset))
     device = resolve_device(settings)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=settings.batch_size * settings.accumulative_counts,
+        dataset,
+        batch_size=settings.batch_size * settings.accumulative_counts,
         sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
-        collate_fn=GlobalBatchCollator(settings.batch_size, pad_token_id,
-                                       settings.pad_to_multiple_of), num_workers=0)
+        collate_fn=GlobalBatchCollator(
+            settings.batch_size, pad_token_id, settings.pad_to_multiple_of
+        ),
+        num_workers=0,
+    )
     clip = dict(max_norm=settings.max_norm) if settings.max_norm else None
     _, world_size = world()
     strategy = None
@@ -251,20 +317,38 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
         raise XtunerError("train.dtype='fp16' needs a CUDA GPU; use 'bf16' (or None) on CPU")
     if settings.deepspeed:
         # DeepSpeed clips (its config's gradient_clipping) and steps itself
-        optim_wrapper = dict(type=strategies.SFTDeepSpeedOptimWrapper,
-                             optimizer=_optimizer_cfg(settings), dtype=settings.dtype,
-                             device_type=device)
+        optim_wrapper = dict(
+            type=strategies.SFTDeepSpeedOptimWrapper,
+            optimizer=_optimizer_cfg(settings),
+            dtype=settings.dtype,
+            device_type=device,
+        )
     elif settings.dtype == "fp16":  # fp16 needs loss scaling: mmengine's CUDA AMP wrapper has it
-        optim_wrapper = dict(type=AmpOptimWrapper, dtype="float16", clip_grad=clip,
-                             optimizer=_optimizer_cfg(settings))
+        optim_wrapper = dict(
+            type=AmpOptimWrapper,
+            dtype="float16",
+            clip_grad=clip,
+            optimizer=_optimizer_cfg(settings),
+        )
     else:  # FSDP2 casts through its MixedPrecisionPolicy instead of autocast
         dtype = None if strategy is not None and settings.fsdp else settings.dtype
-        optim_wrapper = dict(type=AutocastOptimWrapper, optimizer=_optimizer_cfg(settings),
-                             dtype=dtype, device_type=device, clip_grad=clip)
+        optim_wrapper = dict(
+            type=AutocastOptimWrapper,
+            optimizer=_optimizer_cfg(settings),
+            dtype=dtype,
+            device_type=device,
+            clip_grad=clip,
+        )
     # one process: the RNG hook saves its RNG; several: the strategy saves every rank's
     rng = [RNGStateHook(), PlainCheckpointHook()] if strategy is None else []
-    hooks = [*rng, ThroughputHook(), LossRecordHook(), ProgressHook(settings.log_interval, device),
-             *settings.extra_hooks, *(hooks or [])]
+    hooks = [
+        *rng,
+        ThroughputHook(),
+        LossRecordHook(),
+        ProgressHook(settings.log_interval, device),
+        *settings.extra_hooks,
+        *(hooks or []),
+    ]
     objective = objective or NextTokenObjective(chunk_size=settings.chunk_size)
     common = dict(
         model=TrainModel(model, objective).to(device),
@@ -286,17 +370,25 @@ def build_runner(model: torch.nn.Module, dataset: torch.utils.data.Dataset, pad_
         load_from=None if resume is None else str(resume),
         log_processor=dict(by_epoch=False, window_size=1),
         default_scope="mmengine",
-        visualizer=dict(type=Visualizer, vis_backends=[
-            dict(type=LocalVisBackend),
-            *([dict(type=TensorboardVisBackend)] if settings.tensorboard else [])]),
+        visualizer=dict(
+            type=Visualizer,
+            vis_backends=[
+                dict(type=LocalVisBackend),
+                *([dict(type=TensorboardVisBackend)] if settings.tensorboard else []),
+            ],
+        ),
         cfg=dict(train=asdict(settings), seed=seed),
         verbose=verbose,
     )
     backend = "nccl" if device == "cuda" else "gloo"
     if strategy is None:
         return XtunerRunner(**common, env_cfg=dict(dist_cfg=dict(backend=backend)))
-    return XtunerFlexibleRunner(**common, strategy=strategy, launcher="pytorch",
-                                env_cfg=dict(dist_cfg=dict(backend=backend)))
+    return XtunerFlexibleRunner(
+        **common,
+        strategy=strategy,
+        launcher="pytorch",
+        env_cfg=dict(dist_cfg=dict(backend=backend)),
+    )
 
 
 def resolve_device(settings: TrainSettings) -> str:
@@ -315,8 +407,9 @@ def cpu_has_fast_bf16() -> bool:
         return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
 
 
-def cpu_precision(model_cfg: dict[str, Any], settings: TrainSettings
-                  ) -> tuple[dict[str, Any], TrainSettings, list[str]]:
+def cpu_precision(
+    model_cfg: dict[str, Any], settings: TrainSettings
+) -> tuple[dict[str, Any], TrainSettings, list[str]]:
     """On a CPU without native bf16 matmuls, bf16 (autocast, frozen base weights, QLoRA's
     compute dtype) would make a step tens of times slower: use fp32 there instead. Returns the
     configs to train with and what was changed (empty when nothing was)."""
@@ -337,8 +430,10 @@ def cpu_precision(model_cfg: dict[str, Any], settings: TrainSettings
 def check_engine_choice(settings: TrainSettings, world_size: int) -> None:
     """DeepSpeed and FSDP2 shard over processes: refuse them in a single process."""
     if (settings.deepspeed or settings.fsdp) and world_size < 2:
-        raise XtunerError("train.deepspeed / train.fsdp need several processes: launch with "
-                          "NPROC_PER_NODE=N xtuner train ... (N >= 2)")
+        raise XtunerError(
+            "train.deepspeed / train.fsdp need several processes: launch with "
+            "NPROC_PER_NODE=N xtuner train ... (N >= 2)"
+        )
     if settings.deepspeed and settings.fsdp:
         raise XtunerError("choose one of --deepspeed and --fsdp")
 
@@ -348,11 +443,16 @@ def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
     checked by ``check_engine_choice`` before any work)."""
     if settings.deepspeed:
         strategies.require_deepspeed()
-        config = strategies.deepspeed_config(settings.deepspeed, settings.batch_size,
-                                             settings.accumulative_counts, settings.max_norm,
-                                             world_size)
-        return dict(type=strategies.SFTDeepSpeedStrategy, config=config,
-                    exclude_frozen_parameters=True)
+        config = strategies.deepspeed_config(
+            settings.deepspeed,
+            settings.batch_size,
+            settings.accumulative_counts,
+            settings.max_norm,
+            world_size,
+        )
+        return dict(
+            type=strategies.SFTDeepSpeedStrategy, config=config, exclude_frozen_parameters=True
+        )
     if settings.fsdp:
         return dict(type=strategies.FSDP2Strategy, dtype=settings.dtype)
     return dict(type=strategies.SFTDDPStrategy)

@@ -56,8 +56,13 @@ class Accumulation:
     engine_steps: bool = False
 
 
-def optimizer_step(model: torch.nn.Module, objective: Objective, data: list[Batch],
-                   optim_wrapper: OptimWrapper, acc: Accumulation) -> dict[str, torch.Tensor]:
+def optimizer_step(
+    model: torch.nn.Module,
+    objective: Objective,
+    data: list[Batch],
+    optim_wrapper: OptimWrapper,
+    acc: Accumulation,
+) -> dict[str, torch.Tensor]:
     """One optimizer step over this process's micro-batches ``data``.
 
     Each micro-batch's loss sum is scaled by world / (global units): the engines average
@@ -87,8 +92,9 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, data: list[Batc
     return {"loss": torch.tensor(loss_value), "tokens": torch.tensor(float(tokens))}
 
 
-def check_progress(loss: float, model: torch.nn.Module, objective: Objective,
-                   optim_wrapper: OptimWrapper) -> None:
+def check_progress(
+    loss: float, model: torch.nn.Module, objective: Objective, optim_wrapper: OptimWrapper
+) -> None:
     """Refuse to step on a NaN/inf loss or a collapsed model (the gradients are dropped)."""
     if not math.isfinite(loss):
         optim_wrapper.zero_grad()
@@ -96,24 +102,36 @@ def check_progress(loss: float, model: torch.nn.Module, objective: Objective,
     degenerate = objective.degenerate_loss(getattr(model, "llm", model))
     if degenerate is not None and _collapsed(loss, degenerate, model):
         optim_wrapper.zero_grad()
-        raise CollapsedRunError(f"the model collapsed: loss {loss:.4f} = {degenerate:.4f}, the "
-                                f"{objective.name} loss of a model that has lost its weights, "
-                                "with a zero gradient (usually from too high a learning rate); "
-                                "training stopped")
+        raise CollapsedRunError(
+            f"the model collapsed: loss {loss:.4f} = {degenerate:.4f}, the "
+            f"{objective.name} loss of a model that has lost its weights, "
+            "with a zero gradient (usually from too high a learning rate); "
+            "training stopped"
+        )
 
 
 def _non_finite(loss: float) -> NonFiniteLossError:
-    return NonFiniteLossError(f"loss is {loss}; training stopped (lower the learning rate, or "
-                              "check the data with `xtuner check-dataset`)")
+    return NonFiniteLossError(
+        f"loss is {loss}; training stopped (lower the learning rate, or "
+        "check the data with `xtuner check-dataset`)"
+    )
 
 
 def _collapsed(loss: float, degenerate: float, model: torch.nn.Module) -> bool:
     """The loss of a destroyed model with an all-zero gradient."""
     if abs(loss - degenerate) > 1e-3 * abs(degenerate):
         return False
-    return all(p.grad is None or not bool(p.grad.abs().max() > 0)
-               for p in model.parameters() if p.requires_grad)
+    return all(
+        p.grad is None or not bool(p.grad.abs().max() > 0)
+        for p in model.parameters()
+        if p.requires_grad
+    )
 
 
-__all__ = ["Accumulation", "CollapsedRunError", "NonFiniteLossError", "TrainingStoppedError",
-           "optimizer_step"]
+__all__ = [
+    "Accumulation",
+    "CollapsedRunError",
+    "NonFiniteLossError",
+    "TrainingStoppedError",
+    "optimizer_step",
+]

@@ -50,9 +50,12 @@ ZERO_PRESETS: dict[str, dict[str, Any]] = {
     "zero2": {"stage": 2},
     "zero2_offload": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
     "zero3": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-    "zero3_offload": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                      "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                      "offload_param": {"device": "cpu", "pin_memory": True}},
+    "zero3_offload": {
+        "stage": 3,
+        "stage3_gather_16bit_weights_on_model_save": True,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True},
+    },
 }
 
 
@@ -69,11 +72,14 @@ def _base_config(choice: str | dict) -> dict[str, Any]:
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise XtunerError(f"--deepspeed {choice}: not valid JSON (line {e.lineno}: {e.msg})"
-                              ) from None
+            raise XtunerError(
+                f"--deepspeed {choice}: not valid JSON (line {e.lineno}: {e.msg})"
+            ) from None
     else:
-        raise XtunerError(f"--deepspeed: unknown {choice!r}; use one of "
-                          f"{', '.join(ZERO_PRESETS)} or a path to a DeepSpeed .json")
+        raise XtunerError(
+            f"--deepspeed: unknown {choice!r}; use one of "
+            f"{', '.join(ZERO_PRESETS)} or a path to a DeepSpeed .json"
+        )
     return config
 
 
@@ -82,20 +88,31 @@ def zero_stage(choice: str | dict) -> int:
     return int(_base_config(choice).get("zero_optimization", {}).get("stage", 0))
 
 
-def deepspeed_config(choice: str | dict, batch_size: int, accumulative_counts: int,
-                     max_norm: float | None, world_size: int) -> dict[str, Any]:
+def deepspeed_config(
+    choice: str | dict,
+    batch_size: int,
+    accumulative_counts: int,
+    max_norm: float | None,
+    world_size: int,
+) -> dict[str, Any]:
     """A DeepSpeed config from a preset name or a json file/dict; the training config's micro
     batch, accumulation and clipping win over the json's, with a warning naming each change."""
     config = _base_config(choice)
-    ours = {"train_micro_batch_size_per_gpu": batch_size,
-            "gradient_accumulation_steps": accumulative_counts,
-            "train_batch_size": batch_size * accumulative_counts * world_size,
-            "gradient_clipping": max_norm or 0.0}
-    changed = [f"{key}: {config[key]} -> {value}" for key, value in ours.items()
-               if key in config and config[key] not in (value, "auto")]
+    ours = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": accumulative_counts,
+        "train_batch_size": batch_size * accumulative_counts * world_size,
+        "gradient_clipping": max_norm or 0.0,
+    }
+    changed = [
+        f"{key}: {config[key]} -> {value}"
+        for key, value in ours.items()
+        if key in config and config[key] not in (value, "auto")
+    ]
     if changed:
-        warnings.warn("the training config overrides the DeepSpeed json: " + "; ".join(changed),
-                      stacklevel=2)
+        warnings.warn(
+            "the training config overrides the DeepSpeed json: " + "; ".join(changed), stacklevel=2
+        )
     config.update(ours)
     # our optimizer (torch AdamW or bitsandbytes') also with ZeRO-Offload
     config.setdefault("zero_allow_untested_optimizer", True)
@@ -106,15 +123,17 @@ def deepspeed_config(choice: str | dict, batch_size: int, accumulative_counts: i
     return config
 
 
-def _trainable_only(state: dict[str, torch.Tensor], model: torch.nn.Module,
-                    prefix: str = "") -> OrderedDict:
+def _trainable_only(
+    state: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str = ""
+) -> OrderedDict:
     names = {prefix + n for n, p in model.named_parameters() if p.requires_grad}
     return OrderedDict((k, v) for k, v in state.items() if k in names)
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> OrderedDict:
-    return OrderedDict((k[len(prefix):] if k.startswith(prefix) else k, v)
-                       for k, v in state.items())
+    return OrderedDict(
+        (k[len(prefix) :] if k.startswith(prefix) else k, v) for k, v in state.items()
+    )
 
 
 def _barrier() -> None:
@@ -162,8 +181,9 @@ class SFTShardedModel(torch.nn.Module):
             self.module.set_requires_gradient_sync(True)
 
     def train_step(self, data, optim_wrapper):
-        return _step(self.module, data, optim_wrapper,
-                     Accumulation(self.module, self._no_backward_sync))
+        return _step(
+            self.module, data, optim_wrapper, Accumulation(self.module, self._no_backward_sync)
+        )
 
 
 # mmengine tells a wrapper from a model only by its registry; registered here, once, by name
@@ -184,9 +204,15 @@ class SFTDDPStrategy(DDPStrategy):
     def model_state_dict(self) -> dict:
         return {k: v.detach().cpu() for k, v in self._inner().state_dict().items()}
 
-    def save_checkpoint(self, filename: str, *, save_optimizer: bool = True,
-                        save_param_scheduler: bool = True, extra_ckpt: dict | None = None,
-                        callback=None) -> None:
+    def save_checkpoint(
+        self,
+        filename: str,
+        *,
+        save_optimizer: bool = True,
+        save_param_scheduler: bool = True,
+        extra_ckpt: dict | None = None,
+        callback=None,
+    ) -> None:
         # every rank: the state may be sharded (FSDP2) and every rank's RNG is gathered
         extra = dict(extra_ckpt or {})
         extra[ckpt.RNG_STATES] = gather_rng_states()
@@ -194,31 +220,40 @@ class SFTDDPStrategy(DDPStrategy):
         if save_optimizer:
             state[ckpt.OPTIMIZER] = self.optim_state_dict()
         if world()[0] == 0:
-
-
             if save_param_scheduler and hasattr(self, "param_schedulers"):
                 state[ckpt.PARAM_SCHEDULERS] = self.scheduler_state_dict()
             extra.setdefault(ckpt.META, {}).update(
-                seed=self.seed, time=time.strftime("%Y%m%d_%H%M%S"),
-                mmengine=mmengine.__version__)
+                seed=self.seed, time=time.strftime("%Y%m%d_%H%M%S"), mmengine=mmengine.__version__
+            )
             state.update(extra)
             if callback is not None:
                 callback(state)
             ckpt.save(state, filename)
         _barrier()
 
-    def load_checkpoint(self, filename: str, *, map_location: Any = "cpu", strict: bool = False,
-                        revise_keys: list | None = None, callback=None) -> dict:
+    def load_checkpoint(
+        self,
+        filename: str,
+        *,
+        map_location: Any = "cpu",
+        strict: bool = False,
+        revise_keys: list | None = None,
+        callback=None,
+    ) -> dict:
         self.logger.info(f"Load checkpoint from {filename}")
         checkpoint = ckpt.load(filename)
         if callback is not None:
             callback(checkpoint)
-        self.load_model_state_dict(checkpoint.pop(ckpt.STATE_DICT), strict=strict,
-                                   revise_keys=revise_keys or [(r"^module.", "")])
+        self.load_model_state_dict(
+            checkpoint.pop(ckpt.STATE_DICT),
+            strict=strict,
+            revise_keys=revise_keys or [(r"^module.", "")],
+        )
         return checkpoint
 
-    def load_model_state_dict(self, state_dict: dict, *, strict: bool = False,
-                              revise_keys: list | None = None) -> None:
+    def load_model_state_dict(
+        self, state_dict: dict, *, strict: bool = False, revise_keys: list | None = None
+    ) -> None:
         ckpt.load_trained_weights(self._inner(), state_dict, "the checkpoint")
 
     def resume(self, filename: str, **kwargs) -> dict:
@@ -256,23 +291,32 @@ class FSDP2Strategy(SFTDDPStrategy):
 
     def model_state_dict(self) -> dict:
         inner = self._inner()
-        full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
+        full = get_model_state_dict(
+            inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         return _trainable_only(full, inner)
 
     def optim_state_dict(self) -> dict:
         return get_optimizer_state_dict(
-            self._inner(), self.optim_wrapper.optimizer,
-            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            self._inner(),
+            self.optim_wrapper.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
 
-    def load_model_state_dict(self, state_dict: dict, *, strict: bool = False,
-                              revise_keys: list | None = None) -> None:
-        set_model_state_dict(self._inner(), state_dict,
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+    def load_model_state_dict(
+        self, state_dict: dict, *, strict: bool = False, revise_keys: list | None = None
+    ) -> None:
+        set_model_state_dict(
+            self._inner(), state_dict, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
 
     def load_optim_state_dict(self, state_dict: dict) -> None:
-        set_optimizer_state_dict(self._inner(), self.optim_wrapper.optimizer, state_dict,
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            self._inner(),
+            self.optim_wrapper.optimizer,
+            state_dict,
+            options=StateDictOptions(full_state_dict=True),
+        )
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
         state = _strip(self.model_state_dict(), "llm.")  # collective: every rank gathers
@@ -301,8 +345,10 @@ _DSOptimWrapper, _DSStrategy, _DSEngineWrapper = _deepspeed_strategy_base()
 
 def require_deepspeed() -> None:
     if _DSStrategy is None:
-        raise XtunerError("--deepspeed needs DeepSpeed: pip install -c "
-                          "requirements/constraints.txt -e '.[deepspeed]'")
+        raise XtunerError(
+            "--deepspeed needs DeepSpeed: pip install -c "
+            "requirements/constraints.txt -e '.[deepspeed]'"
+        )
 
 
 if _DSStrategy is not None:
@@ -315,8 +361,7 @@ if _DSStrategy is not None:
 
         def __init__(self, optimizer, dtype: str | None = None, device_type: str = "cpu"):
             super().__init__(optimizer)
-            self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
-                                   None: None}[dtype]
+            self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[dtype]
             self.device_type = device_type
 
         @contextmanager
@@ -338,8 +383,9 @@ if _DSStrategy is not None:
         boundary, so its ``step()`` is called after every micro-batch."""
 
         def train_step(self, data, optim_wrapper):
-            return _step(self.model.module, data, optim_wrapper,
-                         Accumulation(self.model, engine_steps=True))
+            return _step(
+                self.model.module, data, optim_wrapper, Accumulation(self.model, engine_steps=True)
+            )
 
     class SFTDeepSpeedStrategy(_DSStrategy):
         """mmengine's DeepSpeedStrategy with our train step, atomic checkpoints, every rank's
@@ -348,22 +394,32 @@ if _DSStrategy is not None:
         def _setup_distributed(self, launcher=None, backend: str = "nccl", **kwargs) -> None:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized()
-                                       else backend)
+            deepspeed.init_distributed(
+                dist_backend=dist.get_backend() if dist.is_initialized() else backend
+            )
 
         def _wrap_model(self, model: torch.nn.Module):
             wrapper = super()._wrap_model(model)
             return SFTDeepSpeedEngine(model=wrapper.model, inputs_to_half=self._inputs_to_half)
 
-        def save_checkpoint(self, filename: str, *, save_optimizer: bool = True,
-                            save_param_scheduler: bool = True, extra_ckpt: dict | None = None,
-                            callback=None) -> None:
+        def save_checkpoint(
+            self,
+            filename: str,
+            *,
+            save_optimizer: bool = True,
+            save_param_scheduler: bool = True,
+            extra_ckpt: dict | None = None,
+            callback=None,
+        ) -> None:
             extra = dict(extra_ckpt or {})
             extra[ckpt.RNG_STATES] = gather_rng_states()
             tmp = str(partial_path(filename))
-            super().save_checkpoint(tmp, save_optimizer=True,
-                                    save_param_scheduler=save_param_scheduler,
-                                    extra_ckpt=extra)
+            super().save_checkpoint(
+                tmp,
+                save_optimizer=True,
+                save_param_scheduler=save_param_scheduler,
+                extra_ckpt=extra,
+            )
             _publish(tmp, filename)
 
         def resume(self, filename: str, **kwargs) -> dict:
@@ -375,8 +431,7 @@ if _DSStrategy is not None:
             engine = self.model.model
             inner = engine.module
             if engine.zero_optimization_partition_weights():  # ZeRO-3: gather (collective)
-                state = engine._zero3_consolidated_16bit_state_dict(
-                    exclude_frozen_parameters=True)
+                state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
             else:
                 state = _trainable_only(inner.state_dict(), inner)
             if world()[0] != 0:
@@ -384,5 +439,10 @@ if _DSStrategy is not None:
             return _strip({k: v.detach().cpu() for k, v in state.items()}, "llm.")
 
 
-__all__ = ["FSDP2Strategy", "SFTDDPStrategy", "ZERO_PRESETS", "deepspeed_config",
-           "require_deepspeed"]
+__all__ = [
+    "FSDP2Strategy",
+    "SFTDDPStrategy",
+    "ZERO_PRESETS",
+    "deepspeed_config",
+    "require_deepspeed",
+]

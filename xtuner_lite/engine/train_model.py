@@ -33,8 +33,9 @@ class TrainModel(BaseModel):
         the LLM directly) is what lets DDP, DeepSpeed and FSDP2 hook the step."""
         return self.objective.loss_sum(self.llm, self._device(batch))
 
-    def train_step(self, data: list[dict[str, torch.Tensor]], optim_wrapper: OptimWrapper
-                   ) -> dict[str, torch.Tensor]:
+    def train_step(
+        self, data: list[dict[str, torch.Tensor]], optim_wrapper: OptimWrapper
+    ) -> dict[str, torch.Tensor]:
         """One process: the step with nothing to synchronize."""
         return optimizer_step(self, self.objective, data, optim_wrapper, Accumulation(self))
 

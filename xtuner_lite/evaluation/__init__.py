@@ -5,5 +5,13 @@ from xtuner_lite.evaluation.loglik import LoglikScorer
 from xtuner_lite.evaluation.run import load_for_eval, resolve_task, run_eval
 from xtuner_lite.evaluation.tasks import TaskSpec
 
-__all__ = ["LoadedModel", "LoglikScorer", "TaskResult", "TaskSpec", "evaluate_model",
-           "load_for_eval", "resolve_task", "run_eval"]
+__all__ = [
+    "LoadedModel",
+    "LoglikScorer",
+    "TaskResult",
+    "TaskSpec",
+    "evaluate_model",
+    "load_for_eval",
+    "resolve_task",
+    "run_eval",
+]

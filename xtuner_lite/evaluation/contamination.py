@@ -34,7 +34,7 @@ def _strings(value: Any) -> list[str]:
 
 def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     words = WORD.findall(text.lower())
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 @dataclass
@@ -47,8 +47,9 @@ class Overlap:
     example: str  # that n-gram
 
 
-def find_overlaps(train_rows: list[Row], eval_rows: list[Row], n: int = 13,
-                  threshold: float = 0.0) -> tuple[list[Overlap], int]:
+def find_overlaps(
+    train_rows: list[Row], eval_rows: list[Row], n: int = 13, threshold: float = 0.0
+) -> tuple[list[Overlap], int]:
     """(flagged evaluation rows, number of evaluation rows too short to hold an n-gram)."""
     seen: dict[int, int] = {}
     for index, row in enumerate(train_rows):
@@ -65,15 +66,22 @@ def find_overlaps(train_rows: list[Row], eval_rows: list[Row], n: int = 13,
         share = len(hits) / len(grams)
         if hits and share > threshold:
             first = train_rows[seen[hash(hits[0])]]
-            flagged.append(Overlap(row.source, share, len(hits), len(grams), first.source,
-                                   " ".join(hits[0])))
+            flagged.append(
+                Overlap(row.source, share, len(hits), len(grams), first.source, " ".join(hits[0]))
+            )
     flagged.sort(key=lambda o: o.share, reverse=True)
     return flagged, short
 
 
-def report_contamination(train_files: list[str], task: str, data_root=None, n: int = 13,
-                         threshold: float = 0.0, show: int = 10,
-                         out: str | os.PathLike | None = None) -> list[Overlap]:
+def report_contamination(
+    train_files: list[str],
+    task: str,
+    data_root=None,
+    n: int = 13,
+    threshold: float = 0.0,
+    show: int = 10,
+    out: str | os.PathLike | None = None,
+) -> list[Overlap]:
 
     if n < 1:
         raise XtunerError(f"--ngram must be at least 1, got {n}")
@@ -86,16 +94,28 @@ def report_contamination(train_files: list[str], task: str, data_root=None, n: i
         train_rows += read_rows(path)
     eval_rows = load_rows(spec, data_root)
     flagged, short = find_overlaps(train_rows, eval_rows, n, threshold)
-    print(f"{len(flagged)} of {len(eval_rows)} {spec.name} samples share a {n}-word n-gram with "
-          f"{len(train_rows)} training rows" + (f" (threshold {threshold:.0%})" if threshold
-                                                 else ""))
+    print(
+        f"{len(flagged)} of {len(eval_rows)} {spec.name} samples share a {n}-word n-gram with "
+        f"{len(train_rows)} training rows" + (f" (threshold {threshold:.0%})" if threshold else "")
+    )
     if short:
-        print(f"{short} samples have fewer than {n} words and were not checked "
-              "(use a smaller --ngram to include them)")
+        print(
+            f"{short} samples have fewer than {n} words and were not checked "
+            "(use a smaller --ngram to include them)"
+        )
     for o in flagged[:show]:
-        print(f"  {o.share:6.1%}  {o.source}  ~ {o.train_source}: \"{o.example}\"")
+        print(f'  {o.share:6.1%}  {o.source}  ~ {o.train_source}: "{o.example}"')
     if out is not None:
-        Path(out).write_text(json.dumps({"task": spec.name, "ngram": n, "checked":
-                                         len(eval_rows) - short, "too_short": short,
-                                         "flagged": [vars(o) for o in flagged]}, indent=1))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "task": spec.name,
+                    "ngram": n,
+                    "checked": len(eval_rows) - short,
+                    "too_short": short,
+                    "flagged": [vars(o) for o in flagged],
+                },
+                indent=1,
+            )
+        )
     return flagged

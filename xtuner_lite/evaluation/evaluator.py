@@ -95,18 +95,21 @@ class PromptBuilder:
         spec = self.spec
         head = render(spec.description, row) if spec.description else ""
         shots = [r for r in self.shots.get(row.subject, []) if r.source != row.source]
-        return head + "".join(_exemplar(spec, r) + spec.fewshot_separator
-                              for r in shots[:spec.num_fewshot])
+        return head + "".join(
+            _exemplar(spec, r) + spec.fewshot_separator for r in shots[: spec.num_fewshot]
+        )
 
     def context(self, row: Row, context: str) -> str:
         text = self.prefix(row) + context
         if not self.spec.chat:
             return text
         if self.model.template is None:
-            raise XtunerError(f"task {self.spec.name!r} asks for the chat template but the "
-                              "model has none")
-        return self.model.template.render_prompt([{"role": "user", "content": text}],
-                                                 self.model.tokenizer)
+            raise XtunerError(
+                f"task {self.spec.name!r} asks for the chat template but the model has none"
+            )
+        return self.model.template.render_prompt(
+            [{"role": "user", "content": text}], self.model.tokenizer
+        )
 
 
 # ----------------------------------------------------------------------------- task kinds
@@ -114,8 +117,9 @@ def _accuracy(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
-def evaluate_mcq(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
-                 scorer: LoglikScorer) -> TaskResult:
+def evaluate_mcq(
+    spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root, scorer: LoglikScorer
+) -> TaskResult:
     builder = PromptBuilder(spec, data_root, model)
     rotations = []  # (row index, rotation, gold, requests)
     row_choices = [choices_of(spec, row) for row in rows]
@@ -130,7 +134,7 @@ def evaluate_mcq(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
     if spec.scoring == "generate":  # the model writes its answer; the letter is extracted
         outputs = _generate(spec, model, [requests[0][0] for *_, requests in rotations])
         for (index, shift, gold, requests), text in zip(rotations, outputs):
-            letter = extract_answer(text, "letter", spec.letters[:len(requests)])
+            letter = extract_answer(text, "letter", spec.letters[: len(requests)])
             pred = spec.letters.index(letter) if letter else -1
             per_row[index].append((shift, gold, pred, text))
     else:
@@ -147,8 +151,13 @@ def evaluate_mcq(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
         shift, gold, pred, lls = runs[0]
         ok = pred == gold
         correct.append(ok)
-        sample = {"source": row.source, "gold": gold, "pred": pred, "correct": ok,
-                  "output" if spec.scoring == "generate" else "logprobs": lls}
+        sample = {
+            "source": row.source,
+            "gold": gold,
+            "pred": pred,
+            "correct": ok,
+            "output" if spec.scoring == "generate" else "logprobs": lls,
+        }
         if spec.style == "cloze":  # length-normalised by the option's characters (lm-eval's)
             lengths = [len(c) for c in row_choices[index]]
             norm = _argmax([ll / max(n, 1) for ll, n in zip(lls, lengths)])
@@ -167,9 +176,14 @@ def evaluate_mcq(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
         metrics["circular_acc"] = _accuracy(circular)
     subjects = {}
     if len(by_subject) > 1:
-        subjects = {s: {"acc": _accuracy([a for a, _ in v]), "n": len(v),
-                        **({"circular_acc": _accuracy([c for _, c in v])} if circular else {})}
-                    for s, v in sorted(by_subject.items())}
+        subjects = {
+            s: {
+                "acc": _accuracy([a for a, _ in v]),
+                "n": len(v),
+                **({"circular_acc": _accuracy([c for _, c in v])} if circular else {}),
+            }
+            for s, v in sorted(by_subject.items())
+        }
         metrics["subject_avg_acc"] = sum(v["acc"] for v in subjects.values()) / len(subjects)
     return TaskResult(spec.name, metrics, len(rows), subjects, samples)
 
@@ -190,7 +204,7 @@ def extract_answer(text: str, how: str, letters: str = "ABCD") -> str | None:
         found = re.findall(pattern, text.strip(), flags=re.IGNORECASE | re.MULTILINE)
         return found[0].upper() if found else None
     if how.startswith("regex:"):
-        match = re.search(how[len("regex:"):], text)
+        match = re.search(how[len("regex:") :], text)
         return match.group(1).strip() if match else None
     raise XtunerError(f"unknown extract {how!r} (none, last_number, letter, regex:<pattern>)")
 
@@ -204,49 +218,66 @@ def normalize_number(text: str) -> str:
     return str(int(value)) if value == int(value) else str(value)
 
 
-def _generate(spec: TaskSpec, model: LoadedModel, prompts: list[str], max_batch_size: int = 32
-              ) -> list[str]:
+def _generate(
+    spec: TaskSpec, model: LoadedModel, prompts: list[str], max_batch_size: int = 32
+) -> list[str]:
     """Greedy continuations of rendered prompts on the bundled engine (all batched), cut at the
     task's stop words and, for chat prompts, at the template's end of turn."""
 
     stop_ids = []
     if spec.chat and model.template is not None:
-
         stop_ids = stop_token_ids(model.template, model.tokenizer)
     engine = InferenceEngine(model.model, model.tokenizer, max_batch_size=max_batch_size)
-    params = SamplingParams(max_new_tokens=spec.max_new_tokens, stop_words=list(spec.stop),
-                            stop_token_ids=stop_ids)
+    params = SamplingParams(
+        max_new_tokens=spec.max_new_tokens, stop_words=list(spec.stop), stop_token_ids=stop_ids
+    )
     ids = [model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     return [request.text for request in engine.generate(ids, params)]
 
 
-def evaluate_generate(spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root,
-                      max_batch_size: int = 32) -> TaskResult:
+def evaluate_generate(
+    spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root, max_batch_size: int = 32
+) -> TaskResult:
     builder = PromptBuilder(spec, data_root, model)
-    outputs = _generate(spec, model, [builder.context(row, render(spec.prompt, row))
-                                      for row in rows], max_batch_size)
+    outputs = _generate(
+        spec,
+        model,
+        [builder.context(row, render(spec.prompt, row)) for row in rows],
+        max_batch_size,
+    )
     samples, correct = [], []
     for row, text in zip(rows, outputs):
         reference = str(field_of(row, spec.target))
         if spec.target_regex:
             match = re.search(spec.target_regex, reference, flags=re.MULTILINE)
             if not match:
-                raise XtunerError(f"{row.source}: {spec.target!r} does not match "
-                                  f"target_regex {spec.target_regex!r}")
+                raise XtunerError(
+                    f"{row.source}: {spec.target!r} does not match "
+                    f"target_regex {spec.target_regex!r}"
+                )
             reference = match.group(1)
         if spec.extract == "last_number":
             reference = normalize_number(reference)
         answer = extract_answer(text, spec.extract, spec.letters)
-        ok = answer is not None and (answer == reference.strip() if spec.match == "exact"
-                                     else reference.strip() in answer)
+        ok = answer is not None and (
+            answer == reference.strip() if spec.match == "exact" else reference.strip() in answer
+        )
         correct.append(ok)
-        samples.append({"source": row.source, "output": text, "extracted": answer,
-                        "reference": reference, "correct": ok})
+        samples.append(
+            {
+                "source": row.source,
+                "output": text,
+                "extracted": answer,
+                "reference": reference,
+                "correct": ok,
+            }
+        )
     return TaskResult(spec.name, {"acc": _accuracy(correct)}, len(rows), {}, samples)
 
 
-def evaluate_perplexity(spec: TaskSpec, rows: list[Row], model: LoadedModel,
-                        scorer: LoglikScorer) -> TaskResult:
+def evaluate_perplexity(
+    spec: TaskSpec, rows: list[Row], model: LoadedModel, scorer: LoglikScorer
+) -> TaskResult:
     """Disjoint windows of ``spec.window`` tokens, each predicted from the token before it (or
     the end-of-text token for the first): lm-evaluation-harness's rolling log-likelihood."""
     texts = [str(field_of(row, spec.text)) for row in rows]
@@ -254,8 +285,8 @@ def evaluate_perplexity(spec: TaskSpec, rows: list[Row], model: LoadedModel,
     for i, text in enumerate(texts):
         ids = scorer.encode(text)
         for start in range(0, len(ids), spec.window):
-            context = ids[start - 1:start] if start else scorer.empty_context
-            requests.append((context, ids[start:start + spec.window]))
+            context = ids[start - 1 : start] if start else scorer.empty_context
+            requests.append((context, ids[start : start + spec.window]))
             owners.append(i)
     scores = scorer.score_ids(requests)
     nll = [0.0] * len(texts)
@@ -266,17 +297,25 @@ def evaluate_perplexity(spec: TaskSpec, rows: list[Row], model: LoadedModel,
     total_nll, total_tokens = sum(nll), sum(tokens)
     total_bytes = sum(len(t.encode("utf-8")) for t in texts)
     total_words = sum(len(t.split()) for t in texts)
-    metrics = {"perplexity": math.exp(total_nll / max(total_tokens, 1)),
-               "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1),
-               "word_perplexity": math.exp(total_nll / max(total_words, 1))}
-    samples = [{"source": row.source, "nll": n, "tokens": t} for row, n, t in
-               zip(rows, nll, tokens)]
+    metrics = {
+        "perplexity": math.exp(total_nll / max(total_tokens, 1)),
+        "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1),
+        "word_perplexity": math.exp(total_nll / max(total_words, 1)),
+    }
+    samples = [
+        {"source": row.source, "nll": n, "tokens": t} for row, n, t in zip(rows, nll, tokens)
+    ]
     return TaskResult(spec.name, metrics, len(rows), {}, samples)
 
 
-def evaluate_model(model: LoadedModel, tasks: list[TaskSpec], data_root=None,
-                   limit: int | None = None, seed: int = 0, batch_tokens: int = 4096
-                   ) -> dict[str, TaskResult]:
+def evaluate_model(
+    model: LoadedModel,
+    tasks: list[TaskSpec],
+    data_root=None,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_tokens: int = 4096,
+) -> dict[str, TaskResult]:
     """Every task on one model; ``limit`` scores a seeded subset of each task's rows."""
     scorer = LoglikScorer(model.model, model.tokenizer, batch_tokens=batch_tokens)
     results = {}

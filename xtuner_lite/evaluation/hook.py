@@ -20,8 +20,16 @@ class EvaluateTasksHook(PeriodicHook):
 
     priority = "LOW"
 
-    def __init__(self, tokenizer, template, tasks: list, every: int | None = None,
-                 data_root: str | None = None, limit: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        tokenizer,
+        template,
+        tasks: list,
+        every: int | None = None,
+        data_root: str | None = None,
+        limit: int | None = None,
+        seed: int = 0,
+    ):
         self.tokenizer, self.template = tokenizer, template
         self.specs = [resolve_task(t) for t in tasks]  # a bad task fails before training starts
         self.every, self.data_root, self.limit, self.seed = every, data_root, limit, seed

@@ -43,8 +43,14 @@ class Score:
 class LoglikScorer:
     """``score([(context, continuation), ...])`` for a causal LM and its tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_tokens: int = 4096,
-                 max_length: int | None = None, chunk_tokens: int = 256):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        batch_tokens: int = 4096,
+        max_length: int | None = None,
+        chunk_tokens: int = 256,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_tokens = batch_tokens  # context positions (padded) per prefill
@@ -69,21 +75,25 @@ class LoglikScorer:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self.encode(context + continuation)
         context_ids = self.encode(context)
-        return context_ids, whole[len(context_ids):]
+        return context_ids, whole[len(context_ids) :]
 
-    def score(self, pairs: list[tuple[str, str]],
-              progress: Callable[[int], None] | None = None) -> list[Score]:
+    def score(
+        self, pairs: list[tuple[str, str]], progress: Callable[[int], None] | None = None
+    ) -> list[Score]:
         encoded = [self.encode_pair(c, x) for c, x in pairs]
         return self.score_ids(encoded, progress)
 
     @torch.no_grad()
-    def score_ids(self, encoded: list[tuple[list[int], list[int]]],
-                  progress: Callable[[int], None] | None = None) -> list[Score]:
+    def score_ids(
+        self,
+        encoded: list[tuple[list[int], list[int]]],
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Score]:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (context, continuation) in enumerate(encoded):
             if not continuation:
                 raise ValueError(f"continuation of request {i} has no tokens")
-            context = context[-(self.max_length - len(continuation)):]  # keep the end
+            context = context[-(self.max_length - len(continuation)) :]  # keep the end
             groups.setdefault(tuple(context), []).append(i)
         order = sorted(groups, key=len, reverse=True)  # similar lengths batch together
         results: list[Score | None] = [None] * len(encoded)
@@ -105,8 +115,9 @@ class LoglikScorer:
                 progress(sum(len(groups[c]) for c in batch))
         return results  # type: ignore[return-value]
 
-    def _run(self, contexts: list[tuple[int, ...]], groups: dict, encoded: list,
-             results: list) -> None:
+    def _run(
+        self, contexts: list[tuple[int, ...]], groups: dict, encoded: list, results: list
+    ) -> None:
         """Prefill the contexts (left-padded, last logits only), then score the options."""
 
         device = self.device
@@ -114,13 +125,19 @@ class LoglikScorer:
         ids = torch.zeros(len(contexts), width, dtype=torch.long)
         mask = torch.zeros(len(contexts), width, dtype=torch.long)
         for row, context in enumerate(contexts):
-            ids[row, width - len(context):] = torch.tensor(context)
-            mask[row, width - len(context):] = 1
+            ids[row, width - len(context) :] = torch.tensor(context)
+            mask[row, width - len(context) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         cache = DynamicCache(config=self.model.config)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
 
         requests = [(row, i) for row, context in enumerate(contexts) for i in groups[context]]
@@ -146,9 +163,17 @@ class LoglikScorer:
         for r, (_, i) in enumerate(requests):
             results[i] = Score(float(logprobs[r]), bool(misses[r] == 0), len(encoded[i][1]))
 
-    def _packed(self, chunk: list[int], requests: list[tuple[int, int]], encoded: list,
-                mask: torch.Tensor, cache, prefix: list, logprobs: torch.Tensor,
-                misses: torch.Tensor) -> None:
+    def _packed(
+        self,
+        chunk: list[int],
+        requests: list[tuple[int, int]],
+        encoded: list,
+        mask: torch.Tensor,
+        cache,
+        prefix: list,
+        logprobs: torch.Tensor,
+        misses: torch.Tensor,
+    ) -> None:
         """Run options' tokens after the first as one row: each attends to its own context's
         cached keys and to its own earlier tokens only, so no option is padded to the longest.
         Adds each option's log-probability and argmax misses into ``logprobs``/``misses``."""
@@ -168,25 +193,35 @@ class LoglikScorer:
         segment_t = torch.tensor(segment, device=device)
         own_t = torch.tensor(own, device=device)
         key_owner = torch.arange(span, device=device).repeat_interleave(width)
-        real = mask[top:top + span].bool().reshape(-1)
+        real = mask[top : top + span].bool().reshape(-1)
         to_context = (own_t[:, None] == key_owner[None, :]) & real[None, :]
         order = torch.arange(len(ids), device=device)
         to_itself = (segment_t[:, None] == segment_t[None, :]) & (order[:, None] >= order[None, :])
         attention = torch.cat([to_context, to_itself], dim=1)[None, None]
         for layer, (keys, values) in zip(cache.layers, prefix):  # the rows, as one long row
-            layer.keys = keys[top:top + span].transpose(0, 1).reshape(
-                1, keys.shape[1], span * width, keys.shape[3])
-            layer.values = values[top:top + span].transpose(0, 1).reshape(
-                1, values.shape[1], span * width, values.shape[3])
+            layer.keys = (
+                keys[top : top + span]
+                .transpose(0, 1)
+                .reshape(1, keys.shape[1], span * width, keys.shape[3])
+            )
+            layer.values = (
+                values[top : top + span]
+                .transpose(0, 1)
+                .reshape(1, values.shape[1], span * width, values.shape[3])
+            )
         with _custom_mask_attention(self.model) as additive:
             if additive:  # eager attention adds the mask to the scores
                 blocked = torch.finfo(self.model.dtype).min
-                attention = torch.zeros(attention.shape, dtype=self.model.dtype,
-                                        device=device).masked_fill_(~attention, blocked)
-            out = self.model(input_ids=torch.tensor([ids], device=device),
-                             attention_mask=attention,
-                             position_ids=torch.tensor([positions], device=device),
-                             past_key_values=cache, use_cache=True)
+                attention = torch.zeros(
+                    attention.shape, dtype=self.model.dtype, device=device
+                ).masked_fill_(~attention, blocked)
+            out = self.model(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=attention,
+                position_ids=torch.tensor([positions], device=device),
+                past_key_values=cache,
+                use_cache=True,
+            )
         logits = out.logits[0].float()  # no log_softmax copy: gather minus logsumexp
         target = torch.tensor(targets, device=device)
         token_lp = logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(-1)

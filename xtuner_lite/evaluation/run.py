@@ -35,11 +35,12 @@ def resolve_task(ref: str | dict | TaskSpec) -> TaskSpec:
         return load_spec_file(ref)
     spec = builtin_task(ref)
     if spec is None:
-
         close = difflib.get_close_matches(ref, BUILTIN_TASKS, 1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise XtunerError(f"unknown task {ref!r}{hint} (bundled: {', '.join(BUILTIN_TASKS)}; "
-                          "or pass a task .json file)")
+        raise XtunerError(
+            f"unknown task {ref!r}{hint} (bundled: {', '.join(BUILTIN_TASKS)}; "
+            "or pass a task .json file)"
+        )
     return spec
 
 
@@ -47,14 +48,12 @@ def load_for_eval(ref: str, dtype: str = "float32") -> LoadedModel:
     """A model name or folder, a merged folder, or an adapter folder (on its recorded base)."""
 
     if (Path(ref) / "adapter_config.json").exists():
-
         model, tokenizer, meta = load_adapted(None, ref, dtype=dtype)
         template = meta.get("template") or default_template_for(meta["base_model"]) or "auto"
     else:
         model, tokenizer = load_model(ref, dtype=dtype).eval(), load_tokenizer(ref)
         meta_file = Path(ref) / "xtuner_lite.json"
-        recorded = json.loads(meta_file.read_text()).get("template") if meta_file.exists() \
-            else None
+        recorded = json.loads(meta_file.read_text()).get("template") if meta_file.exists() else None
         template = recorded or default_template_for(ref) or "auto"
     try:
         chat = get_template(template, tokenizer)
@@ -67,10 +66,18 @@ def main_metric(result: TaskResult) -> str:
     return next(m for m in MAIN_METRIC if m in result.metrics)
 
 
-def run_eval(models: list[str], tasks: list[str | dict | TaskSpec], data_root=None,
-             limit: int | None = None, seed: int = 0, out: str | os.PathLike | None = None,
-             dtype: str = "float32", batch_tokens: int = 4096, show: bool = True,
-             overrides: dict[str, Any] | None = None) -> dict[str, dict[str, TaskResult]]:
+def run_eval(
+    models: list[str],
+    tasks: list[str | dict | TaskSpec],
+    data_root=None,
+    limit: int | None = None,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    batch_tokens: int = 4096,
+    show: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, dict[str, TaskResult]]:
     """Evaluate every model on every task; print the table; write ``out`` (JSON) if given.
     ``overrides`` set spec fields for every task (e.g. ``num_fewshot``, ``chat``)."""
 
@@ -88,20 +95,38 @@ def run_eval(models: list[str], tasks: list[str | dict | TaskSpec], data_root=No
     if show:
         print_table(results)
     if out is not None:
-        write_results(results, out, {"limit": limit, "seed": seed, "dtype": dtype,
-                                     "data_root": str(data_root), "seconds": timing,
-                                     "tasks": [vars(s) for s in specs]})
+        write_results(
+            results,
+            out,
+            {
+                "limit": limit,
+                "seed": seed,
+                "dtype": dtype,
+                "data_root": str(data_root),
+                "seconds": timing,
+                "tasks": [vars(s) for s in specs],
+            },
+        )
     return results
 
 
-def write_results(results: dict[str, dict[str, TaskResult]], out, config: dict[str, Any]
-                  ) -> None:
-    payload = {"config": config, "results": {
-        model: {name: {"metrics": r.metrics, "n": r.n,
-                       "ci95": {m: r.interval(m) for m in r.metrics if "acc" in m},
-                       "subjects": r.subjects, "samples": r.samples}
-                for name, r in by_task.items()}
-        for model, by_task in results.items()}}
+def write_results(results: dict[str, dict[str, TaskResult]], out, config: dict[str, Any]) -> None:
+    payload = {
+        "config": config,
+        "results": {
+            model: {
+                name: {
+                    "metrics": r.metrics,
+                    "n": r.n,
+                    "ci95": {m: r.interval(m) for m in r.metrics if "acc" in m},
+                    "subjects": r.subjects,
+                    "samples": r.samples,
+                }
+                for name, r in by_task.items()
+            }
+            for model, by_task in results.items()
+        },
+    }
     write_text(out, json.dumps(payload, indent=1, ensure_ascii=False))
 
 
@@ -123,10 +148,15 @@ def print_table(results: dict[str, dict[str, TaskResult]]) -> None:
         for metric in result.metrics:
             values = [results[m][task].metrics.get(metric) for m in models]
             scale = 100 if "acc" in metric else 1
-            cells = [f"{v * scale:.2f}" + (f" ±{results[m][task].interval(metric) * 100:.1f}"
-                                           if "acc" in metric and metric != "subject_avg_acc"
-                                           else "")
-                     for m, v in zip(models, values)]
+            cells = [
+                f"{v * scale:.2f}"
+                + (
+                    f" ±{results[m][task].interval(metric) * 100:.1f}"
+                    if "acc" in metric and metric != "subject_avg_acc"
+                    else ""
+                )
+                for m, v in zip(models, values)
+            ]
             deltas = [f"{(v - values[0]) * scale:+.2f}" for v in values[1:]]
             table.add_row(task, metric, str(result.n), *cells, *deltas)
     Console().print(table)

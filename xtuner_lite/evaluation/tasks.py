@@ -62,12 +62,19 @@ class TaskSpec:
         if self.kind not in KINDS:
             raise XtunerError(f"task {self.name!r}: kind must be one of {KINDS}, not {self.kind!r}")
         if self.style not in STYLES:
-            raise XtunerError(f"task {self.name!r}: style must be one of {STYLES}, not "
-                              f"{self.style!r}")
-        if self.scoring not in ("loglik", "generate") or \
-                self.scoring == "generate" and self.kind == "mcq" and self.style != "letter":
-            raise XtunerError(f"task {self.name!r}: scoring must be 'loglik', or 'generate' with "
-                              f"style 'letter' (got {self.scoring!r}, style {self.style!r})")
+            raise XtunerError(
+                f"task {self.name!r}: style must be one of {STYLES}, not {self.style!r}"
+            )
+        if (
+            self.scoring not in ("loglik", "generate")
+            or self.scoring == "generate"
+            and self.kind == "mcq"
+            and self.style != "letter"
+        ):
+            raise XtunerError(
+                f"task {self.name!r}: scoring must be 'loglik', or 'generate' with "
+                f"style 'letter' (got {self.scoring!r}, style {self.style!r})"
+            )
         if self.circular is None:
             self.circular = self.kind == "mcq" and self.style == "letter"
 
@@ -76,10 +83,11 @@ class TaskSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)
         if unknown:
-
             hints = [difflib.get_close_matches(k, known, 1) for k in unknown]
-            detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
-                               for k, h in zip(unknown, hints))
+            detail = ", ".join(
+                f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
+                for k, h in zip(unknown, hints)
+            )
             raise XtunerError(f"{source}: unknown key {detail}")
         for key in ("name", "data"):
             if key not in spec:
@@ -101,21 +109,26 @@ def load_spec_file(path: str | os.PathLike) -> TaskSpec:
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise XtunerError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
-                          f"{exc.msg}") from None
+        raise XtunerError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
     if not isinstance(spec, dict):
         raise XtunerError(f"{path}: a task file holds one JSON object")
     for key in ("data", "fewshot_data"):  # data beside the task file needs no --data-root
         value = spec.get(key)
-        if isinstance(value, str) and not os.path.isabs(value) and \
-                glob.glob(str(path.parent / value)):
+        if (
+            isinstance(value, str)
+            and not os.path.isabs(value)
+            and glob.glob(str(path.parent / value))
+        ):
             spec[key] = str(path.parent / value)
     return TaskSpec.from_dict(spec, str(path))
 
 
 def resolve_files(pattern: str, data_root: str | os.PathLike | None, task: str) -> list[Path]:
-    base = Path(pattern) if os.path.isabs(pattern) or data_root is None else \
-        Path(data_root) / pattern
+    base = (
+        Path(pattern) if os.path.isabs(pattern) or data_root is None else Path(data_root) / pattern
+    )
     found = sorted(Path(p) for p in glob.glob(str(base)))
     if not found:
         hint = "" if data_root else " (pass --data-root)"
@@ -144,8 +157,9 @@ def read_rows(path: Path) -> list[Row]:
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise XtunerError(f"{path}:{number}: invalid JSON at column {exc.colno}: "
-                                      f"{exc.msg}") from None
+                    raise XtunerError(
+                        f"{path}:{number}: invalid JSON at column {exc.colno}: {exc.msg}"
+                    ) from None
                 if not isinstance(value, dict):
                     raise XtunerError(f"{path}:{number}: each line must be a JSON object")
                 rows.append(Row(value, f"{path}:{number}"))
@@ -153,8 +167,9 @@ def read_rows(path: Path) -> list[Row]:
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise XtunerError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
-                              f"{exc.msg}") from None
+            raise XtunerError(
+                f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from None
         if not isinstance(values, list):
             raise XtunerError(f"{path}: expected a JSON list of objects")
         rows = [Row(v, f"{path}[{i}]") for i, v in enumerate(values)]
@@ -165,8 +180,10 @@ def read_rows(path: Path) -> list[Row]:
             for record in reader:
                 line = reader.line_num
                 if None in record:
-                    raise XtunerError(f"{path}:{line}: more values than the header's "
-                                      f"{len(reader.fieldnames)} columns")
+                    raise XtunerError(
+                        f"{path}:{line}: more values than the header's "
+                        f"{len(reader.fieldnames)} columns"
+                    )
                 missing = [k for k, v in record.items() if v is None]
                 if missing:
                     raise XtunerError(f"{path}:{line}: no value for column {missing[0]!r}")
@@ -178,8 +195,13 @@ def read_rows(path: Path) -> list[Row]:
     return rows
 
 
-def load_rows(spec: TaskSpec, data_root: str | os.PathLike | None, limit: int | None = None,
-              seed: int = 0, which: str | None = None) -> list[Row]:
+def load_rows(
+    spec: TaskSpec,
+    data_root: str | os.PathLike | None,
+    limit: int | None = None,
+    seed: int = 0,
+    which: str | None = None,
+) -> list[Row]:
     """The task's rows (or its few-shot rows, ``which="fewshot"``); ``limit`` takes a seeded
     random subset, so two runs with the same seed score the same questions."""
     pattern = spec.fewshot_data if which == "fewshot" and spec.fewshot_data else spec.data
@@ -192,18 +214,20 @@ def load_rows(spec: TaskSpec, data_root: str | os.PathLike | None, limit: int | 
 
 def field_of(row: Row, key: str) -> Any:
     if key not in row.fields:
-        raise XtunerError(f"{row.source}: missing field {key!r} (has: "
-                          f"{', '.join(map(str, row.fields))})")
+        raise XtunerError(
+            f"{row.source}: missing field {key!r} (has: {', '.join(map(str, row.fields))})"
+        )
     return row.fields[key]
 
 
 def render(template: str, row: Row, **extra: Any) -> str:
     try:
-        return template.format(**row.fields, subject=(row.subject or "").replace("_", " "),
-                               **extra)
+        return template.format(**row.fields, subject=(row.subject or "").replace("_", " "), **extra)
     except KeyError as exc:
-        raise XtunerError(f"{row.source}: the template {template!r} needs field {exc.args[0]!r}"
-                          f" (row has: {', '.join(map(str, row.fields))})") from None
+        raise XtunerError(
+            f"{row.source}: the template {template!r} needs field {exc.args[0]!r}"
+            f" (row has: {', '.join(map(str, row.fields))})"
+        ) from None
 
 
 def choices_of(spec: TaskSpec, row: Row) -> list[str]:
@@ -223,8 +247,10 @@ def gold_of(spec: TaskSpec, row: Row, num_choices: int) -> int:
     elif len(text) == 1 and text.upper() in spec.letters[:num_choices]:
         gold = spec.letters.index(text.upper())
     else:
-        raise XtunerError(f"{row.source}: field {spec.answer!r} = {value!r} is neither an option "
-                          f"index nor a letter {spec.letters[:num_choices]}")
+        raise XtunerError(
+            f"{row.source}: field {spec.answer!r} = {value!r} is neither an option "
+            f"index nor a letter {spec.letters[:num_choices]}"
+        )
     if not 0 <= gold < num_choices:
         raise XtunerError(f"{row.source}: answer {gold} is out of range for {num_choices} options")
     return gold

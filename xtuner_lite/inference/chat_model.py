@@ -27,8 +27,9 @@ def quantization_kwargs(bits: int | None) -> dict[str, Any]:
         raise XtunerError(f"--bits must be 4 or 8, got {bits}")
 
     if bits == 4:
-        return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True,
-                                                          bnb_4bit_quant_type="nf4")}
+        return {
+            "quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        }
     # LLM.int8 multiplies in fp16: load the rest in fp16 too rather than cast at every layer
     return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "dtype": "float16"}
 
@@ -44,8 +45,14 @@ class ChatModel:
     stop_strings: list[str]  # stop words that are not single tokens
 
     @classmethod
-    def load(cls, model: str, adapter: str | None = None, template: str | None = None,
-             bits: int | None = None, weights: bool = True) -> ChatModel:
+    def load(
+        cls,
+        model: str,
+        adapter: str | None = None,
+        template: str | None = None,
+        bits: int | None = None,
+        weights: bool = True,
+    ) -> ChatModel:
         """The template recorded beside an adapter by ``xtuner train`` is the default.
         ``weights=False`` loads only the tokenizer and template (another engine holds the model).
         """
@@ -56,8 +63,9 @@ class ChatModel:
             has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
             tokenizer = load_tokenizer(adapter if has_tokenizer else model)
         elif adapter:
-            llm, tokenizer, meta = load_adapted(model, adapter, any_base=True,
-                                                **quantization_kwargs(bits))
+            llm, tokenizer, meta = load_adapted(
+                model, adapter, any_base=True, **quantization_kwargs(bits)
+            )
             trained_with = meta.get("template")
         else:
             tokenizer = load_tokenizer(model)
@@ -65,8 +73,13 @@ class ChatModel:
         name = template or trained_with or default_template_for(model) or "auto"
         chat_template = get_template(name, tokenizer)
         vocab = tokenizer.get_vocab()
-        return cls(llm, tokenizer, chat_template, stop_token_ids(chat_template, tokenizer),
-                   [w for w in chat_template.stop_words(tokenizer) if w not in vocab])
+        return cls(
+            llm,
+            tokenizer,
+            chat_template,
+            stop_token_ids(chat_template, tokenizer),
+            [w for w in chat_template.stop_words(tokenizer) if w not in vocab],
+        )
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation rendered and tokenized; chat-control tokens typed inside a message
@@ -79,8 +92,10 @@ class ChatModel:
     def sampling(self, options: SamplingParams, stop_words: list[str] = ()) -> SamplingParams:
         """``options`` validated, with the template's stops and ``stop_words`` added."""
         return dataclasses.replace(
-            options.validate(), stop_token_ids=list(self.stop_ids),
-            stop_words=self.stop_strings + list(options.stop_words) + list(stop_words))
+            options.validate(),
+            stop_token_ids=list(self.stop_ids),
+            stop_words=self.stop_strings + list(options.stop_words) + list(stop_words),
+        )
 
 
 def held_back(text: str, stop_words: list[str]) -> int:
@@ -109,6 +124,6 @@ class TextStream:
         if not final:
             if text.endswith("\ufffd"):
                 return ""
-            text = text[:len(text) - held_back(text, request.params.stop_words)]
-        out, self.sent = text[self.sent:], max(len(text), self.sent)
+            text = text[: len(text) - held_back(text, request.params.stop_words)]
+        out, self.sent = text[self.sent :], max(len(text), self.sent)
         return out

@@ -50,8 +50,15 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
     found = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        found += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                  mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        found += [
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        ]
     return found + [model.lm_head]
 
 
@@ -131,8 +138,9 @@ class FastDecoder:
         return torch.addmm(layer.bias[:, None], layer.weight, x.t()).t()
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 cache: KVCache) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
         """``tokens``/``positions``: (rows,); ``mask``: (rows, cache.length + 1), nonzero where
         a column is a real token. Writes the new keys/values (``cache.reserve(1)`` first), then
         advances the cache; returns fp32 logits (rows, vocabulary)."""
@@ -153,11 +161,17 @@ class FastDecoder:
             k = linear(attn.k_proj, x).reshape(rows, self.kv_heads, 1, self.head_dim)
             v = linear(attn.v_proj, x).reshape(rows, self.kv_heads, 1, self.head_dim)
             keys, values = cache.write(i, _rotate(k, cos, sin), v)
-            out = F.scaled_dot_product_attention(_rotate(q, cos, sin).contiguous(), keys, values,
-                                                 attn_mask=attend, scale=attn.scaling)
+            out = F.scaled_dot_product_attention(
+                _rotate(q, cos, sin).contiguous(),
+                keys,
+                values,
+                attn_mask=attend,
+                scale=attn.scaling,
+            )
             h = h + linear(attn.o_proj, out.reshape(rows, -1))
             x = layer.post_attention_layernorm(h)
-            h = h + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x))
-                           * linear(mlp.up_proj, x))
+            h = h + linear(
+                mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x)
+            )
         cache.advance(1)
         return linear(self.model.lm_head, self.inner.norm(h)).float()

@@ -24,9 +24,15 @@ from xtuner_lite.inference.scheduler import Scheduler
 class InferenceEngine:
     """Batched, streaming generation for a causal LM (merged, or base + adapter)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch_size: int = 32,
-                 context_length: int | None = None, share_prefix: int = 64,
-                 pack_weights: bool | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer=None,
+        max_batch_size: int = 32,
+        context_length: int | None = None,
+        share_prefix: int = 64,
+        pack_weights: bool | None = None,
+    ):
         """``share_prefix``: when the prompts admitted together share at least this many leading
         tokens (few-shot exemplars, a long system prompt), that prefix is prefilled once and its
         keys/values copied to every row; 0 turns it off. ``pack_weights``: let the fast decoder
@@ -35,8 +41,9 @@ class InferenceEngine:
         self.scheduler = Scheduler(max_batch_size)
         self.runner = ModelRunner(model, share_prefix, pack_weights)
         self.model, self.tokenizer = self.runner.model, tokenizer
-        self.context_length = context_length or getattr(model.config, "max_position_embeddings",
-                                                        None)
+        self.context_length = context_length or getattr(
+            model.config, "max_position_embeddings", None
+        )
         self._ids = itertools.count()
 
     @property
@@ -57,8 +64,12 @@ class InferenceEngine:
         return self.scheduler.has_work
 
     # ----------------------------------------------------------------- requests
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    on_token: TokenCallback | None = None) -> Request:
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> Request:
         params = params or SamplingParams()
         params.validate()
         if not prompt_ids:
@@ -67,14 +78,22 @@ class InferenceEngine:
         if self.context_length is not None:
             room = self.context_length - len(prompt_ids)
             if room < 1:
-                raise XtunerError(f"prompt is {len(prompt_ids)} tokens; the model's context is "
-                                  f"{self.context_length}")
+                raise XtunerError(
+                    f"prompt is {len(prompt_ids)} tokens; the model's context is "
+                    f"{self.context_length}"
+                )
             budget = min(budget, room)
         generator = None
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
-        request = Request(next(self._ids), list(prompt_ids), params, on_token,
-                          generator=generator, max_new_tokens=budget)
+        request = Request(
+            next(self._ids),
+            list(prompt_ids),
+            params,
+            on_token,
+            generator=generator,
+            max_new_tokens=budget,
+        )
         self.scheduler.add(request)
         return request
 
@@ -107,8 +126,9 @@ class InferenceEngine:
         self._retire()
         return finished
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None
-                 ) -> list[Request]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | None = None
+    ) -> list[Request]:
         """Run prompts to completion (all admitted together, batched) and return them."""
         requests = [self.add_request(p, params) for p in prompts]
         while any(not r.finished for r in requests):
@@ -127,8 +147,9 @@ class InferenceEngine:
         self.runner.select(keep)
         return done
 
-    def _postprocess(self, rows: list[Request], logits: torch.Tensor, first_row: int
-                     ) -> list[Request]:
+    def _postprocess(
+        self, rows: list[Request], logits: torch.Tensor, first_row: int
+    ) -> list[Request]:
         """Choose each row's next token, stream it, mark finished requests."""
         tokens, errors = choose_tokens(logits, rows)
         self.runner.feed(torch.tensor(tokens, device=self.runner.device), first_row)

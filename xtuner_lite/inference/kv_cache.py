@@ -23,17 +23,21 @@ class KVCache:
         self.keys, self.values, self.length = keys, values, length
 
     @classmethod
-    def from_tensors(cls, keys: list[torch.Tensor], values: list[torch.Tensor], room: int = GROW
-                     ) -> KVCache:
+    def from_tensors(
+        cls, keys: list[torch.Tensor], values: list[torch.Tensor], room: int = GROW
+    ) -> KVCache:
         """Copy filled (batch, kv_heads, length, head_dim) tensors into buffers with ``room``
         free columns."""
         length = keys[0].shape[2]
-        return cls([_with_room(k, length + room) for k in keys],
-                   [_with_room(v, length + room) for v in values], length)
+        return cls(
+            [_with_room(k, length + room) for k in keys],
+            [_with_room(v, length + room) for v in values],
+            length,
+        )
 
     def filled(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the filled columns of one layer."""
-        return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
+        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
 
     def reserve(self, columns: int) -> None:
         """Make room for ``columns`` more columns (grows every layer by whole ``GROW`` blocks)."""
@@ -42,16 +46,17 @@ class KVCache:
         if needed <= capacity:
             return
         capacity += -(-(needed - capacity) // GROW) * GROW
-        self.keys = [_with_room(k[:, :, :self.length], capacity) for k in self.keys]
-        self.values = [_with_room(v[:, :, :self.length], capacity) for v in self.values]
+        self.keys = [_with_room(k[:, :, : self.length], capacity) for k in self.keys]
+        self.values = [_with_room(v[:, :, : self.length], capacity) for v in self.values]
 
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new columns after the filled ones (``reserve`` first) and return views of the
         layer's filled columns including them; ``advance`` once all layers are written."""
         end = self.length + keys.shape[2]
-        self.keys[layer][:, :, self.length:end] = keys
-        self.values[layer][:, :, self.length:end] = values
+        self.keys[layer][:, :, self.length : end] = keys
+        self.values[layer][:, :, self.length : end] = values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, columns: int) -> None:
@@ -60,10 +65,14 @@ class KVCache:
     def select(self, rows: torch.Tensor, first: int) -> None:
         """Keep only ``rows``, and the columns from ``first`` on (leading all-padding columns
         left by finished rows)."""
-        self.keys = [_with_room(k[rows, :, first:self.length], self.length - first + GROW)
-                     for k in self.keys]
-        self.values = [_with_room(v[rows, :, first:self.length], self.length - first + GROW)
-                       for v in self.values]
+        self.keys = [
+            _with_room(k[rows, :, first : self.length], self.length - first + GROW)
+            for k in self.keys
+        ]
+        self.values = [
+            _with_room(v[rows, :, first : self.length], self.length - first + GROW)
+            for v in self.values
+        ]
         self.length -= first
 
     def extend(self, other: KVCache) -> None:
@@ -72,10 +81,11 @@ class KVCache:
         capacity = length + GROW
 
         def stack(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
-            out = mine.new_zeros(mine.shape[0] + theirs.shape[0], *mine.shape[1:2], capacity,
-                                 mine.shape[3])
-            out[:mine.shape[0], :, length - self.length:length] = mine[:, :, :self.length]
-            out[mine.shape[0]:, :, length - other.length:length] = theirs[:, :, :other.length]
+            out = mine.new_zeros(
+                mine.shape[0] + theirs.shape[0], *mine.shape[1:2], capacity, mine.shape[3]
+            )
+            out[: mine.shape[0], :, length - self.length : length] = mine[:, :, : self.length]
+            out[mine.shape[0] :, :, length - other.length : length] = theirs[:, :, : other.length]
             return out
 
         self.keys = [stack(a, b) for a, b in zip(self.keys, other.keys)]
@@ -91,7 +101,7 @@ class KVCache:
 def _with_room(t: torch.Tensor, capacity: int) -> torch.Tensor:
     """A (batch, heads, capacity, dim) buffer whose first columns are ``t``."""
     out = t.new_zeros(t.shape[0], t.shape[1], capacity, t.shape[3])
-    out[:, :, :t.shape[2]] = t
+    out[:, :, : t.shape[2]] = t
     return out
 
 
@@ -105,8 +115,9 @@ class _InPlaceLayer(DynamicLayer):
         self.dtype, self.device = self.keys.dtype, self.keys.device
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys, self.values = self.cache.write(self.layer, key_states, value_states)
         return self.keys, self.values
 

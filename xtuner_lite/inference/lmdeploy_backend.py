@@ -19,14 +19,18 @@ def require_lmdeploy() -> None:
     try:
         import lmdeploy  # noqa: F401
     except ImportError:
-        raise XtunerError("--backend lmdeploy needs LMDeploy, which is not installed; install it "
-                          "in a CUDA environment with `pip install -r requirements/lmdeploy.txt`"
-                          " (or use the default --backend torch)") from None
+        raise XtunerError(
+            "--backend lmdeploy needs LMDeploy, which is not installed; install it "
+            "in a CUDA environment with `pip install -r requirements/lmdeploy.txt`"
+            " (or use the default --backend torch)"
+        ) from None
     import torch
 
     if not torch.cuda.is_available():
-        raise XtunerError("--backend lmdeploy needs a CUDA GPU and none is visible; use the "
-                          "default --backend torch, which also runs on CPU")
+        raise XtunerError(
+            "--backend lmdeploy needs a CUDA GPU and none is visible; use the "
+            "default --backend torch, which also runs on CPU"
+        )
 
 
 class LMDeployGenerator:
@@ -39,19 +43,29 @@ class LMDeployGenerator:
         # LoRA adapters are served unmerged by LMDeploy's PyTorch engine
         backend = PytorchEngineConfig(adapters={"adapter": adapter}) if adapter else None
         self.adapter_name = "adapter" if adapter else None
-        self.pipe = pipeline(model_path, backend_config=backend,
-                             chat_template_config=ChatTemplateConfig(model_name="base"))
+        self.pipe = pipeline(
+            model_path,
+            backend_config=backend,
+            chat_template_config=ChatTemplateConfig(model_name="base"),
+        )
 
-    def stream(self, prompt: str, options: Any, stop_token_ids: list[int],
-               stop_words: list[str]) -> Iterator[str]:
+    def stream(
+        self, prompt: str, options: Any, stop_token_ids: list[int], stop_words: list[str]
+    ) -> Iterator[str]:
         from lmdeploy import GenerationConfig
 
         config = GenerationConfig(
-            max_new_tokens=options.max_new_tokens, do_sample=options.temperature > 0,
-            temperature=options.temperature or 1.0, top_p=options.top_p,
-            top_k=options.top_k, repetition_penalty=options.repetition_penalty,
-            random_seed=options.seed, stop_token_ids=stop_token_ids,
-            stop_words=stop_words or None, skip_special_tokens=True)
+            max_new_tokens=options.max_new_tokens,
+            do_sample=options.temperature > 0,
+            temperature=options.temperature or 1.0,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            repetition_penalty=options.repetition_penalty,
+            random_seed=options.seed,
+            stop_token_ids=stop_token_ids,
+            stop_words=stop_words or None,
+            skip_special_tokens=True,
+        )
         kwargs = {"adapter_name": self.adapter_name} if self.adapter_name else {}
         for response in self.pipe.stream_infer([prompt], gen_config=config, **kwargs):
             if response.text:

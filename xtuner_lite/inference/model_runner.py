@@ -28,15 +28,17 @@ class ModelRunner:
     """Holds the running batch's cache, mask and next input tokens; returns last-position
     logits, one row per request, in the scheduler's row order."""
 
-    def __init__(self, model: torch.nn.Module, share_prefix: int = 64,
-                 pack_weights: bool | None = None):
+    def __init__(
+        self, model: torch.nn.Module, share_prefix: int = 64, pack_weights: bool | None = None
+    ):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.share_prefix = share_prefix
         # None when FastDecoder runs this model (Llama family), else why it cannot
         self.fallback_reason = unsupported_reason(model)
-        self.decoder = (FastDecoder(model, pack=pack_weights) if self.fallback_reason is None
-                        else None)
+        self.decoder = (
+            FastDecoder(model, pack=pack_weights) if self.fallback_reason is None else None
+        )
         self.prefix: tuple[list[int], Any] | None = None  # last shared prefix and its cache
         self.cache: KVCache | None = None
         self._mask: torch.Tensor | None = None  # (batch, cached length), 1 = real token
@@ -64,8 +66,11 @@ class ModelRunner:
         """Run new prompts (one batched, left-padded prefill) and append them as rows at the
         end of the batch; (new rows, vocab) logits for their first tokens."""
         shared = self._shared_prefix(prompts)
-        cache = (self._prefix_cache(prompts[0][:shared], len(prompts)) if shared
-                 else DynamicCache(config=self.model.config))
+        cache = (
+            self._prefix_cache(prompts[0][:shared], len(prompts))
+            if shared
+            else DynamicCache(config=self.model.config)
+        )
         # the rest of each prompt, left-padded: [shared prefix][padding][own tokens]
         width = max(len(p) for p in prompts) - shared
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -73,12 +78,13 @@ class ModelRunner:
         mask[:, :shared] = 1
         for i, prompt in enumerate(prompts):
             own = prompt[shared:]
-            ids[i, width - len(own):] = torch.tensor(own)
-            mask[i, shared + width - len(own):] = 1
+            ids[i, width - len(own) :] = torch.tensor(own)
+            mask[i, shared + width - len(own) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         logits = self._forward(ids, mask, cache)
-        filled = KVCache.from_tensors([layer.keys for layer in cache.layers],
-                                      [layer.values for layer in cache.layers])
+        filled = KVCache.from_tensors(
+            [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        )
         self._splice(filled, mask)
         return logits
 
@@ -102,9 +108,15 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- internals
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1].float()
 
     def _splice(self, cache: KVCache, mask: torch.Tensor) -> None:
@@ -141,7 +153,7 @@ class ModelRunner:
             return 0
         if self.prefix is not None:
             kept = self.prefix[0]
-            if all(len(p) > len(kept) and p[:len(kept)] == kept for p in prompts):
+            if all(len(p) > len(kept) and p[: len(kept)] == kept for p in prompts):
                 return len(kept)
         if len(prompts) < 2:
             return 0

@@ -27,8 +27,11 @@ RULES = [
     ("top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("top_k", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
     ("repetition_penalty", lambda v: is_number(v) and 0 < v <= 100, "a number in (0, 100]"),
-    ("seed", lambda v: v is None or (is_int(v) and 0 <= v <= MAX_SEED),
-     f"an integer in [0, {MAX_SEED}]"),
+    (
+        "seed",
+        lambda v: v is None or (is_int(v) and 0 <= v <= MAX_SEED),
+        f"an integer in [0, {MAX_SEED}]",
+    ),
 ]
 
 
@@ -54,8 +57,9 @@ class SamplingParams:
         return self
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float
-                             ) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """CTRL's penalty as transformers applies it: seen tokens' logits divided (or multiplied,
     when negative) by ``penalty``. ``logits`` (vocab,), ``seen`` token ids."""
     if penalty == 1.0 or seen.numel() == 0:
@@ -65,8 +69,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(0, seen, picked)
 
 
-def choose_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
-                 generator: torch.Generator | None) -> int:
+def choose_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor,
+    generator: torch.Generator | None,
+) -> int:
     """One token id from a row of fp32 logits."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:

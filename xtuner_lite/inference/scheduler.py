@@ -29,7 +29,7 @@ class Scheduler:
     def admit(self) -> list[Request]:
         """The waiting requests that fit into the batch now; they join ``running`` at its end."""
         admitted = self.waiting[: max(self.max_batch_size - len(self.running), 0)]
-        self.waiting = self.waiting[len(admitted):]
+        self.waiting = self.waiting[len(admitted) :]
         self.running = self.running + admitted
         return admitted
 

@@ -9,5 +9,12 @@ from xtuner_lite.model.build import (
 from xtuner_lite.model.forward import count_trained, loss_sum
 from xtuner_lite.model.loss import chunked_lm_loss
 
-__all__ = ["LoraSettings", "build_model", "chunked_lm_loss",
-           "count_trained", "disable_cpu_4bit_repack", "loss_sum", "skip_adapter_input_casts"]
+__all__ = [
+    "LoraSettings",
+    "build_model",
+    "chunked_lm_loss",
+    "count_trained",
+    "disable_cpu_4bit_repack",
+    "loss_sum",
+    "skip_adapter_input_casts",
+]

@@ -44,8 +44,10 @@ def segments_of(cu_seqlens: torch.Tensor, batch: int, width: int) -> list[tuple[
     cuts = {int(c) for c in cu_seqlens.tolist() if 0 < int(c) < batch * width}
     cuts |= {row * width for row in range(1, batch)}
     bounds = [0, *sorted(cuts), batch * width]
-    return [(start // width, start % width, start % width + end - start)
-            for start, end in zip(bounds, bounds[1:])]
+    return [
+        (start // width, start % width, start % width + end - start)
+        for start, end in zip(bounds, bounds[1:])
+    ]
 
 
 MATMUL_ATTENTION_MAX_LENGTH = 1024
@@ -79,8 +81,9 @@ class _MatmulAttention(torch.autograd.Function):
     more batched matmul and softmax."""
 
     @staticmethod
-    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
-                ) -> torch.Tensor:
+    def forward(
+        ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         ctx.save_for_backward(query, key, value)
         ctx.scale = scale
         return torch.bmm(_probabilities(query, key, scale), value)
@@ -90,16 +93,18 @@ class _MatmulAttention(torch.autograd.Function):
         query, key, value = ctx.saved_tensors
         probs = _probabilities(query, key, ctx.scale)
         grad_value = torch.bmm(probs.transpose(1, 2), grad)
-        grad_scores = torch._softmax_backward_data(torch.bmm(grad, value.transpose(1, 2)), probs,
-                                                   -1, probs.dtype)
+        grad_scores = torch._softmax_backward_data(
+            torch.bmm(grad, value.transpose(1, 2)), probs, -1, probs.dtype
+        )
         del probs
         grad_query = torch.bmm(grad_scores, key).mul_(ctx.scale)
         grad_key = torch.bmm(grad_scores.transpose(1, 2), query).mul_(ctx.scale)
         return grad_query, grad_key, grad_value, None
 
 
-def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     scaling: float | None) -> torch.Tensor:
+def matmul_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
     """Causal attention of one sample, (heads, length, dim) in the inputs' dtype, as two batched
     matmuls over the key/value heads: the query heads sharing a key/value head are stacked along
     the length, so grouped-query attention needs no repeated keys and values. On CPU at these
@@ -109,7 +114,7 @@ def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     gained little speed for a higher peak: not done."""
     heads, length, dim = query.shape
     kv_heads = key.shape[0]
-    scale = dim ** -0.5 if scaling is None else scaling
+    scale = dim**-0.5 if scaling is None else scaling
     # zero padding at the end is exact: causal masking hides padded keys from real queries,
     # and the padded queries' rows are cut off (their gradient is zero)
     padded = -(-length // ATTENTION_LENGTH_STEP) * ATTENTION_LENGTH_STEP
@@ -120,17 +125,23 @@ def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out[:, :length]
 
 
-def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                          value: torch.Tensor, attention_mask: torch.Tensor | None,
-                          scaling: float | None = None, dropout: float = 0.0,
-                          segments: list[tuple[int, int, int]] | None = None, **kwargs
-                          ) -> tuple[torch.Tensor, None]:
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    segments: list[tuple[int, int, int]] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers attention interface: (batch, heads, length, dim) in, (batch, length, heads,
     dim) out. Without ``segments`` this is transformers' SDPA."""
     if segments is None:
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     cpu = query.device.type == "cpu"
     rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
@@ -146,8 +157,11 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             q, k, v = (t[None].to(torch.float32 if cpu else t.dtype) for t in (q, k, v))
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            rows[row].append(F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scaling, dropout_p=dropout))
+            rows[row].append(
+                F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=scaling, dropout_p=dropout
+                )
+            )
     out = torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 

@@ -35,17 +35,25 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         rules = [
-            ("r", is_int(self.r) and self.r >= 1,
-             "an integer >= 1"),
+            ("r", is_int(self.r) and self.r >= 1, "an integer >= 1"),
             ("alpha", is_number(self.alpha) and self.alpha > 0, "a number > 0"),
             ("dropout", is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
-            ("target_modules", isinstance(self.target_modules, str) or (
-                isinstance(self.target_modules, (list, tuple)) and self.target_modules and
-                all(isinstance(m, str) for m in self.target_modules)),
-             "'all-linear' or a list of module names"),
+            (
+                "target_modules",
+                isinstance(self.target_modules, str)
+                or (
+                    isinstance(self.target_modules, (list, tuple))
+                    and self.target_modules
+                    and all(isinstance(m, str) for m in self.target_modules)
+                ),
+                "'all-linear' or a list of module names",
+            ),
         ]
-        problems = [f"model.lora.{key} must be {accepted}, got {getattr(self, key)!r}"
-                    for key, ok, accepted in rules if not ok]
+        problems = [
+            f"model.lora.{key} must be {accepted}, got {getattr(self, key)!r}"
+            for key, ok, accepted in rules
+            if not ok
+        ]
         if problems:
             raise XtunerError("; ".join(problems))
 
@@ -65,8 +73,9 @@ def peft_wrapping() -> Iterator[None]:
     """Wrapping a model in peft: peft reads ``is_gradient_checkpointing``, which transformers
     5 deprecates with a FutureWarning on every run that a user cannot act on."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated",
-                                category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+        )
         yield
 
 
@@ -100,8 +109,10 @@ def checkpointed_layers(num_layers: int, setting: bool | int | float) -> list[bo
         return [i % setting == 0 for i in range(num_layers)]
     if isinstance(setting, float) and 0.0 < setting <= 1.0:
         return [int((i + 1) * setting) > int(i * setting) for i in range(num_layers)]
-    raise XtunerError(f"model.gradient_checkpointing must be true/false, an integer k >= 1 "
-                      f"(every k-th layer) or a fraction in (0, 1] of the layers, got {setting!r}")
+    raise XtunerError(
+        f"model.gradient_checkpointing must be true/false, an integer k >= 1 "
+        f"(every k-th layer) or a fraction in (0, 1] of the layers, got {setting!r}"
+    )
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -139,21 +150,27 @@ def build_model(
     by layer, instead of building the whole model in host memory first.
     """
 
-
     if method not in ("full", "lora", "qlora"):
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
     # QLoRA quantizes from the stored (fp32) weights; LoRA/full load a bf16/fp16 copy directly
     path = resolve_model_path(pretrained, None if method == "qlora" else dtype)
-    kwargs: dict[str, Any] = dict(dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
-                                  trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(
+        dtype=parse_dtype(dtype),
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
     if device is not None and str(device).startswith("cuda"):
         kwargs["device_map"] = {"": device}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=parse_dtype(compute_dtype),
-            bnb_4bit_quant_storage=torch.uint8 if quant_storage == "uint8"
-            else parse_dtype(quant_storage))
+            bnb_4bit_quant_storage=torch.uint8
+            if quant_storage == "uint8"
+            else parse_dtype(quant_storage),
+        )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     use_lean_layers(model)
@@ -176,17 +193,24 @@ def build_model(
         layers = decoder_layers(model)
         chosen = checkpointed_layers(len(layers), gradient_checkpointing)
         if not all(chosen) and not layers:
-            raise XtunerError(f"{type(model).__name__} has no transformers checkpointing layers; "
-                              "use model.gradient_checkpointing=True instead of a subset")
+            raise XtunerError(
+                f"{type(model).__name__} has no transformers checkpointing layers; "
+                "use model.gradient_checkpointing=True instead of a subset"
+            )
         for layer, recompute in zip(layers, chosen):
             layer.gradient_checkpointing = recompute
     if method == "full":
         return model
 
     settings = LoraSettings.from_config(lora)
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target_modules, task_type="CAUSAL_LM",
-                        **settings.extra)
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+        **settings.extra,
+    )
     with peft_wrapping():
         model = get_peft_model(model, config)  # adapter weights are fp32 whatever the base dtype
     if lora_dtype not in ("fp32", "float32"):

@@ -49,8 +49,9 @@ class _DroppedProduct(torch.autograd.Function):
     compute dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, keep: np.ndarray, scale: float
-                ) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, keep: np.ndarray, scale: float
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight, torch.from_numpy(np.packbits(keep)))
         ctx.scale = scale
         return F.linear(_masked(x, keep), weight).mul_(scale)
@@ -108,14 +109,20 @@ def fuse_lora_dropout(model: torch.nn.Module) -> int:
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         projections = getattr(module, "lora_A", None)
-        if not (isinstance(dropouts, torch.nn.ModuleDict)
-                and isinstance(projections, torch.nn.ModuleDict)):
+        if not (
+            isinstance(dropouts, torch.nn.ModuleDict)
+            and isinstance(projections, torch.nn.ModuleDict)
+        ):
             continue
         for name, dropout in dropouts.items():
             linear = projections[name] if name in projections else None
-            if (isinstance(dropout, torch.nn.Dropout) and dropout.p > 0
-                    and type(linear) is torch.nn.Linear and linear.bias is None
-                    and name not in getattr(module, "lora_variant", {})):
+            if (
+                isinstance(dropout, torch.nn.Dropout)
+                and dropout.p > 0
+                and type(linear) is torch.nn.Linear
+                and linear.bias is None
+                and name not in getattr(module, "lora_variant", {})
+            ):
                 projections[name] = DropoutLinear.replacing(linear, dropout.p)
                 dropouts[name] = torch.nn.Identity()
                 count += 1

@@ -13,13 +13,13 @@ def _base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
     return causal_lm.model, causal_lm.get_output_embeddings()
 
 
-def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024
-             ) -> tuple[torch.Tensor, int]:
+def loss_sum(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024
+) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of trained tokens) for one collated batch."""
     decoder, head = _base_and_head(model)
     impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    out = decoder(input_ids=batch["input_ids"], use_cache=False,
-                  **attention_kwargs(batch, impl))
+    out = decoder(input_ids=batch["input_ids"], use_cache=False, **attention_kwargs(batch, impl))
     return chunked_lm_loss(out.last_hidden_state, head, batch["labels"], chunk_size)
 
 

@@ -79,8 +79,11 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _known_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(RMSNorm classes, gated-MLP classes) whose forward the functions above reproduce."""
 
-    norms = (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm,
-             modeling_qwen2.Qwen2RMSNorm)
+    norms = (
+        modeling_llama.LlamaRMSNorm,
+        modeling_mistral.MistralRMSNorm,
+        modeling_qwen2.Qwen2RMSNorm,
+    )
     mlps = (modeling_llama.LlamaMLP, modeling_mistral.MistralMLP, modeling_qwen2.Qwen2MLP)
     return norms, mlps
 

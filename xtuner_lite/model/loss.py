@@ -30,8 +30,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     forward. Runs under the caller's autocast, so the head matmuls use its compute dtype."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk_size: int, valid: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_size: int,
+        valid: int,
+    ) -> torch.Tensor:
         """Rows from ``valid`` on are padding: computed, but neither summed nor back-propagated."""
         need = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if need[0] else None
@@ -39,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             logits = F.linear(h, weight, bias).float()
             picked = logits.gather(1, t[:, None]).squeeze(1)
             # softmax in place in the one fp32 buffer: torch.logsumexp would allocate another
@@ -55,7 +62,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             grad_logits[real:] = 0.0
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_size] = grad_logits.to(h.dtype) @ weight.to(h.dtype)
+                grad_hidden[start : start + chunk_size] = grad_logits.to(h.dtype) @ weight.to(
+                    h.dtype
+                )
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ h.float()
             if grad_bias is not None:
@@ -79,8 +88,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                    chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+def chunked_lm_loss(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = 1024
+) -> tuple[torch.Tensor, int]:
     """Sum of token losses over trained positions and their count.
 
     ``hidden`` is (batch, seq, dim) before the head, ``labels`` unshifted (batch, seq).
@@ -95,6 +105,7 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.T
     pad = -count % LOSS_ROW_STEP
     if pad:
         hidden, targets = F.pad(hidden, (0, 0, 0, pad)), F.pad(targets, (0, pad))
-    total = _LinearCrossEntropy.apply(hidden, head.weight, getattr(head, "bias", None),
-                                      targets, chunk_size, count)
+    total = _LinearCrossEntropy.apply(
+        hidden, head.weight, getattr(head, "bias", None), targets, chunk_size, count
+    )
     return total, count

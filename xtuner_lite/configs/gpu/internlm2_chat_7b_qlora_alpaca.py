@@ -7,6 +7,10 @@ with read_base():
     from .._base_.models.internlm2_chat_7b import *  # noqa: F403
     from .._base_.train.gpu import *  # noqa: F403
 
-model = dict(peft_7b, pretrained=pretrained_model, method="qlora",  # noqa: F405
-             trust_remote_code=trust_remote_code)  # noqa: F405
+model = dict(
+    peft_7b,
+    pretrained=pretrained_model,
+    method="qlora",  # noqa: F405
+    trust_remote_code=trust_remote_code,
+)  # noqa: F405
 train_dataset.update(tokenizer=pretrained_model, template=template)  # noqa: F405

@@ -9,6 +9,13 @@ model.update(lora=dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
 
 train_dataset.update(data_files="examples/data/identity.json", max_length=512)  # noqa: F405
 
-train.update(batch_size=1, accumulative_counts=1, epochs=None, max_iters=30, lr=1e-3,  # noqa: F405
-             warmup_ratio=0.1, save_steps=15)
+train.update(
+    batch_size=1,
+    accumulative_counts=1,
+    epochs=None,
+    max_iters=30,
+    lr=1e-3,  # noqa: F405
+    warmup_ratio=0.1,
+    save_steps=15,
+)
 train.update(evaluation_inputs=["Who are you?", "Who made you?"], evaluation_max_new_tokens=32)  # noqa: F405

@@ -7,7 +7,13 @@ trust_remote_code = False
 
 # Shapes from the model card's config.json: lets tests and the memory planner build the model
 # on the meta device without weights or the hub.
-architecture = dict(model_type="llama", hidden_size=4096,
-                    intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                    rope_theta=500000.0)
+architecture = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    rope_theta=500000.0,
+)

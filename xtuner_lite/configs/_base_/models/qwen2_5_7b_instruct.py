@@ -7,7 +7,13 @@ trust_remote_code = False
 
 # Shapes from the model card's config.json: lets tests and the memory planner build the model
 # on the meta device without weights or the hub.
-architecture = dict(model_type="qwen2", hidden_size=3584,
-                    intermediate_size=18944, num_hidden_layers=28,
-                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                    rope_theta=1000000.0)
+architecture = dict(
+    model_type="qwen2",
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    rope_theta=1000000.0,
+)
