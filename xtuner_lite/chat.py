@@ -14,7 +14,8 @@ from transformers import AutoConfig
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.inference import InferenceEngine, SamplingParams
-from xtuner_lite.inference.chat_model import ChatModel, TextStream, quantization_kwargs
+from xtuner_lite.inference.chat_model import ChatModel, TextStream
+from xtuner_lite.inference.loader import quantization_kwargs
 
 GenerationOptions = SamplingParams  # the user's decoding options: one type, one validation
 _quantization = quantization_kwargs  # the name tests and older callers use

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from xtuner_lite.adapters import architecture_of, load_adapted
+from xtuner_lite.adapters import architecture_of
 from xtuner_lite.atomic import atomic_path
 from xtuner_lite.data.templates import ChatTemplate, get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import parse_dtype
+from xtuner_lite.inference.loader import load_for_inference
 from xtuner_lite.workdir import is_work_dir
 
 
@@ -79,7 +80,8 @@ def merge_adapter(
     out = Path(out)
     check_output(out, [adapter, *([base] if base else [])], force)
     target = parse_dtype(dtype)
-    model, tokenizer, meta = load_adapted(base, adapter, any_base=any_base)
+    loaded = load_for_inference(base, adapter, check_base=not any_base, template_required=False)
+    model, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta
     with torch.no_grad():
         merged = model.merge_and_unload()
     merged = merged.to(target)

@@ -25,6 +25,7 @@ from xtuner_lite.evaluation.tasks import (
     render,
 )
 from xtuner_lite.inference import InferenceEngine, SamplingParams
+from xtuner_lite.inference.loader import LoadedModel  # what the evaluator scores
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
@@ -41,16 +42,6 @@ class TaskResult:
         """Half-width of the normal-approximation 95 % interval of an accuracy."""
         p = self.metrics[metric]
         return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / max(self.n, 1))
-
-
-@dataclass
-class LoadedModel:
-    """What the evaluator needs: model, tokenizer and (for chat prompts) a template."""
-
-    name: str
-    model: Any
-    tokenizer: Any
-    template: Any = None
 
 
 # ----------------------------------------------------------------------------- prompts

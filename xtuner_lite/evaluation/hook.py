@@ -9,8 +9,9 @@ import torch
 
 from xtuner_lite.engine.hooks import PeriodicHook
 from xtuner_lite.engine.progress import say
-from xtuner_lite.evaluation.evaluator import LoadedModel, evaluate_model
+from xtuner_lite.evaluation.evaluator import evaluate_model
 from xtuner_lite.evaluation.run import resolve_task
+from xtuner_lite.inference.loader import LoadedModel
 
 
 class EvaluateTasksHook(PeriodicHook):

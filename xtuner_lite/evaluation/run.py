@@ -13,14 +13,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from xtuner_lite.adapters import load_adapted
 from xtuner_lite.atomic import write_text
-from xtuner_lite.data.templates import get_template
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation.builtin import BUILTIN_TASKS, builtin_task
-from xtuner_lite.evaluation.evaluator import LoadedModel, TaskResult, evaluate_model
+from xtuner_lite.evaluation.evaluator import TaskResult, evaluate_model
 from xtuner_lite.evaluation.tasks import TaskSpec, load_spec_file
-from xtuner_lite.hub import default_template_for, load_model, load_tokenizer
+from xtuner_lite.inference.loader import LoadedModel, load_for_inference
 
 MAIN_METRIC = ("circular_acc", "acc_norm", "acc", "perplexity")
 
@@ -45,21 +43,9 @@ def resolve_task(ref: str | dict | TaskSpec) -> TaskSpec:
 
 
 def load_for_eval(ref: str, dtype: str = "float32") -> LoadedModel:
-    """A model name or folder, a merged folder, or an adapter folder (on its recorded base)."""
-
-    if (Path(ref) / "adapter_config.json").exists():
-        model, tokenizer, meta = load_adapted(None, ref, dtype=dtype)
-        template = meta.get("template") or default_template_for(meta["base_model"]) or "auto"
-    else:
-        model, tokenizer = load_model(ref, dtype=dtype).eval(), load_tokenizer(ref)
-        meta_file = Path(ref) / "xtuner_lite.json"
-        recorded = json.loads(meta_file.read_text()).get("template") if meta_file.exists() else None
-        template = recorded or default_template_for(ref) or "auto"
-    try:
-        chat = get_template(template, tokenizer)
-    except XtunerError:
-        chat = None  # a base model without a chat template: raw prompts only
-    return LoadedModel(ref, model, tokenizer, chat)
+    """A model name or folder, a merged folder, or an adapter folder (on its recorded base);
+    a base model without a chat template is scored on raw prompts."""
+    return load_for_inference(ref, dtype=dtype, template_required=False)
 
 
 def main_metric(result: TaskResult) -> str:

@@ -5,33 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from transformers import BitsAndBytesConfig
-
-from xtuner_lite.adapters import load_adapted, read_adapter_meta
 from xtuner_lite.data import control
-from xtuner_lite.data.templates import Template, get_template, stop_token_ids
-from xtuner_lite.errors import XtunerError
-from xtuner_lite.hub import default_template_for, load_model, load_tokenizer
+from xtuner_lite.data.templates import Template
 from xtuner_lite.inference.engine import InferenceEngine
+from xtuner_lite.inference.loader import load_for_inference
 from xtuner_lite.inference.sampling import SamplingParams
-
-
-def quantization_kwargs(bits: int | None) -> dict[str, Any]:
-    """from_pretrained kwargs for 4/8-bit weights through bitsandbytes (None: full precision)."""
-    if bits is None:
-        return {}
-    if bits not in (4, 8):
-        raise XtunerError(f"--bits must be 4 or 8, got {bits}")
-
-    if bits == 4:
-        return {
-            "quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-        }
-    # LLM.int8 multiplies in fp16: load the rest in fp16 too rather than cast at every layer
-    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "dtype": "float16"}
 
 
 @dataclass
@@ -53,32 +33,17 @@ class ChatModel:
         bits: int | None = None,
         weights: bool = True,
     ) -> ChatModel:
-        """The template recorded beside an adapter by ``xtuner train`` is the default.
-        ``weights=False`` loads only the tokenizer and template (another engine holds the model).
-        """
-        trained_with = None
-        if not weights:
-            llm = None
-            trained_with = read_adapter_meta(adapter)[1].get("template") if adapter else None
-            has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
-            tokenizer = load_tokenizer(adapter if has_tokenizer else model)
-        elif adapter:
-            llm, tokenizer, meta = load_adapted(
-                model, adapter, any_base=True, **quantization_kwargs(bits)
-            )
-            trained_with = meta.get("template")
-        else:
-            tokenizer = load_tokenizer(model)
-            llm = load_model(model, **quantization_kwargs(bits)).eval()
-        name = template or trained_with or default_template_for(model) or "auto"
-        chat_template = get_template(name, tokenizer)
-        vocab = tokenizer.get_vocab()
+        """The template recorded by ``xtuner train`` is the default (see
+        ``loader.template_name``). ``weights=False`` loads only the tokenizer and template
+        (another engine holds the model)."""
+        loaded = load_for_inference(model, adapter, template, bits=bits, weights=weights)
+        vocab = loaded.tokenizer.get_vocab()
         return cls(
-            llm,
-            tokenizer,
-            chat_template,
-            stop_token_ids(chat_template, tokenizer),
-            [w for w in chat_template.stop_words(tokenizer) if w not in vocab],
+            loaded.model,
+            loaded.tokenizer,
+            loaded.template,
+            loaded.stop_ids,
+            [w for w in loaded.template.stop_words(loaded.tokenizer) if w not in vocab],
         )
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
