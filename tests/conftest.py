@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,26 @@ def tiny_llama(tmp_path_factory, smol_tokenizer):
     LlamaForCausalLM(config).save_pretrained(path)
     smol_tokenizer.save_pretrained(path)
     return str(path)
+
+
+def train_cmd(config, work_dir, *extra: str) -> list[str]:
+    """``xtuner train CONFIG --work-dir WORK_DIR ...`` as a subprocess command line."""
+    return [
+        sys.executable,
+        "-m",
+        "xtuner_lite.cli",
+        "train",
+        str(config),
+        "--work-dir",
+        str(work_dir),
+        *extra,
+    ]
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    """A config dict written as a pure-Python config file."""
+    path.write_text("".join(f"{key} = {value!r}\n" for key, value in cfg.items()))
+    return path
 
 
 def real_step(

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import warnings
 
 import pytest
@@ -21,7 +20,7 @@ from xtuner_lite.engine.distributed import torchrun_command
 from xtuner_lite.engine.strategies import deepspeed_config
 from xtuner_lite.errors import XtunerError
 
-from conftest import EXAMPLE_DATA, wait_for_lines
+from conftest import EXAMPLE_DATA, train_cmd, wait_for_lines
 
 pytestmark = pytest.mark.slow
 
@@ -65,22 +64,9 @@ def _env(nproc: int) -> dict:
     return env
 
 
-def _cmd(config, work_dir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "xtuner_lite.cli",
-        "train",
-        str(config),
-        "--work-dir",
-        str(work_dir),
-        *extra,
-    ]
-
-
 def _train(config, work_dir, nproc, *extra):
     proc = subprocess.run(
-        _cmd(config, work_dir, *extra), capture_output=True, text=True, env=_env(nproc)
+        train_cmd(config, work_dir, *extra), capture_output=True, text=True, env=_env(nproc)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _losses(work_dir)
@@ -177,7 +163,7 @@ def test_deepspeed_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llam
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _cmd(config, killed, "--deepspeed", "zero3"),
+        train_cmd(config, killed, "--deepspeed", "zero3"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=_env(2),

@@ -3,7 +3,6 @@ runs it together with the 8 GiB proof and the planner-vs-measured check)."""
 
 import importlib.util
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from xtuner_lite.data import IGNORE_INDEX, build_packed, collate_packed
 from xtuner_lite.data.tokenize import TokenizedBatch
 from xtuner_lite.model import build_model, loss_sum
 
-from conftest import ROOT, real_step, tiny_train_cfg
+from conftest import ROOT, real_step, tiny_train_cfg, train_cmd, write_config
 
 pytestmark = pytest.mark.gpu
 
@@ -77,17 +76,9 @@ def test_8bit_optimizers_train_through_the_cli(tiny_llama, tmp_path, optimizer):
 def test_fp16_training_uses_loss_scaling(tiny_llama, tmp_path):
     config = tmp_path / "fp16.py"
     cfg = tiny_train_cfg(tiny_llama, max_iters=6, dtype="fp16", device="cuda", lr=1e-2)
-    config.write_text("".join(f"{key} = {value!r}\n" for key, value in cfg.items()))
+    write_config(config, cfg)
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "xtuner_lite.cli",
-            "train",
-            str(config),
-            "--work-dir",
-            str(tmp_path / "w"),
-        ],
+        train_cmd(config, tmp_path / "w"),
         cwd=ROOT,
         capture_output=True,
         text=True,

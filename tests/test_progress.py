@@ -3,11 +3,10 @@ none of mmengine's environment dump, config or hook table (they are in the log f
 
 import re
 import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, run_in_pty, tiny_train_cfg
+from conftest import ROOT, run_in_pty, tiny_train_cfg, train_cmd, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -18,21 +17,7 @@ STEPS = 4
 def tiny_config(tmp_path, tiny_llama):
     cfg = tiny_train_cfg(tiny_llama, max_iters=STEPS, save_steps=STEPS)
     path = tmp_path / "tiny.py"
-    path.write_text("".join(f"{key} = {value!r}\n" for key, value in cfg.items()))
-    return path
-
-
-def _cmd(config, work_dir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "xtuner_lite.cli",
-        "train",
-        str(config),
-        "--work-dir",
-        str(work_dir),
-        *extra,
-    ]
+    return write_config(path, cfg)
 
 
 def _assert_quiet(text: str, work_dir) -> None:
@@ -55,7 +40,7 @@ def _assert_quiet(text: str, work_dir) -> None:
 def test_piped_output_is_one_line_per_step(tiny_config, tmp_path):
     work = tmp_path / "piped"
     out = subprocess.run(
-        _cmd(tiny_config, work),
+        train_cmd(tiny_config, work),
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -74,7 +59,7 @@ def test_piped_output_is_one_line_per_step(tiny_config, tmp_path):
 
 def test_a_terminal_gets_a_live_progress_bar(tiny_config, tmp_path):
     work = tmp_path / "tty"
-    code, text = run_in_pty(_cmd(tiny_config, work), CUDA_VISIBLE_DEVICES="")
+    code, text = run_in_pty(train_cmd(tiny_config, work), CUDA_VISIBLE_DEVICES="")
     assert code == 0, text[-3000:]
     assert "\x1b[" in text and "━" in text  # redrawn in place: control codes and a bar
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
@@ -87,7 +72,7 @@ def test_a_terminal_gets_a_live_progress_bar(tiny_config, tmp_path):
 
 def test_verbose_prints_what_the_log_file_holds(tiny_config, tmp_path):
     out = subprocess.run(
-        _cmd(tiny_config, tmp_path / "verbose", "--verbose"),
+        train_cmd(tiny_config, tmp_path / "verbose", "--verbose"),
         capture_output=True,
         text=True,
         cwd=ROOT,

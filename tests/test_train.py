@@ -4,13 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from xtuner_lite.errors import XtunerError
 
-from conftest import EXAMPLE_DATA, ROOT, wait_for_lines
+from conftest import EXAMPLE_DATA, ROOT, train_cmd, wait_for_lines
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +30,6 @@ def _losses(work_dir):
     return [by_step[k] for k in sorted(by_step)]
 
 
-def _train_cmd(config, work_dir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "xtuner_lite.cli",
-        "train",
-        str(config),
-        "--work-dir",
-        str(work_dir),
-        *extra,
-    ]
-
-
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
     config = tmp_path / "tiny_lora.py"
     config.write_text(
@@ -51,13 +37,13 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
     )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     whole = tmp_path / "whole"
-    subprocess.run(_train_cmd(config, whole), check=True, capture_output=True, env=env)
+    subprocess.run(train_cmd(config, whole), check=True, capture_output=True, env=env)
     reference = _losses(whole)
     assert len(reference) == 16
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _train_cmd(config, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        train_cmd(config, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     log = killed / "loss.jsonl"
     wait_for_lines(log, 6, proc)
@@ -67,7 +53,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
     # a checkpoint cut off while being written never has a checkpoint's name
     (killed / ".iter_8.pth.partial").write_bytes(b"truncated")
     subprocess.run(
-        _train_cmd(config, killed, "--resume", "auto"), check=True, capture_output=True, env=env
+        train_cmd(config, killed, "--resume", "auto"), check=True, capture_output=True, env=env
     )
     assert _losses(killed) == reference  # bitwise, fp32 on CPU
     assert (killed / "adapter" / "adapter_model.safetensors").exists()
@@ -103,7 +89,7 @@ def test_non_positive_batch_settings_are_named():
 def test_smollm2_configs_train_with_falling_loss(tmp_path, method):
     lr = "1e-3" if method == "qlora" else "5e-5"
     out = subprocess.run(
-        _train_cmd(
+        train_cmd(
             f"smollm2_135m_alpaca_{method}",
             tmp_path,
             "--cfg-options",

@@ -186,10 +186,6 @@ class SFTShardedModel(torch.nn.Module):
         )
 
 
-# mmengine tells a wrapper from a model only by its registry; registered here, once, by name
-MODEL_WRAPPERS.register_module(module=SFTShardedModel, force=True)
-
-
 class SFTDDPStrategy(DDPStrategy):
     """DDP on CPU (gloo) or GPU (nccl), with atomic checkpoints that keep every rank's RNG."""
 
@@ -278,6 +274,8 @@ class FSDP2Strategy(SFTDDPStrategy):
     def __init__(self, *, dtype: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.dtype = dtype
+        # mmengine tells a wrapper from a model only by its registry (idempotent)
+        MODEL_WRAPPERS.register_module(module=SFTShardedModel, force=True)
 
     def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         policy = MixedPrecisionPolicy()

@@ -45,7 +45,7 @@ def resolve_task(ref: str | dict | TaskSpec) -> TaskSpec:
 def load_for_eval(ref: str, dtype: str = "float32") -> LoadedModel:
     """A model name or folder, a merged folder, or an adapter folder (on its recorded base);
     a base model without a chat template is scored on raw prompts."""
-    return load_for_inference(ref, dtype=dtype, template_required=False)
+    return load_for_inference(ref, dtype=dtype, check_base=True, template_required=False)
 
 
 def main_metric(result: TaskResult) -> str:
