@@ -36,15 +36,7 @@ SHAPES = {
         num_key_value_heads=8,
         vocab_size=128256,
     ),
-    # the models users pick today (Llama layers with their sizes; Qwen2's q/k/v biases omitted)
-    "internlm2_5_7b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=92544,
-    ),
+    # Qwen2.5-7B in Llama layers (its q/k/v biases omitted)
     "qwen2_5_7b": dict(
         hidden_size=3584,
         intermediate_size=18944,
@@ -52,14 +44,6 @@ SHAPES = {
         num_attention_heads=28,
         num_key_value_heads=4,
         vocab_size=152064,
-    ),
-    "llama3_1_8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
     ),
     "smollm2_135m": dict(
         hidden_size=576,
@@ -88,6 +72,9 @@ SHAPES = {
         vocab_size=1024,
     ),
 }
+# the models users pick today that share an older shape: the same layer sizes and vocabulary
+SHAPES["internlm2_5_7b"] = SHAPES["internlm2_7b"]
+SHAPES["llama3_1_8b"] = SHAPES["llama3_8b"]
 
 
 def random_model_folder(shape: str, root: Path, max_length: int = 4096) -> Path:
