@@ -104,8 +104,10 @@ def real_step(
     dtype: str | None = None,
     optimizer=None,
     device_type: str = "cpu",
+    objective=None,
 ) -> tuple[float, dict]:
-    """One optimizer step through the real step (``engine/step.py``) with next-token loss:
+    """One optimizer step through the real step (``engine/step.py``) with next-token loss (or
+    ``objective``):
     (the step's loss, the gradients the optimizer received, by the model's parameter names).
     ``lr=0`` leaves the weights as they are; pass ``optimizer`` to keep its state across steps.
     """
@@ -133,7 +135,9 @@ def real_step(
     handle = optimizer.register_step_pre_hook(record)
     try:
         wrapper = AutocastOptimWrapper(optimizer, dtype=dtype, device_type=device_type)
-        out = TrainModel(model, NextTokenObjective()).train_step(micro_batches, wrapper)
+        out = TrainModel(model, objective or NextTokenObjective()).train_step(
+            micro_batches, wrapper
+        )
     finally:
         handle.remove()
     return float(out["loss"]), seen

@@ -8,6 +8,7 @@ import torch
 
 from xtuner_lite.data.packing import PackedData
 from xtuner_lite.data.pipeline import DatasetStats, process_dataset
+from xtuner_lite.data.preference import PreferenceData, process_preference_dataset
 from xtuner_lite.data.tokenize import IGNORE_INDEX
 
 
@@ -62,3 +63,61 @@ def collate_packed(
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
         "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows)),
     }
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Rows of packed preference units; ``reference`` (optional) holds each sequence's cached
+    reference log-probability sum, in storage order, so training runs no reference forward."""
+
+    def __init__(self, data: PreferenceData, stats: DatasetStats):
+        self.data, self.stats = data, stats
+        self.reference: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> PreferenceDataset:
+        processed = process_preference_dataset(**kwargs)
+        return cls(processed.data, processed.stats)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.data.row(i)
+        if self.reference is not None:
+            first = row["first_sequence"]
+            row["ref_logps"] = self.reference[first : first + len(row["cu_seqlens"]) - 1]
+        return row
+
+    @staticmethod
+    def collate(
+        rows: list[dict[str, Any]], pad_token_id: int = 0, pad_to_multiple_of: int = 1
+    ) -> dict[str, torch.Tensor]:
+        return collate_preference(rows, pad_token_id, pad_to_multiple_of)
+
+
+def collate_preference(
+    rows: list[dict[str, Any]], pad_token_id: int = 0, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """:func:`collate_packed` plus which sequence every position belongs to (-1: padding),
+    numbered over the batch so sequences 2k and 2k+1 form unit k; each unit's flag; each
+    sequence's last position (reward models); and cached reference log-probs when present."""
+    batch = collate_packed(rows, pad_token_id, pad_to_multiple_of)
+    width = batch["input_ids"].shape[1]
+    seq_index = torch.full_like(batch["input_ids"], -1)
+    last, count = [], 0
+    for b, row in enumerate(rows):
+        bounds = row["cu_seqlens"]
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            seq_index[b, start:end] = count
+            last.append(b * width + end - 1)
+            count += 1
+    batch.update(
+        seq_index=seq_index,
+        num_sequences=torch.tensor(count),
+        num_units=torch.tensor(count // 2),
+        unit_flags=torch.tensor([f for row in rows for f in row["unit_flags"]], dtype=torch.bool),
+        last_index=torch.tensor(last, dtype=torch.long),
+    )
+    if "ref_logps" in rows[0]:
+        batch["ref_logps"] = torch.cat([torch.as_tensor(row["ref_logps"]) for row in rows])
+    return batch

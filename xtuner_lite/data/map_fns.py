@@ -21,13 +21,13 @@ MapFn = Callable[[Any], Conversation]
 ROLES = ("system", "user", "assistant", "tool", "text")
 
 
-def _obj(row: Any) -> dict:
+def as_object(row: Any) -> dict:
     if not isinstance(row, dict):
         raise RowError(f"expected a JSON object, got {type(row).__name__}")
     return row
 
 
-def _str(row: dict, key: str, required: bool = True) -> str:
+def string_field(row: dict, key: str, required: bool = True) -> str:
     if key not in row or row[key] is None:
         if required:
             raise RowError("missing", field=key)
@@ -38,28 +38,31 @@ def _str(row: dict, key: str, required: bool = True) -> str:
     return value
 
 
-def _turn(instruction: str, inp: str) -> str:
+def user_turn(instruction: str, inp: str) -> str:
     return f"{instruction}\n{inp}" if inp else instruction
 
 
-def _system(row: dict) -> list[dict]:
-    system = _str(row, "system", required=False)
+def system_messages(row: dict) -> list[dict]:
+    system = string_field(row, "system", required=False)
     return [{"role": "system", "content": system}] if system else []
 
 
 def alpaca_map_fn(row: Any) -> Conversation:
     """Alpaca ``{instruction, input, output[, system]}`` → one user/assistant turn."""
-    row = _obj(row)
-    user = _turn(_str(row, "instruction"), _str(row, "input", required=False))
+    row = as_object(row)
+    user = user_turn(string_field(row, "instruction"), string_field(row, "input", required=False))
     return {
-        "messages": _system(row)
-        + [{"role": "user", "content": user}, {"role": "assistant", "content": _str(row, "output")}]
+        "messages": system_messages(row)
+        + [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": string_field(row, "output")},
+        ]
     }
 
 
 def alpaca_zh_map_fn(row: Any) -> Conversation:
     """Chinese Alpaca: ``instruction_zh/input_zh/output_zh`` (alpaca-gpt4-chinese) or plain keys."""
-    row = _obj(row)
+    row = as_object(row)
     if "instruction_zh" in row:
         row = {
             "instruction": row.get("instruction_zh"),
@@ -72,14 +75,14 @@ def alpaca_zh_map_fn(row: Any) -> Conversation:
 
 def history_map_fn(row: Any) -> Conversation:
     """Alpaca plus ``history: [[user, assistant], ...]`` (oasst1, LIMA in LLaMA-Factory form)."""
-    row = _obj(row)
+    row = as_object(row)
     history = row.get("history") or []
     if not isinstance(history, list):
         raise RowError(
             f"expected a list of [user, assistant] pairs, got {type(history).__name__}",
             field="history",
         )
-    messages = _system(row)
+    messages = system_messages(row)
     for i, pair in enumerate(history):
         if not (
             isinstance(pair, (list, tuple))
@@ -98,7 +101,7 @@ def history_map_fn(row: Any) -> Conversation:
 
 def openai_map_fn(row: Any) -> Conversation:
     """OpenAI ``messages: [{role, content, loss?}]``, or a bare list of such messages."""
-    messages = row if isinstance(row, list) else _obj(row).get("messages")
+    messages = row if isinstance(row, list) else as_object(row).get("messages")
     if messages is None:
         raise RowError("missing", field="messages")
     if not isinstance(messages, list):
@@ -146,13 +149,13 @@ def sharegpt_map_fn(row: Any) -> Conversation:
     A ``function_call`` turn is the model's own output, so it is trained like any assistant turn;
     a ``tools`` field (glaive) is appended to the system prompt so calls have their schema.
     """
-    row = _obj(row)
+    row = as_object(row)
     turns = row.get("conversations")
     if turns is None:
         raise RowError("missing", field="conversations")
     if not isinstance(turns, list):
         raise RowError(f"expected a list, got {type(turns).__name__}", field="conversations")
-    messages = _system(row)
+    messages = system_messages(row)
     tools = row.get("tools")
     if tools:
         tools_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
@@ -182,7 +185,7 @@ def sharegpt_map_fn(row: Any) -> Conversation:
 
 def pretrain_map_fn(row: Any) -> Conversation:
     """Plain text for incremental pretraining: ``{text}`` or a bare string; every token trained."""
-    text = row if isinstance(row, str) else _str(_obj(row), "text")
+    text = row if isinstance(row, str) else string_field(as_object(row), "text")
     return {"messages": [{"role": "text", "content": text}]}
 
 

@@ -85,11 +85,7 @@ class PackedData:
 def build_packed(
     tokens: TokenizedBatch, max_length: int, pack: bool, seed: int = 0, shuffle: bool = True
 ) -> PackedData:
-    """Arrange tokenized samples into rows; a sample's first label is masked.
-
-    Masking the first label keeps packed loss equal to per-sample loss: in a packed row the
-    previous sample's last token would otherwise be trained to predict this sample's first.
-    """
+    """Arrange tokenized samples into rows (packed, or one per row); see :func:`arrange`."""
     lengths = tokens.lengths
     if pack:
         rows = pack_indices(lengths.tolist(), max_length, seed)
@@ -97,6 +93,17 @@ def build_packed(
         rows = [[i] for i in range(len(lengths))]
         if shuffle:
             random.Random(seed).shuffle(rows)
+    return arrange(tokens, rows)
+
+
+def arrange(tokens: TokenizedBatch, rows: list[list[int]]) -> PackedData:
+    """Samples in the order and grouping of ``rows`` (lists of sample indices); a sample's
+    first label is masked.
+
+    Masking the first label keeps packed loss equal to per-sample loss: in a packed row the
+    previous sample's last token would otherwise be trained to predict this sample's first.
+    """
+    lengths = tokens.lengths
     order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=len(lengths))
     sample_lengths = lengths[order]
     new_starts = np.concatenate([[0], np.cumsum(sample_lengths)[:-1]]).astype(np.int64)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ class ChunkResult:
     flagged: int = 0  # rows with control-token text
 
 
-def _guard_control_tokens(
+def guard_control_tokens(
     messages: list[dict], tokens: list[str], mode: str
 ) -> tuple[list[dict], bool]:
     """Messages with control-token text escaped (``escape``) or refused (``skip``); and whether
@@ -117,7 +117,7 @@ def _process_records(
     for i, record in enumerate(records, start=offset):
         try:
             messages = validate_conversation(map_fn(record))
-            messages, found = _guard_control_tokens(messages, tokens, control_tokens)
+            messages, found = guard_control_tokens(messages, tokens, control_tokens)
             flagged += found and control_tokens == "warn"  # kept as they are: at risk
             rendered.append(template.render(messages, tokenizer))
             indices.append(i)
@@ -251,20 +251,12 @@ def cache_key(
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
 
 
-def _save(target: Path, result: ProcessedDataset) -> None:
-
+def save_processed(target: Path, result: ProcessedDataset) -> None:
+    """The processed arrays and their statistics under ``target``, written atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     d = result.data
-    save_file(
-        {
-            "input_ids": d.input_ids,
-            "labels": d.labels,
-            "sample_lengths": d.sample_lengths,
-            "row_sizes": d.row_sizes,
-        },
-        str(tmp / "data.safetensors"),
-    )
+    save_file({f.name: getattr(d, f.name) for f in fields(d)}, str(tmp / "data.safetensors"))
     (tmp / "stats.json").write_text(json.dumps(asdict(result.stats), indent=1))
     try:
         os.replace(tmp, target)  # atomic; a concurrent writer of the same key may win, that's fine
@@ -272,14 +264,16 @@ def _save(target: Path, result: ProcessedDataset) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(target: Path) -> ProcessedDataset | None:
-
+def load_processed(
+    target: Path, data_type: type = PackedData, stats_type: type = DatasetStats
+) -> ProcessedDataset | None:
+    """What :func:`save_processed` wrote, or None when nothing is there."""
     if not (target / "stats.json").exists():
         return None
     arrays = load_file(str(target / "data.safetensors"))
-    stats = DatasetStats(**json.loads((target / "stats.json").read_text()))
+    stats = stats_type(**json.loads((target / "stats.json").read_text()))
     stats.from_cache = True
-    return ProcessedDataset(PackedData(**arrays), stats)
+    return ProcessedDataset(data_type(**arrays), stats)
 
 
 def dataset_cache_dir() -> Path:
@@ -356,7 +350,7 @@ def process_dataset(
             skip_invalid,
             control_tokens,
         )
-        cached = _load(dataset_cache_dir() / key)
+        cached = load_processed(dataset_cache_dir() / key)
         if cached is not None:
             return cached
 
@@ -416,5 +410,5 @@ def process_dataset(
     }
     result = ProcessedDataset(data, stats)
     if key is not None:
-        _save(dataset_cache_dir() / key, result)
+        save_processed(dataset_cache_dir() / key, result)
     return result

@@ -138,6 +138,7 @@ class LossRecordHook(Hook):
             "loss": float(outputs["loss"]),
             "lr": float(runner.optim_wrapper.get_lr()["lr"][0]),
             "tokens": int(outputs["tokens"]),
+            **{k: float(v) for k, v in outputs.items() if k not in ("loss", "tokens")},
         }
         with open(Path(runner.work_dir) / "loss.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -34,6 +34,11 @@ class Objective(ABC):
         zero gradient it stops training instead of stepping on."""
         return None
 
+    def take_metrics(self) -> dict[str, tuple[float, float]]:
+        """What to log besides the loss, as (sum, count) per name, accumulated over the
+        micro-batches since the last call (the step sums them over ranks and divides)."""
+        return {}
+
 
 class NextTokenObjective(Objective):
     """Supervised fine-tuning and continued pretraining: cross-entropy summed over the trained

@@ -100,8 +100,11 @@ class ProgressHook(Hook):
         if self._bar is not None:
             self._bar.update(self._task, completed=step, **fields)
         elif step % self.log_interval == 0 or step == self._total:
+            extra = "".join(
+                f"  {k} {float(v):.4f}" for k, v in outputs.items() if k not in ("loss", "tokens")
+            )
             self.console.print(
-                f"step {step}/{self._total}  loss {fields['loss']}  "
+                f"step {step}/{self._total}  loss {fields['loss']}{extra}  "
                 f"lr {fields['lr']}  {fields['speed']} tok/s  "
                 f"eta {fields['eta']}  peak {fields['memory']}",
                 markup=False,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,15 +185,20 @@ def _cuda_device_ok(device: Any) -> bool:
 class GlobalBatchCollator:
     """Splits a loader batch of ``batch_size * accumulative_counts`` rows into micro-batches."""
 
-    def __init__(self, batch_size: int, pad_token_id: int, pad_to_multiple_of: int = 1):
+    def __init__(
+        self,
+        batch_size: int,
+        pad_token_id: int,
+        pad_to_multiple_of: int = 1,
+        collate: Callable[..., dict[str, torch.Tensor]] = collate_packed,
+    ):
         self.batch_size, self.pad_token_id = batch_size, pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.collate = collate
 
     def __call__(self, rows: list[dict]) -> list[dict[str, torch.Tensor]]:
         return [
-            collate_packed(
-                rows[i : i + self.batch_size], self.pad_token_id, self.pad_to_multiple_of
-            )
+            self.collate(rows[i : i + self.batch_size], self.pad_token_id, self.pad_to_multiple_of)
             for i in range(0, len(rows), self.batch_size)
         ]
 
@@ -304,7 +310,10 @@ def build_runner(
         batch_size=settings.batch_size * settings.accumulative_counts,
         sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
         collate_fn=GlobalBatchCollator(
-            settings.batch_size, pad_token_id, settings.pad_to_multiple_of
+            settings.batch_size,
+            pad_token_id,
+            settings.pad_to_multiple_of,
+            getattr(dataset, "collate", collate_packed),  # preference data brings its own
         ),
         num_workers=0,
     )

@@ -89,7 +89,25 @@ def optimizer_step(
         optim_wrapper.zero_grad()
     elif not math.isfinite(loss_value):
         raise _non_finite(loss_value)
-    return {"loss": torch.tensor(loss_value), "tokens": torch.tensor(float(tokens))}
+    return {
+        "loss": torch.tensor(loss_value),
+        "tokens": torch.tensor(float(tokens)),
+        **_logged(objective),
+    }
+
+
+def _logged(objective: Objective) -> dict[str, torch.Tensor]:
+    """The objective's metrics, summed over ranks: sum / count each."""
+    metrics = objective.take_metrics()
+    if not metrics:
+        return {}
+    names = sorted(metrics)
+    sums = global_sum(*(v for n in names for v in metrics[n]))
+    return {
+        n: torch.tensor(sums[2 * i] / sums[2 * i + 1])
+        for i, n in enumerate(names)
+        if sums[2 * i + 1]
+    }
 
 
 def check_progress(

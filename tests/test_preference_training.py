@@ -1,0 +1,192 @@
+"""Preference objectives on packed data: packed == unpacked, cached reference == live, and the
+data pipeline's pairs (templates, labels, truncation, errors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from xtuner_lite.alignment.objectives import DPOObjective, KTOObjective, SimPOObjective
+from xtuner_lite.alignment.reference import Reference, compute_reference
+from xtuner_lite.data.dataset import PreferenceDataset, collate_preference
+from xtuner_lite.data.preference import process_preference_dataset, truncate_unit
+from xtuner_lite.errors import DataError
+from xtuner_lite.labels import IGNORE_INDEX
+from xtuner_lite.model import build_model
+from xtuner_lite.model.logprobs import logps_from_hidden
+
+from conftest import EXAMPLE_DATA, real_step
+
+PAIRS = EXAMPLE_DATA / "pref_mini.json"
+UNPAIRED = EXAMPLE_DATA / "kto_mini.json"
+
+
+def _dataset(tokenizer, path=PAIRS, kind="pairs", pack=True, max_length=128):
+    processed = process_preference_dataset(
+        str(path), tokenizer, kind=kind, template="chatml", max_length=max_length, pack=pack
+    )
+    return PreferenceDataset(processed.data, processed.stats)
+
+
+def _perturbed_lora(path: str) -> torch.nn.Module:
+    """A LoRA model whose adapter is not zero, so policy != reference."""
+    torch.manual_seed(0)
+    model = build_model(path, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return model
+
+
+def _micro_batches(dataset: PreferenceDataset, per_batch: int) -> list[dict]:
+    rows = [dataset[i] for i in range(len(dataset))]
+    return [
+        collate_preference(rows[i : i + per_batch], 2, 32) for i in range(0, len(rows), per_batch)
+    ]
+
+
+@pytest.mark.parametrize(
+    "objective,kind",
+    [
+        (DPOObjective("sigmoid", beta=0.5), "pairs"),
+        (SimPOObjective(beta=2.0, gamma=0.5), "pairs"),
+        (KTOObjective(beta=0.5), "unpaired"),
+    ],
+    ids=["dpo", "simpo", "kto"],
+)
+def test_packed_equals_unpacked(tiny_llama, smol_tokenizer, objective, kind):
+    """Same loss and gradients whether units are packed several to a row or one per row."""
+    path = PAIRS if kind == "pairs" else UNPAIRED
+    packed = _dataset(smol_tokenizer, path, kind, pack=True)
+    unpacked = _dataset(smol_tokenizer, path, kind, pack=False)
+    assert len(packed) < len(unpacked) == packed.stats.units
+    model = _perturbed_lora(tiny_llama)
+    # KTO's KL term is a mean over its micro-batch: one micro-batch each
+    loss_a, grads_a = real_step(
+        model, _micro_batches(packed, 3 if kind == "pairs" else 99), objective=objective
+    )
+    loss_b, grads_b = real_step(model, _micro_batches(unpacked, 99), objective=objective)
+    assert abs(loss_a - loss_b) < 1e-5
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_cached_reference_equals_live(tiny_llama, smol_tokenizer):
+    dataset = _dataset(smol_tokenizer)
+    model = _perturbed_lora(tiny_llama)
+    objective = DPOObjective("sigmoid", beta=0.5)
+    live_loss, live_grads = real_step(model, _micro_batches(dataset, 2), objective=objective)
+    dataset.reference = compute_reference(model, Reference(), dataset, 2, 2, "cpu")
+    batches = _micro_batches(dataset, 2)
+    assert all("ref_logps" in b for b in batches)
+    cached_loss, cached_grads = real_step(model, batches, objective=objective)
+    assert abs(live_loss - cached_loss) < 1e-5
+    for name in live_grads:
+        torch.testing.assert_close(live_grads[name], cached_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_pairs_share_the_prompt_and_train_only_responses(smol_tokenizer):
+    dataset = _dataset(smol_tokenizer, pack=False)
+    row = dataset[0]
+    a, b, c = row["cu_seqlens"]
+    chosen, rejected = row["input_ids"][a:b], row["input_ids"][b:c]
+    labels = row["labels"]
+    prompt = next(i for i, x in enumerate(labels[a:b]) if x != IGNORE_INDEX)
+    assert chosen[:prompt] == rejected[:prompt]  # one prompt, tokenized once
+    assert labels[b : b + prompt] == [IGNORE_INDEX] * prompt
+    text = smol_tokenizer.decode(chosen[:prompt])
+    assert text.endswith("<|im_start|>assistant\n")
+    trained = smol_tokenizer.decode([t for t in labels[a:b] if t != IGNORE_INDEX])
+    assert trained.endswith("<|im_end|>")  # the end-of-turn token is trained
+    row_text = json.loads(PAIRS.read_text())
+    assert any(trained.startswith(r["chosen"]["value"]) for r in row_text)
+
+
+def test_truncation_trims_prompt_first_then_responses_alike():
+    prompt = list(range(100))
+    responses = [(list(range(30)), list(range(30))), (list(range(50)), list(range(50)))]
+    p, r, trimmed, cut = truncate_unit(prompt, responses, 120)
+    assert (len(p), [len(x) for x, _ in r], trimmed, cut) == (70, [30, 50], True, False)
+    assert p == prompt[30:]  # from the left
+    p, r, trimmed, cut = truncate_unit(prompt, [(list(range(200)), list(range(200)))] * 2, 120)
+    assert (len(p), [len(x) for x, _ in r], trimmed, cut) == (60, [60, 60], True, True)
+
+
+@pytest.mark.parametrize(
+    "row,field,message",
+    [
+        (
+            {"conversations": [{"from": "human", "value": "hi"}], "rejected": "no"},
+            "chosen",
+            "missing",
+        ),
+        ({"prompt": "hi", "chosen": "same", "rejected": "same"}, "rejected", "identical"),
+        ({"prompt": "hi", "chosen": 3, "rejected": "x"}, "chosen", "expected a string"),
+        ({"prompt": "hi", "chosen": "  ", "rejected": "x"}, "chosen", "empty"),
+    ],
+)
+def test_bad_rows_name_file_row_and_field(tmp_path, smol_tokenizer, row, field, message):
+    good = {"prompt": "Say yes.", "chosen": "Yes.", "rejected": "No."}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (good, row, good)) + "\n")
+    with pytest.raises(DataError) as err:
+        process_preference_dataset(str(path), smol_tokenizer, template="chatml", use_cache=False)
+    text = str(err.value)
+    assert str(path) in text and "line 2" in text and repr(field) in text and message in text
+    skipped = process_preference_dataset(
+        str(path), smol_tokenizer, template="chatml", use_cache=False, skip_invalid=True
+    )
+    assert skipped.stats.units == 2 and sum(skipped.stats.rows_skipped.values()) == 1
+
+
+@pytest.mark.parametrize("content,message", [("", "empty"), ("[{", "line 1")])
+def test_empty_or_invalid_file_is_named(tmp_path, smol_tokenizer, content, message):
+    path = tmp_path / "pairs.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as err:
+        process_preference_dataset(str(path), smol_tokenizer, template="chatml", use_cache=False)
+    assert str(path) in str(err.value)
+
+
+def test_kto_rows_need_a_boolean_label(tmp_path, smol_tokenizer):
+    path = tmp_path / "kto.json"
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    path.write_text(json.dumps([{**row, "label": True}, {**row, "label": "yes"}]))
+    with pytest.raises(DataError, match="row 1.*'label'.*true or false"):
+        process_preference_dataset(
+            str(path), smol_tokenizer, kind="unpaired", template="chatml", use_cache=False
+        )
+
+
+def test_sequence_logps_and_gradients_equal_plain_log_softmax():
+    """The chunked log-prob function (gradients recomputed per chunk) against autograd on
+    full logits, for hidden states and a trained head alike."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=True).double()
+    labels = torch.randint(0, 50, (2, 12))
+    labels[:, :3] = IGNORE_INDEX
+    seq_index = torch.tensor([[0] * 6 + [1] * 6, [2] * 8 + [-1] * 4])
+    labels[1, 8:] = IGNORE_INDEX
+    batch = {"labels": labels, "seq_index": seq_index, "num_sequences": torch.tensor(3)}
+    weights = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+
+    ours = logps_from_hidden(hidden, head, batch, chunk_size=5)
+    (ours.total.double() * weights).sum().backward()
+    got = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+
+    logp = torch.log_softmax(head(hidden), -1)[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * keep
+    owner = seq_index[:, :-1]
+    totals = torch.zeros(3, dtype=torch.float64).index_add(0, owner[keep], picked[keep])
+    (totals * weights).sum().backward()
+    torch.testing.assert_close(ours.total.double(), totals, rtol=1e-5, atol=1e-5)
+    assert ours.tokens.tolist() == torch.bincount(owner[keep], minlength=3).tolist()
+    for a, b in zip(got, [hidden.grad, head.weight.grad, head.bias.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

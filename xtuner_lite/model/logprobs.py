@@ -1,0 +1,122 @@
+"""Per-sequence log-probabilities of the trained tokens of a packed batch (preference training).
+
+Only trained positions are projected through the head, chunk by chunk. Unlike the SFT loss
+(``model/loss.py``), the gradient of each token's log-probability is weighted by the loss
+(a different weight per sequence), so backward recomputes each chunk's logits instead of keeping
+them: one extra head matmul, and never more than one chunk of full-vocabulary logits alive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from xtuner_lite.labels import IGNORE_INDEX
+from xtuner_lite.model.forward import base_and_head, decoder_hidden
+from xtuner_lite.model.loss import shift_labels
+
+
+@dataclass
+class SequenceLogps:
+    """Summed log-probabilities of the trained tokens of each sequence, and their count."""
+
+    total: torch.Tensor
+    tokens: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.tokens.clamp(min=1)
+
+    def select(self, index: torch.Tensor) -> SequenceLogps:
+        return SequenceLogps(self.total[index], self.tokens[index])
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(hidden_i @ weight.T + bias)[target_i] for every row i, in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = F.linear(hidden[start : start + chunk_size], weight, bias).float()
+            t = targets[start : start + chunk_size]
+            out[start : start + chunk_size] = logits.gather(1, t[:, None]).squeeze(1) - (
+                logits.logsumexp(-1)
+            )
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if need[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[start : start + ctx.chunk_size]
+            t = targets[start : start + ctx.chunk_size]
+            g = grad_out[start : start + ctx.chunk_size].float()
+            # d logp_t / d logits = one_hot(t) - softmax, scaled by each row's incoming gradient
+            grad_logits = F.linear(h, weight, bias).float().softmax(-1).mul_(-g[:, None])
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] += g
+            if grad_hidden is not None:
+                grad_hidden[start : start + ctx.chunk_size] = grad_logits.to(h.dtype) @ weight.to(
+                    h.dtype
+                )
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ h.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+        )
+
+
+def sequence_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024
+) -> SequenceLogps:
+    """Summed log-probability of each sequence's trained tokens and their count.
+
+    ``batch["seq_index"]`` (batch, width) numbers the sequences of a packed batch (-1 on
+    padding); the result has one entry per sequence, in that numbering.
+    """
+    _, head = base_and_head(model)
+    hidden = decoder_hidden(model, batch)
+    return logps_from_hidden(hidden, head, batch, chunk_size)
+
+
+def logps_from_hidden(
+    hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
+) -> SequenceLogps:
+    num_sequences = int(batch["num_sequences"])
+    targets = shift_labels(batch["labels"]).reshape(-1)
+    keep = targets != IGNORE_INDEX
+    owner = batch["seq_index"].reshape(-1)[keep]
+    rows = hidden.reshape(-1, hidden.shape[-1])[keep]
+    logps = _LinearLogProbs.apply(
+        rows, head.weight, getattr(head, "bias", None), targets[keep], chunk_size
+    )
+    totals = logps.new_zeros(num_sequences).index_add(0, owner, logps)
+    tokens = torch.bincount(owner, minlength=num_sequences)
+    return SequenceLogps(totals, tokens)
+
+
+def sequence_scores(
+    model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """One scalar per sequence from ``head`` on its last token's hidden state (reward models).
+    ``batch["last_index"]`` holds each sequence's last position in the flattened batch."""
+    hidden = decoder_hidden(model, batch)
+    last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]
+    return head(last.to(head.weight.dtype)).squeeze(-1).float()
+
+
+__all__ = ["SequenceLogps", "logps_from_hidden", "sequence_logps", "sequence_scores"]
