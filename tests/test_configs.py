@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from xtuner_lite.alignment.objectives import build_objective
 from xtuner_lite.config import CONFIG_ROOT, check_kwargs, load_config
 from xtuner_lite.data import get_template, process_dataset
+from xtuner_lite.data.preference import process_preference_dataset
 from xtuner_lite.engine import TrainSettings
 from xtuner_lite.model import build_model
 
@@ -18,7 +20,9 @@ GPU_CONFIGS = [p for p in TRAIN_CONFIGS if p.parent.name == "gpu"]
 def test_config_keys_are_valid(path):
     cfg = load_config(str(path))
     check_kwargs(build_model, dict(cfg.model), f"{path.name} model")
-    check_kwargs(process_dataset, dict(cfg.train_dataset), f"{path.name} train_dataset")
+    objective = build_objective(dict(cfg.get("objective", {})))
+    process = process_dataset if objective is None else process_preference_dataset
+    check_kwargs(process, dict(cfg.train_dataset), f"{path.name} train_dataset")
     check_kwargs(TrainSettings, dict(cfg.train), f"{path.name} train")
     get_template(cfg.train_dataset["template"], tokenizer=None)
 

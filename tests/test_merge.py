@@ -12,11 +12,11 @@ from xtuner_lite.model import build_model
 pytestmark = pytest.mark.integration
 
 
-def _make_adapter(base, folder, method="lora", template="chatml"):
+def _make_adapter(base, folder, method="lora", template="chatml", **lora):
     """A trained-looking adapter: random (non-zero) LoRA B, saved as ``xtuner train`` does."""
     torch.manual_seed(0)
     model = build_model(
-        base, method=method, lora=dict(r=4, alpha=8, dropout=0.0), compute_dtype="fp32"
+        base, method=method, lora=dict(r=4, alpha=8, dropout=0.0, **lora), compute_dtype="fp32"
     )
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -39,12 +39,16 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_merged_logits_equal_base_plus_adapter(tiny_llama, tmp_path, method):
+@pytest.mark.parametrize(
+    "method,lora",
+    [("lora", {}), ("qlora", {}), ("lora", {"use_dora": True}), ("lora", {"use_rslora": True})],
+    ids=["lora", "qlora", "dora", "rslora"],
+)
+def test_merged_logits_equal_base_plus_adapter(tiny_llama, tmp_path, method, lora):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    adapter = _make_adapter(tiny_llama, tmp_path / "adapter", method)
+    adapter = _make_adapter(tiny_llama, tmp_path / "adapter", method, **lora)
     out = merge_adapter(None, adapter, tmp_path / "merged", dtype="fp32")
     ids = torch.randint(3, 200, (2, 17))
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)

@@ -18,7 +18,14 @@ CONFIG_ROOT = PACKAGE_ROOT / "configs"
 # example data shipped in the package; a bundled config names it "examples/data/<file>"
 BUNDLED_DATA = PACKAGE_ROOT
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
-SECTIONS = ("model", "train_dataset", "train", "seed", "work_dir")  # what a config defines
+SECTIONS = (
+    "model",
+    "train_dataset",
+    "train",
+    "objective",
+    "seed",
+    "work_dir",
+)  # what a config defines
 
 
 def find_config(ref: str) -> Path:

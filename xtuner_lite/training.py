@@ -15,10 +15,19 @@ from rich.console import Console
 
 from xtuner_lite import workdir
 from xtuner_lite.adapters import architecture_of
+from xtuner_lite.alignment.objectives import PreferenceObjective, build_objective
+from xtuner_lite.alignment.reference import (
+    Reference,
+    cache_path,
+    cached_reference,
+    compute_reference,
+    save_reference,
+)
 from xtuner_lite.atomic import atomic_path
 from xtuner_lite.config import check_kwargs, load_config, resolve_data_files
-from xtuner_lite.data.dataset import SFTDataset
+from xtuner_lite.data.dataset import PreferenceDataset, SFTDataset
 from xtuner_lite.data.pipeline import process_dataset, resolve_template, resolve_tokenizer
+from xtuner_lite.data.preference import process_preference_dataset
 from xtuner_lite.data.report import report_skips, write_report
 from xtuner_lite.engine import build_runner
 from xtuner_lite.engine import checkpoint as ckpt
@@ -106,9 +115,13 @@ def train(
     if fsdp:
         train_cfg["fsdp"] = True
     check_kwargs(build_model, model_cfg, "model")
-    check_kwargs(process_dataset, data_cfg, "train_dataset")
     check_kwargs(TrainSettings, train_cfg, "train")
     settings = TrainSettings(**train_cfg)
+    objective = build_objective(cfg.get("objective"), settings.chunk_size)  # before any work
+    if isinstance(objective, PreferenceObjective):
+        data_cfg = _preference_data_cfg(data_cfg, objective)
+    else:
+        check_kwargs(process_dataset, data_cfg, "train_dataset")
     settings = dataclasses.replace(settings, device=resolve_device(settings))  # once, here
     if model_cfg.get("method", "lora") != "full":
         LoraSettings.from_config(model_cfg.get("lora"))  # before any work
@@ -144,8 +157,30 @@ def train(
         if overwrite and not resume and rank == 0:
             workdir.clear_previous_run(work_dir)
         return _train(
-            cfg, model_cfg, data_cfg, settings, seed, work_dir, start, distributed, verbose
+            cfg,
+            model_cfg,
+            data_cfg,
+            settings,
+            seed,
+            work_dir,
+            start,
+            distributed,
+            verbose,
+            objective,
         )
+
+
+def _preference_data_cfg(data_cfg: dict, objective: PreferenceObjective) -> dict:
+    """The dataset settings of a preference run: its data kind follows the objective."""
+    kind = data_cfg.get("kind", objective.kind)
+    if kind != objective.kind:
+        raise XtunerError(
+            f"train_dataset.kind={kind!r} but objective {objective.name!r} trains on "
+            f"{objective.kind!r} data"
+        )
+    data_cfg = {**data_cfg, "kind": kind}
+    check_kwargs(process_preference_dataset, data_cfg, "train_dataset")
+    return data_cfg
 
 
 def _train(
@@ -158,25 +193,30 @@ def _train(
     start: Path | None,
     distributed: bool,
     verbose: bool = False,
+    objective=None,
 ) -> Path:
     """Data, model, runner, the loop and the result, in a work dir held by this training."""
     rank, _ = world()
+    preference = isinstance(objective, PreferenceObjective)
 
     tokenizer = resolve_tokenizer(data_cfg["tokenizer"])
     template = resolve_template(data_cfg.get("template"), tokenizer, data_cfg["tokenizer"])
     # the resolved objects, so the data is rendered with exactly the template recorded below;
     # rank 0 processes and caches the data, the other ranks then read the cache
+    process = process_preference_dataset if preference else process_dataset
     with main_process_first(settings.dist_timeout):
-        processed = process_dataset(**{**data_cfg, "tokenizer": tokenizer, "template": template})
+        processed = process(**{**data_cfg, "tokenizer": tokenizer, "template": template})
     if rank == 0:  # what was skipped or truncated, as check-dataset counts it
         report_skips(processed.stats, Console(), examples=3)
         write_report(processed.stats, work_dir / workdir.DATA_REPORT)
-    dataset = SFTDataset(processed.data, processed.stats)
+    dataset = (PreferenceDataset if preference else SFTDataset)(processed.data, processed.stats)
     seed_everything(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**model_cfg, device=_load_device(settings, distributed))
     if settings.dtype is not None:  # every forward runs under autocast
         skip_adapter_input_casts(llm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if preference and objective.needs_reference:
+        _set_up_reference(objective, llm, dataset, model_cfg, settings, pad, distributed)
     hooks = []
     if distributed and (settings.evaluation_inputs or settings.eval_tasks):
         warnings.warn(
@@ -207,7 +247,16 @@ def _train(
             )
         )
     runner = build_runner(
-        llm, dataset, pad, settings, work_dir, seed=seed, resume=start, hooks=hooks, verbose=verbose
+        llm,
+        dataset,
+        pad,
+        settings,
+        work_dir,
+        seed=seed,
+        resume=start,
+        hooks=hooks,
+        objective=objective,
+        verbose=verbose,
     )
     try:
         runner.train()
@@ -227,6 +276,45 @@ def _train(
         save_result(llm, tokenizer, template, cfg, out, seed=seed, state_dict=state)
     torch.distributed.barrier()
     return out
+
+
+def _set_up_reference(
+    objective: PreferenceObjective,
+    llm,
+    dataset: PreferenceDataset,
+    model_cfg: dict,
+    settings,
+    pad: int,
+    distributed: bool,
+) -> None:
+    """The reference: the adapter-disabled model (LoRA, QLoRA) or a frozen copy (full); with
+    ``objective.precompute_reference`` its log-probabilities computed once (or read from the
+    cache) so that training runs no reference forward."""
+    rank, _ = world()
+    if model_cfg.get("method", "lora") == "full":
+        copy = build_model(
+            **{**model_cfg, "gradient_checkpointing": False},
+            device=_load_device(settings, distributed),
+        )
+        objective.reference = Reference(copy, settings.chunk_size)
+    if not objective.precompute_reference:
+        return
+    path = cache_path(dataset.data, model_cfg, settings.dtype)
+    with main_process_first(settings.dist_timeout):
+        totals = cached_reference(path)
+        if totals is None:
+            if rank == 0:
+                print(f"computing reference log-probabilities once (cached in {path})", flush=True)
+            device = settings.device if settings.device != "cuda" else next(llm.parameters()).device
+            autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.dtype)
+            totals = compute_reference(
+                llm.to(device), objective.reference, dataset, pad, settings.batch_size,
+                str(device), autocast,
+            )  # fmt: skip
+            if rank == 0:
+                save_reference(path, totals)
+    dataset.reference = totals
+    objective.reference = Reference(chunk_size=settings.chunk_size)  # no copy kept in memory
 
 
 def _load_device(settings, distributed: bool) -> str | None:
@@ -270,6 +358,7 @@ def save_result(
             "stop_words": template.stop_words(tokenizer),
             "max_length": data_cfg.get("max_length"),
             "train": dict(cfg["train"]),
+            "objective": dict(cfg.get("objective") or {"type": "sft"}),
             "seed": cfg.get("seed", 0) if seed is None else seed,
         },
     )

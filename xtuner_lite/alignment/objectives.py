@@ -1,7 +1,7 @@
-"""Preference objectives: DPO (XTuner's loss family), ORPO, SimPO, KTO and reward models.
+"""Preference objectives: DPO (XTuner's loss family), ORPO, SimPO and KTO.
 
 Each is an :class:`~xtuner_lite.engine.objectives.Objective`: one forward over a packed batch of
-units gives every sequence's log-probability (or a reward model's score), the loss is summed per
+units gives every sequence's log-probability, the loss is summed per
 unit and the step normalizes it by the units of the global batch, on every engine alike.
 """
 
@@ -18,14 +18,13 @@ from xtuner_lite.alignment.losses import (
     dpo_losses,
     kto_losses,
     orpo_losses,
-    reward_losses,
     simpo_losses,
 )
 from xtuner_lite.alignment.reference import Reference
 from xtuner_lite.config import check_kwargs
 from xtuner_lite.engine.objectives import Objective
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps, sequence_scores
+from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps
 
 
 class PreferenceObjective(Objective):
@@ -35,6 +34,7 @@ class PreferenceObjective(Objective):
     unit = "pairs"
     kind = "pairs"  # the data it trains on: pairs | unpaired
     needs_reference = False
+    precompute_reference = False  # reference log-probs computed once, cached on disk
 
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size
@@ -188,45 +188,22 @@ class KTOObjective(PreferenceObjective):
         return result.losses.sum()
 
 
-class RewardObjective(PreferenceObjective):
-    """A reward model: Bradley–Terry on a scalar head over each sequence's last token."""
-
-    name = "reward"
-
-    def __init__(self, margin: float = 0.0, center_rewards_coefficient: float = 0.0):
-        super().__init__()
-        self.margin, self.center = margin, center_rewards_coefficient
-
-    def loss_sum(self, llm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        scores = sequence_scores(llm, score_head(llm), batch)
-        result = reward_losses(scores[0::2], scores[1::2], self.margin, self.center)
-        self.record(result)
-        return result.losses.sum()
-
-
-def score_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The scalar head of a sequence-classification model (peft keeps a trained copy)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = inner.score
-    return getattr(head, "modules_to_save", {}).get("default", head)
-
-
 OBJECTIVES: dict[str, type[PreferenceObjective]] = {
     "dpo": DPOObjective,
     "orpo": ORPOObjective,
     "simpo": SimPOObjective,
     "kto": KTOObjective,
-    "reward": RewardObjective,
 }
 
 
 def build_objective(config: dict[str, Any] | None, chunk_size: int = 1024) -> Objective | None:
-    """The objective of a config's ``objective`` dict (``type`` plus the class's settings);
-    None for SFT."""
+    """The objective of a config's ``objective`` dict (``type``, the class's settings and
+    ``precompute_reference``); None for SFT."""
     if not config:
         return None
     config = dict(config)
     kind = config.pop("type", None)
+    precompute = config.pop("precompute_reference", False)
     if kind in (None, "sft"):
         return None
     if kind not in OBJECTIVES:
@@ -237,7 +214,11 @@ def build_objective(config: dict[str, Any] | None, chunk_size: int = 1024) -> Ob
     check_kwargs(cls, config, f"objective ({kind})")
     if "chunk_size" in cls.__init__.__code__.co_varnames and "chunk_size" not in config:
         config["chunk_size"] = chunk_size
-    return cls(**config)
+    objective = cls(**config)
+    if precompute and not objective.needs_reference:
+        raise XtunerError(f"objective.precompute_reference: {kind} uses no reference model")
+    objective.precompute_reference = bool(precompute)
+    return objective
 
 
 __all__ = [
@@ -246,7 +227,6 @@ __all__ = [
     "OBJECTIVES",
     "ORPOObjective",
     "PreferenceObjective",
-    "RewardObjective",
     "SimPOObjective",
     "build_objective",
 ]

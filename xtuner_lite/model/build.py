@@ -31,6 +31,8 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.1
     target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) instead of alpha / r
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -38,6 +40,8 @@ class LoraSettings:
             ("r", is_int(self.r) and self.r >= 1, "an integer >= 1"),
             ("alpha", is_number(self.alpha) and self.alpha > 0, "a number > 0"),
             ("dropout", is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
+            ("use_dora", isinstance(self.use_dora, bool), "true or false"),
+            ("use_rslora", isinstance(self.use_rslora, bool), "true or false"),
             (
                 "target_modules",
                 isinstance(self.target_modules, str)
@@ -208,6 +212,8 @@ def build_model(
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
         task_type="CAUSAL_LM",
         **settings.extra,
     )

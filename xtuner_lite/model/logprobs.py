@@ -109,14 +109,4 @@ def logps_from_hidden(
     return SequenceLogps(totals, tokens)
 
 
-def sequence_scores(
-    model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """One scalar per sequence from ``head`` on its last token's hidden state (reward models).
-    ``batch["last_index"]`` holds each sequence's last position in the flattened batch."""
-    hidden = decoder_hidden(model, batch)
-    last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]
-    return head(last.to(head.weight.dtype)).squeeze(-1).float()
-
-
-__all__ = ["SequenceLogps", "logps_from_hidden", "sequence_logps", "sequence_scores"]
+__all__ = ["SequenceLogps", "logps_from_hidden", "sequence_logps"]
