@@ -40,22 +40,35 @@ def test_there_are_gpu_configs_for_each_model_method_and_data():
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in GPU_CONFIGS if "qlora_alpaca" in p.stem], ids=lambda p: p.stem
+    "path",
+    [p for p in GPU_CONFIGS if p.stem.endswith(("qlora_alpaca", "dpo_qlora", "reward_lora"))],
+    ids=lambda p: p.stem,
 )
 def test_gpu_models_build_on_meta_device_with_lora(path):
-    """Build the real architecture without weights; LoRA sits on every linear but the head."""
+    """Build the real architecture without weights; LoRA sits on every linear but the head
+    (a reward model also trains its one-score head)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = load_config(str(path))
     arch = dict(cfg.architecture)
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    reward = cfg.get("objective", {}).get("type") == "reward"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        if reward:
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     lora = cfg.model["lora"]
     model = get_peft_model(
         model,
-        LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"]),
+        LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            target_modules=lora["target_modules"],
+            task_type="SEQ_CLS" if reward else "CAUSAL_LM",
+        ),
     )
     linears = [
         m
@@ -63,7 +76,8 @@ def test_gpu_models_build_on_meta_device_with_lora(path):
         if isinstance(m, torch.nn.Linear) and "lora_" not in n
     ]
     expected = sum(lora["r"] * (m.in_features + m.out_features) for m in linears)
+    expected += config.hidden_size if reward else 0  # the score head's one output
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == expected and len(linears) == 7 * config.num_hidden_layers
-    if arch["hidden_size"] == 3584:
+    if arch["hidden_size"] == 3584 and not reward:
         assert trainable == 161_480_704  # Qwen2.5-7B, r=64 all-linear: the figure peft reports

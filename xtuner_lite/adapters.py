@@ -91,7 +91,7 @@ def load_adapted(
     base = base or meta.get("base_model") or peft_cfg.get("base_model_name_or_path")
     if not base:
         raise XtunerError(f"adapter {adapter} does not record its base model; pass BASE")
-    model = load_model(base, dtype=dtype, **model_kwargs)
+    model = load_model(base, dtype=dtype, head=meta.get("head", "lm"), **model_kwargs)
     if not any_base:
         _check_base(str(base), model.config, peft_cfg, meta, adapter)
     try:

@@ -22,6 +22,7 @@ from xtuner_lite.data.pipeline import (
     resolve_template,
     resolve_tokenizer,
 )
+from xtuner_lite.data.preference import PreferenceStats, process_preference_dataset
 from xtuner_lite.data.report import report_stats
 from xtuner_lite.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError
@@ -157,3 +158,54 @@ def check_dataset(
     )
     report_stats(stats, console)
     return stats
+
+
+def check_preference_dataset(
+    cfg: dict[str, Any],
+    kind: str,
+    num_samples: int = 1,
+    console: Console | None = None,
+    full: bool = False,
+) -> PreferenceStats:
+    """Process preference data; show the first units (prompt, then each response with its
+    trained span in green) and the dataset and pair statistics."""
+    console = console or Console()
+    limit = None if full else CLIP
+    cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
+    cfg["kind"] = cfg.get("kind", kind)
+    check_kwargs(process_preference_dataset, cfg, "train_dataset")
+    tokenizer = resolve_tokenizer(cfg["tokenizer"])
+    cfg.update(
+        tokenizer=tokenizer,
+        template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]),
+    )
+    processed = process_preference_dataset(**cfg)
+    data = processed.data
+    names = ("chosen", "rejected") if cfg["kind"] == "pairs" else ("completion", "KL completion")
+    shown = 0
+    for r in range(len(data)):
+        row = data.row(r)
+        bounds = row["cu_seqlens"]
+        for u, flag in enumerate(row["unit_flags"]):
+            if shown >= num_samples:
+                break
+            shown += 1
+            title = f"unit {shown}" + ("" if cfg["kind"] == "pairs" else f" (label {bool(flag)})")
+            for k, name in enumerate(names):
+                lo, hi = bounds[2 * u + k], bounds[2 * u + k + 1]
+                ids, labels = row["input_ids"][lo:hi], row["labels"][lo:hi]
+                pieces = [
+                    (tokenizer.decode([t]), label != IGNORE_INDEX) for t, label in zip(ids, labels)
+                ]
+                trained = sum(1 for _, t in pieces if t)
+                console.print(
+                    Panel(
+                        _marked(pieces, console, limit),
+                        title=f"{title} — {name}: {len(ids)} tokens, trained {trained}",
+                        title_align="left",
+                    )
+                )
+        if shown >= num_samples:
+            break
+    report_stats(processed.stats, console)
+    return processed.stats

@@ -249,7 +249,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_check_dataset(args: argparse.Namespace) -> int:
-    from xtuner_lite.check_dataset import check_dataset
+    from xtuner_lite.alignment.objectives import PreferenceObjective, build_objective
+    from xtuner_lite.check_dataset import check_dataset, check_preference_dataset
     from xtuner_lite.config import load_config, resolve_data_files
 
     cfg = load_config(args.config, args.cfg_options)
@@ -261,7 +262,11 @@ def cmd_check_dataset(args: argparse.Namespace) -> int:
     dataset_cfg["data_files"] = resolve_data_files(
         dataset_cfg.get("data_files"), "--data" if args.data else "train_dataset.data_files"
     )
-    check_dataset(dataset_cfg, num_samples=args.show, full=args.full)
+    objective = build_objective(cfg.get("objective"))
+    if isinstance(objective, PreferenceObjective):
+        check_preference_dataset(dataset_cfg, objective.kind, num_samples=args.show, full=args.full)
+    else:
+        check_dataset(dataset_cfg, num_samples=args.show, full=args.full)
     return 0
 
 

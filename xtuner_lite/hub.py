@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GgufConfig,
+)
 
 from xtuner_lite.errors import XtunerError
 
@@ -236,11 +241,24 @@ def parse_dtype(name):
     return dtypes[name]
 
 
-def load_model(ref: str | os.PathLike, dtype: str = "float32", **kwargs):
-    """Load a causal LM by any model reference."""
+def reward_model_from_pretrained(path: str | os.PathLike, **kwargs):
+    """A one-score sequence-classification model on a causal LM's decoder; its padding id is
+    set (transformers finds each row's last token by it) from the tokenizer's or EOS."""
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    if model.config.pad_token_id is None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
+def load_model(ref: str | os.PathLike, dtype: str = "float32", head: str = "lm", **kwargs):
+    """Load a causal LM (``head='lm'``) or a reward model (``'reward'``: the same decoder with
+    a scalar sequence-classification head) by any model reference."""
 
     path = resolve_model_path(ref, None if kwargs.get("quantization_config") else dtype)
     try:
+        if head == "reward":
+            return reward_model_from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
         return AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
     except OSError as exc:
         raise XtunerError(f"could not load model {ref!r}: {exc}") from None

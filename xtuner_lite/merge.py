@@ -30,16 +30,22 @@ def write_chat_files(
     """Write the tokenizer with the training template and a generation config that stops at its
     end of turn; returns the stop token ids."""
 
-    template = get_template(template_name or "auto", tokenizer)
-    if isinstance(template, ChatTemplate):  # ``auto`` already is the tokenizer's own
-        tokenizer.chat_template = template.to_jinja()
-    stops = stop_token_ids(template, tokenizer)
-    tokenizer.save_pretrained(folder)
+    stops = write_tokenizer(folder, tokenizer, template_name)
     generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     if generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         generation_config.pad_token_id = tokenizer.pad_token_id
     generation_config.save_pretrained(folder)
     return stops
+
+
+def write_tokenizer(folder: Path, tokenizer: Any, template_name: str | None) -> list[int]:
+    """The tokenizer with the training template as its chat template, so
+    ``apply_chat_template`` renders conversations as training did; returns the stop ids."""
+    template = get_template(template_name or "auto", tokenizer)
+    if isinstance(template, ChatTemplate):  # ``auto`` already is the tokenizer's own
+        tokenizer.chat_template = template.to_jinja()
+    tokenizer.save_pretrained(folder)
+    return stop_token_ids(template, tokenizer)
 
 
 def check_output(out: Path, inputs: list[str | Path], force: bool) -> None:
@@ -87,15 +93,20 @@ def merge_adapter(
     merged = merged.to(target)
     merged.config.use_cache = True
     check_output(out, [adapter, meta["base_model"]], force)  # the base '-' stood for, too
+    reward = meta.get("head") == "reward"
     with atomic_path(out) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        stops = write_chat_files(tmp, tokenizer, meta.get("template"), merged.generation_config)
+        if reward:  # a scorer generates nothing: the tokenizer with the training template only
+            stops = write_tokenizer(tmp, tokenizer, meta.get("template"))
+        else:
+            stops = write_chat_files(tmp, tokenizer, meta.get("template"), merged.generation_config)
         record = {
             "merged_from": {"base_model": meta["base_model"], "adapter": str(adapter)},
             "template": meta.get("template"),
             "stop_token_ids": stops,
             "dtype": dtype,
             "architecture": architecture_of(merged.config),
+            "head": "reward" if reward else "lm",
         }
         (tmp / "xtuner_lite.json").write_text(json.dumps(record, indent=1))
     return out

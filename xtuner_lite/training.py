@@ -51,7 +51,7 @@ from xtuner_lite.engine.strategies import zero_stage
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation.hook import EvaluateTasksHook
 from xtuner_lite.model import build_model, skip_adapter_input_casts
-from xtuner_lite.model.build import LoraSettings
+from xtuner_lite.model.build import LoraSettings, model_head
 
 
 def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[str, Any]) -> None:
@@ -120,6 +120,8 @@ def train(
     objective = build_objective(cfg.get("objective"), settings.chunk_size)  # before any work
     if isinstance(objective, PreferenceObjective):
         data_cfg = _preference_data_cfg(data_cfg, objective)
+        if objective.head != "lm":
+            model_cfg["head"] = objective.head  # a reward model: the scalar head, trained too
     else:
         check_kwargs(process_dataset, data_cfg, "train_dataset")
     settings = dataclasses.replace(settings, device=resolve_device(settings))  # once, here
@@ -359,6 +361,7 @@ def save_result(
             "max_length": data_cfg.get("max_length"),
             "train": dict(cfg["train"]),
             "objective": dict(cfg.get("objective") or {"type": "sft"}),
+            "head": model_head(llm),
             "seed": cfg.get("seed", 0) if seed is None else seed,
         },
     )

@@ -1,7 +1,7 @@
-"""Preference objectives: DPO (XTuner's loss family), ORPO, SimPO and KTO.
+"""Preference objectives: DPO (XTuner's loss family), ORPO, SimPO, KTO and reward models.
 
 Each is an :class:`~xtuner_lite.engine.objectives.Objective`: one forward over a packed batch of
-units gives every sequence's log-probability, the loss is summed per
+units gives every sequence's log-probability (or a reward model's score), the loss is summed per
 unit and the step normalizes it by the units of the global batch, on every engine alike.
 """
 
@@ -18,13 +18,14 @@ from xtuner_lite.alignment.losses import (
     dpo_losses,
     kto_losses,
     orpo_losses,
+    reward_losses,
     simpo_losses,
 )
 from xtuner_lite.alignment.reference import Reference
 from xtuner_lite.config import check_kwargs
 from xtuner_lite.engine.objectives import Objective
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps
+from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps, sequence_scores
 
 
 class PreferenceObjective(Objective):
@@ -34,6 +35,7 @@ class PreferenceObjective(Objective):
     unit = "pairs"
     kind = "pairs"  # the data it trains on: pairs | unpaired
     needs_reference = False
+    head = "lm"  # the model's output: lm (log-probabilities) | reward (a scalar score)
     precompute_reference = False  # reference log-probs computed once, cached on disk
 
     def __init__(self, chunk_size: int = 1024):
@@ -188,11 +190,36 @@ class KTOObjective(PreferenceObjective):
         return result.losses.sum()
 
 
+class RewardObjective(PreferenceObjective):
+    """A reward model: Bradley–Terry on a scalar head over each sequence's last token
+    (``margin`` demanded between the scores; ``center_rewards_coefficient`` keeps them near 0)."""
+
+    name = "reward"
+    head = "reward"
+
+    def __init__(self, margin: float = 0.0, center_rewards_coefficient: float = 0.0):
+        super().__init__()
+        self.margin, self.center = margin, center_rewards_coefficient
+
+    def loss_sum(self, llm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        scores = sequence_scores(llm, score_head(llm), batch)
+        result = reward_losses(scores[0::2], scores[1::2], self.margin, self.center)
+        self.record(result)
+        return result.losses.sum()
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The scalar head of a sequence-classification model (peft wraps it to train a copy)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.score
+
+
 OBJECTIVES: dict[str, type[PreferenceObjective]] = {
     "dpo": DPOObjective,
     "orpo": ORPOObjective,
     "simpo": SimPOObjective,
     "kto": KTOObjective,
+    "reward": RewardObjective,
 }
 
 
@@ -227,6 +254,7 @@ __all__ = [
     "OBJECTIVES",
     "ORPOObjective",
     "PreferenceObjective",
+    "RewardObjective",
     "SimPOObjective",
     "build_objective",
 ]

@@ -43,7 +43,7 @@ KINDS = ("pairs", "unpaired")
 
 @dataclass
 class PreferenceStats(DatasetStats):
-    """DatasetStats counted over units; samples are sequences (two per unit)."""
+    """DatasetStats counted over units (``samples``: units kept; each is two sequences)."""
 
     kind: str = "pairs"
     units: int = 0  # pairs, or unpaired examples
@@ -184,6 +184,7 @@ def _sequences(units: list[_Unit], max_length: int, stats: PreferenceStats) -> T
         prompt, responses, trimmed, cut = truncate_unit(unit.prompt, unit.responses, max_length)
         stats.prompts_trimmed += trimmed
         stats.responses_trimmed += cut
+        stats.rows_truncated += trimmed or cut
         for response_ids, response_labels in responses:
             ids.extend(prompt)
             ids.extend(response_ids)
@@ -340,10 +341,9 @@ def _fill_stats(
     stats: PreferenceStats, data: PreferenceData, units: list[_Unit], tokens: TokenizedBatch
 ) -> None:
     stats.units = len(units)
-    stats.samples = len(tokens.lengths)
+    stats.samples = len(units)  # rows kept (each gives two sequences)
     stats.rows = len(data)
     stats.tokens, stats.trained_tokens = data.num_tokens, data.num_trained_tokens
-    stats.rows_truncated = stats.prompts_trimmed + stats.responses_trimmed
     stats.desirable = int(sum(u.flag for u in units)) if stats.kind == "unpaired" else 0
     trained = (tokens.labels != IGNORE_INDEX).astype(np.int64)
     per_sequence = np.add.reduceat(trained, tokens.starts) if len(trained) else trained

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from xtuner_lite.atomic import write_text
 from xtuner_lite.data.pipeline import DatasetStats
+from xtuner_lite.data.preference import PreferenceStats
 
 
 def stats_table(stats: DatasetStats) -> Table:
@@ -43,9 +44,39 @@ def stats_table(stats: DatasetStats) -> Table:
     return table
 
 
+def pair_table(stats: PreferenceStats) -> Table:
+    """What a preference dataset holds: units, truncation and response lengths by side."""
+    table = Table(title="preference statistics", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    paired = stats.kind == "pairs"
+    sides = ("chosen", "rejected") if paired else ("completion", "KL (mismatched) completion")
+    rows = [
+        ("pairs" if paired else "unpaired examples", f"{stats.units}"),
+        ("prompts trimmed on the left", f"{stats.prompts_trimmed}"),
+        ("responses cut to a common budget", f"{stats.responses_trimmed}"),
+        ("mean prompt tokens", f"{stats.prompt_mean:.1f}"),
+        *(
+            (f"mean trained tokens: {side}", f"{mean:.1f}")
+            for side, mean in zip(sides, stats.response_means)
+        ),
+    ]
+    if paired:
+        rows.append(("pairs whose chosen response is longer", f"{stats.first_longer:.1%}"))
+    else:
+        rows.append(
+            ("desirable / undesirable", f"{stats.desirable} / {stats.units - stats.desirable}")
+        )
+    for what, value in rows:
+        table.add_row(what, value)
+    return table
+
+
 def report_stats(stats: DatasetStats, console: Console, examples: int = 5) -> None:
     """The statistics table, then a few skipped rows with their reasons."""
     console.print(stats_table(stats))
+    if isinstance(stats, PreferenceStats):
+        console.print(pair_table(stats))
     _examples(stats, console, examples)
 
 

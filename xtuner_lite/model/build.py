@@ -15,7 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from xtuner_lite.config import check_kwargs, is_int, is_number
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.hub import parse_dtype, resolve_model_path
+from xtuner_lite.hub import parse_dtype, resolve_model_path, reward_model_from_pretrained
 from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
 from xtuner_lite.model.dropout import fuse_lora_dropout
 from xtuner_lite.model.lean_layers import use_lean_layers
@@ -137,6 +137,7 @@ def build_model(
     trust_remote_code: bool = False,
     device: str | None = None,
     lora_dtype: str = "fp32",
+    head: Literal["lm", "reward"] = "lm",
 ) -> torch.nn.Module:
     """Load ``pretrained`` (embedded name, folder or hub id) ready to train with ``method``.
 
@@ -152,10 +153,14 @@ def build_model(
     paper's reference code does — half the adapter memory for large r on big models.
     ``device``: a CUDA device loads (and NF4-quantizes) the weights straight onto the GPU, layer
     by layer, instead of building the whole model in host memory first.
+    ``head``: ``lm`` (a causal LM) or ``reward`` (a scalar score on the last token, trained
+    with the adapter; set by a reward-model objective).
     """
 
     if method not in ("full", "lora", "qlora"):
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
+    if head not in ("lm", "reward"):
+        raise XtunerError(f"model.head must be 'lm' or 'reward', got {head!r}")
     # QLoRA quantizes from the stored (fp32) weights; LoRA/full load a bf16/fp16 copy directly
     path = resolve_model_path(pretrained, None if method == "qlora" else dtype)
     kwargs: dict[str, Any] = dict(
@@ -175,7 +180,10 @@ def build_model(
             if quant_storage == "uint8"
             else parse_dtype(quant_storage),
         )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if head == "reward":
+        model = reward_model_from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     use_lean_layers(model)
     canonical = resolve_model_path(pretrained)  # what adapters record as their base
@@ -214,7 +222,7 @@ def build_model(
         target_modules=settings.target_modules,
         use_dora=settings.use_dora,
         use_rslora=settings.use_rslora,
-        task_type="CAUSAL_LM",
+        task_type="CAUSAL_LM" if head == "lm" else "SEQ_CLS",  # SEQ_CLS also trains the score
         **settings.extra,
     )
     with peft_wrapping():
@@ -225,6 +233,12 @@ def build_model(
                 param.data = param.data.to(parse_dtype(lora_dtype))
     fuse_lora_dropout(model)
     return model
+
+
+def model_head(model: torch.nn.Module) -> str:
+    """``reward`` for a sequence-classification (scalar score) model, else ``lm``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "reward" if getattr(inner, "score", None) is not None else "lm"
 
 
 def skip_adapter_input_casts(model: torch.nn.Module) -> int:

@@ -109,4 +109,15 @@ def logps_from_hidden(
     return SequenceLogps(totals, tokens)
 
 
-__all__ = ["SequenceLogps", "logps_from_hidden", "sequence_logps"]
+def sequence_scores(
+    model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """One scalar per sequence from ``head`` on its last token's hidden state (reward models,
+    as transformers' sequence classification scores the last token).
+    ``batch["last_index"]`` holds each sequence's last position in the flattened batch."""
+    hidden = decoder_hidden(model, batch)
+    last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]
+    return head(last).squeeze(-1).float()
+
+
+__all__ = ["SequenceLogps", "logps_from_hidden", "sequence_logps", "sequence_scores"]
