@@ -16,6 +16,7 @@ from xtuner_lite.alignment.reference import Reference, compute_reference
 from xtuner_lite.data.dataset import PreferenceDataset, collate_preference
 from xtuner_lite.data.preference import process_preference_dataset, truncate_unit
 from xtuner_lite.errors import DataError, XtunerError
+from xtuner_lite.evaluation.run import run_eval
 from xtuner_lite.labels import IGNORE_INDEX
 from xtuner_lite.model import build_model
 from xtuner_lite.model.logprobs import logps_from_hidden
@@ -235,6 +236,15 @@ def test_training_raises_preference_accuracy(tiny_llama, tmp_path, objective, me
     assert "rewards/chosen" in records[-1] and "rewards/rejected" in records[-1]
     meta = json.loads((out / "xtuner_lite.json").read_text())
     assert meta["objective"]["type"] == objective["type"]
+    if method == "lora" and objective["type"] == "dpo":  # the eval task scores what was learnt
+        result = _pair_eval(str(out))
+        assert result.metrics["acc"] >= 0.75 and result.metrics["margin"] > 0
+        assert result.samples[0]["scored_by"] == "implicit reward vs the adapter-disabled base"
+
+
+def _pair_eval(model: str):
+    task = dict(name="pairs", kind="preference", data=str(PAIRS), max_length=64)
+    return run_eval([model], [task], show=False)[model]["pairs"]
 
 
 def test_precomputed_reference_is_cached_and_reused(tiny_llama, tmp_path, capsys):
@@ -288,3 +298,6 @@ def test_reward_model_trains_merges_and_scores_as_in_training(tiny_llama, tmp_pa
         ]
     assert len(set(theirs)) > 1
     torch.testing.assert_close(ours, torch.tensor(theirs), rtol=1e-4, atol=1e-4)
+    result = _pair_eval(str(out))
+    assert result.samples[0]["scored_by"] == "reward model score"
+    assert result.metrics["acc"] >= 0.75

@@ -226,6 +226,33 @@ def _skip_identical(units: list[_Unit], max_length: int, skip: Any, paired: bool
     return kept
 
 
+def preference_units(
+    records: list[Any],
+    tokenizer: Any,
+    template: Template,
+    max_length: int = 1024,
+    source: str = "preference rows",
+    map_fn: str | PrefMapFn = "auto",
+) -> tuple[PreferenceData, list[int]]:
+    """Pairs in their given order, one per row, unpacked (evaluation); bad rows are errors
+    naming ``source`` and the row. Returns the data and, per pair, its index in ``records``."""
+    rows = Rows(source, list(records))
+    units, errors, _ = _rows_to_units(
+        rows, get_pref_map_fn(map_fn), template, tokenizer, True, "warn"
+    )
+    if errors:
+        i, error = errors[0]
+        raise DataError(error.reason, source=source, location=rows.locate(i), field=error.field)
+    stats = PreferenceStats(sources=[source], max_length=max_length)
+    tokens = _sequences(units, max_length, stats)
+    data = arrange(tokens, [[2 * u, 2 * u + 1] for u in range(len(units))])
+    flags = np.ones(len(units), dtype=np.int64)
+    data = PreferenceData(
+        data.input_ids, data.labels, data.sample_lengths, data.row_sizes, unit_flags=flags
+    )
+    return data, [u.index for u in units]
+
+
 def process_preference_dataset(
     data_files: str | os.PathLike | list,
     tokenizer: Any,
@@ -361,6 +388,7 @@ def _fill_stats(
 
 __all__ = [
     "PreferenceData",
+    "preference_units",
     "PreferenceStats",
     "process_preference_dataset",
     "truncate_unit",

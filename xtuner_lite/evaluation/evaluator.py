@@ -1,4 +1,5 @@
-"""Run tasks on a model: multiple choice (log-likelihood, circular), generation, perplexity.
+"""Run tasks on a model: multiple choice (log-likelihood, circular), generation, perplexity,
+preference pairs.
 
 ``evaluate_model`` returns, per task, the scores and every sample's prediction, so a results file
 can be audited question by question.
@@ -12,6 +13,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from xtuner_lite.alignment.objectives import score_head
+from xtuner_lite.alignment.reference import Reference
+from xtuner_lite.data.dataset import collate_preference
+from xtuner_lite.data.preference import PreferenceData, preference_units
 from xtuner_lite.data.templates import stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation.loglik import LoglikScorer
@@ -26,6 +33,8 @@ from xtuner_lite.evaluation.tasks import (
 )
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.loader import LoadedModel  # what the evaluator scores
+from xtuner_lite.model.build import model_head
+from xtuner_lite.model.logprobs import sequence_logps, sequence_scores
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
@@ -299,6 +308,59 @@ def evaluate_perplexity(
     return TaskResult(spec.name, metrics, len(rows), {}, samples)
 
 
+PREFERENCE_BATCH = 4  # pairs per forward
+
+
+def pair_margins(model: LoadedModel, data: PreferenceData) -> tuple[list[float], str]:
+    """Per pair, how much more the model prefers chosen over rejected, and by what measure:
+    a reward model's score difference; an adapter's implicit reward (its log-ratio against
+    the adapter-disabled base, DPO's reward with beta 1); else the mean token log-probability
+    difference (length-normalized, reference-free)."""
+    llm = model.model
+    reference = Reference()
+    margins: list[float] = []
+    head = model_head(llm)
+    for start in range(0, len(data), PREFERENCE_BATCH):
+        rows = [data.row(i) for i in range(start, min(start + PREFERENCE_BATCH, len(data)))]
+        batch = collate_preference(rows, 0, 32)
+        with torch.no_grad():
+            if head == "reward":
+                scores = sequence_scores(llm, score_head(llm), batch)
+            elif hasattr(llm, "disable_adapter"):
+                scores = sequence_logps(llm, batch).total - reference.logps(llm, batch).total
+            else:
+                scores = sequence_logps(llm, batch).mean
+        margins.extend((scores[0::2] - scores[1::2]).tolist())
+    how = {
+        "reward": "reward model score",
+        "lm": "implicit reward vs the adapter-disabled base"
+        if hasattr(llm, "disable_adapter")
+        else "mean token log-probability",
+    }[head]
+    return margins, how
+
+
+def evaluate_preference(spec: TaskSpec, rows: list[Row], model: LoadedModel) -> TaskResult:
+    """Pairwise accuracy on held-out preference pairs (see :func:`pair_margins`)."""
+    if model.template is None:
+        raise XtunerError(
+            f"task {spec.name!r}: preference pairs are rendered with a chat template, and "
+            f"{model.name} has none; pass --template"
+        )
+    data, kept = preference_units(
+        [r.fields for r in rows], model.tokenizer, model.template, spec.max_length, spec.name
+    )
+    margins, how = pair_margins(model, data)
+    samples = [
+        {"source": rows[i].source, "margin": m, "scored_by": how} for i, m in zip(kept, margins)
+    ]
+    metrics = {
+        "acc": _accuracy([m > 0 for m in margins]),
+        "margin": sum(margins) / max(len(margins), 1),
+    }
+    return TaskResult(spec.name, metrics, len(margins), {}, samples)
+
+
 def evaluate_model(
     model: LoadedModel,
     tasks: list[TaskSpec],
@@ -316,6 +378,8 @@ def evaluate_model(
             results[spec.name] = evaluate_mcq(spec, rows, model, data_root, scorer)
         elif spec.kind == "generate":
             results[spec.name] = evaluate_generate(spec, rows, model, data_root)
+        elif spec.kind == "preference":
+            results[spec.name] = evaluate_preference(spec, rows, model)
         else:
             results[spec.name] = evaluate_perplexity(spec, rows, model, scorer)
     return results

@@ -19,7 +19,7 @@ from typing import Any
 
 from xtuner_lite.errors import XtunerError
 
-KINDS = ("mcq", "generate", "perplexity")
+KINDS = ("mcq", "generate", "perplexity", "preference")
 STYLES = ("cloze", "letter", "partial")
 
 
@@ -29,7 +29,7 @@ class TaskSpec:
 
     name: str
     data: str  # file or glob, relative to the data root unless absolute
-    kind: str = "mcq"  # mcq | generate | perplexity
+    kind: str = "mcq"  # mcq | generate | perplexity | preference
     prompt: str = "{question}"  # the context shown to the model
     description: str = ""  # text before the few-shot examples (may use {subject})
     # multiple choice
@@ -57,6 +57,8 @@ class TaskSpec:
     # perplexity
     text: str = "text"  # field with the text (or whole lines of a .txt file)
     window: int = 1024  # tokens per scoring window
+    # preference: rows in any training preference format (pairs); each sequence capped here
+    max_length: int = 1024
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

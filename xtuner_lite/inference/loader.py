@@ -95,7 +95,7 @@ def load_for_inference(
         base = meta["base_model"]
     else:
         meta, base = recorded(ref), ref
-        llm = load_model(ref, **kwargs).eval() if weights else None
+        llm = load_model(ref, head=meta.get("head", "lm"), **kwargs).eval() if weights else None
         tokenizer = load_tokenizer(ref)
     try:
         chat = get_template(template_name(template, meta, base), tokenizer)
