@@ -217,3 +217,31 @@ def test_plan_against_recorded_cuda_peaks():
     for row in rows:
         if "out_of_memory" in row:
             assert _planned_gib(row) > row["cap_gib"]
+
+
+def test_dora_magnitudes_and_reward_head_are_counted(tmp_path):
+    """The planner's trained parameters equal what peft trains with DoRA, and a preference
+    run plans both sequences of a pair and the reference pass (none when cached)."""
+    path, shape = _tiny(tmp_path, 2, **SHAPES[1])
+    model = build_model(path, method="lora", lora=dict(r=8, alpha=16, use_dora=True))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = plan_memory(shape, PlanSettings(method="lora", lora_r=8, dora=True))
+    assert plan.get("adapter") == 4 * trained
+    assert plan.get("DoRA weight") > 0
+    reward = build_model(path, method="lora", lora=dict(r=8, alpha=16), head="reward")
+    trained = sum(p.numel() for p in reward.parameters() if p.requires_grad)
+    plan = plan_memory(shape, PlanSettings(method="lora", lora_r=8, reward_head=True))
+    assert plan.get("adapter") == 4 * trained
+
+    sft = plan_memory(shape, PlanSettings(method="lora", lora_r=8, max_length=256))
+    live = plan_memory(
+        shape,
+        PlanSettings(method="lora", lora_r=8, max_length=256, preference=True, reference="live"),
+    )
+    cached = plan_memory(
+        shape,
+        PlanSettings(method="lora", lora_r=8, max_length=256, preference=True, reference="cached"),
+    )
+    assert live.get("activations") == pytest.approx(2 * sft.get("activations"), rel=0.01)
+    assert live.get("reference forward") > 0 and cached.get("reference forward") == 0
+    assert live.total > cached.total > sft.total

@@ -135,10 +135,25 @@ class PlanSettings:
     cpu: bool = False  # CPU kernels: per-sample attention as two matmuls keeping q/k/v up to
     # MATMUL_ATTENTION_MAX_LENGTH (fp32 SDPA for longer samples); LoRA dropout inside lora_A
     overhead_gib: float = 0.5  # CUDA context and allocator slack, not in max_memory_allocated
+    dora: bool = False  # DoRA: a trained magnitude per output feature, a weight-sized transient
+    # preference training: rows hold both sequences of their pairs (2 × max_length tokens);
+    # reference: none (SFT, ORPO, SimPO) | live (adapter-disabled forward, no grad) | copy (a
+    # frozen copy for full fine-tuning) | cached (log-probs read from disk: nothing)
+    preference: bool = False
+    reference: str = "none"
+    reward_head: bool = False  # a reward model's one-score head (trained)
 
 
 # components alive only during forward/backward, or only during the optimizer step
-BACKWARD = ("activations", "recomputed layer", "final norm", "logits and loss", "head gradient")
+BACKWARD = (
+    "activations",
+    "recomputed layer",
+    "final norm",
+    "logits and loss",
+    "head gradient",
+    "reference forward",
+    "DoRA weight",
+)
 STEP = ("optimizer step",)
 
 
@@ -256,6 +271,10 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
         plan.components.append(("weights", 4 * trainable / shard3, "fp32 master weights"))
     else:
         trainable = lora_params(shape, s.lora_r, s.lora_targets)
+        if s.dora:
+            dims = shape.linear_dims()
+            trainable += shape.layers * sum(dims[t][1] for t in s.lora_targets)
+        trainable += shape.hidden if s.reward_head else 0
         other = p["norms"] + p["embed"] + p["head"]
         if s.method == "qlora":
             frozen = NF4_BYTES_PER_PARAM * p["linear"] + base * other
@@ -297,8 +316,30 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
                 "foreach AdamW's temporary, one second-moment-sized copy",
             )
         )
-    tokens = s.batch_size * s.max_length
+    if s.reference == "copy":
+        plan.components.append(
+            ("reference model", base * sum(p.values()), "the frozen reference copy")
+        )
+    tokens = s.batch_size * s.max_length * (2 if s.preference else 1)
     layer = layer_activation_bytes(shape, s, tokens) + layer_weight_copies(shape, s)
+    if s.reference in ("live", "copy"):
+        plan.components.append(
+            (
+                "reference forward",
+                layer_activation_bytes(shape, s, tokens) + DTYPE_BYTES[s.compute_dtype]
+                * shape.hidden * tokens,
+                "the no-grad reference pass: one layer's working set at a time",
+            )
+        )  # fmt: skip
+    if s.dora:
+        dims = shape.linear_dims()
+        plan.components.append(
+            (
+                "DoRA weight",
+                DTYPE_BYTES[s.compute_dtype] * max(dims[t][0] * dims[t][1] for t in s.lora_targets),
+                "DoRA's merged weight of one linear, for its column norms",
+            )
+        )  # fmt: skip
     res = DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
     recomputed = sum(checkpointed_layers(shape.layers, s.gradient_checkpointing or False))
     kept = shape.layers - recomputed
@@ -435,9 +476,25 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         gradient_checkpointing=model.get("gradient_checkpointing", False),
         chunk_size=int(train.get("chunk_size", 1024)),
         optimizer=train.get("optimizer", "adamw"),
+        dora=bool(lora.get("use_dora", False)),
+        **_objective_settings(dict(cfg.get("objective") or {}), model.get("method", "lora")),
     )
 
     return shape, replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _objective_settings(objective: dict[str, Any], method: str) -> dict[str, Any]:
+    kind = objective.get("type", "sft")
+    if kind == "sft":
+        return {}
+    needs_reference = kind in ("dpo", "kto")
+    if not needs_reference:
+        reference = "none"
+    elif objective.get("precompute_reference"):
+        reference = "cached"
+    else:
+        reference = "copy" if method == "full" else "live"
+    return dict(preference=True, reference=reference, reward_head=kind == "reward")
 
 
 def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
