@@ -1,4 +1,4 @@
-"""Multi-process training on CPU (2 gloo processes): DeepSpeed ZeRO-2/3 and FSDP2.
+"""Multi-process training on CPU (2 gloo processes): DDP, DeepSpeed ZeRO-2/3 and FSDP2.
 
 2 processes x batch 1 must give the losses and weights of 1 process x accumulation 2 (same
 global batches, loss normalized by the global token count) for LoRA, full and QLoRA (whose 4-bit
@@ -154,6 +154,41 @@ def test_two_processes_equal_one_process_with_accumulation(
     assert (
         json.loads((tmp_path / "work" / out / "xtuner_lite.json").read_text())["method"] == method
     )
+
+
+PREF_CONFIG = """
+model = dict(pretrained={model!r}, method="lora", lora=dict(r=8, alpha=16, dropout=0.0))
+train_dataset = dict(data_files={data!r}, tokenizer={model!r}, template="chatml",
+                     max_length=64, pack=True)
+objective = dict(type="dpo", beta=0.5)
+train = dict(batch_size=1, accumulative_counts=1, max_iters=6, lr=1e-2, dtype=None,
+             warmup_ratio=0.0, save_steps=4, save_total_limit=2, log_interval=4)
+"""
+
+
+@pytest.fixture(scope="module")
+def dpo_reference(tmp_path_factory, tiny_llama):
+    """DPO-LoRA in one process with accumulation 2."""
+    tmp = tmp_path_factory.mktemp("dpo_one")
+    config = tmp / "dpo.py"
+    config.write_text(
+        PREF_CONFIG.format(model=tiny_llama, data=str(EXAMPLE_DATA / "pref_mini.json"))
+    )
+    losses = _train(config, tmp / "work", 1, "--cfg-options", "train.accumulative_counts=2")
+    return config, losses, tmp / "work"
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_dpo_two_processes_equal_one_process_with_accumulation(tmp_path, dpo_reference, engine):
+    """The DPO loss is normalized by the pairs of the global batch on every engine."""
+    config, expected, one_dir = dpo_reference
+    losses = _train(config, tmp_path / "work", 2, *ENGINE_FLAGS[engine])
+    assert len(losses) == len(expected) == 6
+    assert losses == pytest.approx(expected, abs=1e-5)
+    assert expected[-1] < expected[0]
+    ours, theirs = _weights(tmp_path / "work" / "adapter"), _weights(one_dir / "adapter")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=2e-4, rtol=0)
 
 
 def test_deepspeed_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):

@@ -206,6 +206,7 @@ def _pref_cfg(model: str, objective: dict, method: str = "lora", data=PAIRS, **t
     return cfg
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "objective,method",
     [
@@ -247,6 +248,7 @@ def _pair_eval(model: str):
     return run_eval([model], [task], show=False)[model]["pairs"]
 
 
+@pytest.mark.integration
 def test_precomputed_reference_is_cached_and_reused(tiny_llama, tmp_path, capsys):
     cfg = _pref_cfg(tiny_llama, dict(type="dpo", beta=0.5, precompute_reference=True), max_iters=2)
     train(cfg, work_dir=tmp_path / "a")
@@ -268,6 +270,7 @@ def test_objective_and_data_kind_must_agree(tiny_llama, tmp_path):
         train(cfg, work_dir=tmp_path / "run")
 
 
+@pytest.mark.integration
 def test_reward_model_trains_merges_and_scores_as_in_training(tiny_llama, tmp_path):
     """A reward model's loss goes down; merged, it is a transformers sequence-classification
     folder whose scores equal the scores our training code gives the same sequences."""
