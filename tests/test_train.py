@@ -20,6 +20,18 @@ train_dataset = dict(data_files={data!r}, tokenizer={model!r}, map_fn="alpaca",
 train = dict(batch_size=1, accumulative_counts=2, max_iters=16, lr=1e-2, dtype=None,
              save_steps=4, save_total_limit=2, log_interval=4)
 """
+TINY_DPO_CONFIG = """
+model = dict(pretrained={model!r}, method="lora", lora=dict(r=8, alpha=16, dropout=0.1))
+train_dataset = dict(data_files={data!r}, tokenizer={model!r}, template="chatml",
+                     max_length=64, pack=True)
+objective = dict(type="dpo", beta=0.5)
+train = dict(batch_size=1, accumulative_counts=2, max_iters=16, lr=1e-2, dtype=None,
+             save_steps=4, save_total_limit=2, log_interval=4)
+"""
+RESUMED = {
+    "sft": (TINY_CONFIG, EXAMPLE_DATA / "alpaca_mini.json"),
+    "dpo": (TINY_DPO_CONFIG, EXAMPLE_DATA / "pref_mini.json"),
+}
 
 
 def _losses(work_dir):
@@ -30,11 +42,11 @@ def _losses(work_dir):
     return [by_step[k] for k in sorted(by_step)]
 
 
-def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama):
+@pytest.mark.parametrize("objective", sorted(RESUMED))
+def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama, objective):
+    template, data = RESUMED[objective]
     config = tmp_path / "tiny_lora.py"
-    config.write_text(
-        TINY_CONFIG.format(model=tiny_llama, data=str(EXAMPLE_DATA / "alpaca_mini.json"))
-    )
+    config.write_text(template.format(model=tiny_llama, data=str(data)))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     whole = tmp_path / "whole"
     subprocess.run(train_cmd(config, whole), check=True, capture_output=True, env=env)
