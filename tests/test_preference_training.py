@@ -274,7 +274,7 @@ def test_objective_and_data_kind_must_agree(tiny_llama, tmp_path):
 def test_reward_model_trains_merges_and_scores_as_in_training(tiny_llama, tmp_path):
     """A reward model's loss goes down; merged, it is a transformers sequence-classification
     folder whose scores equal the scores our training code gives the same sequences."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from xtuner_lite.adapters import load_adapted
     from xtuner_lite.alignment.objectives import score_head
@@ -304,3 +304,22 @@ def test_reward_model_trains_merges_and_scores_as_in_training(tiny_llama, tmp_pa
     result = _pair_eval(str(out))
     assert result.samples[0]["scored_by"] == "reward model score"
     assert result.metrics["acc"] >= 0.75
+
+    # --reward-model: generations of a model scored as transformers scores the chat text
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in ("Hi?", "Why?"))
+    )
+    task = dict(name="gen", kind="generate", data=str(questions), max_new_tokens=6)
+    gen = run_eval([tiny_llama], [task], show=False, reward_model=str(out))[tiny_llama]["gen"]
+    tok = AutoTokenizer.from_pretrained(out)
+    for sample, question in zip(gen.samples, ("Hi?", "Why?")):
+        conv = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": sample["output"]},
+        ]
+        ids = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)
+        with torch.no_grad():
+            expected = float(merged(input_ids=torch.tensor([ids["input_ids"]])).logits[0, 0])
+        assert abs(sample["reward"] - expected) < 1e-4
+    assert gen.metrics["reward"] == pytest.approx(sum(s["reward"] for s in gen.samples) / 2)

@@ -211,6 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_tokens=args.batch_tokens,
         overrides=overrides,
+        reward_model=args.reward_model,
     )
     if args.out:
         print(f"results and per-sample predictions: {args.out}")
@@ -483,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat",
         action=argparse.BooleanOptionalAction,
         help="wrap prompts in the model's chat template (or not), for every task",
+    )
+    p.add_argument(
+        "--reward-model",
+        help="a reward model (e.g. merged from `xtuner train` with a reward objective) that "
+        "scores every generation task's outputs: mean reward per model, side by side",
     )
     p.set_defaults(func=cmd_eval)
 

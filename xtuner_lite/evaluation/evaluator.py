@@ -20,6 +20,7 @@ from xtuner_lite.alignment.reference import Reference
 from xtuner_lite.data.dataset import collate_preference
 from xtuner_lite.data.preference import PreferenceData, preference_units
 from xtuner_lite.data.templates import stop_token_ids
+from xtuner_lite.data.tokenize import tokenize_rendered
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation.loglik import LoglikScorer
 from xtuner_lite.evaluation.tasks import (
@@ -235,8 +236,39 @@ def _generate(
     return [request.text for request in engine.generate(ids, params)]
 
 
+def reward_scores(
+    reward_model: LoadedModel, conversations: list[list[dict]], batch_size: int = 8
+) -> list[float]:
+    """A reward model's score of each conversation, rendered with its template."""
+    if reward_model.template is None:
+        raise XtunerError(f"reward model {reward_model.name} has no chat template")
+    llm, tokenizer = reward_model.model, reward_model.tokenizer
+    tokens = tokenize_rendered(
+        [reward_model.template.render(c, tokenizer) for c in conversations], tokenizer, None
+    )
+    scores: list[float] = []
+    for start in range(0, len(conversations), batch_size):
+        rows = []
+        for i in range(start, min(start + batch_size, len(conversations))):
+            ids, labels = tokens.sample(i)
+            n = len(ids)
+            rows.append(
+                {"input_ids": ids, "labels": labels, "position_ids": list(range(n)),
+                 "cu_seqlens": [0, n], "unit_flags": []}
+            )  # fmt: skip
+        batch = collate_preference(rows, 0, 32)
+        with torch.no_grad():
+            scores.extend(sequence_scores(llm, score_head(llm), batch).tolist())
+    return scores
+
+
 def evaluate_generate(
-    spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root, max_batch_size: int = 32
+    spec: TaskSpec,
+    rows: list[Row],
+    model: LoadedModel,
+    data_root,
+    max_batch_size: int = 32,
+    reward_model: LoadedModel | None = None,
 ) -> TaskResult:
     builder = PromptBuilder(spec, data_root, model)
     outputs = _generate(
@@ -272,7 +304,20 @@ def evaluate_generate(
                 "correct": ok,
             }
         )
-    return TaskResult(spec.name, {"acc": _accuracy(correct)}, len(rows), {}, samples)
+    metrics = {"acc": _accuracy(correct)}
+    if reward_model is not None:  # the question as a user turn, the output as the answer
+        rewards = reward_scores(
+            reward_model,
+            [
+                [{"role": "user", "content": render(spec.prompt, row)},
+                 {"role": "assistant", "content": text}]
+                for row, text in zip(rows, outputs)
+            ],
+        )  # fmt: skip
+        metrics["reward"] = sum(rewards) / max(len(rewards), 1)
+        for sample, reward in zip(samples, rewards):
+            sample["reward"] = reward
+    return TaskResult(spec.name, metrics, len(rows), {}, samples)
 
 
 def evaluate_perplexity(
@@ -368,8 +413,10 @@ def evaluate_model(
     limit: int | None = None,
     seed: int = 0,
     batch_tokens: int = 4096,
+    reward_model: LoadedModel | None = None,
 ) -> dict[str, TaskResult]:
-    """Every task on one model; ``limit`` scores a seeded subset of each task's rows."""
+    """Every task on one model; ``limit`` scores a seeded subset of each task's rows;
+    ``reward_model`` also scores generation tasks' outputs."""
     scorer = LoglikScorer(model.model, model.tokenizer, batch_tokens=batch_tokens)
     results = {}
     for spec in tasks:
@@ -377,7 +424,9 @@ def evaluate_model(
         if spec.kind == "mcq":
             results[spec.name] = evaluate_mcq(spec, rows, model, data_root, scorer)
         elif spec.kind == "generate":
-            results[spec.name] = evaluate_generate(spec, rows, model, data_root)
+            results[spec.name] = evaluate_generate(
+                spec, rows, model, data_root, reward_model=reward_model
+            )
         elif spec.kind == "preference":
             results[spec.name] = evaluate_preference(spec, rows, model)
         else:

@@ -19,6 +19,7 @@ from xtuner_lite.evaluation.builtin import BUILTIN_TASKS, builtin_task
 from xtuner_lite.evaluation.evaluator import TaskResult, evaluate_model
 from xtuner_lite.evaluation.tasks import TaskSpec, load_spec_file
 from xtuner_lite.inference.loader import LoadedModel, load_for_inference
+from xtuner_lite.model.build import model_head
 
 MAIN_METRIC = ("circular_acc", "acc_norm", "acc", "perplexity")
 
@@ -63,19 +64,26 @@ def run_eval(
     batch_tokens: int = 4096,
     show: bool = True,
     overrides: dict[str, Any] | None = None,
+    reward_model: str | None = None,
 ) -> dict[str, dict[str, TaskResult]]:
     """Evaluate every model on every task; print the table; write ``out`` (JSON) if given.
-    ``overrides`` set spec fields for every task (e.g. ``num_fewshot``, ``chat``)."""
+    ``overrides`` set spec fields for every task (e.g. ``num_fewshot``, ``chat``);
+    ``reward_model`` scores each generation task's outputs (a ``reward`` metric)."""
 
     specs = [resolve_task(t) for t in tasks]
     if overrides:
         specs = [dataclasses.replace(s, **overrides) for s in specs]
     results: dict[str, dict[str, TaskResult]] = {}
     timing = {}
+    scorer = load_for_eval(reward_model, dtype) if reward_model else None
+    if scorer is not None and model_head(scorer.model) != "reward":
+        raise XtunerError(f"--reward-model {reward_model} is not a reward model")
     for ref in models:
         model = load_for_eval(ref, dtype)
         start = time.perf_counter()
-        results[ref] = evaluate_model(model, specs, data_root, limit, seed, batch_tokens)
+        results[ref] = evaluate_model(
+            model, specs, data_root, limit, seed, batch_tokens, reward_model=scorer
+        )
         timing[ref] = time.perf_counter() - start
         del model
     if show:
