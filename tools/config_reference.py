@@ -9,14 +9,16 @@ import dataclasses
 import inspect
 import re
 
+from xtuner_lite.alignment.objectives import OBJECTIVES
 from xtuner_lite.data.pipeline import process_dataset
+from xtuner_lite.data.preference import process_preference_dataset
 from xtuner_lite.engine.runner import TrainSettings
 from xtuner_lite.model.build import LoraSettings, build_model
 
 INTRO = """# Config reference
 
 A config is a pure-Python mmengine file defining `model`, `train_dataset` and `train` dicts
-(and optionally `seed` and `work_dir`); the bundled ones compose them from
+(and optionally `objective`, `seed` and `work_dir`); the bundled ones compose them from
 `xtuner_lite/configs/_base_/`. Each dict is the keyword arguments of one typed function or
 dataclass, so this page is generated from the code (`python tools/config_reference.py`), and an
 unknown or misspelt key is refused with the closest accepted one. Override any key on the
@@ -71,6 +73,30 @@ def _dataclass_section(title: str, cls) -> str:
     return f"## {title}\n\n{doc}\n\n{_table(rows)}"
 
 
+OBJECTIVE_INTRO = """## objective
+
+Absent (or `type="sft"`): next-token SFT. Otherwise `type` names a preference objective and the
+other keys are its settings below; `train_dataset` then takes the preference keys above.
+`precompute_reference=True` (objectives with a reference model) computes the reference
+log-probabilities once before training and caches them on disk, so training runs no reference
+forward.
+"""
+
+
+def _objective_sections() -> str:
+    parts = [OBJECTIVE_INTRO]
+    for name, cls in OBJECTIVES.items():
+        params = [
+            p
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name not in ("self", "chunk_size")
+        ]
+        rows = [(p.name, _default(p.default), f"`{p.annotation}`") for p in params]
+        doc = inspect.cleandoc(cls.__doc__ or "")
+        parts.append(f'### `type="{name}"`\n\n{doc}\n\n{_table(rows, "type")}')
+    return "\n".join(parts)
+
+
 def reference() -> str:
     return "\n".join(
         [
@@ -78,6 +104,11 @@ def reference() -> str:
             _function_section("model: `build_model`", build_model, skip=("device",)),
             _dataclass_section("model.lora: `LoraSettings`", LoraSettings),
             _function_section("train_dataset: `process_dataset`", process_dataset),
+            _function_section(
+                "train_dataset (preference objectives): `process_preference_dataset`",
+                process_preference_dataset,
+            ),
+            _objective_sections(),
             _dataclass_section("train: `TrainSettings`", TrainSettings),
         ]
     )
