@@ -1,12 +1,15 @@
 """Held-out preference accuracy before and after preference training (issue 18's table).
 
 A seeded 90/10 split of LLaMA-Factory's DPO demo; each method trains a LoRA adapter on the 90 %
-and is scored on the 10 %: per pair, the chosen-minus-rejected margin of the mean token
-log-probability (length-normalized, so methods with and without a reference compare), and
-whether it is positive. Before = the untrained model, after = with the adapter. The interval is
-the paired 95 % normal interval of the per-pair change in margin.
+(KTO on LLaMA-Factory's KTO demo, its own unpaired format) and is scored on the 10 %. Per pair:
+the chosen-minus-rejected margin of the mean token log-probability (length-normalized, so every
+method compares on one scale) and of the summed log-probability, whose change from before to
+after is the DPO implicit reward margin against the untrained model (``implicit acc``: the share
+of pairs where it is positive). The interval is the paired 95 % normal interval of the per-pair
+change in the mean-log-prob margin. The reward model is scored by its score margin (before: its
+untrained head).
 
-    python benchmarks/pref_heldout.py --methods dpo simpo --max-iters 30 --max-length 256
+    python benchmarks/pref_heldout.py --methods dpo orpo simpo kto reward --max-iters 20
 """
 
 from __future__ import annotations
@@ -19,20 +22,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
+from xtuner_lite.adapters import load_adapted
+from xtuner_lite.alignment.objectives import score_head
 from xtuner_lite.data.dataset import PreferenceDataset, collate_preference
 from xtuner_lite.data.preference import process_preference_dataset
 from xtuner_lite.model import build_model
-from xtuner_lite.model.logprobs import sequence_logps
+from xtuner_lite.model.logprobs import sequence_logps, sequence_scores
 from xtuner_lite.training import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pref"
-CONFIGS = {
-    "dpo": "smollm2_135m_dpo_lora",
-    "orpo": "smollm2_135m_orpo_lora",
-    "simpo": "smollm2_135m_simpo_lora",
-}
 MODEL = "smollm2-135m-instruct"
 
 
@@ -47,19 +46,28 @@ def split(path: Path, out: Path, seed: int) -> tuple[Path, Path]:
 
 
 @torch.no_grad()
-def margins(model, held: Path, max_length: int) -> torch.Tensor:
-    """Per held-out pair: mean token log-prob of chosen minus rejected."""
+def margins(model, held: Path, max_length: int, reward: bool = False) -> dict[str, torch.Tensor]:
+    """Per held-out pair: chosen minus rejected of the mean and summed token log-probability
+    (or of a reward model's score)."""
     processed = process_preference_dataset(
         str(held), MODEL, max_length=max_length, pack=False, shuffle=False, use_cache=False
     )
     dataset = PreferenceDataset(processed.data, processed.stats)
-    out = []
+    out: dict[str, list[torch.Tensor]] = {"mean": [], "sum": []}
     model.eval()
     for start in range(0, len(dataset), 4):
-        rows = [dataset[i] for i in range(start, min(start + 4, len(dataset)))]
-        logps = sequence_logps(model, collate_preference(rows, 2, 32))
-        out.append(logps.mean[0::2] - logps.mean[1::2])
-    return torch.cat(out)
+        batch = collate_preference(
+            [dataset[i] for i in range(start, min(start + 4, len(dataset)))], 2, 32
+        )
+        if reward:
+            scores = sequence_scores(model, score_head(model), batch)
+            out["mean"].append(scores[0::2] - scores[1::2])
+            out["sum"].append(scores[0::2] - scores[1::2])
+            continue
+        logps = sequence_logps(model, batch)
+        out["mean"].append(logps.mean[0::2] - logps.mean[1::2])
+        out["sum"].append(logps.total[0::2] - logps.total[1::2])
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def interval(diff: torch.Tensor) -> tuple[float, float]:
@@ -68,46 +76,61 @@ def interval(diff: torch.Tensor) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+def train_method(method: str, args, train_file: Path, work: Path) -> Path:
+    options = {
+        "train_dataset.max_length": args.max_length,
+        "train.max_iters": args.max_iters,
+        "train.epochs": None,
+        "train.lr": args.lr,
+        "train.save_steps": 10_000,
+        "train.log_interval": 5,
+    }
+    if method != "kto":
+        options["train_dataset.data_files"] = str(train_file)
+    else:
+        options["train_dataset.data_files"] = str(SHARED / "llamafactory_kto_en_demo.json")
+    return train(f"smollm2_135m_{method}_lora", work_dir=work / method, cfg_options=options)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["dpo", "orpo", "simpo"])
+    parser.add_argument("--methods", nargs="+", default=["dpo", "orpo", "simpo", "kto", "reward"])
     parser.add_argument("--data", default=str(SHARED / "llamafactory_dpo_en_demo.json"))
-    parser.add_argument("--max-iters", type=int, default=30)
+    parser.add_argument("--max-iters", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pref_heldout_"))
     train_file, held = split(Path(args.data), work, args.seed)
-    base = build_model(MODEL, method="full", dtype="fp32")
-    before = margins(base, held, args.max_length)
-    print(f"held-out pairs: {len(before)}; before: accuracy {(before > 0).float().mean():.3f}, "
-          f"mean margin {before.mean():+.4f}")  # fmt: skip
+    before = margins(build_model(MODEL, method="full", dtype="fp32"), held, args.max_length)
     rows = []
     for method in args.methods:
-        adapter = train(
-            CONFIGS[method],
-            work_dir=work / method,
-            cfg_options={
-                "train_dataset.data_files": str(train_file),
-                "train_dataset.max_length": args.max_length,
-                "train.max_iters": args.max_iters,
-                "train.epochs": None,
-                "train.lr": args.lr,
-                "train.save_steps": 10_000,
-            },
+        adapter = train_method(method, args, train_file, work)
+        model, _, _ = load_adapted(None, adapter)
+        reward = method == "reward"
+        after = margins(model, held, args.max_length, reward)
+        if reward:  # before: the same model with its untrained score head
+            torch.manual_seed(args.seed)
+            start = build_model(MODEL, method="lora", lora=dict(r=16, alpha=32), head="reward")
+            base = margins(start, held, args.max_length, reward=True)
+        else:
+            base = before
+        low, high = interval(after["mean"] - base["mean"])
+        implicit = float((after["sum"] - base["sum"] > 0).float().mean())
+        rows.append((method, base, after, low, high, implicit))
+        print(f"{method}: done", flush=True)
+    print(f"\nheld-out pairs: {len(before['mean'])}; settings: {vars(args)}")
+    print(f"{'method':7} {'acc before':>10} {'acc after':>9} {'margin before':>13} "
+          f"{'margin after':>12} {'change, 95% CI':>22} {'implicit acc':>12}")  # fmt: skip
+    for method, base, after, low, high, implicit in rows:
+        acc_b, acc_a = (
+            float((base["mean"] > 0).float().mean()),
+            float((after["mean"] > 0).float().mean()),
         )
-        model = PeftModel.from_pretrained(build_model(MODEL, method="full", dtype="fp32"), adapter)
-        after = margins(model, held, args.max_length)
-        low, high = interval(after - before)
-        rows.append((method, float((after > 0).float().mean()), float(after.mean()), low, high))
-    print(f"\n{'method':8} {'acc before':>10} {'acc after':>9} {'margin before':>13} "
-          f"{'margin after':>12} {'change 95% CI':>22}")  # fmt: skip
-    acc_before, margin_before = float((before > 0).float().mean()), float(before.mean())
-    for method, acc, margin, low, high in rows:
-        print(f"{method:8} {acc_before:10.3f} {acc:9.3f} {margin_before:+13.4f} "
-              f"{margin:+12.4f} [{low:+.4f}, {high:+.4f}]")  # fmt: skip
-    print(f"\nsettings: {vars(args)}")
+        print(f"{method:7} {acc_b:10.3f} {acc_a:9.3f} {float(base['mean'].mean()):+13.4f} "
+              f"{float(after['mean'].mean()):+12.4f} [{low:+.4f}, {high:+.4f}] "
+              f"{'-' if method == 'reward' else f'{implicit:.3f}':>12}")  # fmt: skip
 
 
 if __name__ == "__main__":

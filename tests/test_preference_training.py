@@ -212,11 +212,12 @@ def _pref_cfg(model: str, objective: dict, method: str = "lora", data=PAIRS, **t
     [
         (dict(type="dpo", beta=0.5), "lora"),
         (dict(type="dpo", beta=0.5), "full"),
+        (dict(type="dpo", beta=0.5, precompute_reference=True), "qlora"),
         (dict(type="orpo", beta=0.5), "lora"),
         (dict(type="simpo", beta=2.0, gamma=0.5), "lora"),
         (dict(type="kto", beta=0.5), "lora"),
     ],
-    ids=["dpo_lora", "dpo_full", "orpo", "simpo", "kto"],
+    ids=["dpo_lora", "dpo_full", "dpo_qlora_cached", "orpo", "simpo", "kto"],
 )
 def test_training_raises_preference_accuracy(tiny_llama, tmp_path, objective, method):
     """A few steps over the same tiny data: the loss goes down and the logged metrics exist."""
@@ -323,3 +324,17 @@ def test_reward_model_trains_merges_and_scores_as_in_training(tiny_llama, tmp_pa
             expected = float(merged(input_ids=torch.tensor([ids["input_ids"]])).logits[0, 0])
         assert abs(sample["reward"] - expected) < 1e-4
     assert gen.metrics["reward"] == pytest.approx(sum(s["reward"] for s in gen.samples) / 2)
+
+
+def test_check_dataset_shows_pairs_and_pair_statistics(smol_tokenizer):
+    from rich.console import Console
+
+    from xtuner_lite.check_dataset import check_preference_dataset
+
+    console = Console(record=True, width=120)
+    cfg = dict(data_files=str(PAIRS), tokenizer=smol_tokenizer, template="chatml", max_length=64)
+    stats = check_preference_dataset(cfg, "pairs", num_samples=2, console=console)
+    text = console.export_text()
+    assert text.count("— chosen:") == 2 and text.count("— rejected:") == 2
+    assert "⟦" in text  # trained spans marked off a terminal
+    assert "pairs whose chosen response is longer" in text and stats.units == 12
