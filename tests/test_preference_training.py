@@ -110,6 +110,24 @@ def test_pairs_share_the_prompt_and_train_only_responses(smol_tokenizer):
     assert any(trained.startswith(r["chosen"]["value"]) for r in row_text)
 
 
+def test_pairs_render_as_the_tokenizers_own_chat_template(smol_tokenizer):
+    """Prompt and response, tokenized apart, decode to exactly the tokenizer's jinja rendering
+    of the conversation (SmolLM2's template, default system prompt included)."""
+    processed = process_preference_dataset(
+        str(PAIRS), smol_tokenizer, template="smollm2", max_length=256, pack=False, shuffle=False
+    )
+    rows = json.loads(PAIRS.read_text())
+    row = processed.data.row(0)
+    a, b, c = row["cu_seqlens"]
+    for side, (lo, hi) in (("chosen", (a, b)), ("rejected", (b, c))):
+        conversation = [
+            {"role": "user", "content": rows[0]["conversations"][0]["value"]},
+            {"role": "assistant", "content": rows[0][side]["value"]},
+        ]
+        jinja = smol_tokenizer.apply_chat_template(conversation, tokenize=False)
+        assert smol_tokenizer.decode(row["input_ids"][lo:hi]) == jinja
+
+
 def test_truncation_trims_prompt_first_then_responses_alike():
     prompt = list(range(100))
     responses = [(list(range(30)), list(range(30))), (list(range(50)), list(range(50)))]
