@@ -95,7 +95,7 @@ def run_trl(opts: argparse.Namespace) -> dict:
 
     tokenizer = load_tokenizer(MODEL)
     raw = json.loads(subset(opts).read_text())
-    roles = {"human": "user", "gpt": "assistant"}
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
     ds = datasets.Dataset.from_list(
         [
             {
