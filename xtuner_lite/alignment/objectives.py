@@ -58,7 +58,7 @@ class PreferenceObjective(Objective):
     def record(self, result: PairLosses) -> None:
         self._add("rewards/chosen", result.chosen_rewards)
         self._add("rewards/rejected", result.rejected_rewards)
-        if len(result.chosen_rewards) == len(result.rejected_rewards):
+        if self.kind == "pairs":  # unpaired examples have no margin to compare
             margin = result.chosen_rewards - result.rejected_rewards
             self._add("rewards/margin", margin)
             self._add("rewards/accuracy", (margin > 0).float())
