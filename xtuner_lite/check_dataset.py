@@ -72,6 +72,14 @@ def _marked(parts: list[tuple[str, bool]], console: Console, limit: int | None =
     return text
 
 
+def _token_pieces(
+    tokenizer: Any, ids: list[int], labels: list[int]
+) -> tuple[list[tuple[str, bool]], int]:
+    """Each token's text with whether it is trained, and how many are."""
+    pieces = [(tokenizer.decode([t]), label != IGNORE_INDEX) for t, label in zip(ids, labels)]
+    return pieces, sum(1 for _, trained in pieces if trained)
+
+
 def show_stages(
     cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None, full: bool = False
 ) -> None:
@@ -114,11 +122,7 @@ def show_stages(
             )
         )
         tokens = tokenize_rendered([segments], tokenizer, cfg.get("max_length"))
-        input_ids, labels = tokens.sample(0)
-        pieces = [
-            (tokenizer.decode([t]), label != IGNORE_INDEX) for t, label in zip(input_ids, labels)
-        ]
-        trained = sum(1 for _, t in pieces if t)
+        pieces, trained = _token_pieces(tokenizer, *tokens.sample(0))
         console.print(
             Panel(
                 _marked(pieces, console, limit),
@@ -193,15 +197,13 @@ def check_preference_dataset(
             title = f"unit {shown}" + ("" if cfg["kind"] == "pairs" else f" (label {bool(flag)})")
             for k, name in enumerate(names):
                 lo, hi = bounds[2 * u + k], bounds[2 * u + k + 1]
-                ids, labels = row["input_ids"][lo:hi], row["labels"][lo:hi]
-                pieces = [
-                    (tokenizer.decode([t]), label != IGNORE_INDEX) for t, label in zip(ids, labels)
-                ]
-                trained = sum(1 for _, t in pieces if t)
+                pieces, trained = _token_pieces(
+                    tokenizer, row["input_ids"][lo:hi], row["labels"][lo:hi]
+                )
                 console.print(
                     Panel(
                         _marked(pieces, console, limit),
-                        title=f"{title} — {name}: {len(ids)} tokens, trained {trained}",
+                        title=f"{title} — {name}: {len(pieces)} tokens, trained {trained}",
                         title_align="left",
                     )
                 )

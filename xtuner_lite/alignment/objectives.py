@@ -7,6 +7,7 @@ unit and the step normalizes it by the units of the global batch, on every engin
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from typing import Any
 
@@ -26,6 +27,11 @@ from xtuner_lite.config import check_kwargs
 from xtuner_lite.engine.objectives import Objective
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps, sequence_scores
+
+
+def _check_beta(beta: float) -> None:
+    if not beta > 0:
+        raise XtunerError(f"objective.beta must be > 0, got {beta}")
 
 
 class PreferenceObjective(Objective):
@@ -113,8 +119,7 @@ class ORPOObjective(PreferenceObjective):
 
     def __init__(self, beta: float = 0.1, chunk_size: int = 1024):
         super().__init__(chunk_size)
-        if not beta > 0:
-            raise XtunerError(f"objective.beta must be > 0, got {beta}")
+        _check_beta(beta)
         self.beta = beta
 
     def loss_sum(self, llm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -137,8 +142,7 @@ class SimPOObjective(PreferenceObjective):
         chunk_size: int = 1024,
     ):
         super().__init__(chunk_size)
-        if not beta > 0:
-            raise XtunerError(f"objective.beta must be > 0, got {beta}")
+        _check_beta(beta)
         self.beta, self.gamma = beta, gamma
         self.label_smoothing, self.sft_weight = label_smoothing, sft_weight
 
@@ -167,8 +171,7 @@ class KTOObjective(PreferenceObjective):
         chunk_size: int = 1024,
     ):
         super().__init__(chunk_size)
-        if not beta > 0:
-            raise XtunerError(f"objective.beta must be > 0, got {beta}")
+        _check_beta(beta)
         self.beta = beta
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
 
@@ -239,7 +242,7 @@ def build_objective(config: dict[str, Any] | None, chunk_size: int = 1024) -> Ob
         )
     cls = OBJECTIVES[kind]
     check_kwargs(cls, config, f"objective ({kind})")
-    if "chunk_size" in cls.__init__.__code__.co_varnames and "chunk_size" not in config:
+    if "chunk_size" in inspect.signature(cls).parameters and "chunk_size" not in config:
         config["chunk_size"] = chunk_size
     objective = cls(**config)
     if precompute and not objective.needs_reference:

@@ -10,7 +10,6 @@ and training runs no reference forward at all (TRL recomputes them every run).
 from __future__ import annotations
 
 import hashlib
-import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from xtuner_lite.atomic import atomic_path
 from xtuner_lite.data.pipeline import dataset_cache_dir
+from xtuner_lite.labels import IGNORE_INDEX
 from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps
+from xtuner_lite.model.loss import shift_labels
 
 
 class Reference:
@@ -48,7 +49,9 @@ class Reference:
     def logps(self, llm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         if "ref_logps" in batch:
             tokens = torch.bincount(
-                batch["seq_index"].reshape(-1)[_trained(batch)],
+                batch["seq_index"].reshape(-1)[
+                    shift_labels(batch["labels"]).reshape(-1) != IGNORE_INDEX
+                ],
                 minlength=int(batch["num_sequences"]),
             )
             return SequenceLogps(batch["ref_logps"].float(), tokens)
@@ -62,12 +65,6 @@ class Reference:
         if next(model.parameters()).device != device:
             model.to(device)
         return sequence_logps(model, batch, self.chunk_size)
-
-
-def _trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    labels = batch["labels"]
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-    return shifted.reshape(-1) != -100
 
 
 def model_fingerprint(model_cfg: dict[str, Any]) -> str:
@@ -95,8 +92,7 @@ def cache_path(data: Any, model_cfg: dict[str, Any], dtype: str | None) -> Path:
     key = hashlib.sha256(
         f"{data_fingerprint(data)}:{model_fingerprint(model_cfg)}:{dtype}".encode()
     ).hexdigest()[:24]
-    root = Path(os.environ.get("XTUNER_LITE_DATA_CACHE") or dataset_cache_dir())
-    return root / f"reference-{key}.safetensors"
+    return dataset_cache_dir() / f"reference-{key}.safetensors"
 
 
 @torch.no_grad()

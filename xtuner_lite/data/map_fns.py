@@ -200,17 +200,23 @@ MAP_FNS: dict[str, MapFn] = {
 }
 
 
-def get_map_fn(map_fn: str | MapFn) -> MapFn:
+def pick_map_fn(map_fn: str | Callable, registry: dict[str, Callable], unknown: str) -> Callable:
+    """A callable as it is, else the registry's entry of that name; an unknown name is an
+    error starting with ``unknown`` and naming the closest known one."""
     if callable(map_fn):
         return map_fn
-    if map_fn not in MAP_FNS:
-        hint = get_close_matches(str(map_fn), MAP_FNS, n=1)
+    if map_fn not in registry:
+        hint = get_close_matches(str(map_fn), registry, n=1)
         raise XtunerError(
-            f"unknown map_fn {map_fn!r}"
+            f"{unknown} {map_fn!r}"
             + (f"; did you mean {hint[0]!r}?" if hint else "")
-            + f" (known: {', '.join(sorted(MAP_FNS))}, or pass a function)"
+            + f" (known: {', '.join(sorted(registry))}, or pass a function)"
         )
-    return MAP_FNS[map_fn]
+    return registry[map_fn]
+
+
+def get_map_fn(map_fn: str | MapFn) -> MapFn:
+    return pick_map_fn(map_fn, MAP_FNS, "unknown map_fn")
 
 
 def validate_conversation(conv: Any) -> list[dict]:

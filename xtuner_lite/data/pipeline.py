@@ -299,6 +299,39 @@ def resolve_template(
     return get_template(template, tokenizer)
 
 
+def source_files(data_files: str | os.PathLike | list) -> list[str]:
+    """The data files a ``data_files`` setting names (globs expanded); none is an error."""
+    many = isinstance(data_files, (list, tuple))
+    files = expand([str(f) for f in (data_files if many else [data_files])])
+    if not files:
+        raise XtunerError("train_dataset.data_files is empty")
+    return files
+
+
+def check_control_mode(control_tokens: str) -> None:
+    if control_tokens not in control.MODES:
+        raise XtunerError(
+            f"train_dataset.control_tokens must be one of {control.MODES}, got {control_tokens!r}"
+        )
+
+
+def note_skip(stats: DatasetStats, skipped: Counter, where: str, reason: str) -> None:
+    """Count a skipped row under its reason; keep the first 20 as examples."""
+    skipped[reason] += 1
+    if len(stats.skipped_examples) < 20:
+        stats.skipped_examples.append(f"{where}: {reason}")
+
+
+def length_summary(lengths: np.ndarray) -> dict[str, float]:
+    """min / mean / p50 / p90 / p99 / max of sample lengths, as the stats report them."""
+    return {
+        "min": int(lengths.min()),
+        "mean": float(lengths.mean()),
+        **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
+        "max": int(lengths.max()),
+    }
+
+
 def process_dataset(
     data_files: str | os.PathLike | list,
     tokenizer: Any,
@@ -322,14 +355,8 @@ def process_dataset(
     (``<|im_start|>`` ...), which would otherwise forge turns: ``warn`` (count them, keep them
     as they are), ``escape`` (make the text plain) or ``skip`` (count and drop them).
     """
-    many = isinstance(data_files, (list, tuple))
-    files = expand([str(f) for f in (data_files if many else [data_files])])
-    if not files:
-        raise XtunerError("train_dataset.data_files is empty")
-    if control_tokens not in control.MODES:
-        raise XtunerError(
-            f"train_dataset.control_tokens must be one of {control.MODES}, got {control_tokens!r}"
-        )
+    files = source_files(data_files)
+    check_control_mode(control_tokens)
     if max_length < 2:
         raise XtunerError(f"max_length must be at least 2, got {max_length}")
     tokenizer_ref, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
@@ -359,17 +386,13 @@ def process_dataset(
     skipped: Counter[str] = Counter()
 
     def skip(rows: Rows, index: int, reason: str) -> None:
-        skipped[reason] += 1
-        if len(stats.skipped_examples) < 20:
-            stats.skipped_examples.append(f"{rows.source} {rows.locate(index)}: {reason}")
+        note_skip(stats, skipped, f"{rows.source} {rows.locate(index)}", reason)
 
     for path in files:
         rows: Rows = load_rows(path, skip_invalid=skip_invalid)
         stats.rows_loaded += len(rows) + len(rows.invalid)
         for where, reason in rows.invalid:
-            skipped[reason] += 1
-            if len(stats.skipped_examples) < 20:
-                stats.skipped_examples.append(f"{rows.source} {where}: {reason}")
+            note_skip(stats, skipped, f"{rows.source} {where}", reason)
         procs = (
             num_proc
             if num_proc is not None
@@ -402,12 +425,7 @@ def process_dataset(
     lengths = data.sample_lengths
     stats.rows = len(data)
     stats.tokens, stats.trained_tokens = data.num_tokens, data.num_trained_tokens
-    stats.lengths = {
-        "min": int(lengths.min()),
-        "mean": float(lengths.mean()),
-        **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
-        "max": int(lengths.max()),
-    }
+    stats.lengths = length_summary(lengths)
     result = ProcessedDataset(data, stats)
     if key is not None:
         save_processed(dataset_cache_dir() / key, result)

@@ -9,17 +9,17 @@ pass any callable with the same contract.
 from __future__ import annotations
 
 from collections.abc import Callable
-from difflib import get_close_matches
 from typing import Any
 
 from xtuner_lite.data.map_fns import (
     SHAREGPT_ROLES,
     as_object,
+    pick_map_fn,
     string_field,
     system_messages,
     user_turn,
 )
-from xtuner_lite.errors import RowError, XtunerError
+from xtuner_lite.errors import RowError
 
 Preference = dict[str, Any]
 PrefMapFn = Callable[[Any], Preference]
@@ -166,16 +166,7 @@ PREF_MAP_FNS: dict[str, PrefMapFn] = {
 
 
 def get_pref_map_fn(map_fn: str | PrefMapFn) -> PrefMapFn:
-    if callable(map_fn):
-        return map_fn
-    if map_fn not in PREF_MAP_FNS:
-        hint = get_close_matches(str(map_fn), PREF_MAP_FNS, n=1)
-        raise XtunerError(
-            f"train_dataset.map_fn: unknown preference format {map_fn!r}"
-            + (f"; did you mean {hint[0]!r}?" if hint else "")
-            + f" (known: {', '.join(PREF_MAP_FNS)}, or pass a function)"
-        )
-    return PREF_MAP_FNS[map_fn]
+    return pick_map_fn(map_fn, PREF_MAP_FNS, "train_dataset.map_fn: unknown preference format")
 
 
 def validate_preference(item: Any, paired: bool) -> Preference:

@@ -19,18 +19,22 @@ from typing import Any
 import numpy as np
 
 from xtuner_lite.data import control
-from xtuner_lite.data.loaders import Rows, expand, load_rows
+from xtuner_lite.data.loaders import Rows, load_rows
 from xtuner_lite.data.packing import PackedData, arrange, pack_indices
 from xtuner_lite.data.pipeline import (
     DatasetStats,
     ProcessedDataset,
     cache_key,
+    check_control_mode,
     dataset_cache_dir,
     guard_control_tokens,
+    length_summary,
     load_processed,
+    note_skip,
     resolve_template,
     resolve_tokenizer,
     save_processed,
+    source_files,
 )
 from xtuner_lite.data.pref_map_fns import PrefMapFn, get_pref_map_fn, validate_preference
 from xtuner_lite.data.templates import Segment, Template
@@ -276,16 +280,10 @@ def process_preference_dataset(
     """
     if kind not in KINDS:
         raise XtunerError(f"train_dataset.kind must be one of {KINDS}, got {kind!r}")
-    if control_tokens not in control.MODES:
-        raise XtunerError(
-            f"train_dataset.control_tokens must be one of {control.MODES}, got {control_tokens!r}"
-        )
+    check_control_mode(control_tokens)
     if max_length < 4:
         raise XtunerError(f"train_dataset.max_length must be at least 4, got {max_length}")
-    many = isinstance(data_files, (list, tuple))
-    files = expand([str(f) for f in (data_files if many else [data_files])])
-    if not files:
-        raise XtunerError("train_dataset.data_files is empty")
+    files = source_files(data_files)
     tokenizer_ref, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
     fn = get_pref_map_fn(map_fn)
     tmpl = resolve_template(template, tokenizer, tokenizer_ref)
@@ -326,13 +324,10 @@ def _process(
         stats.rows_loaded += len(rows) + len(rows.invalid)
 
         def skip(index: int, reason: str, rows: Rows = rows) -> None:
-            skipped[reason] += 1
-            if len(stats.skipped_examples) < 20:
-                stats.skipped_examples.append(f"{rows.source} {rows.locate(index)}: {reason}")
+            note_skip(stats, skipped, f"{rows.source} {rows.locate(index)}", reason)
 
         for where, reason in rows.invalid:
-            skipped[reason] += 1
-            stats.skipped_examples.append(f"{rows.source} {where}: {reason}")
+            note_skip(stats, skipped, f"{rows.source} {where}", reason)
         found, errors, flagged = _rows_to_units(rows, fn, tmpl, tokenizer, paired, control_tokens)
         stats.rows_with_control_tokens += flagged
         for i, error in errors:
@@ -377,13 +372,7 @@ def _fill_stats(
     stats.prompt_mean = float(np.mean([len(u.prompt) for u in units]))
     stats.response_means = [float(per_sequence[0::2].mean()), float(per_sequence[1::2].mean())]
     stats.first_longer = float((per_sequence[0::2] > per_sequence[1::2]).mean())
-    lengths = tokens.lengths
-    stats.lengths = {
-        "min": int(lengths.min()),
-        "mean": float(lengths.mean()),
-        **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
-        "max": int(lengths.max()),
-    }
+    stats.lengths = length_summary(tokens.lengths)
 
 
 __all__ = [
