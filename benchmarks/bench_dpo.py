@@ -1,7 +1,8 @@
 """DPO-LoRA throughput and peak memory: xtuner_lite vs TRL's DPOTrainer, same work.
 
 Same model (SmolLM2-135M-Instruct), LoRA (r=16, alpha=32, dropout 0.05, all linear layers),
-the first ``--pairs`` pairs of LLaMA-Factory's DPO demo for one epoch, max_length per sequence,
+the first ``--pairs`` pairs of LLaMA-Factory's DPO demo whose prompt fits in max_length (TRL drops
+the others, so both sides train the same pairs) for one epoch, max_length per sequence,
 pairs per optimizer step, sigmoid loss with beta 0.1, the adapter-disabled model as reference,
 precision (fp32 on CPUs without native bf16, else bf16 autocast) and gradient checkpointing.
 Each side runs in its own process (peak RSS is its own), the sides alternate, and the median of
@@ -40,12 +41,29 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def prompt_messages(row: dict) -> list[dict]:
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    return [{"role": roles[t["from"]], "content": t["value"]} for t in row["conversations"]]
+
+
+def prompt_length(tokenizer, row: dict) -> int:
+    ids = tokenizer.apply_chat_template(
+        prompt_messages(row), add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    return len(ids)
+
+
 def subset(opts: argparse.Namespace) -> Path:
-    """The first ``--pairs`` rows, written once per settings (the cache keys on the file)."""
-    path = Path(tempfile.gettempdir()) / f"bench_dpo_{opts.pairs}.json"
+    """The first ``--pairs`` rows whose rendered prompt is shorter than max_length (TRL drops a
+    pair whose prompt fills it), written once per settings (the cache keys on the file)."""
+    path = Path(tempfile.gettempdir()) / f"bench_dpo_{opts.pairs}_{opts.max_length}.json"
     if not path.exists():
-        rows = json.loads(Path(opts.file).read_text())[: opts.pairs]
-        path.write_text(json.dumps(rows))
+        from xtuner_lite.hub import load_tokenizer
+
+        tokenizer = load_tokenizer(MODEL)
+        rows = json.loads(Path(opts.file).read_text())
+        fits = [r for r in rows if prompt_length(tokenizer, r) < opts.max_length - 8]
+        path.write_text(json.dumps(fits[: opts.pairs]))
     return path
 
 
@@ -58,7 +76,9 @@ def run_ours(opts: argparse.Namespace, packed: bool, cached: bool) -> dict:
             method="lora",
             dtype="bf16",  # fp32 where the CPU has no native bf16 (as TRL gets below)
             lora=dict(**LORA, target_modules="all-linear"),
-            gradient_checkpointing=opts.checkpointing,
+            gradient_checkpointing=(opts.checkpoint_fraction or True)
+            if opts.checkpointing
+            else False,
         ),
         train_dataset=dict(
             data_files=str(subset(opts)),
@@ -95,13 +115,10 @@ def run_trl(opts: argparse.Namespace) -> dict:
 
     tokenizer = load_tokenizer(MODEL)
     raw = json.loads(subset(opts).read_text())
-    roles = {"human": "user", "gpt": "assistant", "system": "system"}
     ds = datasets.Dataset.from_list(
         [
             {
-                "prompt": [
-                    {"role": roles[t["from"]], "content": t["value"]} for t in r["conversations"]
-                ],
+                "prompt": prompt_messages(r),
                 "chosen": [{"role": "assistant", "content": r["chosen"]["value"]}],
                 "rejected": [{"role": "assistant", "content": r["rejected"]["value"]}],
             }
@@ -144,7 +161,8 @@ def run_trl(opts: argparse.Namespace) -> dict:
         peft_config=peft_config,
     )
     trainer.train()
-    return {"seconds": time.perf_counter() - start, "pairs": opts.pairs}
+    # the pairs TRL kept after its own filtering: the rate counts trained pairs only
+    return {"seconds": time.perf_counter() - start, "pairs": len(trainer.train_dataset)}
 
 
 def run_side(side: str, opts: argparse.Namespace) -> dict:
@@ -157,6 +175,9 @@ def child(side: str, opts: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--file", str(opts.file)]
     cmd += ["--pairs", str(opts.pairs), "--max-length", str(opts.max_length)]
     cmd += ["--batch", str(opts.batch)] + ([] if opts.checkpointing else ["--no-checkpointing"])
+    cmd += (
+        ["--checkpoint-fraction", str(opts.checkpoint_fraction)] if opts.checkpoint_fraction else []
+    )
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode != 0 or not line:
@@ -174,6 +195,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument(
+        "--checkpoint-fraction",
+        type=float,
+        help="ours: recompute this share of the decoder layers (TRL recomputes all)",
+    )
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -185,16 +211,19 @@ def main() -> None:
     from xtuner_lite.hub import resolve_model_path
 
     resolve_model_path(MODEL, "bf16")  # one-time caches, outside the timings
+    opts.pairs = len(json.loads(subset(opts).read_text()))
     if "ours-cached" in opts.sides:  # write the reference cache once, outside the timings
         child("ours-cached", opts)
     runs = [{side: child(side, opts) for side in opts.sides} for _ in range(opts.repeats)]
     print(
         f"SmolLM2-135M DPO-LoRA, {opts.pairs} pairs, {opts.batch} pairs per step, "
         f"max_length {opts.max_length} per sequence, checkpointing "
-        f"{'on' if opts.checkpointing else 'off'}, {os.cpu_count()} CPU threads"
+        f"{'on' if opts.checkpointing else 'off'}"
+        f"{f' (ours: {opts.checkpoint_fraction} of layers)' if opts.checkpoint_fraction else ''}, "
+        f"{os.cpu_count()} CPU threads"
     )
-    print(f"{'side':12s} {'pairs/s (median)':>17s} {'peak RSS MiB':>13s} {'vs trl speed':>13s} "
-          f"{'vs trl memory':>14s}")  # fmt: skip
+    print(f"{'side':12s} {'pairs':>6s} {'pairs/s (median)':>17s} {'peak RSS MiB':>13s} "
+          f"{'vs trl speed':>13s} {'vs trl memory':>14s}")  # fmt: skip
     trl = "trl" in opts.sides
     for side in opts.sides:
         speed = statistics.median(r[side]["pairs_per_s"] for r in runs)
@@ -204,7 +233,8 @@ def main() -> None:
             s = statistics.median(r[side]["pairs_per_s"] / r["trl"]["pairs_per_s"] for r in runs)
             m = statistics.median(r[side]["peak_rss_mib"] / r["trl"]["peak_rss_mib"] for r in runs)
             ratios = f"{s:12.2f}x {m:13.2f}x"
-        print(f"{side:12s} {speed:17.3f} {rss:13.0f} {ratios}")
+        pairs = runs[0][side]["pairs"]
+        print(f"{side:12s} {pairs:6d} {speed:17.3f} {rss:13.0f} {ratios}")
     print(json.dumps(runs))
 
 
