@@ -22,7 +22,8 @@ setup(
     package_data={"xtuner_lite": ["configs/**/*.py", "examples/data/*", "examples/tasks/*"]},
     install_requires=_requirements("runtime.txt"),
     extras_require={
-        "tests": _requirements("tests.txt"),
+        "tests": _requirements("tests.txt") + _requirements("data.txt"),
+        "data": _requirements("data.txt"),
         "deepspeed": _requirements("deepspeed.txt"),
         "lmdeploy": _requirements("lmdeploy.txt"),
     },

@@ -11,7 +11,9 @@ from xtuner_lite.engine import TrainSettings
 from xtuner_lite.model import build_model
 
 TRAIN_CONFIGS = sorted(
-    p for p in CONFIG_ROOT.rglob("*.py") if "_base_" not in p.parts and p.parent.name != "data"
+    p
+    for p in CONFIG_ROOT.rglob("*.py")
+    if "_base_" not in p.parts and p.parent.name not in ("data", "prepare")
 )
 GPU_CONFIGS = [p for p in TRAIN_CONFIGS if p.parent.name == "gpu"]
 

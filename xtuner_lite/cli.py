@@ -233,6 +233,22 @@ def cmd_contamination(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from xtuner_lite.config import parse_cfg_options
+    from xtuner_lite.dataprep import load_report, prepare, print_report
+
+    if args.action == "report":
+        print_report(load_report(args.out))
+        return 0
+    prepare(
+        args.config,
+        overrides=parse_cfg_options(args.cfg_options),
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from xtuner_lite.config import load_config
     from xtuner_lite.plan import parse_size, print_plan, settings_from_config
@@ -422,6 +438,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="replace an existing output folder")
     q.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     q.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "data",
+        help="prepare training data: clean, filter, deduplicate, decontaminate",
+        description="Data preparation on datatrove: raw text or SFT rows in, clean shards, "
+        "a manifest and a report of what was removed and why out.",
+    )
+    act = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = act.add_parser("prepare", help="run a data-preparation config")
+    q.add_argument("config", help="a config file (see xtuner_lite/configs/prepare)")
+    q.add_argument("--workers", type=int, help="worker processes (default: run.workers)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-prepare output folder")
+    q.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
+    q.set_defaults(func=cmd_data)
+    q = act.add_parser("report", help="print the report of a prepared output folder again")
+    q.add_argument("out", help="the output folder of `xtuner data prepare`")
+    q.set_defaults(func=cmd_data)
 
     p = sub.add_parser(
         "export",

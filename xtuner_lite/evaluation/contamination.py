@@ -9,32 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.evaluation.ngrams import ngrams, strings_in
 from xtuner_lite.evaluation.run import resolve_task
 from xtuner_lite.evaluation.tasks import Row, load_rows, read_rows
-
-WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def _strings(value: Any) -> list[str]:
-    """Every string inside a row (any nesting: alpaca fields, message lists, ...)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
-
-
-def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
-    words = WORD.findall(text.lower())
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 @dataclass
@@ -53,12 +34,12 @@ def find_overlaps(
     """(flagged evaluation rows, number of evaluation rows too short to hold an n-gram)."""
     seen: dict[int, int] = {}
     for index, row in enumerate(train_rows):
-        for text in _strings(row.fields):
+        for text in strings_in(row.fields):
             for gram in ngrams(text, n):
                 seen.setdefault(hash(gram), index)
     flagged, short = [], 0
     for row in eval_rows:
-        grams = [g for text in _strings(row.fields) for g in ngrams(text, n)]
+        grams = [g for text in strings_in(row.fields) for g in ngrams(text, n)]
         if not grams:
             short += 1
             continue

@@ -1,0 +1,324 @@
+"""`xtuner data prepare`: config validation, input errors, each stage, the whole run (workers 1
+and 2 give the same output), SFT rows kept as they are, and the planted-truth scores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+from datatrove.data import Document
+
+from xtuner_lite.cli import main as cli_main
+from xtuner_lite.dataprep import load_prepare_config, prepare
+from xtuner_lite.dataprep.config import PrepareConfigError
+from xtuner_lite.dataprep.pipeline import lsh_bands, lsh_threshold
+from xtuner_lite.dataprep.stages import (
+    BlocklistFilter,
+    DecontaminateFilter,
+    LanguageFilter,
+    MaskPII,
+    Normalize,
+    eval_grams,
+)
+from xtuner_lite.errors import XtunerError
+
+from conftest import ROOT, shared_file
+
+WORDS = {
+    "subject": "farmer teacher baker sailor doctor painter student miner pilot gardener".split(),
+    "adjective": "quiet busy narrow ancient sunny muddy crowded hidden wooden golden".split(),
+    "verb": "visited cleaned painted repaired watched crossed measured photographed".split(),
+    "place": "bridge garden harbour market library orchard station valley tower meadow".split(),
+    "time": "morning evening winter spring weekend afternoon".split(),
+}
+
+
+def paragraph(rng: random.Random, sentences: int = 14) -> str:
+    """Plain English prose from a small grammar (passes the quality filters)."""
+    out = []
+    for _ in range(sentences):
+        words = [
+            rng.choice(["The", "A", "This", "That", "One"]),
+            rng.choice(WORDS["adjective"]),
+            rng.choice(WORDS["subject"]),
+            rng.choice(WORDS["verb"]),
+            rng.choice(["the", "a", "every", "their", "our"]),
+            rng.choice(WORDS["adjective"]),
+            rng.choice(WORDS["place"]),
+            rng.choice(["in", "near", "behind", "beyond", "after"]),
+            rng.choice(["the", "that", "each", "some"]),
+            rng.choice(WORDS["time"] + WORDS["place"]),
+        ]
+        out.append(" ".join(words) + ".")
+    return " ".join(out)
+
+
+CHINESE = "细胞理论是生物科学的一个理论，它认为所有生命体都是由微小的基本单元细胞所构成。" * 4
+
+
+@pytest.fixture
+def raw_file(tmp_path) -> Path:
+    rng = random.Random(0)
+    docs = [paragraph(rng) for _ in range(12)]
+    docs.append(docs[0])  # exact duplicate
+    near = docs[1].split(" ")
+    near[5] = "suddenly"
+    docs.append(" ".join(near))  # near duplicate (one word changed)
+    docs.append(CHINESE)
+    docs.append(paragraph(rng) + " Mail me at jane.doe@example.org or call +1 415 555 2671.")
+    path = tmp_path / "raw.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def run_config(files, out: Path, stages: list[dict], kind="text", **run) -> dict:
+    return dict(
+        inputs=dict(data_files=[str(f) for f in files], kind=kind),
+        stages=stages,
+        output=str(out),
+        run=dict(tasks=run.pop("tasks", 2), workers=run.pop("workers", 1)),
+    )
+
+
+ALL_TEXT_STAGES = [
+    dict(type="normalize"),
+    dict(type="language", languages=["en"]),
+    dict(type="gopher_repetition"),
+    dict(type="gopher_quality"),
+    dict(type="pii"),
+    dict(type="blocklist", words=["casino"]),
+    dict(type="exact_dedup"),
+    dict(type="minhash_dedup"),
+]
+
+
+def output_rows(out: Path) -> list[dict]:
+    return [json.loads(x) for p in sorted((out / "data").glob("*.jsonl")) for x in p.open()]
+
+
+# config validation ----------------------------------------------------------------------------
+
+
+def test_config_problems_are_collected_and_named(tmp_path, raw_file):
+    cfg = run_config(
+        [raw_file],
+        tmp_path / "out",
+        [
+            dict(type="languag"),
+            dict(type="minhash_dedup", ngrams=5),
+            dict(type="language", min_score="high"),
+            dict(type="normalize"),
+        ],
+        kind="sft",
+    )
+    cfg["stagse"] = []
+    with pytest.raises(PrepareConfigError) as err:
+        load_prepare_config(cfg)
+    text = str(err.value)
+    assert "5 problem(s)" in text
+    assert "stages[0].type: unknown stage 'languag'; did you mean 'language'?" in text
+    assert "stages[1] (minhash_dedup): unknown setting 'ngrams'; did you mean 'ngram'?" in text
+    assert "stages[2] (language).min_score: expected float, got 'high'" in text
+    assert "stages[3] (normalize): rewrites text" in text
+    assert "unknown section 'stagse'; did you mean 'stages'?" in text
+
+
+def test_config_names_missing_inputs_and_bad_run(tmp_path):
+    cfg = dict(
+        inputs=dict(data_files=[str(tmp_path / "nope.jsonl")]),
+        stages=[],
+        output="o",
+        run=dict(workers=0, executor="spark"),
+    )
+    with pytest.raises(PrepareConfigError) as err:
+        load_prepare_config(cfg)
+    text = str(err.value)
+    assert "nope.jsonl not found" in text
+    assert "run.workers: expected a positive integer, got 0" in text
+    assert "run.executor" in text
+
+
+# input errors, raised from inside the datatrove tasks -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"text": "fine"}\n{"text": oops}\n', "bad.jsonl, line 2: invalid JSON"),
+        (b'{"text": "fine"}\n{"txt": "x"}\n', "bad.jsonl, line 2, field 'text': missing"),
+        (b'{"text": 3}\n', "bad.jsonl, line 1, field 'text': expected a string"),
+        ('{"text": "caf\u00e9"}\n'.encode("latin-1"), "bad.jsonl, line 1: not UTF-8"),
+    ],
+)
+def test_bad_input_names_file_line_and_field(tmp_path, content, expected):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    with pytest.raises(XtunerError, match="bad.jsonl") as err:
+        prepare(run_config([bad], tmp_path / "out", [dict(type="normalize")]), quiet=True)
+    assert expected in str(err.value)
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
+    config = tmp_path / "prep.py"
+    config.write_text(
+        f"inputs = dict(data_files=[{str(tmp_path / 'x.jsonl')!r}])\n"
+        "stages = [dict(type='dedup')]\noutput = 'o'\n"
+    )
+    assert cli_main(["data", "prepare", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown stage 'dedup'" in err and "x.jsonl not found" in err
+    assert "Traceback" not in err
+
+
+# stages ---------------------------------------------------------------------------------------
+
+
+def run_step(step, texts: list[str]) -> list[Document]:
+    docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
+    return list(step.run(iter(docs)))
+
+
+def test_normalize_forms_and_spaces():
+    (doc,) = run_step(Normalize(), ["  ｆｕｌｌ\u3000width   text\n\n\n\nnext  "])
+    assert doc.text == "full width text\n\nnext"
+
+
+def test_pii_masks_and_counts():
+    text = "Mail jane.doe@example.org, server 8.8.8.8, local 192.168.0.1, call +1 415 555 2671."
+    (doc,) = run_step(MaskPII(), [text])
+    assert "jane.doe@example.org" not in doc.text and "8.8.8.8" not in doc.text
+    assert "192.168.0.1" in doc.text  # private addresses are not PII
+    assert "<phone>" in doc.text and "555 2671" not in doc.text
+    assert doc.metadata["pii"] == {"email": 1, "ip": 1, "phone": 1}
+    (plain,) = run_step(MaskPII(), ["In 1998 there were 12 000 people and 3.5 km of road."])
+    assert "pii" not in plain.metadata and "<phone>" not in plain.text
+
+
+def test_language_blocklist_and_decontamination_filters():
+    english = "The farmer walked along the quiet street with the children before noon."
+    kept = run_step(LanguageFilter(["en"]), [english, CHINESE])
+    assert [d.metadata["language"] for d in kept] == ["en"]
+    kept = run_step(BlocklistFilter(["casino bonus"]), ["a Casino Bonus here", "casinos bonuses"])
+    assert [d.text for d in kept] == ["casinos bonuses"]  # whole words only
+    grams = eval_grams(["Janet's ducks lay 16 eggs per day and she eats three"], 8)
+    kept = run_step(
+        DecontaminateFilter(grams, 8),
+        ["Intro. Janet's ducks lay 16 eggs per day and she eats three. End", english],
+    )
+    assert [d.text for d in kept] == [english]
+
+
+def test_lsh_threshold_picks_bands():
+    assert lsh_threshold(14, 8) == pytest.approx((1 / 14) ** (1 / 8))
+    buckets, per = lsh_bands(112, 0.5)
+    assert buckets * per == 112 and abs(lsh_threshold(buckets, per) - 0.5) < 0.1
+
+
+# whole runs -----------------------------------------------------------------------------------
+
+
+def test_prepare_text_end_to_end(tmp_path, raw_file, capsys):
+    out = tmp_path / "out"
+    report = prepare(run_config([raw_file], out, ALL_TEXT_STAGES), quiet=True)
+    rows = output_rows(out)
+    texts = [r["text"] for r in rows]
+    assert report["documents_in"] == 16
+    assert report["documents_out"] == len(rows) == 13  # the Chinese doc and two duplicates go
+    removed = {s["type"]: s["removed"] for s in report["stages"]}
+    assert removed["language"] == {"other_language": 1}
+    assert removed["exact_dedup"] == {"exact_duplicate": 1}
+    assert removed["minhash_dedup"] == {"near_duplicate": 1}
+    assert sum(sum(s["removed"].values()) for s in report["stages"]) == 3
+    assert not any("jane.doe@example.org" in t or "555 2671" in t for t in texts)
+    assert report["pii_masked_in_kept"] == {"email": 1, "phone": 1}
+    assert report["languages"]["en"] == 15
+    assert {"lengths.png", "quality_signals.png"} <= {Path(p).name for p in report["plots"]}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["documents_out"] == 13 and manifest["inputs"][0]["sha256"]
+    # the shards are training input as they are
+    from xtuner_lite.data import process_dataset
+
+    processed = process_dataset(
+        str(out / "data" / "*.jsonl"),
+        "smollm2-135m-instruct",
+        map_fn="pretrain",
+        max_length=256,
+        use_cache=False,
+    )
+    assert processed.stats.samples == 13
+    assert cli_main(["data", "report", str(out)]) == 0
+    assert "near_duplicate: 1" in capsys.readouterr().out
+
+
+def test_one_and_two_workers_give_identical_output(tmp_path, raw_file):
+    stages = [dict(type="normalize"), dict(type="exact_dedup"), dict(type="minhash_dedup")]
+    shards = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare(run_config([raw_file], out, stages, tasks=3, workers=workers), quiet=True)
+        shards.append({p.name: p.read_bytes() for p in (out / "data").glob("*.jsonl")})
+    assert shards[0] == shards[1] and len(shards[0]) == 3
+
+
+def test_sft_rows_are_kept_as_they_are(tmp_path):
+    rng = random.Random(1)
+    rows = [
+        {
+            "instruction": f"Question {i}: {paragraph(rng, 3)}",
+            "input": "",
+            "output": paragraph(rng, 4),
+        }
+        for i in range(6)
+    ]
+    rows.append(dict(rows[0]))  # duplicate row
+    rows.append({"instruction": "翻译这句话。", "input": "", "output": CHINESE})
+    src = tmp_path / "sft.json"
+    src.write_text(json.dumps(rows, ensure_ascii=False))
+    out = tmp_path / "out"
+    stages = [dict(type="language", languages=["en"]), dict(type="exact_dedup")]
+    report = prepare(run_config([src], out, stages, kind="sft"), quiet=True)
+    assert sorted(output_rows(out), key=lambda r: r["instruction"]) == sorted(
+        rows[:6], key=lambda r: r["instruction"]
+    )
+    assert report["documents_out"] == 6
+    from xtuner_lite.data import process_dataset
+
+    processed = process_dataset(
+        str(out / "data" / "*.jsonl"),
+        "smollm2-135m-instruct",
+        map_fn="alpaca",
+        max_length=512,
+        use_cache=False,
+    )
+    assert processed.stats.samples == 6
+
+
+# planted truth (../shared/data) ----------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_planted_truth_precision_and_recall(tmp_path):
+    shared_file("raw/llamafactory_c4_demo.jsonl")
+    spec = importlib.util.spec_from_file_location(
+        "dataprep_planted", ROOT / "benchmarks" / "dataprep_planted.py"
+    )
+    planted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(planted)
+    truth = planted.plant(tmp_path)
+    prepare(planted.config(tmp_path, workers=2), quiet=True)
+    scores = {(r["stage"], r["plant"]): r for r in planted.score(tmp_path / "prepared", truth)}
+    for stage, plant in [
+        ("language", "other_language"),
+        ("exact_dedup", "exact_duplicate"),
+        ("blocklist", "blocklist"),
+        ("decontaminate", "contaminated"),
+    ]:
+        assert scores[stage, plant]["recall"] == 1.0, (stage, scores[stage, plant])
+        assert scores[stage, plant]["precision"] >= 0.9, (stage, scores[stage, plant])
+    assert scores["minhash_dedup", "near_duplicate @2% edits"]["recall"] >= 0.9
+    assert scores["pii", "pii values (kept docs)"]["recall"] >= 0.95
+    junk = scores["gopher_repetition", "junk"]["removed_by_any_stage"]
+    assert junk == 1.0

@@ -1,0 +1,277 @@
+"""``xtuner data prepare``: a validated config → datatrove runs → output shards and a manifest.
+
+Per-document stages run in one datatrove pipeline. A deduplication stage needs every document
+seen first, so it splits the pipeline: the documents so far are written to an intermediate
+folder, datatrove's signature / bucket / cluster runs look at all of them, and the next run reads
+the folder back through the dedup filter. Every filter writes what it removes to
+``OUT/removed/<stage>/`` with its reason, which the report counts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datatrove.data import Document
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.pipeline.dedup.exact_dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+)
+from datatrove.pipeline.writers import JsonlWriter
+
+from xtuner_lite.dataprep.config import (
+    DEDUP,
+    QUALITY_FILTERS,
+    PrepareConfig,
+    StageConfig,
+)
+from xtuner_lite.dataprep.reader import RowReader, read_rows
+from xtuner_lite.dataprep.stages import (
+    BlocklistFilter,
+    DecontaminateFilter,
+    LanguageFilter,
+    MaskPII,
+    Normalize,
+    eval_grams,
+    read_words,
+)
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.evaluation.ngrams import strings_in
+
+WORK = "_work"  # intermediate folders, signatures and logs, under the output folder
+DATA = "data"  # the output shards
+REMOVED = "removed"
+
+
+@dataclass
+class Run:
+    """One datatrove executor run: its steps over ``tasks`` tasks."""
+
+    name: str
+    steps: list[Any]
+    tasks: int
+
+
+def writer(folder: Path, adapter: Any = None) -> JsonlWriter:
+    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None,
+                       adapter=adapter)  # fmt: skip
+
+
+class ShardReader(PipelineStep):
+    """Task r reads shard r of an intermediate folder (none where task r kept nothing). Own step:
+    datatrove's reader deals the files that exist to tasks by position, and raises when a
+    filter left no file at all."""
+
+    name = "📂 shard"
+    type = "📖 - READER"
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = Path(folder)
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1):
+        path = self.folder / f"{rank:05d}.jsonl"
+        if not path.exists():
+            return
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                self.stat_update("documents")
+                yield Document(text=row["text"], id=row["id"], metadata=row.get("metadata", {}))
+
+
+def reader(folder: Path) -> ShardReader:
+    return ShardReader(folder)
+
+
+def text_row(_writer: Any, doc: Any) -> dict:
+    """An output row for pretraining (``map_fn="pretrain"`` reads ``text``)."""
+    return {"text": doc.text, "id": doc.id, "source": doc.metadata.get("source")}
+
+
+def sft_row(_writer: Any, doc: Any) -> dict:
+    """An SFT row exactly as it was read."""
+    return doc.metadata["row"]
+
+
+def document_bytes(doc: Any) -> bytes:
+    """What exact deduplication compares (after the stages before it, e.g. normalization)."""
+    return doc.text.encode("utf-8")
+
+
+def lsh_threshold(buckets: int, per_bucket: int) -> float:
+    """The Jaccard similarity at which a pair becomes a candidate with probability 1/2-ish:
+    (1/b)^(1/r), the usual LSH rule of thumb."""
+    return (1 / buckets) ** (1 / per_bucket)
+
+
+def lsh_bands(total: int, threshold: float) -> tuple[int, int]:
+    """(buckets, hashes per bucket) splitting ``total`` hashes whose threshold is nearest."""
+    splits = [(b, total // b) for b in range(1, total + 1) if total % b == 0]
+    return min(splits, key=lambda s: abs(lsh_threshold(*s) - threshold))
+
+
+def eval_texts(settings: dict[str, Any]) -> list[str]:
+    """Every string of the evaluation rows a decontamination stage checks against."""
+    texts = []
+    if settings.get("tasks"):
+        # model-side imports (torch): only the main process building the stage pays them
+        from xtuner_lite.evaluation.run import resolve_task
+        from xtuner_lite.evaluation.tasks import load_rows
+
+        for task in settings["tasks"]:
+            texts += [s for row in load_rows(resolve_task(task)) for s in strings_in(row.fields)]
+    for name in settings.get("files", ()):
+        texts += [s for _, row in read_rows(Path(name)) for s in strings_in(row)]
+    return texts
+
+
+def document_step(stage: StageConfig, out: Path) -> PipelineStep:
+    s = stage.settings
+    removed = writer(out / REMOVED / stage.label)
+    if stage.type == "normalize":
+        return Normalize(**s)
+    if stage.type == "pii":
+        return MaskPII(**s)
+    if stage.type == "language":
+        return LanguageFilter(list(s.get("languages", ["en"])), s.get("min_score", 0.65), removed)
+    if stage.type == "blocklist":
+        words = read_words(list(s.get("words", [])), s.get("words_file") or None)
+        return BlocklistFilter(words, s.get("max_hits", 0), removed)
+    if stage.type == "decontaminate":
+        n = s.get("ngram", 13)
+        return DecontaminateFilter(eval_grams(eval_texts(s), n), n, s.get("max_hits", 0), removed)
+    return QUALITY_FILTERS[stage.type](**s, exclusion_writer=removed)
+
+
+def minhash_config(settings: dict[str, Any]) -> MinhashConfig:
+    buckets, per_bucket = settings.get("buckets", 14), settings.get("hashes_per_bucket", 8)
+    if settings.get("threshold"):
+        buckets, per_bucket = lsh_bands(buckets * per_bucket, settings["threshold"])
+    return MinhashConfig(
+        n_grams=settings.get("ngram", 5), num_buckets=buckets, hashes_per_bucket=per_bucket
+    )
+
+
+def dedup_runs(
+    stage: StageConfig, source: Path, work: Path, out: Path, tasks: int
+) -> tuple[list[Run], PipelineStep]:
+    """The runs that find a stage's duplicates over ``source``, and the filter that drops them."""
+    folder = work / stage.label
+    removed = writer(out / REMOVED / stage.label)
+    if stage.type == "exact_dedup":
+        config = ExactDedupConfig(content_getter=document_bytes)
+        runs = [
+            Run(
+                f"{stage.label}_signatures",
+                [reader(source), ExactDedupSignature(str(folder / "sigs"), config)],
+                tasks,
+            ),  # fmt: skip
+            Run(
+                f"{stage.label}_find",
+                [ExactFindDedups(str(folder / "sigs"), str(folder / "dups"), config)],
+                1,
+            ),
+        ]
+        return runs, ExactDedupFilter(str(folder / "dups"), config, exclusion_writer=removed)
+    config = minhash_config(stage.settings)
+    runs = [
+        Run(f"{stage.label}_signatures",
+            [reader(source), MinhashDedupSignature(str(folder / "sigs"), config)], tasks),
+        Run(f"{stage.label}_buckets",
+            [MinhashDedupBuckets(str(folder / "sigs"), str(folder / "buckets"), config=config)],
+            config.num_buckets),
+        Run(f"{stage.label}_clusters",
+            [MinhashDedupCluster(str(folder / "buckets"), str(folder / "remove"), config=config,
+                                 save_cluster_id=True, save_cluster_size=True)], 1),
+    ]  # fmt: skip
+    return runs, MinhashDedupFilter(str(folder / "remove"), exclusion_writer=removed,
+                                    load_cluster_ids=True)  # fmt: skip
+
+
+def build_runs(cfg: PrepareConfig, errors: Path) -> list[Run]:
+    """Every executor run of a config, in order."""
+    out, work = cfg.output, cfg.output / WORK
+    steps: list[Any] = [RowReader(cfg.data_files, cfg.kind, cfg.text_key, errors)]
+    runs: list[Run] = []
+    for stage in cfg.stages:
+        if stage.type not in DEDUP:
+            steps.append(document_step(stage, out))
+            continue
+        source = work / f"before_{stage.label}"
+        runs.append(Run(f"to_{stage.label}", steps + [writer(source)], cfg.tasks))
+        found, dedup_filter = dedup_runs(stage, source, work, out, cfg.tasks)
+        runs += found
+        steps = [reader(source), dedup_filter]
+    final = sft_row if cfg.kind == "sft" else text_row
+    runs.append(Run("output", steps + [writer(out / DATA, adapter=final)], cfg.tasks))
+    return runs
+
+
+class Executor(LocalPipelineExecutor):
+    """datatrove's local executor, with each task's console log at ERROR level only (the full log
+    is in ``_work/logs``): the CLI prints its own summary."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        return super()._run_for_rank(rank, 1, node_rank)
+
+
+def run_local(runs: list[Run], work: Path, workers: int, errors: Path) -> dict[str, float]:
+    """Each run on the local executor, in order; seconds per run."""
+    seconds = {}
+    for run in runs:
+        start = time.perf_counter()
+        Executor(
+            run.steps,
+            tasks=run.tasks,
+            workers=min(workers, run.tasks),
+            logging_dir=str(work / "logs" / run.name),
+            skip_completed=False,
+        ).run()
+        seconds[run.name] = time.perf_counter() - start
+        raise_task_errors(errors)
+    return seconds
+
+
+def raise_task_errors(errors: Path) -> None:
+    """A task stops at bad input and leaves its error here; the first one is raised."""
+    found = sorted(errors.glob("*.txt")) if errors.is_dir() else []
+    if found:
+        raise XtunerError(found[0].read_text().strip())
+
+
+def fresh_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite and not (out / "manifest.json").exists() and not (out / WORK).exists():
+            raise XtunerError(
+                f"output folder {out} exists and is not an earlier `xtuner data prepare` output; "
+                "choose another folder"
+            )
+        for name in (WORK, DATA, REMOVED, "manifest.json", "report.json", "plots"):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False, default=str))
+    tmp.replace(path)
