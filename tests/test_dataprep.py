@@ -12,7 +12,7 @@ import pytest
 from datatrove.data import Document
 
 from xtuner_lite.cli import main as cli_main
-from xtuner_lite.dataprep import load_prepare_config, prepare
+from xtuner_lite.dataprep import load_prepare_config, load_report, prepare
 from xtuner_lite.dataprep.config import PrepareConfigError
 from xtuner_lite.dataprep.pipeline import lsh_bands, lsh_threshold
 from xtuner_lite.dataprep.stages import (
@@ -322,3 +322,48 @@ def test_planted_truth_precision_and_recall(tmp_path):
     assert scores["pii", "pii values (kept docs)"]["recall"] >= 0.95
     junk = scores["gopher_repetition", "junk"]["removed_by_any_stage"]
     assert junk == 1.0
+
+
+# Slurm: the generated job chain (no cluster here: sbatch is replaced by a recorder) ------------
+
+
+def test_slurm_jobs_are_generated_as_a_dependent_chain(tmp_path, raw_file, monkeypatch, capsys):
+    import datatrove.executor.slurm as slurm
+
+    submitted = []
+
+    def fake_sbatch(script: str, _retriever, *args: str) -> str:
+        submitted.append((script, args, str(101 + len(submitted))))
+        return submitted[-1][2]
+
+    monkeypatch.setattr(slurm, "launch_slurm_job", fake_sbatch)
+    cfg = run_config(
+        [raw_file], tmp_path / "out", [dict(type="normalize"), dict(type="minhash_dedup")], tasks=3
+    )
+    cfg["run"].update(executor="slurm", slurm=dict(partition="cpu", cpus_per_task=2))
+    assert prepare(cfg) is None
+    jobs = [job for job in submitted if "launch_pickled_pipeline" in job[0]]
+    merges = [s for s, _, _ in submitted if "merge_stats" in s]
+    assert len(merges) == len(jobs)  # datatrove's per-run stats merge
+    names = [s.split("--job-name=")[1].split("\n")[0] for s, _, _ in jobs]
+    assert names == [f"xtuner_prepare_{n}" for n in ("to_1_minhash_dedup",
+                     "1_minhash_dedup_signatures", "1_minhash_dedup_buckets",
+                     "1_minhash_dedup_clusters", "output")]  # fmt: skip
+    first = jobs[0][0]
+    assert "#SBATCH --partition=cpu" in first and "#SBATCH --array=0-2" in first
+    assert "#SBATCH --cpus-per-task=2" in first
+    assert not any("--dependency" in a for a in jobs[0][1])
+    for (_, _, before), (_, args, _) in zip(jobs, jobs[1:]):
+        assert f"--dependency=afterok:{before}" in args
+    assert "xtuner data report" in capsys.readouterr().out
+    with pytest.raises(XtunerError, match="no output shards yet"):
+        load_report(tmp_path / "out")
+
+
+def test_slurm_needs_a_partition(tmp_path, raw_file):
+    cfg = run_config([raw_file], tmp_path / "out", [])
+    cfg["run"].update(executor="slurm", slurm=dict(tme="1:00:00"))
+    with pytest.raises(PrepareConfigError) as err:
+        load_prepare_config(cfg)
+    assert "run.slurm: unknown setting 'tme'; did you mean 'time'?" in str(err.value)
+    assert "run.slurm.partition" in str(err.value)

@@ -240,6 +240,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "report":
         print_report(load_report(args.out))
         return 0
+    from loguru import logger  # datatrove's logger: its per-task logs stay in OUT/_work/logs
+
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
     prepare(
         args.config,
         overrides=parse_cfg_options(args.cfg_options),

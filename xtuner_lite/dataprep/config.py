@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
+from datatrove.executor.slurm import SlurmPipelineExecutor
 from datatrove.pipeline.filters import (
     C4QualityFilter,
     FineWebQualityFilter,
@@ -30,7 +31,10 @@ from xtuner_lite.dataprep.reader import KINDS, SUFFIXES
 from xtuner_lite.errors import XtunerError
 
 SECTIONS = ("inputs", "stages", "output", "run")
-EXECUTORS = ("local", "slurm", "ray")
+EXECUTORS = ("local", "slurm")
+# what `run.slurm` may set: datatrove's Slurm executor settings that are not ours to choose
+SLURM_OWN = ("pipeline", "tasks", "depends", "depends_job_id", "logging_dir", "job_name",
+             "skip_completed", "job_id_retriever", "job_id_position")  # fmt: skip
 # datatrove's own quality filters, configured with their own keyword arguments
 QUALITY_FILTERS = {
     "gopher_quality": GopherQualityFilter,
@@ -117,6 +121,16 @@ class PrepareConfig:
     executor: str = "local"
     slurm: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["output"] = str(self.output)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PrepareConfig:
+        stages = [StageConfig(**s) for s in raw["stages"]]
+        return cls(**{**raw, "stages": stages, "output": Path(raw["output"])})
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -263,9 +277,25 @@ def _run(raw: Any, problems: list[str]) -> dict[str, Any]:
             problems.append(f"run.{key}: expected a positive integer, got {value!r}")
         elif key == "executor" and value not in EXECUTORS:
             problems.append(f"run.executor: expected one of {EXECUTORS}, got {value!r}")
+        elif key == "slurm" and _slurm_problems(value):
+            problems += _slurm_problems(value)
         else:
             out[key] = value
     return out
+
+
+def _slurm_problems(value: Any) -> list[str]:
+    if not isinstance(value, dict):
+        return [f"run.slurm: expected dict(partition=..., time=...), got {value!r}"]
+    params = inspect.signature(SlurmPipelineExecutor).parameters
+    allowed = [n for n in params if n not in SLURM_OWN]
+    problems = []
+    for key in value:
+        if key not in allowed:
+            hint = get_close_matches(key, allowed, n=1)
+            problems.append(f"run.slurm: unknown setting {key!r}"
+                            + (f"; did you mean {hint[0]!r}?" if hint else ""))  # fmt: skip
+    return problems
 
 
 def parse_prepare_config(cfg: dict[str, Any], source: str = "<dict>") -> PrepareConfig:
@@ -284,6 +314,8 @@ def parse_prepare_config(cfg: dict[str, Any], source: str = "<dict>") -> Prepare
     output = cfg.get("output")
     if not isinstance(output, (str, Path)) or not str(output):
         problems.append("output: name the folder to write to, e.g. output='data/clean'")
+    if run["executor"] == "slurm" and not run["slurm"].get("partition"):
+        problems.append("run.slurm.partition: the Slurm partition to submit to")
     if problems:
         raise PrepareConfigError(source, problems)
     return PrepareConfig(files, kind, text_key, stages, Path(output), source=source, **run)

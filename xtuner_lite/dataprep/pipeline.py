@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from datatrove.data import Document
-from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import (
     MinhashConfig,
@@ -51,9 +51,10 @@ from xtuner_lite.dataprep.stages import (
     read_words,
 )
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.evaluation.ngrams import strings_in
+from xtuner_lite.ngrams import strings_in
 
 WORK = "_work"  # intermediate folders, signatures and logs, under the output folder
+KEPT = "kept"  # under _work: the kept documents with their metadata
 DATA = "data"  # the output shards
 REMOVED = "removed"
 
@@ -219,7 +220,8 @@ def build_runs(cfg: PrepareConfig, errors: Path) -> list[Run]:
         runs += found
         steps = [reader(source), dedup_filter]
     final = sft_row if cfg.kind == "sft" else text_row
-    runs.append(Run("output", steps + [writer(out / DATA, adapter=final)], cfg.tasks))
+    steps += [writer(out / DATA, adapter=final), writer(work / KEPT)]  # kept: for the report
+    runs.append(Run("output", steps, cfg.tasks))
     return runs
 
 
@@ -248,6 +250,28 @@ def run_local(runs: list[Run], work: Path, workers: int, errors: Path) -> dict[s
     return seconds
 
 
+def launch_slurm(runs: list[Run], work: Path, slurm: dict[str, Any]) -> list[str]:
+    """Submit every run as a Slurm job array, each depending on the one before; job ids.
+    The nodes run datatrove's ``launch_pickled_pipeline``: xtuner_lite must be importable there
+    (``env_command``, ``venv_path`` or ``condaenv`` in ``run.slurm``)."""
+    previous = None
+    for run in runs:
+        previous = SlurmPipelineExecutor(
+            run.steps,
+            tasks=run.tasks,
+            depends=previous,
+            logging_dir=str(work / "logs" / run.name),
+            job_name=f"xtuner_prepare_{run.name}",
+            skip_completed=False,
+            **{"time": "04:00:00", **slurm},
+        )
+    executors = [previous]
+    while executors[-1].depends is not None:
+        executors.append(executors[-1].depends)
+    previous.run()  # launches the chain, first job first
+    return [str(e.job_id) for e in reversed(executors)]
+
+
 def raise_task_errors(errors: Path) -> None:
     """A task stops at bad input and leaves its error here; the first one is raised."""
     found = sorted(errors.glob("*.txt")) if errors.is_dir() else []
@@ -272,6 +296,7 @@ def fresh_output(out: Path, overwrite: bool) -> None:
 
 
 def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False, default=str))
     tmp.replace(path)

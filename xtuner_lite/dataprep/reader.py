@@ -17,7 +17,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from xtuner_lite.errors import DataError
-from xtuner_lite.evaluation.ngrams import strings_in
+from xtuner_lite.ngrams import strings_in
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 KINDS = ("text", "sft")

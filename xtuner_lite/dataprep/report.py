@@ -18,11 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from xtuner_lite.dataprep.config import DEDUP, PrepareConfig
-from xtuner_lite.errors import XtunerError
+from xtuner_lite.dataprep.pipeline import KEPT, WORK
 
 SAMPLES = 3  # removed examples kept per reason
 WORDS = re.compile(r"\w+", re.UNICODE)
-KEPT = "kept"  # under _work: the kept documents with their metadata
 
 
 def documents(folder: Path) -> Iterator[dict[str, Any]]:
@@ -57,7 +56,7 @@ def _sample(doc: dict) -> dict[str, str]:
 
 
 def build_report(cfg: PrepareConfig, seconds: dict[str, float], input_bytes: int) -> dict:
-    out, kept_folder = cfg.output, cfg.output / "_work" / KEPT
+    out, kept_folder = cfg.output, cfg.output / WORK / KEPT
     kept = list(documents(kept_folder))
     stages, removed_docs = [], []
     for stage in cfg.stages:
@@ -183,10 +182,3 @@ def print_report(report: dict, console: Console | None = None) -> None:
         console.print(f"languages: {top}")
     if report["pii_masked_in_kept"]:
         console.print(f"PII masked: {report['pii_masked_in_kept']}")
-
-
-def load_report(out: str | Path) -> dict:
-    path = Path(out) / "report.json"
-    if not path.is_file():
-        raise XtunerError(f"{path} not found: is {out} the output folder of `xtuner data prepare`?")
-    return json.loads(path.read_text())

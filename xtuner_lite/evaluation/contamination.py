@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.evaluation.ngrams import ngrams, strings_in
 from xtuner_lite.evaluation.run import resolve_task
 from xtuner_lite.evaluation.tasks import Row, load_rows, read_rows
+from xtuner_lite.ngrams import ngrams, strings_in
 
 
 @dataclass
