@@ -68,7 +68,7 @@ def plant(out: Path, shared: Path = SHARED, seed: int = 0) -> dict[int, dict]:
     english, zh, gsm = _sources(shared)
     english = [t for t in english if len(t.split()) >= 120]
     rng.shuffle(english)
-    base, pool = english[:220], english[220:]
+    base, pool = english[:170], english[170:]  # 64 left for PII, block-list, eval plants
     rows: list[tuple[str, dict]] = [(t, {"kind": "original"}) for t in base]
     for t in rng.sample(base, 20):
         rows.append((t.replace(". ", ".  ") + "\n", {"kind": "exact_duplicate"}))
@@ -163,7 +163,7 @@ def score(prepared: Path, truth: dict[int, dict]) -> list[dict]:
                 "removed": len(got),
                 "precision": tp / len(got) if got else float("nan"),
                 "recall": tp / len(planted) if planted else float("nan"),
-                "removed_by_any_stage": len(planted & anywhere) / len(planted),
+                "removed_by_any_stage": len(planted & anywhere) / len(planted) if planted else 0.0,
             }
         )
     near = {n: p for n, p in truth.items() if p["kind"] == "near_duplicate"}

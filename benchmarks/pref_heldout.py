@@ -5,8 +5,10 @@ A seeded 90/10 split of LLaMA-Factory's DPO demo; each method trains a LoRA adap
 the chosen-minus-rejected margin of the mean token log-probability (length-normalized, so every
 method compares on one scale) and of the summed log-probability, whose change from before to
 after is the DPO implicit reward margin against the untrained model (``implicit acc``: the share
-of pairs where it is positive). The interval is the paired 95 % normal interval of the per-pair
-change in the mean-log-prob margin. The reward model is scored by its score margin (before: its
+of pairs where it is positive; the untrained model's is zero on every pair, so chance is 0.5;
+its 95 % Wilson interval and the 95 % interval of the implicit margin itself are printed too). The
+other interval is the paired 95 % normal interval of the per-pair change in the mean-log-prob
+margin. The reward model is scored by its score margin (before: its
 untrained head).
 
     python benchmarks/pref_heldout.py --methods dpo orpo simpo kto reward --max-iters 20
@@ -76,6 +78,16 @@ def interval(diff: torch.Tensor) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+def wilson(hits: int, n: int) -> tuple[float, float]:
+    """95 % Wilson interval of a proportion."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z, p = 1.96, hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def train_method(method: str, args, train_file: Path, work: Path) -> Path:
     options = {
         "train_dataset.max_length": args.max_length,
@@ -117,20 +129,26 @@ def main() -> None:
         else:
             base = before
         low, high = interval(after["mean"] - base["mean"])
-        implicit = float((after["sum"] - base["sum"] > 0).float().mean())
-        rows.append((method, base, after, low, high, implicit))
+        implicit_margin = after["sum"] - base["sum"]
+        implicit = float((implicit_margin > 0).float().mean())
+        rows.append((method, base, after, low, high, implicit, implicit_margin))
         print(f"{method}: done", flush=True)
     print(f"\nheld-out pairs: {len(before['mean'])}; settings: {vars(args)}")
     print(f"{'method':7} {'acc before':>10} {'acc after':>9} {'margin before':>13} "
-          f"{'margin after':>12} {'change, 95% CI':>22} {'implicit acc':>12}")  # fmt: skip
-    for method, base, after, low, high, implicit in rows:
+          f"{'margin after':>12} {'change, 95% CI':>22} {'implicit acc':>12} "
+          f"{'implicit acc 95% CI':>19} {'implicit margin, 95% CI':>24}")  # fmt: skip
+    for method, base, after, low, high, implicit, implicit_margin in rows:
+        n = len(implicit_margin)
+        acc_low, acc_high = wilson(int((implicit_margin > 0).sum()), n)
+        m_low, m_high = interval(implicit_margin)
         acc_b, acc_a = (
             float((base["mean"] > 0).float().mean()),
             float((after["mean"] > 0).float().mean()),
         )
         print(f"{method:7} {acc_b:10.3f} {acc_a:9.3f} {float(base['mean'].mean()):+13.4f} "
               f"{float(after['mean'].mean()):+12.4f} [{low:+.4f}, {high:+.4f}] "
-              f"{'-' if method == 'reward' else f'{implicit:.3f}':>12}")  # fmt: skip
+              f"{'-' if method == 'reward' else f'{implicit:.3f}':>12} "
+              f"[{acc_low:.3f}, {acc_high:.3f}] [{m_low:+.3f}, {m_high:+.3f}]")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 from datatrove.data import Document
 
 from xtuner_lite.cli import main as cli_main
+from xtuner_lite.data import process_dataset
 from xtuner_lite.dataprep import load_prepare_config, load_report, prepare
 from xtuner_lite.dataprep.config import PrepareConfigError
 from xtuner_lite.dataprep.pipeline import lsh_bands, lsh_threshold
@@ -93,6 +94,13 @@ ALL_TEXT_STAGES = [
     dict(type="exact_dedup"),
     dict(type="minhash_dedup"),
 ]
+
+
+def trained_samples(out: Path, map_fn: str) -> int:
+    """Samples `xtuner train`'s data pipeline reads from the output shards."""
+    shards = str(out / "data" / "*.jsonl")
+    processed = process_dataset(shards, "smollm2-135m-instruct", map_fn=map_fn, use_cache=False)
+    return processed.stats.samples
 
 
 def output_rows(out: Path) -> list[dict]:
@@ -238,17 +246,7 @@ def test_prepare_text_end_to_end(tmp_path, raw_file, capsys):
     assert {"lengths.png", "quality_signals.png"} <= {Path(p).name for p in report["plots"]}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["documents_out"] == 13 and manifest["inputs"][0]["sha256"]
-    # the shards are training input as they are
-    from xtuner_lite.data import process_dataset
-
-    processed = process_dataset(
-        str(out / "data" / "*.jsonl"),
-        "smollm2-135m-instruct",
-        map_fn="pretrain",
-        max_length=256,
-        use_cache=False,
-    )
-    assert processed.stats.samples == 13
+    assert trained_samples(out, "pretrain") == 13  # the shards are training input as they are
     assert cli_main(["data", "report", str(out)]) == 0
     assert "near_duplicate: 1" in capsys.readouterr().out
 
@@ -284,16 +282,7 @@ def test_sft_rows_are_kept_as_they_are(tmp_path):
         rows[:6], key=lambda r: r["instruction"]
     )
     assert report["documents_out"] == 6
-    from xtuner_lite.data import process_dataset
-
-    processed = process_dataset(
-        str(out / "data" / "*.jsonl"),
-        "smollm2-135m-instruct",
-        map_fn="alpaca",
-        max_length=512,
-        use_cache=False,
-    )
-    assert processed.stats.samples == 6
+    assert trained_samples(out, "alpaca") == 6
 
 
 # planted truth (../shared/data) ----------------------------------------------------------------

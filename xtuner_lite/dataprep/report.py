@@ -7,6 +7,7 @@ documents out + every removal.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections import Counter
@@ -21,6 +22,11 @@ from xtuner_lite.dataprep.config import DEDUP, PrepareConfig
 from xtuner_lite.dataprep.pipeline import KEPT, WORK
 
 SAMPLES = 3  # removed examples kept per reason
+WORD_EDGES = [0, 10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 10**9]
+SHARE_EDGES = [i / 20 for i in range(21)]
+LENGTH_EDGES = list(range(0, 16))
+SIGNALS = ("mean_word_length", "alpha_share", "duplicate_line_share")
+QUALITY = ("gopher_quality", "gopher_repetition", "c4_quality", "fineweb_quality")
 WORDS = re.compile(r"\w+", re.UNICODE)
 
 
@@ -42,6 +48,31 @@ def signals(text: str) -> dict[str, float]:
         "alpha_share": sum(c.isalpha() for c in text) / len(text) if text else 0.0,
         "duplicate_line_share": 1 - len(set(lines)) / len(lines) if lines else 0.0,
     }
+
+
+def _counts(values: list[float], edges: list[float]) -> list[int]:
+    counts = [0] * (len(edges) - 1)
+    for v in values:
+        i = max(0, min(bisect.bisect_right(edges, v) - 1, len(counts) - 1))
+        counts[i] += 1
+    return counts
+
+
+def histograms(every: list[dict], kept: list[dict], removed_by_quality: list[dict]) -> dict:
+    """Counts over fixed bins (the report stays small however many documents there are):
+    words per document in and out; quality signals of kept vs quality-removed documents."""
+    out: dict[str, dict] = {
+        "words": {"edges": WORD_EDGES, "in": _counts([signals(d["text"])["words"] for d in every],
+                                                     WORD_EDGES),
+                  "out": _counts([signals(d["text"])["words"] for d in kept], WORD_EDGES)}
+    }  # fmt: skip
+    kept_signals = [signals(d["text"]) for d in kept]
+    removed_signals = [signals(d["text"]) for d in removed_by_quality]
+    for key in SIGNALS:
+        edges = SHARE_EDGES if key != "mean_word_length" else LENGTH_EDGES
+        out[key] = {"edges": edges, "kept": _counts([x[key] for x in kept_signals], edges),
+                    "removed": _counts([x[key] for x in removed_signals], edges)}  # fmt: skip
+    return out
 
 
 def _reason(doc: dict, stage_type: str) -> str:
@@ -104,18 +135,8 @@ def build_report(cfg: PrepareConfig, seconds: dict[str, float], input_bytes: int
         "input_bytes": input_bytes,
         "workers": cfg.workers,
         "tasks": cfg.tasks,
-        "lengths": {
-            "in": [signals(d.get("text", ""))["words"] for d in every],
-            "out": [signals(d.get("text", ""))["words"] for d in kept],
-        },
-        "signals": {
-            "kept": [signals(d.get("text", "")) for d in kept],
-            "removed_by_quality": [
-                signals(d.get("text", "")) for s, d in removed_docs if s.type.endswith("_quality")
-                or s.type == "gopher_repetition"
-            ],
-        },
-    }  # fmt: skip
+        "histograms": histograms(every, kept, [d for s, d in removed_docs if s.type in QUALITY]),
+    }
 
 
 def plot_report(report: dict, folder: Path) -> list[Path]:
@@ -134,10 +155,14 @@ def plot_report(report: dict, folder: Path) -> list[Path]:
         plt.close(fig)
         written.append(folder / name)
 
+    hist = report["histograms"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    bins = [0, 10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 1e9]
-    ax.hist([report["lengths"]["in"], report["lengths"]["out"]], bins=bins, label=["in", "out"])
-    ax.set(xscale="log", xlabel="words per document", ylabel="documents", title="lengths")
+    labels = [f"<{e}" if e < 10**9 else "more" for e in hist["words"]["edges"][1:]]
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], hist["words"]["in"], width=0.4, label="in")
+    ax.bar([i + 0.2 for i in x], hist["words"]["out"], width=0.4, label="out")
+    ax.set_xticks(list(x), labels, rotation=45)
+    ax.set(xlabel="words per document", ylabel="documents", title="lengths")
     ax.legend()
     save(fig, "lengths.png")
     if report["languages"]:
@@ -146,11 +171,11 @@ def plot_report(report: dict, folder: Path) -> list[Path]:
         ax.bar([k for k, _ in top], [v for _, v in top])
         ax.set(ylabel="documents", title="detected languages (documents reaching the stage)")
         save(fig, "languages.png")
-    kept, removed = report["signals"]["kept"], report["signals"]["removed_by_quality"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), dpi=100)
-    for ax, key in zip(axes, ("mean_word_length", "alpha_share", "duplicate_line_share")):
-        ax.hist([[s[key] for s in kept], [s[key] for s in removed]], bins=20,
-                label=["kept", "removed by quality filters"])  # fmt: skip
+    fig, axes = plt.subplots(1, len(SIGNALS), figsize=(12, 3.5), dpi=100)
+    for ax, key in zip(axes, SIGNALS):
+        edges = hist[key]["edges"]
+        ax.stairs(hist[key]["kept"], edges, label="kept")
+        ax.stairs(hist[key]["removed"], edges, label="removed by quality filters")
         ax.set(xlabel=key, ylabel="documents")
     axes[0].legend()
     save(fig, "quality_signals.png")
