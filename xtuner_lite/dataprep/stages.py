@@ -21,10 +21,12 @@ from xtuner_lite.ngrams import ngrams, stable_hash
 
 SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
 BLANK_LINES = re.compile(r"\n{3,}")
-# phone numbers: an optional +country code, then 7 to 15 digits in groups split by space, dot,
-# dash or parentheses (datatrove's PII formatter covers e-mail and IP addresses only)
+# phone numbers (datatrove's PII formatter covers e-mail and IP addresses only): international
+# "+CC ..." numbers, and (ddd) ddd-dddd / ddd-ddd-dddd / ddd.ddd.dddd; bare digit groups such as
+# year ranges ("1993-2001") or number lists are not matched
 PHONE = (
-    r"(?<![\w.+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w.])"
+    r"(?<![\w.+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,3}"
+    r"|(?:\(\d{3}\)[ .-]?|\d{3}[.-])\d{3}[.-]\d{4})(?!\w|\.\d)"
 )
 
 
