@@ -76,8 +76,11 @@ def blocklist(words: list = (), words_file: str = "", max_hits: int = 0) -> None
     """Drop documents with more than ``max_hits`` block-listed words or phrases."""
 
 
-def decontaminate(tasks: list = (), files: list = (), ngram: int = 13, max_hits: int = 0) -> None:
-    """Drop documents sharing a word n-gram with evaluation tasks or files."""
+def decontaminate(
+    tasks: list = (), files: list = (), data_root: str = "", ngram: int = 13, max_hits: int = 0
+) -> None:
+    """Drop documents sharing a word n-gram with evaluation tasks (their files under
+    ``data_root``, as ``xtuner eval --data-root``) or files."""
 
 
 def exact_dedup() -> None:

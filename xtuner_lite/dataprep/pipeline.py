@@ -135,8 +135,10 @@ def eval_texts(settings: dict[str, Any]) -> list[str]:
         from xtuner_lite.evaluation.run import resolve_task
         from xtuner_lite.evaluation.tasks import load_rows
 
+        root = settings.get("data_root") or None
         for task in settings["tasks"]:
-            texts += [s for row in load_rows(resolve_task(task)) for s in strings_in(row.fields)]
+            rows = load_rows(resolve_task(task), root)
+            texts += [s for row in rows for s in strings_in(row.fields)]
     for name in settings.get("files", ()):
         texts += [s for _, row in read_rows(Path(name)) for s in strings_in(row)]
     return texts

@@ -16,7 +16,8 @@ stages = [
     dict(type="gopher_quality"),
     dict(type="pii"),  # e-mail, public IP, phone
     dict(type="blocklist", words=["viagra", "casino bonus"], max_hits=0),
-    dict(type="decontaminate", tasks=["gsm8k"], ngram=13),  # any `xtuner eval` task
+    # any `xtuner eval` task, its files under data_root (as `xtuner eval --data-root`)
+    dict(type="decontaminate", tasks=["gsm8k"], data_root="../shared/data/eval", ngram=13),
     dict(type="exact_dedup"),
     dict(type="minhash_dedup", ngram=5, buckets=14, hashes_per_bucket=8),
 ]
