@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def heldout(planted, work: Path, seed: int) -> Path:
     english, _, _ = planted._sources(planted.SHARED)
     used = {json.loads(x)["text"] for x in (work / "planted.jsonl").open()}
     rest = [t for t in english if t not in used and len(t.split()) >= 50]
+    rest = random.Random(seed).sample(rest, min(len(rest), 40))  # a few minutes per model
     path = work / "heldout.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rest))
     return path

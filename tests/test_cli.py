@@ -38,6 +38,7 @@ def test_help_lists_every_command():
         "convert",
         "export",
         "serve",
+        "data",
     ):
         assert command in out.stdout
         sub = xtuner(command, "--help")
@@ -234,5 +235,6 @@ def test_python_api_exposes_every_command():
         "InferenceEngine",
         "run_eval",
         "serve",
+        "prepare_data",
     ):
         assert callable(getattr(xtuner_lite, name)), name

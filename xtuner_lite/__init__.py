@@ -16,6 +16,7 @@ _LAZY = {
     "get_template": "xtuner_lite.data",
     "load_rows": "xtuner_lite.data",
     "process_dataset": "xtuner_lite.data",
+    "prepare_data": "xtuner_lite.dataprep",
     "download_embedded": "xtuner_lite.hub",
     "load_model": "xtuner_lite.hub",
     "load_tokenizer": "xtuner_lite.hub",

@@ -5,4 +5,6 @@ from xtuner_lite.dataprep.config import load_prepare_config
 from xtuner_lite.dataprep.prepare import load_report, prepare
 from xtuner_lite.dataprep.report import print_report
 
-__all__ = ["load_prepare_config", "load_report", "prepare", "print_report"]
+prepare_data = prepare  # the name `xtuner_lite` exports it under
+
+__all__ = ["load_prepare_config", "load_report", "prepare", "prepare_data", "print_report"]

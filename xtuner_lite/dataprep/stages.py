@@ -6,6 +6,7 @@ drops with a reason (``filter_reason`` on the removed document) that the report 
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from pathlib import Path
@@ -98,18 +99,13 @@ class MaskPII(PIIFormatter):
             yield doc
 
 
-class _LangId:
+@functools.cache
+def language_identifier():
     """langid.py's model, which ships inside its package (datatrove's fastText language models
-    are downloaded at run time, which an offline machine cannot do)."""
+    are downloaded at run time, which an offline machine cannot do); loaded once per process."""
+    from langid.langid import LanguageIdentifier, model  # a second of model decoding
 
-    def __init__(self):
-        from langid.langid import LanguageIdentifier, model  # loads the model: once per worker
-
-        self.identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
-
-    def classify(self, text: str) -> tuple[str, float]:
-        language, score = self.identifier.classify(text[:4000])
-        return language, float(score)
+    return LanguageIdentifier.from_modelstring(model, norm_probs=True)
 
 
 class LanguageFilter(BaseFilter):
@@ -127,13 +123,10 @@ class LanguageFilter(BaseFilter):
         super().__init__(exclusion_writer)
         self.languages = set(languages)
         self.min_score = min_score
-        self._model: _LangId | None = None
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if self._model is None:
-            self._model = _LangId()
-        language, score = self._model.classify(doc.text)
-        doc.metadata["language"], doc.metadata["language_score"] = language, round(score, 4)
+        language, score = language_identifier().classify(doc.text[:4000])
+        doc.metadata["language"], doc.metadata["language_score"] = language, round(float(score), 4)
         self.stat_update(f"language_{language}")
         if language not in self.languages:
             return False, "other_language"
