@@ -244,6 +244,7 @@ def test_prepare_text_end_to_end(tmp_path, raw_file, capsys):
     assert report["pii_masked_in_kept"] == {"email": 1, "phone": 1}
     assert report["languages"]["en"] == 15
     assert {"lengths.png", "quality_signals.png"} <= {Path(p).name for p in report["plots"]}
+    assert not list((out / "_work").glob("before_*"))  # intermediate copies dropped
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["documents_out"] == 13 and manifest["inputs"][0]["sha256"]
     assert trained_samples(out, "pretrain") == 13  # the shards are training input as they are

@@ -281,6 +281,16 @@ def raise_task_errors(errors: Path) -> None:
         raise XtunerError(found[0].read_text().strip())
 
 
+def drop_intermediates(cfg: PrepareConfig) -> None:
+    """Once the output is written: the copies made before each dedup stage and its signatures
+    (each a full pass over the data); logs, kept documents and removals stay."""
+    work = cfg.output / WORK
+    for stage in cfg.stages:
+        if stage.type in DEDUP:
+            for folder in (work / f"before_{stage.label}", work / stage.label):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def fresh_output(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite and not (out / "manifest.json").exists() and not (out / WORK).exists():

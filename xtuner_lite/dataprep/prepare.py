@@ -14,6 +14,7 @@ from xtuner_lite.dataprep.pipeline import (
     DATA,
     WORK,
     build_runs,
+    drop_intermediates,
     fresh_output,
     launch_slurm,
     raise_task_errors,
@@ -106,6 +107,7 @@ def finish(cfg: PrepareConfig, seconds: dict[str, float]) -> dict:
     report["plots"] = [str(p.relative_to(cfg.output)) for p in plots]
     write_json(cfg.output / "report.json", report)
     write_json(cfg.output / "manifest.json", manifest(cfg, report))
+    drop_intermediates(cfg)
     return report
 
 
