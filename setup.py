@@ -22,8 +22,9 @@ setup(
     package_data={"xtuner_lite": ["configs/**/*.py", "examples/data/*", "examples/tasks/*"]},
     install_requires=_requirements("runtime.txt"),
     extras_require={
-        "tests": _requirements("tests.txt") + _requirements("data.txt"),
+        "tests": _requirements("tests.txt") + _requirements("data.txt") + _requirements("ray.txt"),
         "data": _requirements("data.txt"),
+        "ray": _requirements("data.txt") + _requirements("ray.txt"),
         "deepspeed": _requirements("deepspeed.txt"),
         "lmdeploy": _requirements("lmdeploy.txt"),
     },

@@ -262,6 +262,24 @@ def test_one_and_two_workers_give_identical_output(tmp_path, raw_file):
     assert shards[0] == shards[1] and len(shards[0]) == 3
 
 
+@pytest.mark.integration
+def test_ray_executor_gives_the_local_output(tmp_path, raw_file):
+    """datatrove's Ray executor on a local Ray instance: the same shards as the local one."""
+    import ray  # the ray extra, part of the test requirements
+    stages = [dict(type="normalize"), dict(type="language", languages=["en"]),
+              dict(type="exact_dedup"), dict(type="minhash_dedup")]  # fmt: skip
+    shards = []
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        cfg = run_config([raw_file], out, stages, tasks=2, workers=2)
+        cfg["run"].update(executor=executor, ray=dict(init=dict(num_cpus=2)))
+        report = prepare(cfg, quiet=True)
+        assert report["documents_out"] == 13
+        shards.append({p.name: p.read_bytes() for p in (out / "data").glob("*.jsonl")})
+    ray.shutdown()
+    assert shards[0] == shards[1] and len(shards[0]) == 2
+
+
 def test_sft_rows_are_kept_as_they_are(tmp_path):
     rng = random.Random(1)
     rows = [

@@ -31,7 +31,8 @@ from xtuner_lite.dataprep.reader import KINDS, SUFFIXES
 from xtuner_lite.errors import XtunerError
 
 SECTIONS = ("inputs", "stages", "output", "run")
-EXECUTORS = ("local", "slurm")
+EXECUTORS = ("local", "slurm", "ray")
+RAY_KEYS = ("init", "cpus_per_task", "mem_per_cpu_gb")
 # what `run.slurm` may set: datatrove's Slurm executor settings that are not ours to choose
 SLURM_OWN = ("pipeline", "tasks", "depends", "depends_job_id", "logging_dir", "job_name",
              "skip_completed", "job_id_retriever", "job_id_position")  # fmt: skip
@@ -123,6 +124,7 @@ class PrepareConfig:
     workers: int = 1
     executor: str = "local"
     slurm: dict[str, Any] = field(default_factory=dict)
+    ray: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,7 +265,7 @@ def _inputs(raw: Any, problems: list[str]) -> tuple[list[str], str, str]:
 
 
 def _run(raw: Any, problems: list[str]) -> dict[str, Any]:
-    accepted = {"tasks": 4, "workers": 1, "executor": "local", "slurm": {}}
+    accepted = {"tasks": 4, "workers": 1, "executor": "local", "slurm": {}, "ray": {}}
     if raw is None:
         return accepted
     if not isinstance(raw, dict):
@@ -282,6 +284,8 @@ def _run(raw: Any, problems: list[str]) -> dict[str, Any]:
             problems.append(f"run.executor: expected one of {EXECUTORS}, got {value!r}")
         elif key == "slurm" and _slurm_problems(value):
             problems += _slurm_problems(value)
+        elif key == "ray" and (not isinstance(value, dict) or set(value) - set(RAY_KEYS)):
+            problems.append(f"run.ray: expected a dict with keys among {RAY_KEYS}, got {value!r}")
         else:
             out[key] = value
     return out

@@ -19,6 +19,7 @@ from xtuner_lite.dataprep.pipeline import (
     launch_slurm,
     raise_task_errors,
     run_local,
+    run_ray,
     write_json,
 )
 from xtuner_lite.dataprep.report import build_report, plot_report, print_report
@@ -89,7 +90,10 @@ def prepare(
         print(f"submitted {len(jobs)} Slurm jobs ({', '.join(jobs)}); when the last has finished, "
               f"`xtuner data report {cfg.output}` writes and prints the report")  # fmt: skip
         return None
-    seconds = run_local(runs, work, cfg.workers, errors)
+    if cfg.executor == "ray":
+        seconds = run_ray(runs, work, cfg.workers, errors, cfg.ray)
+    else:
+        seconds = run_local(runs, work, cfg.workers, errors)
     write_json(work / SECONDS, seconds)
     # phase 4: report and manifest
     report = finish(cfg, seconds)
