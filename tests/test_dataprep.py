@@ -266,6 +266,7 @@ def test_one_and_two_workers_give_identical_output(tmp_path, raw_file):
 def test_ray_executor_gives_the_local_output(tmp_path, raw_file):
     """datatrove's Ray executor on a local Ray instance: the same shards as the local one."""
     import ray  # the ray extra, part of the test requirements
+
     stages = [dict(type="normalize"), dict(type="language", languages=["en"]),
               dict(type="exact_dedup"), dict(type="minhash_dedup")]  # fmt: skip
     shards = []

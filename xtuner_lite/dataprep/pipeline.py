@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,50 +236,55 @@ class Executor(LocalPipelineExecutor):
         return super()._run_for_rank(rank, 1, node_rank)
 
 
-def run_local(runs: list[Run], work: Path, workers: int, errors: Path) -> dict[str, float]:
-    """Each run on the local executor, in order; seconds per run."""
+def run_in_order(
+    runs: list[Run], work: Path, errors: Path, executor: Callable[[Run, str], Any]
+) -> dict[str, float]:
+    """Each run on ``executor(run, logging_dir)``, in order, stopping at the first task error;
+    seconds per run."""
     seconds = {}
     for run in runs:
         start = time.perf_counter()
-        Executor(
-            run.steps,
-            tasks=run.tasks,
-            workers=min(workers, run.tasks),
-            logging_dir=str(work / "logs" / run.name),
-            skip_completed=False,
-        ).run()
+        executor(run, str(work / "logs" / run.name)).run()
         seconds[run.name] = time.perf_counter() - start
         raise_task_errors(errors)
     return seconds
+
+
+def run_local(runs: list[Run], work: Path, workers: int, errors: Path) -> dict[str, float]:
+    """Every run on the local executor, ``workers`` processes."""
+
+    def local(run: Run, logs: str) -> Executor:
+        workers_here = min(workers, run.tasks)
+        return Executor(run.steps, tasks=run.tasks, workers=workers_here, logging_dir=logs,
+                        skip_completed=False)  # fmt: skip
+
+    return run_in_order(runs, work, errors, local)
 
 
 def run_ray(
     runs: list[Run], work: Path, workers: int, errors: Path, ray: dict[str, Any]
 ) -> dict[str, float]:
-    """Each run on datatrove's Ray executor, in order; seconds per run. Joins the Ray cluster
-    already initialised, else starts one with ``ray["init"]`` (``dict(address="auto")`` joins
-    a running cluster; by default a local instance). ``ray["cpus_per_task"]`` and
-    ``ray["mem_per_cpu_gb"]`` size each task."""
+    """Every run on datatrove's Ray executor. Joins the Ray instance already connected, else
+    starts one with ``ray["init"]`` (``dict(address="auto")`` joins a running cluster; by default
+    a local instance); ``ray["cpus_per_task"]`` and ``ray["mem_per_cpu_gb"]`` size each task."""
     import ray as ray_module  # the ray extra: imported only for this executor
 
     if not ray_module.is_initialized():
         ray_module.init(**{"include_dashboard": False, "log_to_driver": False,
                            **ray.get("init", {})})  # fmt: skip
-    seconds = {}
-    for run in runs:
-        start = time.perf_counter()
-        RayPipelineExecutor(
+
+    def on_ray(run: Run, logs: str) -> RayPipelineExecutor:
+        return RayPipelineExecutor(
             run.steps,
             tasks=run.tasks,
             workers=min(workers, run.tasks),
-            logging_dir=str(work / "logs" / run.name),
+            logging_dir=logs,
             skip_completed=False,
             cpus_per_task=ray.get("cpus_per_task", 1),
             mem_per_cpu_gb=ray.get("mem_per_cpu_gb", 2),
-        ).run()
-        seconds[run.name] = time.perf_counter() - start
-        raise_task_errors(errors)
-    return seconds
+        )
+
+    return run_in_order(runs, work, errors, on_ray)
 
 
 def launch_slurm(runs: list[Run], work: Path, slurm: dict[str, Any]) -> list[str]:
