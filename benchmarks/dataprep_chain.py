@@ -35,7 +35,7 @@ def heldout(planted, work: Path, seed: int) -> Path:
     english, _, _ = planted._sources(planted.SHARED)
     used = {json.loads(x)["text"] for x in (work / "planted.jsonl").open()}
     rest = [t for t in english if t not in used and len(t.split()) >= 50]
-    rest = random.Random(seed).sample(rest, min(len(rest), 40))  # a few minutes per model
+    rest = random.Random(seed).sample(rest, min(len(rest), 40))  # perplexity is the slow part
     path = work / "heldout.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rest))
     return path

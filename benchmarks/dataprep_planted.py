@@ -69,7 +69,7 @@ def plant(out: Path, shared: Path = SHARED, seed: int = 0) -> dict[int, dict]:
     english, zh, gsm = _sources(shared)
     english = [t for t in english if len(t.split()) >= 120]
     rng.shuffle(english)
-    base, pool = english[:170], english[170:]  # 64 left for PII, block-list, eval plants
+    base, pool = english[:170], english[170:]  # the rest: PII, block-list, eval plants
     rows: list[tuple[str, dict]] = [(t, {"kind": "original"}) for t in base]
     for i in rng.sample(range(len(base)), 20):  # "of": the original's line
         rows.append((base[i].replace(". ", ".  ") + "\n", {"kind": "exact_duplicate", "of": i + 1}))

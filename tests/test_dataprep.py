@@ -107,6 +107,13 @@ def output_rows(out: Path) -> list[dict]:
     return [json.loads(x) for p in sorted((out / "data").glob("*.jsonl")) for x in p.open()]
 
 
+def config_problems(cfg: dict) -> str:
+    """The one error a bad config raises, as text."""
+    with pytest.raises(PrepareConfigError) as err:
+        load_prepare_config(cfg)
+    return str(err.value)
+
+
 # config validation ----------------------------------------------------------------------------
 
 
@@ -123,9 +130,7 @@ def test_config_problems_are_collected_and_named(tmp_path, raw_file):
         kind="sft",
     )
     cfg["stagse"] = []
-    with pytest.raises(PrepareConfigError) as err:
-        load_prepare_config(cfg)
-    text = str(err.value)
+    text = config_problems(cfg)
     assert "5 problem(s)" in text
     assert "stages[0].type: unknown stage 'languag'; did you mean 'language'?" in text
     assert "stages[1] (minhash_dedup): unknown setting 'ngrams'; did you mean 'ngram'?" in text
@@ -141,9 +146,7 @@ def test_config_names_missing_inputs_and_bad_run(tmp_path):
         output="o",
         run=dict(workers=0, executor="spark"),
     )
-    with pytest.raises(PrepareConfigError) as err:
-        load_prepare_config(cfg)
-    text = str(err.value)
+    text = config_problems(cfg)
     assert "nope.jsonl not found" in text
     assert "run.workers: expected a positive integer, got 0" in text
     assert "run.executor" in text
@@ -389,7 +392,6 @@ def test_slurm_jobs_are_generated_as_a_dependent_chain(tmp_path, raw_file, monke
 def test_slurm_needs_a_partition(tmp_path, raw_file):
     cfg = run_config([raw_file], tmp_path / "out", [])
     cfg["run"].update(executor="slurm", slurm=dict(tme="1:00:00"))
-    with pytest.raises(PrepareConfigError) as err:
-        load_prepare_config(cfg)
-    assert "run.slurm: unknown setting 'tme'; did you mean 'time'?" in str(err.value)
-    assert "run.slurm.partition" in str(err.value)
+    text = config_problems(cfg)
+    assert "run.slurm: unknown setting 'tme'; did you mean 'time'?" in text
+    assert "run.slurm.partition" in text

@@ -2,7 +2,9 @@
 
 Our own reader, not datatrove's: theirs log and skip an unreadable line, where a bad line here is
 an error naming file, line and field; and they read neither JSON arrays nor one-document-per-line
-text. Documents are dealt to tasks round-robin in input order, so a run's output is the same for
+text. Nor ``xtuner_lite.data.loaders.load_rows`` (the training loader): it imports the training
+data package (torch) into every worker and holds each file in memory, where this streams lines.
+Documents are dealt to tasks round-robin in input order, so a run's output is the same for
 any number of worker processes (workers only run the fixed tasks in parallel).
 """
 

@@ -58,20 +58,22 @@ def _counts(values: list[float], edges: list[float]) -> list[int]:
     return counts
 
 
-def histograms(every: list[dict], kept: list[dict], removed_by_quality: list[dict]) -> dict:
+def histograms(kept: list[dict], removed: list[tuple[str, dict]]) -> dict:
     """Counts over fixed bins (the report stays small however many documents there are):
-    words per document in and out; quality signals of kept vs quality-removed documents."""
-    out: dict[str, dict] = {
-        "words": {"edges": WORD_EDGES, "in": _counts([signals(d["text"])["words"] for d in every],
-                                                     WORD_EDGES),
-                  "out": _counts([signals(d["text"])["words"] for d in kept], WORD_EDGES)}
-    }  # fmt: skip
+    words per document in and out; quality signals of kept vs quality-removed documents.
+    ``removed``: (stage type, document). Each document's signals are computed once."""
     kept_signals = [signals(d["text"]) for d in kept]
-    removed_signals = [signals(d["text"]) for d in removed_by_quality]
+    removed_signals = [(t, signals(d["text"])) for t, d in removed]
+    quality = [x for t, x in removed_signals if t in QUALITY]
+    words_in = [x["words"] for x in kept_signals] + [x["words"] for _, x in removed_signals]
+    out: dict[str, dict] = {
+        "words": {"edges": WORD_EDGES, "in": _counts(words_in, WORD_EDGES),
+                  "out": _counts([x["words"] for x in kept_signals], WORD_EDGES)}
+    }  # fmt: skip
     for key in SIGNALS:
         edges = SHARE_EDGES if key != "mean_word_length" else LENGTH_EDGES
         out[key] = {"edges": edges, "kept": _counts([x[key] for x in kept_signals], edges),
-                    "removed": _counts([x[key] for x in removed_signals], edges)}  # fmt: skip
+                    "removed": _counts([x[key] for x in quality], edges)}  # fmt: skip
     return out
 
 
@@ -108,7 +110,7 @@ def build_report(cfg: PrepareConfig, seconds: dict[str, float], input_bytes: int
         entry["in"] = remaining
         remaining -= sum(entry["removed"].values())
         entry["out"] = remaining
-    every = [d for d in kept] + [d for _, d in removed_docs]
+    every = kept + [d for _, d in removed_docs]
     languages = Counter(
         d["metadata"]["language"] for d in every if "language" in d.get("metadata", {})
     )
@@ -135,7 +137,7 @@ def build_report(cfg: PrepareConfig, seconds: dict[str, float], input_bytes: int
         "input_bytes": input_bytes,
         "workers": cfg.workers,
         "tasks": cfg.tasks,
-        "histograms": histograms(every, kept, [d for s, d in removed_docs if s.type in QUALITY]),
+        "histograms": histograms(kept, [(s.type, d) for s, d in removed_docs]),
     }
 
 

@@ -103,7 +103,7 @@ class MaskPII(PIIFormatter):
 def language_identifier():
     """langid.py's model, which ships inside its package (datatrove's fastText language models
     are downloaded at run time, which an offline machine cannot do); loaded once per process."""
-    from langid.langid import LanguageIdentifier, model  # a second of model decoding
+    from langid.langid import LanguageIdentifier, model  # decodes the model: keep it cached
 
     return LanguageIdentifier.from_modelstring(model, norm_probs=True)
 

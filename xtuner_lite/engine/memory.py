@@ -5,7 +5,7 @@ rows' attention probabilities) would land in the heap and raise its high-water m
 32 MiB threshold (glibc's own ceiling for its moving one) makes each of them its own mapping,
 returned on free, from the first step on. Lower thresholds lower the peak further but also map
 the per-layer activations of a multi-row batch, which every layer frees and allocates again:
-each reuse then faults all its pages in, and a 4-row DPO step took half as long again.
+each reuse then faults all its pages in (the bench_dpo row in docs/benchmarks.md).
 Freed smaller buffers stay in the heap for the next step to reuse; giving them back with
 ``malloc_trim`` after every step lowered the peak a little and made steps slower (the next
 step faults every page in again), so nothing trims.
