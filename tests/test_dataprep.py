@@ -172,6 +172,13 @@ def test_bad_input_names_file_line_and_field(tmp_path, content, expected):
     assert expected in str(err.value)
 
 
+def test_a_byte_order_mark_is_read_as_the_training_loader_reads_it(tmp_path):
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes('{"text": "first"}\n{"text": "second"}\n'.encode("utf-8-sig"))
+    prepare(run_config([src], tmp_path / "out", [dict(type="normalize")]), quiet=True)
+    assert sorted(r["text"] for r in output_rows(tmp_path / "out")) == ["first", "second"]
+
+
 def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
     config = tmp_path / "prep.py"
     config.write_text(

@@ -25,9 +25,11 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 KINDS = ("text", "sft")
 
 
-def _decoded(raw: bytes, path: Path, where: str) -> str:
+def _decoded(raw: bytes, path: Path, where: str, first: bool = False) -> str:
+    """UTF-8 text; a file's first bytes may carry a byte-order mark (read as the training
+    loader reads it)."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(
             f"not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); convert the file, "
@@ -40,7 +42,7 @@ def _decoded(raw: bytes, path: Path, where: str) -> str:
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
-            line = _decoded(raw, path, f"line {number}").strip()
+            line = _decoded(raw, path, f"line {number}", number == 1).strip()
             if not line:
                 continue
             try:
@@ -50,7 +52,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = _decoded(path.read_bytes(), path, "file")
+    text = _decoded(path.read_bytes(), path, "file", first=True)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -75,7 +77,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
 def _txt(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
-            line = _decoded(raw, path, f"line {number}").strip()
+            line = _decoded(raw, path, f"line {number}", number == 1).strip()
             if line:
                 yield f"line {number}", {"text": line}
 
