@@ -3,13 +3,16 @@ and 2 give the same output), SFT rows kept as they are, and the planted-truth sc
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
 from datatrove.data import Document
+from datatrove.pipeline.writers import JsonlWriter
 
 from xtuner_lite.cli import main as cli_main
 from xtuner_lite.data import process_dataset
@@ -19,6 +22,7 @@ from xtuner_lite.dataprep.pipeline import lsh_bands, lsh_threshold
 from xtuner_lite.dataprep.stages import (
     BlocklistFilter,
     DecontaminateFilter,
+    HtmlToText,
     LanguageFilter,
     MaskPII,
     Normalize,
@@ -229,6 +233,48 @@ def test_language_blocklist_and_decontamination_filters():
     assert [d.text for d in kept] == [english]
 
 
+ARTICLE = (
+    "<html><head><title>Harbour notes</title></head><body>"
+    "<nav>Home | About | Contact | Subscribe</nav><article><h1>The harbour at dawn</h1>"
+    "<p>{0}</p><p>{1}</p></article><footer>Copyright 2026, all rights reserved</footer>"
+    "</body></html>"
+)
+
+
+class HangsOnMarker(HtmlToText):
+    """An extractor that hangs on a page containing HANG (as on a pathological page)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.extractor.extract = functools.partial(hang_on_marker, self.extractor.extract)
+
+
+def hang_on_marker(extract, text: str) -> str:
+    if "HANG" in text:
+        time.sleep(60)
+    return extract(text)
+
+
+def test_html_to_text_keeps_main_text_and_names_each_failure(tmp_path):
+    rng = random.Random(3)
+    body = [paragraph(rng, 3), paragraph(rng, 3)]
+    pages = [ARTICLE.format(*body), "<html><body><script>x=1</script></body></html>", "HANG"]
+    removed = JsonlWriter(str(tmp_path), output_filename="removed.jsonl", compression=None)
+    kept = run_step(HangsOnMarker(timeout=3.0, exclusion_writer=removed), pages)
+    assert len(kept) == 1 and kept[0].text.startswith("The harbour at dawn")
+    assert body[0] in kept[0].text and body[1] in kept[0].text
+    assert "Subscribe" not in kept[0].text and "Copyright" not in kept[0].text
+    reasons = [
+        json.loads(line)["metadata"]["filter_reason"] for line in open(removed_file(tmp_path))
+    ]
+    assert reasons == ["html_no_main_text", "html_timeout"]
+
+
+def removed_file(folder: Path) -> Path:
+    (path,) = folder.glob("removed.jsonl")
+    return path
+
+
 def test_lsh_threshold_picks_bands():
     assert lsh_threshold(14, 8) == pytest.approx((1 / 14) ** (1 / 8))
     buckets, per = lsh_bands(112, 0.5)
@@ -260,6 +306,43 @@ def test_prepare_text_end_to_end(tmp_path, raw_file, capsys):
     assert trained_samples(out, "pretrain") == 13  # the shards are training input as they are
     assert cli_main(["data", "report", str(out)]) == 0
     assert "near_duplicate: 1" in capsys.readouterr().out
+
+
+def test_html_pages_and_html_rows_become_training_text(tmp_path):
+    rng = random.Random(4)
+    latin = paragraph(rng, 3).replace("garden", "café")
+    (tmp_path / "a.html").write_text(ARTICLE.format(paragraph(rng, 3), paragraph(rng, 3)))
+    declared = ARTICLE.replace("<head>", '<head><meta charset="iso-8859-1">')
+    (tmp_path / "b.htm").write_bytes(declared.format(latin, paragraph(rng, 3)).encode("latin-1"))
+    (tmp_path / "c.html").write_text("<html><body><script>x=1</script></body></html>")
+    row = {"url": "https://example.org", "html": ARTICLE.format(paragraph(rng, 3), "More.")}
+    (tmp_path / "crawl.jsonl").write_text(json.dumps(row) + "\n")
+    files = [tmp_path / n for n in ("a.html", "b.htm", "c.html", "crawl.jsonl")]
+    cfg = run_config(files, tmp_path / "out", [dict(type="html_to_text"), dict(type="normalize")])
+    cfg["inputs"]["text_key"] = "html"  # for the jsonl rows; pages are read whole
+    report = prepare(cfg, quiet=True)
+    texts = [r["text"] for r in output_rows(tmp_path / "out")]
+    assert report["documents_in"] == 4 and len(texts) == 3
+    assert report["stages"][0]["removed"] == {"html_no_main_text": 1}
+    assert all(t.startswith("The harbour at dawn") and "<" not in t for t in texts)
+    assert any("café" in t for t in texts)  # decoded as the page's declared charset
+    assert trained_samples(tmp_path / "out", "pretrain") == 3
+
+
+def test_html_config_problems(tmp_path):
+    page = tmp_path / "p.html"
+    page.write_text(ARTICLE)
+    text = config_problems(
+        run_config([page], tmp_path / "o", [dict(type="normalize"), dict(type="html_to_text")])
+    )
+    assert "stages[1] (html_to_text): must be the first stage" in text
+    assert "p.html is an HTML page; make dict(type='html_to_text') the first stage" in text
+    text = config_problems(run_config([page], tmp_path / "o", [], kind="sft"))
+    assert "pages are text, not SFT rows" in text
+    undeclared = tmp_path / "u.html"
+    undeclared.write_bytes(ARTICLE.format("caf\xe9", "x").encode("latin-1"))
+    with pytest.raises(XtunerError, match=r"u.html, file: not UTF-8"):
+        prepare(run_config([undeclared], tmp_path / "o", [dict(type="html_to_text")]), quiet=True)
 
 
 def test_one_and_two_workers_give_identical_output(tmp_path, raw_file):

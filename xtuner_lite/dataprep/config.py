@@ -15,6 +15,7 @@ import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from difflib import get_close_matches
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from datatrove.pipeline.filters import (
 )
 
 from xtuner_lite.config import find_config, resolve_data_files
-from xtuner_lite.dataprep.reader import KINDS, SUFFIXES
+from xtuner_lite.dataprep.reader import HTML, KINDS, SUFFIXES
 from xtuner_lite.errors import XtunerError
 
 SECTIONS = ("inputs", "stages", "output", "run")
@@ -43,7 +44,11 @@ QUALITY_FILTERS = {
     "c4_quality": C4QualityFilter,
     "fineweb_quality": FineWebQualityFilter,
 }
-TEXT_REWRITING = ("normalize", "pii")  # stages that change the text (text inputs only)
+TEXT_REWRITING = (
+    "html_to_text",
+    "normalize",
+    "pii",
+)  # stages that change the text (text inputs only)
 DEDUP = ("exact_dedup", "minhash_dedup")
 
 
@@ -59,6 +64,10 @@ class PrepareConfigError(XtunerError):
 
 
 # The typed signatures below are the schema of each stage's settings.
+
+
+def html_to_text(favour_precision: bool = True, timeout: float = 5.0) -> None:
+    """Main text of HTML pages (trafilatura); must be the first stage."""
 
 
 def normalize(form: str = "NFKC", collapse_spaces: bool = True) -> None:
@@ -96,7 +105,16 @@ def minhash_dedup(
 
 OWN_STAGES = {
     f.__name__: f
-    for f in (normalize, language, pii, blocklist, decontaminate, exact_dedup, minhash_dedup)
+    for f in (
+        html_to_text,
+        normalize,
+        language,
+        pii,
+        blocklist,
+        decontaminate,
+        exact_dedup,
+        minhash_dedup,
+    )
 }
 STAGE_TYPES = tuple(OWN_STAGES) + tuple(QUALITY_FILTERS)
 
@@ -192,6 +210,9 @@ def _stage_problems(where: str, stage_type: str, settings: dict[str, Any]) -> li
         threshold = settings.get("threshold", 0.0)
         if _type_ok(threshold, 0.0) and not 0 <= threshold < 1:
             problems.append(f"{where}.threshold: must be in [0, 1), got {threshold}")
+    timeout = settings.get("timeout", 1.0)
+    if stage_type == "html_to_text" and _type_ok(timeout, 1.0) and timeout <= 0:
+        problems.append(f"{where}.timeout: must be positive (seconds per page), got {timeout}")
     for key in ("ngram", "buckets", "hashes_per_bucket"):
         value = settings.get(key)
         if isinstance(value, int) and value < 1:
@@ -264,6 +285,25 @@ def _inputs(raw: Any, problems: list[str]) -> tuple[list[str], str, str]:
     return expanded, kind, raw.get("text_key", "text")
 
 
+def _html_problems(files: list[str], kind: str, stages: list[StageConfig]) -> list[str]:
+    """HTML pages are turned into text first, by the first stage."""
+    problems = []
+    pages = [f for f in files if Path(f).suffix.lower() in HTML]
+    first = stages[0].type if stages else None
+    for stage in stages[1:]:
+        if stage.type == "html_to_text":
+            problems.append(f"stages[{stage.index}] (html_to_text): must be the first stage")
+    if pages and kind == "sft":
+        problems.append(f"inputs.data_files: {pages[0]} is an HTML page; pages are text, "
+                        "not SFT rows (kind='text')")  # fmt: skip
+    elif pages and first != "html_to_text":
+        problems.append(f"inputs.data_files: {pages[0]} is an HTML page; make "
+                        "dict(type='html_to_text') the first stage")  # fmt: skip
+    if any(s.type == "html_to_text" for s in stages) and find_spec("trafilatura") is None:
+        problems.append("html_to_text needs trafilatura: pip install 'xtuner_lite[data]'")
+    return problems
+
+
 def _run(raw: Any, problems: list[str]) -> dict[str, Any]:
     accepted = {"tasks": 4, "workers": 1, "executor": "local", "slurm": {}, "ray": {}}
     if raw is None:
@@ -317,6 +357,7 @@ def parse_prepare_config(cfg: dict[str, Any], source: str = "<dict>") -> Prepare
             )  # fmt: skip
     files, kind, text_key = _inputs(cfg.get("inputs"), problems)
     stages = _stages(cfg.get("stages", []), kind, problems)
+    problems += _html_problems(files, kind, stages)
     run = _run(cfg.get("run"), problems)
     output = cfg.get("output")
     if not isinstance(output, (str, Path)) or not str(output):

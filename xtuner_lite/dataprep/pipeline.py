@@ -45,6 +45,7 @@ from xtuner_lite.dataprep.reader import RowReader, read_rows
 from xtuner_lite.dataprep.stages import (
     BlocklistFilter,
     DecontaminateFilter,
+    HtmlToText,
     LanguageFilter,
     MaskPII,
     Normalize,
@@ -148,6 +149,8 @@ def eval_texts(settings: dict[str, Any]) -> list[str]:
 def document_step(stage: StageConfig, out: Path) -> PipelineStep:
     s = stage.settings
     removed = writer(out / REMOVED / stage.label)
+    if stage.type == "html_to_text":
+        return HtmlToText(**s, exclusion_writer=removed)
     if stage.type == "normalize":
         return Normalize(**s)
     if stage.type == "pii":

@@ -10,7 +10,9 @@ any number of worker processes (workers only run the fixed tasks in parallel).
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,12 @@ from datatrove.pipeline.base import PipelineStep
 from xtuner_lite.errors import DataError
 from xtuner_lite.ngrams import strings_in
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".html", ".htm")
+HTML = (".html", ".htm")  # one document per file, turned into text by the html_to_text stage
+PLAIN = (".txt",) + HTML  # read as {"text": ...} whatever the text_key
 KINDS = ("text", "sft")
+# an HTML page's declared encoding, looked for in its first bytes
+CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 
 
 def _decoded(raw: bytes, path: Path, where: str, first: bool = False) -> str:
@@ -82,7 +88,25 @@ def _txt(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"line {number}", {"text": line}
 
 
+def _html_text(raw: bytes, path: Path) -> str:
+    """A page's text: UTF-8, or the encoding its ``<meta charset>`` declares."""
+    declared = CHARSET.search(raw[:4096])
+    if declared is None:
+        return _decoded(raw, path, "file", first=True)
+    name = declared.group(1).decode("ascii", "replace")
+    try:
+        return raw.decode(codecs.lookup(name).name)
+    except (LookupError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot decode as its declared charset {name!r} ({exc})", str(path),
+                        "file") from None  # fmt: skip
+
+
+def _html(path: Path) -> Iterator[tuple[str, Any]]:
+    yield "file", {"text": _html_text(path.read_bytes(), path)}
+
+
 READERS = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".txt": _txt}
+READERS.update({suffix: _html for suffix in HTML})
 
 
 def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -147,7 +171,8 @@ class RowReader(PipelineStep):
                 index += 1
                 if (index - 1) % world_size != rank:
                     continue
-                text = row_text(row, self.kind, self.text_key, path, where)
+                key = "text" if path.suffix.lower() in PLAIN else self.text_key
+                text = row_text(row, self.kind, key, path, where)
                 meta = {"source": f"{path.name}:{where}"}
                 if self.kind == "sft":
                     meta["row"] = row

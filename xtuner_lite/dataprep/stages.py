@@ -13,6 +13,8 @@ from pathlib import Path
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.extractors import Trafilatura
+from datatrove.pipeline.extractors.base import ExtractorSandbox
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.formatters.pii import PIIReplacer
@@ -61,6 +63,43 @@ class Normalize(PipelineStep):
                 self.stat_update("changed")
             doc.text = text.strip()
             yield doc
+
+
+class HtmlToText(BaseFilter):
+    """Main text of an HTML page by datatrove's trafilatura extractor, each page in its sandbox
+    process with a time limit. Own step around theirs: their extractor drops a page that times
+    out, fails or has no main text without saying which; here each is removed with its reason."""
+
+    name = "⛏ HTML to text"
+
+    def __init__(
+        self,
+        favour_precision: bool = True,
+        timeout: float = 5.0,
+        exclusion_writer: DiskWriter | None = None,
+    ):
+        super().__init__(exclusion_writer)
+        self.extractor = Trafilatura(favour_precision=favour_precision, timeout=timeout)
+        self.sandbox: ExtractorSandbox | None = None
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1):
+        with ExtractorSandbox(timeout=self.extractor.timeout) as self.sandbox:
+            yield from super().run(data, rank, world_size)
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        try:
+            text = self.sandbox.process_document(doc.text, self.extractor.extract)
+        except TimeoutError:
+            return False, "html_timeout"
+        except EOFError:  # the sandbox process died (e.g. out of memory)
+            return False, "html_extractor_died"
+        except Exception as exc:  # noqa: BLE001 - whatever trafilatura raises on a broken page
+            doc.metadata["html_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            return False, "html_error"
+        if not text or not text.strip():
+            return False, "html_no_main_text"
+        doc.text = text
+        return True
 
 
 class MaskPII(PIIFormatter):
