@@ -29,6 +29,7 @@ from xtuner_lite.adapters import load_adapted
 from xtuner_lite.alignment.objectives import score_head
 from xtuner_lite.data.dataset import PreferenceDataset, collate_preference
 from xtuner_lite.data.preference import process_preference_dataset
+from xtuner_lite.evaluation.intervals import wilson
 from xtuner_lite.model import build_model
 from xtuner_lite.model.logprobs import sequence_logps, sequence_scores
 from xtuner_lite.training import train
@@ -76,16 +77,6 @@ def interval(diff: torch.Tensor) -> tuple[float, float]:
     mean = float(diff.mean())
     half = 1.96 * float(diff.std()) / math.sqrt(len(diff))
     return mean - half, mean + half
-
-
-def wilson(hits: int, n: int) -> tuple[float, float]:
-    """95 % Wilson interval of a proportion."""
-    if n == 0:
-        return float("nan"), float("nan")
-    z, p = 1.96, hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def train_method(method: str, args, train_file: Path, work: Path) -> Path:

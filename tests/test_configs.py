@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from xtuner_lite.alignment.objectives import build_objective
 from xtuner_lite.config import CONFIG_ROOT, check_kwargs, load_config
-from xtuner_lite.data import get_template, process_dataset
-from xtuner_lite.data.preference import process_preference_dataset
+from xtuner_lite.data import get_template
 from xtuner_lite.engine import TrainSettings
 from xtuner_lite.model import build_model
+from xtuner_lite.objectives import build_objective, dataset_function
 
 TRAIN_CONFIGS = sorted(
     p
@@ -23,8 +22,7 @@ def test_config_keys_are_valid(path):
     cfg = load_config(str(path))
     check_kwargs(build_model, dict(cfg.model), f"{path.name} model")
     objective = build_objective(dict(cfg.get("objective", {})))
-    process = process_dataset if objective is None else process_preference_dataset
-    check_kwargs(process, dict(cfg.train_dataset), f"{path.name} train_dataset")
+    check_kwargs(dataset_function(objective), dict(cfg.train_dataset), f"{path.name} train_dataset")
     check_kwargs(TrainSettings, dict(cfg.train), f"{path.name} train")
     get_template(cfg.train_dataset["template"], tokenizer=None)
 

@@ -9,11 +9,12 @@ import dataclasses
 import inspect
 import re
 
-from xtuner_lite.alignment.objectives import OBJECTIVES
 from xtuner_lite.data.pipeline import process_dataset
 from xtuner_lite.data.preference import process_preference_dataset
 from xtuner_lite.engine.runner import TrainSettings
 from xtuner_lite.model.build import LoraSettings, build_model
+from xtuner_lite.objectives import OBJECTIVES
+from xtuner_lite.rl.data import process_prompt_dataset
 
 INTRO = """# Config reference
 
@@ -75,8 +76,11 @@ def _dataclass_section(title: str, cls) -> str:
 
 OBJECTIVE_INTRO = """## objective
 
-Absent (or `type="sft"`): next-token SFT. Otherwise `type` names a preference objective and the
-other keys are its settings below; `train_dataset` then takes the preference keys above.
+Absent (or `type="sft"`): next-token SFT. Otherwise `type` names a preference objective or
+`grpo` and the other keys are its settings below; `train_dataset` then takes the preference
+keys or the prompt keys above. GRPO's `rewards` are built-in rewards
+(`dict(type="numeric_answer" | "format" | "length_penalty" | "code_tests", weight=..., ...)`),
+callables `f(row, completion) -> float` or dotted paths to them (`dict(fn=..., weight=...)`).
 `precompute_reference=True` (objectives with a reference model) computes the reference
 log-probabilities once before training and caches them on disk, so training runs no reference
 forward.
@@ -107,6 +111,10 @@ def reference() -> str:
             _function_section(
                 "train_dataset (preference objectives): `process_preference_dataset`",
                 process_preference_dataset,
+            ),
+            _function_section(
+                "train_dataset (objective grpo): `process_prompt_dataset`",
+                process_prompt_dataset,
             ),
             _objective_sections(),
             _dataclass_section("train: `TrainSettings`", TrainSettings),

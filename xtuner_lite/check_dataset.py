@@ -26,6 +26,7 @@ from xtuner_lite.data.preference import PreferenceStats, process_preference_data
 from xtuner_lite.data.report import report_stats
 from xtuner_lite.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError
+from xtuner_lite.rl.data import PromptStats, process_prompt_dataset
 
 CLIP = 160  # characters of a long string (or of each end of a long text) shown by default
 
@@ -211,3 +212,27 @@ def check_preference_dataset(
             break
     report_stats(processed.stats, console)
     return processed.stats
+
+
+def check_prompt_dataset(
+    cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None
+) -> PromptStats:
+    """Read an RL prompt dataset; show the first prompts as the model sees them, with the row
+    fields the rewards receive, and how many rows were kept and skipped (with why)."""
+    console = console or Console()
+    cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
+    check_kwargs(process_prompt_dataset, cfg, "train_dataset")
+    tokenizer = resolve_tokenizer(cfg["tokenizer"])
+    cfg.update(
+        tokenizer=tokenizer,
+        template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]),
+    )
+    prompts, stats = process_prompt_dataset(**cfg)
+    for i, prompt in enumerate(prompts[:num_samples]):
+        fields = json.dumps(prompt.row, ensure_ascii=False)[:CLIP]
+        body = Text(tokenizer.decode(prompt.ids)) + Text(f"\nrow: {fields}", style="dim")
+        title = f"prompt {i + 1} ({prompt.where}): {len(prompt.ids)} tokens"
+        console.print(Panel(body, title=title, title_align="left"))
+    skipped = "; ".join(f"{n} {why}" for why, n in stats.skipped.items()) or "none"
+    console.print(f"{stats.prompts} prompts from {stats.rows} rows; skipped: {skipped}")
+    return stats

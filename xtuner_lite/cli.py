@@ -270,9 +270,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_check_dataset(args: argparse.Namespace) -> int:
-    from xtuner_lite.alignment.objectives import PreferenceObjective, build_objective
-    from xtuner_lite.check_dataset import check_dataset, check_preference_dataset
+    from xtuner_lite.alignment.objectives import PreferenceObjective
+    from xtuner_lite.check_dataset import (
+        check_dataset,
+        check_preference_dataset,
+        check_prompt_dataset,
+    )
     from xtuner_lite.config import load_config, resolve_data_files
+    from xtuner_lite.objectives import build_objective
+    from xtuner_lite.rl.objective import GRPOObjective
 
     cfg = load_config(args.config, args.cfg_options)
     if "train_dataset" not in cfg:
@@ -286,6 +292,8 @@ def cmd_check_dataset(args: argparse.Namespace) -> int:
     objective = build_objective(cfg.get("objective"))
     if isinstance(objective, PreferenceObjective):
         check_preference_dataset(dataset_cfg, objective.kind, num_samples=args.show, full=args.full)
+    elif isinstance(objective, GRPOObjective):
+        check_prompt_dataset(dataset_cfg, num_samples=args.show)
     else:
         check_dataset(dataset_cfg, num_samples=args.show, full=args.full)
     return 0
@@ -319,7 +327,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plot_log(args: argparse.Namespace) -> int:
     from xtuner_lite.plot import plot_log
 
-    print(plot_log(args.work_dir, args.out))
+    print(plot_log(args.work_dir, args.out, args.metric))
     return 0
 
 
@@ -626,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot-log", help="write the loss curve of a training run as a PNG")
     p.add_argument("work_dir")
-    p.add_argument("--out", help="PNG path (default WORK_DIR/loss.png)")
+    p.add_argument("--out", help="PNG path (default WORK_DIR/<metric>.png)")
+    p.add_argument("--metric", default="loss", help="a logged value: loss, reward, kl, ...")
     p.set_defaults(func=cmd_plot_log)
 
     p = sub.add_parser("copy-cfg", help="copy a bundled config (and its _base_) to edit it")

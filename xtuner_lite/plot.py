@@ -8,8 +8,9 @@ from pathlib import Path
 from xtuner_lite.errors import XtunerError
 
 
-def plot_log(work_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Read ``loss.jsonl`` from a work dir and write ``loss.png`` (or ``out``)."""
+def plot_log(work_dir: str | Path, out: str | Path | None = None, metric: str = "loss") -> Path:
+    """Read ``loss.jsonl`` from a work dir and write ``<metric>.png`` (or ``out``): the loss,
+    or any other logged value (``reward``, ``rewards/margin``, ...), with the learning rate."""
     import matplotlib  # only `xtuner plot-log` needs it (a slow import)
 
     matplotlib.use("Agg")
@@ -21,16 +22,19 @@ def plot_log(work_dir: str | Path, out: str | Path | None = None) -> Path:
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     if not records:
         raise XtunerError(f"{log} is empty: training has not finished a step yet")
+    records = [r for r in records if metric in r]
+    if not records:
+        raise XtunerError(f"{log} has no {metric!r} values (logged: the loss and the objective's)")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.5)
-    ax.set(xlabel="step", ylabel="loss", title=f"training loss — {Path(work_dir).name}")
+    ax.plot([r["step"] for r in records], [r[metric] for r in records], lw=1.5)
+    ax.set(xlabel="step", ylabel=metric, title=f"training {metric} — {Path(work_dir).name}")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()
     lr_ax.plot(
         [r["step"] for r in records], [r["lr"] for r in records], color="grey", lw=0.8, ls="--"
     )
     lr_ax.set_ylabel("learning rate", color="grey")
-    target = Path(out) if out else Path(work_dir) / "loss.png"
+    target = Path(out) if out else Path(work_dir) / f"{metric.replace('/', '_')}.png"
     fig.tight_layout()
     fig.savefig(target)
     plt.close(fig)

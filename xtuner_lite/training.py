@@ -15,7 +15,7 @@ from rich.console import Console
 
 from xtuner_lite import workdir
 from xtuner_lite.adapters import architecture_of
-from xtuner_lite.alignment.objectives import PreferenceObjective, build_objective
+from xtuner_lite.alignment.objectives import PreferenceObjective
 from xtuner_lite.alignment.reference import (
     Reference,
     cache_path,
@@ -52,6 +52,9 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation.hook import EvaluateTasksHook
 from xtuner_lite.model import build_model, skip_adapter_input_casts
 from xtuner_lite.model.build import LoraSettings, model_head
+from xtuner_lite.objectives import build_objective
+from xtuner_lite.rl.data import PromptDataset, process_prompt_dataset
+from xtuner_lite.rl.objective import GRPOObjective
 
 
 def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[str, Any]) -> None:
@@ -122,6 +125,13 @@ def train(
         data_cfg = _preference_data_cfg(data_cfg, objective)
         if objective.head != "lm":
             model_cfg["head"] = objective.head  # a reward model: the scalar head, trained too
+    elif isinstance(objective, GRPOObjective):
+        check_kwargs(process_prompt_dataset, data_cfg, "train_dataset")
+        if train_cfg.get("deepspeed") or train_cfg.get("fsdp"):
+            raise XtunerError(
+                "objective grpo samples from the model it trains: it runs on one process or "
+                "DDP, not on DeepSpeed or FSDP2 (whose sharded weights the sampler cannot read)"
+            )
     else:
         check_kwargs(process_dataset, data_cfg, "train_dataset")
     settings = dataclasses.replace(settings, device=resolve_device(settings))  # once, here
@@ -203,15 +213,11 @@ def _train(
 
     tokenizer = resolve_tokenizer(data_cfg["tokenizer"])
     template = resolve_template(data_cfg.get("template"), tokenizer, data_cfg["tokenizer"])
-    # the resolved objects, so the data is rendered with exactly the template recorded below;
-    # rank 0 processes and caches the data, the other ranks then read the cache
-    process = process_preference_dataset if preference else process_dataset
-    with main_process_first(settings.dist_timeout):
-        processed = process(**{**data_cfg, "tokenizer": tokenizer, "template": template})
-    if rank == 0:  # what was skipped or truncated, as check-dataset counts it
-        report_skips(processed.stats, Console(), examples=3)
-        write_report(processed.stats, work_dir / workdir.DATA_REPORT)
-    dataset = (PreferenceDataset if preference else SFTDataset)(processed.data, processed.stats)
+    if isinstance(objective, GRPOObjective):
+        dataset = _prompt_dataset(data_cfg, tokenizer, template, rank)
+        objective.bind(tokenizer, template, seed, rank, work_dir)
+    else:
+        dataset = _dataset(data_cfg, tokenizer, template, settings, preference, rank, work_dir)
     seed_everything(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**model_cfg, device=_load_device(settings, distributed))
     if settings.dtype is not None:  # every forward runs under autocast
@@ -219,6 +225,8 @@ def _train(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if preference and objective.needs_reference:
         _set_up_reference(objective, llm, dataset, model_cfg, settings, pad, distributed)
+    if isinstance(objective, GRPOObjective) and objective.beta:
+        objective.reference = _reference_model(model_cfg, settings, distributed)
     hooks = []
     if distributed and (settings.evaluation_inputs or settings.eval_tasks):
         warnings.warn(
@@ -280,6 +288,40 @@ def _train(
     return out
 
 
+def _dataset(data_cfg, tokenizer, template, settings, preference: bool, rank: int, work_dir):
+    """SFT or preference data, rendered with exactly the template recorded with the result;
+    rank 0 processes and caches it, the other ranks then read the cache."""
+    process = process_preference_dataset if preference else process_dataset
+    with main_process_first(settings.dist_timeout):
+        processed = process(**{**data_cfg, "tokenizer": tokenizer, "template": template})
+    if rank == 0:  # what was skipped or truncated, as check-dataset counts it
+        report_skips(processed.stats, Console(), examples=3)
+        write_report(processed.stats, work_dir / workdir.DATA_REPORT)
+    return (PreferenceDataset if preference else SFTDataset)(processed.data, processed.stats)
+
+
+def _prompt_dataset(data_cfg, tokenizer, template, rank: int) -> PromptDataset:
+    prompts, stats = process_prompt_dataset(
+        **{**data_cfg, "tokenizer": tokenizer, "template": template}
+    )
+    if rank == 0:
+        skipped = ", ".join(f"{n} {why}" for why, n in stats.skipped.items())
+        print(f"{stats.prompts} prompts of {stats.rows} rows" + (f"; skipped: {skipped}" if
+              skipped else ""), flush=True)  # fmt: skip
+    return PromptDataset(prompts, stats)
+
+
+def _reference_model(model_cfg: dict, settings, distributed: bool) -> Reference:
+    """The adapter-disabled model itself (LoRA, QLoRA), or a frozen copy (full fine-tuning)."""
+    if model_cfg.get("method", "lora") != "full":
+        return Reference(chunk_size=settings.chunk_size)
+    copy = build_model(
+        **{**model_cfg, "gradient_checkpointing": False},
+        device=_load_device(settings, distributed),
+    )
+    return Reference(copy, settings.chunk_size)
+
+
 def _set_up_reference(
     objective: PreferenceObjective,
     llm,
@@ -293,12 +335,7 @@ def _set_up_reference(
     ``objective.precompute_reference`` its log-probabilities computed once (or read from the
     cache) so that training runs no reference forward."""
     rank, _ = world()
-    if model_cfg.get("method", "lora") == "full":
-        copy = build_model(
-            **{**model_cfg, "gradient_checkpointing": False},
-            device=_load_device(settings, distributed),
-        )
-        objective.reference = Reference(copy, settings.chunk_size)
+    objective.reference = _reference_model(model_cfg, settings, distributed)
     if not objective.precompute_reference:
         return
     path = cache_path(dataset.data, model_cfg, settings.dtype)

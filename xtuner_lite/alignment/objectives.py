@@ -7,9 +7,7 @@ unit and the step normalizes it by the units of the global batch, on every engin
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
-from typing import Any
 
 import torch
 
@@ -23,7 +21,6 @@ from xtuner_lite.alignment.losses import (
     simpo_losses,
 )
 from xtuner_lite.alignment.reference import Reference
-from xtuner_lite.config import check_kwargs
 from xtuner_lite.engine.objectives import Objective
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps, sequence_scores
@@ -226,31 +223,6 @@ OBJECTIVES: dict[str, type[PreferenceObjective]] = {
 }
 
 
-def build_objective(config: dict[str, Any] | None, chunk_size: int = 1024) -> Objective | None:
-    """The objective of a config's ``objective`` dict (``type``, the class's settings and
-    ``precompute_reference``); None for SFT."""
-    if not config:
-        return None
-    config = dict(config)
-    kind = config.pop("type", None)
-    precompute = config.pop("precompute_reference", False)
-    if kind in (None, "sft"):
-        return None
-    if kind not in OBJECTIVES:
-        raise XtunerError(
-            f"objective.type must be one of sft, {', '.join(OBJECTIVES)}, got {kind!r}"
-        )
-    cls = OBJECTIVES[kind]
-    check_kwargs(cls, config, f"objective ({kind})")
-    if "chunk_size" in inspect.signature(cls).parameters and "chunk_size" not in config:
-        config["chunk_size"] = chunk_size
-    objective = cls(**config)
-    if precompute and not objective.needs_reference:
-        raise XtunerError(f"objective.precompute_reference: {kind} uses no reference model")
-    objective.precompute_reference = bool(precompute)
-    return objective
-
-
 __all__ = [
     "DPOObjective",
     "KTOObjective",
@@ -259,5 +231,4 @@ __all__ = [
     "PreferenceObjective",
     "RewardObjective",
     "SimPOObjective",
-    "build_objective",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -20,6 +21,12 @@ class Objective(ABC):
 
     name: str = "objective"
     unit: str = "units"  # what the loss is normalized by, for messages
+    updates: int = 1  # optimizer steps on each loader batch (RL reuses its rollouts)
+    samples_own_data: bool = False  # RL: prepare() generates the training data
+
+    def prepare(self, llm: torch.nn.Module, data: list[Any], step: int) -> list[Any]:
+        """The micro-batches to train on from the loader's (RL: rollouts from the policy)."""
+        return data
 
     @abstractmethod
     def loss_sum(self, llm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,11 +9,14 @@ the :class:`Accumulation` they pass (in the spirit of litgpt's ``fabric.no_backw
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
 
 from xtuner_lite.engine.distributed import global_sum, world
@@ -96,6 +99,28 @@ def optimizer_step(
     }
 
 
+def train_step(
+    model: torch.nn.Module,
+    objective: Objective,
+    data: list[Any],
+    optim_wrapper: OptimWrapper,
+    acc: Accumulation,
+) -> dict[str, torch.Tensor]:
+    """One loader batch: the objective's micro-batches from it (rollouts for RL), then
+    ``objective.updates`` optimizer steps on them; the log of the last step (with what only the
+    first logs, such as rollout statistics)."""
+    step = MessageHub.get_current_instance().get_info("iter", 0)
+    batches = objective.prepare(getattr(model, "llm", model), data, step)
+    logged: dict[str, torch.Tensor] = {}
+    for _ in range(objective.updates):
+        start = time.perf_counter()
+        logged.update(optimizer_step(model, objective, batches, optim_wrapper, acc))
+        if objective.samples_own_data:
+            seconds = time.perf_counter() - start
+            logged["train_tokens_per_s"] = logged["tokens"] / max(seconds, 1e-9)
+    return logged
+
+
 def _logged(objective: Objective) -> dict[str, torch.Tensor]:
     """The objective's metrics, summed over ranks: sum / count each."""
     metrics = objective.take_metrics()
@@ -152,4 +177,5 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingStoppedError",
     "optimizer_step",
+    "train_step",
 ]

@@ -41,7 +41,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from xtuner_lite.atomic import partial_path, publish
 from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.engine.distributed import gather_rng_states, restore_rank_rng, world
-from xtuner_lite.engine.step import Accumulation, optimizer_step
+from xtuner_lite.engine.step import Accumulation, train_step
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.build import decoder_layers
 
@@ -153,7 +153,7 @@ def _publish(tmp: str, final: str) -> None:
 
 
 def _step(model: torch.nn.Module, data, optim_wrapper, acc: Accumulation) -> dict:
-    return optimizer_step(model, model.objective, data, optim_wrapper, acc)
+    return train_step(model, model.objective, data, optim_wrapper, acc)
 
 
 class SFTDataParallel(torch.nn.parallel.DistributedDataParallel):

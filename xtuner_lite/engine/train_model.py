@@ -9,7 +9,7 @@ from mmengine.model import BaseModel
 from mmengine.optim import OptimWrapper
 
 from xtuner_lite.engine.objectives import NextTokenObjective, Objective
-from xtuner_lite.engine.step import Accumulation, optimizer_step
+from xtuner_lite.engine.step import Accumulation, train_step
 
 
 class TrainModel(BaseModel):
@@ -37,7 +37,7 @@ class TrainModel(BaseModel):
         self, data: list[dict[str, torch.Tensor]], optim_wrapper: OptimWrapper
     ) -> dict[str, torch.Tensor]:
         """One process: the step with nothing to synchronize."""
-        return optimizer_step(self, self.objective, data, optim_wrapper, Accumulation(self))
+        return train_step(self, self.objective, data, optim_wrapper, Accumulation(self))
 
     def init_weights(self) -> None:
         """Pretrained weights are never re-initialized (mmengine's default also chokes on the

@@ -167,7 +167,7 @@ class InferenceEngine:
 
     def _accept(self, r: Request, token: int) -> None:
         if token in r.params.stop_token_ids:
-            r.finish_reason = "stop"
+            r.finish_reason, r.stop_token = "stop", token
             return
         r.output_ids.append(token)
         if r.on_token is not None:

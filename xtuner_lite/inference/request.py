@@ -26,6 +26,7 @@ class Request:
     text: str = ""  # decoded output (stop words cut), filled when the engine has a tokenizer
     generator: torch.Generator | None = None
     max_new_tokens: int = 0
+    stop_token: int | None = None  # the stop token id that ended it (not in output_ids)
 
     @property
     def finished(self) -> bool:

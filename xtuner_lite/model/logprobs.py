@@ -97,6 +97,16 @@ def logps_from_hidden(
     hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
 ) -> SequenceLogps:
     num_sequences = int(batch["num_sequences"])
+    logps, owner = trained_token_logps(hidden, head, batch, chunk_size)
+    totals = logps.new_zeros(num_sequences).index_add(0, owner, logps)
+    tokens = torch.bincount(owner, minlength=num_sequences)
+    return SequenceLogps(totals, tokens)
+
+
+def trained_token_logps(
+    hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of every trained token, in batch order; the sequence it belongs to)."""
     targets = shift_labels(batch["labels"]).reshape(-1)
     keep = targets != IGNORE_INDEX
     owner = batch["seq_index"].reshape(-1)[keep]
@@ -104,9 +114,15 @@ def logps_from_hidden(
     logps = _LinearLogProbs.apply(
         rows, head.weight, getattr(head, "bias", None), targets[keep], chunk_size
     )
-    totals = logps.new_zeros(num_sequences).index_add(0, owner, logps)
-    tokens = torch.bincount(owner, minlength=num_sequences)
-    return SequenceLogps(totals, tokens)
+    return logps, owner
+
+
+def token_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of a packed batch's trained tokens and their sequences."""
+    _, head = base_and_head(model)
+    return trained_token_logps(decoder_hidden(model, batch), head, batch, chunk_size)
 
 
 def sequence_scores(
@@ -120,4 +136,11 @@ def sequence_scores(
     return head(last).squeeze(-1).float()
 
 
-__all__ = ["SequenceLogps", "logps_from_hidden", "sequence_logps", "sequence_scores"]
+__all__ = [
+    "SequenceLogps",
+    "logps_from_hidden",
+    "sequence_logps",
+    "sequence_scores",
+    "token_logps",
+    "trained_token_logps",
+]

@@ -1,0 +1,255 @@
+"""Reward functions for RL with verifiable rewards, and their weighted combination.
+
+A reward function takes the prompt row (every field of the dataset row: the reference answer,
+test cases, ...) and one completion's text, and returns a float. The config names built-in
+rewards by type, or gives any callable (or a dotted path to one) with its weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import math
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from xtuner_lite.errors import XtunerError
+
+RewardFn = Callable[[dict, str], float]
+
+GSM8K_ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
+BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
+NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
+CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
+
+
+class RewardError(XtunerError):
+    """A reward function failed or returned something other than a finite number."""
+
+
+def _number(text: str) -> Fraction | None:
+    try:
+        return Fraction(text.replace(",", "").strip())
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def extract_answer(text: str) -> Fraction | None:
+    """The final number of a solution: GSM8K's ``#### N``, else the last ``\\boxed{N}``, else
+    the last number in the text (commas in numbers are ignored; exact, as a fraction)."""
+    for pattern in (GSM8K_ANSWER, BOXED):
+        found = pattern.findall(text)
+        if found:
+            value = _number(found[-1])
+            if value is not None:
+                return value
+    numbers = NUMBER.findall(text)
+    return _number(numbers[-1]) if numbers else None
+
+
+def numeric_answer(answer_key: str = "answer") -> RewardFn:
+    """1.0 when the completion's final number equals the row's reference number (the row's
+    ``answer_key`` field: a number, or a solution ending in one, as GSM8K's), else 0.0."""
+
+    def reward(row: dict, completion: str) -> float:
+        if answer_key not in row:
+            raise KeyError(f"the row has no {answer_key!r} field (the reference answer)")
+        reference = extract_answer(str(row[answer_key]))
+        if reference is None:
+            raise ValueError(f"no number in the reference answer {str(row[answer_key])[:80]!r}")
+        return 1.0 if extract_answer(completion) == reference else 0.0
+
+    return reward
+
+
+def format_match(pattern: str) -> RewardFn:
+    """1.0 when the completion matches the regular expression (searched, dot matches newline)."""
+    compiled = re.compile(pattern, re.DOTALL)
+    return lambda row, completion: 1.0 if compiled.search(completion) else 0.0
+
+
+def length_penalty(max_chars: int = 1000) -> RewardFn:
+    """0 up to ``max_chars`` characters, then down linearly to -1 at twice that."""
+    return lambda row, completion: -min(max(len(completion) / max_chars - 1.0, 0.0), 1.0)
+
+
+def code_tests(tests_key: str = "tests", timeout: float = 5.0) -> RewardFn:
+    """The share of the row's test statements (``tests_key``: a list of ``assert ...`` lines)
+    that pass when run after the completion's code (its last ```python block, else the whole
+    text), each in a fresh isolated Python process (``-I``) with time, memory and file-size
+    limits, in an empty temporary directory, with no network and not the parent's
+    environment."""
+
+    def reward(row: dict, completion: str) -> float:
+        tests = row.get(tests_key)
+        if not isinstance(tests, list) or not tests:
+            raise KeyError(f"the row has no {tests_key!r} list of test statements")
+        blocks = CODE_BLOCK.findall(completion)
+        code = blocks[-1] if blocks else completion
+        return sum(_passes(code, test, timeout) for test in tests) / len(tests)
+
+    return reward
+
+
+# no network in the test process even where network namespaces are unavailable
+NO_SOCKETS = (
+    "import socket\n"
+    "def _refused(*a, **k):\n"
+    "    raise OSError('network access is disabled in the reward sandbox')\n"
+    "socket.socket = socket.create_connection = socket.getaddrinfo = _refused\n"
+    "del socket, _refused\n"
+)
+MEMORY_LIMIT = 1 << 30  # bytes of address space a test process may map
+
+
+@functools.cache
+def _isolation_prefix() -> tuple[str, ...]:
+    """``unshare -rn`` (a new network namespace with no interfaces) where the kernel lets an
+    unprivileged process make one, else nothing (the socket functions are still disabled)."""
+    try:
+        ok = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return ("unshare", "-rn") if ok.returncode == 0 else ()
+
+
+def _limits(timeout: float) -> None:
+    """In the test process, before it runs: memory, CPU time, file size and process count."""
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    cpu = math.ceil(timeout) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 24, 1 << 24))
+
+
+def _passes(code: str, test: str, timeout: float) -> bool:
+    env = {"PATH": os.defpath, "PYTHONHASHSEED": "0"}
+    program = f"{NO_SOCKETS}\n{code}\n\n{test}\n"
+    command = [*_isolation_prefix(), sys.executable, "-I", "-c", program]
+    with tempfile.TemporaryDirectory() as folder:
+        process = subprocess.Popen(
+            command,
+            cwd=folder,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: a timeout ends its children too
+            preexec_fn=functools.partial(_limits, timeout),
+        )
+        try:
+            return process.wait(timeout=timeout) == 0
+        except subprocess.TimeoutExpired:
+            return False
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+BUILT_IN: dict[str, Callable[..., RewardFn]] = {
+    "numeric_answer": numeric_answer,
+    "format": format_match,
+    "length_penalty": length_penalty,
+    "code_tests": code_tests,
+}
+
+
+@dataclass
+class Reward:
+    name: str
+    fn: RewardFn
+    weight: float
+
+
+def _import(path: str) -> Callable:
+    module, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise XtunerError(f"cannot import reward function {path!r}: {exc}") from None
+
+
+def build_rewards(specs: list[Any]) -> list[Reward]:
+    """``specs``: callables, dotted paths, or dicts ``dict(type=BUILT_IN name | fn=callable or
+    dotted path, weight=1.0, name=..., **settings)``. Every problem is raised at once."""
+    if not specs:
+        raise XtunerError("objective.rewards: give at least one reward function")
+    rewards, problems = [], []
+    for i, spec in enumerate(specs):
+        where = f"objective.rewards[{i}]"
+        spec = spec if isinstance(spec, dict) else {"fn": spec}
+        settings = {k: v for k, v in spec.items() if k not in ("type", "fn", "weight", "name")}
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            problems.append(f"{where}.weight: expected a number, got {weight!r}")
+            continue
+        try:
+            if "type" in spec:
+                if spec["type"] not in BUILT_IN:
+                    raise XtunerError(
+                        f"unknown reward {spec['type']!r} (built in: {', '.join(BUILT_IN)})"
+                    )
+                fn, name = BUILT_IN[spec["type"]](**settings), spec["type"]
+            else:
+                fn = _import(spec["fn"]) if isinstance(spec.get("fn"), str) else spec.get("fn")
+                if not callable(fn):
+                    raise XtunerError("expected dict(type=...) or a callable / dotted path")
+                if settings:
+                    raise XtunerError(f"unknown settings {sorted(settings)} for a callable")
+                name = getattr(fn, "__name__", f"reward_{i}")
+        except (XtunerError, TypeError, re.error) as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        rewards.append(Reward(spec.get("name", name), fn, float(weight)))
+    names = [r.name for r in rewards]
+    for name in {n for n in names if names.count(n) > 1}:
+        problems.append(f"objective.rewards: two rewards are named {name!r}; give each a name=")
+    if problems:
+        raise XtunerError("reward configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+    return rewards
+
+
+def score(rewards: list[Reward], row: dict, completion: str, where: str) -> list[float]:
+    """Each reward's value for one completion; a failure names the reward and the row."""
+    values = []
+    for reward in rewards:
+        try:
+            value = reward.fn(row, completion)
+        except Exception as exc:  # noqa: BLE001 - user code: stop with its name and the row
+            raise RewardError(
+                f"reward {reward.name!r} raised {type(exc).__name__}: {exc} (prompt {where}, "
+                f"completion {completion[:80]!r})"
+            ) from exc
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise RewardError(
+                f"reward {reward.name!r} returned {value!r}, not a finite number (prompt {where})"
+            )
+        values.append(float(value))
+    return values
+
+
+__all__ = [
+    "BUILT_IN",
+    "Reward",
+    "RewardError",
+    "build_rewards",
+    "code_tests",
+    "extract_answer",
+    "format_match",
+    "length_penalty",
+    "numeric_answer",
+    "score",
+]
