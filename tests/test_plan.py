@@ -245,3 +245,35 @@ def test_dora_magnitudes_and_reward_head_are_counted(tmp_path):
     assert live.get("activations") == pytest.approx(2 * sft.get("activations"), rel=0.01)
     assert live.get("reference forward") > 0 and cached.get("reference forward") == 0
     assert live.total > cached.total > sft.total
+
+
+def test_grpo_plans_the_rollout_cache_the_engine_allocates(tmp_path):
+    """The planned rollout KV cache covers what the bundled engine allocates while sampling
+    every completion of a step together; num_iterations > 1 and a KL
+    term add the no-grad forward; rollouts are a transient, not held through backward."""
+    from xtuner_lite.hub import load_model
+    from xtuner_lite.inference import InferenceEngine, SamplingParams
+
+    path, shape = _tiny(tmp_path, 2, **SHAPES[1])
+    rows, prompt, new = 6, 40, 150
+    engine = InferenceEngine(load_model(path, dtype="float32").eval())
+    for i in range(rows):
+        engine.add_request(list(range(5, 5 + prompt)), SamplingParams(max_new_tokens=new, seed=i))
+    allocated = 0
+    while engine.has_work:
+        engine.step()
+        cache = engine.runner.cache
+        if cache is not None:
+            allocated = max(allocated, sum(t.numel() * 4 for t in cache.keys + cache.values))
+    s = PlanSettings(
+        method="full", max_length=prompt + new, batch_size=1,
+        sequences_per_item=rows, rollout_rows=rows, rollout_new_tokens=new,
+    )  # fmt: skip
+    plan = plan_memory(shape, s)
+    # the allocation settled at the end, plus at most half of it while the buffers grew
+    assert allocated <= plan.get("rollout KV cache") <= 1.5 * allocated
+    assert plan.get("no-grad forward") == 0
+    again = plan_memory(shape, PlanSettings(**{**s.__dict__, "nograd_passes": 2}))
+    assert again.get("no-grad forward") > 0
+    without = plan_memory(shape, PlanSettings(**{**s.__dict__, "rollout_rows": 0}))
+    assert plan.total == without.total  # smaller than backward's transient: not added to it

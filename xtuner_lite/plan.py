@@ -142,6 +142,13 @@ class PlanSettings:
     preference: bool = False
     reference: str = "none"
     reward_head: bool = False  # a reward model's one-score head (trained)
+    # RL (GRPO): rows hold one completion each, ``sequences_per_item`` (G) per prompt; before
+    # training, ``rollout_rows`` completions are sampled together with a KV cache of
+    # ``max_length`` columns, and ``nograd_passes`` forwards (old log-probs, reference) run
+    sequences_per_item: int = 1
+    rollout_rows: int = 0
+    rollout_new_tokens: int = 0  # of max_length, the completion's share
+    nograd_passes: int = 0
 
 
 # components alive only during forward/backward, or only during the optimizer step
@@ -155,6 +162,9 @@ BACKWARD = (
     "DoRA weight",
 )
 STEP = ("optimizer step",)
+# alive only while rollouts are sampled and scored, before the step's forward/backward
+ROLLOUT = ("rollout KV cache", "rollout logits", "no-grad forward")
+KV_GROW = 128  # the engine's cache grows by this many columns
 
 
 @dataclass
@@ -163,10 +173,11 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        """Peak: what is held throughout, plus the larger of the two transients — forward /
-        backward (activations, logits) and the optimizer step — which never overlap."""
-        held = sum(b for n, b, _ in self.components if n not in BACKWARD + STEP)
-        return held + max(sum(map(self.get, BACKWARD)), sum(map(self.get, STEP)))
+        """Peak: what is held throughout, plus the largest of the transients — forward /
+        backward (activations, logits), the optimizer step and RL's rollouts — which never
+        overlap."""
+        held = sum(b for n, b, _ in self.components if n not in BACKWARD + STEP + ROLLOUT)
+        return held + max(sum(map(self.get, group)) for group in (BACKWARD, STEP, ROLLOUT))
 
     def get(self, name: str) -> float:
         return sum(b for n, b, _ in self.components if n == name)
@@ -320,8 +331,10 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
         plan.components.append(
             ("reference model", base * sum(p.values()), "the frozen reference copy")
         )
-    tokens = s.batch_size * s.max_length * (2 if s.preference else 1)
+    tokens = s.batch_size * s.max_length * (2 if s.preference else s.sequences_per_item)
     layer = layer_activation_bytes(shape, s, tokens) + layer_weight_copies(shape, s)
+    if s.rollout_rows:
+        plan.components += _rollout_components(shape, s, tokens)
     if s.reference in ("live", "copy"):
         plan.components.append(
             (
@@ -383,6 +396,31 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
         )
     plan.components.append(("overhead", s.overhead_gib * GiB, "CUDA context, allocator slack"))
     return plan
+
+
+def _rollout_components(shape: Shape, s: PlanSettings, tokens: int) -> list:
+    """The sampler's KV cache and logits, and the no-grad passes over the sampled batch."""
+    # the engine's buffers: the prompt plus room grown KV_GROW columns at a time; while it
+    # grows, the new keys are built before the old values are freed
+    new = s.rollout_new_tokens or s.max_length
+    columns = s.max_length - new + -(-new // KV_GROW) * KV_GROW
+    weights = 4 if s.method == "full" else DTYPE_BYTES[s.base_dtype]
+    per_column = 2 * shape.layers * shape.kv_heads * shape.head_dim * s.rollout_rows * weights
+    kv = per_column * columns + (per_column * (columns - KV_GROW) / 2 if new > KV_GROW else 0)
+    parts = [
+        ("rollout KV cache", kv, f"keys and values of {s.rollout_rows} completions sampled "
+         f"together, {columns} positions each, and the old half while it grows"),
+        ("rollout logits", 3 * 4 * s.rollout_rows * shape.vocab,
+         "fp32 next-token logits and the sampler's sorted copies, per row"),
+    ]  # fmt: skip
+    if s.nograd_passes:
+        one = layer_activation_bytes(shape, s, tokens) + DTYPE_BYTES[s.compute_dtype] * (
+            shape.hidden * tokens
+        )
+        logps = 4 * shape.vocab * (min(s.chunk_size, tokens) if s.chunk_size else tokens)
+        parts.append(("no-grad forward", one + logps, f"{s.nograd_passes} pass(es) for old / "
+                      "reference log-probs: one layer's working set at a time"))  # fmt: skip
+    return parts
 
 
 def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
@@ -471,7 +509,7 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         lora_dtype=model.get("lora_dtype", "fp32"),
         base_dtype=model.get("dtype", "fp32"),
         compute_dtype=autocast or "fp32",
-        max_length=int(data.get("max_length", 2048)),
+        max_length=_max_length(data, dict(cfg.get("objective") or {})),
         batch_size=int(train.get("batch_size", 1)),
         gradient_checkpointing=model.get("gradient_checkpointing", False),
         chunk_size=int(train.get("chunk_size", 1024)),
@@ -479,14 +517,37 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         dora=bool(lora.get("use_dora", False)),
         **_objective_settings(dict(cfg.get("objective") or {}), model.get("method", "lora")),
     )
+    objective = dict(cfg.get("objective") or {})
+    if objective.get("type") == "grpo":  # every prompt of a step is sampled at once
+        rows = settings.batch_size * int(train.get("accumulative_counts", 1))
+        rows *= settings.sequences_per_item
+        settings = replace(
+            settings,
+            rollout_rows=min(rows, objective.get("max_batch_size", 64)),
+            rollout_new_tokens=int(objective.get("max_new_tokens", 128)),
+        )
 
     return shape, replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _max_length(data: dict[str, Any], objective: dict[str, Any]) -> int:
+    """Tokens per sequence: the data's max_length, or for RL a prompt plus its completion."""
+    if objective.get("type") == "grpo":
+        return int(data.get("max_prompt_length", 512)) + int(objective.get("max_new_tokens", 128))
+    return int(data.get("max_length", 2048))
 
 
 def _objective_settings(objective: dict[str, Any], method: str) -> dict[str, Any]:
     kind = objective.get("type", "sft")
     if kind == "sft":
         return {}
+    if kind == "grpo":
+        return dict(
+            sequences_per_item=int(objective.get("num_generations", 4)),
+            nograd_passes=int(objective.get("num_iterations", 1) > 1)
+            + int(objective.get("beta", 0.0) > 0),
+            reference="copy" if objective.get("beta") and method == "full" else "none",
+        )
     needs_reference = kind in ("dpo", "kto")
     if not needs_reference:
         reference = "none"
@@ -513,7 +574,7 @@ def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
     table.add_row(
         "total",
         f"{plan.total / GiB:.2f}",
-        "peak per device: held + the larger of backward's and the step's transients",
+        "peak per device: held + the largest transient (backward, optimizer step, rollouts)",
     )
     console = Console()
     console.print(table)

@@ -24,29 +24,52 @@ MODEL_TYPES = ("llama", "qwen2")  # full attention, RMSNorm, rotary, gated SiLU-
 PACK_MEMORY_SHARE = 0.25  # pack only when the packed copy fits in this share of free memory
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why ``FastDecoder`` cannot run ``model`` (None when it can)."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in MODEL_TYPES:
         return f"model type {getattr(config, 'model_type', None)!r} is not one of {MODEL_TYPES}"
-    if hasattr(model, "peft_config"):
-        return "it carries unmerged adapters"
-    if type(getattr(model, "lm_head", None)) is not nn.Linear:
-        return "the output head is not a plain Linear layer"
+    lm = causal_lm(model)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return "the logits are rescaled"
-    for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+    for layer in getattr(getattr(lm, "model", None), "layers", None) or []:
         if getattr(layer.self_attn, "sliding_window", None):
             return "it uses sliding-window attention"
     try:
-        wrapped = any(type(m) is not nn.Linear for m in _linears(model))
+        layers = _linears(lm)
     except AttributeError as err:
         return f"its modules are not laid out as Llama's ({err})"
-    return "its projections are wrapped (adapter or quantized layers)" if wrapped else None
+    odd = [type(m).__name__ for m in layers if type(m) is not nn.Linear and not _plain_lora(m)]
+    if odd:
+        return f"its projections are wrapped ({odd[0]}: quantized or not plain LoRA layers)"
+    return None
 
 
-def _linears(model: nn.Module) -> list[nn.Linear]:
-    """Every projection the decode step multiplies by, the output head last."""
+def _plain_lora(module: nn.Module) -> bool:
+    """A peft LoRA layer over a plain Linear, unmerged, without DoRA or other variants."""
+    return (
+        type(getattr(module, "base_layer", None)) is nn.Linear
+        and hasattr(module, "lora_A")
+        and not getattr(module, "merged_adapters", None)
+        and not getattr(module, "lora_variant", None)
+        and all(type(a) is nn.Linear for a in module.lora_A.values())
+        and all(type(b) is nn.Linear for b in module.lora_B.values())
+    )
+
+
+def _base(module: nn.Module) -> nn.Linear:
+    """The frozen Linear of a projection (itself when it has no adapter)."""
+    return module.base_layer if hasattr(module, "base_layer") else module
+
+
+def _linears(model: nn.Module) -> list[nn.Module]:
+    """Every projection the decode step multiplies by, the output head last (a Linear, or a
+    LoRA layer holding one)."""
     found = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -62,8 +85,8 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
     return found + [model.lm_head]
 
 
-def _weight_bytes(linears: list[nn.Linear]) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for m in linears)
+def _weight_bytes(linears: list[nn.Module]) -> int:
+    return sum(_base(m).weight.numel() * _base(m).weight.element_size() for m in linears)
 
 
 def _free_memory() -> int:
@@ -75,7 +98,8 @@ def _free_memory() -> int:
 
 
 def _should_pack(model: nn.Module) -> bool:
-    if model.lm_head.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    head = _base(model.lm_head)
+    if head.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     return _weight_bytes(_linears(model)) <= PACK_MEMORY_SHARE * _free_memory()
 
@@ -109,14 +133,17 @@ class FastDecoder:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"FastDecoder cannot run this model: {reason}")
+        model = causal_lm(model)
         self.model, self.inner = model, model.model
         self.heads = model.config.num_attention_heads
         self.kv_heads = model.config.num_key_value_heads
         self.head_dim = self.inner.layers[0].self_attn.head_dim
         if pack is None:
             pack = _should_pack(model)
+        # packed copies of the frozen weights (a LoRA layer's base; its A and B are read live,
+        # so the decoder follows an adapter being trained)
         self._packed: dict[nn.Linear, torch.Tensor] = {}
-        for linear in _linears(model) if pack else []:
+        for linear in [_base(m) for m in _linears(model)] if pack else []:
             packed = _pack(linear.weight)
             if packed is None:  # this build cannot: every product takes the plain path
                 self._packed.clear()
@@ -128,8 +155,22 @@ class FastDecoder:
         """Memory held by the packed weight copies."""
         return _weight_bytes(list(self._packed))
 
-    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``layer(x)`` for a (rows, features) ``x`` (see the module docstring)."""
+    def _linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` for a (rows, features) ``x`` (see the module docstring); a LoRA layer
+        adds each active adapter's ``B(A(x)) * scaling`` (in eval, dropout is the identity)."""
+        if not hasattr(layer, "base_layer"):
+            return self._plain(layer, x)
+        out = self._plain(layer.base_layer, x)
+        if layer.disable_adapters:
+            return out
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                a, b = layer.lora_A[name], layer.lora_B[name]
+                low = self._plain(a, x.to(a.weight.dtype))
+                out = out + (self._plain(b, low) * layer.scaling[name]).to(out.dtype)
+        return out
+
+    def _plain(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed.get(layer)
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")

@@ -24,16 +24,16 @@ objective = dict(
     ],
     num_generations=4,
     max_new_tokens=96,
-    temperature=1.0,
+    temperature=0.7,  # at 1.0 this small model's samples are mostly noise
     epsilon=0.2,
     aggregation="grpo",
     beta=0.0,
 )
 train.update(  # noqa: F405
-    batch_size=2,  # prompts per micro-batch (x num_generations completions)
-    accumulative_counts=2,
+    batch_size=4,  # prompts per micro-batch (x num_generations completions)
+    accumulative_counts=1,
     epochs=None,
-    max_iters=40,
+    max_iters=50,
     lr=2e-4,
     warmup_ratio=0.05,
     save_steps=20,
