@@ -285,3 +285,41 @@ def test_engine_flags_need_several_processes(tmp_path, tiny_llama):
     for flags in ({"fsdp": True}, {"deepspeed": "zero2"}):
         with pytest.raises(XtunerError, match="need several processes: launch with NPROC_PER_N"):
             train(config, work_dir=tmp_path / "w", **flags)
+
+
+GRPO_CONFIG = """
+model = dict(pretrained={model!r}, method="lora", lora=dict(r=8, alpha=16, dropout=0.0))
+train_dataset = dict(data_files={data!r}, tokenizer={model!r}, template="smollm2",
+                     map_fn="question")
+objective = dict(type="grpo", num_generations=3, max_new_tokens=10, num_iterations=2,
+                 beta=0.05, rewards=[dict(type="numeric_answer"),
+                                     dict(type="length_penalty", max_chars=50)])
+train = dict(batch_size=1, accumulative_counts=1, max_iters=3, lr=1e-2, dtype=None,
+             warmup_ratio=0.0, save_steps=4, save_total_limit=2, log_interval=1)
+"""
+
+
+def test_grpo_two_processes_split_the_prompts_and_equal_one_process(tmp_path, tiny_llama):
+    """Each rank samples its own prompts' completions (seeded by prompt and step, not rank),
+    and the loss is normalized over the global batch: 2 processes x 1 prompt equal 1 process
+    x 2 prompts (accumulation 2)."""
+    from xtuner_lite.rl.arithmetic import write_splits
+
+    write_splits(tmp_path, train=12, test=2)
+    config = tmp_path / "grpo.py"
+    config.write_text(
+        GRPO_CONFIG.format(model=tiny_llama, data=str(tmp_path / "arithmetic_train.jsonl"))
+    )
+    one = _train(config, tmp_path / "one", 1, "--cfg-options", "train.accumulative_counts=2")
+    two = _train(config, tmp_path / "two", 2)
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, abs=1e-5)
+    assert any(abs(x) > 1e-4 for x in one)  # the second update of each batch has a loss
+    rewards = [
+        [json.loads(x)["reward"] for x in open(tmp_path / run / "loss.jsonl")]
+        for run in ("one", "two")
+    ]
+    assert rewards[0] == pytest.approx(rewards[1], abs=1e-6)  # the same completions sampled
+    ours, theirs = _weights(tmp_path / "two" / "adapter"), _weights(tmp_path / "one" / "adapter")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=2e-4, rtol=0)
