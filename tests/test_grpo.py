@@ -283,3 +283,31 @@ def test_grpo_config_problems():
     text = str(err.value)
     assert "num_generations must be >= 2" in text and "aggregation must be one of" in text
     assert "temperature must be > 0" in text
+
+
+@pytest.mark.parametrize("equal_groups", ["keep", "skip"])
+def test_groups_with_equal_rewards_are_counted_and_kept_or_skipped(
+    tmp_path, tiny_llama, arithmetic, smol_tokenizer, equal_groups
+):
+    from xtuner_lite.data.templates import get_template
+    from xtuner_lite.hub import load_model
+
+    prompts, _ = process_prompt_dataset(str(arithmetic), smol_tokenizer, "smollm2")
+    first = prompts[0].row["question"]
+
+    def first_fixed(row: dict, completion: str) -> float:
+        """All of the first prompt's completions get 1 (equal rewards); the others vary."""
+        return 1.0 if row["question"] == first else float(len(completion))
+
+    objective = build_objective(dict(type="grpo", rewards=[first_fixed],
+                                     num_generations=3, max_new_tokens=8,
+                                     equal_groups=equal_groups))  # fmt: skip
+    objective.bind(smol_tokenizer, get_template("smollm2"), seed=0, rank=0, work_dir=None)
+    llm = load_model(tiny_llama, dtype="float32")
+    batches = objective.prepare(llm, [{"prompts": prompts[:2], "indices": [0, 1]}], step=0)
+    (batch,) = batches
+    assert batch["advantages"][:3].tolist() == [0.0, 0.0, 0.0]
+    expected = [0.0] * 3 + [1.0] * 3 if equal_groups == "skip" else [1.0] * 6
+    assert batch["weights"].tolist() == expected
+    assert objective.units(batch) == sum(expected)
+    assert objective.take_metrics()["groups/all_equal"] == (1.0, 2)
