@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from sides import report, run_side
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CONFIG = "prepare_c4_wiki_demo"
@@ -34,17 +34,17 @@ def run_child(workers: int, out: Path, tasks: int) -> dict:
         "output": str(out),
         "run.tasks": tasks,
     }  # fmt: skip
-    report = prepare(load_prepare_config(CONFIG, overrides), workers=workers, quiet=True)
+    done = prepare(load_prepare_config(CONFIG, overrides), workers=workers, quiet=True)
     digest = hashlib.sha256()
     for path in sorted((out / "data").glob("*.jsonl")):
         digest.update(path.name.encode() + path.read_bytes())
-    seconds = sum(report["seconds"].values())
+    seconds = sum(done["seconds"].values())
     return {
         "workers": workers,
         "seconds": seconds,
-        "documents": report["documents_in"],
-        "documents_out": report["documents_out"],
-        "mb": report["input_bytes"] / 1e6,
+        "documents": done["documents_in"],
+        "documents_out": done["documents_out"],
+        "mb": done["input_bytes"] / 1e6,
         "output_sha256": digest.hexdigest(),
     }
 
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.child:
-        print("RESULT " + json.dumps(run_child(opts.child, opts.out, opts.tasks)))
+        report(run_child(opts.child, opts.out, opts.tasks))
         return
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for _ in range(opts.repeats):
@@ -65,11 +65,7 @@ def main() -> None:
             out = Path(tempfile.mkdtemp(prefix=f"bench_dataprep_{workers}_"))
             cmd = [sys.executable, __file__, "--child", str(workers), "--out", str(out),
                    "--tasks", str(opts.tasks)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if done.returncode or not line:
-                sys.exit(f"workers={workers} failed:\n{done.stderr[-3000:]}")
-            runs[workers].append(json.loads(line[0][7:]))
+            runs[workers].append(run_side(cmd, f"workers={workers}"))
     hashes = {r["output_sha256"] for rs in runs.values() for r in rs}
     print(f"{CONFIG}: {runs[1][0]['documents']} documents, {runs[1][0]['mb']:.2f} MB in, "
           f"{runs[1][0]['documents_out']} out, {opts.tasks} tasks")  # fmt: skip

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sides import report, run_side
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,10 +35,6 @@ DEFAULT_FILE = SHARED / "pref" / "llamafactory_dpo_en_demo.json"
 LORA = dict(r=16, alpha=32, dropout=0.05)
 MODEL = "smollm2-135m-instruct"
 SIDES = ("ours", "ours-packed", "ours-cached", "trl")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def prompt_messages(row: dict) -> list[dict]:
@@ -165,7 +161,7 @@ def run_trl(opts: argparse.Namespace) -> dict:
     return {"seconds": time.perf_counter() - start, "pairs": len(trainer.train_dataset)}
 
 
-def run_side(side: str, opts: argparse.Namespace) -> dict:
+def run_one(side: str, opts: argparse.Namespace) -> dict:
     if side == "trl":
         return run_trl(opts)
     return run_ours(opts, packed=side != "ours", cached=side == "ours-cached")
@@ -178,11 +174,7 @@ def child(side: str, opts: argparse.Namespace) -> dict:
     cmd += (
         ["--checkpoint-fraction", str(opts.checkpoint_fraction)] if opts.checkpoint_fraction else []
     )
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode != 0 or not line:
-        sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-    result = json.loads(line[0][7:])
+    result = run_side(cmd, side)
     result["pairs_per_s"] = result["pairs"] / result["seconds"]
     return result
 
@@ -204,9 +196,7 @@ def main() -> None:
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.side:  # child process: one side, one JSON line on stdout
-        result = run_side(opts.side, opts)
-        result["peak_rss_mib"] = peak_rss_mib()
-        print("RESULT " + json.dumps(result))
+        report(run_one(opts.side, opts))
         return
     from xtuner_lite.hub import resolve_model_path
 

@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sides import report, run_side
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -37,10 +37,6 @@ MODEL = "smollm2-135m-instruct"
 LORA = dict(r=16, alpha=32, dropout=0.0)
 FINAL_LINE = r"####\s*-?\d+\s*$"
 SIDES = ("ours", "trl")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_ours(opts: argparse.Namespace) -> dict:
@@ -145,11 +141,7 @@ def child(side: str, opts: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--steps", str(opts.steps)]
     cmd += ["--prompts", str(opts.prompts), "--generations", str(opts.generations)]
     cmd += ["--max-new-tokens", str(opts.max_new_tokens)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode != 0 or not line:
-        sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-    result = json.loads(line[0][7:])
+    result = run_side(cmd, side)
     result["steps_per_s"] = result["steps"] / result["seconds"]
     return result
 
@@ -165,9 +157,7 @@ def main() -> None:
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.side:  # child process: one side, one JSON line on stdout
-        result = run_ours(opts) if opts.side == "ours" else run_trl(opts)
-        result["peak_rss_mib"] = peak_rss_mib()
-        print("RESULT " + json.dumps(result))
+        report(run_ours(opts) if opts.side == "ours" else run_trl(opts))
         return
     from xtuner_lite.hub import resolve_model_path
 

@@ -16,10 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sides import report, run_side
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,18 +65,14 @@ def main() -> None:
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.side:
-        print("RESULT " + json.dumps(run(opts.side, opts.rows, opts.new_tokens)))
+        report({"tokens_per_s": run(opts.side, opts.rows, opts.new_tokens)})
         return
     results = {side: [] for side in SIDES}
     for _ in range(opts.repeats):
         for side in SIDES:
             cmd = [sys.executable, __file__, "--side", side, "--rows", str(opts.rows)]
-            out = subprocess.run(cmd + ["--new-tokens", str(opts.new_tokens)],
-                                 capture_output=True, text=True)  # fmt: skip
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-            results[side].append(json.loads(line[0][7:]))
+            cmd += ["--new-tokens", str(opts.new_tokens)]
+            results[side].append(run_side(cmd, side)["tokens_per_s"])
     started = time.strftime("%Y-%m-%d")
     lora, plain = (statistics.median(results[s]) for s in SIDES)
     print(f"{started}: {opts.rows} rows x {opts.new_tokens} new tokens, SmolLM2-135M fp32, "

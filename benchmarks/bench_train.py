@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sides import report, run_side
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -27,10 +27,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_FILE = SHARED / "sft" / "llamafactory_alpaca_en_demo.json"
 LORA = dict(r=16, alpha=32, dropout=0.05)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_ours(opts: argparse.Namespace) -> dict:
@@ -171,9 +167,7 @@ def main() -> None:
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.side:  # child process: one side, one JSON line on stdout
-        result = (run_ours if opts.side == "ours" else run_trl)(opts)
-        result["peak_rss_mib"] = peak_rss_mib()
-        print("RESULT " + json.dumps(result))
+        report((run_ours if opts.side == "ours" else run_trl)(opts))
         return
     from xtuner_lite.hub import resolve_model_path
 
@@ -203,11 +197,7 @@ def main() -> None:
                 str(opts.chunk_size),
             ]
             cmd += [] if opts.checkpointing else ["--no-checkpointing"]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-            results[side] = json.loads(line[0][7:])
+            results[side] = run_side(cmd, side)
             results[side]["tokens_per_s"] = results[side]["tokens"] / results[side]["seconds"]
         runs.append(results)
     print(

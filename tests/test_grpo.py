@@ -30,7 +30,7 @@ from xtuner_lite.rl.rewards import (
 )
 from xtuner_lite.training import train
 
-from conftest import loss_curve
+from conftest import loss_curve, tiny_train_cfg
 
 # advantages -----------------------------------------------------------------------------------
 
@@ -230,18 +230,7 @@ def grpo_cfg(model: str, data, **objective) -> dict:
             max_new_tokens=12,
             **objective,
         ),  # fmt: skip
-        train=dict(
-            batch_size=2,
-            accumulative_counts=1,
-            max_iters=4,
-            lr=1e-2,
-            dtype=None,
-            save_steps=2,
-            save_total_limit=3,
-            log_interval=1,
-            warmup_ratio=0,
-            tensorboard=False,
-        ),  # fmt: skip
+        train=tiny_train_cfg(model, batch_size=2, save_total_limit=3)["train"],
     )
 
 
