@@ -210,7 +210,7 @@ def test_prompts_render_the_question_and_keep_the_row(arithmetic, smol_tokenizer
     assert stats.prompts == stats.rows == 16
     text = smol_tokenizer.decode(prompts[0].ids)
     assert text.endswith("<|im_start|>assistant\n") and prompts[0].row["question"] in text
-    assert set(prompts[0].row) == {"question", "answer", "steps"}  # the reward's fields kept
+    assert set(prompts[0].row) == {"question", "answer", "op"}  # the reward's fields kept
     limit = sorted(len(p.ids) for p in prompts)[8]
     short, stats = process_prompt_dataset(str(arithmetic), smol_tokenizer, "smollm2", "question",
                                           max_prompt_length=limit)  # fmt: skip

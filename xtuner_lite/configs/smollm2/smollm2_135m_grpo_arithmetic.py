@@ -1,6 +1,6 @@
 # SmolLM2-135M-Instruct learns seeded arithmetic word problems by GRPO with LoRA on CPU: each step
-# samples 4 completions of 4 prompts from the model being trained (the bundled engine) and
-# rewards an exact final number, plus a little for ending on the "#### N" line.
+# samples 8 completions of 4 prompts from the model being trained (the bundled engine) and
+# rewards an exact final number, plus a little for ending on a "#### N" line.
 from mmengine.config import read_base
 
 with read_base():
@@ -22,7 +22,7 @@ objective = dict(
         dict(type="numeric_answer", answer_key="answer", weight=1.0),
         dict(type="format", pattern=r"####\s*-?\d+\s*$", weight=0.2, name="final_line"),
     ],
-    num_generations=4,
+    num_generations=8,
     max_new_tokens=96,
     temperature=0.7,  # at 1.0 this small model's samples are mostly noise
     epsilon=0.2,
@@ -33,7 +33,7 @@ train.update(  # noqa: F405
     batch_size=4,  # prompts per micro-batch (x num_generations completions)
     accumulative_counts=1,
     epochs=None,
-    max_iters=50,
+    max_iters=40,
     lr=2e-4,
     warmup_ratio=0.05,
     save_steps=20,
