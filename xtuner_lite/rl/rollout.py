@@ -83,10 +83,16 @@ def sample_completions(
 
 
 def completion_batch(
-    completions: list[Completion], advantages: torch.Tensor, weights: torch.Tensor, pad: int
+    completions: list[Completion],
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    pad: int,
+    pad_to_multiple_of: int = 32,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch: a row per completion (prompt + completion, the completion trained),
-    each completion's advantage and weight (0: kept only so every rank runs a step)."""
+    each completion's advantage and weight (0: kept only so every rank runs a step). Widths
+    are rounded up as the SFT loader's are: on CPU every new width makes oneDNN build and keep
+    another set of kernels, and completion lengths change every step."""
     rows = []
     for c in completions:
         ids = c.prompt.ids + c.ids
@@ -99,7 +105,7 @@ def completion_batch(
                 "unit_flags": [],
             }
         )
-    batch = collate_preference(rows, pad)
+    batch = collate_preference(rows, pad, pad_to_multiple_of)
     batch["advantages"] = advantages.float()
     batch["weights"] = weights.float()
     return batch
