@@ -523,6 +523,8 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         rows *= settings.sequences_per_item
         settings = replace(
             settings,
+            batch_size=1,  # a training micro-batch holds micro_batch_size completions
+            sequences_per_item=min(rows, int(objective.get("micro_batch_size", 8))),
             rollout_rows=min(rows, objective.get("max_batch_size", 64)),
             rollout_new_tokens=int(objective.get("max_new_tokens", 128)),
         )

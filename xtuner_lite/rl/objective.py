@@ -81,6 +81,7 @@ class GRPOObjective(Objective):
         beta: float = 0.0,
         equal_groups: str = "keep",
         max_batch_size: int = 64,
+        micro_batch_size: int = 8,
         samples_per_step: int = 4,
         chunk_size: int = 1024,
     ):
@@ -97,6 +98,9 @@ class GRPOObjective(Objective):
         self.aggregation, self.scale_rewards = aggregation, scale_rewards
         self.beta, self.equal_groups = beta, equal_groups
         self.max_batch_size, self.samples_per_step = max_batch_size, samples_per_step
+        # completions per forward/backward: the loss is normalized over the global batch, so
+        # splitting changes memory, not the result
+        self.micro_batch_size = max(1, micro_batch_size)
         self.chunk_size = chunk_size
         self.unit = "completion tokens" if aggregation == "dapo" else "completions"
         self.reference = Reference(chunk_size=chunk_size)
@@ -118,7 +122,7 @@ class GRPOObjective(Objective):
 
     # ------------------------------------------------------------------ rollouts
     def prepare(self, llm: torch.nn.Module, data: list[dict], step: int) -> list[dict]:
-        """Sample, score and batch one step's completions (a micro-batch per prompt batch)."""
+        """Sample, score and batch one step's completions (``micro_batch_size`` a batch)."""
         if self.tokenizer is None:
             raise RuntimeError("GRPOObjective.bind() was not called")
         prompts = [p for micro in data for p in micro["prompts"]]
@@ -134,16 +138,13 @@ class GRPOObjective(Objective):
             keep = (~equal).float().repeat_interleave(self.num_generations)
         self._record_rollouts(completions, rewards, equal, stats)
         self._write_samples(completions, rewards, advantages, step)
-        batches, start = [], 0
-        for micro in data:
-            end = start + len(micro["prompts"]) * self.num_generations
-            part, weights = slice(start, end), keep[start:end]
-            if weights.sum() == 0:  # all skipped: keep one group, weighted 0, so ranks step
-                part = slice(start, start + self.num_generations)
-                weights = torch.zeros(self.num_generations)
-            batch = completion_batch(completions[part], advantages[part], weights, self.pad)
-            batches.append(batch)
-            start = end
+        batches = []
+        for start in range(0, len(completions), self.micro_batch_size):
+            part = slice(start, start + self.micro_batch_size)
+            batches.append(completion_batch(completions[part], advantages[part], keep[part],
+                                            self.pad))  # fmt: skip
+        if all(float(b["weights"].sum()) == 0 for b in batches):
+            batches = batches[:1]  # all skipped: one batch weighted 0, so every rank steps
         self._old_and_reference(llm, batches)
         return batches
 
