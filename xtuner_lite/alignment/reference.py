@@ -20,9 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from xtuner_lite.atomic import atomic_path
 from xtuner_lite.data.pipeline import dataset_cache_dir
-from xtuner_lite.labels import IGNORE_INDEX
-from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps
-from xtuner_lite.model.loss import shift_labels
+from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps, token_owner
 
 
 class Reference:
@@ -48,12 +46,7 @@ class Reference:
     @torch.no_grad()
     def logps(self, llm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         if "ref_logps" in batch:
-            tokens = torch.bincount(
-                batch["seq_index"].reshape(-1)[
-                    shift_labels(batch["labels"]).reshape(-1) != IGNORE_INDEX
-                ],
-                minlength=int(batch["num_sequences"]),
-            )
+            tokens = torch.bincount(token_owner(batch), minlength=int(batch["num_sequences"]))
             return SequenceLogps(batch["ref_logps"].float(), tokens)
         if self.model is None:
             if not hasattr(llm, "disable_adapter"):

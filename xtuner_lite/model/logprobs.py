@@ -103,6 +103,12 @@ def logps_from_hidden(
     return SequenceLogps(totals, tokens)
 
 
+def token_owner(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sequence each trained token of a packed batch belongs to, in batch order."""
+    targets = shift_labels(batch["labels"]).reshape(-1)
+    return batch["seq_index"].reshape(-1)[targets != IGNORE_INDEX]
+
+
 def trained_token_logps(
     hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,5 +148,6 @@ __all__ = [
     "sequence_logps",
     "sequence_scores",
     "token_logps",
+    "token_owner",
     "trained_token_logps",
 ]

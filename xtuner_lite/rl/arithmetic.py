@@ -14,7 +14,8 @@ from pathlib import Path
 NAMES = "Ada Ben Cleo Dan Eva Finn Gia Hugo Ines Jon Kai Lena Milo Nora Omar Pia".split()
 THINGS = "apples marbles stickers books pencils coins shells cards stamps cookies".split()
 
-# (template, operation): one step each; SmolLM2-135M-Instruct answers about a quarter greedily
+# (template, operation): one step each, so the embedded model starts on the task without
+# mastering it (its measured accuracy is in docs/benchmarks.md)
 ONE_STEP = [
     ("{n} has {a} {t}. {n} gets {b} more {t}. How many {t} does {n} have now?", "+"),
     ("{n} has {a} {t} and gives away {b} of them. How many {t} are left?", "-"),

@@ -38,6 +38,12 @@ def group_advantages(
     return centred, equal
 
 
+def loss_units(aggregation: str, weights: torch.Tensor, owner: torch.Tensor) -> int:
+    """What the summed loss is divided by, over the global batch: the counted sequences, or
+    for ``dapo`` their completion tokens."""
+    return int(weights[owner].sum() if aggregation == "dapo" else weights.sum())
+
+
 @dataclass
 class GRPOLoss:
     """``total`` / (global ``units``) is the step's loss; the rest is logged."""
@@ -86,15 +92,15 @@ def grpo_loss(
     if weights is None:
         weights = torch.ones(num_sequences, device=logps.device)
     per_token = per_token * weights.to(per_token.dtype)[owner]
-    tokens = torch.bincount(owner, minlength=num_sequences)
-    sequences = int(weights.sum())
     if aggregation == "grpo":
+        tokens = torch.bincount(owner, minlength=num_sequences)
         sums = per_token.new_zeros(num_sequences).index_add(0, owner, per_token)
-        total, units = (sums / tokens.clamp(min=1)).sum(), sequences
+        total = (sums / tokens.clamp(min=1)).sum()
     elif aggregation == "dapo":
-        total, units = per_token.sum(), int(weights[owner].sum())
+        total = per_token.sum()
     else:
-        total, units = per_token.sum() / max_completion_length, sequences
+        total = per_token.sum() / max_completion_length
+    units = loss_units(aggregation, weights, owner)
     detached = ratio.detach()
     return GRPOLoss(
         total,
@@ -105,4 +111,4 @@ def grpo_loss(
     )
 
 
-__all__ = ["AGGREGATIONS", "SCALES", "GRPOLoss", "group_advantages", "grpo_loss"]
+__all__ = ["AGGREGATIONS", "SCALES", "GRPOLoss", "group_advantages", "grpo_loss", "loss_units"]

@@ -21,10 +21,8 @@ from xtuner_lite.data.templates import stop_token_ids
 from xtuner_lite.engine.objectives import Objective
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference.sampling import SamplingParams
-from xtuner_lite.labels import IGNORE_INDEX
-from xtuner_lite.model.logprobs import token_logps
-from xtuner_lite.model.loss import shift_labels
-from xtuner_lite.rl.losses import AGGREGATIONS, SCALES, group_advantages, grpo_loss
+from xtuner_lite.model.logprobs import token_logps, token_owner
+from xtuner_lite.rl.losses import AGGREGATIONS, SCALES, group_advantages, grpo_loss, loss_units
 from xtuner_lite.rl.rewards import Reward, build_rewards, score
 from xtuner_lite.rl.rollout import Completion, completion_batch, sample_completions
 
@@ -179,11 +177,7 @@ class GRPOObjective(Objective):
 
     # ------------------------------------------------------------------ the loss
     def units(self, batch: dict[str, torch.Tensor]) -> int:
-        weights = batch["weights"]
-        if self.aggregation != "dapo":
-            return int(weights.sum())
-        owner = _owner(batch)
-        return int(weights[owner].sum())
+        return loss_units(self.aggregation, batch["weights"], token_owner(batch))
 
     def loss_sum(self, llm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logps, owner = token_logps(llm, batch, self.chunk_size)
@@ -238,11 +232,6 @@ class GRPOObjective(Objective):
                                     "reward": round(float(r), 4), "advantage": round(float(a), 4),
                                     "truncated": c.truncated, "time": time.time()},
                                    ensure_ascii=False) + "\n")  # fmt: skip
-
-
-def _owner(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    targets = shift_labels(batch["labels"]).reshape(-1)
-    return batch["seq_index"].reshape(-1)[targets != IGNORE_INDEX]
 
 
 __all__ = ["GRPOObjective"]
