@@ -134,19 +134,26 @@ def show_stages(
         )
 
 
+def _resolved(cfg: dict[str, Any], process: Any) -> tuple[dict[str, Any], Any]:
+    """A ``train_dataset`` dict checked against ``process`` with its tokenizer and template
+    loaded once (for the preview and the full run), and the tokenizer."""
+    cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
+    check_kwargs(process, cfg, "train_dataset")
+    tokenizer = resolve_tokenizer(cfg["tokenizer"])
+    cfg.update(
+        tokenizer=tokenizer,
+        template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]),
+    )
+    return cfg, tokenizer
+
+
 def check_dataset(
     cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None, full: bool = False
 ) -> DatasetStats:
     """Show stages for the first rows, process everything, print and return the stats.
     ``full``: show long texts whole."""
     console = console or Console()
-    cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
-    check_kwargs(process_dataset, cfg, "train_dataset")
-    tokenizer = resolve_tokenizer(cfg["tokenizer"])  # once, for the preview and the full run
-    cfg.update(
-        tokenizer=tokenizer,
-        template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]),
-    )
+    cfg, _ = _resolved(cfg, process_dataset)
     if num_samples:
         show_stages(cfg, num_samples, console, full)
     processed = process_dataset(**cfg)
@@ -176,14 +183,7 @@ def check_preference_dataset(
     trained span in green) and the dataset and pair statistics."""
     console = console or Console()
     limit = None if full else CLIP
-    cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
-    cfg["kind"] = cfg.get("kind", kind)
-    check_kwargs(process_preference_dataset, cfg, "train_dataset")
-    tokenizer = resolve_tokenizer(cfg["tokenizer"])
-    cfg.update(
-        tokenizer=tokenizer,
-        template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]),
-    )
+    cfg, tokenizer = _resolved({"kind": kind, **dict(cfg)}, process_preference_dataset)
     processed = process_preference_dataset(**cfg)
     data = processed.data
     names = ("chosen", "rejected") if cfg["kind"] == "pairs" else ("completion", "KL completion")
@@ -220,13 +220,7 @@ def check_prompt_dataset(
     """Read an RL prompt dataset; show the first prompts as the model sees them, with the row
     fields the rewards receive, and how many rows were kept and skipped (with why)."""
     console = console or Console()
-    cfg = {k: v for k, v in dict(cfg).items() if k != "type"}
-    check_kwargs(process_prompt_dataset, cfg, "train_dataset")
-    tokenizer = resolve_tokenizer(cfg["tokenizer"])
-    cfg.update(
-        tokenizer=tokenizer,
-        template=resolve_template(cfg.get("template"), tokenizer, cfg["tokenizer"]),
-    )
+    cfg, tokenizer = _resolved(cfg, process_prompt_dataset)
     prompts, stats = process_prompt_dataset(**cfg)
     for i, prompt in enumerate(prompts[:num_samples]):
         fields = json.dumps(prompt.row, ensure_ascii=False)[:CLIP]
