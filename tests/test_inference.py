@@ -159,10 +159,11 @@ def test_chat_drops_oldest_turns_to_fit_the_context():
     session = ChatSession("smollm2-135m-instruct", options=GenerationOptions(max_new_tokens=8))
     session.ask("Name a colour.")
     session.ask("Name a fruit.")
-    full = session._prompt_ids("Name an animal.")
+    animal = [{"role": "user", "content": "Name an animal."}]
+    full = session._prompt_ids(animal)
     tok = session.tokenizer
     session.context_length = len(full) + 8 - 1  # one token short: the oldest turn goes
-    trimmed = tok.decode(session._prompt_ids("Name an animal."))
+    trimmed = tok.decode(session._prompt_ids(animal))
     assert "colour" not in trimmed and "fruit" in trimmed and "animal" in trimmed
     assert "colour" in tok.decode(full)
 

@@ -85,11 +85,13 @@ def test_generation_prompts():
 @pytest.mark.parametrize("with_system", [True, False])
 @pytest.mark.parametrize("name", ["smollm2", "auto"])
 def test_smollm2_byte_identical_to_apply_chat_template(name, with_system, smol_tokenizer):
+    """Tool messages are left out: SmolLM2's jinja has no tool syntax, ours writes Qwen2.5's
+    (tests/test_tools.py checks that against Qwen2.5's own template)."""
     conv = CONV if with_system else CONV[1:]
     conv = conv + [
         {"role": "user", "content": "call it"},
         {"role": "assistant", "content": '{"name": "f"}'},
-        {"role": "tool", "content": '{"result": 4}'},
+        {"role": "user", "content": '{"result": 4}'},
         {"role": "assistant", "content": "It is 4.\n\nDone."},
     ]
     tmpl = get_template(name, smol_tokenizer)

@@ -16,6 +16,8 @@ from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel, TextStream
 from xtuner_lite.inference.loader import quantization_kwargs
+from xtuner_lite.tools.agent import ToolBox, run_tool_turn
+from xtuner_lite.tools.builtin import Tool
 
 GenerationOptions = SamplingParams  # the user's decoding options: one type, one validation
 _quantization = quantization_kwargs  # the name tests and older callers use
@@ -34,10 +36,14 @@ class ChatSession:
         options: GenerationOptions | None = None,
         bits: int | None = None,
         backend: str = "torch",
+        tools: list[Tool] | None = None,
+        max_tool_rounds: int = 5,
     ):
         self.system = system
         self.options = options or GenerationOptions()
-        self.history: list[dict[str, str]] = []
+        self.history: list[dict] = []
+        self.toolbox = ToolBox(tools) if tools else None
+        self.max_tool_rounds = max_tool_rounds
         self.lmdeploy = None
         if backend == "lmdeploy":
             # LMDeploy is an optional GPU-only extra
@@ -62,47 +68,75 @@ class ChatSession:
             self.context_length = self.engine.context_length
         else:
             raise XtunerError(f"unknown backend {backend!r}; choose torch or lmdeploy")
+        if tools and backend != "torch":
+            raise XtunerError("--tools needs --backend torch")
         self.tokenizer, self.template = self.chat.tokenizer, self.chat.template
 
     def reset(self) -> None:
         self.history = []
 
-    def _messages(self, prompt: str, history: list[dict[str, str]]) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + history + [{"role": "user", "content": prompt}]
+    @property
+    def tools(self) -> list[dict] | None:
+        return self.toolbox.schemas if self.toolbox else None
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def _prompt_ids(self, turn: list[dict]) -> list[int]:
         """Render the conversation, dropping the oldest exchanges until it fits the context."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
         history = list(self.history)
         limit = self.context_length
         while True:
-            ids = self.chat.prompt_ids(self._messages(prompt, history))
+            ids = self.chat.prompt_ids(system + history + turn, self.tools)
             if limit is None or len(ids) + self.options.max_new_tokens <= limit or not history:
                 return ids
-            history = history[2:]
+            users = [i for i, m in enumerate(history) if m["role"] == "user"]
+            history = history[users[1] :] if len(users) > 1 else []
 
-    def ask(self, prompt: str, on_text: Callable[[str], Any] | None = None) -> str:
-        if self.lmdeploy is not None:
-            return self._remember(prompt, self._ask_lmdeploy(prompt, on_text))
-        stream = TextStream(self.engine)
+    def _generate(self, turn: list[dict], on_text: Callable[[str], Any] | None) -> str:
+        hold = self.chat.tool_format.held_back if self.toolbox else None
+        stream = TextStream(self.engine, hold)
 
         def on_token(request, _token: int) -> None:
             if text := stream.delta(request):
                 on_text(text)
 
+        stops = self.chat.tool_format.stop_words if self.toolbox else ()
         request = self.engine.add_request(
-            self._prompt_ids(prompt),
-            self.chat.sampling(self.options),
+            self._prompt_ids(turn),
+            self.chat.sampling(self.options, list(stops)),
             on_token=on_token if on_text is not None else None,
         )
         while not request.finished:
             self.engine.step()
         if on_text is not None and (rest := stream.delta(request, final=True)):
             on_text(rest)
-        return self._remember(prompt, self.engine.decode(request))
+        return self.engine.decode(request)
 
-    def _ask_lmdeploy(self, prompt: str, on_text: Callable[[str], Any] | None) -> str:
-        text = self.tokenizer.decode(self._prompt_ids(prompt))
+    def ask(
+        self,
+        prompt: str,
+        on_text: Callable[[str], Any] | None = None,
+        on_tool: Callable[[dict, str], Any] | None = None,
+    ) -> str:
+        """The model's answer to ``prompt``; with tools, after every call it makes has run
+        (each reported to ``on_tool`` with its result)."""
+        user = {"role": "user", "content": prompt}
+        if self.lmdeploy is not None:
+            return self._remember([user], self._ask_lmdeploy(user, on_text))
+        if self.toolbox is None:
+            return self._remember([user], self._generate([user], on_text))
+        turn = run_tool_turn(
+            lambda messages: self._generate(messages, on_text),
+            [user],
+            self.toolbox,
+            self.chat.tool_format,
+            self.max_tool_rounds,
+            on_tool,
+        )
+        self.history += turn.messages
+        return turn.answer
+
+    def _ask_lmdeploy(self, user: dict, on_text: Callable[[str], Any] | None) -> str:
+        text = self.tokenizer.decode(self._prompt_ids([user]))
         chunks = []
         for delta in self.lmdeploy.stream(
             text, self.options, self.chat.stop_ids, self.chat.stop_strings
@@ -112,10 +146,7 @@ class ChatSession:
                 on_text(delta)
         return "".join(chunks)
 
-    def _remember(self, prompt: str, reply: str) -> str:
+    def _remember(self, turn: list[dict], reply: str) -> str:
         reply = reply.strip()
-        self.history += [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": reply},
-        ]
+        self.history += [*turn, {"role": "assistant", "content": reply}]
         return reply

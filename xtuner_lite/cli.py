@@ -7,6 +7,8 @@ mmengine take seconds to import, and ``xtuner --help`` or a bad option must answ
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
 import traceback
@@ -81,10 +83,17 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_tool_call(call: dict, result: str) -> None:
+    arguments = json.dumps(call["arguments"], ensure_ascii=False)
+    print(f"\n[tool] {call['name']}({arguments})\n[result] {result}", flush=True)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     options = _sampling_from_args(args)  # before the model loads
     from xtuner_lite.chat import ChatSession
+    from xtuner_lite.tools.builtin import load_tools
 
+    tools = load_tools(args.tools, args.tools_file)  # a bad name fails before the model loads
     session = ChatSession(
         args.model,
         adapter=args.adapter,
@@ -93,11 +102,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         options=options,
         bits=args.bits,
         backend=args.backend,
+        tools=tools,
+        max_tool_rounds=args.max_tool_rounds,
     )
     stream = None if args.no_stream else (lambda t: print(t, end="", flush=True))
+    ask = functools.partial(session.ask, on_text=stream, on_tool=_show_tool_call)
     if args.prompt is not None or not sys.stdin.isatty():
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-        reply = session.ask(prompt.strip(), on_text=stream)
+        reply = ask(prompt.strip())
         print("" if stream else reply)
         return 0
     print("Chat with the model. RESET clears the history, EXIT quits.")
@@ -113,7 +125,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(history cleared)")
             continue
         if prompt:
-            reply = session.ask(prompt, on_text=stream)
+            reply = ask(prompt)
             print("" if stream else reply)
 
 
@@ -408,6 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["torch", "lmdeploy"],
         help="torch: the bundled engine (CPU or GPU); lmdeploy: LMDeploy's pipeline "
         "(optional extra, CUDA GPU only)",
+    )
+    p.add_argument(
+        "--tools",
+        help="let the model call tools, comma-separated: calculator, python, search "
+        "(search reads text files under $XTUNER_SEARCH_DIR, default the current folder)",
+    )
+    p.add_argument(
+        "--tools-file",
+        help="a Python file whose public functions become tools (signature and docstring "
+        "give each one's schema)",
+    )
+    p.add_argument(
+        "--max-tool-rounds", type=positive_int, default=5, help="tool calls per question at most"
     )
     p.set_defaults(func=cmd_chat)
 

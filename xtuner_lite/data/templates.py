@@ -15,16 +15,22 @@ from typing import Any, Protocol
 
 from xtuner_lite.data.map_fns import is_trained
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.tools.formats import HERMES_CALL_HINT, HERMES_INSTRUCTIONS, get_tool_format
 
 Segment = tuple[str, bool]  # (text, trained)
 
 
 class Template(Protocol):
     name: str
+    tool_format: str  # how tools and calls are written: a name in tools.formats.TOOL_FORMATS
 
-    def render(self, messages: list[dict], tokenizer: Any = None) -> list[Segment]: ...
+    def render(
+        self, messages: list[dict], tokenizer: Any = None, tools: list[dict] | None = None
+    ) -> list[Segment]: ...
 
-    def render_prompt(self, messages: list[dict], tokenizer: Any = None) -> str: ...
+    def render_prompt(
+        self, messages: list[dict], tokenizer: Any = None, tools: list[dict] | None = None
+    ) -> str: ...
 
     def stop_words(self, tokenizer: Any = None) -> list[str]: ...
 
@@ -56,6 +62,7 @@ class ChatTemplate:
     default_system: str | None = None
     system_in_user: str | None = None
     stops: tuple[str, ...] = field(default_factory=tuple)
+    tool_format: str = "react"
 
     def _fill(self, fmt: str, tokenizer: Any, content: str = "") -> str:
         if "{bos}" in fmt:
@@ -69,9 +76,12 @@ class ChatTemplate:
             return messages[0]["content"], messages[1:]
         return self.default_system, messages
 
-    def render(self, messages: list[dict], tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, messages: list[dict], tokenizer: Any = None, tools: list[dict] | None = None
+    ) -> list[Segment]:
         if len(messages) == 1 and messages[0]["role"] == "text":  # plain-text pretraining
             return [(messages[0]["content"] + _special(tokenizer, "eos"), True)]
+        messages = get_tool_format(self.tool_format).rewrite(messages, tools, self.default_system)
         system, rest = self._with_system(messages)
         segments: list[Segment] = []
         if self.prefix:
@@ -97,8 +107,10 @@ class ChatTemplate:
             segments.append((self._fill(fmt, tokenizer, content), is_trained(msg)))
         return segments
 
-    def render_prompt(self, messages: list[dict], tokenizer: Any = None) -> str:
-        text = "".join(t for t, _ in self.render(messages, tokenizer))
+    def render_prompt(
+        self, messages: list[dict], tokenizer: Any = None, tools: list[dict] | None = None
+    ) -> str:
+        text = "".join(t for t, _ in self.render(messages, tokenizer, tools))
         return text + self._fill(self.assistant, tokenizer)
 
     def stop_words(self, tokenizer: Any = None) -> list[str]:
@@ -130,23 +142,40 @@ class ChatTemplate:
         default = json.dumps(self.default_system) if self.default_system is not None else "none"
         no_role = "{{ raise_exception('template " + self.name + " has no ' + m.role + ' role') }}"
         lines = [
-            "{%- set ns = namespace(system=" + default + ", start=0) -%}",
+            "{%- set ns = namespace(system=" + default + ", start=0, body='') -%}",
             "{%- if messages and messages[0].role == 'system' -%}",
             "{%- set ns.system = messages[0].content -%}{%- set ns.start = 1 -%}",
             "{%- endif -%}",
             out(self.prefix) if self.prefix else "",
         ]
+        hermes = self.tool_format == "hermes"
+        if hermes and (self.system is None or self.system_in_user is not None):
+            raise XtunerError(f"template {self.name!r}: the hermes tool format needs a system role")
         if self.system_in_user is None:
             lines.append(
-                "{%- if ns.system is not none -%}"
+                (self._jinja_tools_system(out) if hermes else "")
+                + "{%- if ns.system is not none -%}"
                 + (out(self.system, "ns.system") if self.system else no_role)
                 + "{%- endif -%}"
+                + ("{%- endif -%}" if hermes else "")
+            )
+        content = "{{ m.content }}"
+        if hermes:
+            content = (
+                "{%- set ns.body = m.content or '' -%}"
+                "{%- for c in (m.tool_calls or []) -%}"
+                "{%- set f = c.function if c.function is defined else c -%}"
+                "{%- set ns.body = ns.body + ('\\n' if ns.body else '') + "
+                '\'<tool_call>\\n{"name": "\' + f.name + \'", "arguments": \' + '
+                "(f.arguments if f.arguments is string else f.arguments | tojson) + "
+                "'}\\n</tool_call>' -%}"
+                "{%- endfor -%}{{ ns.body }}"
             )
         lines += [
             "{%- for m in messages[ns.start:] -%}",
             "{%- if m.role == 'assistant' -%}"
             + out(self.assistant)
-            + "{{ m.content }}"
+            + content
             + out(self.eot)
             + (out(self.separator) if self.separator else ""),
         ]
@@ -158,7 +187,12 @@ class ChatTemplate:
             )
         lines += [
             "{%- elif m.role == 'user' -%}" + out(self.user, "m.content"),
-            "{%- elif m.role == 'tool' -%}" + out(self.tool or self.user, "m.content"),
+            "{%- elif m.role == 'tool' -%}"
+            + (
+                self._jinja_tool_results(out)
+                if hermes
+                else out(self.tool or self.user, "m.content")
+            ),
             "{%- elif m.role == 'system' -%}"
             + (out(self.system, "m.content") if self.system else no_role),
             "{%- else -%}" + no_role,
@@ -167,6 +201,35 @@ class ChatTemplate:
             "{%- if add_generation_prompt -%}" + out(self.assistant) + "{%- endif -%}",
         ]
         return "".join(lines)
+
+    def _jinja_tools_system(self, out) -> str:
+        """Opens ``{% if tools %}``: the system turn with the tool list (hermes), else the
+        caller's plain system turn follows and closes the block."""
+        before, after = self.system.split("{content}")
+        return (
+            "{%- if tools -%}"
+            + out(before)
+            + "{%- if ns.system is not none -%}{{ ns.system + '\\n\\n' }}{%- endif -%}"
+            + out(HERMES_INSTRUCTIONS)
+            + "{%- for t in tools -%}{{ '\\n' + (t | tojson) }}{%- endfor -%}"
+            + out(HERMES_CALL_HINT)
+            + out(after)
+            + "{%- else -%}"
+        )
+
+    def _jinja_tool_results(self, out) -> str:
+        """Consecutive tool messages as one user turn of <tool_response> blocks (hermes)."""
+        before, after = self.user.split("{content}")
+        return (
+            "{%- if loop.previtem is defined and loop.previtem.role == 'tool' -%}{{ '\\n' }}"
+            + "{%- else -%}"
+            + out(before)
+            + "{%- endif -%}"
+            + "{{ '<tool_response>\\n' + m.content + '\\n</tool_response>' }}"
+            + "{%- if not (loop.nextitem is defined and loop.nextitem.role == 'tool') -%}"
+            + out(after)
+            + "{%- endif -%}"
+        )
 
     def with_system(self, default_system: str | None) -> ChatTemplate:
         return replace(self, default_system=default_system)
@@ -180,6 +243,7 @@ _CHATML = dict(
     eot="<|im_end|>",
     separator="\n",
     stops=("<|im_end|>",),
+    tool_format="hermes",
 )
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -197,7 +261,12 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "internlm2_chat": ChatTemplate(
         name="internlm2_chat",
         prefix="{bos}",
-        **{**_CHATML, "tool": "<|im_start|>environment\n{content}<|im_end|>\n"},
+        # InternLM2.5's own tool syntax (<|plugin|>) is not written yet: ReAct in the meantime
+        **{
+            **_CHATML,
+            "tool": "<|im_start|>environment\n{content}<|im_end|>\n",
+            "tool_format": "react",
+        },
     ),
     "llama2_chat": ChatTemplate(
         name="llama2_chat",
@@ -274,25 +343,44 @@ class JinjaTemplate:
                 f"this one has none. Pick one of {sorted(TEMPLATES)}"
             )
         self.tokenizer = tokenizer
+        source = tokenizer.chat_template
+        source = source if isinstance(source, str) else json.dumps(source)
+        # a template that reads ``tools`` renders them itself; otherwise tools go through ReAct
+        self.native_tools = "tools" in source
+        self.tool_format = "hermes" if "<tool_call>" in source else "react"
 
-    def _apply(self, messages: list[dict], generation_prompt: bool) -> str:
-        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    def _apply(
+        self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None
+    ) -> str:
+        plain = [_jinja_message(m) for m in messages]
         return self.tokenizer.apply_chat_template(
-            plain, tokenize=False, add_generation_prompt=generation_prompt
+            plain, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt
         )
 
-    def render(self, messages: list[dict], tokenizer: Any = None) -> list[Segment]:
+    def _structured(
+        self, messages: list[dict], tools: list[dict] | None
+    ) -> tuple[list[dict], list[dict] | None]:
+        """Messages and tools for the jinja template: as they are where it renders tools
+        itself, else rewritten in the ReAct format."""
+        if self.native_tools:
+            return messages, tools
+        return get_tool_format("react").rewrite(messages, tools, None), None
+
+    def render(
+        self, messages: list[dict], tokenizer: Any = None, tools: list[dict] | None = None
+    ) -> list[Segment]:
         if len(messages) == 1 and messages[0]["role"] == "text":
             return [(messages[0]["content"] + _special(self.tokenizer, "eos"), True)]
-        full = self._apply(messages, False)
+        messages, tools = self._structured(messages, tools)
+        full = self._apply(messages, False, tools)
         stops = self.stop_words()
         segments: list[Segment] = []
         pos = 0
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            prompt = self._apply(messages[:i], True) if i else ""
-            upto = self._apply(messages[: i + 1], False)
+            prompt = self._apply(messages[:i], True, tools) if i else ""
+            upto = self._apply(messages[: i + 1], False, tools)
             if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= pos):
                 raise XtunerError(
                     "the tokenizer's chat template does not render conversations "
@@ -319,8 +407,11 @@ class JinjaTemplate:
         segments.append((full[pos:], False))
         return [s for s in segments if s[0]]
 
-    def render_prompt(self, messages: list[dict], tokenizer: Any = None) -> str:
-        return self._apply(messages, True)
+    def render_prompt(
+        self, messages: list[dict], tokenizer: Any = None, tools: list[dict] | None = None
+    ) -> str:
+        messages, tools = self._structured(messages, tools)
+        return self._apply(messages, True, tools)
 
     def stop_words(self, tokenizer: Any = None) -> list[str]:
         tok = self.tokenizer
@@ -329,6 +420,17 @@ class JinjaTemplate:
         for tid in eos_ids if isinstance(eos_ids, list) else []:
             words.append(tok.convert_ids_to_tokens(tid))
         return list(dict.fromkeys(words))
+
+
+def _jinja_message(msg: dict) -> dict:
+    """A message as chat templates read it: OpenAI-style ``tool_calls`` when it has calls."""
+    out = {"role": msg["role"], "content": msg["content"]}
+    if msg.get("tool_calls"):
+        out["tool_calls"] = [
+            {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in msg["tool_calls"]
+        ]
+    return out
 
 
 def stop_token_ids(template: Template, tokenizer: Any) -> list[int]:

@@ -4,6 +4,7 @@ ends; and streaming its output as text. Shared by ``xtuner chat`` and ``xtuner s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from xtuner_lite.data.templates import Template
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.loader import load_for_inference
 from xtuner_lite.inference.sampling import SamplingParams
+from xtuner_lite.tools.formats import ToolFormat, get_tool_format
 
 
 @dataclass
@@ -46,12 +48,19 @@ class ChatModel:
             [w for w in loaded.template.stop_words(loaded.tokenizer) if w not in vocab],
         )
 
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The conversation rendered and tokenized; chat-control tokens typed inside a message
-        are escaped, so message text can never open or close a turn."""
+    @property
+    def tool_format(self) -> ToolFormat:
+        return get_tool_format(self.template.tool_format)
+
+    def prompt_ids(
+        self, messages: list[dict], tools: list[dict] | None = None, prefill: str = ""
+    ) -> list[int]:
+        """The conversation rendered (with ``tools`` in the template's tool format) and
+        tokenized, followed by ``prefill``, the start of the reply; chat-control tokens typed
+        inside a message are escaped, so message text can never open or close a turn."""
         tokens = control.control_tokens(self.tokenizer)
         messages = [{**m, "content": control.escape(m["content"], tokens)} for m in messages]
-        text = self.template.render_prompt(messages, self.tokenizer)
+        text = self.template.render_prompt(messages, self.tokenizer, tools) + prefill
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def sampling(self, options: SamplingParams, stop_words: list[str] = ()) -> SamplingParams:
@@ -78,10 +87,12 @@ def held_back(text: str, stop_words: list[str]) -> int:
 class TextStream:
     """Turns a request's growing output into text deltas, holding back a half-decoded
     multi-byte character until its last byte arrives, and text that may begin a stop word
-    until it is known not to (so the streamed text equals the complete one)."""
+    until it is known not to (so the streamed text equals the complete one). With ``hold``,
+    text from where a tool call begins is not streamed at all."""
 
-    def __init__(self, engine: InferenceEngine):
+    def __init__(self, engine: InferenceEngine, hold: Callable[[str], int] | None = None):
         self.engine = engine
+        self.hold = hold  # how much of the end is never streamed as text (a tool call)
         self.sent = 0
 
     def delta(self, request, final: bool = False) -> str:
@@ -90,5 +101,7 @@ class TextStream:
             if text.endswith("\ufffd"):
                 return ""
             text = text[: len(text) - held_back(text, request.params.stop_words)]
+        if self.hold is not None:
+            text = text[: len(text) - self.hold(text)]
         out, self.sent = text[self.sent :], max(len(text), self.sent)
         return out

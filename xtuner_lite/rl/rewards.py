@@ -7,23 +7,16 @@ rewards by type, or gives any callable (or a dotted path to one) with its weight
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib
 import math
-import os
 import re
-import resource
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.sandbox import run_python
 
 RewardFn = Callable[[dict, str], float]
 
@@ -86,9 +79,7 @@ def length_penalty(max_chars: int = 1000) -> RewardFn:
 def code_tests(tests_key: str = "tests", timeout: float = 5.0) -> RewardFn:
     """The share of the row's test statements (``tests_key``: a list of ``assert ...`` lines)
     that pass when run after the completion's code (its last ```python block, else the whole
-    text), each in a fresh isolated Python process (``-I``) with time, memory and file-size
-    limits, in an empty temporary directory, with no network and not the parent's
-    environment."""
+    text), each in its own :func:`~xtuner_lite.sandbox.run_python` process."""
 
     def reward(row: dict, completion: str) -> float:
         tests = row.get(tests_key)
@@ -101,58 +92,8 @@ def code_tests(tests_key: str = "tests", timeout: float = 5.0) -> RewardFn:
     return reward
 
 
-# no network in the test process even where network namespaces are unavailable
-NO_SOCKETS = (
-    "import socket\n"
-    "def _refused(*a, **k):\n"
-    "    raise OSError('network access is disabled in the reward sandbox')\n"
-    "socket.socket = socket.create_connection = socket.getaddrinfo = _refused\n"
-    "del socket, _refused\n"
-)
-MEMORY_LIMIT = 1 << 30  # bytes of address space a test process may map
-
-
-@functools.cache
-def _isolation_prefix() -> tuple[str, ...]:
-    """``unshare -rn`` (a new network namespace with no interfaces) where the kernel lets an
-    unprivileged process make one, else nothing (the socket functions are still disabled)."""
-    try:
-        ok = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ()
-    return ("unshare", "-rn") if ok.returncode == 0 else ()
-
-
-def _limits(timeout: float) -> None:
-    """In the test process, before it runs: memory, CPU time, file size and process count."""
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    cpu = math.ceil(timeout) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 24, 1 << 24))
-
-
 def _passes(code: str, test: str, timeout: float) -> bool:
-    env = {"PATH": os.defpath, "PYTHONHASHSEED": "0"}
-    program = f"{NO_SOCKETS}\n{code}\n\n{test}\n"
-    command = [*_isolation_prefix(), sys.executable, "-I", "-c", program]
-    with tempfile.TemporaryDirectory() as folder:
-        process = subprocess.Popen(
-            command,
-            cwd=folder,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: a timeout ends its children too
-            preexec_fn=functools.partial(_limits, timeout),
-        )
-        try:
-            return process.wait(timeout=timeout) == 0
-        except subprocess.TimeoutExpired:
-            return False
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return run_python(f"{code}\n\n{test}\n", timeout=timeout).ok
 
 
 BUILT_IN: dict[str, Callable[..., RewardFn]] = {

@@ -1,0 +1,92 @@
+"""The tool loop: generate, run the calls the reply makes, feed the results back, until the
+model answers. Shared by ``xtuner chat --tools`` and the tool-use evaluation; the server leaves
+running tools to its client, as OpenAI's API does."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from xtuner_lite.tools.builtin import Tool
+from xtuner_lite.tools.formats import ParsedReply, ToolFormat
+
+MAX_RESULT_CHARS = 4000  # a tool result longer than this is cut before it reaches the prompt
+
+Generate = Callable[[list[dict]], str]  # the conversation so far → the model's reply text
+
+
+class ToolBox:
+    """Tools by name; running one never raises: a failure comes back as an ``error:`` text the
+    model reads, so a bad call cannot stop a chat or a server."""
+
+    def __init__(self, tools: list[Tool]):
+        self.tools = {t.name: t for t in tools}
+
+    @property
+    def schemas(self) -> list[dict]:
+        return [t.schema for t in self.tools.values()]
+
+    def run(self, call: dict) -> str:
+        tool = self.tools.get(call["name"])
+        if tool is None:
+            return f"error: there is no tool {call['name']!r} (tools: {', '.join(self.tools)})"
+        try:
+            result = tool.fn(**call["arguments"])
+        except TypeError as exc:
+            return f"error: bad arguments for {tool.name}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the tool's failure is the model's to read
+            return f"error: {type(exc).__name__}: {exc}"
+        text = result if isinstance(result, str) else json.dumps(result, default=str)
+        return text if len(text) <= MAX_RESULT_CHARS else text[:MAX_RESULT_CHARS] + " ... (cut)"
+
+
+@dataclass
+class ToolTurn:
+    """One user turn with tools: the messages it added and the final answer."""
+
+    messages: list[dict] = field(default_factory=list)
+    answer: str = ""
+    calls: list[dict] = field(default_factory=list)  # every call made, in order
+
+
+def reply_message(parsed: ParsedReply, raw: str) -> dict:
+    """The assistant message for a reply: its calls, or the raw text where no call could be
+    read (the model sees what it wrote next to the error)."""
+    if parsed.calls:
+        return {"role": "assistant", "content": parsed.content, "tool_calls": parsed.calls}
+    return {"role": "assistant", "content": raw.strip()}
+
+
+def run_tool_turn(
+    generate: Generate,
+    messages: list[dict],
+    toolbox: ToolBox,
+    tool_format: ToolFormat,
+    max_rounds: int = 5,
+    on_call: Callable[[dict, str], Any] | None = None,
+) -> ToolTurn:
+    """Generate until the model answers without a call, or ``max_rounds`` rounds of calls."""
+    turn = ToolTurn()
+    for _ in range(max_rounds):
+        raw = generate(messages + turn.messages)
+        parsed = tool_format.parse(raw, toolbox.schemas)
+        if not parsed.calls and not parsed.errors:
+            turn.answer = parsed.content
+            break
+        turn.messages.append(reply_message(parsed, raw))
+        for call in parsed.calls:
+            result = toolbox.run(call)
+            turn.calls.append(call)
+            if on_call is not None:
+                on_call(call, result)
+            turn.messages.append({"role": "tool", "content": result, "name": call["name"]})
+        for error in parsed.errors:
+            if on_call is not None:
+                on_call({"name": "(unreadable call)", "arguments": {}}, f"error: {error}")
+            turn.messages.append({"role": "tool", "content": f"error: {error}"})
+    else:
+        turn.answer = "(stopped: the model kept calling tools)"
+    turn.messages.append({"role": "assistant", "content": turn.answer})
+    return turn

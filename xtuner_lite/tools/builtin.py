@@ -1,0 +1,192 @@
+"""Tools a model can call: the built-in offline ones and the user's plain Python functions.
+
+A tool is a function whose signature and docstring become its JSON schema
+(:func:`~xtuner_lite.tools.schema.function_schema`). Built in: ``calculator`` (an AST evaluator,
+never ``eval``), ``python`` (code in :mod:`xtuner_lite.sandbox`) and ``search`` (a local folder
+of text files). ``--tools-file my_tools.py`` adds every public function the file defines.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import math
+import operator
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.sandbox import run_python
+from xtuner_lite.tools.schema import function_schema
+
+SEARCH_DIR_ENV = "XTUNER_SEARCH_DIR"  # the folder ``search`` reads (default: the current one)
+SEARCH_SUFFIXES = {".txt", ".md", ".rst"}
+MAX_POWER = 10_000  # larger exponents would let one expression hang the process
+
+
+class ToolError(XtunerError):
+    """A tool that cannot be set up (unknown name, unreadable tools file)."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    fn: Callable[..., Any]
+    schema: dict  # an OpenAI function spec
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any], name: str | None = None) -> Tool:
+        schema = function_schema(fn)
+        if name:
+            schema["function"]["name"] = name
+        return cls(schema["function"]["name"], fn, schema)
+
+
+# --------------------------------------------------------------------------- calculator
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCTIONS = {
+    name: getattr(math, name)
+    for name in ("sqrt", "log", "log10", "log2", "exp", "sin", "cos", "tan", "floor", "ceil")
+} | {"abs": abs, "round": round, "min": min, "max": max}
+_CONSTANTS = {"pi": math.pi, "e": math.e}
+
+
+def _evaluate(node: ast.AST) -> float | int:
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in _CONSTANTS:
+        return _CONSTANTS[node.id]
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_evaluate(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_POWER:
+            raise ValueError(f"exponent {right} is too large")
+        return _BINARY[type(node.op)](left, right)
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _FUNCTIONS
+        and not node.keywords
+    ):
+        return _FUNCTIONS[node.func.id](*(_evaluate(a) for a in node.args))
+    raise ValueError(f"unsupported expression: {ast.unparse(node)}")
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression and return the result.
+
+    Args:
+        expression: the expression, e.g. "(12 + 7) * 3" or "sqrt(2) / 4"; + - * / // % **,
+            parentheses, sqrt, log, exp, sin, cos, tan, floor, ceil, abs, round, min, max, pi, e
+    """
+    try:
+        value = _evaluate(ast.parse(expression.replace("^", "**"), mode="eval"))
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError) as exc:
+        return f"error: {exc}"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        value = int(value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------- python
+def python(code: str) -> str:
+    """Run Python code and return what it prints (use print to show results).
+
+    Args:
+        code: the program; it runs in an empty folder with no network, a time limit and a
+            memory limit
+    """
+    return run_python(code, timeout=10.0).describe()
+
+
+# --------------------------------------------------------------------------- search
+def search(query: str, max_results: int = 3) -> str:
+    """Search the local text files for a query; returns the best-matching passages.
+
+    Args:
+        query: words to look for
+        max_results: how many passages to return
+    """
+    root = Path(os.environ.get(SEARCH_DIR_ENV, "."))
+    words = set(re.findall(r"\w+", query.lower()))
+    if not words:
+        return "error: the query has no words"
+    scored = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in SEARCH_SUFFIXES or not path.is_file():
+            continue
+        for passage in path.read_text(errors="replace").split("\n\n"):
+            hits = len(words & set(re.findall(r"\w+", passage.lower())))
+            if hits:
+                scored.append((-hits, str(path.relative_to(root)), passage.strip()))
+    if not scored:
+        return f"no passage in {root} matches {query!r}"
+    best = sorted(scored)[: max(1, int(max_results))]
+    return "\n\n".join(f"[{name}]\n{passage}" for _, name, passage in best)
+
+
+BUILT_IN: dict[str, Callable[..., str]] = {
+    "calculator": calculator,
+    "python": python,
+    "search": search,
+}
+
+
+def _file_tools(path: str) -> list[Tool]:
+    file = Path(path)
+    if not file.is_file():
+        raise ToolError(f"--tools-file {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"xtuner_user_tools_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file: say which and why
+        raise ToolError(f"--tools-file {path}: {type(exc).__name__}: {exc}") from None
+    found = [
+        fn
+        for name, fn in vars(module).items()
+        if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")
+    ]
+    if not found:
+        raise ToolError(f"--tools-file {path} defines no public function")
+    return [Tool.of(fn) for fn in found]
+
+
+def load_tools(names: list[str] | str | None = None, tools_file: str | None = None) -> list[Tool]:
+    """Built-in tools by name (a list or ``"calculator,python"``) and a file's functions."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    tools = []
+    for name in names or []:
+        if name not in BUILT_IN:
+            hint = get_close_matches(name, BUILT_IN, n=1)
+            raise ToolError(
+                f"unknown tool {name!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" (built in: {', '.join(BUILT_IN)}; or --tools-file)"
+            )
+        tools.append(Tool.of(BUILT_IN[name]))
+    if tools_file:
+        tools += _file_tools(tools_file)
+    seen = [t.name for t in tools]
+    if dupes := sorted({n for n in seen if seen.count(n) > 1}):
+        raise ToolError(f"two tools are named {', '.join(dupes)}")
+    return tools
