@@ -48,10 +48,10 @@ def test_sharegpt_roles_system_and_tools():
     conv = get_map_fn("sharegpt")(
         {
             "system": "S",
-            "tools": '[{"name": "f"}]',
+            "tools": '[{"name": "f", "parameters": {"type": "object"}}]',
             "conversations": [
                 {"from": "human", "value": "u"},
-                {"from": "function_call", "value": "c"},
+                {"from": "function_call", "value": '{"name": "f", "arguments": {"x": 1}}'},
                 {"from": "observation", "value": "o"},
                 {"from": "gpt", "value": "a"},
             ],
@@ -59,7 +59,58 @@ def test_sharegpt_roles_system_and_tools():
     )
     roles = [m["role"] for m in conv["messages"]]
     assert roles == ["system", "user", "assistant", "tool", "assistant"]
-    assert '"name": "f"' in conv["messages"][0]["content"]
+    assert conv["messages"][2]["tool_calls"] == [{"name": "f", "arguments": {"x": 1}}]
+    assert conv["tools"][0]["function"]["name"] == "f"
+
+
+@pytest.mark.parametrize(
+    "value, field, reason",
+    [
+        ('{"name": "f", "arguments": "{x"}', "conversations[1].value[0].arguments", "JSON"),
+        ('{"name": "g", "arguments": {}}', "conversations[1].value[0]", "not among the tools"),
+        ("call f", "conversations[1].value", "must be JSON"),
+    ],
+)
+def test_malformed_tool_calls_name_the_turn(value, field, reason):
+    row = {
+        "tools": '[{"name": "f"}]',
+        "conversations": [
+            {"from": "human", "value": "u"},
+            {"from": "function_call", "value": value},
+        ],
+    }
+    with pytest.raises(RowError) as err:
+        get_map_fn("sharegpt")(row)
+    assert err.value.field == field and reason in err.value.reason
+
+
+def test_openai_tool_calls_and_tools():
+    row = {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "messages": [
+            {"role": "user", "content": "u"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "1", "content": "4"},
+            {"role": "assistant", "content": "4"},
+        ],
+    }
+    messages, tools = validate_conversation(get_map_fn("openai")(row))
+    assert messages[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"name": "f", "arguments": {}}],
+    }
+    assert tools[0]["function"]["name"] == "f"
+    row["messages"][1]["tool_calls"][0]["function"]["name"] = "g"
+    with pytest.raises(RowError) as err:
+        get_map_fn("openai")(row)
+    assert err.value.field == "messages[1].tool_calls[0]"
 
 
 def test_pretrain_is_one_text_message():

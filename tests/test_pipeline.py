@@ -5,6 +5,7 @@ import pytest
 
 from xtuner_lite.data import IGNORE_INDEX, get_map_fn, load_rows, process_dataset
 from xtuner_lite.errors import DataError
+from xtuner_lite.tools import get_tool_format
 
 from conftest import shared_file
 
@@ -12,6 +13,7 @@ REAL_FILES = [
     ("sft/llamafactory_alpaca_en_demo.json", "alpaca"),
     ("sft/llamafactory_alpaca_zh_demo.json", "alpaca_zh"),
     ("sft/llamafactory_glaive_toolcall_en_demo.json", "sharegpt"),
+    ("sft/llamafactory_glaive_toolcall_zh_demo.json", "sharegpt"),
     ("sft/fastchat_dummy_conversation_sharegpt.json", "sharegpt"),
     ("sft/xtuner_openai_sft.jsonl", "openai"),
     ("sft/xtuner_sft_text_example_data.jsonl", "openai"),
@@ -53,7 +55,9 @@ def test_real_files_train_exactly_the_assistant_turns(relative, map_fn, smol_tok
     for i in range(0, len(raw), max(1, len(raw) // 40)):  # ~40 rows spread over the file
         if out.data.sample_lengths[i] == 8192:
             continue  # truncated: the last turn may be cut
-        messages = fn(raw.records[i])["messages"]
+        conv = fn(raw.records[i])
+        # tool calls are trained as the template writes them (<tool_call> blocks)
+        messages = get_tool_format("hermes").rewrite(conv["messages"], conv.get("tools"), None)
         expected = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
         row = out.data.row(i)
         got = [smol_tokenizer.decode(run) for run in _trained_runs(row["labels"])]

@@ -102,7 +102,7 @@ def show_stages(
         raw = json.dumps(_clip_values(rows.records[i], limit), ensure_ascii=False, indent=1)
         console.print(Panel(raw, title=f"1. loaded — {where}", title_align="left"))
         try:
-            messages = validate_conversation(map_fn(rows.records[i]))
+            messages, tools = validate_conversation(map_fn(rows.records[i]))
         except RowError as exc:
             raise DataError(
                 exc.reason, source=rows.source, location=rows.locate(i), field=exc.field
@@ -114,7 +114,7 @@ def show_stages(
                 title_align="left",
             )
         )
-        segments = template.render(messages, tokenizer)
+        segments = template.render(messages, tokenizer, tools)
         console.print(
             Panel(
                 _marked(segments, console, limit),

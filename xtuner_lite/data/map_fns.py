@@ -14,6 +14,7 @@ from difflib import get_close_matches
 from typing import Any
 
 from xtuner_lite.errors import RowError, XtunerError
+from xtuner_lite.tools.schema import normalize_call, normalize_tools, tool_names
 
 Conversation = dict[str, list[dict[str, Any]]]
 MapFn = Callable[[Any], Conversation]
@@ -100,12 +101,15 @@ def history_map_fn(row: Any) -> Conversation:
 
 
 def openai_map_fn(row: Any) -> Conversation:
-    """OpenAI ``messages: [{role, content, loss?}]``, or a bare list of such messages."""
+    """OpenAI ``messages: [{role, content, loss?}]`` (or a bare list of them), with assistant
+    ``tool_calls`` and ``tool`` messages, and the row's ``tools``."""
     messages = row if isinstance(row, list) else as_object(row).get("messages")
     if messages is None:
         raise RowError("missing", field="messages")
     if not isinstance(messages, list):
         raise RowError(f"expected a list, got {type(messages).__name__}", field="messages")
+    tools = normalize_tools(row.get("tools") if isinstance(row, dict) else None)
+    names = tool_names(tools) if tools else None
     out = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
@@ -117,17 +121,33 @@ def openai_map_fn(row: Any) -> Conversation:
                 field=f"messages[{i}].role",
             )
         content = msg.get("content")
+        if content is None and msg.get("tool_calls"):
+            content = ""
         if not isinstance(content, str):
             raise RowError(
                 f"expected a string, got {type(content).__name__}", field=f"messages[{i}].content"
             )
         item = {"role": role, "content": content}
+        if msg.get("tool_calls"):
+            item["tool_calls"] = _calls(msg["tool_calls"], names, f"messages[{i}].tool_calls")
         if "loss" in msg:
             if not isinstance(msg["loss"], bool):
                 raise RowError("expected true or false", field=f"messages[{i}].loss")
             item["loss"] = msg["loss"]
         out.append(item)
-    return {"messages": out}
+    return _with_tools({"messages": out}, tools)
+
+
+def _calls(calls: Any, names: list[str] | None, field: str) -> list[dict]:
+    """A list of tool calls (or one call) in any accepted form, normalized."""
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls:
+        raise RowError("an empty list of tool calls", field=field)
+    return [normalize_call(c, names, f"{field}[{i}]") for i, c in enumerate(calls)]
+
+
+def _with_tools(conv: Conversation, tools: list[dict]) -> Conversation:
+    return {**conv, "tools": tools} if tools else conv
 
 
 SHAREGPT_ROLES = {
@@ -144,10 +164,12 @@ SHAREGPT_ROLES = {
 
 
 def sharegpt_map_fn(row: Any) -> Conversation:
-    """ShareGPT ``conversations: [{from, value}]``; tool results stay as untrained context.
+    """ShareGPT ``conversations: [{from, value}]``, with LLaMA-Factory's tool turns.
 
-    A ``function_call`` turn is the model's own output, so it is trained like any assistant turn;
-    a ``tools`` field (glaive) is appended to the system prompt so calls have their schema.
+    A ``function_call`` turn is the model's own output: its value (a JSON call, or a list of
+    calls) becomes the assistant's ``tool_calls`` and is trained; an ``observation`` is a tool
+    result, kept as untrained context; the ``tools`` field (glaive: a JSON string) gives the
+    schemas, and a call to a tool not in it is an error naming the turn.
     """
     row = as_object(row)
     turns = row.get("conversations")
@@ -155,15 +177,9 @@ def sharegpt_map_fn(row: Any) -> Conversation:
         raise RowError("missing", field="conversations")
     if not isinstance(turns, list):
         raise RowError(f"expected a list, got {type(turns).__name__}", field="conversations")
+    tools = normalize_tools(row.get("tools"))
+    names = tool_names(tools) if tools else None
     messages = system_messages(row)
-    tools = row.get("tools")
-    if tools:
-        tools_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
-        tool_note = f"You can call these tools:\n{tools_text}"
-        if messages:
-            messages[0]["content"] += "\n\n" + tool_note
-        else:
-            messages = [{"role": "system", "content": tool_note}]
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise RowError(f"item {i} is not an object", field="conversations")
@@ -179,8 +195,21 @@ def sharegpt_map_fn(row: Any) -> Conversation:
             raise RowError(
                 f"expected a string, got {type(value).__name__}", field=f"conversations[{i}].value"
             )
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
-    return {"messages": messages}
+        if speaker == "function_call":
+            calls = _calls(_json_value(value, i), names, f"conversations[{i}].value")
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return _with_tools({"messages": messages}, tools)
+
+
+def _json_value(value: str, i: int) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise RowError(
+            f"a function_call must be JSON ({exc.msg})", field=f"conversations[{i}].value"
+        ) from None
 
 
 def pretrain_map_fn(row: Any) -> Conversation:
@@ -219,21 +248,28 @@ def get_map_fn(map_fn: str | MapFn) -> MapFn:
     return pick_map_fn(map_fn, MAP_FNS, "unknown map_fn")
 
 
-def validate_conversation(conv: Any) -> list[dict]:
-    """Check a map fn's output; raise RowError naming what is wrong."""
+def validate_conversation(conv: Any) -> tuple[list[dict], list[dict] | None]:
+    """Check a map fn's output; raise RowError naming what is wrong. Returns the messages and
+    the conversation's tools (``None`` without)."""
     if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list):
         raise RowError("map fn must return {'messages': [...]}")
     messages = conv["messages"]
     if not messages:
         raise RowError("conversation has no messages", field="messages")
+    tools = normalize_tools(conv.get("tools")) or None
+    names = tool_names(tools) if tools else None
     for i, msg in enumerate(messages):
         if msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
             raise RowError(
                 f"message {i} must have a role in {ROLES} and string content", field="messages"
             )
+        if msg.get("tool_calls"):
+            if msg["role"] != "assistant":
+                raise RowError("only assistant messages make tool calls", field=f"messages[{i}]")
+            msg["tool_calls"] = _calls(msg["tool_calls"], names, f"messages[{i}].tool_calls")
     if messages[0]["role"] != "text" and not any(is_trained(m) for m in messages):
         raise RowError("no assistant turn to train on", field="messages")
-    return messages
+    return messages, tools
 
 
 def is_trained(msg: dict) -> bool:

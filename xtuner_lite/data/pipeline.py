@@ -32,7 +32,7 @@ from xtuner_lite.data.tokenize import TokenizedBatch, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError, XtunerError
 from xtuner_lite.hub import cache_dir, default_template_for, load_tokenizer
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 PARALLEL_MIN_ROWS = 20_000
 CHUNK_ROWS = 2_000
 
@@ -116,10 +116,10 @@ def _process_records(
     tokens = control.control_tokens(tokenizer)
     for i, record in enumerate(records, start=offset):
         try:
-            messages = validate_conversation(map_fn(record))
+            messages, tools = validate_conversation(map_fn(record))
             messages, found = guard_control_tokens(messages, tokens, control_tokens)
             flagged += found and control_tokens == "warn"  # kept as they are: at risk
-            rendered.append(template.render(messages, tokenizer))
+            rendered.append(template.render(messages, tokenizer, tools))
             indices.append(i)
         except RowError as exc:
             errors.append((i, exc))
