@@ -143,9 +143,11 @@ def real_step(
     return float(out["loss"]), seen
 
 
-def run_in_pty(cmd: list[str], timeout: float = 600, **env: str) -> tuple[int, str]:
+def run_in_pty(
+    cmd: list[str], timeout: float = 600, typed: str = "", **env: str
+) -> tuple[int, str]:
     """Run ``cmd`` with a pseudo-terminal as stdin/stdout/stderr, as a user at a terminal
-    would: (exit code, everything it wrote)."""
+    would, ``typed`` being what they type: (exit code, everything it wrote)."""
     import pty
     import select
     import subprocess
@@ -162,6 +164,8 @@ def run_in_pty(cmd: list[str], timeout: float = 600, **env: str) -> tuple[int, s
         env={**environ, "TERM": "xterm-256color", "COLUMNS": "160", **env},
     )
     os.close(child_fd)
+    if typed:
+        os.write(main_fd, typed.encode())  # the terminal holds it until the program reads
     chunks, deadline = [], time.time() + timeout
     try:
         while time.time() < deadline:

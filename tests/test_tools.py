@@ -338,3 +338,49 @@ def test_load_tools_errors_name_the_problem(tmp_path):
     )
     (tool,) = load_tools(tools_file=str(good))
     assert tool.name == "shout" and tool.fn("hi") == "HI"
+
+
+def test_server_reads_tools_tool_choice_and_call_messages():
+    from xtuner_lite.server import APIError, request_message, tool_use
+
+    hermes = get_tool_format("hermes")
+    assert tool_use({}, hermes) is None
+    assert tool_use({"tools": TOOLS, "tool_choice": "none"}, hermes) is None
+    auto = tool_use({"tools": TOOLS}, hermes)
+    assert auto.tools == TOOLS and auto.prefill == ""
+    assert tool_use({"tools": TOOLS, "tool_choice": "required"}, hermes).prefill == (
+        '<tool_call>\n{"name": "'
+    )
+    named = tool_use(
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "calculator"}}},
+        hermes,
+    )
+    reply = named.read('{"expression": "1+1"}}\n</tool_call>')
+    assert reply.calls == [{"name": "calculator", "arguments": {"expression": "1+1"}}]
+    single = tool_use({"tools": TOOLS, "parallel_tool_calls": False}, hermes)
+    two = '<tool_call>{"name": "calculator", "arguments": {}}</tool_call>' * 2
+    assert len(single.read(two).calls) == 1
+    for body, param in [
+        ({"tools": "x"}, "tools"),
+        ({"tools": [{"function": {}}]}, "tools[0]"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+    ]:
+        with pytest.raises(APIError) as err:
+            tool_use(body, hermes)
+        assert err.value.param == param
+    message = request_message(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        3,
+    )
+    assert message == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"name": "f", "arguments": {}}],
+    }

@@ -1,9 +1,11 @@
 """``xtuner serve``: an OpenAI-compatible HTTP server on the bundled inference engine.
 
 Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (both with ``stream: true`` as
-server-sent events), ``/v1/models``, ``/health``. Each HTTP request runs on its own thread; one
-worker thread owns the engine, so concurrent requests are decoded together in one batch
-(continuous batching). The standard library's HTTP server is enough for localhost and keeps
+server-sent events), ``/v1/models``, ``/health``. Chat completions take OpenAI's ``tools``,
+``tool_choice`` and ``parallel_tool_calls`` and answer with ``tool_calls``; the client runs
+the tools and sends their results back as ``tool`` messages. Each HTTP request runs on its own
+thread; one worker thread owns the engine, so concurrent requests are decoded together in one
+batch (continuous batching). The standard library's HTTP server is enough for localhost and keeps
 the dependency list short; a streaming client that goes away cancels its request.
 """
 
@@ -23,6 +25,8 @@ from xtuner_lite.errors import UsageError, XtunerError
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel, TextStream
 from xtuner_lite.inference.sampling import SamplingError
+from xtuner_lite.tools.formats import ParsedReply, ToolFormat
+from xtuner_lite.tools.schema import ToolSpecError, normalize_call, normalize_tools, tool_names
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body larger than this is refused unread (413)
 READ_TIMEOUT_S = 30  # a client that sends nothing for this long is disconnected
@@ -71,6 +75,7 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     request: Any = None
     completion_tokens: int = 0
+    tools: ToolUse | None = None  # the request's tools, when the model may call them
 
 
 class EngineWorker:
@@ -163,7 +168,7 @@ class EngineWorker:
                     self.stats["cancelled"] += 1
                     job.events.put(("done", "cancelled", ""))
             return
-        stream = TextStream(self.engine)
+        stream = TextStream(self.engine, job.tools.hold if job.tools else None)
 
         def on_token(request, _token: int) -> None:
             if text := stream.delta(request):
@@ -193,34 +198,93 @@ def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> 
     return value
 
 
-def _message_text(message: Any, index: int) -> dict[str, str]:
+def request_message(message: Any, index: int) -> dict:
+    """One request message as the template takes it; assistant ``tool_calls`` normalized
+    (their JSON-string arguments parsed)."""
+    where = f"messages[{index}]"
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise APIError(
-            400, f"messages[{index}] must be an object with a 'role'", f"messages[{index}]"
-        )
+        raise APIError(400, f"{where} must be an object with a 'role'", where)
     content = message.get("content")
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise APIError(
-                400,
-                f"messages[{index}].content: only text parts are supported",
-                f"messages[{index}].content",
+                400, f"{where}.content: only text parts are supported", f"{where}.content"
             )
         content = "".join(str(p.get("text", "")) for p in content)
     if content is None:
         content = ""
     if not isinstance(content, str):
-        raise APIError(
-            400, f"messages[{index}].content must be a string", f"messages[{index}].content"
-        )
+        raise APIError(400, f"{where}.content must be a string", f"{where}.content")
     if message["role"] not in ("system", "user", "assistant", "tool"):
         raise APIError(
             400,
-            f"messages[{index}].role {message['role']!r} is not one of system, "
-            "user, assistant, tool",
-            f"messages[{index}].role",
+            f"{where}.role {message['role']!r} is not one of system, user, assistant, tool",
+            f"{where}.role",
         )
-    return {"role": message["role"], "content": content}
+    out = {"role": message["role"], "content": content}
+    calls = message.get("tool_calls")
+    if calls and message["role"] == "assistant":
+        if not isinstance(calls, list):
+            raise APIError(400, f"{where}.tool_calls must be a list", f"{where}.tool_calls")
+        try:
+            out["tool_calls"] = [
+                normalize_call(c, None, f"{where}.tool_calls[{i}]") for i, c in enumerate(calls)
+            ]
+        except ToolSpecError as exc:
+            raise APIError(400, f"{exc.field}: {exc.reason}", exc.field) from None
+    return out
+
+
+def tool_use(body: dict, tool_format: ToolFormat) -> ToolUse | None:
+    """The request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``; None when the model
+    is not to call tools (no tools, or ``tool_choice: "none"``)."""
+    try:
+        tools = normalize_tools(_get(body, "tools", (list,), None))
+    except ToolSpecError as exc:
+        raise APIError(400, f"'{exc.field}': {exc.reason}", exc.field) from None
+    choice = _get(body, "tool_choice", (str, dict), "auto" if tools else "none")
+    parallel = _get(body, "parallel_tool_calls", (bool,), True)
+    if choice == "none":
+        return None
+    if not tools:
+        raise APIError(400, "'tool_choice' needs 'tools'", "tool_choice")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or name not in tool_names(tools):
+            raise APIError(
+                400,
+                "'tool_choice' must be auto, none, required or "
+                "{'type': 'function', 'function': {'name': one of the tools}}",
+                "tool_choice",
+            )
+        return ToolUse(tools, tool_format, tool_format.prefill(name), parallel)
+    if choice not in ("auto", "required"):
+        raise APIError(
+            400, f"'tool_choice' {choice!r} is not auto, none or required", "tool_choice"
+        )
+    prefill = tool_format.prefill("") if choice == "required" else ""
+    return ToolUse(tools, tool_format, prefill, parallel)
+
+
+@dataclass
+class ToolUse:
+    """What a request's tools change: the prompt, the start of the reply (``tool_choice``
+    required or named), what is streamed as text, and how the reply is read."""
+
+    tools: list[dict]
+    format: ToolFormat
+    prefill: str = ""  # forced start of the reply
+    parallel: bool = True
+
+    def hold(self, text: str) -> int:
+        """Streamed text stops where a call begins (all of it when a call is forced)."""
+        return len(text) if self.prefill else self.format.held_back(text)
+
+    def read(self, text: str) -> ParsedReply:
+        parsed = self.format.parse(self.prefill + text, self.tools)
+        if not self.parallel:
+            parsed.calls = parsed.calls[:1]
+        return parsed
 
 
 def generation_options(
@@ -300,7 +364,12 @@ class Server:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise APIError(400, "'messages' must be a non-empty list", "messages")
-            prompt_ids = self.chat.prompt_ids([_message_text(m, i) for i, m in enumerate(messages)])
+            tools = tool_use(body, self.chat.tool_format)
+            prompt_ids = self.chat.prompt_ids(
+                [request_message(m, i) for i, m in enumerate(messages)],
+                tools.tools if tools else None,
+                tools.prefill if tools else "",
+            )
             default_max = None
         else:
             prompt = body.get("prompt")
@@ -310,6 +379,7 @@ class Server:
                 raise APIError(400, "'prompt' must be a non-empty string", "prompt")
             prompt_ids = self.chat.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             default_max = 16  # OpenAI's default for /v1/completions
+            tools = None
         context = self.engine.context_length
         room = None if context is None else context - len(prompt_ids)
         options, stop, asked = generation_options(body, default_max or room)
@@ -324,7 +394,8 @@ class Server:
             )
         _get(body, "stream", (bool,), False)
         _get(body, "stream_options", (dict,), None)
-        return Job(prompt_ids, self.chat.sampling(options, stop)), body
+        stop += list(tools.format.stop_words) if tools else []
+        return Job(prompt_ids, self.chat.sampling(options, stop), tools=tools), body
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -455,9 +526,11 @@ class Server:
                 try:
                     if self.path == "/v1/chat/completions":
                         self._send(chunk({"role": "assistant", "content": ""}, None))
+                    streamed = ""
                     while True:
                         event = job.events.get()
                         if event[0] == "text":
+                            streamed += event[1]
                             self._send(chunk(event[1], None))
                         elif event[0] == "error":
                             _, status, message = event
@@ -465,7 +538,10 @@ class Server:
                             self._send(APIError(status, message, kind=kind).body())
                             break
                         else:
-                            self._send(chunk(None, event[1]))
+                            reason = event[1]
+                            if job.tools is not None:
+                                reason = self._tool_calls(job, chunk, event[2], streamed) or reason
+                            self._send(chunk(None, reason))
                             if (body.get("stream_options") or {}).get("include_usage"):
                                 self._send(
                                     {**chunk(None, None), "choices": [], "usage": server.usage(job)}
@@ -476,6 +552,17 @@ class Server:
                 except OSError:  # the client went away or stopped reading (timeout)
                     server.worker.cancel(job)
                     self.close_connection = True
+
+            def _tool_calls(self, job: Job, chunk, text: str, streamed: str) -> str | None:
+                """After a streamed reply: its calls as one delta ("tool_calls"), or the text
+                held back as a possible call when it was none."""
+                parsed = job.tools.read(text)
+                if parsed.calls:
+                    self._send(chunk({"tool_calls": stream_calls(parsed.calls)}, None))
+                    return "tool_calls"
+                if rest := (job.tools.prefill + text)[len(streamed) :]:
+                    self._send(chunk(rest, None))
+                return None
 
             def _send(self, payload: dict) -> None:
                 self._write(f"data: {json.dumps(payload)}\n\n".encode())
@@ -496,11 +583,15 @@ class Server:
 
     def response(self, path: str, job: Job, text: str, reason: str) -> dict:
         if path == "/v1/chat/completions":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reason,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if job.tools is not None:
+                parsed = job.tools.read(text)
+                message["content"] = parsed.content if parsed.calls else job.tools.prefill + text
+                if parsed.calls:
+                    message["content"] = parsed.content or None
+                    message["tool_calls"] = [openai_call(c) for c in parsed.calls]
+                    reason = "tool_calls"
+            choice = {"index": 0, "message": message, "finish_reason": reason}
             kind, prefix = "chat.completion", "chatcmpl"
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
@@ -546,6 +637,21 @@ class Server:
             }
 
         return chunk
+
+
+def openai_call(call: dict) -> dict:
+    """A parsed call as OpenAI returns it: an id, and the arguments as a JSON string."""
+    arguments = json.dumps(call["arguments"], ensure_ascii=False)
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": call["name"], "arguments": arguments},
+    }
+
+
+def stream_calls(calls: list[dict]) -> list[dict]:
+    """The calls as one streamed ``tool_calls`` delta (each complete, with its index)."""
+    return [{"index": i, **openai_call(c)} for i, c in enumerate(calls)]
 
 
 class HTTPServer(ThreadingHTTPServer):

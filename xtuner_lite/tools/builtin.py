@@ -94,8 +94,7 @@ def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression and return the result.
 
     Args:
-        expression: the expression, e.g. "(12 + 7) * 3" or "sqrt(2) / 4"; + - * / // % **,
-            parentheses, sqrt, log, exp, sin, cos, tan, floor, ceil, abs, round, min, max, pi, e
+        expression: arithmetic such as "(12 + 7) * 3" or "sqrt(2) / 4"
     """
     try:
         value = _evaluate(ast.parse(expression.replace("^", "**"), mode="eval"))

@@ -65,6 +65,10 @@ class ToolFormat(Protocol):
 
     def held_back(self, text: str) -> int: ...
 
+    def prefill(self, name: str) -> str:
+        """The start of a reply that must call a tool (``name``: that tool; "": any)."""
+        ...
+
 
 def has_tool_structure(messages: list[dict], tools: list[dict] | None) -> bool:
     return bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
@@ -150,6 +154,9 @@ class HermesFormat:
         calls, errors = _read_calls(TOOL_CALL.findall(text[start:]), tools)
         return ParsedReply(text[:start].strip(), calls, errors)
 
+    def prefill(self, name: str) -> str:
+        return '<tool_call>\n{"name": "' + (f'{name}", "arguments": ' if name else "")
+
     def held_back(self, text: str) -> int:
         start = text.find("<tool_call>")
         return len(text) - start if start >= 0 else _partial_prefix(text, "<tool_call>")
@@ -200,6 +207,9 @@ class ReActFormat:
         calls, errors = _read_calls([{"name": found[1], "arguments": found[2]}], tools)
         thought = text[: text.find("Action:")].replace("Thought:", "").strip()
         return ParsedReply(thought, calls, errors)
+
+    def prefill(self, name: str) -> str:
+        return "Thought: I need a tool.\nAction: " + (f"{name}\nAction Input: " if name else "")
 
     def held_back(self, text: str) -> int:
         start = text.find("Action:")

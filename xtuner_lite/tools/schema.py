@@ -81,12 +81,23 @@ def normalize_call(call: Any, names: list[str] | None, field: str) -> dict:
 
 
 def _param_docs(doc: str) -> dict[str, str]:
-    """``name: text`` lines of a docstring's Args/Parameters section (Google or reST style)."""
+    """Parameter descriptions from a docstring's Args/Parameters section (Google style, an
+    entry's more-indented lines continuing it) or ``:param name:`` lines (reST)."""
     found = dict(re.findall(r"^\s*:param\s+(\w+):\s*(.+)$", doc, re.M))
-    section = re.search(r"^\s*(?:Args|Arguments|Parameters):\s*\n((?:\s+.+\n?)+)", doc, re.M)
-    if section:
-        for name, text in re.findall(r"^\s+(\w+)(?:\s*\([^)]*\))?:\s*(.+)$", section[1], re.M):
-            found.setdefault(name, text.strip())
+    section = re.search(r"^\s*(?:Args|Arguments|Parameters):\s*\n((?:[ \t]+.+\n?)+)", doc, re.M)
+    if not section:
+        return found
+    lines = section[1].splitlines()
+    base = len(lines[0]) - len(lines[0].lstrip())
+    name = None
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        entry = re.match(r"\s+(\w+)(?:\s*\([^)]*\))?:\s*(.*)$", line)
+        if indent == base and entry:
+            name = entry[1]
+            found.setdefault(name, entry[2].strip())
+        elif name is not None and indent > base:
+            found[name] = f"{found[name]} {line.strip()}".strip()
     return found
 
 
