@@ -155,7 +155,8 @@ class HermesFormat:
         return ParsedReply(text[:start].strip(), calls, errors)
 
     def prefill(self, name: str) -> str:
-        return '<tool_call>\n{"name": "' + (f'{name}", "arguments": ' if name else "")
+        # ends where training text has a token boundary (before ' {"'), not inside a token
+        return '<tool_call>\n{"name": "' + (f'{name}", "arguments":' if name else "")
 
     def held_back(self, text: str) -> int:
         start = text.find("<tool_call>")
@@ -209,7 +210,7 @@ class ReActFormat:
         return ParsedReply(thought, calls, errors)
 
     def prefill(self, name: str) -> str:
-        return "Thought: I need a tool.\nAction: " + (f"{name}\nAction Input: " if name else "")
+        return "Thought: I need a tool.\nAction:" + (f" {name}\nAction Input:" if name else "")
 
     def held_back(self, text: str) -> int:
         start = text.find("Action:")
