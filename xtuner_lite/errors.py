@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from difflib import get_close_matches
+
 
 class XtunerError(Exception):
     """An error caused by user input or environment, with a message that says what to fix."""
@@ -37,3 +40,9 @@ class RowError(ValueError):
         self.field = field
         self.skip = skip  # counted and skipped even without ``skip_invalid`` (asked for)
         super().__init__(message)
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` naming the known name closest to ``name``, or ``""``."""
+    close = get_close_matches(str(name), list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from difflib import get_close_matches
 from typing import Any
 
-from xtuner_lite.errors import RowError, XtunerError
+from xtuner_lite.errors import RowError, XtunerError, did_you_mean
 from xtuner_lite.tools.schema import normalize_call, normalize_tools, tool_names
 
 Conversation = dict[str, list[dict[str, Any]]]
@@ -235,10 +234,9 @@ def pick_map_fn(map_fn: str | Callable, registry: dict[str, Callable], unknown: 
     if callable(map_fn):
         return map_fn
     if map_fn not in registry:
-        hint = get_close_matches(str(map_fn), registry, n=1)
         raise XtunerError(
             f"{unknown} {map_fn!r}"
-            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + did_you_mean(str(map_fn), registry)
             + f" (known: {', '.join(sorted(registry))}, or pass a function)"
         )
     return registry[map_fn]

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
-from difflib import get_close_matches
 from typing import Any, Protocol
 
 from xtuner_lite.data.map_fns import is_trained
-from xtuner_lite.errors import XtunerError
+from xtuner_lite.errors import XtunerError, did_you_mean
 from xtuner_lite.tools.formats import HERMES_CALL_HINT, HERMES_INSTRUCTIONS, get_tool_format
 
 Segment = tuple[str, bool]  # (text, trained)
@@ -449,10 +448,9 @@ def get_template(name: str | Template, tokenizer: Any = None) -> Template:
     if name == "auto":
         return JinjaTemplate(tokenizer)
     if name not in TEMPLATES:
-        hint = get_close_matches(name, TEMPLATES, n=1)
         raise XtunerError(
             f"unknown chat template {name!r}"
-            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + did_you_mean(name, TEMPLATES)
             + f" (known: auto, {', '.join(sorted(TEMPLATES))})"
         )
     return TEMPLATES[name]

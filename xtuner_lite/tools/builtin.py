@@ -17,11 +17,10 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from xtuner_lite.errors import XtunerError
+from xtuner_lite.errors import XtunerError, did_you_mean
 from xtuner_lite.sandbox import run_python
 from xtuner_lite.tools.schema import function_schema
 
@@ -176,10 +175,9 @@ def load_tools(names: list[str] | str | None = None, tools_file: str | None = No
     tools = []
     for name in names or []:
         if name not in BUILT_IN:
-            hint = get_close_matches(name, BUILT_IN, n=1)
             raise ToolError(
                 f"unknown tool {name!r}"
-                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + did_you_mean(name, BUILT_IN)
                 + f" (built in: {', '.join(BUILT_IN)}; or --tools-file)"
             )
         tools.append(Tool.of(BUILT_IN[name]))
