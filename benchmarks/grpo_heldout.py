@@ -1,7 +1,7 @@
 """Held-out accuracy (greedy) of SmolLM2-135M-Instruct on the seeded arithmetic word problems,
 before and after a short GRPO-LoRA run, with 95 % Wilson intervals and the paired difference.
 
-    python benchmarks/grpo_heldout.py --max-iters 40          # train, then evaluate both
+    python benchmarks/grpo_heldout.py --max-iters 20 --plot  # train, then evaluate both
     python benchmarks/grpo_heldout.py --eval-only --limit 100  # the untrained model only
 
 The training run is the bundled ``smollm2_135m_grpo_arithmetic`` config; its reward curve is
@@ -52,7 +52,7 @@ def summary(name: str, hits: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--max-iters", type=int, default=40)
+    parser.add_argument("--max-iters", type=int, default=20)
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--work-dir", default="work_dirs/grpo_heldout")

@@ -35,6 +35,7 @@ def plot_log(work_dir: str | Path, out: str | Path | None = None, metric: str = 
     )
     lr_ax.set_ylabel("learning rate", color="grey")
     target = Path(out) if out else Path(work_dir) / f"{metric.replace('/', '_')}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(target)
     plt.close(fig)
