@@ -42,6 +42,8 @@ class ChatSession:
         self.system = system
         self.options = options or GenerationOptions()
         self.history: list[dict] = []
+        if tools and backend != "torch":
+            raise XtunerError("--tools needs --backend torch")  # before loading anything
         self.toolbox = ToolBox(tools) if tools else None
         self.max_tool_rounds = max_tool_rounds
         self.lmdeploy = None
@@ -68,8 +70,6 @@ class ChatSession:
             self.context_length = self.engine.context_length
         else:
             raise XtunerError(f"unknown backend {backend!r}; choose torch or lmdeploy")
-        if tools and backend != "torch":
-            raise XtunerError("--tools needs --backend torch")
         self.tokenizer, self.template = self.chat.tokenizer, self.chat.template
 
     def reset(self) -> None:
