@@ -14,7 +14,12 @@ from typing import Any, Protocol
 
 from xtuner_lite.data.map_fns import is_trained
 from xtuner_lite.errors import XtunerError, did_you_mean
-from xtuner_lite.tools.formats import HERMES_CALL_HINT, HERMES_INSTRUCTIONS, get_tool_format
+from xtuner_lite.tools.formats import (
+    HERMES_CALL_HINT,
+    HERMES_INSTRUCTIONS,
+    get_tool_format,
+    split_system,
+)
 
 Segment = tuple[str, bool]  # (text, trained)
 
@@ -71,9 +76,7 @@ class ChatTemplate:
         return fmt.replace("{content}", content)
 
     def _with_system(self, messages: list[dict]) -> tuple[str | None, list[dict]]:
-        if messages and messages[0]["role"] == "system":
-            return messages[0]["content"], messages[1:]
-        return self.default_system, messages
+        return split_system(messages, self.default_system)
 
     def render(
         self, messages: list[dict], tokenizer: Any = None, tools: list[dict] | None = None

@@ -74,9 +74,8 @@ def has_tool_structure(messages: list[dict], tools: list[dict] | None) -> bool:
     return bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
 
 
-def _split_system(
-    messages: list[dict], default_system: str | None
-) -> tuple[str | None, list[dict]]:
+def split_system(messages: list[dict], default_system: str | None) -> tuple[str | None, list[dict]]:
+    """(the system prompt: a leading system message's, else ``default_system``; the rest)"""
     if messages and messages[0]["role"] == "system":
         return messages[0]["content"], messages[1:]
     return default_system, messages
@@ -128,7 +127,7 @@ class HermesFormat:
             return messages
         out: list[dict] = []
         if tools:
-            system, messages = _split_system(messages, default_system)
+            system, messages = split_system(messages, default_system)
             out.append({"role": "system", "content": self.system_text(system, tools)})
         for msg in messages:
             if msg["role"] == "tool":
@@ -178,7 +177,7 @@ class ReActFormat:
             return messages
         out: list[dict] = []
         if tools:
-            system, messages = _split_system(messages, default_system)
+            system, messages = split_system(messages, default_system)
             listed = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
             names = ", ".join(tool_names(tools))
             text = REACT_INSTRUCTIONS.format(tools=listed, names=names)
