@@ -3,8 +3,8 @@
 16 chat prompts × 128 new tokens, greedy, SmolLM2-135M-Instruct on CPU. HF runs once as one
 left-padded batch and once prompt by prompt; ours admits all requests and retires each as soon
 as it ends. Prints generated tokens/s and the ratios, and checks that the outputs agree. With
-``--repeats N`` HF batched and ours run N times alternately (this machine's speed drifts by
-±10 % between runs) and the median of the per-pair ratios is printed too.
+``--repeats N`` HF batched and ours run N times alternately (a shared machine's speed drifts
+between runs) and the median of the per-pair ratios is printed too.
 Run: python benchmarks/bench_infer.py [--prompts 16] [--new-tokens 128] [--repeats 1]
 """
 

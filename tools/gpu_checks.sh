@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU-only check in one go, for whoever has a CUDA GPU for a few minutes:
-#   bash tools/gpu_checks.sh [OUT_DIR]      (needs `make install-tests`; about 10 minutes on one GPU)
+#   bash tools/gpu_checks.sh [OUT_DIR]      (needs `make install-tests`; sized to fit a short GPU loan)
 # Writes OUT_DIR/gpu_results.jsonl (the 8 GiB proof, planner vs measured) and
 # OUT_DIR/gpu_tests.txt (the gpu test tier), and prints both.
 set -uo pipefail

@@ -409,7 +409,7 @@ def resolve_device(settings: TrainSettings) -> str:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (oneDNN on AVX512/AMX); without it
-    (AVX2-only CPUs) torch falls back to reference loops several times slower than fp32."""
+    (AVX2-only CPUs) torch falls back to reference loops, which lose to fp32's oneDNN kernels."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -420,8 +420,8 @@ def cpu_precision(
     model_cfg: dict[str, Any], settings: TrainSettings
 ) -> tuple[dict[str, Any], TrainSettings, list[str]]:
     """On a CPU without native bf16 matmuls, bf16 (autocast, frozen base weights, QLoRA's
-    compute dtype) would make a step tens of times slower: use fp32 there instead. Returns the
-    configs to train with and what was changed (empty when nothing was)."""
+    compute dtype) would run every matmul in those reference loops: use fp32 there instead.
+    Returns the configs to train with and what was changed (empty when nothing was)."""
     if resolve_device(settings) != "cpu" or cpu_has_fast_bf16():
         return model_cfg, settings, []
     changed = []
