@@ -13,6 +13,7 @@ from grpo_reference import trl_grpo_loss
 from safetensors.torch import load_file
 from trl.trainer.utils import nanstd
 
+from xtuner_lite.engine import runner as runner_module
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.objectives import build_objective
 from xtuner_lite.rl.arithmetic import write_splits
@@ -255,6 +256,20 @@ def test_grpo_run_logs_rollouts_and_resumes_exactly(tmp_path, tiny_llama, arithm
     a = load_file(straight / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
+def test_bf16_rollouts_run_under_trainings_autocast(tmp_path, tiny_llama, arithmetic, monkeypatch):
+    """A bf16 frozen base with fp32 adapters (the bundled configs on a bf16 CPU or a GPU): the
+    rollouts and old log-probs run under the same autocast as the updates, so the adapter's
+    fp32 layers never meet a bf16 input outside it."""
+    monkeypatch.setattr(runner_module, "cpu_has_fast_bf16", lambda: True)
+    cfg = grpo_cfg(str(tiny_llama), arithmetic, num_iterations=2)
+    cfg["model"]["dtype"] = "bf16"
+    cfg["train"].update(dtype="bf16", max_iters=2)
+    train(cfg, work_dir=tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").open()]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
 
 
 @pytest.mark.integration

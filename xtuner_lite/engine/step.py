@@ -110,7 +110,9 @@ def train_step(
     ``objective.updates`` optimizer steps on them; the log of the last step (with what only the
     first logs, such as rollout statistics)."""
     step = MessageHub.get_current_instance().get_info("iter", 0)
-    batches = objective.prepare(getattr(model, "llm", model), data, step)
+    # under training's autocast: rollouts and old log-probs see the precision the updates see
+    with optim_wrapper.optim_context(model):
+        batches = objective.prepare(getattr(model, "llm", model), data, step)
     logged: dict[str, torch.Tensor] = {}
     for _ in range(objective.updates):
         start = time.perf_counter()
