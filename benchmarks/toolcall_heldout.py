@@ -26,7 +26,7 @@ from xtuner_lite.data.map_fns import get_map_fn
 from xtuner_lite.evaluation.intervals import wilson
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel
-from xtuner_lite.tools import ToolBox, load_tools, run_tool_turn
+from xtuner_lite.tools import ToolBox, load_tools, run_tool_turns
 from xtuner_lite.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,21 +73,23 @@ def call_scores(chat: ChatModel, engine: InferenceEngine, cases) -> tuple[list[i
 
 
 def arithmetic(chat: ChatModel, engine: InferenceEngine, with_tool: bool) -> list[int]:
+    """Each test question answered (all in one batch per round), scored by its exact number."""
     rows = [json.loads(line) for line in CALC_TEST.read_text().splitlines()]
     params = chat.sampling(SamplingParams(max_new_tokens=64))
     toolbox = ToolBox(load_tools("calculator"))
+    tools = toolbox.schemas if with_tool else None
 
-    def generate(messages: list[dict]) -> str:
-        ids = chat.prompt_ids(messages, toolbox.schemas if with_tool else None)
-        return engine.decode(engine.generate([ids], params)[0])
+    def generate(conversations: list[list[dict]]) -> list[str]:
+        prompts = [chat.prompt_ids(messages, tools) for messages in conversations]
+        return [engine.decode(ids) for ids in engine.generate(prompts, params)]
 
+    questions = [[{"role": "user", "content": r["conversations"][0]["value"]}] for r in rows]
+    if with_tool:
+        answers = [t.answer for t in run_tool_turns(generate, questions, toolbox, chat.tool_format)]
+    else:
+        answers = generate(questions)
     hits = []
-    for row in rows:
-        user = [{"role": "user", "content": row["conversations"][0]["value"]}]
-        if with_tool:
-            answer = run_tool_turn(generate, user, toolbox, chat.tool_format).answer
-        else:
-            answer = generate(user)
+    for row, answer in zip(rows, answers):
         numbers = re.findall(r"-?\d+(?:\.\d+)?", answer.replace(",", ""))
         hits.append(int(row["answer"] in numbers))
     return hits

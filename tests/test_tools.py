@@ -20,6 +20,7 @@ from xtuner_lite.tools import (
     normalize_call,
     normalize_tools,
     run_tool_turn,
+    run_tool_turns,
 )
 from xtuner_lite.tools.builtin import calculator, search
 
@@ -312,6 +313,36 @@ def test_tool_loop_runs_calls_until_an_answer():
     assert turn.answer == "The answer is 42."
     assert calls == [("calculator", "42")]
     assert [m["role"] for m in turn.messages] == ["assistant", "tool", "assistant"]
+
+
+def test_tool_loops_run_in_lockstep_batches():
+    """Many conversations: each round generates only those still calling tools, in one batch;
+    one that never stops calling ends with the rounds."""
+    fmt = get_tool_format("hermes")
+    batches = []
+
+    def generate(conversations):
+        batches.append(len(conversations))
+        replies = []
+        for messages in conversations:
+            question = messages[0]["content"]
+            if question == "loop?" or messages[-1]["role"] == "user" and question != "hi":
+                replies.append('<tool_call>\n{"name": "calculator", "arguments": '
+                               f'{{"expression": "{question}"}}}}')  # fmt: skip
+            else:
+                replies.append(f"Answer: {messages[-1]['content']}")
+        return replies
+
+    turns = run_tool_turns(
+        generate,
+        [[{"role": "user", "content": q}] for q in ("hi", "6*7", "loop?")],
+        ToolBox(load_tools("calculator")),
+        fmt,
+        max_rounds=3,
+    )
+    assert batches == [3, 2, 1]
+    assert [t.answer for t in turns][:2] == ["Answer: hi", "Answer: 42"]
+    assert turns[2].answer.startswith("(stopped") and len(turns[2].calls) == 3
 
 
 def test_tool_failures_reach_the_model_not_the_caller():

@@ -1,7 +1,7 @@
 """Tool use: tool schemas and calls (``schema``), how templates write and read them
 (``formats``), the tools themselves (``builtin``) and the call-result loop (``agent``)."""
 
-from xtuner_lite.tools.agent import ToolBox, ToolTurn, run_tool_turn
+from xtuner_lite.tools.agent import ToolBox, ToolTurn, run_tool_turn, run_tool_turns
 from xtuner_lite.tools.builtin import BUILT_IN, Tool, ToolError, load_tools
 from xtuner_lite.tools.formats import TOOL_FORMATS, ParsedReply, get_tool_format
 from xtuner_lite.tools.schema import ToolSpecError, function_schema, normalize_call, normalize_tools
@@ -21,4 +21,5 @@ __all__ = [
     "normalize_call",
     "normalize_tools",
     "run_tool_turn",
+    "run_tool_turns",
 ]

@@ -15,6 +15,7 @@ from xtuner_lite.tools.formats import ParsedReply, ToolFormat
 MAX_RESULT_CHARS = 4000  # a tool result longer than this is cut before it reaches the prompt
 
 Generate = Callable[[list[dict]], str]  # the conversation so far → the model's reply text
+GenerateBatch = Callable[[list[list[dict]]], list[str]]  # many conversations → their replies
 
 
 class ToolBox:
@@ -59,6 +60,41 @@ def reply_message(parsed: ParsedReply, raw: str) -> dict:
     return {"role": "assistant", "content": raw.strip()}
 
 
+def take_reply(
+    turn: ToolTurn,
+    raw: str,
+    toolbox: ToolBox,
+    tool_format: ToolFormat,
+    on_call: Callable[[dict, str], Any] | None = None,
+) -> bool:
+    """One round of the loop: add the reply ``raw`` to ``turn`` and run its calls, their
+    results added too. True when the reply is the answer (no call, nothing unreadable)."""
+    parsed = tool_format.parse(raw, toolbox.schemas)
+    if not parsed.calls and not parsed.errors:
+        turn.answer = parsed.content
+        return True
+    turn.messages.append(reply_message(parsed, raw))
+    for call in parsed.calls:
+        result = toolbox.run(call)
+        turn.calls.append(call)
+        if on_call is not None:
+            on_call(call, result)
+        turn.messages.append({"role": "tool", "content": result, "name": call["name"]})
+    for error in parsed.errors:
+        if on_call is not None:
+            on_call({"name": "(unreadable call)", "arguments": {}}, f"error: {error}")
+        turn.messages.append({"role": "tool", "content": f"error: {error}"})
+    return False
+
+
+def close_turn(turn: ToolTurn, answered: bool) -> ToolTurn:
+    """End the turn with its answer (a note instead when the rounds ran out)."""
+    if not answered:
+        turn.answer = "(stopped: the model kept calling tools)"
+    turn.messages.append({"role": "assistant", "content": turn.answer})
+    return turn
+
+
 def run_tool_turn(
     generate: Generate,
     messages: list[dict],
@@ -68,25 +104,29 @@ def run_tool_turn(
     on_call: Callable[[dict, str], Any] | None = None,
 ) -> ToolTurn:
     """Generate until the model answers without a call, or ``max_rounds`` rounds of calls."""
-    turn = ToolTurn()
+    batch = lambda conversations: [generate(c) for c in conversations]  # noqa: E731
+    return run_tool_turns(batch, [messages], toolbox, tool_format, max_rounds, on_call)[0]
+
+
+def run_tool_turns(
+    generate: GenerateBatch,
+    conversations: list[list[dict]],
+    toolbox: ToolBox,
+    tool_format: ToolFormat,
+    max_rounds: int = 5,
+    on_call: Callable[[dict, str], Any] | None = None,
+) -> list[ToolTurn]:
+    """:func:`run_tool_turn` for many conversations in lockstep: each round generates the
+    replies of every conversation still calling tools in one batch."""
+    turns = [ToolTurn() for _ in conversations]
+    pending = list(range(len(conversations)))
     for _ in range(max_rounds):
-        raw = generate(messages + turn.messages)
-        parsed = tool_format.parse(raw, toolbox.schemas)
-        if not parsed.calls and not parsed.errors:
-            turn.answer = parsed.content
+        if not pending:
             break
-        turn.messages.append(reply_message(parsed, raw))
-        for call in parsed.calls:
-            result = toolbox.run(call)
-            turn.calls.append(call)
-            if on_call is not None:
-                on_call(call, result)
-            turn.messages.append({"role": "tool", "content": result, "name": call["name"]})
-        for error in parsed.errors:
-            if on_call is not None:
-                on_call({"name": "(unreadable call)", "arguments": {}}, f"error: {error}")
-            turn.messages.append({"role": "tool", "content": f"error: {error}"})
-    else:
-        turn.answer = "(stopped: the model kept calling tools)"
-    turn.messages.append({"role": "assistant", "content": turn.answer})
-    return turn
+        replies = generate([conversations[i] + turns[i].messages for i in pending])
+        answered = [take_reply(turns[i], raw, toolbox, tool_format, on_call)
+                    for i, raw in zip(pending, replies)]  # fmt: skip
+        pending = [i for i, done in zip(pending, answered) if not done]
+    for i, turn in enumerate(turns):
+        close_turn(turn, answered=i not in pending)
+    return turns
