@@ -5,9 +5,11 @@ Training data: a seeded 90 % of glaive's English tool-call demo (``../shared/dat
 seeded calculator conversations (``examples/data/calculator_train.jsonl``). Measured on the other
 10 % of glaive and on ``calculator_test.jsonl`` (greedy):
 
-- *call*: turns whose reference is a call: the model emits one well-formed call to the right
-  tool with the reference's arguments;
-- *direct*: turns whose reference is a plain answer: the model answers without calling;
+- *call*: turns whose reference is a call: the model emits the reference's calls exactly, well
+  formed, right tool, same arguments (*call, right tool*: the same tool names, any arguments);
+- *direct*: turns that follow a user message and whose reference is a plain answer (no tool
+  needed): the model answers without calling; *after*: the same for turns that follow a tool
+  result (the model answers from it rather than calling again);
 - *arithmetic*: calculator test questions answered with the exact number, by the fine-tuned
   model with the calculator tool and without any tool.
 
@@ -58,18 +60,27 @@ def turns(rows: list[dict]) -> list[tuple[list[dict], list[dict], dict]]:
     return out
 
 
-def call_scores(chat: ChatModel, engine: InferenceEngine, cases) -> tuple[list[int], list[int]]:
+def call_scores(chat: ChatModel, engine: InferenceEngine, cases, log: Path) -> dict[str, list[int]]:
+    """Each held-out turn's reply scored by what its reference does (see the module docstring);
+    the replies go to ``log``."""
     params = chat.sampling(SamplingParams(max_new_tokens=96))
     prompts = [chat.prompt_ids(context, tools) for context, tools, _ in cases]
-    replies = engine.generate(prompts, params)
-    calls, direct = [], []
-    for (_, tools, reference), reply in zip(cases, replies):
-        parsed = chat.tool_format.parse(engine.decode(reply), tools)
-        if reference.get("tool_calls"):
-            calls.append(int(parsed.calls == reference["tool_calls"] and not parsed.errors))
-        else:
-            direct.append(int(not parsed.calls and not parsed.errors and bool(parsed.content)))
-    return calls, direct
+    replies = [engine.decode(ids) for ids in engine.generate(prompts, params)]
+    scores: dict[str, list[int]] = {"call": [], "call, right tool": [], "direct": [], "after": []}
+    with log.open("w") as out:
+        for (context, tools, reference), reply in zip(cases, replies):
+            parsed = chat.tool_format.parse(reply, tools)
+            out.write(json.dumps({"reference": reference, "reply": reply}) + "\n")
+            if reference.get("tool_calls"):
+                names = [c["name"] for c in reference["tool_calls"]]
+                scores["call"].append(int(parsed.calls == reference["tool_calls"]))
+                scores["call, right tool"].append(int([c["name"] for c in parsed.calls] == names))
+            else:
+                kind = "after" if context[-1]["role"] == "tool" else "direct"
+                scores[kind].append(
+                    int(not parsed.calls and not parsed.errors and bool(parsed.content))
+                )
+    return scores
 
 
 def arithmetic(chat: ChatModel, engine: InferenceEngine, with_tool: bool) -> list[int]:
@@ -100,12 +111,11 @@ def line(name: str, hits: list[int]) -> str:
     return f"{name}: {sum(hits) / len(hits):.3f} [{low:.3f}, {high:.3f}] (n={len(hits)})"
 
 
-def evaluate(label: str, adapter: str | None, cases) -> None:
+def evaluate(label: str, adapter: str | None, cases, work: Path) -> None:
     chat = ChatModel.load(MODEL, adapter)
     engine = InferenceEngine(chat.model, chat.tokenizer)
-    calls, direct = call_scores(chat, engine, cases)
-    print(line(f"{label} call", calls), flush=True)
-    print(line(f"{label} direct", direct), flush=True)
+    for name, hits in call_scores(chat, engine, cases, work / f"{label}_replies.jsonl").items():
+        print(line(f"{label} {name}", hits), flush=True)
     print(line(f"{label} arithmetic with calculator", arithmetic(chat, engine, True)), flush=True)
     print(line(f"{label} arithmetic without tools", arithmetic(chat, engine, False)), flush=True)
 
@@ -120,7 +130,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     glaive_train, held_out = split_glaive(work)
     cases = turns(held_out)
-    evaluate("before", None, cases)
+    evaluate("before", None, cases, work)
     if args.eval_only:
         return
     adapter = train(
@@ -132,7 +142,7 @@ def main() -> None:
             "train.max_iters": args.max_iters,
         },
     )
-    evaluate("after", str(adapter), cases)
+    evaluate("after", str(adapter), cases, work)
 
 
 if __name__ == "__main__":
