@@ -104,8 +104,11 @@ def run_tool_turn(
     on_call: Callable[[dict, str], Any] | None = None,
 ) -> ToolTurn:
     """Generate until the model answers without a call, or ``max_rounds`` rounds of calls."""
-    batch = lambda conversations: [generate(c) for c in conversations]  # noqa: E731
-    return run_tool_turns(batch, [messages], toolbox, tool_format, max_rounds, on_call)[0]
+
+    def one_by_one(conversations: list[list[dict]]) -> list[str]:
+        return [generate(c) for c in conversations]
+
+    return run_tool_turns(one_by_one, [messages], toolbox, tool_format, max_rounds, on_call)[0]
 
 
 def run_tool_turns(
