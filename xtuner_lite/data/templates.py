@@ -75,16 +75,13 @@ class ChatTemplate:
             fmt = fmt.replace("{eos}", _special(tokenizer, "eos"))
         return fmt.replace("{content}", content)
 
-    def _with_system(self, messages: list[dict]) -> tuple[str | None, list[dict]]:
-        return split_system(messages, self.default_system)
-
     def render(
         self, messages: list[dict], tokenizer: Any = None, tools: list[dict] | None = None
     ) -> list[Segment]:
         if len(messages) == 1 and messages[0]["role"] == "text":  # plain-text pretraining
             return [(messages[0]["content"] + _special(tokenizer, "eos"), True)]
         messages = get_tool_format(self.tool_format).rewrite(messages, tools, self.default_system)
-        system, rest = self._with_system(messages)
+        system, rest = split_system(messages, self.default_system)
         segments: list[Segment] = []
         if self.prefix:
             segments.append((self._fill(self.prefix, tokenizer), False))

@@ -87,12 +87,11 @@ def take_reply(
     return False
 
 
-def close_turn(turn: ToolTurn, answered: bool) -> ToolTurn:
+def close_turn(turn: ToolTurn, answered: bool) -> None:
     """End the turn with its answer (a note instead when the rounds ran out)."""
     if not answered:
         turn.answer = "(stopped: the model kept calling tools)"
     turn.messages.append({"role": "assistant", "content": turn.answer})
-    return turn
 
 
 def run_tool_turn(
