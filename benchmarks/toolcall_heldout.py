@@ -63,7 +63,7 @@ def turns(rows: list[dict]) -> list[tuple[list[dict], list[dict], dict]]:
 def call_scores(chat: ChatModel, engine: InferenceEngine, cases, log: Path) -> dict[str, list[int]]:
     """Each held-out turn's reply scored by what its reference does (see the module docstring);
     the replies go to ``log``."""
-    params = chat.sampling(SamplingParams(max_new_tokens=96))
+    params = chat.sampling(SamplingParams(max_new_tokens=96), tools=True)
     prompts = [chat.prompt_ids(context, tools) for context, tools, _ in cases]
     replies = [engine.decode(ids) for ids in engine.generate(prompts, params)]
     scores: dict[str, list[int]] = {"call": [], "call, right tool": [], "direct": [], "after": []}
@@ -86,7 +86,7 @@ def call_scores(chat: ChatModel, engine: InferenceEngine, cases, log: Path) -> d
 def arithmetic(chat: ChatModel, engine: InferenceEngine, with_tool: bool) -> list[int]:
     """Each test question answered (all in one batch per round), scored by its exact number."""
     rows = [json.loads(line) for line in CALC_TEST.read_text().splitlines()]
-    params = chat.sampling(SamplingParams(max_new_tokens=64))
+    params = chat.sampling(SamplingParams(max_new_tokens=64), tools=with_tool)
     toolbox = ToolBox(load_tools("calculator"))
     tools = toolbox.schemas if with_tool else None
 

@@ -164,6 +164,10 @@ def test_to_jinja_renders_like_the_template(name, smol_tokenizer):
     """Merged models carry the training template as a jinja chat_template: same text, always."""
     tok = _tokenizer_for(name, smol_tokenizer) if name in EXPECTED else smol_tokenizer
     tmpl = get_template(name)
+    if name == "mistral_v3":  # merged with its published template (test_tools)
+        with pytest.raises(XtunerError, match="not written as jinja here"):
+            tmpl.to_jinja()
+        return
     jinja = tmpl.to_jinja()
     quoted = [{"role": "user", "content": 'say "hi"\\n\nand {{ this }}'}]
     tool = [

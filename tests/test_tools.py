@@ -5,10 +5,16 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from xtuner_lite.data import IGNORE_INDEX, get_template, tokenize_rendered
+from xtuner_lite.data.templates import renders_like
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.inference.engine import InferenceEngine
+from xtuner_lite.inference.sampling import SamplingParams
+from xtuner_lite.merge import write_tokenizer
 from xtuner_lite.sandbox import run_python
 from xtuner_lite.tools import (
     ToolBox,
@@ -23,8 +29,15 @@ from xtuner_lite.tools import (
     run_tool_turns,
 )
 from xtuner_lite.tools.builtin import calculator, search
+from xtuner_lite.tools.formats import call_ids
 
-QWEN2_5_JINJA = (Path(__file__).parent / "fixtures" / "qwen2_5_chat_template.jinja").read_text()
+FIXTURES = Path(__file__).parent / "fixtures"
+QWEN2_5_JINJA = (FIXTURES / "qwen2_5_chat_template.jinja").read_text()
+# the chat templates published with Llama-3.1-8B-Instruct and Mistral-7B-Instruct-v0.3
+NATIVE_JINJA = {
+    "llama3_1_chat": (FIXTURES / "llama3_1_chat_template.jinja").read_text(),
+    "mistral_v3": (FIXTURES / "mistral_v3_chat_template.jinja").read_text(),
+}
 
 WEATHER = {
     "type": "function",
@@ -69,16 +82,54 @@ CONVERSATIONS = {
         {"role": "user", "content": "Thanks"},
         {"role": "assistant", "content": "You are welcome."},
     ],
+    "one_call_per_turn": [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "And 2+2?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"name": "calculator", "arguments": {"expression": "2+2"}}],
+        },
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "4."},
+    ],
 }
 
 
 def _openai(messages: list[dict]) -> list[dict]:
-    """The same messages as an OpenAI client sends them (calls under ``function``)."""
+    """The same messages as an OpenAI client sends them (calls under ``function``, with the
+    ids the formats give them)."""
     out = copy.deepcopy(messages)
-    for msg in out:
+    for msg, ids in zip(out, call_ids(messages)):
         if msg.get("tool_calls"):
-            msg["tool_calls"] = [{"type": "function", "function": c} for c in msg["tool_calls"]]
+            msg["tool_calls"] = [
+                {"type": "function", "id": i, "function": c} for c, i in zip(msg["tool_calls"], ids)
+            ]
+        elif msg["role"] == "tool":
+            msg["tool_call_id"] = ids
     return out
+
+
+def assert_renders_like_jinja(template, jinja_tokenizer, conv, tools, turns=True) -> None:
+    """Every prefix of ``conv`` with a user turn renders as the tokenizer's jinja does: whole
+    turns with ``render`` (unless not ``turns``), prompts (ending in a user or tool turn) with
+    ``render_prompt``."""
+    first_user = next(i for i, m in enumerate(conv) if m["role"] == "user")
+    for end in range(first_user + 1, len(conv) + 1):
+        part = conv[:end]
+        if part[-1]["role"] == "assistant":
+            if not turns:
+                continue
+            want = jinja_tokenizer.apply_chat_template(_openai(part), tools=tools, tokenize=False)
+            assert "".join(t for t, _ in template.render(part, jinja_tokenizer, tools)) == want
+        else:
+            want = jinja_tokenizer.apply_chat_template(
+                _openai(part), tools=tools, tokenize=False, add_generation_prompt=True
+            )
+            assert template.render_prompt(part, jinja_tokenizer, tools) == want
 
 
 @pytest.fixture()
@@ -94,19 +145,43 @@ def qwen_tokenizer(smol_tokenizer):
 def test_qwen2_5_tools_byte_identical_to_its_jinja(name, with_tools, qwen_tokenizer):
     conv, tools = CONVERSATIONS[name], TOOLS if with_tools else None
     ours, auto = get_template("qwen2_5"), get_template("auto", qwen_tokenizer)
-    for end in range(1, len(conv) + 1):
-        part = conv[:end]
-        if part[-1]["role"] == "assistant":
-            want = qwen_tokenizer.apply_chat_template(_openai(part), tools=tools, tokenize=False)
-            assert "".join(t for t, _ in ours.render(part, qwen_tokenizer, tools)) == want
-            assert "".join(t for t, _ in auto.render(part, qwen_tokenizer, tools)) == want
-        else:
-            want = qwen_tokenizer.apply_chat_template(
-                _openai(part), tools=tools, tokenize=False, add_generation_prompt=True
-            )
-            assert ours.render_prompt(part, qwen_tokenizer, tools) == want
-            assert auto.render_prompt(part, qwen_tokenizer, tools) == want
+    assert_renders_like_jinja(ours, qwen_tokenizer, conv, tools)
+    assert_renders_like_jinja(auto, qwen_tokenizer, conv, tools)
     assert auto.tool_format == ours.tool_format == "hermes"
+
+
+@pytest.mark.parametrize(
+    "name, conv",
+    # Llama-3.1 takes one call per turn: two in one turn is the next test's error
+    [(n, c) for n in sorted(NATIVE_JINJA) for c in sorted(CONVERSATIONS)
+     if (n, c) != ("llama3_1_chat", "no_system_two_calls")],
+)  # fmt: skip
+@pytest.mark.parametrize("with_tools", [True, False])
+def test_native_tool_formats_byte_identical_to_published_jinja(
+    name, conv, with_tools, smol_tokenizer
+):
+    """Llama-3.1's JSON calls and Mistral v3's [TOOL_CALLS] render as the models' published
+    chat templates do, with and without tools; ``auto`` over that jinja parses the same way."""
+    tok = copy.copy(smol_tokenizer)
+    tok.chat_template = NATIVE_JINJA[name]
+    tools = TOOLS if with_tools else None
+    ours, auto = get_template(name), get_template("auto", tok)
+    assert_renders_like_jinja(ours, tok, CONVERSATIONS[conv], tools)
+    # Mistral's jinja moves the tools and the system prompt to the last user turn, so an earlier
+    # turn renders differently once the conversation goes on: ``auto`` cannot cut it into
+    # trained turns and says so (prompts it renders whole, as the jinja does)
+    moving = name == "mistral_v3" and (tools or conv == "system")
+    two_users = sum(m["role"] == "user" for m in CONVERSATIONS[conv]) > 1
+    assert_renders_like_jinja(auto, tok, CONVERSATIONS[conv], tools, turns=not moving)
+    if moving and two_users:
+        with pytest.raises(XtunerError, match="does not render conversations prefix by prefix"):
+            auto.render(CONVERSATIONS[conv], tok, tools)
+    assert auto.tool_format == ours.tool_format
+
+
+def test_llama3_1_refuses_two_calls_in_one_turn(smol_tokenizer):
+    with pytest.raises(XtunerError, match="one tool call per assistant turn, got 2"):
+        get_template("llama3_1_chat").render(CONVERSATIONS["no_system_two_calls"], None, TOOLS)
 
 
 @pytest.mark.parametrize("name", ["chatml", "smollm2", "qwen2_5"])
@@ -182,6 +257,129 @@ def test_hermes_parse_and_streaming_hold():
     assert fmt.held_back("Sure <tool") == len("<tool")
     assert fmt.held_back("Sure <tool_call>\n{") == len("<tool_call>\n{")
     assert fmt.held_back("Sure.") == 0
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama3_1_chat", "mistral_v3", "internlm2_chat"])
+def test_each_format_reads_back_what_it_writes(name, smol_tokenizer):
+    """A call as the template trains it parses back to itself; a forced call (``prefill``)
+    starts as training writes one; streaming holds back every prefix of a call, never text."""
+    template = get_template(name)
+    fmt = get_tool_format(template.tool_format)
+    conv = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    ]
+    trained = [t for t, on in template.render(conv, smol_tokenizer, TOOLS) if on][-1]
+    reply = trained
+    for stop in template.stop_words(smol_tokenizer):
+        reply = reply.removesuffix(stop)
+    parsed = fmt.parse(reply, TOOLS)
+    assert parsed.calls == [CALL] and not parsed.errors and parsed.content == ""
+    for name_ in ("get_weather", ""):
+        assert reply.lstrip().startswith(fmt.prefill(name_)), fmt.prefill(name_)
+    assert all(fmt.held_back(reply[:k]) == k for k in range(1, len(reply) + 1))
+    assert fmt.held_back("Sure.") == 0
+    plain = fmt.parse("Just an answer.", TOOLS)
+    assert plain.content == "Just an answer." and not plain.calls and not plain.errors
+    broken = fmt.parse(fmt.prefill("get_weather") + " {city}", TOOLS)
+    assert not broken.calls and "not valid JSON" in broken.errors[0]
+    unknown = fmt.parse(fmt.prefill("rm") + " {}" + "}" * (name != "llama3_1_chat"), TOOLS)
+    assert not unknown.calls and unknown.errors, unknown
+
+
+def test_parallel_calls_read_back_in_mistral_and_internlm():
+    mistral = get_tool_format("mistral").parse(
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}, "id": "a1b2c3d4e"}, '
+        '{"name": "calculator", "arguments": {"expression": "1+1"}, "id": "f5g6h7i8j"}]',
+        TOOLS,
+    )
+    internlm = get_tool_format("internlm").parse(
+        'Checking.<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": '
+        '"Oslo"}}<|action_end|><|action_start|><|plugin|>\n{"name": "calculator", "parameters": '
+        '{"expression": "1+1"}}<|action_end|>',
+        TOOLS,
+    )
+    both = [
+        {"name": "get_weather", "arguments": {"city": "Oslo"}},
+        {"name": "calculator", "arguments": {"expression": "1+1"}},
+    ]
+    assert mistral.calls == internlm.calls == both
+    assert internlm.content == "Checking."
+
+
+def test_internlm2_5_tools_as_its_chat_format_guide_writes_them():
+    """InternLM2.5's tokenizer template has no tools; the expected text follows InternLM's
+    chat-format guide (plugin system turn, <|action_start|><|plugin|> call, environment)."""
+    conv = [
+        {"role": "system", "content": "You are InternLM2-Chat, a harmless AI assistant."},
+        {"role": "user", "content": "Weather in Shanghai?"},
+        {
+            "role": "assistant",
+            "content": "Sure, I will search for the weather of Shanghai.",
+            "tool_calls": [{"name": "get_weather", "arguments": {"city": "Shanghai"}}],
+        },
+        {"role": "tool", "content": '{"temperature": 22}'},
+        {"role": "assistant", "content": "It is 22 degrees."},
+    ]
+    tok = SimpleNamespace(bos_token="<s>", eos_token="</s>")
+    segments = get_template("internlm2_chat").render(conv, tok, [WEATHER])
+    assert "".join(t for t, _ in segments) == (
+        "<s><|im_start|>system\nYou are InternLM2-Chat, a harmless AI assistant.<|im_end|>\n"
+        "<|im_start|>system name=<|plugin|>\n"
+        "[\n"
+        "    {\n"
+        '        "name": "get_weather",\n'
+        '        "description": "Weather in a city",\n'
+        '        "parameters": {\n'
+        '            "type": "object",\n'
+        '            "properties": {\n'
+        '                "city": {\n'
+        '                    "type": "string"\n'
+        "                }\n"
+        "            },\n"
+        '            "required": [\n'
+        '                "city"\n'
+        "            ]\n"
+        "        }\n"
+        "    }\n"
+        "]<|im_end|>\n"
+        "<|im_start|>user\nWeather in Shanghai?<|im_end|>\n"
+        "<|im_start|>assistant\nSure, I will search for the weather of Shanghai."
+        '<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Shanghai"}}'
+        "<|action_end|><|im_end|>\n"
+        '<|im_start|>environment name=<|plugin|>\n{"temperature": 22}<|im_end|>\n'
+        "<|im_start|>assistant\nIt is 22 degrees.<|im_end|>\n"
+    )
+    trained = "".join(t for t, on in segments if on)
+    assert "<|action_start|><|plugin|>" in trained and "temperature" not in trained
+
+
+def test_decoding_keeps_only_the_special_tokens_a_call_needs(smol_tokenizer):
+    """InternLM's and Mistral's calls open with special tokens: the engine keeps those a
+    request asks for and drops the rest, as before."""
+    ids = smol_tokenizer("<|im_start|>hi<|im_end|>", add_special_tokens=False)["input_ids"]
+    keep = smol_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    engine = SimpleNamespace(tokenizer=smol_tokenizer)
+
+    def decode(params):
+        return InferenceEngine.decode(engine, SimpleNamespace(output_ids=ids, params=params))
+
+    assert decode(SamplingParams()) == "hi"
+    assert decode(SamplingParams(keep_token_ids=[keep])) == "<|im_start|>hi"
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_JINJA))
+def test_merge_keeps_a_published_template_that_renders_like_ours(name, smol_tokenizer, tmp_path):
+    tok = copy.copy(smol_tokenizer)
+    tok.chat_template = NATIVE_JINJA[name]
+    assert renders_like(get_template(name), tok)
+    write_tokenizer(tmp_path, tok, name)
+    assert tok.chat_template == NATIVE_JINJA[name]
+    # SmolLM2's own jinja has no tools: the smollm2 template is written in its place
+    smol = copy.copy(smol_tokenizer)
+    assert not renders_like(get_template("smollm2"), smol)
+    write_tokenizer(tmp_path, smol, "smollm2")
+    assert smol.chat_template == get_template("smollm2").to_jinja()
 
 
 def test_react_fallback_round_trip(smol_tokenizer):

@@ -102,7 +102,7 @@ class ChatSession:
         stops = self.chat.tool_format.stop_words if self.toolbox else ()
         request = self.engine.add_request(
             self._prompt_ids(turn),
-            self.chat.sampling(self.options, list(stops)),
+            self.chat.sampling(self.options, list(stops), tools=bool(self.toolbox)),
             on_token=on_token if on_text is not None else None,
         )
         while not request.finished:

@@ -17,7 +17,7 @@ import torch
 
 from xtuner_lite.adapters import architecture_of
 from xtuner_lite.atomic import atomic_path
-from xtuner_lite.data.templates import ChatTemplate, get_template, stop_token_ids
+from xtuner_lite.data.templates import ChatTemplate, get_template, renders_like, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import parse_dtype
 from xtuner_lite.inference.loader import load_for_inference
@@ -42,7 +42,9 @@ def write_tokenizer(folder: Path, tokenizer: Any, template_name: str | None) -> 
     """The tokenizer with the training template as its chat template, so
     ``apply_chat_template`` renders conversations as training did; returns the stop ids."""
     template = get_template(template_name or "auto", tokenizer)
-    if isinstance(template, ChatTemplate):  # ``auto`` already is the tokenizer's own
+    # ``auto`` already is the tokenizer's own; so is a published template that renders as ours
+    # (Llama-3.1's, Mistral v3's), which also renders tools the model's way
+    if isinstance(template, ChatTemplate) and not renders_like(template, tokenizer):
         tokenizer.chat_template = template.to_jinja()
     tokenizer.save_pretrained(folder)
     return stop_token_ids(template, tokenizer)

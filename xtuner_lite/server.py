@@ -395,7 +395,9 @@ class Server:
         _get(body, "stream", (bool,), False)
         _get(body, "stream_options", (dict,), None)
         stop += list(tools.format.stop_words) if tools else []
-        return Job(prompt_ids, self.chat.sampling(options, stop), tools=tools), body
+        return Job(
+            prompt_ids, self.chat.sampling(options, stop, tools=bool(tools)), tools=tools
+        ), body
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         server = self

@@ -17,6 +17,7 @@ from xtuner_lite.errors import XtunerError, did_you_mean
 from xtuner_lite.tools.formats import (
     HERMES_CALL_HINT,
     HERMES_INSTRUCTIONS,
+    call_ids,
     get_tool_format,
     split_system,
 )
@@ -53,6 +54,8 @@ class ChatTemplate:
     ``assistant`` is the generation prompt (never trained); ``eot`` ends an assistant turn and is
     trained with it; ``separator`` follows ``eot`` and is not trained. Templates whose model has no
     system role fold the system prompt into the first user turn with ``system_in_user``.
+    ``tools_system`` replaces ``system`` when the conversation is given tools (Llama-3.1 then
+    announces ``Environment: ipython``).
     """
 
     name: str
@@ -67,6 +70,7 @@ class ChatTemplate:
     system_in_user: str | None = None
     stops: tuple[str, ...] = field(default_factory=tuple)
     tool_format: str = "react"
+    tools_system: str | None = None
 
     def _fill(self, fmt: str, tokenizer: Any, content: str = "") -> str:
         if "{bos}" in fmt:
@@ -86,10 +90,14 @@ class ChatTemplate:
         if self.prefix:
             segments.append((self._fill(self.prefix, tokenizer), False))
         if system is not None and self.system_in_user is None:
-            segments.append((self._fill(self.system or "", tokenizer, system), False))
+            system_fmt = self.tools_system if tools and self.tools_system else self.system
+            segments.append((self._fill(system_fmt or "", tokenizer, system), False))
         pending_system = system if self.system_in_user is not None else None
         for msg in rest:
             role, content = msg["role"], msg["content"]
+            if role == "raw":  # a tool format's own turn, written as it is
+                segments.append((content, False))
+                continue
             if role == "assistant":
                 segments.append((self._fill(self.assistant, tokenizer), False))
                 trained = is_trained(msg)
@@ -147,6 +155,12 @@ class ChatTemplate:
             "{%- endif -%}",
             out(self.prefix) if self.prefix else "",
         ]
+        if self.tool_format == "mistral":
+            raise XtunerError(
+                f"template {self.name!r} places the system prompt and tools by the last user "
+                "turn; it is not written as jinja here (a merge keeps the base tokenizer's own "
+                "template when that renders the same)"
+            )
         hermes = self.tool_format == "hermes"
         if hermes and (self.system is None or self.system_in_user is not None):
             raise XtunerError(f"template {self.name!r}: the hermes tool format needs a system role")
@@ -190,7 +204,9 @@ class ChatTemplate:
             + (
                 self._jinja_tool_results(out)
                 if hermes
-                else out(self.tool or self.user, "m.content")
+                else out(
+                    self.tool or self.user, TOOL_RESULT_JINJA.get(self.tool_format, "m.content")
+                )
             ),
             "{%- elif m.role == 'system' -%}"
             + (out(self.system, "m.content") if self.system else no_role),
@@ -234,6 +250,14 @@ class ChatTemplate:
         return replace(self, default_system=default_system)
 
 
+LLAMA3_1_SYSTEM = (
+    "<|start_header_id|>system<|end_header_id|>\n\n{env}Cutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n{content}<|eot_id|>"
+)
+
+# a tool result as a format writes it in jinja (Llama-3.1 JSON-encodes it)
+TOOL_RESULT_JINJA = {"llama3_json": "(m.content | tojson)"}
+
 _CHATML = dict(
     system="<|im_start|>system\n{content}<|im_end|>\n",
     user="<|im_start|>user\n{content}<|im_end|>\n",
@@ -260,11 +284,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "internlm2_chat": ChatTemplate(
         name="internlm2_chat",
         prefix="{bos}",
-        # InternLM2.5's own tool syntax (<|plugin|>) is not written yet: ReAct in the meantime
         **{
             **_CHATML,
-            "tool": "<|im_start|>environment\n{content}<|im_end|>\n",
-            "tool_format": "react",
+            "tool": "<|im_start|>environment name=<|plugin|>\n{content}<|im_end|>\n",
+            "tool_format": "internlm",
         },
     ),
     "llama2_chat": ChatTemplate(
@@ -284,6 +307,30 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
         eot="<|eot_id|>",
         stops=("<|eot_id|>", "<|end_of_text|>"),
+    ),
+    "llama3_1_chat": ChatTemplate(
+        name="llama3_1_chat",
+        prefix="{bos}",
+        system=LLAMA3_1_SYSTEM.replace("{env}", ""),
+        tools_system=LLAMA3_1_SYSTEM.replace("{env}", "Environment: ipython\n"),
+        default_system="",  # Llama-3.1 always opens with its dated system turn
+        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+        tool="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
+        assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        eot="<|eot_id|>",
+        stops=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+        tool_format="llama3_json",
+    ),
+    # Mistral-7B-Instruct-v0.3 (v3 tokenizer): the tool format also places the system prompt and
+    # the space before each reply, as its chat template does
+    "mistral_v3": ChatTemplate(
+        name="mistral_v3",
+        prefix="{bos}",
+        user="[INST] {content}[/INST]",
+        assistant="",
+        eot="{eos}",
+        stops=("{eos}",),
+        tool_format="mistral",
     ),
     "mistral": ChatTemplate(
         name="mistral",
@@ -326,6 +373,15 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
+# how a tokenizer's jinja template shows which tool format it writes (first match wins)
+JINJA_TOOL_MARKS = (
+    ("<tool_call>", "hermes"),
+    ("[TOOL_CALLS]", "mistral"),
+    ("<|action_start|>", "internlm"),
+    ('"parameters": ', "llama3_json"),
+)
+
+
 class JinjaTemplate:
     """``auto``: the tokenizer's own jinja chat template, segmented by incremental rendering.
 
@@ -346,12 +402,12 @@ class JinjaTemplate:
         source = source if isinstance(source, str) else json.dumps(source)
         # a template that reads ``tools`` renders them itself; otherwise tools go through ReAct
         self.native_tools = "tools" in source
-        self.tool_format = "hermes" if "<tool_call>" in source else "react"
+        self.tool_format = next((f for mark, f in JINJA_TOOL_MARKS if mark in source), "react")
 
     def _apply(
         self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None
     ) -> str:
-        plain = [_jinja_message(m) for m in messages]
+        plain = [_jinja_message(m, ids) for m, ids in zip(messages, call_ids(messages))]
         return self.tokenizer.apply_chat_template(
             plain, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt
         )
@@ -388,12 +444,14 @@ class JinjaTemplate:
                 )
             turn = upto[len(prompt) :]
             start = turn.find(msg["content"])
+            dropped = start < 0 and msg.get("tool_calls")  # a call's text, as Mistral drops it
+            start, content = (0, "") if dropped else (start, msg["content"])
             if start < 0:
                 raise XtunerError(
                     "the tokenizer's chat template changes assistant content "
                     "(e.g. strips it); pass an explicit template"
                 )
-            end = start + len(msg["content"])
+            end = start + len(content)
             found = [(turn.find(s, end), s) for s in stops if turn.find(s, end) >= 0]
             if found:
                 stop_pos, stop = min(found)
@@ -421,15 +479,70 @@ class JinjaTemplate:
         return list(dict.fromkeys(words))
 
 
-def _jinja_message(msg: dict) -> dict:
-    """A message as chat templates read it: OpenAI-style ``tool_calls`` when it has calls."""
+def _jinja_message(msg: dict, ids: list[str] | str | None) -> dict:
+    """A message as chat templates read it: OpenAI-style ``tool_calls`` when it has calls, with
+    call ids (Mistral's template requires them)."""
     out = {"role": msg["role"], "content": msg["content"]}
     if msg.get("tool_calls"):
         out["tool_calls"] = [
-            {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-            for c in msg["tool_calls"]
+            {
+                "type": "function",
+                "id": i,
+                "function": {"name": c["name"], "arguments": c["arguments"]},
+            }
+            for c, i in zip(msg["tool_calls"], ids)
         ]
+    elif msg["role"] == "tool":
+        out["tool_call_id"] = ids
     return out
+
+
+PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look a word up",
+        "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
+    },
+}
+PROBES = (  # (conversation, tools): what a tokenizer's own template must render as ours does
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], None),
+    (
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Define 'ox'."},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"name": "lookup", "arguments": {"word": "ox"}}]},
+            {"role": "tool", "content": "a bovine"},
+            {"role": "assistant", "content": "A bovine."},
+        ],
+        [PROBE_TOOL],
+    ),
+)  # fmt: skip
+
+
+def renders_like(template: Template, tokenizer: Any) -> bool:
+    """Whether the tokenizer's own jinja template renders the probe conversations (plain, and
+    with a tool call and its result) exactly as ``template`` does, prompts and whole turns."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    own = JinjaTemplate(tokenizer)
+    try:
+        for conv, tools in PROBES:
+            for end in range(2, len(conv) + 1):
+                part = conv[:end]
+                if part[-1]["role"] != "assistant":
+                    if own._apply(part, True, tools) != template.render_prompt(
+                        part, tokenizer, tools
+                    ):
+                        return False
+                elif own._apply(part, False, tools) != "".join(
+                    t for t, _ in template.render(part, tokenizer, tools)
+                ):
+                    return False
+    except Exception:  # noqa: BLE001 - any template that fails a probe is not the same one
+        return False
+    return True
 
 
 def stop_token_ids(template: Template, tokenizer: Any) -> list[int]:

@@ -63,12 +63,18 @@ class ChatModel:
         text = self.template.render_prompt(messages, self.tokenizer, tools) + prefill
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def sampling(self, options: SamplingParams, stop_words: list[str] = ()) -> SamplingParams:
-        """``options`` validated, with the template's stops and ``stop_words`` added."""
+    def sampling(
+        self, options: SamplingParams, stop_words: list[str] = (), tools: bool = False
+    ) -> SamplingParams:
+        """``options`` validated, with the template's stops and ``stop_words`` added; with
+        ``tools``, the special tokens its tool format writes calls with stay in the text."""
+        vocab = self.tokenizer.get_vocab() if tools else {}
+        keep = [vocab[t] for t in self.tool_format.keep_tokens if t in vocab]
         return dataclasses.replace(
             options.validate(),
             stop_token_ids=list(self.stop_ids),
             stop_words=self.stop_strings + list(options.stop_words) + list(stop_words),
+            keep_token_ids=keep,
         )
 
 

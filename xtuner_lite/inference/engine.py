@@ -136,7 +136,13 @@ class InferenceEngine:
         return requests
 
     def decode(self, request: Request) -> str:
-        text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        """The request's text without special tokens, except those its params keep (the
+        special tokens a tool call is written with)."""
+        ids, keep = request.output_ids, request.params.keep_token_ids
+        if keep:
+            special = set(self.tokenizer.all_special_ids) - set(keep)
+            ids = [i for i in ids if i not in special]
+        text = self.tokenizer.decode(ids, skip_special_tokens=not keep)
         for word in request.params.stop_words:
             text = text.split(word)[0]
         return text

@@ -47,6 +47,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     stop_words: list[str] = field(default_factory=list)
+    keep_token_ids: list[int] = field(default_factory=list)  # special tokens kept in the text
 
     def validate(self) -> SamplingParams:
         """Raise :class:`SamplingError` naming the first value out of range; return self."""

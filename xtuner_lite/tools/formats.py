@@ -7,12 +7,17 @@ parses the calls out of generated text, and says how much of a growing reply mus
 while streaming because it may be the start of a call.
 
 ``hermes`` is Qwen2.5's format (``<tools>``, ``<tool_call>``, ``<tool_response>``), the one the
-chatml family uses; ``react`` is the fallback for templates with no tool syntax: a
-Thought / Action / Action Input / Observation prompt, as Lagent writes it.
+chatml family uses; ``llama3_json``, ``mistral`` and ``internlm`` are the native formats of
+Llama-3.1, Mistral's v3 tokenizer and InternLM2/2.5; ``react`` is the fallback for templates with
+no tool syntax: a Thought / Action / Action Input / Observation prompt, as Lagent writes it.
+
+A message with role ``raw`` is text the template emits as it is, untrained: a format's own turns
+that no template role describes (Mistral's tool list and results, InternLM's plugin system turn).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -40,6 +45,12 @@ REACT_INSTRUCTIONS = (
     "You will then get the result as 'Observation: ...'. When you know the answer, write:\n"
     "Thought: I know the answer\nFinal Answer: the answer"
 )
+LLAMA3_TOOLS_INTRO = (
+    "Given the following functions, please respond with a JSON for a function call "
+    "with its proper arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name '
+    "and its value}.Do not use variables.\n\n"
+)
 REACT_ACTION = re.compile(r"Action:\s*([\w.-]+)\s*\n\s*Action Input:\s*(.*?)\s*$", re.DOTALL)
 
 
@@ -56,6 +67,7 @@ class ParsedReply:
 class ToolFormat(Protocol):
     name: str
     stop_words: tuple[str, ...]
+    keep_tokens: tuple[str, ...]  # special tokens a call is written with: kept when decoding
 
     def rewrite(
         self, messages: list[dict], tools: list[dict] | None, default_system: str | None
@@ -105,6 +117,7 @@ class HermesFormat:
 
     name = "hermes"
     stop_words: tuple[str, ...] = ()
+    keep_tokens: tuple[str, ...] = ()
 
     @staticmethod
     def call_text(call: dict) -> str:
@@ -169,6 +182,7 @@ class ReActFormat:
 
     name = "react"
     stop_words: tuple[str, ...] = ("Observation:",)
+    keep_tokens: tuple[str, ...] = ()
 
     def rewrite(
         self, messages: list[dict], tools: list[dict] | None, default_system: str | None
@@ -216,6 +230,269 @@ class ReActFormat:
         return len(text) - start if start >= 0 else _partial_prefix(text, "Action:")
 
 
+class Llama3JsonFormat:
+    """Llama-3.1's JSON tool calls, as its published chat template writes them: the tool list
+    (indented JSON) opens the first user turn, a call is the whole reply
+    ``{"name": …, "parameters": {…}}``, results come back JSON-encoded in the ``ipython`` role.
+    The template adds ``Environment: ipython`` to its system turn when tools are given
+    (``ChatTemplate.tools_system``). One call per reply, as the model was trained."""
+
+    name = "llama3_json"
+    stop_words: tuple[str, ...] = ()
+    keep_tokens: tuple[str, ...] = ()
+    OPENING = '{"name": "'
+
+    @staticmethod
+    def call_text(call: dict) -> str:
+        arguments = json.dumps(call["arguments"], ensure_ascii=False)
+        return f'{{"name": "{call["name"]}", "parameters": {arguments}}}'
+
+    def rewrite(
+        self, messages: list[dict], tools: list[dict] | None, default_system: str | None
+    ) -> list[dict]:
+        if not has_tool_structure(messages, tools):
+            return messages
+        system, rest = split_system(messages, default_system)
+        out = [{"role": "system", "content": system.strip()}] if system is not None else []
+        if tools:
+            if not rest or rest[0]["role"] != "user":
+                raise XtunerError("Llama-3.1's tool format puts the tools in a first user turn")
+            listed = "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools)
+            first = {**rest[0], "content": LLAMA3_TOOLS_INTRO + listed + rest[0]["content"].strip()}
+            rest = [first, *rest[1:]]
+        for msg in rest:
+            if msg["role"] == "tool":
+                out.append(
+                    {"role": "tool", "content": json.dumps(msg["content"], ensure_ascii=False)}
+                )
+            elif msg.get("tool_calls"):
+                if len(msg["tool_calls"]) != 1:
+                    raise XtunerError(
+                        "Llama-3.1's tool format takes one tool call per assistant turn, "
+                        f"got {len(msg['tool_calls'])}"
+                    )
+                out.append({**_plain(msg), "content": self.call_text(msg["tool_calls"][0])})
+            else:
+                out.append(_plain(msg))
+        return out
+
+    def parse(self, text: str, tools: list[dict] | None) -> ParsedReply:
+        body = text.strip().removeprefix("<|python_tag|>").strip()
+        if not body.startswith(self.OPENING[:2]):
+            return ParsedReply(text.strip())
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError as exc:
+            return ParsedReply("", [], [f"tool call 1: not valid JSON ({exc.msg})"])
+        if not isinstance(call, dict) or "name" not in call:
+            return ParsedReply(text.strip())
+        call = {"name": call["name"], "arguments": call.get("parameters", call.get("arguments"))}
+        calls, errors = _read_calls([call], tools)
+        return ParsedReply("", calls, errors)
+
+    def prefill(self, name: str) -> str:
+        return self.OPENING + (f'{name}", "parameters":' if name else "")
+
+    def held_back(self, text: str) -> int:
+        # a call is the whole reply: hold it while it may still become one
+        body = text.lstrip()
+        if body.startswith(self.OPENING[:2]) or self.OPENING.startswith(body):
+            return len(text)
+        return 0
+
+
+class MistralFormat:
+    """Mistral's v3 tokenizer format, as Mistral-7B-Instruct-v0.3's chat template writes it:
+    ``[AVAILABLE_TOOLS] […][/AVAILABLE_TOOLS]`` before the last user turn, calls as
+    ``[TOOL_CALLS] [{"name", "arguments", "id"}]``, results as
+    ``[TOOL_RESULTS] {"content": …, "call_id": …}[/TOOL_RESULTS]``, call ids of 9 letters and
+    digits (made from the call's position when the data has none). The system prompt and the
+    space before a reply belong to this layout too (the system prompt joins the last user turn
+    when that turn ends the conversation), so this rewrite runs on every conversation."""
+
+    name = "mistral"
+    stop_words: tuple[str, ...] = ()
+    keep_tokens: tuple[str, ...] = ("[TOOL_CALLS]",)
+    OPENING = "[TOOL_CALLS]"
+
+    @staticmethod
+    def tools_text(tools: list[dict]) -> str:
+        listed = []
+        for tool in tools:
+            fields = [
+                f'"{key}": "{value}"' if isinstance(value, str) else f'"{key}": {_tojson(value)}'
+                for key, value in tool["function"].items()
+                if key != "return"
+            ]
+            listed.append('{"type": "function", "function": {' + ", ".join(fields) + "}}")
+        return "[AVAILABLE_TOOLS] [" + ", ".join(listed) + "][/AVAILABLE_TOOLS]"
+
+    @staticmethod
+    def calls_text(calls: list[dict], ids: list[str]) -> str:
+        written = [
+            _tojson({"name": c["name"], "arguments": c["arguments"]})[:-1] + f', "id": "{i}"}}'
+            for c, i in zip(calls, ids)
+        ]
+        return "[TOOL_CALLS] [" + ", ".join(written) + "]"
+
+    def rewrite(
+        self, messages: list[dict], tools: list[dict] | None, default_system: str | None
+    ) -> list[dict]:
+        system, rest = split_system(messages, default_system)
+        users = [i for i, m in enumerate(rest) if m["role"] == "user"]
+        out: list[dict] = []
+        for i, (msg, call_id) in enumerate(zip(rest, call_ids(rest))):
+            if msg["role"] == "user":
+                content = msg["content"]
+                if tools and i == users[-1]:
+                    out.append({"role": "raw", "content": self.tools_text(tools)})
+                if system is not None and i == len(rest) - 1:
+                    content = f"{system}\n\n{content}"
+                out.append({**_plain(msg), "content": content})
+            elif msg["role"] == "tool":
+                text = f'[TOOL_RESULTS] {{"content": {msg["content"]}, "call_id": "{call_id}"}}'
+                out.append({"role": "raw", "content": text + "[/TOOL_RESULTS]"})
+            elif msg.get("tool_calls"):
+                content = self.calls_text(msg["tool_calls"], call_id)
+                out.append({**_plain(msg), "content": content})
+            elif msg["role"] == "assistant":
+                out.append({**_plain(msg), "content": " " + msg["content"].strip()})
+            else:
+                out.append(_plain(msg))
+        return out
+
+    def parse(self, text: str, tools: list[dict] | None) -> ParsedReply:
+        start = text.find(self.OPENING)
+        if start < 0:
+            return ParsedReply(text.strip())
+        body = text[start + len(self.OPENING) :].strip()
+        try:
+            blocks = json.loads(body)
+        except json.JSONDecodeError as exc:
+            return ParsedReply(
+                text[:start].strip(), [], [f"tool calls: not valid JSON ({exc.msg})"]
+            )
+        blocks = blocks if isinstance(blocks, list) else [blocks]
+        calls, errors = _read_calls(
+            [
+                {k: v for k, v in b.items() if k != "id"} if isinstance(b, dict) else b
+                for b in blocks
+            ],
+            tools,
+        )
+        return ParsedReply(text[:start].strip(), calls, errors)
+
+    def prefill(self, name: str) -> str:
+        return self.OPENING + ' [{"name": "' + (f'{name}", "arguments":' if name else "")
+
+    def held_back(self, text: str) -> int:
+        start = text.find(self.OPENING)
+        return len(text) - start if start >= 0 else _partial_prefix(text, self.OPENING)
+
+
+class InternLMFormat:
+    """InternLM2/2.5's plugin format (its chat-format guide, as Lagent and LMDeploy write it):
+    the tool list in a ``system name=<|plugin|>`` turn, a call as
+    ``<|action_start|><|plugin|>\n{"name": …, "parameters": {…}}<|action_end|>`` after the
+    reply's text, results in an ``environment name=<|plugin|>`` turn (the template's tool
+    role)."""
+
+    name = "internlm"
+    stop_words: tuple[str, ...] = ()
+    keep_tokens: tuple[str, ...] = ("<|action_start|>", "<|plugin|>", "<|action_end|>")
+    OPENING = "<|action_start|><|plugin|>"
+    ACTION = re.compile(
+        r"<\|action_start\|>\s*<\|plugin\|>\s*(.*?)\s*(?:<\|action_end\|>|$)", re.DOTALL
+    )
+
+    def call_text(self, call: dict) -> str:
+        body = json.dumps(
+            {"name": call["name"], "parameters": call["arguments"]}, ensure_ascii=False
+        )
+        return f"{self.OPENING}\n{body}<|action_end|>"
+
+    def rewrite(
+        self, messages: list[dict], tools: list[dict] | None, default_system: str | None
+    ) -> list[dict]:
+        if not has_tool_structure(messages, tools):
+            return messages
+        system, rest = split_system(messages, default_system)
+        out = [{"role": "system", "content": system}] if system is not None else []
+        if tools:
+            listed = json.dumps([t["function"] for t in tools], ensure_ascii=False, indent=4)
+            out.append(
+                {
+                    "role": "raw",
+                    "content": f"<|im_start|>system name=<|plugin|>\n{listed}<|im_end|>\n",
+                }
+            )
+        for msg in rest:
+            if msg.get("tool_calls"):
+                content = msg["content"] + "".join(self.call_text(c) for c in msg["tool_calls"])
+                out.append({**_plain(msg), "content": content})
+            else:
+                out.append(_plain(msg))
+        return out
+
+    def parse(self, text: str, tools: list[dict] | None) -> ParsedReply:
+        start = text.find("<|action_start|>")
+        if start < 0:
+            return ParsedReply(text.strip())
+        blocks = []
+        for body in self.ACTION.findall(text[start:]):
+            try:
+                block = json.loads(body)
+            except json.JSONDecodeError:
+                blocks.append(body)  # _read_calls reports it
+                continue
+            if isinstance(block, dict) and "parameters" in block:
+                block = {"name": block.get("name"), "arguments": block["parameters"]}
+            blocks.append(block)
+        calls, errors = _read_calls(blocks, tools)
+        return ParsedReply(text[:start].strip(), calls, errors)
+
+    def prefill(self, name: str) -> str:
+        return self.OPENING + '\n{"name": "' + (f'{name}", "parameters":' if name else "")
+
+    def held_back(self, text: str) -> int:
+        start = text.find("<|action_start|>")
+        return len(text) - start if start >= 0 else _partial_prefix(text, "<|action_start|>")
+
+
+def call_ids(messages: list[dict]) -> list:
+    """Per message: its calls' ids (a list) for an assistant message with calls, the id of the
+    call it answers for a tool message (calls answered in order), else None. An id the data
+    gives (9 letters and digits) is kept; a missing one is made from the call's position."""
+    out: list = []
+    pending: list[str] = []
+    count = 0
+    for msg in messages:
+        if msg.get("tool_calls"):
+            ids = []
+            for call in msg["tool_calls"]:
+                given = str(call.get("id") or "")
+                ids.append(given if len(given) == 9 and given.isalnum() else _made_id(count))
+                count += 1
+            out.append(ids)
+            pending = list(ids)
+        elif msg["role"] == "tool":
+            given = str(msg.get("tool_call_id") or "")
+            made = pending.pop(0) if pending else _made_id(count)
+            out.append(given if len(given) == 9 and given.isalnum() else made)
+        else:
+            out.append(None)
+    return out
+
+
+def _made_id(position: int) -> str:
+    return hashlib.sha1(f"call {position}".encode()).hexdigest()[:9]
+
+
+def _tojson(value) -> str:
+    """As transformers' ``tojson`` filter writes a value."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _arguments(call: dict) -> str:
     """A call's arguments as JSON text (as transformers' ``tojson`` writes them)."""
     arguments = call["arguments"]
@@ -227,7 +504,13 @@ def _plain(msg: dict) -> dict:
     return {k: v for k, v in msg.items() if k not in ("tool_calls", "name", "tool_call_id")}
 
 
-TOOL_FORMATS: dict[str, ToolFormat] = {"hermes": HermesFormat(), "react": ReActFormat()}
+TOOL_FORMATS: dict[str, ToolFormat] = {
+    "hermes": HermesFormat(),
+    "llama3_json": Llama3JsonFormat(),
+    "mistral": MistralFormat(),
+    "internlm": InternLMFormat(),
+    "react": ReActFormat(),
+}
 
 
 def get_tool_format(name: str) -> ToolFormat:
