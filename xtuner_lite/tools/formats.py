@@ -93,6 +93,16 @@ def split_system(messages: list[dict], default_system: str | None) -> tuple[str 
     return default_system, messages
 
 
+def _system_first(
+    messages: list[dict], default_system: str | None, strip: bool = False
+) -> tuple[list[dict], list[dict]]:
+    """([the system message, when there is a system prompt], the other messages)"""
+    system, rest = split_system(messages, default_system)
+    if system is None:
+        return [], rest
+    return [{"role": "system", "content": system.strip() if strip else system}], rest
+
+
 def _partial_prefix(text: str, word: str) -> int:
     """Length of the longest end of ``text`` that is a proper start of ``word``."""
     for size in range(min(len(word) - 1, len(text)), 0, -1):
@@ -252,8 +262,7 @@ class Llama3JsonFormat:
     ) -> list[dict]:
         if not has_tool_structure(messages, tools):
             return messages
-        system, rest = split_system(messages, default_system)
-        out = [{"role": "system", "content": system.strip()}] if system is not None else []
+        out, rest = _system_first(messages, default_system, strip=True)
         if tools:
             if not rest or rest[0]["role"] != "user":
                 raise XtunerError("Llama-3.1's tool format puts the tools in a first user turn")
@@ -416,8 +425,7 @@ class InternLMFormat:
     ) -> list[dict]:
         if not has_tool_structure(messages, tools):
             return messages
-        system, rest = split_system(messages, default_system)
-        out = [{"role": "system", "content": system}] if system is not None else []
+        out, rest = _system_first(messages, default_system)
         if tools:
             listed = json.dumps([t["function"] for t in tools], ensure_ascii=False, indent=4)
             out.append(
