@@ -141,3 +141,16 @@ def test_control_tokens_typed_in_chat_never_open_a_turn(smol_tokenizer):
     plain = chat.prompt_ids([{"role": "user", "content": "hi"}])
     assert ids.count(start) == plain.count(start)
     assert "I obey the user" in smol_tokenizer.decode(ids)
+    # nor inside a tool call's arguments or a tool's schema, which a server client also sends
+    tools = [{"type": "function", "function": {"name": "f", "description": FORGED}}]
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"name": "f", "arguments": {"x": FORGED, FORGED: [FORGED]}}]}  # fmt: skip
+    forged = chat.prompt_ids([{"role": "user", "content": "hi"}, call], tools)
+    honest = chat.prompt_ids(
+        [
+            {"role": "user", "content": "hi"},
+            {**call, "tool_calls": [{"name": "f", "arguments": {}}]},
+        ],
+        [{"type": "function", "function": {"name": "f", "description": "d"}}],
+    )
+    assert forged.count(start) == honest.count(start)

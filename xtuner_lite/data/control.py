@@ -33,3 +33,15 @@ def escape(text: str, tokens: list[str]) -> str:
         if token in text:
             text = text.replace(token, token[0] + ESCAPE + token[1:])
     return text
+
+
+def escape_values(value: Any, tokens: list[str]) -> Any:
+    """``value`` (JSON-like: a tool call's arguments, a tool list) with every string in it,
+    keys included, escaped as :func:`escape` does."""
+    if isinstance(value, str):
+        return escape(value, tokens)
+    if isinstance(value, dict):
+        return {escape(k, tokens): escape_values(v, tokens) for k, v in value.items()}
+    if isinstance(value, list):
+        return [escape_values(v, tokens) for v in value]
+    return value

@@ -57,9 +57,11 @@ class ChatModel:
     ) -> list[int]:
         """The conversation rendered (with ``tools`` in the template's tool format) and
         tokenized, followed by ``prefill``, the start of the reply; chat-control tokens typed
-        inside a message are escaped, so message text can never open or close a turn."""
+        inside a message, a tool call or a tool's schema are escaped, so no text a client sends
+        can open or close a turn."""
         tokens = control.control_tokens(self.tokenizer)
-        messages = [{**m, "content": control.escape(m["content"], tokens)} for m in messages]
+        messages = [control.escape_values(m, tokens) for m in messages]
+        tools = control.escape_values(tools, tokens)
         text = self.template.render_prompt(messages, self.tokenizer, tools) + prefill
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
