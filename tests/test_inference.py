@@ -333,9 +333,17 @@ def test_fast_decoder_runs_live_lora_adapters_as_transformers_does(kind):
     params = SamplingParams(max_new_tokens=40)
     adapted = [r.output_ids for r in engine.generate(prompts, params)]
     assert adapted == generate_each(model)
+    # as RL rollouts decode: the adapter merged into the packed weights
+    merged = InferenceEngine(model, pack_weights=True, merge_adapters=True)
+    layers = len(model.get_base_model().model.layers)
+    assert merged.runner.decoder.merged_layers == 7 * layers + 1  # the head has an adapter too
+    assert [r.output_ids for r in merged.generate(prompts, params)] == adapted
     with model.disable_adapter():
         base = [r.output_ids for r in InferenceEngine(model).generate(prompts, params)]
         assert base == generate_each(model)
+        unmerged = InferenceEngine(model, pack_weights=True, merge_adapters=True)
+        assert unmerged.runner.decoder.merged_layers == 0
+        assert [r.output_ids for r in unmerged.generate(prompts, params)] == base
     assert base != adapted  # the adapter changes the tokens, so the test can tell
 
 

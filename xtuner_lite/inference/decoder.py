@@ -85,6 +85,25 @@ def _linears(model: nn.Module) -> list[nn.Module]:
     return found + [model.lm_head]
 
 
+def _adapted(module: nn.Module) -> bool:
+    """A LoRA layer with an active adapter."""
+    if not hasattr(module, "base_layer") or module.disable_adapters:
+        return False
+    return any(name in module.lora_A for name in module.active_adapters)
+
+
+@torch.no_grad()
+def _merged_weight(layer: nn.Module) -> torch.Tensor:
+    """``W + scaling · B·A`` over the active adapters, summed in fp32, in ``W``'s dtype."""
+    weight = layer.base_layer.weight
+    merged = weight.float()
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            delta = layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()
+            merged = merged + delta * layer.scaling[name]
+    return merged.to(weight.dtype)
+
+
 def _weight_bytes(linears: list[nn.Module]) -> int:
     return sum(_base(m).weight.numel() * _base(m).weight.element_size() for m in linears)
 
@@ -127,9 +146,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class FastDecoder:
     """Next-token logits for one new token per row, reading and extending a ``KVCache``."""
 
-    def __init__(self, model: nn.Module, pack: bool | None = None):
+    def __init__(self, model: nn.Module, pack: bool | None = None, merge_adapters: bool = False):
         """``pack``: multiply by oneDNN-packed copies of the weights (None: on CPU when the copy
-        fits in a quarter of the free memory)."""
+        fits in a quarter of the free memory). ``merge_adapters`` (with packing): pack each
+        LoRA projection with its active adapters merged in, a snapshot of the adapter as it is
+        now: for a decoder that lives while the adapter does not change (one RL rollout), it
+        drops the low-rank products from every step at no memory beyond the packed copy."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"FastDecoder cannot run this model: {reason}")
@@ -140,20 +162,30 @@ class FastDecoder:
         self.head_dim = self.inner.layers[0].self_attn.head_dim
         if pack is None:
             pack = _should_pack(model)
-        # packed copies of the frozen weights (a LoRA layer's base; its A and B are read live,
-        # so the decoder follows an adapter being trained)
+        # packed copies of the frozen weights (a LoRA layer's base; unless merged, its A and B
+        # are read live, so the decoder follows an adapter being trained)
         self._packed: dict[nn.Linear, torch.Tensor] = {}
-        for linear in [_base(m) for m in _linears(model)] if pack else []:
-            packed = _pack(linear.weight)
+        self._merged: set[nn.Module] = set()  # LoRA layers whose packed weight has them merged
+        for module in _linears(model) if pack else []:
+            merge = merge_adapters and _adapted(module)
+            packed = _pack(_merged_weight(module) if merge else _base(module).weight)
             if packed is None:  # this build cannot: every product takes the plain path
                 self._packed.clear()
+                self._merged.clear()
                 break
-            self._packed[linear] = packed
+            self._packed[_base(module)] = packed
+            if merge:
+                self._merged.add(module)
 
     @property
     def packed_bytes(self) -> int:
         """Memory held by the packed weight copies."""
         return _weight_bytes(list(self._packed))
+
+    @property
+    def merged_layers(self) -> int:
+        """How many LoRA projections decode with their adapters merged into the packed copy."""
+        return len(self._merged)
 
     def _linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` for a (rows, features) ``x`` (see the module docstring); a LoRA layer
@@ -161,6 +193,8 @@ class FastDecoder:
         if not hasattr(layer, "base_layer"):
             return self._plain(layer, x)
         out = self._plain(layer.base_layer, x)
+        if layer in self._merged:  # the packed weight has the adapters in it
+            return out
         if layer.disable_adapters:
             return out
         for name in layer.active_adapters:

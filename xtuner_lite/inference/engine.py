@@ -32,14 +32,17 @@ class InferenceEngine:
         context_length: int | None = None,
         share_prefix: int = 64,
         pack_weights: bool | None = None,
+        merge_adapters: bool = False,
     ):
         """``share_prefix``: when the prompts admitted together share at least this many leading
         tokens (few-shot exemplars, a long system prompt), that prefix is prefilled once and its
         keys/values copied to every row; 0 turns it off. ``pack_weights``: let the fast decoder
         keep oneDNN-packed copies of the weights (faster on CPU, a second copy of the weights
-        in memory; None decides by free memory — see ``inference/decoder.py``)."""
+        in memory; None decides by free memory — see ``inference/decoder.py``).
+        ``merge_adapters``: the packed copies hold LoRA adapters merged in as they are now, for
+        an engine that lives while the adapter does not change (one RL rollout)."""
         self.scheduler = Scheduler(max_batch_size)
-        self.runner = ModelRunner(model, share_prefix, pack_weights)
+        self.runner = ModelRunner(model, share_prefix, pack_weights, merge_adapters)
         self.model, self.tokenizer = self.runner.model, tokenizer
         self.context_length = context_length or getattr(
             model.config, "max_position_embeddings", None

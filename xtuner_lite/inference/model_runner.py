@@ -29,7 +29,11 @@ class ModelRunner:
     logits, one row per request, in the scheduler's row order."""
 
     def __init__(
-        self, model: torch.nn.Module, share_prefix: int = 64, pack_weights: bool | None = None
+        self,
+        model: torch.nn.Module,
+        share_prefix: int = 64,
+        pack_weights: bool | None = None,
+        merge_adapters: bool = False,
     ):
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -37,7 +41,9 @@ class ModelRunner:
         # None when FastDecoder runs this model (Llama family), else why it cannot
         self.fallback_reason = unsupported_reason(model)
         self.decoder = (
-            FastDecoder(model, pack=pack_weights) if self.fallback_reason is None else None
+            FastDecoder(model, pack=pack_weights, merge_adapters=merge_adapters)
+            if self.fallback_reason is None
+            else None
         )
         self.prefix: tuple[list[int], Any] | None = None  # last shared prefix and its cache
         self.cache: KVCache | None = None

@@ -1,8 +1,9 @@
 """Rollouts: G completions per prompt from the current policy through the bundled engine, and
 the packed training batches built from them.
 
-The engine runs the very module being trained (a LoRA model keeps its adapter live: no copy, no
-reload, no weight sync), under ``no_grad`` with its own KV cache and continuous batching. Each
+The engine runs the very module being trained (no second model, no reload, no weight sync),
+under ``no_grad`` with its own KV cache and continuous batching. Where it packs the weights
+(CPU), a LoRA adapter is merged into the packed copy for the rollout's length. Each
 completion is seeded from (run seed, step, the prompt's dataset index, sample): a resumed run
 draws the same completions as the run it continues, and a prompt draws the same completions on
 whichever rank of a data-parallel run it lands.
@@ -58,7 +59,9 @@ def sample_completions(
     was_training = llm.training
     start = time.perf_counter()
     try:
-        engine = InferenceEngine(llm, tokenizer, max_batch_size=max_batch_size)
+        # the adapter does not change during a rollout: decode with it merged into the packed
+        # weights (the engine is built afresh for every rollout)
+        engine = InferenceEngine(llm, tokenizer, max_batch_size=max_batch_size, merge_adapters=True)
         requests = []
         for group, (prompt, index) in enumerate(zip(prompts, indices)):
             for sample in range(num_generations):
