@@ -4,8 +4,9 @@ Both sides sample the same completions count with the bundled engine, all rows t
 ``--new-tokens`` each (no stop tokens, so both generate exactly the same number of tokens):
 ``lora`` from SmolLM2-135M-Instruct with a LoRA adapter on every linear layer (r=16), as GRPO
 samples from the policy it trains (merged into the packed weights for the rollout where the
-engine packs them); ``plain`` from the model alone, as ``xtuner chat`` / ``serve`` do. Each side runs in its own process, alternating, median of
-``--repeats``; generated tokens per second, model loading excluded.
+engine packs them); ``plain`` from the model alone, as ``xtuner chat`` / ``serve`` do. Each
+side runs in its own process, alternating, median of ``--repeats``; generated tokens per second,
+model loading excluded.
 
     python benchmarks/bench_rollout.py --rows 16 --new-tokens 96 --repeats 3
 """
