@@ -290,7 +290,7 @@ class Llama3JsonFormat:
         if not body.startswith(self.OPENING[:2]):
             return ParsedReply(text.strip())
         try:
-            call = json.loads(body)
+            call = _first_json(body)
         except json.JSONDecodeError as exc:
             return ParsedReply("", [], [f"tool call 1: not valid JSON ({exc.msg})"])
         if not isinstance(call, dict) or "name" not in call:
@@ -376,7 +376,7 @@ class MistralFormat:
             return ParsedReply(text.strip())
         body = text[start + len(self.OPENING) :].strip()
         try:
-            blocks = json.loads(body)
+            blocks = _first_json(body)
         except json.JSONDecodeError as exc:
             return ParsedReply(
                 text[:start].strip(), [], [f"tool calls: not valid JSON ({exc.msg})"]
@@ -490,6 +490,11 @@ def call_ids(messages: list[dict]) -> list:
         else:
             out.append(None)
     return out
+
+
+def _first_json(text: str):
+    """The JSON value ``text`` starts with; text after it (a model running on) is ignored."""
+    return json.JSONDecoder().raw_decode(text)[0]
 
 
 def _made_id(position: int) -> str:
