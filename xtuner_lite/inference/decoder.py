@@ -193,9 +193,7 @@ class FastDecoder:
         if not hasattr(layer, "base_layer"):
             return self._plain(layer, x)
         out = self._plain(layer.base_layer, x)
-        if layer in self._merged:  # the packed weight has the adapters in it
-            return out
-        if layer.disable_adapters:
+        if layer in self._merged or layer.disable_adapters:  # merged: in the packed weight
             return out
         for name in layer.active_adapters:
             if name in layer.lora_A:

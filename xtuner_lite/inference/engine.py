@@ -10,6 +10,7 @@ postprocess``, with the scheduler, request state, model runner and sampling each
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -143,8 +144,7 @@ class InferenceEngine:
         special tokens a tool call is written with)."""
         ids, keep = request.output_ids, request.params.keep_token_ids
         if keep:
-            special = set(self.tokenizer.all_special_ids) - set(keep)
-            ids = [i for i in ids if i not in special]
+            ids = [i for i in ids if i in keep or i not in special_ids(self.tokenizer)]
         text = self.tokenizer.decode(ids, skip_special_tokens=not keep)
         for word in request.params.stop_words:
             text = text.split(word)[0]
@@ -191,6 +191,12 @@ class InferenceEngine:
             return False
         tail = self.tokenizer.decode(r.output_ids[-16:], skip_special_tokens=False)
         return any(w in tail for w in r.params.stop_words)
+
+
+@functools.lru_cache(maxsize=8)
+def special_ids(tokenizer) -> frozenset[int]:
+    """The tokenizer's special token ids (streaming decodes at every token: looked up once)."""
+    return frozenset(tokenizer.all_special_ids)
 
 
 __all__ = ["InferenceEngine", "Request"]

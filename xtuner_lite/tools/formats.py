@@ -132,14 +132,11 @@ class HermesFormat:
     @staticmethod
     def call_text(call: dict) -> str:
         arguments = _arguments(call)
-        arguments = (
-            arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        )
         return f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {arguments}}}\n</tool_call>'
 
     @staticmethod
     def system_text(system: str | None, tools: list[dict]) -> str:
-        listed = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+        listed = "".join("\n" + _tojson(t) for t in tools)
         head = system + "\n\n" if system is not None else ""
         return head + HERMES_INSTRUCTIONS + listed + HERMES_CALL_HINT
 
@@ -202,7 +199,7 @@ class ReActFormat:
         out: list[dict] = []
         if tools:
             system, messages = split_system(messages, default_system)
-            listed = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+            listed = "\n".join(_tojson(t["function"]) for t in tools)
             names = ", ".join(tool_names(tools))
             text = REACT_INSTRUCTIONS.format(tools=listed, names=names)
             out.append({"role": "system", "content": f"{system}\n\n{text}" if system else text})
@@ -254,7 +251,7 @@ class Llama3JsonFormat:
 
     @staticmethod
     def call_text(call: dict) -> str:
-        arguments = json.dumps(call["arguments"], ensure_ascii=False)
+        arguments = _tojson(call["arguments"])
         return f'{{"name": "{call["name"]}", "parameters": {arguments}}}'
 
     def rewrite(
@@ -266,14 +263,12 @@ class Llama3JsonFormat:
         if tools:
             if not rest or rest[0]["role"] != "user":
                 raise XtunerError("Llama-3.1's tool format puts the tools in a first user turn")
-            listed = "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools)
+            listed = "".join(_tojson(t, indent=4) + "\n\n" for t in tools)
             first = {**rest[0], "content": LLAMA3_TOOLS_INTRO + listed + rest[0]["content"].strip()}
             rest = [first, *rest[1:]]
         for msg in rest:
             if msg["role"] == "tool":
-                out.append(
-                    {"role": "tool", "content": json.dumps(msg["content"], ensure_ascii=False)}
-                )
+                out.append({"role": "tool", "content": _tojson(msg["content"])})
             elif msg.get("tool_calls"):
                 if len(msg["tool_calls"]) != 1:
                     raise XtunerError(
@@ -415,9 +410,7 @@ class InternLMFormat:
     )
 
     def call_text(self, call: dict) -> str:
-        body = json.dumps(
-            {"name": call["name"], "parameters": call["arguments"]}, ensure_ascii=False
-        )
+        body = _tojson({"name": call["name"], "parameters": call["arguments"]})
         return f"{self.OPENING}\n{body}<|action_end|>"
 
     def rewrite(
@@ -427,7 +420,7 @@ class InternLMFormat:
             return messages
         out, rest = _system_first(messages, default_system)
         if tools:
-            listed = json.dumps([t["function"] for t in tools], ensure_ascii=False, indent=4)
+            listed = _tojson([t["function"] for t in tools], indent=4)
             out.append(
                 {
                     "role": "raw",
@@ -501,15 +494,15 @@ def _made_id(position: int) -> str:
     return hashlib.sha1(f"call {position}".encode()).hexdigest()[:9]
 
 
-def _tojson(value) -> str:
+def _tojson(value, indent: int | None = None) -> str:
     """As transformers' ``tojson`` filter writes a value."""
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
 def _arguments(call: dict) -> str:
     """A call's arguments as JSON text (as transformers' ``tojson`` writes them)."""
     arguments = call["arguments"]
-    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return arguments if isinstance(arguments, str) else _tojson(arguments)
 
 
 def _plain(msg: dict) -> dict:
