@@ -280,6 +280,45 @@ def test_a_failing_reward_stops_the_run_cleanly(tmp_path, tiny_llama, arithmetic
         train(cfg, work_dir=tmp_path / "run")
 
 
+@pytest.mark.parametrize("attention", ["xtuner_packed_sdpa", "sdpa", "eager"])
+def test_shared_prompt_batches_equal_a_row_per_completion(tiny_llama, smol_tokenizer, arithmetic,
+                                                          attention):  # fmt: skip
+    """Each prompt once with its completions as branches: the same per-token log-probs and
+    gradients as a padded row per completion (fp32), a group cut by the micro-batch included."""
+    from xtuner_lite.hub import load_model
+    from xtuner_lite.model.attention import register_packed_sdpa
+    from xtuner_lite.model.logprobs import token_logps
+    from xtuner_lite.rl.rollout import Completion, completion_batch, shared_prompt_batch
+
+    register_packed_sdpa()
+    llm = load_model(tiny_llama, dtype="float32", attn_implementation=attention)
+    prompts, _ = process_prompt_dataset(str(arithmetic), smol_tokenizer, "smollm2")
+    rng = torch.Generator().manual_seed(0)
+    completions = [
+        Completion(prompts[g], g, torch.randint(5, 1000, (n,), generator=rng).tolist(), "", False)
+        for g, n in [(0, 7), (0, 3), (0, 11), (1, 5), (1, 9), (2, 4)]
+    ]
+    advantages, weights = torch.randn(6, generator=rng), torch.ones(6)
+
+    def run(batch):
+        llm.zero_grad()
+        logps, owner = token_logps(llm, batch)
+        (logps * torch.arange(1, logps.numel() + 1)).sum().backward()
+        grads = [p.grad.clone() for p in llm.parameters() if p.grad is not None]
+        return logps.detach(), owner, grads
+
+    for part in (slice(0, 6), slice(1, 5)):
+        args = (completions[part], advantages[part], weights[part], 2)
+        shared = shared_prompt_batch(*args)
+        assert shared["input_ids"].shape[0] == 1  # one row, each prompt once
+        assert int(shared["num_tokens"]) < int(completion_batch(*args)["num_tokens"])
+        ref, got = run(completion_batch(*args)), run(shared)
+        torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[1], ref[1])
+        for a, b in zip(got[2], ref[2]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_grpo_config_problems():
     with pytest.raises(XtunerError) as err:
         build_objective(dict(type="grpo", rewards=[numeric_answer()], num_generations=1,

@@ -6,7 +6,7 @@ import torch
 from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference import InferenceEngine, SamplingParams
-from xtuner_lite.inference.sampling import apply_repetition_penalty, choose_token
+from xtuner_lite.inference.sampling import apply_repetition_penalty, choose_token, draw
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +151,44 @@ def test_sampling_rules_match_transformers():
     }
     assert drawn <= allowed and len(drawn) > 1
     assert choose_token(logits[0], SamplingParams(), seen[:0], None) == int(logits.argmax())
+
+
+def test_draw_follows_the_probabilities_and_its_seed():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(
+        torch.tensor([draw(probs, generator) for _ in range(20000)]), minlength=5
+    )
+    assert counts[1] == counts[4] == 0  # never a token without mass, the last one included
+    # 5 standard deviations of a binomial at n=20000 is under 0.018
+    assert (counts / 20000 - probs).abs().max() < 0.018
+    same = [draw(probs, torch.Generator().manual_seed(3)) for _ in range(5)]
+    assert len(set(same)) == 1
+    with pytest.raises(ValueError, match="not finite"):
+        draw(torch.tensor([float("nan"), 0.5]), generator)
+
+
+def test_a_prompt_given_several_times_is_prefilled_once(smol):
+    """A GRPO group: the same prompt G times is one prefill row, copied; greedy tokens are
+    transformers.generate's for every copy."""
+    model, tok, prompts, stops = smol
+    fed = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, input_ids, **kwargs):
+            fed.append(input_ids.shape[0])
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    repeated = [prompts[0], prompts[1], prompts[0], prompts[0], prompts[1]]
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    got = [r.output_ids for r in InferenceEngine(Counting(), tok).generate(repeated, params)]
+    assert fed[0] == 2  # two distinct prompts prefilled
+    expected = _hf_greedy(model, prompts[:2], stops, batched=False)
+    assert got == [expected[i] for i in (0, 1, 0, 0, 1)]
 
 
 def test_chat_drops_oldest_turns_to_fit_the_context():

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from xtuner_lite.inference.decoder import FastDecoder, unsupported_reason
 from xtuner_lite.inference.kv_cache import KVCache
+from xtuner_lite.model.forward import base_and_head
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -45,6 +46,8 @@ class ModelRunner:
             if self.fallback_reason is None
             else None
         )
+        # (decoder, output head) where the logits are the head's output (Llama family)
+        self.head = base_and_head(model) if self.fallback_reason is None else None
         self.prefix: tuple[list[int], Any] | None = None  # last shared prefix and its cache
         self.cache: KVCache | None = None
         self._mask: torch.Tensor | None = None  # (batch, cached length), 1 = real token
@@ -70,7 +73,22 @@ class ModelRunner:
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Run new prompts (one batched, left-padded prefill) and append them as rows at the
-        end of the batch; (new rows, vocab) logits for their first tokens."""
+        end of the batch; (new rows, vocab) logits for their first tokens. A prompt given
+        several times (a GRPO group's completions) is run once and its rows copied."""
+        unique = list(dict.fromkeys(tuple(p) for p in prompts))
+        filled, mask, logits = self._prefill_unique([list(p) for p in unique])
+        if len(unique) < len(prompts):
+            where = {p: i for i, p in enumerate(unique)}
+            rows = torch.tensor([where[tuple(p)] for p in prompts], device=self.device)
+            filled.select(rows, 0)
+            mask, logits = mask[rows], logits[rows]
+        self._splice(filled, mask)
+        return logits
+
+    def _prefill_unique(
+        self, prompts: list[list[int]]
+    ) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """(the prompts' cache, their attention mask, their last-position logits)."""
         shared = self._shared_prefix(prompts)
         cache = (
             self._prefix_cache(prompts[0][:shared], len(prompts))
@@ -91,8 +109,7 @@ class ModelRunner:
         filled = KVCache.from_tensors(
             [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
         )
-        self._splice(filled, mask)
-        return logits
+        return filled, mask, logits
 
     def feed(self, tokens: torch.Tensor, first_row: int = 0) -> None:
         """The tokens rows ``first_row``.. feed at the next decode (the ones just chosen)."""
@@ -115,15 +132,15 @@ class ModelRunner:
     # ----------------------------------------------------------------- internals
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1].float()
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True)  # fmt: skip
+        if self.head is None:
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        # the last position taken as a 2-D (rows, hidden) slice before the head: the model's
+        # own (rows, 1, hidden) slice is not contiguous, and a bf16 F.linear of such an input
+        # expands the head's weight once per row on CPU
+        hidden = self.head[0](**inputs).last_hidden_state[:, -1]
+        return self.head[1](hidden).float()
 
     def _splice(self, cache: KVCache, mask: torch.Tensor) -> None:
         """Append freshly prefilled rows to the batch, left-padding the shorter side; their

@@ -91,8 +91,20 @@ def choose_token(
         sorted_probs = sorted_logits.softmax(-1)
         drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the first over p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(logits.softmax(-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index with probability ``probs`` (vocab,), by inverse transform: one uniform from
+    the request's generator against the cumulative sum. ``torch.multinomial`` draws a full
+    vocabulary of exponentials per call, most of a small model's sampling step on CPU."""
+    cdf = probs.double().cumsum(-1)
+    if not bool(torch.isfinite(cdf[-1])) or float(cdf[-1]) <= 0:
+        raise ValueError("the probabilities are not finite and positive")
+    u = torch.rand((), dtype=torch.float64, generator=generator)
+    index = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    # u * total can round up to the total itself: the last token with mass then
+    return index if index < cdf.shape[-1] else int(torch.nonzero(probs)[-1])
 
 
 def choose_tokens(logits: torch.Tensor, rows: list) -> tuple[list[int], dict[int, str]]:
@@ -105,9 +117,16 @@ def choose_tokens(logits: torch.Tensor, rows: list) -> tuple[list[int], dict[int
         token = greedy[i]
         if not r.greedy:
             try:
-                seen = torch.tensor(r.prompt_ids + r.output_ids, device=logits.device)
+                seen = _seen(r, logits.device)
                 token = choose_token(logits[i], r.params, seen, r.generator)
             except (RuntimeError, ValueError) as exc:
                 errors[i] = f"sampling failed: {exc}"
         tokens.append(token)
     return tokens, errors
+
+
+def _seen(r, device: torch.device) -> torch.Tensor:
+    """The ids the repetition penalty looks at (none without a penalty: not built per token)."""
+    if r.params.repetition_penalty == 1.0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    return torch.tensor(r.prompt_ids + r.output_ids, device=device)

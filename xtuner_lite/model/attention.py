@@ -20,6 +20,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from xtuner_lite.errors import XtunerError
+
 PACKED_SDPA = "xtuner_packed_sdpa"
 
 
@@ -36,6 +38,14 @@ def block_causal_mask(cu_seqlens: torch.Tensor, batch: int, width: int) -> torch
     same = seg[:, :, None] == seg[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
     return (same & causal)[:, None]
+
+
+def branch_mask(branch: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """(length, length) bool, True where a query may attend to a key, for positions laid out
+    as branches (``branch_ids``/``root_ids`` of a batch): causal, and the key is in the
+    query's own branch or in its root (the prompt the branches share)."""
+    allowed = (branch[None, :] == branch[:, None]) | (branch[None, :] == root[:, None])
+    return allowed.tril()
 
 
 def segments_of(cu_seqlens: torch.Tensor, batch: int, width: int) -> list[tuple[int, int, int]]:
@@ -65,13 +75,18 @@ def _causal_bias(size: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.zeros(size, size, dtype=dtype, device=device).masked_fill(blocked, -torch.inf)
 
 
-def _probabilities(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T · scale + causal mask) for query heads stacked along the length."""
+def _probabilities(
+    query: torch.Tensor, key: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T · scale + mask) for query heads stacked along the length; the mask is
+    causal unless an additive (length, length) ``bias`` is given."""
     length = key.shape[1]
     groups = query.shape[1] // length
     size = max(length, MATMUL_ATTENTION_MAX_LENGTH)
+    if bias is None:
+        bias = _causal_bias(size, query.dtype, query.device)[:length, :length]
     # one copy of the mask per query head of a group: freed after the call (baddbmm keeps none)
-    bias = _causal_bias(size, query.dtype, query.device)[:length, :length].repeat(groups, 1)
+    bias = bias.repeat(groups, 1)
     return torch.softmax(torch.baddbmm(bias, query, key.transpose(1, 2), alpha=scale), dim=-1)
 
 
@@ -82,16 +97,21 @@ class _MatmulAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+        ctx,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        bias: torch.Tensor | None,
     ) -> torch.Tensor:
         ctx.save_for_backward(query, key, value)
-        ctx.scale = scale
-        return torch.bmm(_probabilities(query, key, scale), value)
+        ctx.scale, ctx.bias = scale, bias
+        return torch.bmm(_probabilities(query, key, scale, bias), value)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         query, key, value = ctx.saved_tensors
-        probs = _probabilities(query, key, ctx.scale)
+        probs = _probabilities(query, key, ctx.scale, ctx.bias)
         grad_value = torch.bmm(probs.transpose(1, 2), grad)
         grad_scores = torch._softmax_backward_data(
             torch.bmm(grad, value.transpose(1, 2)), probs, -1, probs.dtype
@@ -99,11 +119,28 @@ class _MatmulAttention(torch.autograd.Function):
         del probs
         grad_query = torch.bmm(grad_scores, key).mul_(ctx.scale)
         grad_key = torch.bmm(grad_scores.transpose(1, 2), query).mul_(ctx.scale)
-        return grad_query, grad_key, grad_value, None
+        return grad_query, grad_key, grad_value, None, None
+
+
+def _padded_bias(mask: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """An additive (size, size) mask: ``mask`` (True: attend) on its first positions, causal
+    beyond them (padded queries attend causally and are cut off; real ones never see padding,
+    as ``mask`` is itself causal)."""
+    bias = _causal_bias(max(size, MATMUL_ATTENTION_MAX_LENGTH), dtype, mask.device)[:size, :size]
+    bias = bias.clone()
+    length = mask.shape[0]
+    bias[:length, :length] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, -torch.inf
+    )
+    return bias
 
 
 def matmul_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one sample, (heads, length, dim) in the inputs' dtype, as two batched
     matmuls over the key/value heads: the query heads sharing a key/value head are stacked along
@@ -111,7 +148,8 @@ def matmul_attention(
     sample lengths this beats SDPA's fp32 kernel (see docs/benchmarks.md).
     Backward recomputes the probabilities (see ``_MatmulAttention``). Saving them in layers
     that checkpointing recomputes anyway, where they live only until that layer's backward,
-    gained little speed for a higher peak: not done."""
+    gained little speed for a higher peak: not done. ``mask`` (length, length), True where a
+    query may attend, replaces the causal mask (branches sharing a prompt)."""
     heads, length, dim = query.shape
     kv_heads = key.shape[0]
     scale = dim**-0.5 if scaling is None else scaling
@@ -120,8 +158,9 @@ def matmul_attention(
     padded = -(-length // ATTENTION_LENGTH_STEP) * ATTENTION_LENGTH_STEP
     if padded != length:
         query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
+    bias = None if mask is None else _padded_bias(mask, padded, query.dtype)
     stacked = query.reshape(kv_heads, heads // kv_heads * padded, dim)
-    out = _MatmulAttention.apply(stacked, key, value, scale).view(heads, padded, dim)
+    out = _MatmulAttention.apply(stacked, key, value, scale, bias).view(heads, padded, dim)
     return out[:, :length]
 
 
@@ -134,10 +173,12 @@ def packed_sdpa_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     segments: list[tuple[int, int, int]] | None = None,
+    segment_masks: list[torch.Tensor | None] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: (batch, heads, length, dim) in, (batch, length, heads,
-    dim) out. Without ``segments`` this is transformers' SDPA."""
+    dim) out. Without ``segments`` this is transformers' SDPA. ``segment_masks``: per segment
+    a (length, length) bool mask replacing the causal one, or None (causal)."""
     if segments is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -146,12 +187,13 @@ def packed_sdpa_attention(
     cpu = query.device.type == "cpu"
     rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
     with torch.autocast(query.device.type, enabled=False):
-        for row, start, end in segments:
+        for i, (row, start, end) in enumerate(segments):
             q, k, v = (t[row, :, start:end] for t in (query, key, value))
+            mask = segment_masks[i] if segment_masks else None
             if cpu and end - start <= MATMUL_ATTENTION_MAX_LENGTH and dropout == 0.0:
                 # in the projections' dtype (rotary may have promoted q and k to fp32)
                 q, k = q.to(v.dtype), k.to(v.dtype)
-                rows[row].append(matmul_attention(q, k, v, scaling)[None])
+                rows[row].append(matmul_attention(q, k, v, scaling, mask)[None])
                 continue
             # CPU: SDPA's fp32 backward kernel is faster than its bf16 one
             q, k, v = (t[None].to(torch.float32 if cpu else t.dtype) for t in (q, k, v))
@@ -159,8 +201,14 @@ def packed_sdpa_attention(
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             rows[row].append(
                 F.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, scale=scaling, dropout_p=dropout
-                )
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=scaling,
+                    dropout_p=dropout,
+                )  # fmt: skip
             )
     out = torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
@@ -177,12 +225,35 @@ def attention_kwargs(batch: dict[str, torch.Tensor], attn_implementation: str) -
     """Model-call kwargs that keep attention within samples for the given implementation."""
     input_ids = batch["input_ids"]
     kwargs = {"position_ids": batch["position_ids"]}
+    branches = batch.get("branch_ids")
     if "flash" in attn_implementation:
+        if branches is not None:
+            raise XtunerError(
+                f"batches whose sequences share a prompt need sdpa or eager attention, "
+                f"not {attn_implementation}"
+            )
         return kwargs
     if attn_implementation == PACKED_SDPA:
         kwargs["segments"] = segments_of(batch["cu_seqlens"], *input_ids.shape)
+        if branches is not None:
+            roots = batch["root_ids"]
+            kwargs["segment_masks"] = [
+                None
+                if bool((branches[row, start:end] == roots[row, start:end]).all())
+                else branch_mask(branches[row, start:end], roots[row, start:end])
+                for row, start, end in kwargs["segments"]
+            ]
         return kwargs
     mask = block_causal_mask(batch["cu_seqlens"], *input_ids.shape)
+    if branches is not None:
+        roots = batch["root_ids"]
+        mask = (
+            mask
+            & (
+                (branches[:, None, :] == branches[:, :, None])
+                | (branches[:, None, :] == roots[:, :, None])
+            )[:, None]
+        )
     if attn_implementation == "eager":
         blocked = torch.finfo(torch.float32).min
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, blocked)

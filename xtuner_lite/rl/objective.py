@@ -24,7 +24,12 @@ from xtuner_lite.inference.sampling import SamplingParams
 from xtuner_lite.model.logprobs import token_logps, token_owner
 from xtuner_lite.rl.losses import AGGREGATIONS, SCALES, group_advantages, grpo_loss, loss_units
 from xtuner_lite.rl.rewards import Reward, build_rewards, score
-from xtuner_lite.rl.rollout import Completion, completion_batch, sample_completions
+from xtuner_lite.rl.rollout import (
+    Completion,
+    completion_batch,
+    sample_completions,
+    shared_prompt_batch,
+)
 
 EQUAL_GROUPS = ("keep", "skip")
 SAMPLES_FILE = "samples.jsonl"
@@ -82,6 +87,7 @@ class GRPOObjective(Objective):
         micro_batch_size: int = 8,
         samples_per_step: int = 4,
         chunk_size: int = 1024,
+        share_prompts: bool = True,
     ):
         problems = _problems(
             num_generations, epsilon, epsilon_high, num_iterations,
@@ -100,6 +106,9 @@ class GRPOObjective(Objective):
         # splitting changes memory, not the result
         self.micro_batch_size = max(1, micro_batch_size)
         self.chunk_size = chunk_size
+        # a group's prompt run once in the updates, its completions attending to it as
+        # branches (same log-probs as a row per completion); off: a padded row each
+        self.share_prompts = share_prompts
         self.unit = "completion tokens" if aggregation == "dapo" else "completions"
         self.reference = Reference(chunk_size=chunk_size)
         self.tokenizer = None
@@ -136,11 +145,13 @@ class GRPOObjective(Objective):
             keep = (~equal).float().repeat_interleave(self.num_generations)
         self._record_rollouts(completions, rewards, equal, stats)
         self._write_samples(completions, rewards, advantages, step)
+        impl = getattr(llm.config, "_attn_implementation", None) or "sdpa"
+        share = self.share_prompts and "flash" not in impl  # varlen kernels cannot branch
+        build = shared_prompt_batch if share else completion_batch
         batches = []
         for start in range(0, len(completions), self.micro_batch_size):
             part = slice(start, start + self.micro_batch_size)
-            batches.append(completion_batch(completions[part], advantages[part], keep[part],
-                                            self.pad))  # fmt: skip
+            batches.append(build(completions[part], advantages[part], keep[part], self.pad))
         if all(float(b["weights"].sum()) == 0 for b in batches):
             batches = batches[:1]  # all skipped: one batch weighted 0, so every rank steps
         self._old_and_reference(llm, batches)

@@ -114,4 +114,70 @@ def completion_batch(
     return batch
 
 
-__all__ = ["Completion", "RolloutStats", "completion_batch", "rollout_seed", "sample_completions"]
+def shared_prompt_batch(
+    completions: list[Completion],
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    pad: int,
+    pad_to_multiple_of: int = 32,
+) -> dict[str, torch.Tensor]:
+    """The micro-batch of :func:`completion_batch` in one row with each prompt run once: a
+    group's prompt (but its last token), then each completion as a branch, its prompt's last
+    token first (whose output predicts the completion's first token), that attends to the
+    prompt and to itself only (``branch_ids``/``root_ids``, see ``model/attention.py``).
+    Positions continue the prompt's in every branch, so each completion's log-probs are those
+    of its own prompt + completion row, while a group of G costs one prompt, not G."""
+    columns: dict[str, list[int]] = {k: [] for k in ("ids", "labels", "branch", "root", "seq")}
+    positions: list[int] = []
+    cu, last, ids = [0], [], 0
+
+    def put(tokens, labels, start, branch, root, seq):
+        columns["ids"] += tokens
+        columns["labels"] += labels
+        positions.extend(range(start, start + len(tokens)))
+        for key, value in (("branch", branch), ("root", root), ("seq", seq)):
+            columns[key] += [value] * len(tokens)
+
+    for index, c in enumerate(completions):
+        head = c.prompt.ids[:-1]
+        if index == 0 or c.group != completions[index - 1].group:  # a new group: its prompt
+            if index:
+                cu.append(len(columns["ids"]))
+            root, ids = ids, ids + 1
+            put(head, [IGNORE_INDEX] * len(head), 0, root, root, -1)
+        put([c.prompt.ids[-1], *c.ids], [IGNORE_INDEX, *c.ids], len(head), ids, root, index)
+        ids += 1
+        last.append(len(columns["ids"]) - 1)
+    real = len(columns["ids"])
+    cu.append(real)
+    width = -(-real // pad_to_multiple_of) * pad_to_multiple_of
+    if width > real:  # padding: a sample of its own, trained on nothing
+        put([pad] * (width - real), [IGNORE_INDEX] * (width - real), 0, ids, ids, -1)
+        cu.append(width)
+    row = {k: torch.tensor([v], dtype=torch.long) for k, v in columns.items()}
+    return {
+        "input_ids": row["ids"],
+        "labels": row["labels"],
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        "num_tokens": torch.tensor(real),
+        "seq_index": row["seq"],
+        "branch_ids": row["branch"],
+        "root_ids": row["root"],
+        "num_sequences": torch.tensor(len(completions)),
+        "num_units": torch.tensor(len(completions) // 2),
+        "unit_flags": torch.zeros(0, dtype=torch.bool),
+        "last_index": torch.tensor(last, dtype=torch.long),
+        "advantages": advantages.float(),
+        "weights": weights.float(),
+    }
+
+
+__all__ = [
+    "Completion",
+    "RolloutStats",
+    "completion_batch",
+    "rollout_seed",
+    "sample_completions",
+    "shared_prompt_batch",
+]
