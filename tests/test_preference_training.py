@@ -184,12 +184,14 @@ def test_kto_rows_need_a_boolean_label(tmp_path, smol_tokenizer):
         )
 
 
-def test_sequence_logps_and_gradients_equal_plain_log_softmax():
-    """The chunked log-prob function (gradients recomputed per chunk) against autograd on
-    full logits, for hidden states and a trained head alike."""
+@pytest.mark.parametrize("head_trained", [True, False])
+def test_sequence_logps_and_gradients_equal_plain_log_softmax(head_trained):
+    """The chunked log-prob function against autograd on full logits, for hidden states and a
+    trained head (logits recomputed per chunk in backward) or a frozen one (the gradient's
+    direction prepared in forward)."""
     torch.manual_seed(0)
     hidden = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
-    head = torch.nn.Linear(16, 50, bias=True).double()
+    head = torch.nn.Linear(16, 50, bias=True).double().requires_grad_(head_trained)
     labels = torch.randint(0, 50, (2, 12))
     labels[:, :3] = IGNORE_INDEX
     seq_index = torch.tensor([[0] * 6 + [1] * 6, [2] * 8 + [-1] * 4])
@@ -199,8 +201,10 @@ def test_sequence_logps_and_gradients_equal_plain_log_softmax():
 
     ours = logps_from_hidden(hidden, head, batch, chunk_size=5)
     (ours.total.double() * weights).sum().backward()
-    got = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
-    hidden.grad = head.weight.grad = head.bias.grad = None
+    params = [hidden, head.weight, head.bias] if head_trained else [hidden]
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
 
     logp = torch.log_softmax(head(hidden), -1)[:, :-1]
     targets = labels[:, 1:]
@@ -211,7 +215,7 @@ def test_sequence_logps_and_gradients_equal_plain_log_softmax():
     (totals * weights).sum().backward()
     torch.testing.assert_close(ours.total.double(), totals, rtol=1e-5, atol=1e-5)
     assert ours.tokens.tolist() == torch.bincount(owner[keep], minlength=3).tolist()
-    for a, b in zip(got, [hidden.grad, head.weight.grad, head.bias.grad]):
+    for a, b in zip(got, [p.grad for p in params], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

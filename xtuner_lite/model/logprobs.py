@@ -1,9 +1,9 @@
 """Per-sequence log-probabilities of the trained tokens of a packed batch (preference training).
 
-Only trained positions are projected through the head, chunk by chunk. Unlike the SFT loss
-(``model/loss.py``), the gradient of each token's log-probability is weighted by the loss
-(a different weight per sequence), so backward recomputes each chunk's logits instead of keeping
-them: one extra head matmul, and never more than one chunk of full-vocabulary logits alive.
+Only trained positions are projected through the head, chunk by chunk, never more than one
+chunk of full-vocabulary logits alive. Unlike the SFT loss (``model/loss.py``), the gradient of
+each token's log-probability is weighted by the loss (a different weight per sequence), known
+only in backward: see ``_LinearLogProbs`` for what forward prepares.
 """
 
 from __future__ import annotations
@@ -34,25 +34,37 @@ class SequenceLogps:
 
 
 class _LinearLogProbs(torch.autograd.Function):
-    """log softmax(hidden_i @ weight.T + bias)[target_i] for every row i, in fp32."""
+    """log softmax(hidden_i @ weight.T + bias)[target_i] for every row i, in fp32.
+
+    d logp_i / d hidden_i = weight[target_i] - softmax_i @ weight does not depend on the
+    incoming gradient (a scalar per row): with a frozen head (LoRA, QLoRA) forward computes
+    it while the chunk's logits are alive and backward only scales it, where a trained head
+    needs the logits again in backward (recomputed per chunk, never all kept)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size: int) -> torch.Tensor:
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        head_frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        slope = torch.empty_like(hidden) if head_frozen and hidden.requires_grad else None
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = F.linear(hidden[start : start + chunk_size], weight, bias).float()
-            t = targets[start : start + chunk_size]
-            out[start : start + chunk_size] = logits.gather(1, t[:, None]).squeeze(1) - (
-                logits.logsumexp(-1)
-            )
-        ctx.save_for_backward(hidden, weight, bias, targets)
+            rows = slice(start, start + chunk_size)
+            logits = F.linear(hidden[rows], weight, bias).float()
+            t = targets[rows]
+            out[rows] = logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1)
+            if slope is not None:
+                slope[rows] = _onehot_minus_softmax(logits, t).to(hidden.dtype) @ weight.to(
+                    hidden.dtype
+                )
+        ctx.save_for_backward(hidden, weight, bias, targets, slope)
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, slope = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if slope is not None:
+            return slope * grad_out[:, None].to(slope.dtype), None, None, None, None
         grad_hidden = torch.empty_like(hidden) if need[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
@@ -61,8 +73,9 @@ class _LinearLogProbs(torch.autograd.Function):
             t = targets[start : start + ctx.chunk_size]
             g = grad_out[start : start + ctx.chunk_size].float()
             # d logp_t / d logits = one_hot(t) - softmax, scaled by each row's incoming gradient
-            grad_logits = F.linear(h, weight, bias).float().softmax(-1).mul_(-g[:, None])
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] += g
+            grad_logits = _onehot_minus_softmax(F.linear(h, weight, bias).float(), t).mul_(
+                g[:, None]
+            )
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk_size] = grad_logits.to(h.dtype) @ weight.to(
                     h.dtype
@@ -78,6 +91,13 @@ class _LinearLogProbs(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _onehot_minus_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d log softmax(logits)[target] / d logits, in place of ``logits``' softmax."""
+    grad = logits.softmax(-1).neg_()
+    grad[torch.arange(targets.shape[0], device=targets.device), targets] += 1
+    return grad
 
 
 def sequence_logps(
