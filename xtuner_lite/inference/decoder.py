@@ -99,8 +99,8 @@ def _merged_weight(layer: nn.Module) -> torch.Tensor:
     merged = weight.float()
     for name in layer.active_adapters:
         if name in layer.lora_A:
-            delta = layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()
-            merged = merged + delta * layer.scaling[name]
+            a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+            merged = torch.addmm(merged, b, a, alpha=layer.scaling[name])
     return merged.to(weight.dtype)
 
 
