@@ -7,11 +7,12 @@ per prompt, ``--prompts`` prompts per optimizer step, max completion length, sam
 GRPO's per-sequence loss without KL, precision (fp32 on CPUs without native bf16), no gradient
 checkpointing. TRL runs its default generation path (``model.generate``, no vLLM). Each side runs
 ``--steps`` optimizer steps in its own process (peak RSS is its own); the sides alternate and the
-median of ``--repeats`` runs is printed. Wall time includes model loading on both sides. Both
-sample, so their completions (and lengths) differ: the mean completion length of each side is
-printed next to its speed.
+median of ``--repeats`` runs is printed. Wall time includes model loading on both sides (imports
+excluded on both). Both sample, so their completions (and lengths) differ: the mean completion
+length of each side is printed next to its speed.
 
     python benchmarks/bench_grpo.py --steps 4 --repeats 3
+    python benchmarks/bench_grpo.py --steps 4 --repeats 3 --generations 4
 """
 
 from __future__ import annotations
@@ -150,7 +151,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per optimizer step")
-    parser.add_argument("--generations", type=int, default=4, help="G, completions per prompt")
+    parser.add_argument(
+        "--generations",
+        type=int,
+        default=8,
+        help="G, completions per prompt (8: TRL's default, the bundled config's)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))

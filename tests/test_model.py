@@ -104,7 +104,7 @@ def test_matmul_attention_pads_lengths_to_few_shapes(monkeypatch):
     monkeypatch.setattr(
         attention._MatmulAttention,
         "apply",
-        lambda q, k, v, s: shapes.add(tuple(k.shape)) or apply(q, k, v, s),
+        lambda q, k, v, s, bias: shapes.add(tuple(k.shape)) or apply(q, k, v, s, bias),
     )
     torch.manual_seed(0)
     step = attention.ATTENTION_LENGTH_STEP
