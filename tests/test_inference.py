@@ -37,6 +37,19 @@ def smol():
     return model, tok, prompts, stop_token_ids(template, tok)
 
 
+class _Counting(torch.nn.Module):
+    """``model`` behind a plain forward (the engine's fallback path), appending the input ids
+    of every forward (the prefills) to ``fed``."""
+
+    def __init__(self, model, fed: list):
+        super().__init__()
+        self.inner, self.config, self.fed = model, model.config, fed
+
+    def forward(self, input_ids, **kwargs):
+        self.fed.append(input_ids)
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
 def _hf_greedy(model, prompts, stops, batched):
     """transformers.generate, one by one or as one left-padded batch; cut at the first stop."""
     groups = [prompts] if batched else [[p] for p in prompts]
@@ -173,20 +186,12 @@ def test_a_prompt_given_several_times_is_prefilled_once(smol):
     transformers.generate's for every copy."""
     model, tok, prompts, stops = smol
     fed = []
-
-    class Counting(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.config = model, model.config
-
-        def forward(self, input_ids, **kwargs):
-            fed.append(input_ids.shape[0])
-            return self.inner(input_ids=input_ids, **kwargs)
-
     repeated = [prompts[0], prompts[1], prompts[0], prompts[0], prompts[1]]
     params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
-    got = [r.output_ids for r in InferenceEngine(Counting(), tok).generate(repeated, params)]
-    assert fed[0] == 2  # two distinct prompts prefilled
+    got = [
+        r.output_ids for r in InferenceEngine(_Counting(model, fed), tok).generate(repeated, params)
+    ]
+    assert fed[0].shape[0] == 2  # two distinct prompts prefilled
     expected = _hf_greedy(model, prompts[:2], stops, batched=False)
     assert got == [expected[i] for i in (0, 1, 0, 0, 1)]
 
@@ -236,35 +241,27 @@ def test_shared_prefix_is_prefilled_once_with_the_same_greedy_tokens(smol):
         for q in QUESTIONS[:4]
     ]
     fed = []
-
-    class Counting(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.config = model, model.config
-
-        def forward(self, input_ids, **kwargs):
-            fed.append(input_ids.numel())
-            return self.inner(input_ids=input_ids, **kwargs)
-
     params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
-    engine = InferenceEngine(Counting(), tok)
+    engine = InferenceEngine(_Counting(model, fed), tok)
     got = [r.output_ids for r in engine.generate(prompts, params)]
     assert got == _hf_greedy(model, prompts, stops, batched=False)
     shared = len(engine.runner.prefix[0])  # the prefix kept after the batch
     assert shared >= 64
-    prefill = fed[0] + fed[1]  # the prefix once, then each prompt's own tokens (left-padded)
+    prefill = (
+        fed[0].numel() + fed[1].numel()
+    )  # the prefix once, then each prompt's own tokens (left-padded)
     assert prefill <= sum(map(len, prompts)) - (len(prompts) - 1) * shared + len(prompts) * 8
     fed.clear()  # a later request with the same prefix reuses the kept prefix
     late = tok(shots + "Question: How many legs has a cat?\nAnswer:", add_special_tokens=False)[
         "input_ids"
     ]
     answer = engine.generate([late], params)[0].output_ids
-    assert fed[0] == len(late) - shared
+    assert fed[0].numel() == len(late) - shared
     assert answer == _hf_greedy(model, [late], stops, batched=False)[0]
     fed.clear()
-    plain = InferenceEngine(Counting(), tok, share_prefix=0)
+    plain = InferenceEngine(_Counting(model, fed), tok, share_prefix=0)
     assert [r.output_ids for r in plain.generate(prompts, params)] == got
-    assert fed[0] == len(prompts) * max(map(len, prompts))
+    assert fed[0].numel() == len(prompts) * max(map(len, prompts))
 
 
 @pytest.mark.parametrize("pack", [True, False])
