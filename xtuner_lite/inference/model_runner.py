@@ -139,8 +139,8 @@ class ModelRunner:
         # the last position taken as a 2-D (rows, hidden) slice before the head: the model's
         # own (rows, 1, hidden) slice is not contiguous, and a bf16 F.linear of such an input
         # expands the head's weight once per row on CPU
-        hidden = self.head[0](**inputs).last_hidden_state[:, -1]
-        return self.head[1](hidden).float()
+        decoder, head = self.head
+        return head(decoder(**inputs).last_hidden_state[:, -1]).float()
 
     def _splice(self, cache: KVCache, mask: torch.Tensor) -> None:
         """Append freshly prefilled rows to the batch, left-padding the shorter side; their

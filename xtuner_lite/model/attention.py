@@ -41,10 +41,11 @@ def block_causal_mask(cu_seqlens: torch.Tensor, batch: int, width: int) -> torch
 
 
 def branch_mask(branch: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """(length, length) bool, True where a query may attend to a key, for positions laid out
-    as branches (``branch_ids``/``root_ids`` of a batch): causal, and the key is in the
-    query's own branch or in its root (the prompt the branches share)."""
-    allowed = (branch[None, :] == branch[:, None]) | (branch[None, :] == root[:, None])
+    """(..., length, length) bool from (..., length) ids, True where a query may attend to a
+    key, for positions laid out as branches (``branch_ids``/``root_ids`` of a batch): causal,
+    and the key is in the query's own branch or in its root (the prompt the branches share)."""
+    key = branch[..., None, :]
+    allowed = (key == branch[..., :, None]) | (key == root[..., :, None])
     return allowed.tril()
 
 
@@ -246,14 +247,7 @@ def attention_kwargs(batch: dict[str, torch.Tensor], attn_implementation: str) -
         return kwargs
     mask = block_causal_mask(batch["cu_seqlens"], *input_ids.shape)
     if branches is not None:
-        roots = batch["root_ids"]
-        mask = (
-            mask
-            & (
-                (branches[:, None, :] == branches[:, :, None])
-                | (branches[:, None, :] == roots[:, :, None])
-            )[:, None]
-        )
+        mask = mask & branch_mask(branches, batch["root_ids"])[:, None]
     if attn_implementation == "eager":
         blocked = torch.finfo(torch.float32).min
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, blocked)
