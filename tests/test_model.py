@@ -126,6 +126,34 @@ def test_matmul_attention_pads_lengths_to_few_shapes(monkeypatch):
     assert {s[1] for s in shapes} == {step, 2 * step, 3 * step}
 
 
+@pytest.mark.parametrize("root", [0, 5])
+def test_branched_attention_equals_the_dense_branch_mask(root):
+    """Branches batched against [root keys, own keys] give the outputs and gradients of SDPA
+    under the dense branch mask (fp64, grouped-query heads), with and without a root; the
+    layout read back from branch/root ids is the one the mask was built from."""
+    torch.manual_seed(0)
+    lengths = [7, 1, 40, 3]
+    branch = torch.cat([torch.zeros(root, dtype=torch.long)] +
+                       [torch.full((n,), i + 1) for i, n in enumerate(lengths)])  # fmt: skip
+    layout = attention.branches_of(branch, torch.zeros_like(branch))
+    ends = torch.tensor(lengths).cumsum(0) + root
+    assert layout.root == root and [e for _, e in layout.spans] == ends.tolist()
+    assert torch.equal(layout.mask(branch.device), attention.branch_mask(branch, 0 * branch))
+    q, k, v = (
+        torch.randn(heads, len(branch), 8, dtype=torch.float64, requires_grad=True)
+        for heads in (4, 2, 2)
+    )
+    out = attention.branched_attention(q, k, v, None, layout)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=layout.mask(q.device), enable_gqa=True
+    )
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(out, ref)
+    got, want = (torch.autograd.grad(o, (q, k, v), grad) for o in (out, ref))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_accumulation_equals_one_big_batch(tiny_llama):
     """4 micro-batches of 1 sample == 1 batch of 4 samples (different lengths), fp32, through
     the real optimizer step."""

@@ -13,6 +13,7 @@ additive block-diagonal mask built from ``cu_seqlens``; with FlashAttention the 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,56 @@ def branch_mask(branch: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
     return allowed.tril()
 
 
+@dataclass(frozen=True)
+class Branches:
+    """One segment laid out as branches sharing a root: the root's ``root`` positions first
+    (causal among themselves), then each branch, ``spans`` (start, end) within the segment,
+    which attends causally to itself and to the whole root."""
+
+    root: int
+    spans: tuple[tuple[int, int], ...]
+
+    @property
+    def longest(self) -> int:
+        return max(end - start for start, end in self.spans)
+
+    def mask(self, device: torch.device) -> torch.Tensor:
+        """The (length, length) bool mask of :func:`branch_mask` for this layout."""
+        branch = torch.zeros(self.spans[-1][1], dtype=torch.long, device=device)
+        for index, (start, end) in enumerate(self.spans, start=1):
+            branch[start:end] = index
+        return branch_mask(branch, torch.zeros_like(branch))
+
+
+@functools.lru_cache(maxsize=16)  # a forward's layers all ask for the same segments' indices
+def _branch_indices(
+    layout: Branches, width: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat position indices for :func:`branched_attention` with branches padded to ``width``:
+    each branch's query slots, its key slots (the root, then its slots), and where each real
+    branch position sits among the slots."""
+    slots = torch.tensor([[min(a + t, b - 1) for t in range(width)] for a, b in layout.spans])
+    keys = torch.cat([torch.arange(layout.root).expand(len(layout.spans), -1), slots], dim=1)
+    back = [i * width + t for i, (a, b) in enumerate(layout.spans) for t in range(b - a)]
+    return slots.flatten().to(device), keys.flatten().to(device), torch.tensor(back, device=device)
+
+
+def branches_of(branch: torch.Tensor, root: torch.Tensor) -> Branches | None:
+    """The layout of one segment from its (length,) ``branch_ids``/``root_ids``, or None for a
+    plain causal sequence (every position its own root)."""
+    if bool((branch == root).all()):
+        return None
+    values, counts = torch.unique_consecutive(branch, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    shared = int(values[0]) == int(root[0])
+    starts = [0, *ends[:-1]]
+    spans = tuple(zip(starts, ends))[1 if shared else 0 :]
+    names = values.tolist()[1 if shared else 0 :]
+    if not bool((root == root[0]).all()) or len(set(names)) != len(names) or int(root[0]) in names:
+        raise ValueError("a segment's branches must follow one root, each branch contiguous")
+    return Branches(ends[0] if shared else 0, spans)
+
+
 def segments_of(cu_seqlens: torch.Tensor, batch: int, width: int) -> list[tuple[int, int, int]]:
     """(row, start, end) of every sample, in order; a row's unfilled tail is one more segment
     (what the block mask does with it too)."""
@@ -80,12 +131,12 @@ def _probabilities(
     query: torch.Tensor, key: torch.Tensor, scale: float, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """softmax(q k^T · scale + mask) for query heads stacked along the length; the mask is
-    causal unless an additive (length, length) ``bias`` is given."""
-    length = key.shape[1]
-    groups = query.shape[1] // length
-    size = max(length, MATMUL_ATTENTION_MAX_LENGTH)
+    causal unless an additive (query length, key length) ``bias`` is given."""
     if bias is None:
+        length = key.shape[1]
+        size = max(length, MATMUL_ATTENTION_MAX_LENGTH)
         bias = _causal_bias(size, query.dtype, query.device)[:length, :length]
+    groups = query.shape[1] // bias.shape[0]
     # one copy of the mask per query head of a group: freed after the call (baddbmm keeps none)
     bias = bias.repeat(groups, 1)
     return torch.softmax(torch.baddbmm(bias, query, key.transpose(1, 2), alpha=scale), dim=-1)
@@ -123,25 +174,11 @@ class _MatmulAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None, None
 
 
-def _padded_bias(mask: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """An additive (size, size) mask: ``mask`` (True: attend) on its first positions, causal
-    beyond them (padded queries attend causally and are cut off; real ones never see padding,
-    as ``mask`` is itself causal)."""
-    bias = _causal_bias(max(size, MATMUL_ATTENTION_MAX_LENGTH), dtype, mask.device)[:size, :size]
-    bias = bias.clone()
-    length = mask.shape[0]
-    bias[:length, :length] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-        ~mask, -torch.inf
-    )
-    return bias
-
-
 def matmul_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     scaling: float | None,
-    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one sample, (heads, length, dim) in the inputs' dtype, as two batched
     matmuls over the key/value heads: the query heads sharing a key/value head are stacked along
@@ -149,8 +186,7 @@ def matmul_attention(
     sample lengths this beats SDPA's fp32 kernel (see docs/benchmarks.md).
     Backward recomputes the probabilities (see ``_MatmulAttention``). Saving them in layers
     that checkpointing recomputes anyway, where they live only until that layer's backward,
-    gained little speed for a higher peak: not done. ``mask`` (length, length), True where a
-    query may attend, replaces the causal mask (branches sharing a prompt)."""
+    gained little speed for a higher peak: not done."""
     heads, length, dim = query.shape
     kv_heads = key.shape[0]
     scale = dim**-0.5 if scaling is None else scaling
@@ -159,10 +195,48 @@ def matmul_attention(
     padded = -(-length // ATTENTION_LENGTH_STEP) * ATTENTION_LENGTH_STEP
     if padded != length:
         query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
-    bias = None if mask is None else _padded_bias(mask, padded, query.dtype)
     stacked = query.reshape(kv_heads, heads // kv_heads * padded, dim)
-    out = _MatmulAttention.apply(stacked, key, value, scale, bias).view(heads, padded, dim)
+    out = _MatmulAttention.apply(stacked, key, value, scale, None).view(heads, padded, dim)
     return out[:, :length]
+
+
+def branched_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    layout: Branches,
+) -> torch.Tensor:
+    """:func:`matmul_attention` of one segment laid out as ``layout``: the root causally, then
+    the branches as one batch, each padded to the longest and attending to [root keys, its own
+    keys]. A dense mask over the segment would compute (and discard) every branch's scores
+    against every other branch. The branches are gathered by index (one op, whose backward is
+    one scatter-add, the root's key gradients summed over the branches in it); a padded slot
+    repeats its branch's last position, which is exact: a padded key is masked from every real
+    query, and a padded query's output is dropped (no gradient flows into it)."""
+    heads, _, dim = query.shape
+    kv_heads = key.shape[0]
+    scale = dim**-0.5 if scaling is None else scaling
+    root, count = layout.root, len(layout.spans)
+    width = -(-layout.longest // ATTENTION_LENGTH_STEP) * ATTENTION_LENGTH_STEP
+    slots, keys, back = _branch_indices(layout, width, query.device)
+    q = query.index_select(1, slots).view(kv_heads, heads // kv_heads, count, width, dim)
+    q = q.permute(2, 0, 1, 3, 4).reshape(count * kv_heads, heads // kv_heads * width, dim)
+    k, v = (
+        t.index_select(1, keys)
+        .view(kv_heads, count, root + width, dim)
+        .transpose(0, 1)
+        .reshape(count * kv_heads, root + width, dim)
+        for t in (key, value)
+    )
+    causal = _causal_bias(max(width, MATMUL_ATTENTION_MAX_LENGTH), query.dtype, query.device)
+    bias = F.pad(causal[:width, :width], (root, 0))  # every root key visible to every query
+    out = _MatmulAttention.apply(q, k, v, scale, bias).view(count, heads, width, dim)
+    out = out.transpose(0, 1).reshape(heads, count * width, dim).index_select(1, back)
+    if not root:
+        return out
+    causal_root = matmul_attention(query[:, :root], key[:, :root], value[:, :root], scaling)
+    return torch.cat([causal_root, out], dim=1)
 
 
 def packed_sdpa_attention(
@@ -174,12 +248,12 @@ def packed_sdpa_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     segments: list[tuple[int, int, int]] | None = None,
-    segment_masks: list[torch.Tensor | None] | None = None,
+    segment_branches: list[Branches | None] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: (batch, heads, length, dim) in, (batch, length, heads,
-    dim) out. Without ``segments`` this is transformers' SDPA. ``segment_masks``: per segment
-    a (length, length) bool mask replacing the causal one, or None (causal)."""
+    dim) out. Without ``segments`` this is transformers' SDPA. ``segment_branches``: per
+    segment its branch layout, or None (causal)."""
     if segments is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -190,16 +264,21 @@ def packed_sdpa_attention(
     with torch.autocast(query.device.type, enabled=False):
         for i, (row, start, end) in enumerate(segments):
             q, k, v = (t[row, :, start:end] for t in (query, key, value))
-            mask = segment_masks[i] if segment_masks else None
-            if cpu and end - start <= MATMUL_ATTENTION_MAX_LENGTH and dropout == 0.0:
+            layout = segment_branches[i] if segment_branches else None
+            span = end - start if layout is None else layout.root + layout.longest
+            if cpu and span <= MATMUL_ATTENTION_MAX_LENGTH and dropout == 0.0:
                 # in the projections' dtype (rotary may have promoted q and k to fp32)
                 q, k = q.to(v.dtype), k.to(v.dtype)
-                rows[row].append(matmul_attention(q, k, v, scaling, mask)[None])
+                if layout is None:
+                    rows[row].append(matmul_attention(q, k, v, scaling)[None])
+                else:
+                    rows[row].append(branched_attention(q, k, v, scaling, layout)[None])
                 continue
             # CPU: SDPA's fp32 backward kernel is faster than its bf16 one
             q, k, v = (t[None].to(torch.float32 if cpu else t.dtype) for t in (q, k, v))
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            mask = None if layout is None else layout.mask(q.device)
             rows[row].append(
                 F.scaled_dot_product_attention(
                     q,
@@ -238,10 +317,8 @@ def attention_kwargs(batch: dict[str, torch.Tensor], attn_implementation: str) -
         kwargs["segments"] = segments_of(batch["cu_seqlens"], *input_ids.shape)
         if branches is not None:
             roots = batch["root_ids"]
-            kwargs["segment_masks"] = [
-                None
-                if bool((branches[row, start:end] == roots[row, start:end]).all())
-                else branch_mask(branches[row, start:end], roots[row, start:end])
+            kwargs["segment_branches"] = [
+                branches_of(branches[row, start:end], roots[row, start:end])
                 for row, start, end in kwargs["segments"]
             ]
         return kwargs
