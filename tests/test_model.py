@@ -479,3 +479,44 @@ def test_lean_norm_and_mlp_equal_transformers_and_save_less(dtype):
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, **tolerance)
         assert kept[1] < kept[0]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lean_lora_equals_peft_and_keeps_peft_for_the_rest(dtype, bias):
+    """The fused LoRA product gives peft's outputs and input/adapter gradients (fp32: to
+    rounding; bf16 weights under autocast, as LoRA trains: within bf16 rounding); a disabled
+    adapter (the reference forward) is the base layer alone."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from xtuner_lite.model.lean_lora import use_lean_lora
+
+    torch.manual_seed(0)
+    weights = torch.bfloat16 if dtype == "bf16" else torch.float32
+    base = torch.nn.Sequential(torch.nn.Linear(48, 40, bias=bias)).to(weights)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_rslora=bias)
+    peft_model = get_peft_model(base, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    lean = copy.deepcopy(peft_model)
+    assert use_lean_lora(lean) == 1
+    x = torch.randn(3, 9, 48, dtype=weights)
+    grad = torch.randn(3, 9, 40, dtype=weights)
+    results = []
+    for model in (peft_model, lean):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            out = model(inputs)
+        out.backward(grad)
+        trained = [p.grad for p in model.parameters() if p.requires_grad]
+        results.append([out, inputs.grad, *trained])
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == "fp32" else dict(rtol=2e-2, atol=5e-2)
+    assert len(results[1]) == 4 and results[1][0].dtype == results[0][0].dtype
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tolerance)
+    frozen = lean.get_base_model()[0].base_layer
+    with torch.no_grad(), lean.disable_adapter():
+        torch.testing.assert_close(lean(x), frozen(x), rtol=0, atol=0)

@@ -19,6 +19,7 @@ from xtuner_lite.hub import parse_dtype, resolve_model_path, reward_model_from_p
 from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
 from xtuner_lite.model.dropout import fuse_lora_dropout
 from xtuner_lite.model.lean_layers import use_lean_layers
+from xtuner_lite.model.lean_lora import use_lean_lora
 
 Method = Literal["full", "lora", "qlora"]
 
@@ -232,6 +233,7 @@ def build_model(
             if param.requires_grad:
                 param.data = param.data.to(parse_dtype(lora_dtype))
     fuse_lora_dropout(model)
+    use_lean_lora(model)
     return model
 
 
