@@ -79,6 +79,42 @@ def test_packed_equals_unpacked(tiny_llama, smol_tokenizer, objective, kind):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["dpo", "kto", "reward"])
+def test_shared_prompts_equal_separate_sequences(tiny_llama, smol_tokenizer, attention, name):
+    """Each unit's prompt run once, its sequences branching from it: the loss and gradients
+    of the sequences run one by one (fp32, rows packed with several units), for fewer tokens;
+    reward models score each sequence's last token as before."""
+    from xtuner_lite.alignment.objectives import RewardObjective
+    from xtuner_lite.data.dataset import share_prompts
+
+    kind = "unpaired" if name == "kto" else "pairs"
+    dataset = _dataset(smol_tokenizer, PAIRS if kind == "pairs" else UNPAIRED, kind, pack=True)
+    torch.manual_seed(0)
+    model = build_model(
+        tiny_llama, method="lora", lora=dict(r=4, alpha=8, dropout=0.0),
+        attn_implementation=attention, head="reward" if name == "reward" else "lm",
+    )  # fmt: skip
+    for param_name, p in model.named_parameters():
+        if "lora_B" in param_name:
+            p.data.normal_(0, 0.05)
+    objectives = {
+        "dpo": lambda share: DPOObjective("sigmoid", beta=0.5, share_prompts=share),
+        "kto": lambda share: KTOObjective(beta=0.5, share_prompts=share),
+        "reward": lambda share: RewardObjective(share_prompts=share),
+    }
+    batches = _micro_batches(dataset, 3 if kind == "pairs" else 99)
+    shared = share_prompts(batches[0], 2, 32)
+    assert int(shared["num_tokens"]) < int(batches[0]["num_tokens"])
+    assert int(shared["num_sequences"]) == int(batches[0]["num_sequences"]) >= 4
+    loss_a, grads_a = real_step(model, batches, objective=objectives[name](True))
+    loss_b, grads_b = real_step(model, batches, objective=objectives[name](False))
+    assert abs(loss_a - loss_b) < 1e-5
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for key in grads_a:
+        torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-4, atol=1e-6)
+
+
 def test_cached_reference_equals_live(tiny_llama, smol_tokenizer):
     dataset = _dataset(smol_tokenizer)
     model = _perturbed_lora(tiny_llama)

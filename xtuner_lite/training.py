@@ -348,7 +348,7 @@ def _set_up_reference(
             autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.dtype)
             totals = compute_reference(
                 llm.to(device), objective.reference, dataset, pad, settings.batch_size,
-                str(device), autocast,
+                str(device), autocast, lambda batch: objective.prepare(llm, [batch], 0)[0],
             )  # fmt: skip
             if rank == 0:
                 save_reference(path, totals)

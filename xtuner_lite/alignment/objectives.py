@@ -8,6 +8,7 @@ unit and the step normalizes it by the units of the global batch, on every engin
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import torch
 
@@ -21,9 +22,14 @@ from xtuner_lite.alignment.losses import (
     simpo_losses,
 )
 from xtuner_lite.alignment.reference import Reference
+from xtuner_lite.data.dataset import share_prompts
 from xtuner_lite.engine.objectives import Objective
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.model.attention import can_branch
 from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps, sequence_scores
+
+# rows rounded up as the loader rounds them: a few shapes, a few cached oneDNN kernels
+PAD_MULTIPLE = 32
 
 
 def _check_beta(beta: float) -> None:
@@ -41,13 +47,21 @@ class PreferenceObjective(Objective):
     head = "lm"  # the model's output: lm (log-probabilities) | reward (a scalar score)
     precompute_reference = False  # reference log-probs computed once, cached on disk
 
-    def __init__(self, chunk_size: int = 1024):
+    def __init__(self, chunk_size: int = 1024, share_prompts: bool = True):
         self.chunk_size = chunk_size
+        self.share_prompts = share_prompts
         self.reference = Reference(chunk_size=chunk_size)
         self._metrics: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["num_units"])
+
+    def prepare(self, llm: torch.nn.Module, data: list[Any], step: int) -> list[Any]:
+        """With ``share_prompts`` each pair's prompt runs once, its two responses branching
+        from it (``data.dataset.share_prompts``): the same log-probs for fewer tokens."""
+        if not (self.share_prompts and can_branch(llm)):
+            return data
+        return [share_prompts(batch, pad_to_multiple_of=PAD_MULTIPLE) for batch in data]
 
     def take_metrics(self) -> dict[str, tuple[float, float]]:
         metrics = {k: (v[0], v[1]) for k, v in self._metrics.items()}
@@ -85,8 +99,9 @@ class DPOObjective(PreferenceObjective):
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         chunk_size: int = 1024,
+        share_prompts: bool = True,
     ):
-        super().__init__(chunk_size)
+        super().__init__(chunk_size, share_prompts)
         problems = check_dpo_settings(loss_type, beta, label_smoothing)
         if problems:
             raise XtunerError("; ".join(problems))
@@ -114,8 +129,8 @@ class ORPOObjective(PreferenceObjective):
 
     name = "orpo"
 
-    def __init__(self, beta: float = 0.1, chunk_size: int = 1024):
-        super().__init__(chunk_size)
+    def __init__(self, beta: float = 0.1, chunk_size: int = 1024, share_prompts: bool = True):
+        super().__init__(chunk_size, share_prompts)
         _check_beta(beta)
         self.beta = beta
 
@@ -137,8 +152,9 @@ class SimPOObjective(PreferenceObjective):
         label_smoothing: float = 0.0,
         sft_weight: float = 0.0,
         chunk_size: int = 1024,
+        share_prompts: bool = True,
     ):
-        super().__init__(chunk_size)
+        super().__init__(chunk_size, share_prompts)
         _check_beta(beta)
         self.beta, self.gamma = beta, gamma
         self.label_smoothing, self.sft_weight = label_smoothing, sft_weight
@@ -166,8 +182,9 @@ class KTOObjective(PreferenceObjective):
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         chunk_size: int = 1024,
+        share_prompts: bool = True,
     ):
-        super().__init__(chunk_size)
+        super().__init__(chunk_size, share_prompts)
         _check_beta(beta)
         self.beta = beta
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
@@ -197,8 +214,13 @@ class RewardObjective(PreferenceObjective):
     name = "reward"
     head = "reward"
 
-    def __init__(self, margin: float = 0.0, center_rewards_coefficient: float = 0.0):
-        super().__init__()
+    def __init__(
+        self,
+        margin: float = 0.0,
+        center_rewards_coefficient: float = 0.0,
+        share_prompts: bool = True,
+    ):
+        super().__init__(share_prompts=share_prompts)
         self.margin, self.center = margin, center_rewards_coefficient
 
     def loss_sum(self, llm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -10,6 +10,7 @@ and training runs no reference forward at all (TRL recomputes them every run).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,10 @@ def compute_reference(
     batch_size: int,
     device: str,
     autocast_dtype: torch.dtype | None = None,
+    arrange: Callable[[dict], dict] | None = None,
 ) -> torch.Tensor:
-    """Every sequence's reference log-probability sum, in storage order (one pass, no grad)."""
+    """Every sequence's reference log-probability sum, in storage order (one pass, no grad);
+    ``arrange`` lays each collated batch out as training will (shared prompts)."""
     totals = torch.zeros(int(len(dataset.data.sample_lengths)), dtype=torch.float32)
     was_training = llm.training
     llm.eval()
@@ -107,6 +110,8 @@ def compute_reference(
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) for k, v in dataset.collate(rows, pad_token_id, 32).items()}
+            if arrange is not None:
+                batch = arrange(batch)
             autocast = (
                 torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype)
                 if autocast_dtype is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -121,3 +122,117 @@ def collate_preference(
     if "ref_logps" in rows[0]:
         batch["ref_logps"] = torch.cat([torch.as_tensor(row["ref_logps"]) for row in rows])
     return batch
+
+
+def _row_sequences(seq_row: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(sequence number, start, end) of a row's sequences, in order (padding left out)."""
+    values, counts = torch.unique_consecutive(seq_row, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return [
+        (v, s, e) for v, s, e in zip(values.tolist(), [0, *ends[:-1]], ends, strict=True) if v >= 0
+    ]
+
+
+def _prompt_groups(
+    ids: list[int], labels: list[int], sequences: list[tuple[int, int, int]]
+) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """Runs of consecutive sequences with the same untrained prefix (their prompt), each with
+    the prompt's length; a sequence whose prompt is a single token stands alone (prompt 0)."""
+    groups: list[tuple[int, list[tuple[int, int, int]]]] = []
+    for v, s, e in sequences:
+        length = next((i for i in range(e - s) if labels[s + i] != IGNORE_INDEX), e - s)
+        prompt = ids[s : s + length] if length > 1 else None
+        if groups and prompt is not None and groups[-1][0] == length:
+            first = groups[-1][1][0][1]
+            if ids[first : first + length] == prompt:
+                groups[-1][1].append((v, s, e))
+                continue
+        groups.append((length if prompt is not None else 0, [(v, s, e)]))
+    return groups
+
+
+def share_prompts(
+    batch: dict[str, torch.Tensor], pad_token_id: int = 0, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """A collated batch of :func:`collate_preference` with each prompt run once: in every row,
+    consecutive sequences with the same prompt (a pair's chosen and rejected, a GRPO group)
+    become one segment, the prompt but its last token first, then each sequence's rest, its
+    prompt's last token first, as a branch that attends to the prompt and to itself only
+    (``branch_ids``/``root_ids``, see ``model/attention.py``). Positions keep their values, so
+    every trained token's log-prob (and each sequence's last hidden state) is the one the
+    sequence gets on its own, for fewer tokens; sequence numbers are unchanged."""
+    counter = iter(range(1 << 62))
+    rows = []
+    for b in range(batch["input_ids"].shape[0]):
+        row = [batch[k][b].tolist() for k in ("input_ids", "labels", "position_ids")]
+        rows.append(_branched_row(*row, _row_sequences(batch["seq_index"][b]), counter))
+    return _collate_branched(batch, rows, pad_token_id, pad_to_multiple_of)
+
+
+def _branched_row(
+    ids: list[int],
+    labels: list[int],
+    pos: list[int],
+    sequences: list[tuple[int, int, int]],
+    counter: Iterator[int],
+) -> tuple[dict[str, list[int]], list[int], dict[int, int]]:
+    """One row of :func:`share_prompts`: its columns, segment bounds and each sequence's last
+    position; ``counter`` numbers branches and roots."""
+    out: dict[str, list[int]] = {k: [] for k in ("ids", "labels", "pos", "seq", "branch", "root")}
+    cu, last = [0], {}
+
+    def put(lo: int, hi: int, seq: int, branch: int, root: int) -> None:
+        for key, source in (("ids", ids), ("labels", labels), ("pos", pos)):
+            out[key] += source[lo:hi]
+        for key, value in (("seq", seq), ("branch", branch), ("root", root)):
+            out[key] += [value] * (hi - lo)
+
+    for length, members in _prompt_groups(ids, labels, sequences):
+        root = next(counter)
+        if length:
+            start = members[0][1]
+            put(start, start + length - 1, -1, root, root)
+        for v, s, e in members:
+            branch = next(counter) if length else root
+            put(s + max(length - 1, 0), e, v, branch, root)
+            last[v] = len(out["ids"]) - 1
+        cu.append(len(out["ids"]))
+    return out, cu, last
+
+
+def _collate_branched(
+    batch: dict[str, torch.Tensor],
+    rows: list[tuple[dict[str, list[int]], list[int], dict[int, int]]],
+    pad_token_id: int,
+    pad_to_multiple_of: int,
+) -> dict[str, torch.Tensor]:
+    longest = max(len(out["ids"]) for out, _, _ in rows)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    shape = (len(rows), width)
+    columns = {
+        "input_ids": torch.full(shape, pad_token_id, dtype=torch.long),
+        "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.arange(width).repeat(len(rows), 1),
+        "seq_index": torch.full(shape, -1, dtype=torch.long),
+        "branch_ids": torch.full(shape, -1, dtype=torch.long),  # padding: its own root
+        "root_ids": torch.full(shape, -1, dtype=torch.long),
+    }
+    sources = dict(zip(columns, ("ids", "labels", "pos", "seq", "branch", "root"), strict=True))
+    cu, last_index = [0], torch.zeros(int(batch["num_sequences"]), dtype=torch.long)
+    for b, (out, row_cu, last) in enumerate(rows):
+        n = len(out["ids"])
+        for key, source in sources.items():
+            columns[key][b, :n] = torch.tensor(out[source], dtype=torch.long)
+        cu += [b * width + c for c in row_cu[1:]]
+        if n < width:
+            cu.append(b * width + width)
+        for v, position in last.items():
+            last_index[v] = b * width + position
+    built = {
+        **columns,
+        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        "num_tokens": torch.tensor(sum(len(out["ids"]) for out, _, _ in rows)),
+        "last_index": last_index,
+    }
+    device = batch["input_ids"].device
+    return {**batch, **{k: v.to(device) for k, v in built.items()}}

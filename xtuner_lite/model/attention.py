@@ -301,6 +301,13 @@ def register_packed_sdpa() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
 
 
+def can_branch(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s attention runs batches whose sequences share a prompt
+    (``branch_ids``): FlashAttention's varlen kernels cannot."""
+    config = getattr(model, "config", None)
+    return "flash" not in (getattr(config, "_attn_implementation", None) or "sdpa")
+
+
 def attention_kwargs(batch: dict[str, torch.Tensor], attn_implementation: str) -> dict:
     """Model-call kwargs that keep attention within samples for the given implementation."""
     input_ids = batch["input_ids"]

@@ -21,6 +21,7 @@ from xtuner_lite.data.templates import stop_token_ids
 from xtuner_lite.engine.objectives import Objective
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference.sampling import SamplingParams
+from xtuner_lite.model.attention import can_branch
 from xtuner_lite.model.logprobs import token_logps, token_owner
 from xtuner_lite.rl.losses import AGGREGATIONS, SCALES, group_advantages, grpo_loss, loss_units
 from xtuner_lite.rl.rewards import Reward, build_rewards, score
@@ -145,9 +146,7 @@ class GRPOObjective(Objective):
             keep = (~equal).float().repeat_interleave(self.num_generations)
         self._record_rollouts(completions, rewards, equal, stats)
         self._write_samples(completions, rewards, advantages, step)
-        impl = getattr(llm.config, "_attn_implementation", None) or "sdpa"
-        share = self.share_prompts and "flash" not in impl  # varlen kernels cannot branch
-        build = shared_prompt_batch if share else completion_batch
+        build = shared_prompt_batch if self.share_prompts and can_branch(llm) else completion_batch
         batches = []
         for start in range(0, len(completions), self.micro_batch_size):
             part = slice(start, start + self.micro_batch_size)

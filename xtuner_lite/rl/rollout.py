@@ -12,12 +12,13 @@ whichever rank of a data-parallel run it lands.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from dataclasses import dataclass
 
 import torch
 
-from xtuner_lite.data.dataset import collate_preference
+from xtuner_lite.data.dataset import collate_preference, share_prompts
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.sampling import MAX_SEED, SamplingParams
 from xtuner_lite.labels import IGNORE_INDEX
@@ -85,17 +86,8 @@ def sample_completions(
     return completions, RolloutStats(time.perf_counter() - start, generated)
 
 
-def completion_batch(
-    completions: list[Completion],
-    advantages: torch.Tensor,
-    weights: torch.Tensor,
-    pad: int,
-    pad_to_multiple_of: int = 32,
-) -> dict[str, torch.Tensor]:
-    """One micro-batch: a row per completion (prompt + completion, the completion trained),
-    each completion's advantage and weight (0: kept only so every rank runs a step). Widths
-    are rounded up as the SFT loader's are: on CPU every new width makes oneDNN build and keep
-    another set of kernels, and completion lengths change every step."""
+def _rows(completions: list[Completion]) -> list[dict[str, list[int]]]:
+    """A row per completion: its prompt + completion, the completion trained."""
     rows = []
     for c in completions:
         ids = c.prompt.ids + c.ids
@@ -108,10 +100,28 @@ def completion_batch(
                 "unit_flags": [],
             }
         )
-    batch = collate_preference(rows, pad, pad_to_multiple_of)
+    return rows
+
+
+def _with_weights(batch: dict, advantages: torch.Tensor, weights: torch.Tensor) -> dict:
     batch["advantages"] = advantages.float()
     batch["weights"] = weights.float()
     return batch
+
+
+def completion_batch(
+    completions: list[Completion],
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    pad: int,
+    pad_to_multiple_of: int = 32,
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: a row per completion (prompt + completion, the completion trained),
+    each completion's advantage and weight (0: kept only so every rank runs a step). Widths
+    are rounded up as the SFT loader's are: on CPU every new width makes oneDNN build and keep
+    another set of kernels, and completion lengths change every step."""
+    batch = collate_preference(_rows(completions), pad, pad_to_multiple_of)
+    return _with_weights(batch, advantages, weights)
 
 
 def shared_prompt_batch(
@@ -121,56 +131,17 @@ def shared_prompt_batch(
     pad: int,
     pad_to_multiple_of: int = 32,
 ) -> dict[str, torch.Tensor]:
-    """The micro-batch of :func:`completion_batch` in one row with each prompt run once: a
-    group's prompt (but its last token), then each completion as a branch, its prompt's last
-    token first (whose output predicts the completion's first token), that attends to the
-    prompt and to itself only (``branch_ids``/``root_ids``, see ``model/attention.py``).
-    Positions continue the prompt's in every branch, so each completion's log-probs are those
-    of its own prompt + completion row, while a group of G costs one prompt, not G."""
-    columns: dict[str, list[int]] = {k: [] for k in ("ids", "labels", "branch", "root", "seq")}
-    positions: list[int] = []
-    cu, last, ids = [0], [], 0
-
-    def put(tokens, labels, start, branch, root, seq):
-        columns["ids"] += tokens
-        columns["labels"] += labels
-        positions.extend(range(start, start + len(tokens)))
-        for key, value in (("branch", branch), ("root", root), ("seq", seq)):
-            columns[key] += [value] * len(tokens)
-
-    for index, c in enumerate(completions):
-        head = c.prompt.ids[:-1]
-        if index == 0 or c.group != completions[index - 1].group:  # a new group: its prompt
-            if index:
-                cu.append(len(columns["ids"]))
-            root, ids = ids, ids + 1
-            put(head, [IGNORE_INDEX] * len(head), 0, root, root, -1)
-        put([c.prompt.ids[-1], *c.ids], [IGNORE_INDEX, *c.ids], len(head), ids, root, index)
-        ids += 1
-        last.append(len(columns["ids"]) - 1)
-    real = len(columns["ids"])
-    cu.append(real)
-    width = -(-real // pad_to_multiple_of) * pad_to_multiple_of
-    if width > real:  # padding: a sample of its own, trained on nothing
-        put([pad] * (width - real), [IGNORE_INDEX] * (width - real), 0, ids, ids, -1)
-        cu.append(width)
-    row = {k: torch.tensor([v], dtype=torch.long) for k, v in columns.items()}
-    return {
-        "input_ids": row["ids"],
-        "labels": row["labels"],
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
-        "num_tokens": torch.tensor(real),
-        "seq_index": row["seq"],
-        "branch_ids": row["branch"],
-        "root_ids": row["root"],
-        "num_sequences": torch.tensor(len(completions)),
-        "num_units": torch.tensor(len(completions) // 2),
-        "unit_flags": torch.zeros(0, dtype=torch.bool),
-        "last_index": torch.tensor(last, dtype=torch.long),
-        "advantages": advantages.float(),
-        "weights": weights.float(),
+    """The micro-batch of :func:`completion_batch` in one row with each prompt run once (see
+    ``data.dataset.share_prompts``): each completion's log-probs are those of its own row,
+    while a group of G costs one prompt, not G."""
+    rows = _rows(completions)
+    row = {
+        key: [x for r in rows for x in r[key]] for key in ("input_ids", "labels", "position_ids")
     }
+    row["cu_seqlens"] = [0, *itertools.accumulate(len(r["input_ids"]) for r in rows)]
+    row["unit_flags"] = []
+    batch = share_prompts(collate_preference([row], pad), pad, pad_to_multiple_of)
+    return _with_weights(batch, advantages, weights)
 
 
 __all__ = [
