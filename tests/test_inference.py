@@ -181,6 +181,43 @@ def test_draw_follows_the_probabilities_and_its_seed():
         draw(torch.tensor([float("nan"), 0.5]), generator)
 
 
+def test_rows_drawn_together_are_each_rows_own_draw():
+    """Temperature-only rows are drawn in one pass per temperature: each gets the token its
+    own choose_token gives with the same seed; other rows keep their own path, and a row
+    without finite mass reports an error and falls back to its argmax."""
+    from types import SimpleNamespace
+
+    from xtuner_lite.inference.sampling import choose_tokens
+
+    torch.manual_seed(0)
+    settings = [dict(temperature=0.7), dict(temperature=1.3), dict(temperature=0.7),
+                dict(), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3)]  # fmt: skip
+    logits = torch.randn(len(settings), 300) * 3
+    logits[5] = float("nan")
+
+    def rows(seed):
+        return [
+            SimpleNamespace(
+                params=SamplingParams(**kw),
+                greedy=not kw.get("temperature"),
+                generator=torch.Generator().manual_seed(seed + i),
+                prompt_ids=[],
+                output_ids=[],
+            )  # fmt: skip
+            for i, kw in enumerate(settings)
+        ]
+
+    for seed in range(20):
+        tokens, errors = choose_tokens(logits, rows(seed))
+        alone = rows(seed)
+        for i, r in enumerate(alone[:5]):
+            want = int(logits[i].argmax()) if r.greedy else choose_token(
+                logits[i], r.params, torch.empty(0, dtype=torch.long), r.generator
+            )  # fmt: skip
+            assert tokens[i] == want
+        assert list(errors) == [5] and "not finite" in errors[5]
+
+
 def test_a_prompt_given_several_times_is_prefilled_once(smol):
     """A GRPO group: the same prompt G times is one prefill row, copied; greedy tokens are
     transformers.generate's for every copy."""

@@ -98,13 +98,49 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One index with probability ``probs`` (vocab,), by inverse transform: one uniform from
     the request's generator against the cumulative sum. ``torch.multinomial`` draws a full
     vocabulary of exponentials per call, most of a small model's sampling step on CPU."""
+    index, valid = _draw_rows(probs[None], [generator])
+    if not bool(valid[0]):
+        raise ValueError(INVALID)
+    return int(index[0])
+
+
+INVALID = "the probabilities are not finite and positive"
+
+
+def _draw_rows(
+    probs: torch.Tensor, generators: list[torch.Generator | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`draw` for each row of ``probs`` (rows, vocab), one uniform from each row's
+    generator; returns the indices and which rows had finite, positive mass (the others'
+    index is meaningless)."""
     cdf = probs.double().cumsum(-1)
-    if not bool(torch.isfinite(cdf[-1])) or float(cdf[-1]) <= 0:
-        raise ValueError("the probabilities are not finite and positive")
-    u = torch.rand((), dtype=torch.float64, generator=generator)
-    index = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    total = cdf[:, -1]
+    valid = torch.isfinite(total) & (total > 0)
+    u = torch.stack([torch.rand((), dtype=torch.float64, generator=g) for g in generators])
+    index = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]
     # u * total can round up to the total itself: the last token with mass then
-    return index if index < cdf.shape[-1] else int(torch.nonzero(probs)[-1])
+    for row in (index == cdf.shape[-1]).nonzero()[:, 0].tolist():
+        index[row] = int(torch.nonzero(probs[row])[-1]) if bool(valid[row]) else 0
+    return index, valid
+
+
+def _temperature_only(params: SamplingParams) -> bool:
+    """Sampled with temperature alone (no penalty, top-k or top-p): rows sharing a
+    temperature are drawn together."""
+    return params.repetition_penalty == 1.0 and not params.top_k and params.top_p >= 1.0
+
+
+def _draw_together(logits: torch.Tensor, rows: list, picked: list[int]) -> dict[int, int | str]:
+    """Rows ``picked`` (one temperature, :func:`_temperature_only`) drawn in one pass, each
+    from its own generator; the result is :func:`choose_token`'s, row by row."""
+    temperature = rows[picked[0]].params.temperature
+    chosen = logits[picked]
+    chosen = (chosen - chosen.max(-1, keepdim=True).values) / temperature
+    index, valid = _draw_rows(chosen.softmax(-1), [rows[i].generator for i in picked])
+    return {
+        i: int(t) if ok else f"sampling failed: {INVALID}"
+        for i, t, ok in zip(picked, index.tolist(), valid.tolist(), strict=True)
+    }
 
 
 def choose_tokens(logits: torch.Tensor, rows: list) -> tuple[list[int], dict[int, str]]:
@@ -112,10 +148,19 @@ def choose_tokens(logits: torch.Tensor, rows: list) -> tuple[list[int], dict[int
     ``output_ids`` and ``generator``) and, by row, why sampling failed for a request (that
     row falls back to its argmax; the batch goes on)."""
     greedy = logits.argmax(-1).tolist()  # one call for the whole batch
+    together: dict[float, list[int]] = {}
+    for i, r in enumerate(rows):
+        if not r.greedy and _temperature_only(r.params):
+            together.setdefault(r.params.temperature, []).append(i)
+    drawn: dict[int, int | str] = {}
+    for picked in together.values():
+        drawn.update(_draw_together(logits, rows, picked))
     tokens, errors = [], {}
     for i, r in enumerate(rows):
-        token = greedy[i]
-        if not r.greedy:
+        token = drawn.get(i, greedy[i])
+        if isinstance(token, str):
+            errors[i], token = token, greedy[i]
+        elif not r.greedy and i not in drawn:
             try:
                 seen = _seen(r, logits.device)
                 token = choose_token(logits[i], r.params, seen, r.generator)
