@@ -288,7 +288,7 @@ def test_shared_prompt_batches_equal_a_row_per_completion(tiny_llama, smol_token
     from xtuner_lite.hub import load_model
     from xtuner_lite.model.attention import register_packed_sdpa
     from xtuner_lite.model.logprobs import token_logps
-    from xtuner_lite.rl.rollout import Completion, completion_batch, shared_prompt_batch
+    from xtuner_lite.rl.rollout import Completion, completion_batch
 
     register_packed_sdpa()
     llm = load_model(tiny_llama, dtype="float32", attn_implementation=attention)
@@ -309,7 +309,7 @@ def test_shared_prompt_batches_equal_a_row_per_completion(tiny_llama, smol_token
 
     for part in (slice(0, 6), slice(1, 5)):
         args = (completions[part], advantages[part], weights[part], 2)
-        shared = shared_prompt_batch(*args)
+        shared = completion_batch(*args, share_prompts=True)
         assert shared["input_ids"].shape[0] == 1  # one row, each prompt once
         assert int(shared["num_tokens"]) < int(completion_batch(*args)["num_tokens"])
         ref, got = run(completion_batch(*args)), run(shared)

@@ -29,7 +29,6 @@ from xtuner_lite.rl.rollout import (
     Completion,
     completion_batch,
     sample_completions,
-    shared_prompt_batch,
 )
 
 EQUAL_GROUPS = ("keep", "skip")
@@ -146,11 +145,15 @@ class GRPOObjective(Objective):
             keep = (~equal).float().repeat_interleave(self.num_generations)
         self._record_rollouts(completions, rewards, equal, stats)
         self._write_samples(completions, rewards, advantages, step)
-        build = shared_prompt_batch if self.share_prompts and can_branch(llm) else completion_batch
+        share = self.share_prompts and can_branch(llm)
         batches = []
         for start in range(0, len(completions), self.micro_batch_size):
             part = slice(start, start + self.micro_batch_size)
-            batches.append(build(completions[part], advantages[part], keep[part], self.pad))
+            batches.append(
+                completion_batch(
+                    completions[part], advantages[part], keep[part], self.pad, share_prompts=share
+                )
+            )
         if all(float(b["weights"].sum()) == 0 for b in batches):
             batches = batches[:1]  # all skipped: one batch weighted 0, so every rank steps
         self._old_and_reference(llm, batches)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from xtuner_lite.data.dataset import collate_preference, share_prompts
+from xtuner_lite.data.dataset import collate_preference
+from xtuner_lite.data.dataset import share_prompts as share_prompts_of
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.sampling import MAX_SEED, SamplingParams
 from xtuner_lite.labels import IGNORE_INDEX
@@ -103,45 +104,33 @@ def _rows(completions: list[Completion]) -> list[dict[str, list[int]]]:
     return rows
 
 
-def _with_weights(batch: dict, advantages: torch.Tensor, weights: torch.Tensor) -> dict:
-    batch["advantages"] = advantages.float()
-    batch["weights"] = weights.float()
-    return batch
-
-
 def completion_batch(
     completions: list[Completion],
     advantages: torch.Tensor,
     weights: torch.Tensor,
     pad: int,
     pad_to_multiple_of: int = 32,
+    share_prompts: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch: a row per completion (prompt + completion, the completion trained),
     each completion's advantage and weight (0: kept only so every rank runs a step). Widths
     are rounded up as the SFT loader's are: on CPU every new width makes oneDNN build and keep
-    another set of kernels, and completion lengths change every step."""
-    batch = collate_preference(_rows(completions), pad, pad_to_multiple_of)
-    return _with_weights(batch, advantages, weights)
-
-
-def shared_prompt_batch(
-    completions: list[Completion],
-    advantages: torch.Tensor,
-    weights: torch.Tensor,
-    pad: int,
-    pad_to_multiple_of: int = 32,
-) -> dict[str, torch.Tensor]:
-    """The micro-batch of :func:`completion_batch` in one row with each prompt run once (see
-    ``data.dataset.share_prompts``): each completion's log-probs are those of its own row,
-    while a group of G costs one prompt, not G."""
+    another set of kernels, and completion lengths change every step.
+    ``share_prompts``: one row instead, each prompt run once (``data.dataset.share_prompts``):
+    each completion's log-probs are those of its own row, while a group of G costs one prompt,
+    not G."""
     rows = _rows(completions)
-    row = {
-        key: [x for r in rows for x in r[key]] for key in ("input_ids", "labels", "position_ids")
-    }
-    row["cu_seqlens"] = [0, *itertools.accumulate(len(r["input_ids"]) for r in rows)]
-    row["unit_flags"] = []
-    batch = share_prompts(collate_preference([row], pad), pad, pad_to_multiple_of)
-    return _with_weights(batch, advantages, weights)
+    if not share_prompts:
+        batch = collate_preference(rows, pad, pad_to_multiple_of)
+    else:
+        columns = ("input_ids", "labels", "position_ids")
+        row = {key: [x for r in rows for x in r[key]] for key in columns}
+        row["cu_seqlens"] = [0, *itertools.accumulate(len(r["input_ids"]) for r in rows)]
+        row["unit_flags"] = []
+        batch = share_prompts_of(collate_preference([row], pad), pad, pad_to_multiple_of)
+    batch["advantages"] = advantages.float()
+    batch["weights"] = weights.float()
+    return batch
 
 
 __all__ = [
@@ -150,5 +139,4 @@ __all__ = [
     "completion_batch",
     "rollout_seed",
     "sample_completions",
-    "shared_prompt_batch",
 ]
