@@ -2,8 +2,8 @@
 
 The whole rendered string is tokenized at once (so tokens match inference exactly) and each token
 is trained when any character it covers lies in a trained segment; other tokens get -100.
-Labels are computed for the whole batch in a few numpy operations, not token by token in Python:
-that is where most of the time of a naive pipeline goes.
+Labels are computed for the whole batch in a few numpy operations rather than in a Python loop
+over tokens, which would run once per token of the dataset.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ peft computes ``lora_B(lora_A(dropout(x)))`` in every adapted layer. Two costs o
   (and gate/up) all read the same ``x``. Here A's product saves ``x``
   itself (one tensor for the modules sharing it) and the mask as bits (more layers fit
   without recomputation).
-- Time: torch's Mersenne-Twister generator draws one 32-bit number per element sequentially (a
-  noticeable share of a LoRA step). One 64-bit draw of numpy's SFC64 generator (seeded by one
+- Time: torch's Mersenne-Twister generator draws one 32-bit number per element sequentially.
+  One 64-bit draw of numpy's SFC64 generator (seeded by one
   draw from torch's generator, so ``torch.manual_seed``, checkpointed recomputation and resumed
   RNG state replay the same masks) gives four 16-bit uniforms; a 16-bit threshold keeps the drop
   rate within 1/65536 of ``p``, and kept values are scaled by the exact inverse of the realised
@@ -43,7 +43,7 @@ def _masked(x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
 
 class _DroppedProduct(torch.autograd.Function):
     """y = scale · (x · keep) W^T, saving x and the mask packed 8 elements to a byte (not the
-    mask as bools, not the product's input). Unpacking takes a tenth of drawing the mask again.
+    mask as bools, not the product's input). Unpacking is cheaper than drawing the mask again.
     ``scale`` multiplies the rank-wide product and its gradient, not the model-wide input (two
     passes over the input fewer). Runs under the caller's autocast: the product is in the
     compute dtype."""
