@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,7 +162,7 @@ def share_prompts(
     (``branch_ids``/``root_ids``, see ``model/attention.py``). Positions keep their values, so
     every trained token's log-prob (and each sequence's last hidden state) is the one the
     sequence gets on its own, for fewer tokens; sequence numbers are unchanged."""
-    counter = iter(range(1 << 62))
+    counter = itertools.count()
     rows = []
     for b in range(batch["input_ids"].shape[0]):
         row = [batch[k][b].tolist() for k in ("input_ids", "labels", "position_ids")]
@@ -206,33 +207,28 @@ def _collate_branched(
     pad_token_id: int,
     pad_to_multiple_of: int,
 ) -> dict[str, torch.Tensor]:
-    longest = max(len(out["ids"]) for out, _, _ in rows)
-    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    shape = (len(rows), width)
-    columns = {
-        "input_ids": torch.full(shape, pad_token_id, dtype=torch.long),
-        "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
-        "position_ids": torch.arange(width).repeat(len(rows), 1),
-        "seq_index": torch.full(shape, -1, dtype=torch.long),
-        "branch_ids": torch.full(shape, -1, dtype=torch.long),  # padding: its own root
-        "root_ids": torch.full(shape, -1, dtype=torch.long),
-    }
-    sources = dict(zip(columns, ("ids", "labels", "pos", "seq", "branch", "root"), strict=True))
-    cu, last_index = [0], torch.zeros(int(batch["num_sequences"]), dtype=torch.long)
-    for b, (out, row_cu, last) in enumerate(rows):
-        n = len(out["ids"])
-        for key, source in sources.items():
-            columns[key][b, :n] = torch.tensor(out[source], dtype=torch.long)
-        cu += [b * width + c for c in row_cu[1:]]
-        if n < width:
-            cu.append(b * width + width)
+    """:func:`collate_packed` of the branched rows (a segment per prompt group), plus each
+    position's sequence, branch and root (-1 on padding: its own root) and each sequence's
+    last position."""
+    packed = collate_packed(
+        [
+            {"input_ids": out["ids"], "labels": out["labels"], "position_ids": out["pos"],
+             "cu_seqlens": cu}
+            for out, cu, _ in rows
+        ],
+        pad_token_id,
+        pad_to_multiple_of,
+    )  # fmt: skip
+    width = packed["input_ids"].shape[1]
+    columns = {"seq_index": "seq", "branch_ids": "branch", "root_ids": "root"}
+    for key in columns:
+        packed[key] = torch.full((len(rows), width), -1, dtype=torch.long)
+    last_index = torch.zeros(int(batch["num_sequences"]), dtype=torch.long)
+    for b, (out, _, last) in enumerate(rows):
+        for key, source in columns.items():
+            packed[key][b, : len(out[source])] = torch.tensor(out[source], dtype=torch.long)
         for v, position in last.items():
             last_index[v] = b * width + position
-    built = {
-        **columns,
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
-        "num_tokens": torch.tensor(sum(len(out["ids"]) for out, _, _ in rows)),
-        "last_index": last_index,
-    }
+    packed["last_index"] = last_index
     device = batch["input_ids"].device
-    return {**batch, **{k: v.to(device) for k, v in built.items()}}
+    return {**batch, **{k: v.to(device) for k, v in packed.items()}}

@@ -96,8 +96,8 @@ def choose_token(
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One index with probability ``probs`` (vocab,), by inverse transform: one uniform from
-    the request's generator against the cumulative sum. ``torch.multinomial`` draws a full
-    vocabulary of exponentials per call, most of a small model's sampling step on CPU."""
+    the request's generator against the cumulative sum, where ``torch.multinomial`` draws a
+    full vocabulary of exponentials per call (timings: docs/benchmarks.md)."""
     index, valid = _draw_rows(probs[None], [generator])
     if not bool(valid[0]):
         raise ValueError(INVALID)
@@ -130,43 +130,46 @@ def _temperature_only(params: SamplingParams) -> bool:
     return params.repetition_penalty == 1.0 and not params.top_k and params.top_p >= 1.0
 
 
-def _draw_together(logits: torch.Tensor, rows: list, picked: list[int]) -> dict[int, int | str]:
+def _draw_together(
+    logits: torch.Tensor, rows: list, picked: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``picked`` (one temperature, :func:`_temperature_only`) drawn in one pass, each
-    from its own generator; the result is :func:`choose_token`'s, row by row."""
+    from its own generator: :func:`choose_token`'s tokens, row by row, and which rows had
+    finite, positive mass."""
     temperature = rows[picked[0]].params.temperature
     chosen = logits[picked]
     chosen = (chosen - chosen.max(-1, keepdim=True).values) / temperature
-    index, valid = _draw_rows(chosen.softmax(-1), [rows[i].generator for i in picked])
-    return {
-        i: int(t) if ok else f"sampling failed: {INVALID}"
-        for i, t, ok in zip(picked, index.tolist(), valid.tolist(), strict=True)
-    }
+    return _draw_rows(chosen.softmax(-1), [rows[i].generator for i in picked])
 
 
 def choose_tokens(logits: torch.Tensor, rows: list) -> tuple[list[int], dict[int, str]]:
     """Each row's next token (rows: requests with ``params``, ``greedy``, ``prompt_ids``,
     ``output_ids`` and ``generator``) and, by row, why sampling failed for a request (that
     row falls back to its argmax; the batch goes on)."""
-    greedy = logits.argmax(-1).tolist()  # one call for the whole batch
+    tokens = logits.argmax(-1).tolist()  # one call for the whole batch
+    errors: dict[int, str] = {}
     together: dict[float, list[int]] = {}
+    alone = []
     for i, r in enumerate(rows):
-        if not r.greedy and _temperature_only(r.params):
+        if r.greedy:
+            continue
+        if _temperature_only(r.params):
             together.setdefault(r.params.temperature, []).append(i)
-    drawn: dict[int, int | str] = {}
+        else:
+            alone.append(i)
     for picked in together.values():
-        drawn.update(_draw_together(logits, rows, picked))
-    tokens, errors = [], {}
-    for i, r in enumerate(rows):
-        token = drawn.get(i, greedy[i])
-        if isinstance(token, str):
-            errors[i], token = token, greedy[i]
-        elif not r.greedy and i not in drawn:
-            try:
-                seen = _seen(r, logits.device)
-                token = choose_token(logits[i], r.params, seen, r.generator)
-            except (RuntimeError, ValueError) as exc:
-                errors[i] = f"sampling failed: {exc}"
-        tokens.append(token)
+        index, valid = _draw_together(logits, rows, picked)
+        for i, token, ok in zip(picked, index.tolist(), valid.tolist(), strict=True):
+            if ok:
+                tokens[i] = token
+            else:
+                errors[i] = f"sampling failed: {INVALID}"
+    for i in alone:
+        r = rows[i]
+        try:
+            tokens[i] = choose_token(logits[i], r.params, _seen(r, logits.device), r.generator)
+        except (RuntimeError, ValueError) as exc:
+            errors[i] = f"sampling failed: {exc}"
     return tokens, errors
 
 

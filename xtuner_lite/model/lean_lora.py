@@ -83,13 +83,12 @@ def _plain_adapter(layer: LoraLinear) -> str | None:
     if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
         return None
     a, dropout = layer.lora_A[name], layer.lora_dropout[name]
+    if type(a) not in (nn.Linear, DropoutLinear):
+        return None
     if type(base) is not nn.Linear or base.weight.requires_grad:
         return None
-    if layer.training and (
-        not isinstance(dropout, nn.Identity)
-        or (isinstance(a, DropoutLinear) and a.dropped)
-        or type(a) not in (nn.Linear, DropoutLinear)
-    ):
+    dropping = not isinstance(dropout, nn.Identity) or (isinstance(a, DropoutLinear) and a.dropped)
+    if layer.training and dropping:
         return None
     params = (base.weight, a.weight, layer.lora_B[name].weight)
     if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitions: gathered by peft's calls
