@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Callable
@@ -49,6 +50,9 @@ from xtuner_lite.errors import XtunerError
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 DTYPES = ("bf16", "fp16", None)
+
+
+_RUNS = itertools.count()  # numbers the runs of this process (see build_runner)
 
 
 @dataclass
@@ -388,6 +392,10 @@ def build_runner(
         ),
         cfg=dict(train=asdict(settings), seed=seed),
         verbose=verbose,
+        # mmengine names a run's logger, visualizer and message hub by its start second: a run
+        # started in the same second as an earlier one in this process (a resume right after a
+        # short run) would get the earlier run's, writing into that run's work dir
+        experiment_name=f"xtuner_run{next(_RUNS)}",
     )
     backend = "nccl" if device == "cuda" else "gloo"
     if strategy is None:
