@@ -84,7 +84,8 @@ def test_packed_equals_unpacked(tiny_llama, smol_tokenizer, objective, kind):
 def test_shared_prompts_equal_separate_sequences(tiny_llama, smol_tokenizer, attention, name):
     """Each unit's prompt run once, its sequences branching from it: the loss and gradients
     of the sequences run one by one (fp32, rows packed with several units), for fewer tokens;
-    reward models score each sequence's last token as before."""
+    reward models score each sequence's last token as before. With SDPA the rows are also
+    joined into one."""
     from xtuner_lite.alignment.objectives import RewardObjective
     from xtuner_lite.data.dataset import share_prompts
 
@@ -107,6 +108,9 @@ def test_shared_prompts_equal_separate_sequences(tiny_llama, smol_tokenizer, att
     shared = share_prompts(batches[0], 2, 32)
     assert int(shared["num_tokens"]) < int(batches[0]["num_tokens"])
     assert int(shared["num_sequences"]) == int(batches[0]["num_sequences"]) >= 4
+    prepared = objectives[name](True).prepare(model, batches[:1], 0)[0]
+    rows = 1 if attention == "sdpa" else batches[0]["input_ids"].shape[0]  # sdpa: no padding
+    assert prepared["input_ids"].shape[0] == rows and batches[0]["input_ids"].shape[0] > 1
     loss_a, grads_a = real_step(model, batches, objective=objectives[name](True))
     loss_b, grads_b = real_step(model, batches, objective=objectives[name](False))
     assert abs(loss_a - loss_b) < 1e-5

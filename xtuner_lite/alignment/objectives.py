@@ -25,7 +25,7 @@ from xtuner_lite.alignment.reference import Reference
 from xtuner_lite.data.dataset import share_prompts
 from xtuner_lite.engine.objectives import Objective
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.model.attention import can_branch
+from xtuner_lite.model.attention import can_branch, runs_segments
 from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps, sequence_scores
 
 # rows rounded up as the loader rounds them: a few shapes, a few cached oneDNN kernels
@@ -58,10 +58,12 @@ class PreferenceObjective(Objective):
 
     def prepare(self, llm: torch.nn.Module, data: list[Any], step: int) -> list[Any]:
         """With ``share_prompts`` each pair's prompt runs once, its two responses branching
-        from it (``data.dataset.share_prompts``): the same log-probs for fewer tokens."""
+        from it (``data.dataset.share_prompts``): the same log-probs for fewer tokens, in one
+        row where attention runs segment by segment (no padding)."""
         if not (self.share_prompts and can_branch(llm)):
             return data
-        return [share_prompts(batch, pad_to_multiple_of=PAD_MULTIPLE) for batch in data]
+        one_row = runs_segments(llm)
+        return [share_prompts(b, pad_to_multiple_of=PAD_MULTIPLE, one_row=one_row) for b in data]
 
     def take_metrics(self) -> dict[str, tuple[float, float]]:
         metrics = {k: (v[0], v[1]) for k, v in self._metrics.items()}

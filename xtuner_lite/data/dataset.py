@@ -153,7 +153,10 @@ def _prompt_groups(
 
 
 def share_prompts(
-    batch: dict[str, torch.Tensor], pad_token_id: int = 0, pad_to_multiple_of: int = 1
+    batch: dict[str, torch.Tensor],
+    pad_token_id: int = 0,
+    pad_to_multiple_of: int = 1,
+    one_row: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A collated batch of :func:`collate_preference` with each prompt run once: in every row,
     consecutive sequences with the same prompt (a pair's chosen and rejected, a GRPO group)
@@ -161,13 +164,34 @@ def share_prompts(
     prompt's last token first, as a branch that attends to the prompt and to itself only
     (``branch_ids``/``root_ids``, see ``model/attention.py``). Positions keep their values, so
     every trained token's log-prob (and each sequence's last hidden state) is the one the
-    sequence gets on its own, for fewer tokens; sequence numbers are unchanged."""
+    sequence gets on its own, for fewer tokens; sequence numbers are unchanged.
+
+    ``one_row``: the rows' segments joined into a single row, padded once, for attention that
+    runs each segment on its own (``attention.runs_segments``): rows padded to the longest
+    one would run their padding through every layer."""
     counter = itertools.count()
     rows = []
     for b in range(batch["input_ids"].shape[0]):
         row = [batch[k][b].tolist() for k in ("input_ids", "labels", "position_ids")]
         rows.append(_branched_row(*row, _row_sequences(batch["seq_index"][b]), counter))
+    if one_row:
+        rows = [_joined(rows)]
     return _collate_branched(batch, rows, pad_token_id, pad_to_multiple_of)
+
+
+def _joined(
+    rows: list[tuple[dict[str, list[int]], list[int], dict[int, int]]],
+) -> tuple[dict[str, list[int]], list[int], dict[int, int]]:
+    """Branched rows of :func:`_branched_row` laid end to end as one."""
+    out: dict[str, list[int]] = {key: [] for key in rows[0][0]}
+    cu, last = [0], {}
+    for row, bounds, ends in rows:
+        offset = len(out["ids"])
+        for key, values in row.items():
+            out[key] += values
+        cu += [offset + c for c in bounds[1:]]
+        last.update({v: offset + position for v, position in ends.items()})
+    return out, cu, last
 
 
 def _branched_row(

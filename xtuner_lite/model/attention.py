@@ -308,6 +308,13 @@ def can_branch(model: torch.nn.Module) -> bool:
     return "flash" not in (getattr(config, "_attn_implementation", None) or "sdpa")
 
 
+def runs_segments(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s training forward attends segment by segment (:data:`PACKED_SDPA`):
+    then a batch's rows joined into one row cost no more attention, and no padding."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == PACKED_SDPA
+
+
 def attention_kwargs(batch: dict[str, torch.Tensor], attn_implementation: str) -> dict:
     """Model-call kwargs that keep attention within samples for the given implementation."""
     input_ids = batch["input_ids"]
