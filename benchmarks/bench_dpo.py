@@ -63,6 +63,13 @@ def subset(opts: argparse.Namespace) -> Path:
     return path
 
 
+def _our_checkpointing(opts: argparse.Namespace) -> bool | float:
+    """Every layer recomputed (as TRL), none (``--checkpoint-fraction 0``) or that share."""
+    if not opts.checkpointing or opts.checkpoint_fraction == 0:
+        return False
+    return opts.checkpoint_fraction or True
+
+
 def run_ours(opts: argparse.Namespace, packed: bool, cached: bool) -> dict:
     from xtuner_lite import train
 
@@ -72,9 +79,7 @@ def run_ours(opts: argparse.Namespace, packed: bool, cached: bool) -> dict:
             method="lora",
             dtype="bf16",  # fp32 where the CPU has no native bf16 (as TRL gets below)
             lora=dict(**LORA, target_modules="all-linear"),
-            gradient_checkpointing=(opts.checkpoint_fraction or True)
-            if opts.checkpointing
-            else False,
+            gradient_checkpointing=_our_checkpointing(opts),
         ),
         train_dataset=dict(
             data_files=str(subset(opts)),
@@ -172,7 +177,9 @@ def child(side: str, opts: argparse.Namespace) -> dict:
     cmd += ["--pairs", str(opts.pairs), "--max-length", str(opts.max_length)]
     cmd += ["--batch", str(opts.batch)] + ([] if opts.checkpointing else ["--no-checkpointing"])
     cmd += (
-        ["--checkpoint-fraction", str(opts.checkpoint_fraction)] if opts.checkpoint_fraction else []
+        ["--checkpoint-fraction", str(opts.checkpoint_fraction)]
+        if opts.checkpoint_fraction is not None
+        else []
     )
     result = run_side(cmd, side)
     result["pairs_per_s"] = result["pairs"] / result["seconds"]
@@ -190,7 +197,7 @@ def main() -> None:
     parser.add_argument(
         "--checkpoint-fraction",
         type=float,
-        help="ours: recompute this share of the decoder layers (TRL recomputes all)",
+        help="ours: recompute this share of the decoder layers, 0 for none (TRL recomputes all)",
     )
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -205,11 +212,12 @@ def main() -> None:
     if "ours-cached" in opts.sides:  # write the reference cache once, outside the timings
         child("ours-cached", opts)
     runs = [{side: child(side, opts) for side in opts.sides} for _ in range(opts.repeats)]
+    share = opts.checkpoint_fraction
     print(
         f"SmolLM2-135M DPO-LoRA, {opts.pairs} pairs, {opts.batch} pairs per step, "
         f"max_length {opts.max_length} per sequence, checkpointing "
         f"{'on' if opts.checkpointing else 'off'}"
-        f"{f' (ours: {opts.checkpoint_fraction} of layers)' if opts.checkpoint_fraction else ''}, "
+        f"{'' if share is None else f' (ours: {share} of layers)'}, "
         f"{os.cpu_count()} CPU threads"
     )
     print(f"{'side':12s} {'pairs':>6s} {'pairs/s (median)':>17s} {'peak RSS MiB':>13s} "

@@ -34,11 +34,22 @@ def _keep_mask(seed: int, shape: torch.Size, dropped: int) -> np.ndarray:
     return (uniform16 >= dropped).reshape(shape)
 
 
-def _masked(x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+def masked(x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
     """x where ``keep`` else 0; x contiguous, on CPU. Zeroing the raw bits of a 16-bit float
     gives +0.0, so half-precision values are masked as integers."""
     raw = x.detach().view(_RAW_VIEWS[x.dtype]).numpy()
     return torch.from_numpy(raw * keep).view(x.dtype).view(x.shape)
+
+
+def pack_mask(keep: np.ndarray) -> torch.Tensor:
+    """A keep mask as bits, 8 elements to a byte: what a product saves for backward."""
+    return torch.from_numpy(np.packbits(keep))
+
+
+def unpack_mask(bits: torch.Tensor, shape: torch.Size) -> np.ndarray:
+    """The bool mask of ``shape`` that :func:`pack_mask` packed (cheaper than drawing again)."""
+    count = int(np.prod(shape))
+    return np.unpackbits(bits.numpy(), count=count).view(bool).reshape(shape)
 
 
 class _DroppedProduct(torch.autograd.Function):
@@ -52,20 +63,20 @@ class _DroppedProduct(torch.autograd.Function):
     def forward(
         ctx, x: torch.Tensor, weight: torch.Tensor, keep: np.ndarray, scale: float
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, torch.from_numpy(np.packbits(keep)))
+        ctx.save_for_backward(x, weight, pack_mask(keep))
         ctx.scale = scale
-        return F.linear(_masked(x, keep), weight).mul_(scale)
+        return F.linear(masked(x, keep), weight).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, bits = ctx.saved_tensors
-        keep = np.unpackbits(bits.numpy(), count=x.numel()).view(bool).reshape(x.shape)
+        keep = unpack_mask(bits, x.shape)
         grad = grad * ctx.scale
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = _masked((grad @ weight.to(grad.dtype)).to(x.dtype), keep)
+            grad_x = masked((grad @ weight.to(grad.dtype)).to(x.dtype), keep)
         if ctx.needs_input_grad[1]:
-            dropped_x = _masked(x, keep).to(grad.dtype)
+            dropped_x = masked(x, keep).to(grad.dtype)
             grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ dropped_x.reshape(-1, x.shape[-1])
         return grad_x, grad_weight, None, None
 
@@ -88,14 +99,22 @@ class DropoutLinear(torch.nn.Linear):
         module.weight = linear.weight
         return module
 
+    def drops(self, x: torch.Tensor) -> bool:
+        """Whether a training call on ``x`` drops with a drawn mask (:meth:`keep_mask`)."""
+        cpu = x.device.type == "cpu"
+        return self.training and self.dropped > 0 and cpu and x.dtype in _RAW_VIEWS
+
+    def keep_mask(self, x: torch.Tensor) -> np.ndarray:
+        """This call's mask for ``x``: one draw from torch's generator seeds it."""
+        seed = int(torch.empty((), dtype=torch.int64).random_())
+        return _keep_mask(seed, x.shape, self.dropped)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropped == 0:
             return F.linear(x, self.weight)
-        if x.device.type != "cpu" or x.dtype not in _RAW_VIEWS:
+        if not self.drops(x):
             return F.linear(F.dropout(x, self.p, training=True), self.weight)
-        seed = int(torch.empty((), dtype=torch.int64).random_())
-        keep = _keep_mask(seed, x.shape, self.dropped)
-        return _DroppedProduct.apply(x.contiguous(), self.weight, keep, self.scale)
+        return _DroppedProduct.apply(x.contiguous(), self.weight, self.keep_mask(x), self.scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}"
