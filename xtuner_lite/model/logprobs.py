@@ -50,11 +50,12 @@ class _LinearLogProbs(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             logits = F.linear(hidden[rows], weight, bias).float()
             t = targets[rows]
-            out[rows] = logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            out[rows] = picked - _softmax_(logits, normalize=slope is not None)
             if slope is not None:
-                slope[rows] = _onehot_minus_softmax(logits, t).to(hidden.dtype) @ weight.to(
-                    hidden.dtype
-                )
+                grad = _onehot_minus_(logits, t)
+                slope[rows] = grad.to(hidden.dtype) @ weight.to(hidden.dtype)
+            del logits
         ctx.save_for_backward(hidden, weight, bias, targets, slope)
         ctx.chunk_size = chunk_size
         return out
@@ -73,9 +74,9 @@ class _LinearLogProbs(torch.autograd.Function):
             t = targets[start : start + ctx.chunk_size]
             g = grad_out[start : start + ctx.chunk_size].float()
             # d logp_t / d logits = one_hot(t) - softmax, scaled by each row's incoming gradient
-            grad_logits = _onehot_minus_softmax(F.linear(h, weight, bias).float(), t).mul_(
-                g[:, None]
-            )
+            logits = F.linear(h, weight, bias).float()
+            _softmax_(logits)
+            grad_logits = _onehot_minus_(logits, t).mul_(g[:, None])
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk_size] = grad_logits.to(h.dtype) @ weight.to(
                     h.dtype
@@ -93,9 +94,22 @@ class _LinearLogProbs(torch.autograd.Function):
         )
 
 
-def _onehot_minus_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """d log softmax(logits)[target] / d logits, in place of ``logits``' softmax."""
-    grad = logits.softmax(-1).neg_()
+def _softmax_(logits: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Each row's log-sum-exp; ``logits`` (fp32) becomes its softmax in place (without
+    ``normalize``: exp(logits - max), unnormalized). In place as ``model/loss.py``: logsumexp
+    and softmax would each allocate another chunk-sized temporary, whose fresh pages cost as
+    much as the arithmetic on CPU."""
+    maxes = logits.amax(-1, keepdim=True)
+    sums = logits.sub_(maxes).exp_().sum(-1, keepdim=True)
+    if normalize:
+        logits.div_(sums)
+    return (maxes + sums.log()).squeeze(1)
+
+
+def _onehot_minus_(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d log softmax(logits)[target] / d logits = one_hot(target) - softmax, in place of the
+    softmax ``probs``."""
+    grad = probs.neg_()
     grad[torch.arange(targets.shape[0], device=targets.device), targets] += 1
     return grad
 
