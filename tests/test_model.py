@@ -128,7 +128,7 @@ def test_matmul_attention_pads_lengths_to_few_shapes(monkeypatch):
 
 @pytest.mark.parametrize("root", [0, 5])
 def test_branched_attention_equals_the_dense_branch_mask(root):
-    """Branches batched against [root keys, own keys] give the outputs and gradients of SDPA
+    """Branches each run against [root keys, own keys] give the outputs and gradients of SDPA
     under the dense branch mask (fp64, grouped-query heads), with and without a root; the
     layout read back from branch/root ids is the one the mask was built from."""
     torch.manual_seed(0)

@@ -71,19 +71,6 @@ class Branches:
         return branch_mask(branch, torch.zeros_like(branch))
 
 
-@functools.lru_cache(maxsize=16)  # a forward's layers all ask for the same segments' indices
-def _branch_indices(
-    layout: Branches, width: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat position indices for :func:`branched_attention` with branches padded to ``width``:
-    each branch's query slots, its key slots (the root, then its slots), and where each real
-    branch position sits among the slots."""
-    slots = torch.tensor([[min(a + t, b - 1) for t in range(width)] for a, b in layout.spans])
-    keys = torch.cat([torch.arange(layout.root).expand(len(layout.spans), -1), slots], dim=1)
-    back = [i * width + t for i, (a, b) in enumerate(layout.spans) for t in range(b - a)]
-    return slots.flatten().to(device), keys.flatten().to(device), torch.tensor(back, device=device)
-
-
 def branches_of(branch: torch.Tensor, root: torch.Tensor) -> Branches | None:
     """The layout of one segment from its (length,) ``branch_ids``/``root_ids``, or None for a
     plain causal sequence (every position its own root)."""
@@ -179,11 +166,14 @@ def matmul_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     scaling: float | None,
+    prefix: int = 0,
 ) -> torch.Tensor:
     """Causal attention of one sample, (heads, length, dim) in the inputs' dtype, as two batched
     matmuls over the key/value heads: the query heads sharing a key/value head are stacked along
     the length, so grouped-query attention needs no repeated keys and values. On CPU at these
     sample lengths this beats SDPA's fp32 kernel (see docs/benchmarks.md).
+    ``prefix``: the first keys and values have no queries here; every query sees all of them
+    (a branch's shared prompt), then its own sequence causally.
     Backward recomputes the probabilities (see ``_MatmulAttention``). Saving them in layers
     that checkpointing recomputes anyway, where they live only until that layer's backward,
     gained little speed for a higher peak: not done."""
@@ -195,8 +185,12 @@ def matmul_attention(
     padded = -(-length // ATTENTION_LENGTH_STEP) * ATTENTION_LENGTH_STEP
     if padded != length:
         query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
+    bias = None
+    if prefix:
+        causal = _causal_bias(max(padded, MATMUL_ATTENTION_MAX_LENGTH), query.dtype, query.device)
+        bias = F.pad(causal[:padded, :padded], (prefix, 0))  # every prefix key visible
     stacked = query.reshape(kv_heads, heads // kv_heads * padded, dim)
-    out = _MatmulAttention.apply(stacked, key, value, scale, None).view(heads, padded, dim)
+    out = _MatmulAttention.apply(stacked, key, value, scale, bias).view(heads, padded, dim)
     return out[:, :length]
 
 
@@ -208,35 +202,18 @@ def branched_attention(
     layout: Branches,
 ) -> torch.Tensor:
     """:func:`matmul_attention` of one segment laid out as ``layout``: the root causally, then
-    the branches as one batch, each padded to the longest and attending to [root keys, its own
-    keys]. A dense mask over the segment would compute (and discard) every branch's scores
-    against every other branch. The branches are gathered by index (one op, whose backward is
-    one scatter-add, the root's key gradients summed over the branches in it); a padded slot
-    repeats its branch's last position, which is exact: a padded key is masked from every real
-    query, and a padded query's output is dropped (no gradient flows into it)."""
-    heads, _, dim = query.shape
-    kv_heads = key.shape[0]
-    scale = dim**-0.5 if scaling is None else scaling
-    root, count = layout.root, len(layout.spans)
-    width = -(-layout.longest // ATTENTION_LENGTH_STEP) * ATTENTION_LENGTH_STEP
-    slots, keys, back = _branch_indices(layout, width, query.device)
-    q = query.index_select(1, slots).view(kv_heads, heads // kv_heads, count, width, dim)
-    q = q.permute(2, 0, 1, 3, 4).reshape(count * kv_heads, heads // kv_heads * width, dim)
-    k, v = (
-        t.index_select(1, keys)
-        .view(kv_heads, count, root + width, dim)
-        .transpose(0, 1)
-        .reshape(count * kv_heads, root + width, dim)
-        for t in (key, value)
-    )
-    causal = _causal_bias(max(width, MATMUL_ATTENTION_MAX_LENGTH), query.dtype, query.device)
-    bias = F.pad(causal[:width, :width], (root, 0))  # every root key visible to every query
-    out = _MatmulAttention.apply(q, k, v, scale, bias).view(count, heads, width, dim)
-    out = out.transpose(0, 1).reshape(heads, count * width, dim).index_select(1, back)
-    if not root:
-        return out
-    causal_root = matmul_attention(query[:, :root], key[:, :root], value[:, :root], scaling)
-    return torch.cat([causal_root, out], dim=1)
+    each branch against [root keys, its own keys]. A dense mask over the segment would compute
+    (and discard) every branch's scores against every other branch; one batch of all branches
+    gathered by index, each padded to the longest, cost more than this loop (gathers, scatters
+    and padding) for pairs and for groups of eight alike (docs/benchmarks.md)."""
+    root = layout.root
+    parts = []
+    if root:
+        parts.append(matmul_attention(query[:, :root], key[:, :root], value[:, :root], scaling))
+    for start, end in layout.spans:
+        k, v = (torch.cat([t[:, :root], t[:, start:end]], dim=1) for t in (key, value))
+        parts.append(matmul_attention(query[:, start:end], k, v, scaling, prefix=root))
+    return torch.cat(parts, dim=1)
 
 
 def packed_sdpa_attention(
