@@ -46,14 +46,14 @@ def _saved_bytes(model, tokens: int) -> int:
     return measure_saved_bytes(model, batch)
 
 
-def _build(path, method, base, checkpointing=False):
+def _build(path, method, base, checkpointing=False, dropout=0.05):
     logging.disable(logging.WARNING)
     model = build_model(
         path,
         method=method,
         dtype=base,
         gradient_checkpointing=checkpointing,
-        lora=dict(r=16, alpha=32, dropout=0.05),
+        lora=dict(r=16, alpha=32, dropout=dropout),
     )
     logging.disable(logging.NOTSET)
     model.train()
@@ -71,23 +71,32 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape_kwargs", SHAPES, ids=["smollm2-layer", "mha"])
 @pytest.mark.parametrize(
-    "method, base, tolerance",
+    "method, base, tolerance, dropout",
     [
-        ("lora", "bf16", 0.01),
-        ("qlora", "bf16", 0.01),
-        ("lora", "fp32", 0.01),
-        ("full", "fp32", 0.05),
+        ("lora", "bf16", 0.01, 0.05),
+        ("lora", "bf16", 0.01, 0.0),
+        ("qlora", "bf16", 0.01, 0.05),
+        ("lora", "fp32", 0.01, 0.05),
+        ("lora", "fp32", 0.01, 0.0),
+        ("full", "fp32", 0.05, 0.05),
     ],
 )
-def test_layer_activations_match_saved_tensors(tmp_path, shape_kwargs, method, base, tolerance):
+def test_layer_activations_match_saved_tensors(
+    tmp_path, shape_kwargs, method, base, tolerance, dropout
+):
     tokens = 192
     saved = []
     for layers in (2, 3):  # one more layer: the difference is one layer's activations
         path, shape = _tiny(tmp_path, layers, **shape_kwargs)
-        saved.append(_saved_bytes(_build(path, method, base), tokens))
+        saved.append(_saved_bytes(_build(path, method, base, dropout=dropout), tokens))
     measured = saved[1] - saved[0]
     settings = PlanSettings(
-        method=method, base_dtype=base, lora_r=16, max_length=tokens, cpu=True
+        method=method,
+        base_dtype=base,
+        lora_r=16,
+        lora_dropout=dropout,
+        max_length=tokens,
+        cpu=True,
     )  # CPU: per-sample attention
     planned = layer_activation_bytes(shape, settings, tokens) + layer_weight_copies(shape, settings)
     assert planned == pytest.approx(measured, rel=tolerance)

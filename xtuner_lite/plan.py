@@ -202,7 +202,9 @@ def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
     nothing (only its weight is needed); a LoRA linear keeps A's output (c·r) and its input —
     once for the linears reading the same tensor, with its dropout mask as bits (CPU) — or, with
     a separate dropout layer (GPU), a mask (1 byte) and a dropped copy (c bytes) per input
-    element for each; a trained linear keeps its input in the compute dtype.
+    element for each; a trained linear keeps its input in the compute dtype. The fused LoRA
+    product (``model/lean_lora.py``, :func:`lean_lora`) keeps its input in the compute dtype:
+    a wider input is cast once per linear.
     """
     c = DTYPE_BYTES[s.compute_dtype]
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
@@ -224,21 +226,30 @@ def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
         if s.lora_dropout > 0 and not s.cpu:  # a mask and a compute-dtype dropped copy each
             per_token += sum((1 + c) * dims[t][0] for t in s.lora_targets)
         else:
-            per_token += _lora_input_bytes(dims, s, c)
+            per_token += _lora_input_bytes(dims, s, c, cast=lean_lora(s) or s.lora_dropout == 0)
             if s.lora_dropout > 0:  # CPU's fused dropout keeps each mask as bits
                 per_token += sum(dims[t][0] for t in s.lora_targets) / 8
     return per_token * tokens
 
 
-def _lora_input_bytes(dims: dict[str, tuple[int, int]], s: PlanSettings, c: int) -> float:
+def lean_lora(s: PlanSettings) -> bool:
+    """Whether the LoRA layers run the fused product of ``model/lean_lora.py``: plain LoRA on
+    an unquantized base, without dropout or with the dropout fused into A (CPU)."""
+    return s.method == "lora" and not s.dora and (s.cpu or s.lora_dropout == 0)
+
+
+def _lora_input_bytes(
+    dims: dict[str, tuple[int, int]], s: PlanSettings, c: int, cast: bool
+) -> float:
     """Per token, the inputs LoRA's A products keep when no dropout layer copies them: hidden
     states in the base dtype (the MLP's inner product in the compute dtype), each tensor once
-    for the linears reading it — but without dropout autocast casts a wider one per linear."""
+    for the linears reading it — but where each linear casts its input (``cast``: autocast
+    without dropout, the fused product) a wider one is cast once per linear."""
     total, counted = 0.0, set()
     for target in s.lora_targets:
         source = INPUT_OF.get(target, target)
         size = c if source == "mlp hidden" else DTYPE_BYTES[s.base_dtype]
-        if s.lora_dropout == 0 and size != c:
+        if cast and size != c:
             total += c * dims[target][0]
         elif source not in counted:
             total += size * dims[target][0]
@@ -250,16 +261,19 @@ def layer_weight_copies(shape: Shape, s: PlanSettings) -> float:
     """Autocast's compute-dtype copies of one layer's weights, kept for backward: of every
     linear stored in a wider dtype (fp32 master weights, an fp32 frozen base), and of the LoRA
     weights — but A's on CPU with dropout, whose fused product casts it again in backward.
-    (4-bit layers keep their packed weights, not a dequantized copy.)"""
+    The fused LoRA product keeps both LoRA weights' copies and none of the frozen base's (cast
+    again in backward). (4-bit layers keep their packed weights, not a dequantized copy.)"""
     c = DTYPE_BYTES[s.compute_dtype]
     if c == 4:
         return 0.0
     copies = 0.0
-    if s.method == "full" or (s.method == "lora" and DTYPE_BYTES[s.base_dtype] != c):
+    lean = lean_lora(s)
+    wide_base = s.method == "lora" and DTYPE_BYTES[s.base_dtype] != c
+    if s.method == "full" or (wide_base and not lean):
         copies += c * shape.layer_linear_params()
     if s.method != "full":
         copies += c * lora_params(shape, s.lora_r, s.lora_targets) / shape.layers
-        if s.cpu and s.lora_dropout > 0:
+        if s.cpu and s.lora_dropout > 0 and not lean:
             dims = shape.linear_dims()
             copies -= c * s.lora_r * sum(dims[t][0] for t in s.lora_targets)
     return copies
