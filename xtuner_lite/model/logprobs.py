@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from xtuner_lite.labels import IGNORE_INDEX
 from xtuner_lite.model.forward import base_and_head, decoder_hidden
-from xtuner_lite.model.loss import shift_labels
+from xtuner_lite.model.loss import shift_labels, softmax_
 
 
 @dataclass
@@ -51,7 +51,7 @@ class _LinearLogProbs(torch.autograd.Function):
             logits = F.linear(hidden[rows], weight, bias).float()
             t = targets[rows]
             picked = logits.gather(1, t[:, None]).squeeze(1)
-            out[rows] = picked - _softmax_(logits, normalize=slope is not None)
+            out[rows] = picked - softmax_(logits, normalize=slope is not None)
             if slope is not None:
                 grad = _onehot_minus_(logits, t)
                 slope[rows] = grad.to(hidden.dtype) @ weight.to(hidden.dtype)
@@ -75,7 +75,7 @@ class _LinearLogProbs(torch.autograd.Function):
             g = grad_out[start : start + ctx.chunk_size].float()
             # d logp_t / d logits = one_hot(t) - softmax, scaled by each row's incoming gradient
             logits = F.linear(h, weight, bias).float()
-            _softmax_(logits)
+            softmax_(logits)
             grad_logits = _onehot_minus_(logits, t).mul_(g[:, None])
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk_size] = grad_logits.to(h.dtype) @ weight.to(
@@ -92,18 +92,6 @@ class _LinearLogProbs(torch.autograd.Function):
             None,
             None,
         )
-
-
-def _softmax_(logits: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Each row's log-sum-exp; ``logits`` (fp32) becomes its softmax in place (without
-    ``normalize``: exp(logits - max), unnormalized). In place as ``model/loss.py``: logsumexp
-    and softmax would each allocate another chunk-sized temporary, whose fresh pages cost as
-    much as the arithmetic on CPU."""
-    maxes = logits.amax(-1, keepdim=True)
-    sums = logits.sub_(maxes).exp_().sum(-1, keepdim=True)
-    if normalize:
-        logits.div_(sums)
-    return (maxes + sums.log()).squeeze(1)
 
 
 def _onehot_minus_(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,18 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+def softmax_(logits: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Each row's log-sum-exp; ``logits`` (fp32) becomes its softmax in place (without
+    ``normalize``: exp(logits - max), unnormalized). In place in the chunk's one fp32 buffer:
+    logsumexp and softmax would each allocate another chunk-sized temporary, whose fresh pages
+    cost as much as the arithmetic on CPU."""
+    maxes = logits.amax(-1, keepdim=True)
+    sums = logits.sub_(maxes).exp_().sum(-1, keepdim=True)
+    if normalize:
+        logits.div_(sums)
+    return (maxes + sums.log()).squeeze(1)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T + bias, target_i), gradients computed chunk by chunk in
     forward. Runs under the caller's autocast, so the head matmuls use its compute dtype."""
@@ -49,16 +61,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             logits = F.linear(h, weight, bias).float()
             picked = logits.gather(1, t[:, None]).squeeze(1)
-            # softmax in place in the one fp32 buffer: torch.logsumexp would allocate another
-            # chunk-sized temporary (and fresh pages cost as much as the arithmetic on CPU)
-            maxes = logits.amax(-1, keepdim=True)
-            sums = logits.sub_(maxes).exp_().sum(-1, keepdim=True)
+            log_normalizer = softmax_(logits, normalize=any(need[:3]))
             real = max(0, min(t.shape[0], valid - start))
-            total += (maxes[:real] + sums[:real].log()).sum() - picked[:real].sum()
+            total += log_normalizer[:real].sum() - picked[:real].sum()
             if not any(need[:3]):
                 continue
             # d(sum CE)/d logits = softmax - one_hot
-            grad_logits = logits.div_(sums)
+            grad_logits = logits
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             grad_logits[real:] = 0.0
             if grad_hidden is not None:
