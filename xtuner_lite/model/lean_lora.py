@@ -66,14 +66,14 @@ class _LoraProduct(torch.autograd.Function):
             out.addmm_(low, b.t(), alpha=scale)
         bits = torch.empty(0, dtype=torch.uint8) if keep is None else pack_mask(keep)
         ctx.save_for_backward(flat, weight, a, b, low, bits)
-        ctx.scale, ctx.keep_scale, ctx.dropped = scale, keep_scale, keep is not None
+        ctx.scale, ctx.keep_scale = scale, keep_scale
         ctx.x_dtype, ctx.shape, ctx.param_dtypes = x.dtype, x.shape, (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         flat, weight, a, b, low, bits = ctx.saved_tensors
-        keep = unpack_mask(bits, flat.shape) if ctx.dropped else None
+        keep = unpack_mask(bits, flat.shape) if bits.numel() else None
         grad = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
         grad_low = grad @ b  # (tokens, r)
         scale = ctx.scale * ctx.keep_scale  # d out / d (x ⊙ keep) Aᵀ Bᵀ
