@@ -9,7 +9,8 @@ of pairs where it is positive; the untrained model's is zero on every pair, so c
 its 95 % Wilson interval and the 95 % interval of the implicit margin itself are printed too). The
 other interval is the paired 95 % normal interval of the per-pair change in the mean-log-prob
 margin. The reward model is scored by its score margin (before: its
-untrained head).
+untrained head). Training truncates to ``--max-length``; scoring reads every held-out pair whole
+unless ``--eval-length`` says otherwise, so a pair is judged on all of both responses.
 
     python benchmarks/pref_heldout.py --methods dpo orpo simpo kto reward --max-iters 20
 """
@@ -36,6 +37,7 @@ from xtuner_lite.training import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pref"
 MODEL = "smollm2-135m-instruct"
+WHOLE = 8192  # SmolLM2's context: every held-out pair is scored whole
 
 
 def split(path: Path, out: Path, seed: int) -> tuple[Path, Path]:
@@ -102,21 +104,28 @@ def main() -> None:
     parser.add_argument("--max-iters", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--eval-length",
+        type=int,
+        default=WHOLE,
+        help="tokens per held-out sequence when scoring (default: whole pairs, none truncated)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pref_heldout_"))
     train_file, held = split(Path(args.data), work, args.seed)
-    before = margins(build_model(MODEL, method="full", dtype="fp32"), held, args.max_length)
+    print(f"work dir: {work}", flush=True)
+    before = margins(build_model(MODEL, method="full", dtype="fp32"), held, args.eval_length)
     rows = []
     for method in args.methods:
         adapter = train_method(method, args, train_file, work)
         model, _, _ = load_adapted(None, adapter)
         reward = method == "reward"
-        after = margins(model, held, args.max_length, reward)
+        after = margins(model, held, args.eval_length, reward)
         if reward:  # before: the same model with its untrained score head
             torch.manual_seed(args.seed)
             start = build_model(MODEL, method="lora", lora=dict(r=16, alpha=32), head="reward")
-            base = margins(start, held, args.max_length, reward=True)
+            base = margins(start, held, args.eval_length, reward=True)
         else:
             base = before
         low, high = interval(after["mean"] - base["mean"])
