@@ -28,15 +28,17 @@ import torch
 
 from xtuner_lite.adapters import load_adapted
 from xtuner_lite.alignment.objectives import score_head
-from xtuner_lite.data.dataset import PreferenceDataset, collate_preference
+from xtuner_lite.data.dataset import PreferenceDataset, collate_preference, share_prompts
 from xtuner_lite.data.preference import process_preference_dataset
 from xtuner_lite.evaluation.intervals import wilson
 from xtuner_lite.model import build_model
+from xtuner_lite.model.attention import can_branch, runs_segments
 from xtuner_lite.model.logprobs import sequence_logps, sequence_scores
 from xtuner_lite.training import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pref"
 MODEL = "smollm2-135m-instruct"
+ROWS_PER_STEP = 4  # the configs' effective batch: batch_size 1 x accumulative_counts 4
 WHOLE = 8192  # SmolLM2's context: every held-out pair is scored whole
 
 
@@ -64,6 +66,8 @@ def margins(model, held: Path, max_length: int, reward: bool = False) -> dict[st
         batch = collate_preference(
             [dataset[i] for i in range(start, min(start + 4, len(dataset)))], 2, 32
         )
+        if can_branch(model):  # as training runs them: each prompt once, no padding between
+            batch = share_prompts(batch, 2, 32, one_row=runs_segments(model))
         if reward:
             scores = sequence_scores(model, score_head(model), batch)
             out["mean"].append(scores[0::2] - scores[1::2])
@@ -87,6 +91,8 @@ def train_method(method: str, args, train_file: Path, work: Path) -> Path:
         "train.max_iters": args.max_iters,
         "train.epochs": None,
         "train.lr": args.lr,
+        "train.batch_size": args.micro_batch,
+        "train.accumulative_counts": ROWS_PER_STEP // args.micro_batch,
         "train.save_steps": 10_000,
         "train.log_interval": 5,
     }
@@ -104,6 +110,13 @@ def main() -> None:
     parser.add_argument("--max-iters", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=1,
+        choices=(1, 2, 4),
+        help="rows per forward; accumulation makes up the rest of the 4 rows a step",
+    )
     parser.add_argument(
         "--eval-length",
         type=int,
