@@ -265,3 +265,15 @@ def smol_server():
     yield address
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def needs_sandbox() -> None:
+    """Tests of the OS sandbox: skipped where bubblewrap cannot run (a user's machine without
+    it), a failure in CI, which installs it."""
+    from xtuner_lite.sandbox import isolation_problem
+
+    problem = isolation_problem()
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the sandbox must run in CI: {problem}")
+        pytest.skip(f"no sandbox on this machine: {problem}")

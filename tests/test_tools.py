@@ -15,7 +15,6 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.sampling import SamplingParams
 from xtuner_lite.merge import write_tokenizer
-from xtuner_lite.sandbox import run_python
 from xtuner_lite.tools import (
     ToolBox,
     ToolError,
@@ -451,7 +450,7 @@ def test_calculator_is_exact_and_refuses_code():
     assert calculator("sqrt(16) / 8") == "0.5"
     assert calculator("1/0").startswith("error")
     assert "unsupported expression" in calculator("__import__('os').system('ls')")
-    assert "too large" in calculator("9**9**9")
+    assert calculator("9**9**9").startswith("error: the result would have about")
 
 
 def test_search_reads_a_local_folder(tmp_path, monkeypatch):
@@ -461,33 +460,6 @@ def test_search_reads_a_local_folder(tmp_path, monkeypatch):
     found = search("capital of France", max_results=1)
     assert "[a.txt]" in found and "Paris" in found and "Berlin" not in found
     assert "no passage" in search("zebra")
-
-
-HOSTILE = {
-    "network": "import socket\nsocket.create_connection(('127.0.0.1', 80), 1)",
-    "write outside": "open('/tmp/xtuner_sandbox_escape.txt', 'w').write('x')",
-    "fork bomb": "import os\nwhile True:\n    os.fork()",
-    "10 GB": "x = bytearray(10 << 30)",
-    "endless loop": "while True:\n    pass",
-}
-
-
-@pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_python_tool_stops_hostile_code(case):
-    result = run_python(HOSTILE[case], timeout=2.0)
-    assert not result.ok
-    report = result.describe()
-    expected = {
-        "network": "network access is not allowed",
-        "write outside": "writing outside the working folder",
-        "fork bomb": "starting processes is not allowed",
-        "10 GB": "MemoryError",
-        "endless loop": "time limit of 2 s",
-    }[case]
-    assert expected in report
-    assert not Path("/tmp/xtuner_sandbox_escape.txt").exists()
-    # and the sandbox still works afterwards
-    assert run_python("print(6 * 7)").describe() == "42"
 
 
 def test_tool_loop_runs_calls_until_an_answer():

@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import Any
 
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.sandbox import run_python
+from xtuner_lite.sandbox import require_isolation, run_tests
 
 RewardFn = Callable[[dict, str], float]
 
@@ -79,21 +79,20 @@ def length_penalty(max_chars: int = 1000) -> RewardFn:
 def code_tests(tests_key: str = "tests", timeout: float = 5.0) -> RewardFn:
     """The share of the row's test statements (``tests_key``: a list of ``assert ...`` lines)
     that pass when run after the completion's code (its last ```python block, else the whole
-    text), each in its own :func:`~xtuner_lite.sandbox.run_python` process."""
+    text), in one :func:`~xtuner_lite.sandbox.run_tests` process: the harness reports each test
+    that passed, so code that exits early scores 0 on the tests it did not reach. Refused at
+    set-up where the machine cannot isolate the code."""
+    require_isolation("code_tests")
 
     def reward(row: dict, completion: str) -> float:
         tests = row.get(tests_key)
-        if not isinstance(tests, list) or not tests:
+        if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
             raise KeyError(f"the row has no {tests_key!r} list of test statements")
         blocks = CODE_BLOCK.findall(completion)
         code = blocks[-1] if blocks else completion
-        return sum(_passes(code, test, timeout) for test in tests) / len(tests)
+        return sum(run_tests(code, tests, timeout)) / len(tests)
 
     return reward
-
-
-def _passes(code: str, test: str, timeout: float) -> bool:
-    return run_python(f"{code}\n\n{test}\n", timeout=timeout).ok
 
 
 BUILT_IN: dict[str, Callable[..., RewardFn]] = {

@@ -5,6 +5,7 @@ running tools to its client, as OpenAI's API does."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from xtuner_lite.tools.builtin import Tool
 from xtuner_lite.tools.formats import ParsedReply, ToolFormat
 
 MAX_RESULT_CHARS = 4000  # a tool result longer than this is cut before it reaches the prompt
+TOOL_TIMEOUT = 30.0  # wall-clock seconds a tool call may take before the model is told it failed
 
 Generate = Callable[[list[dict]], str]  # the conversation so far → the model's reply text
 GenerateBatch = Callable[[list[list[dict]]], list[str]]  # many conversations → their replies
@@ -20,10 +22,13 @@ GenerateBatch = Callable[[list[list[dict]]], list[str]]  # many conversations �
 
 class ToolBox:
     """Tools by name; running one never raises: a failure comes back as an ``error:`` text the
-    model reads, so a bad call cannot stop a chat or a server."""
+    model reads, so a bad call cannot stop a chat or a server. Each call has ``timeout`` seconds
+    of wall-clock time (a Python function cannot be stopped from outside: one that overruns is
+    left to finish in the background, and its result is dropped)."""
 
-    def __init__(self, tools: list[Tool]):
+    def __init__(self, tools: list[Tool], timeout: float = TOOL_TIMEOUT):
         self.tools = {t.name: t for t in tools}
+        self.timeout = timeout
 
     @property
     def schemas(self) -> list[dict]:
@@ -33,14 +38,26 @@ class ToolBox:
         tool = self.tools.get(call["name"])
         if tool is None:
             return f"error: there is no tool {call['name']!r} (tools: {', '.join(self.tools)})"
-        try:
-            result = tool.fn(**call["arguments"])
-        except TypeError as exc:
-            return f"error: bad arguments for {tool.name}: {exc}"
-        except Exception as exc:  # noqa: BLE001 - the tool's failure is the model's to read
-            return f"error: {type(exc).__name__}: {exc}"
-        text = result if isinstance(result, str) else json.dumps(result, default=str)
+        outcome: list[str] = []
+        worker = threading.Thread(target=_call, args=(tool, call["arguments"], outcome),
+                                  name=f"tool-{tool.name}", daemon=True)  # fmt: skip
+        worker.start()
+        worker.join(self.timeout)
+        if not outcome:
+            return f"error: {tool.name} did not finish within {self.timeout:g} s"
+        text = outcome[0]
         return text if len(text) <= MAX_RESULT_CHARS else text[:MAX_RESULT_CHARS] + " ... (cut)"
+
+
+def _call(tool: Tool, arguments: dict, outcome: list[str]) -> None:
+    """Run one call in the worker thread; its result, or its failure, as text."""
+    try:
+        result = tool.fn(**arguments)
+        outcome.append(result if isinstance(result, str) else json.dumps(result, default=str))
+    except TypeError as exc:
+        outcome.append(f"error: bad arguments for {tool.name}: {exc}")
+    except BaseException as exc:  # noqa: BLE001 - even sys.exit() is the model's to read
+        outcome.append(f"error: {type(exc).__name__}: {exc}")
 
 
 @dataclass

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from xtuner_lite.errors import XtunerError, did_you_mean
-from xtuner_lite.sandbox import run_python
+from xtuner_lite.sandbox import require_isolation, run_python
 from xtuner_lite.tools.schema import function_schema
 
 SEARCH_DIR_ENV = "XTUNER_SEARCH_DIR"  # the folder ``search`` reads (default: the current one)
 SEARCH_SUFFIXES = {".txt", ".md", ".rst"}
-MAX_POWER = 10_000  # larger exponents would let one expression hang the process
+MAX_BITS = 14_000  # an integer the calculator would make longer than this is refused first
+# (Python prints integers of up to 4,300 digits: 14,000 bits is about 4,214)
+MAX_EXPRESSION = 2000  # characters
 
 
 class ToolError(XtunerError):
@@ -65,10 +67,32 @@ _FUNCTIONS = {
 _CONSTANTS = {"pi": math.pi, "e": math.e}
 
 
+def _bits(value: float | int) -> int:
+    return value.bit_length() if isinstance(value, int) else 0
+
+
+def _check_size(op: ast.operator, left: float | int, right: float | int) -> None:
+    """Refuse an integer power or product whose result would pass MAX_BITS, before making it:
+    its length is estimated from the operands' (floats overflow on their own)."""
+    if not (isinstance(left, int) and isinstance(right, int)):
+        return
+    if isinstance(op, ast.Pow) and right > 0 and abs(left) > 1:
+        bits = right * math.log2(abs(left))
+    elif isinstance(op, ast.Mult):
+        bits = _bits(left) + _bits(right)
+    else:
+        return
+    if bits > MAX_BITS:
+        raise ValueError(f"the result would have about {int(bits * 0.30103):,} digits; "
+                         f"the calculator stops at {int(MAX_BITS * 0.30103):,}")  # fmt: skip
+
+
 def _evaluate(node: ast.AST) -> float | int:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if _bits(node.value) > MAX_BITS:
+            raise ValueError("a number in the expression is too long")
         return node.value
     if isinstance(node, ast.Name) and node.id in _CONSTANTS:
         return _CONSTANTS[node.id]
@@ -76,8 +100,7 @@ def _evaluate(node: ast.AST) -> float | int:
         return _UNARY[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_POWER:
-            raise ValueError(f"exponent {right} is too large")
+        _check_size(node.op, left, right)
         return _BINARY[type(node.op)](left, right)
     if (
         isinstance(node, ast.Call)
@@ -85,7 +108,10 @@ def _evaluate(node: ast.AST) -> float | int:
         and node.func.id in _FUNCTIONS
         and not node.keywords
     ):
-        return _FUNCTIONS[node.func.id](*(_evaluate(a) for a in node.args))
+        args = [_evaluate(a) for a in node.args]
+        if node.func.id == "round" and len(args) == 2 and abs(args[1]) > MAX_BITS:
+            raise ValueError(f"round to {args[1]} digits is out of range")
+        return _FUNCTIONS[node.func.id](*args)
     raise ValueError(f"unsupported expression: {ast.unparse(node)}")
 
 
@@ -95,13 +121,17 @@ def calculator(expression: str) -> str:
     Args:
         expression: arithmetic such as "(12 + 7) * 3" or "sqrt(2) / 4"
     """
+    if len(expression) > MAX_EXPRESSION:
+        return f"error: the expression is longer than {MAX_EXPRESSION} characters"
     try:
         value = _evaluate(ast.parse(expression.replace("^", "**"), mode="eval"))
+        if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+            value = int(value)
+        return str(value)
     except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError) as exc:
         return f"error: {exc}"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        value = int(value)
-    return str(value)
+    except RecursionError:
+        return "error: the expression is nested too deeply"
 
 
 # --------------------------------------------------------------------------- python
@@ -173,6 +203,8 @@ def load_tools(names: list[str] | str | None = None, tools_file: str | None = No
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     tools = []
+    if "python" in (names or []):
+        require_isolation("the python tool")  # fail closed, at start, with what is missing
     for name in names or []:
         if name not in BUILT_IN:
             raise ToolError(
