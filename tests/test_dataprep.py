@@ -485,3 +485,58 @@ def test_slurm_needs_a_partition(tmp_path, raw_file):
     text = config_problems(cfg)
     assert "run.slurm: unknown setting 'tme'; did you mean 'time'?" in text
     assert "run.slurm.partition" in text
+
+
+# the output folder: nothing of the user's is ever deleted ---------------------------------------
+def test_a_folder_we_did_not_write_is_refused_even_with_overwrite(tmp_path, raw_file):
+    """A folder holding someone's manifest.json and data/ is not taken for our output."""
+    out = tmp_path / "theirs"
+    (out / "data").mkdir(parents=True)
+    (out / "manifest.json").write_text('{"mine": true}')
+    (out / "data" / "train-0000.jsonl").write_text('{"text": "precious"}\n')
+    for overwrite in (False, True):
+        with pytest.raises(XtunerError, match=r"not empty and was not written by .*no \.xtuner"):
+            prepare(run_config([raw_file], out, [dict(type="normalize")]), overwrite=overwrite)
+    assert (out / "data" / "train-0000.jsonl").read_text() == '{"text": "precious"}\n'
+    assert (out / "manifest.json").read_text() == '{"mine": true}'
+
+
+def test_an_output_holding_an_input_is_refused(tmp_path, raw_file):
+    out = tmp_path / "out"
+    prepare(run_config([raw_file], out, [dict(type="normalize")]), quiet=True)
+    inside = out / "data" / "raw.jsonl"
+    inside.write_text(raw_file.read_text())
+    cfg = run_config([inside], out, [dict(type="normalize")])
+    with pytest.raises(XtunerError, match=r"is or contains the input .*inputs.data_files\[0\]"):
+        prepare(cfg, overwrite=True)
+    assert inside.read_text() == raw_file.read_text()
+
+
+def test_a_failing_rerun_keeps_the_earlier_output(tmp_path, raw_file):
+    out = tmp_path / "out"
+    prepare(run_config([raw_file], out, [dict(type="normalize")]), quiet=True)
+    before = output_rows(out)
+    with pytest.raises(XtunerError, match="holds an earlier .*--overwrite replaces it"):
+        prepare(run_config([raw_file], out, [dict(type="normalize")]), quiet=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(XtunerError, match="bad.jsonl, line 2"):
+        prepare(run_config([bad], out, [dict(type="normalize")]), overwrite=True, quiet=True)
+    assert output_rows(out) == before and (out / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "out", "raw.jsonl"]
+    # a good rerun with --overwrite replaces it whole
+    prepare(run_config([raw_file], out, [dict(type="normalize")], tasks=1), overwrite=True,
+            quiet=True)  # fmt: skip
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["00000.jsonl"]
+    assert json.loads((out / "_work" / "config.json").read_text())["output"] == str(out)
+
+
+def test_nothing_kept_is_an_error_and_writes_nothing(tmp_path, raw_file):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(XtunerError, match=r"the inputs hold no document \(.*empty.jsonl\)"):
+        prepare(run_config([empty], tmp_path / "o1", [dict(type="normalize")]), quiet=True)
+    stages = [dict(type="normalize"), dict(type="language", languages=["de"])]
+    with pytest.raises(XtunerError, match=r"no document survived: 16 read .*_language: 16"):
+        prepare(run_config([raw_file], tmp_path / "o2", stages), quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "raw.jsonl"]

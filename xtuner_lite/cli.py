@@ -486,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = act.add_parser("prepare", help="run a data-preparation config")
     q.add_argument("config", help="a config file (see xtuner_lite/configs/prepare)")
     q.add_argument("--workers", type=int, help="worker processes (default: run.workers)")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-prepare output folder")
+    q.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier prepare output, once the new one is complete",
+    )
     q.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
     q.set_defaults(func=cmd_data)
     q = act.add_parser("report", help="print the report of a prepared output folder again")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -329,20 +330,67 @@ def drop_intermediates(cfg: PrepareConfig) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def fresh_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite and not (out / "manifest.json").exists() and not (out / WORK).exists():
-            raise XtunerError(
-                f"output folder {out} exists and is not an earlier `xtuner data prepare` output; "
-                "choose another folder"
+MARKER = ".xtuner-prepare"  # written by us alone into every output: the one sign of our folder
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def output_problems(cfg: PrepareConfig, overwrite: bool) -> list[str]:
+    """Why ``cfg.output`` may not be written: it is or holds an input, or it holds files we did
+    not write (refused, --overwrite or not), or an earlier output and no --overwrite."""
+    out = cfg.output.resolve()
+    problems = [
+        f"output {cfg.output} is or contains the input {f} (inputs.data_files[{i}]); "
+        "choose an output folder apart from the inputs"
+        for i, f in enumerate(cfg.data_files)
+        if _inside(Path(f).resolve(), out)
+    ]
+    if out.is_file():
+        problems.append(f"output {cfg.output} is a file; name a folder")
+    elif out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            problems.append(
+                f"output folder {cfg.output} is not empty and was not written by `xtuner data "
+                f"prepare` (no {MARKER}); nothing in it is deleted: choose another folder"
             )
-        for name in (WORK, DATA, REMOVED, "manifest.json", "report.json", "plots"):
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        elif not overwrite:
+            problems.append(
+                f"output folder {cfg.output} holds an earlier `xtuner data prepare` output; "
+                "--overwrite replaces it (only once the new one is complete)"
+            )
+        elif cfg.executor == "slurm":
+            problems.append(
+                f"output folder {cfg.output} holds an earlier output; Slurm jobs write in place "
+                "after this command returns, so give a new folder (the old one is kept)"
+            )
+    return problems
+
+
+def staging_folder(out: Path) -> Path:
+    """A new sibling of ``out`` to build into; it becomes ``out`` only when complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.preparing-", dir=out.parent))
+    mark_output(staging)
+    return staging
+
+
+def mark_output(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text(json.dumps({"written_by": "xtuner data prepare"}) + "\n")
+
+
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Replace ``out`` (an empty folder, or an earlier output of ours) by the complete
+    ``staging`` folder: renames in one file system, the old output deleted last."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+        out.replace(old / out.name)
+    staging.replace(out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_json(path: Path, value: Any) -> None:

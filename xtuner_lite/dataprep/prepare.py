@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -15,11 +17,14 @@ from xtuner_lite.dataprep.pipeline import (
     WORK,
     build_runs,
     drop_intermediates,
-    fresh_output,
     launch_slurm,
+    mark_output,
+    output_problems,
     raise_task_errors,
     run_local,
     run_ray,
+    staging_folder,
+    swap_into_place,
     write_json,
 )
 from xtuner_lite.dataprep.report import build_report, plot_report, print_report
@@ -79,27 +84,45 @@ def prepare(
         if workers < 1:
             raise XtunerError(f"--workers must be at least 1, got {workers}")
         cfg.workers = workers
-    # phase 2: the runs
-    fresh_output(cfg.output, overwrite)
+    # phase 2: where to write: never over an input or a folder we did not write, and an earlier
+    # output is replaced only once the new one is complete
+    if problems := output_problems(cfg, overwrite):
+        raise XtunerError("\n".join(problems))
+    if cfg.executor == "slurm":  # the jobs write in place after we return
+        mark_output(cfg.output)
+        return _submit(cfg)
+    build = dataclasses.replace(cfg, output=staging_folder(cfg.output))
+    try:
+        report = _run(build)
+    except BaseException:
+        shutil.rmtree(build.output, ignore_errors=True)
+        raise
+    swap_into_place(build.output, cfg.output)
+    write_json(cfg.output / WORK / CONFIG, cfg.to_dict())  # the snapshot names the real folder
+    if not quiet:
+        print_report(report)
+    return report
+
+
+def _submit(cfg: PrepareConfig) -> None:
+    work = cfg.output / WORK
+    write_json(work / CONFIG, cfg.to_dict())
+    jobs = launch_slurm(build_runs(cfg, work / "errors"), work, cfg.slurm)
+    print(f"submitted {len(jobs)} Slurm jobs ({', '.join(jobs)}); when the last has finished, "
+          f"`xtuner data report {cfg.output}` writes and prints the report")  # fmt: skip
+
+
+def _run(cfg: PrepareConfig) -> dict:
+    """Build the whole output in ``cfg.output``: the runs, then the report and manifest."""
     work, errors = cfg.output / WORK, cfg.output / WORK / "errors"
     write_json(work / CONFIG, cfg.to_dict())
     runs = build_runs(cfg, errors)
-    # phase 3: execute (or submit)
-    if cfg.executor == "slurm":
-        jobs = launch_slurm(runs, work, cfg.slurm)
-        print(f"submitted {len(jobs)} Slurm jobs ({', '.join(jobs)}); when the last has finished, "
-              f"`xtuner data report {cfg.output}` writes and prints the report")  # fmt: skip
-        return None
     if cfg.executor == "ray":
         seconds = run_ray(runs, work, cfg.workers, errors, cfg.ray)
     else:
         seconds = run_local(runs, work, cfg.workers, errors)
     write_json(work / SECONDS, seconds)
-    # phase 4: report and manifest
-    report = finish(cfg, seconds)
-    if not quiet:
-        print_report(report)
-    return report
+    return finish(cfg, seconds)
 
 
 def finish(cfg: PrepareConfig, seconds: dict[str, float]) -> dict:
@@ -107,12 +130,26 @@ def finish(cfg: PrepareConfig, seconds: dict[str, float]) -> dict:
     raise_task_errors(cfg.output / WORK / "errors")
     input_bytes = sum(Path(f).stat().st_size for f in cfg.data_files)
     report = build_report(cfg, seconds, input_bytes)
+    if report["documents_out"] == 0:
+        raise XtunerError(nothing_survived(cfg, report))
     plots = plot_report(report, cfg.output / "plots")
     report["plots"] = [str(p.relative_to(cfg.output)) for p in plots]
     write_json(cfg.output / "report.json", report)
     write_json(cfg.output / "manifest.json", manifest(cfg, report))
     drop_intermediates(cfg)
     return report
+
+
+def nothing_survived(cfg: PrepareConfig, report: dict) -> str:
+    """The error for a run that kept no document: nothing is written (the rule in
+    docs/data-prep.md), and the message says where every document went."""
+    inputs = ", ".join(str(f) for f in cfg.data_files)
+    if report["documents_in"] == 0:
+        return f"the inputs hold no document ({inputs}); nothing written to {cfg.output}"
+    removed = [f"{s['stage']}: {sum(s['removed'].values())}" for s in report["stages"]
+               if sum(s["removed"].values())]  # fmt: skip
+    return (f"no document survived: {report['documents_in']} read from {inputs}, removed by "
+            f"{', '.join(removed) or 'no stage'}; nothing written")  # fmt: skip
 
 
 def load_report(out: str | Path) -> dict:
