@@ -343,6 +343,11 @@ def test_html_config_problems(tmp_path):
     undeclared.write_bytes(ARTICLE.format("caf\xe9", "x").encode("latin-1"))
     with pytest.raises(XtunerError, match=r"u.html, file: not UTF-8"):
         prepare(run_config([undeclared], tmp_path / "o", [dict(type="html_to_text")]), quiet=True)
+    for charset in ("undefined", "no-such-charset", "base64"):  # UnicodeError escaped here
+        page.write_text(ARTICLE.replace("<head>", f'<head><meta charset="{charset}">'))
+        with pytest.raises(XtunerError, match=rf"p.html, file: cannot decode as its declared "
+                                              rf"charset '{charset}'"):  # fmt: skip
+            prepare(run_config([page], tmp_path / "o", [dict(type="html_to_text")]), quiet=True)
 
 
 def test_one_and_two_workers_give_identical_output(tmp_path, raw_file):
@@ -540,3 +545,12 @@ def test_nothing_kept_is_an_error_and_writes_nothing(tmp_path, raw_file):
     with pytest.raises(XtunerError, match=r"no document survived: 16 read .*_language: 16"):
         prepare(run_config([raw_file], tmp_path / "o2", stages), quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "raw.jsonl"]
+
+
+def test_unknown_language_codes_are_refused_with_the_closest(raw_file):
+    """``languages=["klingon"]`` was accepted and kept nothing."""
+    text = config_problems(
+        run_config([raw_file], "out", [dict(type="language", languages=["klingon", "eng", "en"])])
+    )
+    assert "stages[0] (language).languages: unknown language code 'klingon' (ISO 639-1" in text
+    assert "unknown language code 'eng'; did you mean 'en'?" in text

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
+import numpy as np
 import pytest
 import torch
 from grpo_reference import trl_grpo_loss
@@ -195,6 +197,25 @@ def test_a_failing_reward_names_itself_and_the_row():
         score(rewards, {"answer": "1"}, "1", "data.jsonl, line 3")
     with pytest.raises(RewardError, match="returned None"):
         score(build_rewards([lambda row, c: None]), {}, "x", "data.jsonl, line 1")
+    with pytest.raises(RewardError, match=r"returned nan \(float\), not a finite"):
+        score(build_rewards([lambda row, c: float("nan")]), {}, "x", "data.jsonl, line 1")
+
+
+def leaves(row: dict, completion: str) -> float:
+    sys.exit(0)
+
+
+def test_numpy_rewards_count_and_sys_exit_is_an_error_not_an_end():
+    """A reward returning a numpy scalar is a number; one calling sys.exit() stops the run with
+    an error naming it and the row (it ended training with rc 0 and no adapter)."""
+    rewards = build_rewards(
+        [dict(fn=lambda row, c: np.float32(0.5), name="a"), dict(fn=lambda row, c: np.int64(2))]
+    )
+    assert score(rewards, {}, "x", "data.jsonl, line 1") == [0.5, 2.0]
+    with pytest.raises(RewardError, match=r"reward 'leaves' raised SystemExit: 0 .*line 4"):
+        score(build_rewards([leaves]), {}, "x", "data.jsonl, line 4")
+    with pytest.raises(RewardError, match="not a finite number"):
+        score(build_rewards([lambda row, c: np.array([1.0, 2.0])]), {}, "x", "data.jsonl, line 1")
 
 
 # data and whole runs on a tiny model ----------------------------------------------------------

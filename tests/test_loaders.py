@@ -67,3 +67,24 @@ def test_missing_file_and_offline_hub_id_are_clear(tmp_path):
         load_rows(tmp_path / "nope.json")
     with pytest.raises(DataError, match="could not be loaded as a hub dataset"):
         load_rows("someone/some-dataset-that-is-not-here")
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("header.csv", "instruction,output\n", "header.csv: the file has a header and no rows"),
+        ("ragged.csv", "instruction,output\nhi,there\nbad,row,extra\n",
+         "ragged.csv, line 3: 3 fields, but the header names 2"),
+        ("ragged.tsv", "a\tb\nx\ty\tz\n", "ragged.tsv, line 2: 3 fields, but the header names 2"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json: JSON nested too deeply"),
+        ("deep.jsonl", '{"a": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
+         "deep.jsonl, line 2: JSON nested too deeply"),
+    ],
+)  # fmt: skip
+def test_ragged_tables_and_deep_json_are_named_errors(tmp_path, name, content, message):
+    """These came back as datasets' 'An error occurred while generating the dataset', a hub
+    message about "train" and a RecursionError."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError) as err:
+        load_rows(tmp_path / name)
+    assert message in str(err.value)

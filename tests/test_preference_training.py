@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from xtuner_lite.alignment.objectives import DPOObjective, KTOObjective, SimPOObjective
-from xtuner_lite.alignment.reference import Reference, compute_reference
+from xtuner_lite.alignment.reference import (
+    Reference,
+    cached_reference,
+    compute_reference,
+    save_reference,
+)
 from xtuner_lite.data.dataset import PreferenceDataset, collate_preference
 from xtuner_lite.data.preference import process_preference_dataset, truncate_unit
 from xtuner_lite.errors import DataError, XtunerError
@@ -222,6 +227,13 @@ def test_kto_rows_need_a_boolean_label(tmp_path, smol_tokenizer):
         process_preference_dataset(
             str(path), smol_tokenizer, kind="unpaired", template="chatml", use_cache=False
         )
+    # a row without its label is named for the label (it was reported as "'chosen': missing")
+    for unlabelled in (row, {"prompt": "a", "completion": "b"}):
+        path.write_text(json.dumps([{**row, "label": True}, unlabelled]))
+        with pytest.raises(DataError, match="row 1.*'label'.*missing"):
+            process_preference_dataset(
+                str(path), smol_tokenizer, kind="unpaired", template="chatml", use_cache=False
+            )
 
 
 @pytest.mark.parametrize("head_trained", [True, False])
@@ -400,3 +412,21 @@ def test_check_dataset_shows_pairs_and_pair_statistics(smol_tokenizer):
     assert text.count("— chosen:") == 2 and text.count("— rejected:") == 2
     assert "⟦" in text  # trained spans marked off a terminal
     assert "pairs whose chosen response is longer" in text and stats.units == 12
+
+
+def test_a_broken_reference_cache_is_named_not_blamed_on_the_learning_rate(tmp_path):
+    """A truncated cache raised safetensors' error without the file; a NaN in it surfaced later
+    as a NaN loss with the advice to lower the learning rate."""
+    path = tmp_path / "reference-x.safetensors"
+    assert cached_reference(path, 3) is None
+    save_reference(path, torch.tensor([-1.0, -2.0, -3.0]))
+    assert cached_reference(path, 3).tolist() == [-1.0, -2.0, -3.0]
+    with pytest.raises(XtunerError, match=r"holds \(3,\) values for 4 sequences.*delete it"):
+        cached_reference(path, 4)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(XtunerError, match=rf"{path.name} cannot be read .*delete it to compute"):
+        cached_reference(path, 3)
+    save_reference(path, torch.tensor([-1.0, float("nan"), float("-inf")]))
+    with pytest.raises(XtunerError, match=r"2 of 3 sequence log-probabilities are not finite "
+                                          r"\(first: sequence 1"):  # fmt: skip
+        cached_reference(path, 3)

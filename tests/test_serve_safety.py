@@ -322,3 +322,49 @@ def test_the_server_survives_a_bounded_fuzz_run(smol_server):
     status, health = request(smol_server, "GET", "/health")
     assert status == 200 and health["status"] == "ok" and health["running"] == 0
     assert greedy(smol_server) == before
+
+
+# ------------------------------------------------------------------ tools and tool messages
+CALC = {"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}
+CALLED = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": "calc", "arguments": "{}"}}],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "tools,messages,param,words",
+    [
+        ([CALC, CALC], ASK, "tools[1].name", "another tool is also named 'calc'"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "number"}}}],
+         ASK, "tools[0].parameters", "JSON schema of type 'object', got 'number'"),
+        ([{"type": "function", "function": {"name": "f", "parameters": [1]}}],
+         ASK, "tools[0].parameters", "type 'object', got 'list'"),
+        ([CALC], [*ASK, CALLED, {"role": "tool", "content": "2"}],
+         "messages[2].tool_call_id", "needs the id of the call it answers"),
+        ([CALC], [*ASK, CALLED, {"role": "tool", "tool_call_id": "call_9", "content": "2"}],
+         "messages[2].tool_call_id", "'call_9' matches no call of messages[1] (ids: call_1)"),
+        ([CALC], [*ASK, {"role": "tool", "tool_call_id": "call_1", "content": "2"}],
+         "messages[1]", "must follow an assistant message with 'tool_calls'"),
+    ],
+)  # fmt: skip
+def test_bad_tools_and_tool_messages_are_400s_naming_them(tiny_server, tools, messages, param,
+                                                         words):  # fmt: skip
+    _, address = tiny_server
+    body = {"model": MODEL, "messages": messages, "tools": tools, "max_tokens": 2}
+    status, reply = request(address, "POST", "/v1/chat/completions", body)
+    assert status == 400, reply
+    assert reply["error"]["param"] == param and words in reply["error"]["message"], reply
+    good = [*ASK, CALLED, {"role": "tool", "tool_call_id": "call_1", "content": "2"}]
+    status, reply = request(address, "POST", "/v1/chat/completions",
+                            {**body, "messages": good, "tools": [CALC]})  # fmt: skip
+    assert status == 200, reply
+
+
+def test_a_deeply_nested_body_is_a_400(tiny_server):
+    _, address = tiny_server
+    deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, reply = request(address, "POST", "/v1/chat/completions", deep)
+    assert status == 400 and "nested too deeply" in reply["error"]["message"], reply

@@ -541,6 +541,14 @@ def test_load_tools_errors_name_the_problem(tmp_path):
     )
     (tool,) = load_tools(tools_file=str(good))
     assert tool.name == "shout" and tool.fn("hi") == "HI"
+    undefined = tmp_path / "undefined.py"  # a NameError escaped as a traceback
+    undefined.write_text(
+        "from __future__ import annotations\n\n"
+        'def fetch(url: Url) -> str:\n    """Fetch."""\n    return url\n'
+    )
+    unreadable = r"undefined.py: function 'fetch': its annotations cannot be read \(NameError"
+    with pytest.raises(ToolError, match=unreadable):
+        load_tools(tools_file=str(undefined))
 
 
 def test_server_reads_tools_tool_choice_and_call_messages():

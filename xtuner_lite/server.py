@@ -235,6 +235,37 @@ def request_message(message: Any, index: int) -> dict:
     return out
 
 
+def check_tool_messages(messages: list[dict]) -> None:
+    """Each ``tool`` message answers a call of the assistant message before it (other tool
+    results may come between), by that call's id, as OpenAI requires."""
+    calls: list[str | None] | None = None  # the ids of the last assistant message's calls
+    where_calls = ""
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role == "assistant":
+            found = message.get("tool_calls") or []
+            calls = [c.get("id") if isinstance(c, dict) else None for c in found] or None
+            where_calls = f"messages[{i}]"
+        elif role == "tool":
+            _check_tool_message(message, f"messages[{i}]", calls, where_calls)
+        else:
+            calls = None
+
+
+def _check_tool_message(message: dict, where: str, calls: list | None, where_calls: str) -> None:
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise APIError(400, f"{where}.tool_call_id: a tool message needs the id of the call it "
+                       "answers", f"{where}.tool_call_id")  # fmt: skip
+    if calls is None:
+        raise APIError(400, f"{where}: a tool message must follow an assistant message with "
+                       "'tool_calls'", where)  # fmt: skip
+    ids = [c for c in calls if c]
+    if ids and call_id not in ids:
+        raise APIError(400, f"{where}.tool_call_id {call_id!r} matches no call of {where_calls} "
+                       f"(ids: {', '.join(map(str, ids))})", f"{where}.tool_call_id")  # fmt: skip
+
+
 def tool_use(body: dict, tool_format: ToolFormat) -> ToolUse | None:
     """The request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``; None when the model
     is not to call tools (no tools, or ``tool_choice: "none"``)."""
@@ -365,8 +396,10 @@ class Server:
             if not isinstance(messages, list) or not messages:
                 raise APIError(400, "'messages' must be a non-empty list", "messages")
             tools = tool_use(body, self.chat.tool_format)
+            parsed = [request_message(m, i) for i, m in enumerate(messages)]
+            check_tool_messages(messages)
             prompt_ids = self.chat.prompt_ids(
-                [request_message(m, i) for i, m in enumerate(messages)],
+                parsed,
                 tools.tools if tools else None,
                 tools.prefill if tools else "",
             )
@@ -466,6 +499,9 @@ class Server:
                     job, body = server.prepare(self.path, body)
                 except APIError as exc:
                     self._json(exc.status, exc.body())
+                    return
+                except RecursionError:  # json.loads, or a schema walked later: the client's doing
+                    self._json(400, APIError(400, "the request is nested too deeply").body())
                     return
                 except Exception as exc:  # noqa: BLE001 - this request fails alone
                     self._json(

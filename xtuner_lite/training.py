@@ -20,6 +20,7 @@ from xtuner_lite.alignment.reference import (
     Reference,
     cache_path,
     cached_reference,
+    check_reference,
     compute_reference,
     save_reference,
 )
@@ -340,7 +341,7 @@ def _set_up_reference(
         return
     path = cache_path(dataset.data, model_cfg, settings.dtype)
     with main_process_first(settings.dist_timeout):
-        totals = cached_reference(path)
+        totals = cached_reference(path, len(dataset.data.sample_lengths))
         if totals is None:
             if rank == 0:
                 print(f"computing reference log-probabilities once (cached in {path})", flush=True)
@@ -350,6 +351,7 @@ def _set_up_reference(
                 llm.to(device), objective.reference, dataset, pad, settings.batch_size,
                 str(device), autocast, lambda batch: objective.prepare(llm, [batch], 0)[0],
             )  # fmt: skip
+            check_reference(totals, len(totals), "the reference model's log-probabilities")
             if rank == 0:
                 save_reference(path, totals)
     dataset.reference = totals

@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xtuner_lite.atomic import atomic_path
 from xtuner_lite.data.pipeline import dataset_cache_dir
+from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.logprobs import SequenceLogps, sequence_logps, token_owner
 
 
@@ -127,10 +129,36 @@ def compute_reference(
     return totals
 
 
-def cached_reference(path: Path) -> torch.Tensor | None:
+def check_reference(totals: torch.Tensor, sequences: int, source: str) -> torch.Tensor:
+    """The reference log-probs must be one finite number per sequence; a NaN would surface
+    later as a NaN loss and be blamed on the learning rate."""
+    if tuple(totals.shape) != (sequences,):
+        raise XtunerError(f"{source} holds {tuple(totals.shape)} values for {sequences} sequences")
+    bad = (~torch.isfinite(totals)).nonzero().flatten()
+    if len(bad):
+        raise XtunerError(
+            f"{source}: {len(bad)} of {sequences} sequence log-probabilities are not finite "
+            f"(first: sequence {int(bad[0])}, {float(totals[bad[0]])})"
+        )
+    return totals
+
+
+def cached_reference(path: Path, sequences: int) -> torch.Tensor | None:
+    """The cached reference log-probs, None where there is no cache; a cache that cannot be
+    read, or holds the wrong number of values or a non-finite one, is an error naming it."""
     if not path.exists():
         return None
-    return load_file(str(path))["ref_logps"]
+    source = f"the reference log-prob cache {path}"
+    try:
+        totals = load_file(str(path))["ref_logps"]
+    except (SafetensorError, KeyError, OSError) as exc:
+        raise XtunerError(
+            f"{source} cannot be read ({type(exc).__name__}: {exc}); delete it to compute it again"
+        ) from None
+    try:
+        return check_reference(totals, sequences, source)
+    except XtunerError as exc:
+        raise XtunerError(f"{exc}; delete it to compute it again") from None
 
 
 def save_reference(path: Path, totals: torch.Tensor) -> None:
@@ -143,6 +171,7 @@ __all__ = [
     "Reference",
     "cache_path",
     "cached_reference",
+    "check_reference",
     "compute_reference",
     "save_reference",
 ]

@@ -59,6 +59,8 @@ def _load_json(path: Path, skip_invalid: bool = False) -> Rows:
         raise DataError("file is empty", source=str(path))
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", source=str(path)) from None
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # a .json file that is really JSON Lines
             return _load_jsonl(path, text, skip_invalid)
@@ -92,11 +94,15 @@ def _load_jsonl(path: Path, text: str | None = None, skip_invalid: bool = False)
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
+        except (json.JSONDecodeError, RecursionError) as exc:
+            reason = (
+                f"invalid JSON: {exc.msg} (column {exc.colno})"
+                if isinstance(exc, json.JSONDecodeError)
+                else "JSON nested too deeply"
+            )
             if not skip_invalid:
                 raise DataError(reason, source=str(path), location=f"line {lineno}") from None
-            invalid.append((f"line {lineno}", "invalid JSON"))
+            invalid.append((f"line {lineno}", reason.split(":")[0]))
             continue
         numbers.append(lineno)
     if not records and not invalid:
@@ -104,21 +110,36 @@ def _load_jsonl(path: Path, text: str | None = None, skip_invalid: bool = False)
     return Rows(str(path), records, unit="line", numbers=numbers, invalid=invalid)
 
 
-def _csv_record_lines(text: str, delimiter: str) -> list[int]:
-    """The 1-based line each data record of a CSV starts on (a quoted field may span lines)."""
+def _csv_record_lines(text: str, delimiter: str, path: Path) -> list[int]:
+    """The 1-based line each data record of a CSV starts on (a quoted field may span lines);
+    a record with more fields than the header, or no record at all, is an error naming it."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    starts, previous = [], 0
+    starts, previous, width = [], 0, None
     for row in reader:
         start, previous = previous + 1, reader.line_num
-        if row:  # blank lines are not records
-            starts.append(start)
-    return starts[1:]  # after the header
+        if not row:  # blank lines are not records
+            continue
+        if width is None:
+            width = len(row)
+            continue
+        if len(row) > width:
+            raise DataError(
+                f"{len(row)} fields, but the header names {width}; quote fields that hold the "
+                "delimiter",
+                source=str(path),
+                location=f"line {start}",
+            )
+        starts.append(start)
+    if width is not None and not starts:
+        raise DataError("the file has a header and no rows", source=str(path))
+    return starts
 
 
 def _load_table(path: Path, kind: str) -> Rows:
 
     text = _read_text(path) if kind == "csv" else ""  # non-UTF-8 bytes: fail with a line
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    starts = _csv_record_lines(text, delimiter, path) if kind == "csv" else []
     try:
         ds = datasets.load_dataset(
             kind,
@@ -132,7 +153,6 @@ def _load_table(path: Path, kind: str) -> Rows:
         raise DataError("file is empty", source=str(path))
     rows = Rows(str(path), ds.to_list())
     if kind == "csv":
-        starts = _csv_record_lines(text, delimiter)
         rows.unit = "line"
         rows.numbers = starts if len(starts) == len(ds) else list(range(2, len(ds) + 2))
     return rows

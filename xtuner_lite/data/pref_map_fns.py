@@ -145,9 +145,11 @@ def kto_map_fn(row: Any) -> Preference:
 
 
 def auto_pref_map_fn(row: Any) -> Preference:
-    """Picks the format from the row's keys."""
+    """Picks the format from the row's keys: a row with no ``chosen`` / ``rejected`` but a
+    ``completion`` or ``messages`` is an unpaired (KTO) row, even without its ``label``."""
     row = as_object(row)
-    if "label" in row:
+    unpaired = "chosen" not in row and "rejected" not in row
+    if "label" in row or (unpaired and ("completion" in row or "messages" in row)):
         return kto_map_fn(row)
     if "conversations" in row:
         return sharegpt_pref_map_fn(row)

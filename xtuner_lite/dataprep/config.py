@@ -29,7 +29,8 @@ from datatrove.pipeline.filters import (
 
 from xtuner_lite.config import find_config, resolve_data_files
 from xtuner_lite.dataprep.reader import HTML, KINDS, SUFFIXES
-from xtuner_lite.errors import XtunerError
+from xtuner_lite.dataprep.stages import language_identifier
+from xtuner_lite.errors import XtunerError, did_you_mean
 
 SECTIONS = ("inputs", "stages", "output", "run")
 EXECUTORS = ("local", "slurm", "ray")
@@ -193,11 +194,26 @@ def _settings_problems(where: str, fn: Any, settings: dict[str, Any]) -> list[st
     return problems
 
 
+def _language_problems(where: str, languages: Any) -> list[str]:
+    """Every code must be one langid.py knows: an unknown one would silently keep nothing."""
+    if not languages:
+        return [f"{where}.languages: name at least one language code"]
+    if isinstance(languages, str) or not isinstance(languages, (list, tuple)):
+        return []  # the type check reports it
+    known = sorted(language_identifier().nb_classes)
+    return [
+        f"{where}.languages: unknown language code {code!r}{did_you_mean(str(code), known)} "
+        f"(ISO 639-1 codes langid.py knows: {', '.join(known)})"
+        for code in languages
+        if code not in known
+    ]
+
+
 def _stage_problems(where: str, stage_type: str, settings: dict[str, Any]) -> list[str]:
     fn = OWN_STAGES.get(stage_type) or QUALITY_FILTERS[stage_type]
     problems = _settings_problems(where, fn, settings)
-    if stage_type == "language" and not settings.get("languages", ["en"]):
-        problems.append(f"{where}.languages: name at least one language code")
+    if stage_type == "language":
+        problems += _language_problems(where, settings.get("languages", ["en"]))
     if stage_type == "blocklist":
         if not settings.get("words") and not settings.get("words_file"):
             problems.append(f"{where}: give words=[...] or words_file=PATH")

@@ -96,7 +96,7 @@ def _html_text(raw: bytes, path: Path) -> str:
     name = declared.group(1).decode("ascii", "replace")
     try:
         return raw.decode(codecs.lookup(name).name)
-    except (LookupError, UnicodeDecodeError) as exc:
+    except (LookupError, UnicodeError) as exc:  # "undefined" is a codec that always fails
         raise DataError(f"cannot decode as its declared charset {name!r} ({exc})", str(path),
                         "file") from None  # fmt: skip
 

@@ -164,21 +164,28 @@ def score(rewards: list[Reward], row: dict, completion: str, where: str) -> list
     for reward in rewards:
         try:
             value = reward.fn(row, completion)
-        except Exception as exc:  # noqa: BLE001 - user code: stop with its name and the row
+        except (Exception, SystemExit) as exc:  # user code: stop with its name and the row
             raise RewardError(
                 f"reward {reward.name!r} raised {type(exc).__name__}: {exc} (prompt {where}, "
                 f"completion {completion[:80]!r})"
             ) from exc
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
-            raise RewardError(
-                f"reward {reward.name!r} returned {value!r}, not a finite number (prompt {where})"
-            )
-        values.append(float(value))
+        values.append(_finite(value, reward.name, where))
     return values
+
+
+def _finite(value: Any, name: str, where: str) -> float:
+    """A reward's value as a float: any real number (numpy scalars and 0-d arrays included),
+    never a bool, NaN or infinity."""
+    try:
+        number = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or isinstance(value, bool) or getattr(value, "ndim", 0):
+        raise RewardError(
+            f"reward {name!r} returned {value!r} ({type(value).__name__}), not a finite number "
+            f"(prompt {where})"
+        )
+    return number
 
 
 __all__ = [

@@ -22,7 +22,7 @@ from typing import Any
 
 from xtuner_lite.errors import XtunerError, did_you_mean
 from xtuner_lite.sandbox import require_isolation, run_python
-from xtuner_lite.tools.schema import function_schema
+from xtuner_lite.tools.schema import ToolSpecError, function_schema
 
 SEARCH_DIR_ENV = "XTUNER_SEARCH_DIR"  # the folder ``search`` reads (default: the current one)
 SEARCH_SUFFIXES = {".txt", ".md", ".rst"}
@@ -195,7 +195,10 @@ def _file_tools(path: str) -> list[Tool]:
     ]
     if not found:
         raise ToolError(f"--tools-file {path} defines no public function")
-    return [Tool.of(fn) for fn in found]
+    try:
+        return [Tool.of(fn) for fn in found]
+    except ToolSpecError as exc:
+        raise ToolError(f"--tools-file {path}: function {exc.field!r}: {exc.reason}") from None
 
 
 def load_tools(names: list[str] | str | None = None, tools_file: str | None = None) -> list[Tool]:

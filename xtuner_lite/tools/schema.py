@@ -47,12 +47,24 @@ def normalize_tools(tools: Any, field: str = "tools") -> list[dict]:
         spec = tool.get("function") if isinstance(tool, dict) and "function" in tool else tool
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
             raise ToolSpecError("each tool needs a 'name' string", field=f"{field}[{i}]")
+        if spec["name"] in tool_names(out):
+            raise ToolSpecError(
+                f"another tool is also named {spec['name']!r}", field=f"{field}[{i}].name"
+            )
         params = spec.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(params, dict):
-            raise ToolSpecError("expected a JSON schema object", field=f"{field}[{i}].parameters")
+        _check_parameters(params, f"{field}[{i}].parameters")
         function = {"name": spec["name"], "description": spec.get("description", "")}
         out.append({"type": "function", "function": {**function, "parameters": params}})
     return out
+
+
+def _check_parameters(params: Any, field: str) -> None:
+    """A function's parameters are a JSON schema of type object (its arguments are one)."""
+    if not isinstance(params, dict) or params.get("type", "object") != "object":
+        got = params.get("type") if isinstance(params, dict) else type(params).__name__
+        raise ToolSpecError(f"expected a JSON schema of type 'object', got {got!r}", field=field)
+    if not isinstance(params.get("properties", {}), dict):
+        raise ToolSpecError("'properties' must be an object", field=f"{field}.properties")
 
 
 def tool_names(tools: list[dict]) -> list[str]:
@@ -121,7 +133,12 @@ def function_schema(fn: Callable) -> dict:
     parameter's description."""
     doc = inspect.getdoc(fn) or ""
     described = _param_docs(doc)
-    hints = typing.get_type_hints(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:  # noqa: BLE001 - any annotation may fail to evaluate
+        raise ToolSpecError(
+            f"its annotations cannot be read ({type(exc).__name__}: {exc})", field=fn.__name__
+        ) from None
     properties, required = {}, []
     for name, param in inspect.signature(fn).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
