@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,6 +133,26 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     assert _health(server)["running"] == 1
     conn.sock.close()
     conn.close()
+    deadline = time.time() + 60
+    while time.time() < deadline and _health(server)["running"]:
+        time.sleep(0.2)
+    after = _health(server)
+    assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
+
+
+def test_a_non_streaming_client_that_disconnects_cancels_its_request(server):
+    """It kept decoding to max_tokens with nobody to read the answer."""
+    before = _health(server)
+    sock = socket.create_connection(server, timeout=60)
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000,
+                       "temperature": 0}).encode()  # fmt: skip
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    deadline = time.time() + 30
+    while time.time() < deadline and _health(server)["running"] != 1:
+        time.sleep(0.05)
+    assert _health(server)["running"] == 1
+    sock.close()
     deadline = time.time() + 60
     while time.time() < deadline and _health(server)["running"]:
         time.sleep(0.2)

@@ -6,13 +6,15 @@ server-sent events), ``/v1/models``, ``/health``. Chat completions take OpenAI's
 the tools and sends their results back as ``tool`` messages. Each HTTP request runs on its own
 thread; one worker thread owns the engine, so concurrent requests are decoded together in one
 batch (continuous batching). The standard library's HTTP server is enough for localhost and keeps
-the dependency list short; a streaming client that goes away cancels its request.
+the dependency list short; a client that goes away, streaming or not, cancels its request.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -30,6 +32,7 @@ from xtuner_lite.tools.schema import ToolSpecError, normalize_call, normalize_to
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body larger than this is refused unread (413)
 READ_TIMEOUT_S = 30  # a client that sends nothing for this long is disconnected
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 LISTEN_BACKLOG = 128  # connections the OS queues before accept (the default 5 reset clients)
 
 
@@ -233,6 +236,16 @@ def request_message(message: Any, index: int) -> dict:
         except ToolSpecError as exc:
             raise APIError(400, f"{exc.field}: {exc.reason}", exc.field) from None
     return out
+
+
+def client_gone(connection: socket.socket) -> bool:
+    """Whether the client closed its end: readable with nothing to read (a pipelined next
+    request would be something to read)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 def check_tool_messages(messages: list[dict]) -> None:
@@ -542,8 +555,18 @@ class Server:
                 return self.rfile.read(length) if length else b""
 
             def _complete(self, job: Job) -> None:
+                checked = time.monotonic()
                 while True:
-                    event = job.events.get()
+                    try:
+                        event = job.events.get(timeout=DISCONNECT_POLL_S)
+                    except queue.Empty:
+                        event = ("wait",)
+                    if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                        checked = time.monotonic()
+                        if client_gone(self.connection):  # nobody will read the answer
+                            server.worker.cancel(job)
+                            self.close_connection = True
+                            return
                     if event[0] == "error":
                         _, status, message = event
                         kind = "server_error" if status >= 500 else "invalid_request_error"
