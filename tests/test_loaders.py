@@ -80,6 +80,7 @@ def test_missing_file_and_offline_hub_id_are_clear(tmp_path):
         ("deep.jsonl", '{"a": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
          "deep.jsonl, line 2: JSON nested too deeply"),
     ],
+    ids=["header.csv", "ragged.csv", "ragged.tsv", "deep.json", "deep.jsonl"],
 )  # fmt: skip
 def test_ragged_tables_and_deep_json_are_named_errors(tmp_path, name, content, message):
     """These came back as datasets' 'An error occurred while generating the dataset', a hub
