@@ -1,11 +1,20 @@
 """xtuner_lite: memory-efficient LLM fine-tuning (full, LoRA, QLoRA) that also runs on CPU."""
 
+import logging
 from importlib import import_module
 from typing import Any
 
 from xtuner_lite.errors import DataError, XtunerError
 
 __version__ = "0.1.0"
+
+# bitsandbytes warns, at import, on every CPU with AVX512-bf16 that its optional hub kernel
+# package (`kernels`) is missing; its own fallback is what we use, so that one message is dropped
+# where it arises (a filter on its logger, set up before bitsandbytes is imported)
+_BNB_KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community"
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith(_BNB_KERNELS)
+)
 
 # everything the CLI does, one import away; loaded on first use, so `import xtuner_lite` and
 # `xtuner --help` stay instant (torch, peft and mmengine take seconds to import)
