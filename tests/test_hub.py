@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -68,3 +71,14 @@ def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(XtunerError, match="not a Hugging Face model folder"):
         hub.resolve_model_path(tmp_path)
+
+
+def test_download_into_a_pipe_writes_lines_not_a_progress_bar(tmp_path):
+    """The GGUF conversion's tqdm bar wrote carriage-return redraws into pipes and logs."""
+    env = {**os.environ, "XTUNER_LITE_CACHE": str(tmp_path)}
+    env.pop("TQDM_DISABLE", None)
+    run = subprocess.run([sys.executable, "-m", "xtuner_lite.cli", "download"],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "\r" not in run.stdout + run.stderr
+    assert run.stdout.strip() == str(tmp_path / "models" / "smollm2-135m-instruct")

@@ -682,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():  # a bar redraws with carriage returns: noise in a pipe or a log
+        # every tqdm bar (GGUF conversion, datasets); read when tqdm is first imported
+        os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
