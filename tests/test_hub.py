@@ -77,8 +77,13 @@ def test_download_into_a_pipe_writes_lines_not_a_progress_bar(tmp_path):
     """The GGUF conversion's tqdm bar wrote carriage-return redraws into pipes and logs."""
     env = {**os.environ, "XTUNER_LITE_CACHE": str(tmp_path)}
     env.pop("TQDM_DISABLE", None)
-    run = subprocess.run([sys.executable, "-m", "xtuner_lite.cli", "download"],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "xtuner_lite.cli", "download"],
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )  # fmt: skip (bytes: a text
+    # pipe would turn the carriage returns into newlines)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "\r" not in run.stdout + run.stderr
-    assert run.stdout.strip() == str(tmp_path / "models" / "smollm2-135m-instruct")
+    assert b"\r" not in run.stdout + run.stderr
+    assert run.stdout.decode().strip() == str(tmp_path / "models" / "smollm2-135m-instruct")
