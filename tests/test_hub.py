@@ -77,13 +77,9 @@ def test_download_into_a_pipe_writes_lines_not_a_progress_bar(tmp_path):
     """The GGUF conversion's tqdm bar wrote carriage-return redraws into pipes and logs."""
     env = {**os.environ, "XTUNER_LITE_CACHE": str(tmp_path)}
     env.pop("TQDM_DISABLE", None)
-    run = subprocess.run(
-        [sys.executable, "-m", "xtuner_lite.cli", "download"],
-        capture_output=True,
-        env=env,
-        timeout=600,
-    )  # fmt: skip (bytes: a text
-    # pipe would turn the carriage returns into newlines)
+    # bytes: a text pipe would turn the carriage returns into newlines
+    cmd = [sys.executable, "-m", "xtuner_lite.cli", "download"]
+    run = subprocess.run(cmd, capture_output=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert b"\r" not in run.stdout + run.stderr
     assert run.stdout.decode().strip() == str(tmp_path / "models" / "smollm2-135m-instruct")
