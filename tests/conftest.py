@@ -270,7 +270,7 @@ def smol_server():
 def needs_sandbox() -> None:
     """Tests of the OS sandbox: skipped where bubblewrap cannot run (a user's machine without
     it), a failure in CI, which installs it."""
-    from xtuner_lite.sandbox import isolation_problem
+    from xtuner_lite.tools.sandbox import isolation_problem
 
     problem = isolation_problem()
     if problem is not None:

@@ -14,9 +14,9 @@ import pytest
 
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.rl.rewards import build_rewards, code_tests
-from xtuner_lite.sandbox import BWRAP_ENV, SandboxUnavailable, isolation_problem, run_python
 from xtuner_lite.tools import ToolBox, ToolError, load_tools
 from xtuner_lite.tools.builtin import Tool, calculator
+from xtuner_lite.tools.sandbox import BWRAP_ENV, SandboxUnavailable, isolation_problem, run_python
 
 from conftest import needs_sandbox
 

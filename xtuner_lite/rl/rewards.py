@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import Any
 
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.sandbox import require_isolation, run_tests
+from xtuner_lite.tools.sandbox import require_isolation, run_tests
 
 RewardFn = Callable[[dict, str], float]
 
@@ -79,9 +79,9 @@ def length_penalty(max_chars: int = 1000) -> RewardFn:
 def code_tests(tests_key: str = "tests", timeout: float = 5.0) -> RewardFn:
     """The share of the row's test statements (``tests_key``: a list of ``assert ...`` lines)
     that pass when run after the completion's code (its last ```python block, else the whole
-    text), in one :func:`~xtuner_lite.sandbox.run_tests` process: the harness reports each test
-    that passed, so code that exits early scores 0 on the tests it did not reach. Refused at
-    set-up where the machine cannot isolate the code."""
+    text), in one :func:`~xtuner_lite.tools.sandbox.run_tests` process: the harness reports each
+    test that passed, so code that exits early scores 0 on the tests it did not reach. Refused
+    at set-up where the machine cannot isolate the code."""
     require_isolation("code_tests")
 
     def reward(row: dict, completion: str) -> float:

@@ -1,5 +1,6 @@
 """Tool use: tool schemas and calls (``schema``), how templates write and read them
-(``formats``), the tools themselves (``builtin``) and the call-result loop (``agent``)."""
+(``formats``), the tools themselves (``builtin``), the call-result loop (``agent``) and the OS
+sandbox that runs model-written code (``sandbox``)."""
 
 from xtuner_lite.tools.agent import ToolBox, ToolTurn, run_tool_turn, run_tool_turns
 from xtuner_lite.tools.builtin import BUILT_IN, Tool, ToolError, load_tools

@@ -1,9 +1,10 @@
 """Tools a model can call: the built-in offline ones and the user's plain Python functions.
 
 A tool is a function whose signature and docstring become its JSON schema
-(:func:`~xtuner_lite.tools.schema.function_schema`). Built in: ``calculator`` (an AST evaluator,
-never ``eval``), ``python`` (code in :mod:`xtuner_lite.sandbox`) and ``search`` (a local folder
-of text files). ``--tools-file my_tools.py`` adds every public function the file defines.
+(:func:`~xtuner_lite.tools.schema.function_schema`). Built in: ``calculator`` (an AST
+evaluator, never ``eval``), ``python`` (code in :mod:`xtuner_lite.tools.sandbox`) and ``search``
+(a local folder of text files). ``--tools-file my_tools.py`` adds every public function the
+file defines.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xtuner_lite.errors import XtunerError, did_you_mean
-from xtuner_lite.sandbox import require_isolation, run_python
+from xtuner_lite.tools.sandbox import require_isolation, run_python
 from xtuner_lite.tools.schema import ToolSpecError, function_schema
 
 SEARCH_DIR_ENV = "XTUNER_SEARCH_DIR"  # the folder ``search`` reads (default: the current one)
