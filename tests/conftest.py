@@ -225,15 +225,21 @@ def tiny_train_cfg(model: str, method: str = "lora", **train) -> dict:
     )
 
 
-def loss_curve(work_dir) -> list[float]:
-    """The losses of ``loss.jsonl`` by step (a resumed run rewrites the steps it redoes)."""
+def log_records(work_dir) -> list[dict]:
+    """The records of ``loss.jsonl``, one per step (a resumed run rewrites the steps it redoes:
+    the last record of a step counts)."""
     import json
 
     by_step = {}
     for line in (Path(work_dir) / "loss.jsonl").read_text().splitlines():
         record = json.loads(line)
-        by_step[record["step"]] = record["loss"]
+        by_step[record["step"]] = record
     return [by_step[k] for k in sorted(by_step)]
+
+
+def loss_curve(work_dir, key: str = "loss") -> list[float]:
+    """One logged value (the loss by default) by step."""
+    return [record[key] for record in log_records(work_dir)]
 
 
 def start_server(*args: str):

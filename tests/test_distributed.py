@@ -20,7 +20,7 @@ from xtuner_lite.engine.distributed import torchrun_command
 from xtuner_lite.engine.strategies import deepspeed_config
 from xtuner_lite.errors import XtunerError
 
-from conftest import EXAMPLE_DATA, train_cmd, wait_for_lines
+from conftest import EXAMPLE_DATA, loss_curve, train_cmd, wait_for_lines
 
 pytestmark = pytest.mark.slow
 
@@ -69,15 +69,7 @@ def _train(config, work_dir, nproc, *extra):
         train_cmd(config, work_dir, *extra), capture_output=True, text=True, env=_env(nproc)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return _losses(work_dir)
-
-
-def _losses(work_dir):
-    by_step = {}
-    for line in open(work_dir / "loss.jsonl"):
-        record = json.loads(line)
-        by_step[record["step"]] = record["loss"]
-    return [by_step[k] for k in sorted(by_step)]
+    return loss_curve(work_dir)
 
 
 def _weights(folder):
@@ -315,10 +307,7 @@ def test_grpo_two_processes_split_the_prompts_and_equal_one_process(tmp_path, ti
     assert len(one) == len(two) == 3
     assert two == pytest.approx(one, abs=1e-5)
     assert any(abs(x) > 1e-4 for x in one)  # the second update of each batch has a loss
-    rewards = [
-        [json.loads(x)["reward"] for x in open(tmp_path / run / "loss.jsonl")]
-        for run in ("one", "two")
-    ]
+    rewards = [loss_curve(tmp_path / run, "reward") for run in ("one", "two")]
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6)  # the same completions sampled
     ours, theirs = _weights(tmp_path / "two" / "adapter"), _weights(tmp_path / "one" / "adapter")
     for name in theirs:

@@ -12,7 +12,7 @@ from xtuner_lite.data import IGNORE_INDEX, build_packed, collate_packed
 from xtuner_lite.data.tokenize import TokenizedBatch
 from xtuner_lite.model import build_model, loss_sum
 
-from conftest import ROOT, real_step, tiny_train_cfg, train_cmd, write_config
+from conftest import ROOT, loss_curve, real_step, tiny_train_cfg, train_cmd, write_config
 
 pytestmark = pytest.mark.gpu
 
@@ -66,10 +66,7 @@ def test_8bit_optimizers_train_through_the_cli(tiny_llama, tmp_path, optimizer):
         tiny_llama, max_iters=8, optimizer=optimizer, dtype="bf16", device="cuda", lr=1e-2
     )
     train(cfg, work_dir=tmp_path)
-    losses = [
-        float(line.split('"loss": ')[1].split(",")[0])
-        for line in (tmp_path / "loss.jsonl").read_text().splitlines()
-    ]
+    losses = loss_curve(tmp_path)
     assert len(losses) == 8 and losses[-1] < losses[0]
 
 

@@ -33,7 +33,7 @@ from xtuner_lite.rl.rewards import (
 )
 from xtuner_lite.training import train
 
-from conftest import loss_curve, tiny_train_cfg
+from conftest import log_records, loss_curve, tiny_train_cfg
 
 # advantages -----------------------------------------------------------------------------------
 
@@ -263,7 +263,7 @@ def test_grpo_run_logs_rollouts_and_resumes_exactly(tmp_path, tiny_llama, arithm
     adapter as the straight run."""
     cfg = grpo_cfg(str(tiny_llama), arithmetic, num_iterations=2, beta=0.05)
     straight = train(cfg, work_dir=tmp_path / "straight")
-    records = [json.loads(x) for x in (tmp_path / "straight" / "loss.jsonl").open()]
+    records = log_records(tmp_path / "straight")
     assert len(records) == 4
     for key in ("reward", "reward/numeric_answer", "completion/length", "kl", "clip_ratio/low",
                 "rollout/tokens_per_s", "train_tokens_per_s", "groups/all_equal"):  # fmt: skip
@@ -289,7 +289,7 @@ def test_bf16_rollouts_run_under_trainings_autocast(tmp_path, tiny_llama, arithm
     cfg["model"]["dtype"] = "bf16"
     cfg["train"].update(dtype="bf16", max_iters=2)
     train(cfg, work_dir=tmp_path / "run")
-    records = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").open()]
+    records = log_records(tmp_path / "run")
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
 
 

@@ -27,7 +27,7 @@ from xtuner_lite.model import build_model
 from xtuner_lite.model.logprobs import logps_from_hidden
 from xtuner_lite.training import train
 
-from conftest import EXAMPLE_DATA, loss_curve, real_step, tiny_train_cfg
+from conftest import EXAMPLE_DATA, log_records, loss_curve, real_step, tiny_train_cfg
 
 PAIRS = EXAMPLE_DATA / "pref_mini.json"
 UNPAIRED = EXAMPLE_DATA / "kto_mini.json"
@@ -306,7 +306,7 @@ def test_training_raises_preference_accuracy(tiny_llama, tmp_path, objective, me
         lr=2e-3 if method == "lora" else 2e-4,
     )
     out = train(cfg, work_dir=tmp_path / "run")
-    records = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    records = log_records(tmp_path / "run")
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert "rewards/chosen" in records[-1] and "rewards/rejected" in records[-1]

@@ -9,7 +9,7 @@ import pytest
 
 from xtuner_lite.errors import XtunerError
 
-from conftest import EXAMPLE_DATA, ROOT, train_cmd, wait_for_lines
+from conftest import EXAMPLE_DATA, ROOT, loss_curve, train_cmd, wait_for_lines
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +34,6 @@ RESUMED = {
 }
 
 
-def _losses(work_dir):
-    by_step = {}
-    for line in open(os.path.join(work_dir, "loss.jsonl")):
-        record = json.loads(line)
-        by_step[record["step"]] = record["loss"]  # a resumed run rewrites the steps it redoes
-    return [by_step[k] for k in sorted(by_step)]
-
-
 @pytest.mark.parametrize("objective", sorted(RESUMED))
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama, objective):
     template, data = RESUMED[objective]
@@ -50,7 +42,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama, objecti
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     whole = tmp_path / "whole"
     subprocess.run(train_cmd(config, whole), check=True, capture_output=True, env=env)
-    reference = _losses(whole)
+    reference = loss_curve(whole)
     assert len(reference) == 16
 
     killed = tmp_path / "killed"
@@ -67,7 +59,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama, objecti
     subprocess.run(
         train_cmd(config, killed, "--resume", "auto"), check=True, capture_output=True, env=env
     )
-    assert _losses(killed) == reference  # bitwise, fp32 on CPU
+    assert loss_curve(killed) == reference  # bitwise, fp32 on CPU
     assert (killed / "adapter" / "adapter_model.safetensors").exists()
     kept = sorted(p.name for p in killed.glob("iter_*.pth"))
     assert kept == ["iter_12.pth", "iter_16.pth"]
@@ -118,7 +110,7 @@ def test_smollm2_configs_train_with_falling_loss(tmp_path, method):
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    losses = _losses(tmp_path)
+    losses = loss_curve(tmp_path)
     assert len(losses) == 24
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.5 * first, losses
