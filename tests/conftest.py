@@ -51,28 +51,46 @@ def _isolated_dataset_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XTUNER_LITE_DATA_CACHE", str(tmp_path / "dataset-cache"))
 
 
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **config):
+    """A random tiny causal LM (``llama``, ``qwen2`` or ``mistral``) in eval mode: TINY_SHAPE
+    with ``config`` on top. The one factory of the test suite's small models."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }
+    config_class, model_class = classes[arch]
+    torch.manual_seed(seed)
+    return model_class(config_class(**{**TINY_SHAPE, **config})).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, smol_tokenizer):
     """A random 2-layer Llama with SmolLM2's vocabulary, saved as an HF folder (fp32)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    model = tiny_model(vocab_size=len(smol_tokenizer), tie_word_embeddings=True, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=2)  # fmt: skip
     path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     smol_tokenizer.save_pretrained(path)
     return str(path)
 

@@ -9,6 +9,8 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.export import export_gguf
 from xtuner_lite.merge import merge_adapter
 
+from conftest import tiny_model
+
 pytestmark = pytest.mark.integration
 
 
@@ -83,21 +85,8 @@ def test_q8_0_weights_dequantize_close(tiny_llama, tmp_path):
 
 
 def test_qwen2_exports(tmp_path, smol_tokenizer):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
     folder = tmp_path / "qwen"
-    reference = Qwen2ForCausalLM(config).eval()
+    reference = tiny_model("qwen2", vocab_size=len(smol_tokenizer), tie_word_embeddings=False)
     reference.save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     model, _ = _load_gguf(export_gguf(folder, tmp_path / "q.gguf", dtype="f32"))

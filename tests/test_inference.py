@@ -8,6 +8,8 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.sampling import apply_repetition_penalty, choose_token, draw
 
+from conftest import tiny_model
+
 pytestmark = pytest.mark.integration
 
 QUESTIONS = [
@@ -315,26 +317,13 @@ def test_fast_decoder_packed_and_plain_equal_transformers_generate(smol, pack):
 
 
 def _tiny(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    shape = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
     if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**shape))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
-        for layer in model.model.layers:  # q/k/v carry biases: make them matter
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(proj.bias, std=0.5)
-    return model.eval()
+        return tiny_model("llama", vocab_size=97, intermediate_size=96)
+    model = tiny_model("qwen2", vocab_size=97, intermediate_size=96, tie_word_embeddings=True)
+    for layer in model.model.layers:  # q/k/v carry biases: make them matter
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            torch.nn.init.normal_(proj.bias, std=0.5)
+    return model
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -422,21 +411,9 @@ def test_fast_decoder_runs_live_lora_adapters_as_transformers_does(kind):
 def test_models_the_fast_decoder_does_not_cover_are_named_with_the_reason():
     """These decode through their own forward (the engine's other tests cover that path: the
     counting wrapper, 4/8-bit models)."""
-    from transformers import MistralConfig, MistralForCausalLM
-
     from xtuner_lite.inference.decoder import unsupported_reason
 
-    mistral = MistralForCausalLM(
-        MistralConfig(
-            vocab_size=97,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=16,
-        )
-    )
+    mistral = tiny_model("mistral", vocab_size=97, num_hidden_layers=1, sliding_window=16)
     assert "model type 'mistral'" in unsupported_reason(mistral)
     assert "laid out as Llama's" in unsupported_reason(_tiny("llama").model)  # a bare decoder
     peft = pytest.importorskip("peft")

@@ -9,6 +9,8 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.merge import architecture_of, merge_adapter
 from xtuner_lite.model import build_model
 
+from conftest import tiny_model
+
 pytestmark = pytest.mark.integration
 
 
@@ -70,20 +72,9 @@ def test_merged_logits_equal_base_plus_adapter(tiny_llama, tmp_path, method, lor
 
 
 def test_merge_refuses_a_different_base(tiny_llama, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     adapter = _make_adapter(tiny_llama, tmp_path / "adapter")
     other = tmp_path / "other"
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=300,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).save_pretrained(other)
+    tiny_model(vocab_size=300, hidden_size=32, intermediate_size=64).save_pretrained(other)
     with pytest.raises(XtunerError, match="different model.*hidden_size: adapter 64 vs base 32"):
         merge_adapter(str(other), adapter, tmp_path / "m1")
     with pytest.raises(XtunerError, match="does not fit base"):  # shapes, when told to skip

@@ -17,23 +17,17 @@ from xtuner_lite.plan import (
     plan_memory,
 )
 
+from conftest import tiny_model
+
 VOCAB = 4000
 
 
 def _tiny(tmp_path, layers, **shape):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        num_hidden_layers=layers,
-        vocab_size=VOCAB,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        **shape,
-    )
+    model = tiny_model(num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=1024,
+                       tie_word_embeddings=True, **shape)  # fmt: skip
     path = tmp_path / f"m{layers}_{shape['hidden_size']}"
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path), Shape.from_config(config)
+    model.save_pretrained(path)
+    return str(path), Shape.from_config(model.config)
 
 
 def _saved_bytes(model, tokens: int) -> int:
