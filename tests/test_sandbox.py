@@ -18,7 +18,7 @@ from xtuner_lite.tools import ToolBox, ToolError, load_tools
 from xtuner_lite.tools.builtin import Tool, calculator
 from xtuner_lite.tools.sandbox import BWRAP_ENV, SandboxUnavailable, isolation_problem, run_python
 
-from conftest import needs_sandbox
+from conftest import ROOT, needs_sandbox
 
 
 @pytest.fixture
@@ -259,3 +259,35 @@ def test_every_tool_call_has_a_wall_clock_limit():
 def test_unknown_tool_error_unchanged():
     with pytest.raises(ToolError, match="unknown tool"):
         load_tools("pyhton")
+
+
+SPAWN_THEN_RUN = """
+import subprocess, sys
+sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(40)]
+try:
+    from xtuner_lite.tools.sandbox import isolation_problem, run_python
+    print(isolation_problem())
+    print(run_python("print(6 * 7)").describe())
+finally:
+    for p in sleepers:
+        p.kill()
+"""
+
+
+def _readable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o005 == 0o005 for p in [path, *path.parents])
+
+
+def test_a_user_running_many_processes_still_gets_a_sandbox(sandbox):
+    """The process limit counted every process of the calling user when set before bwrap: a
+    user with more than 32 (any desktop) got "Creating new namespace failed"."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-I", "-c", SPAWN_THEN_RUN]
+    if os.geteuid() == 0:  # as root, the same as an unprivileged user (uid 65534)
+        python = Path("/usr/bin/python3")
+        if not python.is_file() or not _readable_by_others(ROOT):
+            pytest.skip("needs /usr/bin/python3 and a checkout readable by other users")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(python),
+                   "-c", SPAWN_THEN_RUN]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/tmp", timeout=120)
+    assert run.stdout.splitlines() == ["None", "42"], run.stderr[-2000:]

@@ -125,12 +125,22 @@ def _identity() -> list[str]:
     return []
 
 
+def _util_linux(name: str) -> str:
+    return shutil.which(name) or f"/usr/bin/{name}"
+
+
 def _drop_root() -> list[str]:
     if os.geteuid() != 0:
         return []
-    setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
-    return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+    return [_util_linux("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]  # fmt: skip
+
+
+def _process_limit(limits: Limits) -> list[str]:
+    """RLIMIT_NPROC set inside the namespaces: set before, it would count every process the
+    calling user already runs (a desktop user's hundreds), and bwrap could not even start."""
+    n = limits.processes
+    return [_util_linux("prlimit"), f"--nproc={n}:{n}", "--"]
 
 
 def sandbox_command(argv: list[str], limits: Limits) -> list[str]:
@@ -150,18 +160,18 @@ def sandbox_command(argv: list[str], limits: Limits) -> list[str]:
         "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", HOME, "--setenv", "TMPDIR", HOME,
         "--setenv", "PYTHONHASHSEED", "0",
         "--",
-        *_drop_root(), *argv,
+        *_drop_root(), *_process_limit(limits), *argv,
     ]  # fmt: skip
 
 
 def _rlimits(limits: Limits) -> None:
-    """In the child before bwrap starts (inherited by everything the sandbox starts)."""
+    """In the child before bwrap starts (inherited by everything the sandbox starts); the
+    process limit is set inside (:func:`_process_limit`)."""
     cpu = math.ceil(limits.timeout) + 1
     for which, value in (
         (resource.RLIMIT_CPU, cpu),
         (resource.RLIMIT_AS, limits.memory),
         (resource.RLIMIT_FSIZE, limits.file_size),
-        (resource.RLIMIT_NPROC, limits.processes),
         (resource.RLIMIT_NOFILE, limits.open_files),
         (resource.RLIMIT_CORE, 0),
     ):
@@ -176,8 +186,10 @@ def isolation_problem() -> str | None:
         where = os.environ.get(BWRAP_ENV)
         found = f"{BWRAP_ENV}={where} is not a program" if where else "not on PATH"
         return f"bubblewrap (bwrap) is not installed ({found}; e.g. apt-get install bubblewrap)"
-    if os.geteuid() == 0 and not Path(_drop_root()[0]).is_file():
+    if os.geteuid() == 0 and not Path(_util_linux("setpriv")).is_file():
         return "running as root and setpriv (util-linux) is missing to drop to an unprivileged user"
+    if not Path(_util_linux("prlimit")).is_file():
+        return "prlimit (util-linux) is missing to limit the sandbox's processes"
     result = _launch([sys.executable, "-I", "-c", "pass"], b"", Limits(timeout=30))
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
