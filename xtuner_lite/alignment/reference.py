@@ -129,16 +129,20 @@ def compute_reference(
     return totals
 
 
-def check_reference(totals: torch.Tensor, sequences: int, source: str) -> torch.Tensor:
+def check_reference(
+    totals: torch.Tensor, sequences: int, source: str, remedy: str = ""
+) -> torch.Tensor:
     """The reference log-probs must be one finite number per sequence; a NaN would surface
     later as a NaN loss and be blamed on the learning rate."""
     if tuple(totals.shape) != (sequences,):
-        raise XtunerError(f"{source} holds {tuple(totals.shape)} values for {sequences} sequences")
+        raise XtunerError(
+            f"{source} holds {tuple(totals.shape)} values for {sequences} sequences{remedy}"
+        )
     bad = (~torch.isfinite(totals)).nonzero().flatten()
     if len(bad):
         raise XtunerError(
             f"{source}: {len(bad)} of {sequences} sequence log-probabilities are not finite "
-            f"(first: sequence {int(bad[0])}, {float(totals[bad[0]])})"
+            f"(first: sequence {int(bad[0])}, {float(totals[bad[0]])}){remedy}"
         )
     return totals
 
@@ -148,17 +152,14 @@ def cached_reference(path: Path, sequences: int) -> torch.Tensor | None:
     read, or holds the wrong number of values or a non-finite one, is an error naming it."""
     if not path.exists():
         return None
-    source = f"the reference log-prob cache {path}"
+    source, remedy = f"the reference log-prob cache {path}", "; delete it to compute it again"
     try:
         totals = load_file(str(path))["ref_logps"]
     except (SafetensorError, KeyError, OSError) as exc:
         raise XtunerError(
-            f"{source} cannot be read ({type(exc).__name__}: {exc}); delete it to compute it again"
+            f"{source} cannot be read ({type(exc).__name__}: {exc}){remedy}"
         ) from None
-    try:
-        return check_reference(totals, sequences, source)
-    except XtunerError as exc:
-        raise XtunerError(f"{exc}; delete it to compute it again") from None
+    return check_reference(totals, sequences, source, remedy)
 
 
 def save_reference(path: Path, totals: torch.Tensor) -> None:

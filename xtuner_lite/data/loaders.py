@@ -94,17 +94,16 @@ def _load_jsonl(path: Path, text: str | None = None, skip_invalid: bool = False)
             continue
         try:
             records.append(json.loads(line))
-        except (json.JSONDecodeError, RecursionError) as exc:
-            reason = (
-                f"invalid JSON: {exc.msg} (column {exc.colno})"
-                if isinstance(exc, json.JSONDecodeError)
-                else "JSON nested too deeply"
-            )
-            if not skip_invalid:
-                raise DataError(reason, source=str(path), location=f"line {lineno}") from None
-            invalid.append((f"line {lineno}", reason.split(":")[0]))
+        except json.JSONDecodeError as exc:
+            kind, reason = "invalid JSON", f"invalid JSON: {exc.msg} (column {exc.colno})"
+        except RecursionError:
+            kind = reason = "JSON nested too deeply"
+        else:
+            numbers.append(lineno)
             continue
-        numbers.append(lineno)
+        if not skip_invalid:
+            raise DataError(reason, source=str(path), location=f"line {lineno}") from None
+        invalid.append((f"line {lineno}", kind))
     if not records and not invalid:
         raise DataError("file is empty", source=str(path))
     return Rows(str(path), records, unit="line", numbers=numbers, invalid=invalid)

@@ -113,9 +113,9 @@ def _submit(cfg: PrepareConfig) -> None:
 
 
 def _run(cfg: PrepareConfig) -> dict:
-    """Build the whole output in ``cfg.output``: the runs, then the report and manifest."""
+    """Build the whole output in ``cfg.output``: the runs, then the report and manifest (the
+    config snapshot is written once the output is in its place, naming that folder)."""
     work, errors = cfg.output / WORK, cfg.output / WORK / "errors"
-    write_json(work / CONFIG, cfg.to_dict())
     runs = build_runs(cfg, errors)
     if cfg.executor == "ray":
         seconds = run_ray(runs, work, cfg.workers, errors, cfg.ray)

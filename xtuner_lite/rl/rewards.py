@@ -7,6 +7,7 @@ rewards by type, or gives any callable (or a dotted path to one) with its weight
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import re
@@ -176,11 +177,11 @@ def score(rewards: list[Reward], row: dict, completion: str, where: str) -> list
 def _finite(value: Any, name: str, where: str) -> float:
     """A reward's value as a float: any real number (numpy scalars and 0-d arrays included),
     never a bool, NaN or infinity."""
-    try:
-        number = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number) or isinstance(value, bool) or getattr(value, "ndim", 0):
+    number = math.nan
+    if not isinstance(value, (bool, str, bytes)) and not getattr(value, "ndim", 0):
+        with contextlib.suppress(TypeError, ValueError):
+            number = float(value)
+    if not math.isfinite(number):
         raise RewardError(
             f"reward {name!r} returned {value!r} ({type(value).__name__}), not a finite number "
             f"(prompt {where})"

@@ -30,6 +30,7 @@ SEARCH_SUFFIXES = {".txt", ".md", ".rst"}
 MAX_BITS = 14_000  # an integer the calculator would make longer than this is refused first
 # (Python prints integers of up to 4,300 digits: 14,000 bits is about 4,214)
 MAX_EXPRESSION = 2000  # characters
+DIGITS_PER_BIT = math.log10(2)
 
 
 class ToolError(XtunerError):
@@ -84,8 +85,8 @@ def _check_size(op: ast.operator, left: float | int, right: float | int) -> None
     else:
         return
     if bits > MAX_BITS:
-        raise ValueError(f"the result would have about {int(bits * 0.30103):,} digits; "
-                         f"the calculator stops at {int(MAX_BITS * 0.30103):,}")  # fmt: skip
+        raise ValueError(f"the result would have about {int(bits * DIGITS_PER_BIT):,} digits; "
+                         f"the calculator stops at {int(MAX_BITS * DIGITS_PER_BIT):,}")  # fmt: skip
 
 
 def _evaluate(node: ast.AST) -> float | int:

@@ -289,17 +289,12 @@ def run_tests(code: str, tests: list[str], timeout: float = 5.0) -> list[bool]:
     nonce = secrets.token_hex(16).encode()
     job = json.dumps({"code": code, "tests": tests}).encode()
     read, write = os.pipe()
-    try:
-        argv = [sys.executable, "-I", "-B", "-c", HARNESS, str(write)]
-        _launch(argv, nonce + b"\n" + job, Limits(timeout=timeout), pass_fds=(write,))
-        os.close(write)
-        write = -1
-        with os.fdopen(read, "rb") as reports:
-            read = -1
-            lines = reports.read().split(b"\n")
-    finally:
-        for fd in (read, write):
-            if fd >= 0:
-                os.close(fd)
+    with os.fdopen(read, "rb") as reports:
+        try:
+            argv = [sys.executable, "-I", "-B", "-c", HARNESS, str(write)]
+            _launch(argv, nonce + b"\n" + job, Limits(timeout=timeout), pass_fds=(write,))
+        finally:
+            os.close(write)  # the harness has ended: reading now reaches the end of its reports
+        lines = reports.read().split(b"\n")
     passed = {int(line.split()[1]) for line in lines if line.startswith(nonce + b" ")}
     return [i in passed for i in range(len(tests))]
