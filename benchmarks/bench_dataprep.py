@@ -26,7 +26,7 @@ CONFIG = "prepare_c4_wiki_demo"
 
 def run_child(workers: int, out: Path, tasks: int) -> dict:
     from xtuner_lite.dataprep import prepare
-    from xtuner_lite.dataprep.config import load_prepare_config
+    from xtuner_lite.dataprep.settings import load_prepare_config
 
     overrides = {
         "inputs.data_files": [str(SHARED / "raw/llamafactory_c4_demo.jsonl"),

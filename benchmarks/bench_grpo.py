@@ -69,7 +69,7 @@ def run_ours(opts: argparse.Namespace) -> dict:
 
 
 def _final_number(text: str) -> str | None:
-    from xtuner_lite.rl.rewards import extract_answer
+    from xtuner_lite.objectives.grpo.rewards import extract_answer
 
     value = extract_answer(text)
     return None if value is None else str(value)
@@ -80,8 +80,8 @@ def run_trl(opts: argparse.Namespace) -> dict:
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from xtuner_lite.engine.runner import cpu_has_fast_bf16
     from xtuner_lite.hub import load_model, load_tokenizer
+    from xtuner_lite.training.runner import cpu_has_fast_bf16
 
     rows = [json.loads(x) for x in PROMPTS.read_text().splitlines()]
     ds = datasets.Dataset.from_list(

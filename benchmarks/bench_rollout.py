@@ -38,8 +38,8 @@ def run(side: str, rows: int, new_tokens: int) -> float:
     from xtuner_lite.hub import load_tokenizer
     from xtuner_lite.inference.sampling import SamplingParams
     from xtuner_lite.model import build_model
-    from xtuner_lite.rl.data import process_prompt_dataset
-    from xtuner_lite.rl.rollout import sample_completions
+    from xtuner_lite.objectives.grpo.data import process_prompt_dataset
+    from xtuner_lite.objectives.grpo.rollout import sample_completions
 
     method = "lora" if side == "lora" else "full"
     lora = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")

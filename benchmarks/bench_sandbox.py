@@ -55,7 +55,7 @@ def rows() -> list[dict]:
 
 
 def time_tool(calls: int) -> dict:
-    from xtuner_lite.tools import ToolBox, load_tools
+    from xtuner_lite.toolcalling import ToolBox, load_tools
 
     box = ToolBox(load_tools("python"))
     call = {"name": "python", "arguments": {"code": "print(6 * 7)"}}
@@ -71,7 +71,7 @@ def time_tool(calls: int) -> dict:
 
 
 def time_scoring() -> dict:
-    from xtuner_lite.rl.rewards import code_tests
+    from xtuner_lite.objectives.grpo.rewards import code_tests
 
     reward = code_tests(timeout=5.0)
     row = {"tests": [f"assert {t}" for t in TASKS[0][2]]}

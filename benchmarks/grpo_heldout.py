@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from xtuner_lite.commands.plot_log import plot_log
+from xtuner_lite.commands.train import train
 from xtuner_lite.data.templates import stop_token_ids
 from xtuner_lite.evaluation.intervals import paired_difference, wilson
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.loader import load_for_inference
 from xtuner_lite.inference.sampling import SamplingParams
-from xtuner_lite.plot import plot_log
-from xtuner_lite.rl.data import process_prompt_dataset
-from xtuner_lite.rl.rewards import numeric_answer
-from xtuner_lite.training import train
+from xtuner_lite.objectives.grpo.data import process_prompt_dataset
+from xtuner_lite.objectives.grpo.rewards import numeric_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = ROOT / "xtuner_lite" / "examples" / "data" / "arithmetic_test.jsonl"

@@ -18,9 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from xtuner_lite.commands.plan import MiB, PlanSettings, Shape, measure_saved_bytes, plan_memory
 from xtuner_lite.model import build_model, skip_adapter_input_casts
 from xtuner_lite.model.forward import loss_sum
-from xtuner_lite.plan import MiB, PlanSettings, Shape, measure_saved_bytes, plan_memory
 
 MODEL = "smollm2-135m-instruct"
 

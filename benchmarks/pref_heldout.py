@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 
 from xtuner_lite.adapters import load_adapted
-from xtuner_lite.alignment.objectives import score_head
+from xtuner_lite.commands.train import train
 from xtuner_lite.data.dataset import PreferenceDataset, collate_preference, share_prompts
 from xtuner_lite.data.preference import process_preference_dataset
 from xtuner_lite.evaluation.intervals import wilson
 from xtuner_lite.model import build_model
 from xtuner_lite.model.attention import can_branch, runs_segments
 from xtuner_lite.model.logprobs import sequence_logps, sequence_scores
-from xtuner_lite.training import train
+from xtuner_lite.objectives.preference.objective import score_head
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pref"
 MODEL = "smollm2-135m-instruct"

@@ -145,9 +145,9 @@ def train_and_measure(
     """Train ``steps`` steps on packed random rows under bf16 autocast; the first step is
     warm-up for the timing. On CUDA: peak allocated / reserved over the steps (the weights,
     loaded before, included), optionally under a ``set_per_process_memory_fraction`` cap."""
-    from xtuner_lite.engine.objectives import NextTokenObjective
-    from xtuner_lite.engine.train_model import TrainModel
     from xtuner_lite.model import build_model, skip_adapter_input_casts
+    from xtuner_lite.objectives.sft import SFTObjective
+    from xtuner_lite.training.train_model import TrainModel
 
     cuda = device == "cuda"
     if cuda:
@@ -168,7 +168,7 @@ def train_and_measure(
         device=device if cuda else None,
     )
     skip_adapter_input_casts(llm)
-    model = TrainModel(llm, NextTokenObjective(chunk_size)).to(device)
+    model = TrainModel(llm, SFTObjective(chunk_size)).to(device)
     model.train()  # from_pretrained gives eval mode: no checkpointing, no dropout
     trained = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
@@ -242,7 +242,7 @@ def planned_gib(
     """What ``xtuner plan`` predicts for ``train_and_measure``'s run on a shape (a name in
     ``SHAPES`` or a model folder), without the fixed CUDA-context overhead (which
     ``max_memory_allocated`` does not count)."""
-    from xtuner_lite.plan import GiB, PlanSettings, Shape, plan_memory
+    from xtuner_lite.commands.plan import GiB, PlanSettings, Shape, plan_memory
 
     if str(shape) in SHAPES:
         config = {"tie_word_embeddings": False, **SHAPES[str(shape)]}

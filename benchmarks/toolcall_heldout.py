@@ -24,12 +24,12 @@ import random
 import re
 from pathlib import Path
 
+from xtuner_lite.commands.train import train
 from xtuner_lite.data.map_fns import get_map_fn
 from xtuner_lite.evaluation.intervals import wilson
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel
-from xtuner_lite.tools import ToolBox, load_tools, run_tool_turns
-from xtuner_lite.training import train
+from xtuner_lite.toolcalling import ToolBox, load_tools, run_tool_turns
 
 ROOT = Path(__file__).resolve().parents[1]
 GLAIVE = ROOT.parent / "shared" / "data" / "sft" / "llamafactory_glaive_toolcall_en_demo.json"

@@ -4,7 +4,7 @@
 
 # %%
 from xtuner_lite import load_config, train
-from xtuner_lite.chat import ChatSession, GenerationOptions
+from xtuner_lite.commands.chat import ChatSession, GenerationOptions
 
 # %% Load the quickstart config and override fields, as `--cfg-options` would.
 cfg = load_config("smollm2_135m_identity_lora")

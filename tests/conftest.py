@@ -131,8 +131,9 @@ def real_step(
     """
     import torch
 
-    from xtuner_lite.engine import NextTokenObjective, TrainModel
-    from xtuner_lite.engine.optim import AutocastOptimWrapper
+    from xtuner_lite.objectives.sft import SFTObjective
+    from xtuner_lite.training import TrainModel
+    from xtuner_lite.training.optim import AutocastOptimWrapper
 
     names = {id(p): n for n, p in model.named_parameters()}
     optimizer = optimizer or torch.optim.AdamW(
@@ -153,9 +154,7 @@ def real_step(
     handle = optimizer.register_step_pre_hook(record)
     try:
         wrapper = AutocastOptimWrapper(optimizer, dtype=dtype, device_type=device_type)
-        out = TrainModel(model, objective or NextTokenObjective()).train_step(
-            micro_batches, wrapper
-        )
+        out = TrainModel(model, objective or SFTObjective()).train_step(micro_batches, wrapper)
     finally:
         handle.remove()
     return float(out["loss"]), seen
@@ -294,7 +293,7 @@ def smol_server():
 def needs_sandbox() -> None:
     """Tests of the OS sandbox: skipped where bubblewrap cannot run (a user's machine without
     it), a failure in CI, which installs it."""
-    from xtuner_lite.tools.sandbox import isolation_problem
+    from xtuner_lite.toolcalling.sandbox import isolation_problem
 
     problem = isolation_problem()
     if problem is not None:

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from xtuner_lite.engine import checkpoint as ckpt
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.training import checkpoint as ckpt
 
 from conftest import loss_curve, tiny_train_cfg
 
@@ -32,7 +32,7 @@ def _crafted(path, marker):
 
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, tiny_llama, capsys):
     from xtuner_lite.cli import main
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     marker = tmp_path / "code-ran"
     evil = _crafted(tmp_path / "iter_1.pth", marker)
@@ -52,7 +52,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, tiny_llama, 
 
 
 def test_our_checkpoints_load_with_the_weights_only_unpickler(tmp_path, tiny_llama):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     train(tiny_train_cfg(tiny_llama, max_iters=2), work_dir=tmp_path)
     for _, path in ckpt.checkpoints(tmp_path):
@@ -68,7 +68,7 @@ def test_a_write_cut_off_with_save_total_limit_1_keeps_the_previous_checkpoint(
     nothing to resume from."""
     import mmengine.runner.runner as mm_runner
 
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     cfg = tiny_train_cfg(tiny_llama, max_iters=5, save_steps=1, save_total_limit=1)
     train(cfg, work_dir=tmp_path / "whole")
@@ -97,7 +97,7 @@ def test_a_write_cut_off_with_save_total_limit_1_keeps_the_previous_checkpoint(
 
 
 def test_resume_auto_stays_inside_a_moved_or_copied_work_dir(tmp_path, tiny_llama, capsys):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     cfg = tiny_train_cfg(tiny_llama, max_iters=4, save_steps=2)
     train(cfg, work_dir=tmp_path / "original")
@@ -127,8 +127,8 @@ def test_resume_auto_stays_inside_a_moved_or_copied_work_dir(tmp_path, tiny_llam
 def test_a_nan_stop_sets_aside_the_checkpoint_that_produced_it(tmp_path, tiny_llama, monkeypatch):
     """The checkpoint saved right before a non-finite step holds the weights that gave it: it
     is set aside, and resume continues from the one before, named in the message."""
-    from xtuner_lite.engine import NonFiniteLossError, objectives
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
+    from xtuner_lite.training import NonFiniteLossError, objectives
 
     real, calls = objectives.loss_sum, []
 
@@ -156,8 +156,8 @@ def test_a_nan_stop_sets_aside_the_checkpoint_that_produced_it(tmp_path, tiny_ll
 def test_a_collapsed_run_stops_and_keeps_no_destroyed_weights(tmp_path, tiny_llama):
     """lr=1e8 destroys the model without a NaN (loss ln V, zero gradient): it stops with a
     message, and the checkpoint holding the destroyed weights is set aside."""
-    from xtuner_lite.engine import CollapsedRunError
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
+    from xtuner_lite.training import CollapsedRunError
 
     cfg = tiny_train_cfg(
         tiny_llama,

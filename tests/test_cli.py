@@ -120,7 +120,7 @@ def test_chat_one_shot_answers_greedily():
 def test_chat_matches_transformers_generate(smol_tokenizer):
     import torch
 
-    from xtuner_lite.chat import ChatSession, GenerationOptions
+    from xtuner_lite.commands.chat import ChatSession, GenerationOptions
     from xtuner_lite.hub import load_model
 
     session = ChatSession("smollm2-135m-instruct", options=GenerationOptions(max_new_tokens=24))
@@ -221,9 +221,9 @@ def test_interactive_chat_through_a_pseudo_terminal():
 
 def test_python_api_exposes_every_command():
     import xtuner_lite
-    import xtuner_lite.chat  # noqa: F401 - submodules imported first must not shadow the names
-    import xtuner_lite.convert  # noqa: F401
-    import xtuner_lite.export  # noqa: F401
+    import xtuner_lite.commands.chat  # noqa: F401 - submodules imported first must not shadow the names
+    import xtuner_lite.commands.convert  # noqa: F401
+    import xtuner_lite.commands.export  # noqa: F401
     import xtuner_lite.server  # noqa: F401
 
     for name in (

@@ -26,7 +26,7 @@ BAD_TRAIN = [
 def test_out_of_range_train_settings_are_refused_before_any_work(
     tmp_path, tiny_llama, key, value, message
 ):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     cfg = tiny_train_cfg(tiny_llama, **{key: value})
     with pytest.raises(XtunerError, match=message) as info:
@@ -36,7 +36,7 @@ def test_out_of_range_train_settings_are_refused_before_any_work(
 
 
 def test_a_cuda_device_without_one_is_refused(tmp_path, tiny_llama):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -45,7 +45,7 @@ def test_a_cuda_device_without_one_is_refused(tmp_path, tiny_llama):
 
 
 def test_several_problems_are_reported_together():
-    from xtuner_lite.engine.runner import TrainSettings
+    from xtuner_lite.training.runner import TrainSettings
 
     with pytest.raises(XtunerError) as info:
         TrainSettings(lr=-1, max_iters=0, warmup_ratio=2)
@@ -62,7 +62,7 @@ def test_several_problems_are_reported_together():
     ],
 )
 def test_lora_settings_are_checked_before_the_model_loads(tmp_path, tiny_llama, lora, message):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     cfg = tiny_train_cfg(tiny_llama)
     cfg["model"]["lora"] = lora
@@ -102,7 +102,7 @@ BAD_OPTIONS = [
 
 
 def _no_model_loads(monkeypatch):
-    from xtuner_lite import chat
+    from xtuner_lite.commands import chat
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
@@ -141,8 +141,8 @@ def test_serve_on_a_busy_port_exits_2_before_loading(capsys, monkeypatch):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, fast):
-    from xtuner_lite.engine import runner
-    from xtuner_lite.engine.runner import TrainSettings, cpu_precision
+    from xtuner_lite.training import runner
+    from xtuner_lite.training.runner import TrainSettings, cpu_precision
 
     monkeypatch.setattr(runner, "cpu_has_fast_bf16", lambda: fast)
     model = dict(pretrained="x", method="qlora", dtype="bf16", compute_dtype="bf16")

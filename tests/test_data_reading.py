@@ -82,7 +82,7 @@ def test_missing_files_patterns_and_empty_lists_are_named(tmp_path):
 
 @pytest.mark.integration
 def test_training_reports_rows_it_skips_and_writes_them_down(tmp_path, tiny_llama, capsys):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     long_prompt = {"instruction": "word " * 200, "input": "", "output": "short"}
     data = tmp_path / "data.json"
@@ -131,7 +131,7 @@ def test_control_tokens_in_training_text_are_counted_escaped_or_skipped(
 
 
 def test_control_tokens_typed_in_chat_never_open_a_turn(smol_tokenizer):
-    from xtuner_lite.chat import ChatModel
+    from xtuner_lite.commands.chat import ChatModel
     from xtuner_lite.data.templates import get_template
 
     template = get_template("smollm2", smol_tokenizer)

@@ -17,8 +17,8 @@ from datatrove.pipeline.writers import JsonlWriter
 from xtuner_lite.cli import main as cli_main
 from xtuner_lite.data import process_dataset
 from xtuner_lite.dataprep import load_prepare_config, load_report, prepare
-from xtuner_lite.dataprep.config import PrepareConfigError
-from xtuner_lite.dataprep.pipeline import lsh_bands, lsh_threshold
+from xtuner_lite.dataprep.runs import lsh_bands, lsh_threshold
+from xtuner_lite.dataprep.settings import PrepareConfigError
 from xtuner_lite.dataprep.stages import (
     BlocklistFilter,
     DecontaminateFilter,

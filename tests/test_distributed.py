@@ -16,9 +16,9 @@ import warnings
 import pytest
 import torch
 
-from xtuner_lite.engine.distributed import torchrun_command
-from xtuner_lite.engine.strategies import deepspeed_config
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.training.distributed import torchrun_command
+from xtuner_lite.training.strategies import deepspeed_config
 
 from conftest import EXAMPLE_DATA, loss_curve, train_cmd, wait_for_lines
 
@@ -271,7 +271,7 @@ def test_nproc_per_node_runs_torchrun(monkeypatch):
 
 
 def test_engine_flags_need_several_processes(tmp_path, tiny_llama):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     config = str(_config(tmp_path, tiny_llama))
     for flags in ({"fsdp": True}, {"deepspeed": "zero2"}):
@@ -295,7 +295,7 @@ def test_grpo_two_processes_split_the_prompts_and_equal_one_process(tmp_path, ti
     """Each rank samples its own prompts' completions (seeded by prompt and step, not rank),
     and the loss is normalized over the global batch: 2 processes x 1 prompt equal 1 process
     x 2 prompts (accumulation 2)."""
-    from xtuner_lite.rl.arithmetic import write_splits
+    from xtuner_lite.objectives.grpo.arithmetic import write_splits
 
     write_splits(tmp_path, train=12, test=2)
     config = tmp_path / "grpo.py"

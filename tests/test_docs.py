@@ -30,10 +30,10 @@ def test_readme_is_a_front_door_linking_the_docs():
 
 
 def test_config_reference_is_generated_from_the_code():
-    sys.path.insert(0, str(ROOT / "tools"))
+    sys.path.insert(0, str(ROOT / "scripts"))
     try:
         from config_reference import reference
     finally:
         sys.path.pop(0)
     page = (ROOT / "docs" / "config.md").read_text()
-    assert page == reference(), "run: python tools/config_reference.py > docs/config.md"
+    assert page == reference(), "run: python scripts/config_reference.py > docs/config.md"

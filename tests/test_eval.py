@@ -238,11 +238,11 @@ def test_contamination_finds_copied_questions(tmp_path, capsys):
         )
     )
     task = {"name": "qa", "kind": "generate", "data": str(eval_file)}
-    flagged = report_contamination([str(train)], task, n=8, threshold=0.5)
+    flagged = report_contamination([str(train)], task, ngram=8, threshold=0.5)
     assert [o.source for o in flagged] == [f"{eval_file}:4"]
     assert flagged[0].share == 1.0 and flagged[0].train_source == f"{train}[1]"
     # the shared wording ("bags of seven marbles each have in total") is a partial overlap
-    partial = report_contamination([str(train)], task, n=8)
+    partial = report_contamination([str(train)], task, ngram=8)
     assert len(partial) == 5 and all(o.share < 0.5 for o in partial[1:])
     assert "1 samples have fewer than 8 words and were not checked" in capsys.readouterr().out
 
@@ -318,7 +318,7 @@ def test_eval_cli_compares_models_side_by_side(tiny_llama, tmp_path, capsys):
 
 
 def test_training_hook_scores_tasks_before_during_and_after(tiny_llama, tmp_path):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     spec = _toy_mcq(tmp_path)
     cfg = dict(

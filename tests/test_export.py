@@ -5,9 +5,9 @@ import torch
 from test_merge import _make_adapter
 
 from xtuner_lite.cli import main
+from xtuner_lite.commands.export import export_gguf
+from xtuner_lite.commands.merge import merge_adapter
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.export import export_gguf
-from xtuner_lite.merge import merge_adapter
 
 from conftest import tiny_model
 

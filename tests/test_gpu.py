@@ -1,4 +1,4 @@
-"""The GPU tier: what only a CUDA device can show (skipped without one; `tools/gpu_checks.sh`
+"""The GPU tier: what only a CUDA device can show (skipped without one; `scripts/gpu_checks.sh`
 runs it together with the 8 GiB proof and the planner-vs-measured check)."""
 
 import importlib.util
@@ -60,7 +60,7 @@ def test_bf16_training_on_cuda_lowers_the_loss(tiny_llama, method):
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
 def test_8bit_optimizers_train_through_the_cli(tiny_llama, tmp_path, optimizer):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     cfg = tiny_train_cfg(
         tiny_llama, max_iters=8, optimizer=optimizer, dtype="bf16", device="cuda", lr=1e-2

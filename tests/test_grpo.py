@@ -15,13 +15,13 @@ from grpo_reference import trl_grpo_loss
 from safetensors.torch import load_file
 from trl.trainer.utils import nanstd
 
-from xtuner_lite.engine import runner as runner_module
+from xtuner_lite.commands.train import train
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.objectives import build_objective
-from xtuner_lite.rl.arithmetic import write_splits
-from xtuner_lite.rl.data import process_prompt_dataset
-from xtuner_lite.rl.losses import group_advantages, grpo_loss
-from xtuner_lite.rl.rewards import (
+from xtuner_lite.objectives.grpo.arithmetic import write_splits
+from xtuner_lite.objectives.grpo.data import process_prompt_dataset
+from xtuner_lite.objectives.grpo.losses import group_advantages, grpo_loss
+from xtuner_lite.objectives.grpo.rewards import (
     RewardError,
     build_rewards,
     code_tests,
@@ -31,7 +31,7 @@ from xtuner_lite.rl.rewards import (
     numeric_answer,
     score,
 )
-from xtuner_lite.training import train
+from xtuner_lite.training import runner as runner_module
 
 from conftest import log_records, loss_curve, tiny_train_cfg
 
@@ -309,7 +309,7 @@ def test_shared_prompt_batches_equal_a_row_per_completion(tiny_llama, smol_token
     from xtuner_lite.hub import load_model
     from xtuner_lite.model.attention import register_packed_sdpa
     from xtuner_lite.model.logprobs import token_logps
-    from xtuner_lite.rl.rollout import Completion, completion_batch
+    from xtuner_lite.objectives.grpo.rollout import Completion, completion_batch
 
     register_packed_sdpa()
     llm = load_model(tiny_llama, dtype="float32", attn_implementation=attention)

@@ -236,7 +236,7 @@ def test_a_prompt_given_several_times_is_prefilled_once(smol):
 
 
 def test_chat_drops_oldest_turns_to_fit_the_context():
-    from xtuner_lite.chat import ChatSession, GenerationOptions
+    from xtuner_lite.commands.chat import ChatSession, GenerationOptions
 
     session = ChatSession("smollm2-135m-instruct", options=GenerationOptions(max_new_tokens=8))
     session.ask("Name a colour.")
@@ -255,7 +255,7 @@ def test_quantized_engine_equals_transformers_generate(smol, bits):
     """Request by request: bitsandbytes' own kernels make a row depend on its batch (4-bit picks
     another CPU kernel for one row than for several; LLM.int8 picks outlier columns over the
     whole batch), for transformers.generate as much as for us."""
-    from xtuner_lite.chat import _quantization
+    from xtuner_lite.commands.chat import _quantization
     from xtuner_lite.hub import load_model
 
     _, tok, prompts, stops = smol

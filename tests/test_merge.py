@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from xtuner_lite.cli import main
+from xtuner_lite.commands.merge import architecture_of, merge_adapter
 from xtuner_lite.data.templates import get_template
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.merge import architecture_of, merge_adapter
 from xtuner_lite.model import build_model
 
 from conftest import tiny_model

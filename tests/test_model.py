@@ -408,7 +408,7 @@ def test_autocast_skips_adapter_input_casts(tiny_llama):
 def test_bf16_lora_weights_train_and_are_planned(tiny_llama):
     """model.lora_dtype='bf16' (the QLoRA paper's adapters): bf16 weights and gradients, the
     loss falls under autocast, and the planner counts 2 bytes per adapter weight and gradient."""
-    from xtuner_lite.plan import PlanSettings, Shape, plan_memory
+    from xtuner_lite.commands.plan import PlanSettings, Shape, plan_memory
 
     model = build_model(
         tiny_llama, method="qlora", lora=dict(r=4, alpha=8, dropout=0.0), lora_dtype="bf16"

@@ -5,7 +5,7 @@ import pytest
 
 from xtuner_lite.data import IGNORE_INDEX, get_map_fn, load_rows, process_dataset
 from xtuner_lite.errors import DataError
-from xtuner_lite.tools import get_tool_format
+from xtuner_lite.toolcalling import get_tool_format
 
 from conftest import shared_file
 

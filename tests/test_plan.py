@@ -6,9 +6,7 @@ import logging
 import pytest
 import torch
 
-from xtuner_lite.model import build_model, skip_adapter_input_casts
-from xtuner_lite.model.forward import loss_sum
-from xtuner_lite.plan import (
+from xtuner_lite.commands.plan import (
     PlanSettings,
     Shape,
     layer_activation_bytes,
@@ -16,6 +14,8 @@ from xtuner_lite.plan import (
     measure_saved_bytes,
     plan_memory,
 )
+from xtuner_lite.model import build_model, skip_adapter_input_casts
+from xtuner_lite.model.forward import loss_sum
 
 from conftest import tiny_model
 
@@ -159,8 +159,8 @@ def test_whole_model_activations_within_ten_percent(tmp_path, checkpointing, met
 
 def test_sharding_and_the_cli(capsys):
     from xtuner_lite.cli import main
+    from xtuner_lite.commands.plan import settings_from_config
     from xtuner_lite.config import load_config
-    from xtuner_lite.plan import settings_from_config
 
     shape, settings = settings_from_config(load_config("llama3_8b_instruct_qlora_alpaca"))
     assert (shape.hidden, shape.vocab, settings.method) == (4096, 128256, "qlora")

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from pref_reference import trl_dpo, trl_kto, trl_orpo_ratio, trl_simpo
 
-from xtuner_lite.alignment.losses import (
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.objectives.preference.losses import (
     DPO_LOSSES,
     SequenceLogps,
     dpo_losses,
@@ -16,7 +17,7 @@ from xtuner_lite.alignment.losses import (
     reward_losses,
     simpo_losses,
 )
-from xtuner_lite.errors import XtunerError
+from xtuner_lite.objectives.preference.objective import DPOObjective
 
 N = 6
 
@@ -127,6 +128,5 @@ def test_dpo_gradients_match_finite_differences(loss_type):
 
 
 def test_unknown_loss_type_is_named():
-    c, r, rc, rr = _pairs()
     with pytest.raises(XtunerError, match="objective.loss_type must be one of"):
-        dpo_losses("sigmod", 0.1, 0.0, c, r, rc, rr)
+        DPOObjective(loss_type="sigmod")

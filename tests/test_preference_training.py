@@ -11,21 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from xtuner_lite.alignment.objectives import DPOObjective, KTOObjective, SimPOObjective
-from xtuner_lite.alignment.reference import (
+from xtuner_lite.commands.train import train
+from xtuner_lite.data.dataset import PreferenceDataset, collate_preference
+from xtuner_lite.data.labels import IGNORE_INDEX
+from xtuner_lite.data.preference import process_preference_dataset, truncate_unit
+from xtuner_lite.errors import DataError, XtunerError
+from xtuner_lite.evaluation.run import run_eval
+from xtuner_lite.model import build_model
+from xtuner_lite.model.logprobs import logps_from_hidden
+from xtuner_lite.objectives.preference.objective import DPOObjective, KTOObjective, SimPOObjective
+from xtuner_lite.objectives.reference import (
     Reference,
     cached_reference,
     compute_reference,
     save_reference,
 )
-from xtuner_lite.data.dataset import PreferenceDataset, collate_preference
-from xtuner_lite.data.preference import process_preference_dataset, truncate_unit
-from xtuner_lite.errors import DataError, XtunerError
-from xtuner_lite.evaluation.run import run_eval
-from xtuner_lite.labels import IGNORE_INDEX
-from xtuner_lite.model import build_model
-from xtuner_lite.model.logprobs import logps_from_hidden
-from xtuner_lite.training import train
 
 from conftest import EXAMPLE_DATA, log_records, loss_curve, real_step, tiny_train_cfg
 
@@ -91,8 +91,8 @@ def test_shared_prompts_equal_separate_sequences(tiny_llama, smol_tokenizer, att
     of the sequences run one by one (fp32, rows packed with several units), for fewer tokens;
     reward models score each sequence's last token as before. With SDPA the rows are also
     joined into one."""
-    from xtuner_lite.alignment.objectives import RewardObjective
     from xtuner_lite.data.dataset import share_prompts
+    from xtuner_lite.objectives.preference.objective import RewardObjective
 
     kind = "unpaired" if name == "kto" else "pairs"
     dataset = _dataset(smol_tokenizer, PAIRS if kind == "pairs" else UNPAIRED, kind, pack=True)
@@ -352,9 +352,9 @@ def test_reward_model_trains_merges_and_scores_as_in_training(tiny_llama, tmp_pa
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from xtuner_lite.adapters import load_adapted
-    from xtuner_lite.alignment.objectives import score_head
-    from xtuner_lite.merge import merge_adapter
+    from xtuner_lite.commands.merge import merge_adapter
     from xtuner_lite.model.logprobs import sequence_scores
+    from xtuner_lite.objectives.preference.objective import score_head
 
     cfg = _pref_cfg(tiny_llama, dict(type="reward"), max_iters=8, batch_size=4, lr=2e-3)
     adapter = train(cfg, work_dir=tmp_path / "run")
@@ -403,11 +403,11 @@ def test_reward_model_trains_merges_and_scores_as_in_training(tiny_llama, tmp_pa
 def test_check_dataset_shows_pairs_and_pair_statistics(smol_tokenizer):
     from rich.console import Console
 
-    from xtuner_lite.check_dataset import check_preference_dataset
+    from xtuner_lite.commands.check_dataset import check_preference_dataset
 
     console = Console(record=True, width=120)
     cfg = dict(data_files=str(PAIRS), tokenizer=smol_tokenizer, template="chatml", max_length=64)
-    stats = check_preference_dataset(cfg, "pairs", num_samples=2, console=console)
+    stats = check_preference_dataset(cfg, num_samples=2, console=console)
     text = console.export_text()
     assert text.count("— chosen:") == 2 and text.count("— rejected:") == 2
     assert "⟦" in text  # trained spans marked off a terminal

@@ -48,8 +48,8 @@ def test_adapter_loads_with_plain_peft(tmp_path):
     import torch
     from peft import PeftModel
 
+    from xtuner_lite.commands.train import train
     from xtuner_lite.hub import load_model
-    from xtuner_lite.training import train
 
     cfg = dict(
         model=dict(

@@ -13,10 +13,15 @@ from pathlib import Path
 import pytest
 
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.rl.rewards import build_rewards, code_tests
-from xtuner_lite.tools import ToolBox, ToolError, load_tools
-from xtuner_lite.tools.builtin import Tool, calculator
-from xtuner_lite.tools.sandbox import BWRAP_ENV, SandboxUnavailable, isolation_problem, run_python
+from xtuner_lite.objectives.grpo.rewards import build_rewards, code_tests
+from xtuner_lite.toolcalling import ToolBox, ToolError, builtin, load_tools
+from xtuner_lite.toolcalling.builtin import Tool, calculator
+from xtuner_lite.toolcalling.sandbox import (
+    BWRAP_ENV,
+    SandboxUnavailable,
+    isolation_problem,
+    run_python,
+)
 
 from conftest import ROOT, needs_sandbox
 
@@ -189,7 +194,7 @@ def test_no_isolation_means_no_python(monkeypatch, tmp_path):
             run_python("print(1)")
         with pytest.raises(XtunerError, match=r"rewards\[0\]: code_tests refuses"):
             build_rewards([dict(type="code_tests")])
-        box = ToolBox([Tool.of(__import__("xtuner_lite.tools.builtin").tools.builtin.python)])
+        box = ToolBox([Tool.of(builtin.python)])
         assert box.run({"name": "python", "arguments": {"code": "print(1)"}}).startswith(
             "error: SandboxUnavailable: the python sandbox refuses"
         )
@@ -265,7 +270,7 @@ SPAWN_THEN_RUN = """
 import subprocess, sys
 sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(40)]
 try:
-    from xtuner_lite.tools.sandbox import isolation_problem, run_python
+    from xtuner_lite.toolcalling.sandbox import isolation_problem, run_python
     print(isolation_problem())
     print(run_python("print(6 * 7)").describe())
 finally:

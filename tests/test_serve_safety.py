@@ -61,7 +61,7 @@ def greedy(address):
 @pytest.fixture
 def tiny_server(tiny_llama):
     """The server in this process on a random tiny Llama, so its engine can be broken."""
-    from xtuner_lite.chat import ChatModel
+    from xtuner_lite.commands.chat import ChatModel
     from xtuner_lite.server import Server, bind
 
     server = Server(

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from xtuner_lite.tools.builtin import Tool, calculator
+from xtuner_lite.toolcalling.builtin import Tool, calculator
 
 from conftest import EXAMPLE_DATA, run_in_pty, start_server
 
@@ -24,7 +24,7 @@ CALCULATOR = Tool.of(calculator).schema
 def tool_adapter(tmp_path_factory):
     """SmolLM2 + LoRA after a short run on the calculator conversations alone (the bundled
     tool-call config, with its data and schedule cut down)."""
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     adapter = train(
         "smollm2_135m_toolcall_lora",

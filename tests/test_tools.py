@@ -9,13 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from xtuner_lite.commands.merge import write_tokenizer
 from xtuner_lite.data import IGNORE_INDEX, get_template, tokenize_rendered
 from xtuner_lite.data.templates import renders_like
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.sampling import SamplingParams
-from xtuner_lite.merge import write_tokenizer
-from xtuner_lite.tools import (
+from xtuner_lite.toolcalling import (
     ToolBox,
     ToolError,
     ToolSpecError,
@@ -27,8 +27,8 @@ from xtuner_lite.tools import (
     run_tool_turn,
     run_tool_turns,
 )
-from xtuner_lite.tools.builtin import calculator, search
-from xtuner_lite.tools.formats import call_ids
+from xtuner_lite.toolcalling.builtin import calculator, search
+from xtuner_lite.toolcalling.formats import call_ids
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QWEN2_5_JINJA = (FIXTURES / "qwen2_5_chat_template.jinja").read_text()

@@ -66,7 +66,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_llama, objecti
 
 
 def test_unknown_train_key_is_named(tmp_path, tiny_llama):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     cfg = dict(
         model=dict(pretrained=tiny_llama),
@@ -82,7 +82,7 @@ def test_unknown_train_key_is_named(tmp_path, tiny_llama):
 
 
 def test_non_positive_batch_settings_are_named():
-    from xtuner_lite.engine.runner import TrainSettings
+    from xtuner_lite.training.runner import TrainSettings
 
     for name, value in (("pad_to_multiple_of", 0), ("batch_size", -1), ("chunk_size", 1.5)):
         with pytest.raises(XtunerError, match=f"train.{name} must be a positive integer"):
@@ -178,7 +178,7 @@ def test_lr_schedule_reaches_the_peak_lr_and_decays(max_iters, warmup_ratio):
     cosine falls to min_lr (a one-step LinearLR would keep lr/1000 for the whole run)."""
     import torch
 
-    from xtuner_lite.engine.runner import TrainSettings, lr_schedule
+    from xtuner_lite.training.runner import TrainSettings, lr_schedule
 
     settings = TrainSettings(lr=2e-4, warmup_ratio=warmup_ratio, min_lr_ratio=0.1)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)

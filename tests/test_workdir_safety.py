@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_llama):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     work = tmp_path_factory.mktemp("finished")
     train(tiny_train_cfg(tiny_llama, max_iters=2), work_dir=work)
@@ -31,7 +31,7 @@ def _snapshot(folder):
 
 
 def test_a_second_training_in_a_busy_work_dir_fails_at_once(tmp_path, tiny_llama):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     with workdir.locked(tmp_path):  # another training holds it
         with pytest.raises(workdir.WorkDirError, match="in use by another training"):
@@ -42,7 +42,7 @@ def test_a_second_training_in_a_busy_work_dir_fails_at_once(tmp_path, tiny_llama
 def test_rerunning_a_finished_work_dir_needs_resume_or_overwrite(
     tmp_path, finished_run, tiny_llama
 ):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     work = tmp_path / "run"
     shutil.copytree(finished_run, work)
@@ -59,7 +59,7 @@ def test_rerunning_a_finished_work_dir_needs_resume_or_overwrite(
 
 @pytest.mark.parametrize("target", ["work_dir", "adapter", "parent"])
 def test_merge_refuses_an_output_that_would_delete_its_input(tmp_path, finished_run, target):
-    from xtuner_lite.merge import merge_adapter
+    from xtuner_lite.commands.merge import merge_adapter
 
     work = tmp_path / "run"
     shutil.copytree(finished_run, work)
@@ -71,7 +71,7 @@ def test_merge_refuses_an_output_that_would_delete_its_input(tmp_path, finished_
 
 
 def test_a_work_dir_that_cannot_be_one_is_a_clear_error(tmp_path, tiny_llama):
-    from xtuner_lite.training import train
+    from xtuner_lite.commands.train import train
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

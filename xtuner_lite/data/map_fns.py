@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from xtuner_lite.errors import RowError, XtunerError, did_you_mean
-from xtuner_lite.tools.schema import normalize_call, normalize_tools, tool_names
+from xtuner_lite.toolcalling.schema import normalize_call, normalize_tools, tool_names
 
 Conversation = dict[str, list[dict[str, Any]]]
 MapFn = Callable[[Any], Conversation]

@@ -365,53 +365,29 @@ def process_dataset(
 
     key = None
     if use_cache:
-        key = cache_key(
-            files,
-            tokenizer,
-            fn,
-            tmpl,
-            max_length,
-            pack,
-            shuffle,
-            seed,
-            skip_invalid,
-            control_tokens,
-        )
+        key = cache_key(files, tokenizer, fn, tmpl, max_length, pack, shuffle, seed,
+                        skip_invalid, control_tokens)  # fmt: skip
         cached = load_processed(dataset_cache_dir() / key)
         if cached is not None:
             return cached
 
     stats = DatasetStats(sources=files, max_length=max_length, packed=pack)
-    kept: list[TokenizedBatch] = []
     skipped: Counter[str] = Counter()
-
-    def skip(rows: Rows, index: int, reason: str) -> None:
-        note_skip(stats, skipped, f"{rows.source} {rows.locate(index)}", reason)
-
-    for path in files:
-        rows: Rows = load_rows(path, skip_invalid=skip_invalid)
-        stats.rows_loaded += len(rows) + len(rows.invalid)
-        for where, reason in rows.invalid:
-            note_skip(stats, skipped, f"{rows.source} {where}", reason)
-        procs = (
-            num_proc
-            if num_proc is not None
-            else (min(os.cpu_count() or 1, 8) if len(rows) >= PARALLEL_MIN_ROWS else 1)
-        )
-        result = _run(rows.records, tokenizer, fn, tmpl, max_length, procs, control_tokens)
-        stats.rows_with_control_tokens += result.flagged
-        for i, error in result.errors:
-            if not skip_invalid and not error.skip:
-                raise DataError(
-                    error.reason, source=rows.source, location=rows.locate(i), field=error.field
-                )
-            skip(rows, i, error.reason + (f" (field {error.field!r})" if error.field else ""))
-        trainable = result.tokens.trained_after_first() > 0
-        for i in result.indices[~trainable]:
-            skip(rows, int(i), f"no trained token left after truncation to max_length={max_length}")
-        tokens = result.tokens.select(trainable)
-        stats.rows_truncated += int(tokens.truncated.sum())
-        kept.append(tokens)
+    kept = [
+        _tokenize_file(
+            path,
+            tokenizer,
+            fn,
+            tmpl,
+            max_length,
+            num_proc,
+            skip_invalid,
+            control_tokens,
+            stats,
+            skipped,
+        )  # fmt: skip
+        for path in files
+    ]
     stats.rows_skipped = dict(skipped)
     tokens = TokenizedBatch.concat(kept)
     if len(tokens.lengths) == 0:
@@ -430,3 +406,36 @@ def process_dataset(
     if key is not None:
         save_processed(dataset_cache_dir() / key, result)
     return result
+
+
+def _tokenize_file(
+    path: str, tokenizer: Any, fn: MapFn, tmpl: Template, max_length: int,
+    num_proc: int | None, skip_invalid: bool, control_tokens: str,
+    stats: DatasetStats, skipped: Counter[str],
+) -> TokenizedBatch:  # fmt: skip
+    """One file's rows mapped, rendered and tokenized; what is skipped counted in ``stats``
+    and ``skipped`` (a bad row raises unless ``skip_invalid``)."""
+    rows: Rows = load_rows(path, skip_invalid=skip_invalid)
+
+    def skip(index: int, reason: str) -> None:
+        note_skip(stats, skipped, f"{rows.source} {rows.locate(index)}", reason)
+
+    stats.rows_loaded += len(rows) + len(rows.invalid)
+    for where, reason in rows.invalid:
+        note_skip(stats, skipped, f"{rows.source} {where}", reason)
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if len(rows) >= PARALLEL_MIN_ROWS else 1
+    result = _run(rows.records, tokenizer, fn, tmpl, max_length, num_proc, control_tokens)
+    stats.rows_with_control_tokens += result.flagged
+    for i, error in result.errors:
+        if not skip_invalid and not error.skip:
+            raise DataError(
+                error.reason, source=rows.source, location=rows.locate(i), field=error.field
+            )
+        skip(i, error.reason + (f" (field {error.field!r})" if error.field else ""))
+    trainable = result.tokens.trained_after_first() > 0
+    for i in result.indices[~trainable]:
+        skip(int(i), f"no trained token left after truncation to max_length={max_length}")
+    tokens = result.tokens.select(trainable)
+    stats.rows_truncated += int(tokens.truncated.sum())
+    return tokens

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from xtuner_lite.data import control
+from xtuner_lite.data.labels import IGNORE_INDEX
 from xtuner_lite.data.loaders import Rows, load_rows
 from xtuner_lite.data.packing import PackedData, arrange, pack_indices
 from xtuner_lite.data.pipeline import (
@@ -40,7 +41,6 @@ from xtuner_lite.data.pref_map_fns import PrefMapFn, get_pref_map_fn, validate_p
 from xtuner_lite.data.templates import Segment, Template
 from xtuner_lite.data.tokenize import TokenizedBatch, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError, XtunerError
-from xtuner_lite.labels import IGNORE_INDEX
 
 KINDS = ("pairs", "unpaired")
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from xtuner_lite.data.map_fns import is_trained
 from xtuner_lite.errors import XtunerError, did_you_mean
-from xtuner_lite.tools.formats import (
+from xtuner_lite.toolcalling.formats import (
     HERMES_CALL_HINT,
     HERMES_INSTRUCTIONS,
     call_ids,
@@ -45,6 +45,40 @@ def _special(tokenizer: Any, name: str) -> str:
     if not token:
         raise XtunerError(f"this template needs the tokenizer's {name} token, which is not set")
     return token
+
+
+# an assistant turn in the hermes format: its text, then each tool call as a <tool_call> block
+HERMES_ASSISTANT_JINJA = (
+    "{%- set ns.body = m.content or '' -%}"
+    "{%- for c in (m.tool_calls or []) -%}"
+    "{%- set f = c.function if c.function is defined else c -%}"
+    "{%- set ns.body = ns.body + ('\\n' if ns.body else '') + "
+    '\'<tool_call>\\n{"name": "\' + f.name + \'", "arguments": \' + '
+    "(f.arguments if f.arguments is string else f.arguments | tojson) + "
+    "'}\\n</tool_call>' -%}"
+    "{%- endfor -%}{{ ns.body }}"
+)
+
+
+def _jinja_expr(fmt: str, content: str = "") -> str:
+    """A template format string (``{bos}``, ``{content}`` ...) as a jinja expression."""
+    parts = []
+    for piece in re.split(r"(\{bos\}|\{eos\}|\{content\}|\{system\})", fmt):
+        var = {
+            "{bos}": "bos_token",
+            "{eos}": "eos_token",
+            "{content}": content,
+            "{system}": "ns.system",
+        }.get(piece)
+        if var is None and piece:
+            parts.append(json.dumps(piece))
+        elif var:
+            parts.append(var)
+    return " + ".join(parts) or '""'
+
+
+def _jinja_out(fmt: str, content: str = "") -> str:
+    return "{{ " + _jinja_expr(fmt, content) + " }}"
 
 
 @dataclass(frozen=True)
@@ -127,34 +161,6 @@ class ChatTemplate:
     def to_jinja(self) -> str:
         """The same format as a Hugging Face ``chat_template``, so a merged model's tokenizer
         renders prompts exactly as training did (``apply_chat_template`` == ``render_prompt``)."""
-
-        def expr(fmt: str, content: str = "") -> str:
-            parts = []
-            for piece in re.split(r"(\{bos\}|\{eos\}|\{content\}|\{system\})", fmt):
-                var = {
-                    "{bos}": "bos_token",
-                    "{eos}": "eos_token",
-                    "{content}": content,
-                    "{system}": "ns.system",
-                }.get(piece)
-                if var is None and piece:
-                    parts.append(json.dumps(piece))
-                elif var:
-                    parts.append(var)
-            return " + ".join(parts) or '""'
-
-        def out(fmt: str, content: str = "") -> str:
-            return "{{ " + expr(fmt, content) + " }}"
-
-        default = json.dumps(self.default_system) if self.default_system is not None else "none"
-        no_role = "{{ raise_exception('template " + self.name + " has no ' + m.role + ' role') }}"
-        lines = [
-            "{%- set ns = namespace(system=" + default + ", start=0, body='') -%}",
-            "{%- if messages and messages[0].role == 'system' -%}",
-            "{%- set ns.system = messages[0].content -%}{%- set ns.start = 1 -%}",
-            "{%- endif -%}",
-            out(self.prefix) if self.prefix else "",
-        ]
         if self.tool_format == "mistral":
             raise XtunerError(
                 f"template {self.name!r} places the system prompt and tools by the last user "
@@ -164,50 +170,55 @@ class ChatTemplate:
         hermes = self.tool_format == "hermes"
         if hermes and (self.system is None or self.system_in_user is not None):
             raise XtunerError(f"template {self.name!r}: the hermes tool format needs a system role")
+        return "".join(self._jinja_preamble(hermes) + self._jinja_turns(hermes))
+
+    def _jinja_no_role(self) -> str:
+        return "{{ raise_exception('template " + self.name + " has no ' + m.role + ' role') }}"
+
+    def _jinja_preamble(self, hermes: bool) -> list[str]:
+        """The system prompt (given, or the default) and the prefix; with its own role, the
+        system turn (hermes: with the tools)."""
+        out = _jinja_out
+        default = json.dumps(self.default_system) if self.default_system is not None else "none"
+        lines = [
+            "{%- set ns = namespace(system=" + default + ", start=0, body='') -%}",
+            "{%- if messages and messages[0].role == 'system' -%}",
+            "{%- set ns.system = messages[0].content -%}{%- set ns.start = 1 -%}",
+            "{%- endif -%}",
+            out(self.prefix) if self.prefix else "",
+        ]
         if self.system_in_user is None:
             lines.append(
                 (self._jinja_tools_system(out) if hermes else "")
                 + "{%- if ns.system is not none -%}"
-                + (out(self.system, "ns.system") if self.system else no_role)
+                + (out(self.system, "ns.system") if self.system else self._jinja_no_role())
                 + "{%- endif -%}"
                 + ("{%- endif -%}" if hermes else "")
             )
-        content = "{{ m.content }}"
-        if hermes:
-            content = (
-                "{%- set ns.body = m.content or '' -%}"
-                "{%- for c in (m.tool_calls or []) -%}"
-                "{%- set f = c.function if c.function is defined else c -%}"
-                "{%- set ns.body = ns.body + ('\\n' if ns.body else '') + "
-                '\'<tool_call>\\n{"name": "\' + f.name + \'", "arguments": \' + '
-                "(f.arguments if f.arguments is string else f.arguments | tojson) + "
-                "'}\\n</tool_call>' -%}"
-                "{%- endfor -%}{{ ns.body }}"
-            )
-        lines += [
+        return lines
+
+    def _jinja_turns(self, hermes: bool) -> list[str]:
+        """Every message after the system prompt by its role, then the generation prompt."""
+        out, no_role = _jinja_out, self._jinja_no_role()
+        lines = [
             "{%- for m in messages[ns.start:] -%}",
             "{%- if m.role == 'assistant' -%}"
             + out(self.assistant)
-            + content
+            + (HERMES_ASSISTANT_JINJA if hermes else "{{ m.content }}")
             + out(self.eot)
             + (out(self.separator) if self.separator else ""),
         ]
         if self.system_in_user is not None:
             lines.append(
                 "{%- elif m.role == 'user' and ns.system is not none -%}"
-                + out(self.user, "(" + expr(self.system_in_user, "m.content") + ")")
+                + out(self.user, "(" + _jinja_expr(self.system_in_user, "m.content") + ")")
                 + "{%- set ns.system = none -%}"
             )
+        tool = TOOL_RESULT_JINJA.get(self.tool_format, "m.content")
         lines += [
             "{%- elif m.role == 'user' -%}" + out(self.user, "m.content"),
             "{%- elif m.role == 'tool' -%}"
-            + (
-                self._jinja_tool_results(out)
-                if hermes
-                else out(
-                    self.tool or self.user, TOOL_RESULT_JINJA.get(self.tool_format, "m.content")
-                )
-            ),
+            + (self._jinja_tool_results(out) if hermes else out(self.tool or self.user, tool)),
             "{%- elif m.role == 'system' -%}"
             + (out(self.system, "m.content") if self.system else no_role),
             "{%- else -%}" + no_role,
@@ -215,7 +226,7 @@ class ChatTemplate:
             "{%- endfor -%}",
             "{%- if add_generation_prompt -%}" + out(self.assistant) + "{%- endif -%}",
         ]
-        return "".join(lines)
+        return lines
 
     def _jinja_tools_system(self, out) -> str:
         """Opens ``{% if tools %}``: the system turn with the tool list (hermes), else the

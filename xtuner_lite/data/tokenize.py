@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from xtuner_lite.data.labels import IGNORE_INDEX
 from xtuner_lite.data.templates import Segment
-from xtuner_lite.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -11,8 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from xtuner_lite.dataprep.config import PrepareConfig, load_prepare_config
-from xtuner_lite.dataprep.pipeline import (
+from xtuner_lite.dataprep.runs import (
     DATA,
     WORK,
     build_runs,
@@ -27,7 +26,8 @@ from xtuner_lite.dataprep.pipeline import (
     swap_into_place,
     write_json,
 )
-from xtuner_lite.dataprep.report import build_report, plot_report, print_report
+from xtuner_lite.dataprep.settings import PrepareConfig, load_prepare_config
+from xtuner_lite.dataprep.summary import build_report, plot_report, print_report
 from xtuner_lite.errors import XtunerError
 
 CONFIG = "config.json"  # under _work: the validated settings, for `xtuner data report`

@@ -20,8 +20,8 @@ from typing import Any
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from xtuner_lite.data.ngrams import strings_in
 from xtuner_lite.errors import DataError
-from xtuner_lite.ngrams import strings_in
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".html", ".htm")
 HTML = (".html", ".htm")  # one document per file, turned into text by the html_to_text stage

@@ -20,7 +20,7 @@ from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.formatters.pii import PIIReplacer
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
-from xtuner_lite.ngrams import ngrams, stable_hash
+from xtuner_lite.data.ngrams import ngrams, stable_hash
 
 SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
 BLANK_LINES = re.compile(r"\n{3,}")

@@ -8,14 +8,15 @@ training row they came from (OpenCompass's n-gram data-contamination check).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+from xtuner_lite.data.ngrams import ngrams, strings_in
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.evaluation.run import resolve_task
 from xtuner_lite.evaluation.tasks import Row, load_rows, read_rows
-from xtuner_lite.ngrams import ngrams, strings_in
+from xtuner_lite.values import Flag, Fraction, NonNegativeInt, PositiveInt
 
 
 @dataclass
@@ -55,20 +56,35 @@ def find_overlaps(
 
 
 def report_contamination(
-    train_files: list[str],
-    task: str,
-    data_root=None,
-    n: int = 13,
-    threshold: float = 0.0,
-    show: int = 10,
-    out: str | os.PathLike | None = None,
+    train_data: list[str],
+    task: Annotated[str, Flag(option=True)],
+    data_root: str | None = None,
+    ngram: PositiveInt = 13,
+    threshold: Fraction = 0.0,
+    show: NonNegativeInt = 10,
+    out: str | None = None,
 ) -> list[Overlap]:
+    """N-gram overlap of training data with a task.
+
+    List evaluation samples whose n-grams occur in the training data (OpenCompass's
+    contamination check).
+
+    Args:
+        train_data: training files (jsonl/json, any text fields)
+        task: bundled task name or task .json file
+        data_root: folder the bundled tasks' files are relative to (default $XTUNER_EVAL_DATA)
+        ngram: n-gram length in words
+        threshold: flag a sample when more than this share of its n-grams overlap
+        show: overlapping samples to print
+        out: JSON file listing every flagged sample
+    """
+    n = ngram
 
     if n < 1:
         raise XtunerError(f"--ngram must be at least 1, got {n}")
     spec = resolve_task(task)
     train_rows = []
-    for name in train_files:
+    for name in train_data:
         path = Path(name)
         if not path.is_file():
             raise XtunerError(f"training file {path} does not exist")

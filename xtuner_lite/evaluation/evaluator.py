@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from xtuner_lite.alignment.objectives import score_head
-from xtuner_lite.alignment.reference import Reference
 from xtuner_lite.data.dataset import collate_preference
 from xtuner_lite.data.preference import PreferenceData, preference_units
 from xtuner_lite.data.templates import stop_token_ids
@@ -36,6 +34,8 @@ from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.loader import LoadedModel  # what the evaluator scores
 from xtuner_lite.model.build import model_head
 from xtuner_lite.model.logprobs import sequence_logps, sequence_scores
+from xtuner_lite.objectives.preference.objective import score_head
+from xtuner_lite.objectives.reference import Reference
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from xtuner_lite.engine.hooks import PeriodicHook
-from xtuner_lite.engine.progress import say
 from xtuner_lite.evaluation.evaluator import evaluate_model
 from xtuner_lite.evaluation.run import resolve_task
 from xtuner_lite.inference.loader import LoadedModel
+from xtuner_lite.training.hooks import PeriodicHook
+from xtuner_lite.training.progress import say
 
 
 class EvaluateTasksHook(PeriodicHook):

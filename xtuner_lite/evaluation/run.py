@@ -8,18 +8,19 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from xtuner_lite.atomic import write_text
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.evaluation.builtin import BUILTIN_TASKS, builtin_task
+from xtuner_lite.evaluation.bundled import BUILTIN_TASKS, builtin_task
 from xtuner_lite.evaluation.evaluator import TaskResult, evaluate_model
 from xtuner_lite.evaluation.tasks import TaskSpec, load_spec_file
 from xtuner_lite.inference.loader import LoadedModel, load_for_inference
 from xtuner_lite.model.build import model_head
+from xtuner_lite.values import Flag, NonNegativeInt, PositiveInt
 
 MAIN_METRIC = ("circular_acc", "acc_norm", "acc", "perplexity")
 
@@ -54,22 +55,45 @@ def main_metric(result: TaskResult) -> str:
 
 
 def run_eval(
-    models: list[str],
-    tasks: list[str | dict | TaskSpec],
-    data_root=None,
-    limit: int | None = None,
+    models: Annotated[list[str], Flag(option=True, metavar="MODEL")],
+    tasks: Annotated[list[str | dict | TaskSpec], Flag(option=True, metavar="TASK")],
+    data_root: str | None = None,
+    limit: PositiveInt | None = None,
     seed: int = 0,
-    out: str | os.PathLike | None = None,
+    out: str | None = None,
     dtype: str = "float32",
-    batch_tokens: int = 4096,
+    batch_tokens: PositiveInt = 4096,
+    num_fewshot: NonNegativeInt | None = None,
+    chat: bool | None = None,
+    reward_model: str | None = None,
     show: bool = True,
     overrides: dict[str, Any] | None = None,
-    reward_model: str | None = None,
 ) -> dict[str, dict[str, TaskResult]]:
-    """Evaluate every model on every task; print the table; write ``out`` (JSON) if given.
-    ``overrides`` set spec fields for every task (e.g. ``num_fewshot``, ``chat``);
-    ``reward_model`` scores each generation task's outputs (a ``reward`` metric)."""
+    """Evaluate models on MCQ, generative and perplexity tasks.
 
+    OpenCompass-style evaluation from local files: log-likelihood and circular multiple choice,
+    GSM8K-style generation, perplexity. Several models are shown side by side with differences.
+    Returns every model's result per task.
+
+    Args:
+        models: embedded name, HF folder, merged folder or adapter folder
+        tasks: bundled task name or a task .json file
+        data_root: folder the bundled tasks' files are relative to (e.g. ../shared/data/eval;
+            default $XTUNER_EVAL_DATA)
+        limit: score a seeded random subset of N rows per task
+        seed: the subset's seed
+        out: JSON file for scores and per-sample predictions
+        dtype: model dtype (float32, bf16)
+        batch_tokens: context tokens per batch
+        num_fewshot: override every task's few-shot count
+        chat: wrap prompts in the model's chat template (or not), for every task
+        reward_model: a reward model (e.g. merged from `xtuner train` with a reward objective)
+            that scores every generation task's outputs: mean reward per model, side by side
+        show: print the table
+        overrides: task settings for every task (Python only; num_fewshot and chat included)
+    """
+    overrides = {**(overrides or {}), **{k: v for k, v in
+                 (("num_fewshot", num_fewshot), ("chat", chat)) if v is not None}}  # fmt: skip
     specs = [resolve_task(t) for t in tasks]
     if overrides:
         specs = [dataclasses.replace(s, **overrides) for s in specs]
@@ -101,6 +125,8 @@ def run_eval(
                 "tasks": [vars(s) for s in specs],
             },
         )
+        if show:
+            print(f"results and per-sample predictions: {out}")
     return results
 
 

@@ -128,6 +128,7 @@ def load_spec_file(path: str | os.PathLike) -> TaskSpec:
 
 
 def resolve_files(pattern: str, data_root: str | os.PathLike | None, task: str) -> list[Path]:
+    data_root = data_root or os.environ.get("XTUNER_EVAL_DATA")  # the one default, for every verb
     base = (
         Path(pattern) if os.path.isabs(pattern) or data_root is None else Path(data_root) / pattern
     )

@@ -13,7 +13,7 @@ from xtuner_lite.data.templates import Template
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.loader import load_for_inference
 from xtuner_lite.inference.sampling import SamplingParams
-from xtuner_lite.tools.formats import ToolFormat, get_tool_format
+from xtuner_lite.toolcalling.formats import ToolFormat, get_tool_format
 
 
 @dataclass

@@ -37,7 +37,16 @@ RULES = [
 
 @dataclass
 class SamplingParams:
-    """Per-request decoding settings; ``temperature == 0`` is greedy."""
+    """Per-request decoding settings; ``temperature == 0`` is greedy.
+
+    Args:
+        max_new_tokens: tokens to generate at most
+        temperature: 0 means greedy
+        top_p: nucleus sampling: the smallest set of tokens with this much probability
+        top_k: sample among the k most likely tokens (0: all)
+        repetition_penalty: CTRL's penalty on tokens already seen (1: off)
+        seed: seed of this request's sampling (default: random)
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0

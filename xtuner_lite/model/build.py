@@ -162,6 +162,20 @@ def build_model(
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
     if head not in ("lm", "reward"):
         raise XtunerError(f"model.head must be 'lm' or 'reward', got {head!r}")
+    model = _load_base(pretrained, method, dtype, compute_dtype, quant_storage,
+                       attn_implementation, trust_remote_code, device, head)  # fmt: skip
+    if gradient_checkpointing:
+        _checkpoint_layers(model, gradient_checkpointing, method)
+    if method == "full":
+        return model
+    return _add_adapter(model, LoraSettings.from_config(lora), lora_dtype, head)
+
+
+def _load_base(
+    pretrained: str, method: str, dtype: str, compute_dtype: str, quant_storage: str,
+    attn_implementation: str, trust_remote_code: bool, device: str | None, head: str,
+) -> torch.nn.Module:  # fmt: skip
+    """The base model with our lean layers and packed attention (NF4 4-bit for QLoRA)."""
     # QLoRA quantizes from the stored (fp32) weights; LoRA/full load a bf16/fp16 copy directly
     path = resolve_model_path(pretrained, None if method == "qlora" else dtype)
     kwargs: dict[str, Any] = dict(
@@ -196,26 +210,32 @@ def build_model(
         model.config._attn_implementation = PACKED_SDPA
     if method == "qlora":
         disable_cpu_4bit_repack(model)
-    if gradient_checkpointing:
-        # reentrant: the first pass runs without autograd, so it leaves no graph nodes behind;
-        # non-reentrant's small long-lived nodes split the heap's freed activation blocks
-        # and raise the peak
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        if method != "full":
-            model.enable_input_require_grads()  # frozen embeddings: let checkpointed grads flow
-        layers = decoder_layers(model)
-        chosen = checkpointed_layers(len(layers), gradient_checkpointing)
-        if not all(chosen) and not layers:
-            raise XtunerError(
-                f"{type(model).__name__} has no transformers checkpointing layers; "
-                "use model.gradient_checkpointing=True instead of a subset"
-            )
-        for layer, recompute in zip(layers, chosen):
-            layer.gradient_checkpointing = recompute
-    if method == "full":
-        return model
+    return model
 
-    settings = LoraSettings.from_config(lora)
+
+def _checkpoint_layers(model: torch.nn.Module, setting: bool | int | float, method: str) -> None:
+    """Recompute the chosen decoder layers in backward."""
+    # reentrant: the first pass runs without autograd, so it leaves no graph nodes behind;
+    # non-reentrant's small long-lived nodes split the heap's freed activation blocks
+    # and raise the peak
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if method != "full":
+        model.enable_input_require_grads()  # frozen embeddings: let checkpointed grads flow
+    layers = decoder_layers(model)
+    chosen = checkpointed_layers(len(layers), setting)
+    if not all(chosen) and not layers:
+        raise XtunerError(
+            f"{type(model).__name__} has no transformers checkpointing layers; "
+            "use model.gradient_checkpointing=True instead of a subset"
+        )
+    for layer, recompute in zip(layers, chosen):
+        layer.gradient_checkpointing = recompute
+
+
+def _add_adapter(
+    model: torch.nn.Module, settings: LoraSettings, lora_dtype: str, head: str
+) -> torch.nn.Module:
+    """The peft LoRA/DoRA adapter on the frozen base, with our fused dropout and lean LoRA."""
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,

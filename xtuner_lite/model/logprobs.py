@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from xtuner_lite.labels import IGNORE_INDEX
+from xtuner_lite.data.labels import IGNORE_INDEX
 from xtuner_lite.model.forward import base_and_head, decoder_hidden
 from xtuner_lite.model.loss import shift_labels, softmax_
 

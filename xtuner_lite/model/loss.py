@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xtuner_lite.labels import IGNORE_INDEX
+from xtuner_lite.data.labels import IGNORE_INDEX
 
 # The trained positions are padded to a multiple of this many rows, so the head's matmuls come
 # in a few shapes: oneDNN builds and keeps a kernel per shape, and the count varies every step.

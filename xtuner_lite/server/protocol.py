@@ -15,8 +15,13 @@ from typing import Any
 from xtuner_lite.inference import SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel
 from xtuner_lite.inference.sampling import SamplingError
-from xtuner_lite.tools.formats import ParsedReply, ToolFormat
-from xtuner_lite.tools.schema import ToolSpecError, normalize_call, normalize_tools, tool_names
+from xtuner_lite.toolcalling.formats import ParsedReply, ToolFormat
+from xtuner_lite.toolcalling.schema import (
+    ToolSpecError,
+    normalize_call,
+    normalize_tools,
+    tool_names,
+)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

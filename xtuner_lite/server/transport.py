@@ -12,7 +12,7 @@ import socket
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from xtuner_lite.errors import UsageError
 from xtuner_lite.inference import InferenceEngine
@@ -26,6 +26,7 @@ from xtuner_lite.server.protocol import (
     error_body,
 )
 from xtuner_lite.server.worker import EngineWorker
+from xtuner_lite.values import Port, PositiveInt
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body larger than this is refused unread (413)
 READ_TIMEOUT_S = 30  # a client that sends nothing for this long is disconnected
@@ -227,20 +228,36 @@ def serve(
     model: str,
     adapter: str | None = None,
     template: str | None = None,
-    bits: int | None = None,
+    bits: Literal[4, 8] | None = None,
     host: str = "127.0.0.1",
-    port: int = 8000,
-    name: str | None = None,
-    max_batch_size: int = 32,
+    port: Port = 8000,
+    served_model_name: str | None = None,
+    max_batch_size: PositiveInt = 32,
 ) -> None:
-    """Load the model and serve until interrupted; prints the URL once it is listening."""
+    """OpenAI-compatible HTTP server (chat, completions).
 
+    Serve /v1/chat/completions, /v1/completions (streaming included), /v1/models and /health;
+    concurrent requests are batched. Loads the model and serves until interrupted; prints the
+    URL once it is listening.
+
+    Args:
+        model: embedded name, local HF folder or hub id
+        adapter: peft adapter folder
+        template: chat template name or 'auto' (default: the model's)
+        bits: 4/8-bit weights (bitsandbytes)
+        host: the address to listen on
+        port: 0 picks a free port
+        served_model_name: the 'model' clients ask for (default: the model or adapter folder's
+            name)
+        max_batch_size: requests decoded together at most
+    """
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise UsageError(f"--max-batch-size must be an integer >= 1, got {max_batch_size!r}")
+        raise UsageError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
     httpd = bind(host, port)
     try:
         chat = ChatModel.load(model, adapter, template, bits)
-        server = Server(chat, name or Path(adapter or model).name, max_batch_size)
+        name = served_model_name or Path(adapter or model).name
+        server = Server(chat, name, max_batch_size)
         httpd.RequestHandlerClass = server.handler()
         url = f"http://{httpd.server_address[0]}:{httpd.server_address[1]}"
         print(f"serving {server.name!r} on {url}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)

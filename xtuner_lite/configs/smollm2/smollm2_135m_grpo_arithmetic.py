@@ -10,7 +10,7 @@ with read_base():
 model.update(lora=dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear"))  # noqa: F405
 
 train_dataset = dict(
-    data_files="examples/data/arithmetic_train.jsonl",  # from xtuner_lite.rl.arithmetic
+    data_files="examples/data/arithmetic_train.jsonl",  # objectives/grpo/arithmetic.py
     tokenizer=pretrained_model,  # noqa: F405
     template=template,  # noqa: F405
     map_fn="question",

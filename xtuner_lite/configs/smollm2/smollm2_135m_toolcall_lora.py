@@ -1,6 +1,6 @@
 # SmolLM2-135M-Instruct learns tool calling in Qwen2.5's format (the chatml family's): glaive's
 # function-calling conversations plus seeded calculator-use ones
-# (xtuner_lite.tools.calculator_data). Chat with the result:
+# (xtuner_lite.toolcalling.calculator_data). Chat with the result:
 # `xtuner chat smollm2-135m-instruct --adapter work_dirs/.../adapter --tools calculator`.
 from mmengine.config import read_base
 

@@ -1,0 +1,600 @@
+"""``xtuner plan``: predict a training run's peak memory from the model's config alone.
+
+Components: weights (quantized / frozen / trainable), gradients, optimizer state, the
+activations autograd keeps for backward (every decoder layer, or only layer inputs under
+gradient checkpointing plus the one layer being recomputed), the loss's logits (whole or in
+chunks) and framework overhead. The activation count follows what autograd saves in a Hugging
+Face Llama-style decoder layer under autocast (see ``layer_activation_bytes``); it is checked
+against saved-tensor measurements of real runs in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoConfig
+
+from xtuner_lite.config import load_config
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.hub import resolve_model_path
+from xtuner_lite.model.attention import MATMUL_ATTENTION_MAX_LENGTH
+from xtuner_lite.model.build import checkpointed_layers
+from xtuner_lite.model.forward import loss_sum
+from xtuner_lite.objectives import build_objective
+from xtuner_lite.values import CfgOptions, PositiveInt, Size, parse_size
+
+GiB = 1024**3
+MiB = 1024**2
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax / 64 + fp32 / 16384
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# which linears read the same input tensor
+INPUT_OF = {
+    "q_proj": "attention",
+    "k_proj": "attention",
+    "v_proj": "attention",
+    "o_proj": "attention output",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp hidden",
+}
+
+
+@dataclass
+class Shape:
+    """The shape-defining fields of a decoder-only transformer config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> Shape:
+        get = (
+            (lambda k, d=None: config.get(k, d))
+            if isinstance(config, dict)
+            else (lambda k, d=None: getattr(config, k, d))
+        )
+        heads = get("num_attention_heads")
+        if (
+            not all(
+                get(k)
+                for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+            )
+            or not heads
+        ):
+            raise XtunerError(
+                "the model config lacks hidden_size, intermediate_size, "
+                "num_hidden_layers, num_attention_heads or vocab_size"
+            )
+        return cls(
+            get("hidden_size"),
+            get("intermediate_size"),
+            get("num_hidden_layers"),
+            heads,
+            get("num_key_value_heads") or heads,
+            get("head_dim") or get("hidden_size") // heads,
+            get("vocab_size"),
+            bool(get("tie_word_embeddings", False)),
+            bool(get("attention_bias", get("model_type") == "qwen2")),
+        )
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear of one decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def layer_linear_params(self) -> int:
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return sum(a * b for a, b in self.linear_dims().values()) + bias
+
+    def params(self) -> dict[str, int]:
+        embed = self.vocab * self.hidden
+        return {
+            "linear": self.layers * self.layer_linear_params(),
+            "norms": self.layers * 2 * self.hidden + self.hidden,
+            "embed": embed,
+            "head": 0 if self.tied else embed,
+        }
+
+
+@dataclass
+class PlanSettings:
+    method: str = "qlora"  # full | lora | qlora
+    lora_r: int = 64
+    lora_targets: tuple[str, ...] = LINEARS
+    lora_dropout: float = 0.05
+    lora_dtype: str = "fp32"  # the adapter's weights and gradients
+    base_dtype: str = "bf16"  # storage dtype of frozen / non-quantized weights
+    compute_dtype: str = "bf16"  # autocast dtype (fp32: none)
+    max_length: int = 2048
+    batch_size: int = 1
+    gradient_checkpointing: bool | int | float = True  # as build_model's
+    chunk_size: int | None = 1024  # loss chunk in tokens; None: whole logits
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
+    world_size: int = 1
+    zero: int = 0  # 0 (plain data parallel), 1, 2, 3 (3 = FSDP full sharding)
+    explicit_mask: bool = False  # one block-masked attention call per packed row (eager,
+    # remote-code models); otherwise attention runs sample by sample or varlen, maskless
+    cpu: bool = False  # CPU kernels: per-sample attention as two matmuls keeping q/k/v up to
+    # MATMUL_ATTENTION_MAX_LENGTH (fp32 SDPA for longer samples); LoRA dropout inside lora_A
+    overhead_gib: float = 0.5  # CUDA context and allocator slack, not in max_memory_allocated
+    dora: bool = False  # DoRA: a trained magnitude per output feature, a weight-sized transient
+    # preference training: rows hold both sequences of their pairs (2 × max_length tokens);
+    # reference: none (SFT, ORPO, SimPO) | live (adapter-disabled forward, no grad) | copy (a
+    # frozen copy for full fine-tuning) | cached (log-probs read from disk: nothing)
+    preference: bool = False
+    reference: str = "none"
+    reward_head: bool = False  # a reward model's one-score head (trained)
+    # RL (GRPO): rows hold one completion each, ``sequences_per_item`` (G) per prompt; before
+    # training, ``rollout_rows`` completions are sampled together with a KV cache of
+    # ``max_length`` columns, and ``nograd_passes`` forwards (old log-probs, reference) run
+    sequences_per_item: int = 1
+    rollout_rows: int = 0
+    rollout_new_tokens: int = 0  # of max_length, the completion's share
+    nograd_passes: int = 0
+
+
+# components alive only during forward/backward, or only during the optimizer step
+BACKWARD = (
+    "activations",
+    "recomputed layer",
+    "final norm",
+    "logits and loss",
+    "head gradient",
+    "reference forward",
+    "DoRA weight",
+)
+STEP = ("optimizer step",)
+# alive only while rollouts are sampled and scored, before the step's forward/backward
+ROLLOUT = ("rollout KV cache", "rollout logits", "no-grad forward")
+KV_GROW = 128  # the engine's cache grows by this many columns
+
+
+@dataclass
+class MemoryPlan:
+    components: list[tuple[str, float, str]] = field(default_factory=list)  # name, bytes, how
+
+    @property
+    def total(self) -> float:
+        """Peak: what is held throughout, plus the largest of the transients — forward /
+        backward (activations, logits), the optimizer step and RL's rollouts — which never
+        overlap."""
+        held = sum(b for n, b, _ in self.components if n not in BACKWARD + STEP + ROLLOUT)
+        return held + max(sum(map(self.get, group)) for group in (BACKWARD, STEP, ROLLOUT))
+
+    def get(self, name: str) -> float:
+        return sum(b for n, b, _ in self.components if n == name)
+
+
+def lora_params(shape: Shape, r: int, targets: tuple[str, ...]) -> int:
+    dims = shape.linear_dims()
+    unknown = [t for t in targets if t not in dims]
+    if unknown:
+        raise XtunerError(f"unknown LoRA target(s) {unknown}; known: {list(dims)}")
+    return shape.layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+def layer_activation_bytes(shape: Shape, s: PlanSettings, tokens: int) -> float:
+    """Bytes autograd saves for backward in one decoder layer for ``tokens`` tokens.
+
+    Per token (Llama-family layers with ``model/lean_layers.py``): each RMSNorm keeps its input
+    (in the hidden states' dtype, the base dtype) and a fp32 scale; SDPA keeps q (after
+    rotary), k and v repeated to all heads, its output (c bytes each, 4 when it runs in fp32
+    on CPU) and the log-sum-exp, while CPU's matmul attention keeps q, k and v (it recomputes
+    the probabilities); the MLP keeps gate and up (c·I each). A frozen linear keeps
+    nothing (only its weight is needed); a LoRA linear keeps A's output (c·r) and its input —
+    once for the linears reading the same tensor, with its dropout mask as bits (CPU) — or, with
+    a separate dropout layer (GPU), a mask (1 byte) and a dropped copy (c bytes) per input
+    element for each; a trained linear keeps its input in the compute dtype. The fused LoRA
+    product (``model/lean_lora.py``, :func:`lean_lora`) keeps its input in the compute dtype:
+    a wider input is cast once per linear.
+    """
+    c = DTYPE_BYTES[s.compute_dtype]
+    h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
+    if s.cpu and s.max_length <= MATMUL_ATTENTION_MAX_LENGTH:
+        attention = c * (q + 2 * shape.kv_heads * shape.head_dim)
+    else:
+        attention = 4 * (4 if s.cpu else c) * q + 4 * shape.heads
+    per_token = 2 * (DTYPE_BYTES[s.base_dtype] * h + 4) + attention + 2 * c * i
+    if s.explicit_mask:
+        per_token += c * s.max_length  # the block mask, cast per layer
+    dims = shape.linear_dims()
+    if s.method == "full":
+        # inputs in the compute dtype, shared by q/k/v and by gate/up when already that dtype
+        per_token += c * (h + q + h + i)
+        if DTYPE_BYTES[s.base_dtype] != c:  # each of q/k/v, gate/up casts its own copy
+            per_token += c * (2 * h + h)
+    else:
+        per_token += c * s.lora_r * len(s.lora_targets)  # A's outputs
+        if s.lora_dropout > 0 and not s.cpu:  # a mask and a compute-dtype dropped copy each
+            per_token += sum((1 + c) * dims[t][0] for t in s.lora_targets)
+        else:
+            per_token += _lora_input_bytes(dims, s, c, cast=lean_lora(s) or s.lora_dropout == 0)
+            if s.lora_dropout > 0:  # CPU's fused dropout keeps each mask as bits
+                per_token += sum(dims[t][0] for t in s.lora_targets) / 8
+    return per_token * tokens
+
+
+def lean_lora(s: PlanSettings) -> bool:
+    """Whether the LoRA layers run the fused product of ``model/lean_lora.py``: plain LoRA on
+    an unquantized base, without dropout or with the dropout fused into A (CPU)."""
+    return s.method == "lora" and not s.dora and (s.cpu or s.lora_dropout == 0)
+
+
+def _lora_input_bytes(
+    dims: dict[str, tuple[int, int]], s: PlanSettings, c: int, cast: bool
+) -> float:
+    """Per token, the inputs LoRA's A products keep when no dropout layer copies them: hidden
+    states in the base dtype (the MLP's inner product in the compute dtype), each tensor once
+    for the linears reading it — but where each linear casts its input (``cast``: autocast
+    without dropout, the fused product) a wider one is cast once per linear."""
+    total, counted = 0.0, set()
+    for target in s.lora_targets:
+        source = INPUT_OF.get(target, target)
+        size = c if source == "mlp hidden" else DTYPE_BYTES[s.base_dtype]
+        if cast and size != c:
+            total += c * dims[target][0]
+        elif source not in counted:
+            total += size * dims[target][0]
+            counted.add(source)
+    return total
+
+
+def layer_weight_copies(shape: Shape, s: PlanSettings) -> float:
+    """Autocast's compute-dtype copies of one layer's weights, kept for backward: of every
+    linear stored in a wider dtype (fp32 master weights, an fp32 frozen base), and of the LoRA
+    weights — but A's on CPU with dropout, whose fused product casts it again in backward.
+    The fused LoRA product keeps both LoRA weights' copies and none of the frozen base's (cast
+    again in backward). (4-bit layers keep their packed weights, not a dequantized copy.)"""
+    c = DTYPE_BYTES[s.compute_dtype]
+    if c == 4:
+        return 0.0
+    copies = 0.0
+    lean = lean_lora(s)
+    wide_base = s.method == "lora" and DTYPE_BYTES[s.base_dtype] != c
+    if s.method == "full" or (wide_base and not lean):
+        copies += c * shape.layer_linear_params()
+    if s.method != "full":
+        copies += c * lora_params(shape, s.lora_r, s.lora_targets) / shape.layers
+        if s.cpu and s.lora_dropout > 0 and not lean:
+            dims = shape.linear_dims()
+            copies -= c * s.lora_r * sum(dims[t][0] for t in s.lora_targets)
+    return copies
+
+
+Component = tuple[str, float, str]
+
+
+def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
+    """Peak training memory by component for one device."""
+    if s.method not in ("full", "lora", "qlora"):
+        raise XtunerError(f"method must be full, lora or qlora, got {s.method!r}")
+    for key in ("base_dtype", "compute_dtype"):
+        if getattr(s, key) not in DTYPE_BYTES:
+            raise XtunerError(f"{key} must be one of {sorted(DTYPE_BYTES)}")
+    weights, trainable = _weights(shape, s)
+    tokens = s.batch_size * s.max_length * (2 if s.preference else s.sequences_per_item)
+    plan = MemoryPlan()
+    plan.components += weights + _training_state(s, trainable)
+    plan.components += _reference(shape, s, tokens)
+    if s.rollout_rows:
+        plan.components += _rollout_components(shape, s, tokens)
+    plan.components += _activations(shape, s, tokens) + _loss(shape, s, tokens)
+    plan.components.append(("overhead", s.overhead_gib * GiB, "CUDA context, allocator slack"))
+    return plan
+
+
+def _weights(shape: Shape, s: PlanSettings) -> tuple[list[Component], int]:
+    """The held weights (sharded by ZeRO-3), and how many parameters are trained."""
+    p = shape.params()
+    shard = max(s.world_size, 1) if s.zero >= 3 else 1
+    if s.method == "full":
+        trainable = sum(p.values())
+        return [("weights", 4 * trainable / shard, "fp32 master weights")], trainable
+    base = DTYPE_BYTES[s.base_dtype]
+    trainable = lora_params(shape, s.lora_r, s.lora_targets)
+    if s.dora:
+        dims = shape.linear_dims()
+        trainable += shape.layers * sum(dims[t][1] for t in s.lora_targets)
+    trainable += shape.hidden if s.reward_head else 0
+    other = p["norms"] + p["embed"] + p["head"]
+    if s.method == "qlora":
+        frozen = NF4_BYTES_PER_PARAM * p["linear"] + base * other
+        how = "NF4 + double-quant linears, the rest in the base dtype"
+    else:
+        frozen = base * (p["linear"] + other)
+        how = "frozen base in the base dtype"
+    adapter = DTYPE_BYTES[s.lora_dtype] * trainable / shard
+    return [
+        ("weights", frozen / shard, how),
+        ("adapter", adapter, f"{s.lora_dtype} LoRA weights"),
+    ], trainable
+
+
+def _training_state(s: PlanSettings, trainable: int) -> list[Component]:
+    """Gradients (sharded by ZeRO-2) and optimizer state (by ZeRO-1) of what is trained."""
+    n = max(s.world_size, 1)
+    grads_shard = n if s.zero >= 2 else 1
+    state_shard = n if s.zero >= 1 else 1
+    trained_bytes = 4 if s.method == "full" else DTYPE_BYTES[s.lora_dtype]  # weight, gradient
+    state = 2 if "8bit" in s.optimizer else 8
+    components = [
+        ("gradients", trained_bytes * trainable / grads_shard,
+         "fp32" if trained_bytes == 4 else s.lora_dtype),
+        ("optimizer", state * trainable / state_shard,
+         f"{s.optimizer}: {state} bytes per trained parameter"),
+    ]  # fmt: skip
+    if "8bit" not in s.optimizer:  # torch's foreach AdamW: sqrt(second moment) of every tensor
+        components.append(("optimizer step", trained_bytes * trainable / state_shard,
+                           "foreach AdamW's temporary, one second-moment-sized copy"))  # fmt: skip
+    return components
+
+
+def _reference(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
+    """A frozen reference copy, and the working set of the no-grad reference forward."""
+    components = []
+    if s.reference == "copy":
+        components.append(("reference model", DTYPE_BYTES[s.base_dtype] * sum(
+            shape.params().values()), "the frozen reference copy"))  # fmt: skip
+    if s.reference in ("live", "copy"):
+        components.append((
+            "reference forward",
+            layer_activation_bytes(shape, s, tokens) + DTYPE_BYTES[s.compute_dtype]
+            * shape.hidden * tokens,
+            "the no-grad reference pass: one layer's working set at a time",
+        ))  # fmt: skip
+    return components
+
+
+def _activations(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
+    """What the layers keep for backward: every layer's activations, or the input of each
+    checkpointed layer plus one layer rebuilt at a time (and DoRA's merged weight)."""
+    components = []
+    if s.dora:
+        dims = shape.linear_dims()
+        components.append((
+            "DoRA weight",
+            DTYPE_BYTES[s.compute_dtype] * max(dims[t][0] * dims[t][1] for t in s.lora_targets),
+            "DoRA's merged weight of one linear, for its column norms",
+        ))  # fmt: skip
+    layer = layer_activation_bytes(shape, s, tokens) + layer_weight_copies(shape, s)
+    res = DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
+    recomputed = sum(checkpointed_layers(shape.layers, s.gradient_checkpointing or False))
+    kept = shape.layers - recomputed
+    if not recomputed:
+        return [*components, ("activations", shape.layers * layer, "every layer's")]
+    return [
+        *components,
+        ("activations", recomputed * res * shape.hidden * tokens + kept * layer,
+         f"the input of {recomputed} checkpointed layers"
+         + (f", all of {kept} others'" if kept else "")),
+        ("recomputed layer", layer, "one layer's activations, rebuilt during backward"),
+    ]  # fmt: skip
+
+
+def _loss(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
+    """The final norm, one loss chunk's fp32 logits, softmax and gradient, and (full) the head's
+    gradient computed with the loss."""
+    res = DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
+    loss_tokens = min(s.chunk_size, tokens) if s.chunk_size else tokens
+    components = [
+        ("final norm", (res + DTYPE_BYTES[s.compute_dtype]) * shape.hidden * tokens,
+         "the last norm's input and the loss's hidden input"),
+        ("logits and loss", 3 * 4 * shape.vocab * loss_tokens + 4 * shape.hidden * tokens,
+         f"fp32 logits, softmax and gradient of {loss_tokens} tokens, "
+         "and the hidden-state gradient"),
+    ]  # fmt: skip
+    if s.method == "full":
+        components.append(("head gradient", 4 * shape.vocab * shape.hidden,
+                           "the output layer's gradient, computed with the loss"))  # fmt: skip
+    return components
+
+
+def _rollout_components(shape: Shape, s: PlanSettings, tokens: int) -> list:
+    """The sampler's KV cache and logits, and the no-grad passes over the sampled batch."""
+    # the engine's buffers: the prompt plus room grown KV_GROW columns at a time; while it
+    # grows, the new keys are built before the old values are freed
+    new = s.rollout_new_tokens or s.max_length
+    columns = s.max_length - new + -(-new // KV_GROW) * KV_GROW
+    weights = 4 if s.method == "full" else DTYPE_BYTES[s.base_dtype]
+    per_column = 2 * shape.layers * shape.kv_heads * shape.head_dim * s.rollout_rows * weights
+    kv = per_column * columns + (per_column * (columns - KV_GROW) / 2 if new > KV_GROW else 0)
+    parts = [
+        ("rollout KV cache", kv, f"keys and values of {s.rollout_rows} completions sampled "
+         f"together, {columns} positions each, and the old half while it grows"),
+        ("rollout logits", 3 * 4 * s.rollout_rows * shape.vocab,
+         "fp32 next-token logits and the sampler's sorted copies, per row"),
+    ]  # fmt: skip
+    if s.nograd_passes:
+        one = layer_activation_bytes(shape, s, tokens) + DTYPE_BYTES[s.compute_dtype] * (
+            shape.hidden * tokens
+        )
+        logps = 4 * shape.vocab * (min(s.chunk_size, tokens) if s.chunk_size else tokens)
+        parts.append(("no-grad forward", one + logps, f"{s.nograd_passes} pass(es) for old / "
+                      "reference log-probs: one layer's working set at a time"))  # fmt: skip
+    return parts
+
+
+def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
+    """Changes that bring the plan under ``budget`` bytes: each single change that is enough,
+    else the shortest run of changes (cheapest first, max_length last) that is."""
+
+    steps: list[tuple[str, dict[str, Any]]] = []
+    if s.gradient_checkpointing not in (True, 1):
+        steps.append(("gradient_checkpointing=True", {"gradient_checkpointing": True}))
+    for chunk in (512, 256):
+        if not s.chunk_size or s.chunk_size > chunk:
+            steps.append((f"chunk_size={chunk}", {"chunk_size": chunk}))
+    if "8bit" not in s.optimizer:
+        steps.append(("optimizer='paged_adamw_8bit'", {"optimizer": "paged_adamw_8bit"}))
+    if s.method != "full" and DTYPE_BYTES[s.lora_dtype] == 4:
+        steps.append(("model.lora_dtype='bf16'", {"lora_dtype": "bf16"}))
+    if s.method == "full":
+        steps.append(("method='lora'", {"method": "lora"}))
+    if s.method in ("full", "lora"):
+        steps.append(("method='qlora'", {"method": "qlora"}))
+    if s.world_size > 1 and s.zero < 3:
+        steps.append(("ZeRO-3 / FSDP", {"zero": 3}))
+    length = s.max_length
+    while length > 256:
+        length //= 2
+        steps.append((f"max_length={length}", {"max_length": length}))
+    single = [
+        name for name, change in steps if plan_memory(shape, replace(s, **change)).total <= budget
+    ]
+    if single:
+        return single
+    current, names = s, {}
+    for name, change in steps:
+        current = replace(current, **change)
+        names.update({key: name for key in change})  # a later chunk/length replaces an earlier
+        if plan_memory(shape, current).total <= budget:
+            return [" + ".join(dict.fromkeys(names.values()))]
+    return []
+
+
+def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSettings]:
+    """The model shape and plan settings a training config implies (no weights loaded)."""
+    model = dict(cfg["model"])
+    train = dict(cfg.get("train", {}))
+    data = dict(cfg.get("train_dataset", {}))
+    if cfg.get("architecture"):
+        shape = Shape.from_config(dict(cfg["architecture"]))
+    else:
+        path = resolve_model_path(str(model["pretrained"]))
+        shape = Shape.from_config(
+            AutoConfig.from_pretrained(
+                path, trust_remote_code=bool(model.get("trust_remote_code", False))
+            )
+        )
+    lora = dict(model.get("lora") or {})
+    targets = lora.get("target_modules", "all-linear")
+    autocast = train.get("dtype", "bf16")
+    method = model.get("method", "lora")
+    objective = build_objective(cfg.get("objective"), int(train.get("chunk_size", 1024)))
+    settings = PlanSettings(
+        method=method,
+        lora_r=int(lora.get("r", 64)),
+        lora_targets=LINEARS if targets == "all-linear" else tuple(targets),
+        lora_dropout=float(lora.get("dropout", 0.1)),
+        lora_dtype=model.get("lora_dtype", "fp32"),
+        base_dtype=model.get("dtype", "fp32"),
+        compute_dtype=autocast or "fp32",
+        batch_size=int(train.get("batch_size", 1)),
+        gradient_checkpointing=model.get("gradient_checkpointing", False),
+        chunk_size=int(train.get("chunk_size", 1024)),
+        optimizer=train.get("optimizer", "adamw"),
+        dora=bool(lora.get("use_dora", False)),
+    )
+    settings = replace(settings, **objective.plan_settings(method, data, train))
+    return shape, replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
+    """Print the component table; with a budget, whether it fits and what would make it fit."""
+
+    plan = plan_memory(shape, s)
+    table = Table(
+        title=f"{s.method} · max_length {s.max_length} × batch {s.batch_size} · "
+        f"{s.world_size} device(s){f' ZeRO-{s.zero}' if s.zero else ''}"
+    )
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("what")
+    for name, size, how in plan.components:
+        table.add_row(name, f"{size / GiB:.2f}", how)
+    table.add_row(
+        "total",
+        f"{plan.total / GiB:.2f}",
+        "peak per device: held + the largest transient (backward, optimizer step, rollouts)",
+    )
+    console = Console()
+    console.print(table)
+    if budget is None:
+        return True
+    fits = plan.total <= budget
+    console.print(f"{'fits' if fits else 'does NOT fit'} in {budget / GiB:.1f} GiB")
+    if not fits:
+        options = suggestions(shape, s, budget)
+        console.print(
+            "would fit with: "
+            + ("; ".join(options) if options else "no single change; try several, or more devices")
+        )
+    return fits
+
+
+def measure_saved_bytes(
+    model: Any, batch: dict, compute_dtype: str = "bf16", chunk_size: int = 1024
+) -> int:
+    """Bytes of the tensors autograd keeps for backward after one training forward (parameters
+    excluded; each storage once): the activation memory the planner predicts, measured."""
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    autocast = DTYPE_BYTES[compute_dtype] == 2
+    dtype = torch.float16 if compute_dtype in ("fp16", "float16") else torch.bfloat16
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast(model.device.type, dtype=dtype, enabled=autocast),
+    ):
+        loss_sum(model, batch, chunk_size)
+    return sum(seen.values())
+
+
+def plan(
+    config: str,
+    gpu_mem: Size | None = None,
+    max_length: PositiveInt | None = None,
+    batch_size: PositiveInt | None = None,
+    devices: PositiveInt | None = None,
+    zero: Literal[0, 1, 2, 3] | None = None,
+    cfg_options: CfgOptions = None,
+) -> int:
+    """Predict a config's peak GPU memory by component.
+
+    Predict peak training memory from the model's config alone (no weights): weights,
+    gradients, optimizer, activations, loss. With --gpu-mem, say whether it fits (exit 3 if
+    not) and what would.
+
+    Args:
+        config: config file or name
+        gpu_mem: memory per device, e.g. 8GiB
+        max_length: override the dataset's max_length
+        batch_size: override train.batch_size
+        devices: data-parallel devices (default 1)
+        zero: ZeRO stage (3 = FSDP)
+        cfg_options: override config keys
+    """
+    cfg = load_config(config, cfg_options)
+    shape, settings = settings_from_config(
+        cfg, max_length=max_length, batch_size=batch_size, world_size=devices, zero=zero
+    )
+    fits = print_plan(shape, settings, parse_size(gpu_mem) if gpu_mem else None)
+    return 0 if fits else 3
