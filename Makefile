@@ -28,16 +28,21 @@ quickstart: install
 
 PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -ra
 
+# the module graph stays visible at the top of each file: imports inside functions are counted
+GUARDS := $(PYTHON) scripts/count_function_imports.py --max 40
+
 # everything but the gpu tier (CI)
 test: install-tests
-	ruff check xtuner_lite tests tools benchmarks examples
-	ruff format --check xtuner_lite tests tools benchmarks examples
+	ruff check xtuner_lite tests scripts benchmarks examples
+	ruff format --check xtuner_lite tests scripts benchmarks examples
+	$(GUARDS)
 	$(PYTEST) --durations=12 -m "not gpu" tests
 
 # the inner loop: unit tests only (no integration, slow or gpu tier); needs `make install-tests`
 test-fast:
-	ruff check xtuner_lite tests tools benchmarks examples
-	ruff format --check xtuner_lite tests tools benchmarks examples
+	ruff check xtuner_lite tests scripts benchmarks examples
+	ruff format --check xtuner_lite tests scripts benchmarks examples
+	$(GUARDS)
 	$(PYTEST) -m "not integration and not slow and not gpu" tests
 
 bench: install-tests

@@ -38,7 +38,7 @@ def run(side: str, rows: int, new_tokens: int) -> float:
     from xtuner_lite.hub import load_tokenizer
     from xtuner_lite.inference.sampling import SamplingParams
     from xtuner_lite.model import build_model
-    from xtuner_lite.objectives.grpo.data import process_prompt_dataset
+    from xtuner_lite.objectives.grpo.prompts import process_prompt_dataset
     from xtuner_lite.objectives.grpo.rollout import sample_completions
 
     method = "lora" if side == "lora" else "full"

@@ -20,7 +20,7 @@ from xtuner_lite.evaluation.intervals import paired_difference, wilson
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.loader import load_for_inference
 from xtuner_lite.inference.sampling import SamplingParams
-from xtuner_lite.objectives.grpo.data import process_prompt_dataset
+from xtuner_lite.objectives.grpo.prompts import process_prompt_dataset
 from xtuner_lite.objectives.grpo.rewards import numeric_answer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from xtuner_lite.data.pipeline import process_dataset
 from xtuner_lite.data.preference import process_preference_dataset
 from xtuner_lite.model.build import LoraSettings, build_model
 from xtuner_lite.objectives import OBJECTIVES
-from xtuner_lite.objectives.grpo.data import process_prompt_dataset
+from xtuner_lite.objectives.grpo.prompts import process_prompt_dataset
 from xtuner_lite.training.runner import TrainSettings
 
 INTRO = """# Config reference

@@ -3,6 +3,7 @@ the top of each file). Run: python scripts/count_function_imports.py [xtuner_lit
 
 from __future__ import annotations
 
+import argparse
 import ast
 import sys
 from collections import Counter
@@ -20,8 +21,18 @@ def function_imports(root: Path) -> Counter:
     return +counts
 
 
-if __name__ == "__main__":
-    counts = function_imports(Path(sys.argv[1] if len(sys.argv) > 1 else "xtuner_lite"))
-    print(f"{sum(counts.values())} function-level imports")
+def main() -> int:
+    parser = argparse.ArgumentParser(description="imports written inside functions, per file")
+    parser.add_argument("root", nargs="?", default="xtuner_lite")
+    parser.add_argument("--max", type=int, help="fail (exit 1) above this many")
+    args = parser.parse_args()
+    counts = function_imports(Path(args.root))
+    total = sum(counts.values())
+    print(f"{total} function-level imports" + (f" (at most {args.max})" if args.max else ""))
     for name, n in counts.most_common():
         print(f"{n:4d} {name}")
+    return 1 if args.max is not None and total > args.max else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

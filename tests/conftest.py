@@ -300,3 +300,78 @@ def needs_sandbox() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"the sandbox must run in CI: {problem}")
         pytest.skip(f"no sandbox on this machine: {problem}")
+
+
+# ---------------------------------------------------------------- every objective, one shape
+# the objectives the shared contract (tests/test_objective_contract.py) runs: each one's config
+# keys on top of tiny_train_cfg, and the data it reads; DPO once per loss
+PAIRS_MINI = EXAMPLE_DATA / "pref_mini.json"
+PREFERENCE_DATA = dict(data_files=str(PAIRS_MINI), template="chatml", max_length=64)
+OBJECTIVE_CASES: dict[str, tuple[dict | None, dict]] = {
+    "sft": (None, dict(data_files=str(ALPACA_MINI), template="smollm2", max_length=64)),
+    **{
+        f"dpo-{loss}": (dict(type="dpo", beta=0.5, loss_type=loss), PREFERENCE_DATA)
+        for loss in ("sigmoid", "robust", "hinge", "ipo", "kto_pair", "sppo_hard", "nca_pair")
+    },
+    "orpo": (dict(type="orpo", beta=0.5), PREFERENCE_DATA),
+    "simpo": (dict(type="simpo", beta=2.0, gamma=0.5), PREFERENCE_DATA),
+    "kto": (dict(type="kto", beta=0.5), {**PREFERENCE_DATA,
+                                         "data_files": str(EXAMPLE_DATA / "kto_mini.json")}),
+    "reward": (dict(type="reward"), PREFERENCE_DATA),
+    "grpo": (
+        # two updates per rollout batch: the second has a loss (the first is ~0 by design)
+        dict(type="grpo", num_generations=3, max_new_tokens=8, micro_batch_size=4,
+             num_iterations=2,
+             rewards=[dict(type="numeric_answer"), dict(type="length_penalty", max_chars=40)]),
+        dict(data_files=str(EXAMPLE_DATA / "arithmetic_train.jsonl"), template="smollm2",
+             map_fn="question", max_prompt_length=64),
+    ),
+}  # fmt: skip
+# one case per objective family (DPO by its default loss)
+OBJECTIVE_FAMILIES = ["sft", "dpo-sigmoid", "orpo", "simpo", "kto", "reward", "grpo"]
+
+
+def objective_cfg(case: str, model: str, method: str = "lora", **train) -> dict:
+    """The config that trains ``model`` with the contract case's objective on its data."""
+    objective, data = OBJECTIVE_CASES[case]
+    cfg = tiny_train_cfg(model, method, **train)
+    cfg["train_dataset"] = dict(tokenizer=model, **data)
+    if objective is not None:
+        cfg["objective"] = dict(objective)
+    return cfg
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def process_env(nproc: int) -> dict:
+    """The environment of an ``xtuner train`` subprocess on CPU, ``nproc`` gloo processes."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("NPROC_PER_NODE", None)
+    if nproc > 1:
+        env.update(NPROC_PER_NODE=str(nproc), PORT=_free_port())
+    return env
+
+
+def train_processes(config, work_dir, nproc: int, *extra) -> list[float]:
+    """``xtuner train`` in ``nproc`` processes; its losses by step."""
+    import subprocess
+
+    proc = subprocess.run(
+        train_cmd(config, work_dir, *extra), capture_output=True, text=True, env=process_env(nproc)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return loss_curve(work_dir)
+
+
+def trained_weights(folder) -> dict:
+    """The weights of a result folder (adapter, or full model)."""
+    from safetensors.torch import load_file
+
+    name = "adapter_model" if (Path(folder) / "adapter_config.json").exists() else "model"
+    return load_file(Path(folder) / f"{name}.safetensors")

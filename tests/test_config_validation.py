@@ -156,3 +156,12 @@ def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, fast):
             and len(changed) == 3
         )
         assert model["dtype"] == "bf16"  # the caller's config is not changed in place
+
+
+def test_xtuners_names_for_chat_samples_are_read_as_ours():
+    from xtuner_lite.training.runner import renamed_settings
+
+    ours = renamed_settings({"evaluation_inputs": ["hi"], "evaluation_freq": 5, "lr": 1e-4})
+    assert ours == {"sample_prompts": ["hi"], "sample_freq": 5, "lr": 1e-4}
+    with pytest.raises(XtunerError, match="evaluation_freq .* and train.sample_freq are both set"):
+        renamed_settings({"evaluation_freq": 5, "sample_freq": 5})

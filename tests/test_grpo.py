@@ -19,8 +19,8 @@ from xtuner_lite.commands.train import train
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.objectives import build_objective
 from xtuner_lite.objectives.grpo.arithmetic import write_splits
-from xtuner_lite.objectives.grpo.data import process_prompt_dataset
 from xtuner_lite.objectives.grpo.losses import group_advantages, grpo_loss
+from xtuner_lite.objectives.grpo.prompts import process_prompt_dataset
 from xtuner_lite.objectives.grpo.rewards import (
     RewardError,
     build_rewards,

@@ -111,7 +111,7 @@ def test_wheel_lists_copies_and_trains_from_an_empty_directory(wheel_venv, tmp_p
         "--cfg-options",
         "train.max_iters=3",
         "train.save_steps=3",
-        "train.evaluation_inputs=[]",
+        "train.sample_prompts=[]",
     )
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     assert (empty / "run" / "adapter" / "adapter_model.safetensors").is_file()

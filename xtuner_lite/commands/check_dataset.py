@@ -27,7 +27,7 @@ from xtuner_lite.data.report import report_stats
 from xtuner_lite.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from xtuner_lite.errors import DataError, RowError
 from xtuner_lite.objectives import build_objective
-from xtuner_lite.objectives.grpo.data import PromptStats, process_prompt_dataset
+from xtuner_lite.objectives.grpo.prompts import PromptStats, process_prompt_dataset
 from xtuner_lite.values import CfgOptions, NonNegativeInt
 
 CLIP = 160  # characters of a long string (or of each end of a long text) shown by default

@@ -10,6 +10,7 @@ against saved-tensor measurements of real runs in the tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -293,7 +294,7 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
         if getattr(s, key) not in DTYPE_BYTES:
             raise XtunerError(f"{key} must be one of {sorted(DTYPE_BYTES)}")
     weights, trainable = _weights(shape, s)
-    tokens = s.batch_size * s.max_length * (2 if s.preference else s.sequences_per_item)
+    tokens = planned_tokens(s)
     plan = MemoryPlan()
     plan.components += weights + _training_state(s, trainable)
     plan.components += _reference(shape, s, tokens)
@@ -302,6 +303,12 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
     plan.components += _activations(shape, s, tokens) + _loss(shape, s, tokens)
     plan.components.append(("overhead", s.overhead_gib * GiB, "CUDA context, allocator slack"))
     return plan
+
+
+def planned_tokens(s: PlanSettings) -> int:
+    """Tokens in one micro-batch: rows of max_length, two sequences per preference unit, G
+    completions per prompt for RL."""
+    return s.batch_size * s.max_length * (2 if s.preference else s.sequences_per_item)
 
 
 def _weights(shape: Shape, s: PlanSettings) -> tuple[list[Component], int]:
@@ -544,10 +551,15 @@ def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
 
 
 def measure_saved_bytes(
-    model: Any, batch: dict, compute_dtype: str = "bf16", chunk_size: int = 1024
+    model: Any,
+    batch: dict,
+    compute_dtype: str = "bf16",
+    chunk_size: int = 1024,
+    loss: Callable[[Any, dict], Any] | None = None,
 ) -> int:
     """Bytes of the tensors autograd keeps for backward after one training forward (parameters
-    excluded; each storage once): the activation memory the planner predicts, measured."""
+    excluded; each storage once): the activation memory the planner predicts, measured.
+    ``loss(model, batch)``: an objective's loss sum (default: next-token cross-entropy)."""
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -564,7 +576,10 @@ def measure_saved_bytes(
         torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         torch.autocast(model.device.type, dtype=dtype, enabled=autocast),
     ):
-        loss_sum(model, batch, chunk_size)
+        if loss is None:
+            loss_sum(model, batch, chunk_size)
+        else:
+            loss(model, batch)
     return sum(seen.values())
 
 

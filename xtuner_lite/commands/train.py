@@ -36,6 +36,7 @@ from xtuner_lite.training.runner import (
     TrainSettings,
     check_engine_choice,
     cpu_precision,
+    renamed_settings,
     resolve_device,
 )
 from xtuner_lite.training.step import TrainingStoppedError
@@ -140,7 +141,8 @@ def _checked_settings(cfg: Any, deepspeed: Any, fsdp: bool) -> Run:
     model_cfg = dict(cfg["model"])
     data_cfg = {k: v for k, v in dict(cfg["train_dataset"]).items() if k != "type"}
     data_cfg["data_files"] = resolve_data_files(data_cfg.get("data_files"))
-    train_cfg = {**dict(cfg["train"]), **({"deepspeed": deepspeed} if deepspeed else {}),
+    train_cfg = {**renamed_settings(dict(cfg["train"])),
+                 **({"deepspeed": deepspeed} if deepspeed else {}),
                  **({"fsdp": True} if fsdp else {})}  # fmt: skip
     check_kwargs(build_model, model_cfg, "model")
     check_kwargs(TrainSettings, train_cfg, "train")
@@ -221,7 +223,7 @@ def _train(
 
 def _hooks(settings: TrainSettings, tokenizer, template, seed: int, distributed: bool) -> list:
     """Sample generations and evaluation tasks during training (one process only)."""
-    if distributed and (settings.evaluation_inputs or settings.eval_tasks):
+    if distributed and (settings.sample_prompts or settings.eval_tasks):
         warnings.warn(
             "sample generations and eval_tasks run in single-process training only; "
             "run `xtuner chat` / `xtuner eval` on the result",
@@ -229,10 +231,10 @@ def _hooks(settings: TrainSettings, tokenizer, template, seed: int, distributed:
         )
         return []
     hooks: list = []
-    if settings.evaluation_inputs:
-        hooks.append(EvaluateChatHook(tokenizer, template, settings.evaluation_inputs,
-                                      settings.evaluation_freq,
-                                      settings.evaluation_max_new_tokens))  # fmt: skip
+    if settings.sample_prompts:
+        hooks.append(EvaluateChatHook(tokenizer, template, settings.sample_prompts,
+                                      settings.sample_freq,
+                                      settings.sample_max_new_tokens))  # fmt: skip
     if settings.eval_tasks:
         hooks.append(EvaluateTasksHook(tokenizer, template, settings.eval_tasks,
                                        settings.eval_freq, settings.eval_data_root,

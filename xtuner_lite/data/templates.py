@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from xtuner_lite.data.map_fns import is_trained
@@ -256,9 +256,6 @@ class ChatTemplate:
             + out(after)
             + "{%- endif -%}"
         )
-
-    def with_system(self, default_system: str | None) -> ChatTemplate:
-        return replace(self, default_system=default_system)
 
 
 LLAMA3_1_SYSTEM = (

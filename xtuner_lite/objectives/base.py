@@ -79,6 +79,9 @@ class Objective(ABC):
     samples_own_data: bool = False  # RL: prepare() generates the training data
     data_kind: str = "sft"  # what check-dataset shows: sft | pairs | unpaired | prompts
     reader: Callable[..., Any]  # reads train_dataset; its keyword arguments are the config keys
+    # what makes the loss depend on how a batch is split into micro-batches (None: nothing, so
+    # accumulation equals one big batch exactly)
+    batch_statistic: str | None = None
 
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size

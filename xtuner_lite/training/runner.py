@@ -77,9 +77,9 @@ class TrainSettings:
     save_total_limit: int = 2  # checkpoints kept (-1: all)
     log_interval: int = 1  # a progress line every N steps when output is not a terminal
     device: str = "auto"  # auto | cpu | cuda
-    evaluation_inputs: list[str] = field(default_factory=list)  # prompts sampled greedily
-    evaluation_freq: int | None = None  # every N steps (and always before and after training)
-    evaluation_max_new_tokens: int = 64  # length of those samples
+    sample_prompts: list[str] = field(default_factory=list)  # sampled greedily (evaluation_inputs)
+    sample_freq: int | None = None  # every N steps, and before and after (evaluation_freq)
+    sample_max_new_tokens: int = 64  # length of those samples
     eval_tasks: list[Any] = field(default_factory=list)  # `xtuner eval` tasks scored in training
     eval_freq: int | None = None  # every N steps (and always before and after training)
     eval_limit: int | None = 100  # seeded subset per task
@@ -110,6 +110,26 @@ class TrainSettings:
             )
 
 
+# XTuner 0.x's names for the chat samples during training, read as ours (``eval_*`` are the
+# evaluation tasks', a different feature)
+XTUNER_NAMES = {
+    "evaluation_inputs": "sample_prompts",
+    "evaluation_freq": "sample_freq",
+    "evaluation_max_new_tokens": "sample_max_new_tokens",
+}
+
+
+def renamed_settings(train_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``train`` with XTuner's names for the chat samples read as ours (both given: an error)."""
+    out = dict(train_cfg)
+    for old, new in XTUNER_NAMES.items():
+        if old in out:
+            if new in out:
+                raise XtunerError(f"train.{old} (XTuner's name) and train.{new} are both set")
+            out[new] = out.pop(old)
+    return out
+
+
 def _positive_int(value: Any) -> bool:
     return is_int(value) and value >= 1
 
@@ -132,13 +152,13 @@ _RULES = [  # (key, check, what is accepted): every train setting with a range
             "pad_to_multiple_of",
             "save_steps",
             "log_interval",
-            "evaluation_max_new_tokens",
+            "sample_max_new_tokens",
             "dist_timeout",
         )
     ],
     *[
         (name, _optional(_positive_int), "a positive integer or None")
-        for name in ("max_iters", "evaluation_freq", "eval_freq", "eval_limit")
+        for name in ("max_iters", "sample_freq", "eval_freq", "eval_limit")
     ],
     (
         "save_total_limit",

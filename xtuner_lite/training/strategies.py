@@ -355,8 +355,6 @@ if _DSStrategy is not None:
         """Autocast forwards; the engine counts micro-batches and steps at the boundary, and
         the loss is already normalized by the global token count (no 1/accumulation scale)."""
 
-        step_every_micro_batch = True
-
         def __init__(self, optimizer, dtype: str | None = None, device_type: str = "cpu"):
             super().__init__(optimizer)
             self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[dtype]

@@ -18,4 +18,4 @@ train.update(
     warmup_ratio=0.1,
     save_steps=15,
 )
-train.update(evaluation_inputs=["Who are you?", "Who made you?"], evaluation_max_new_tokens=32)  # noqa: F405
+train.update(sample_prompts=["Who are you?", "Who made you?"], sample_max_new_tokens=32)  # noqa: F405

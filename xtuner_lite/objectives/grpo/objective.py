@@ -20,7 +20,6 @@ from xtuner_lite.inference.sampling import SamplingParams
 from xtuner_lite.model.attention import can_branch
 from xtuner_lite.model.logprobs import token_logps, token_owner
 from xtuner_lite.objectives.base import Objective, RunContext, check_settings
-from xtuner_lite.objectives.grpo.data import PromptDataset, process_prompt_dataset
 from xtuner_lite.objectives.grpo.losses import (
     AGGREGATIONS,
     SCALES,
@@ -28,6 +27,7 @@ from xtuner_lite.objectives.grpo.losses import (
     grpo_loss,
     loss_units,
 )
+from xtuner_lite.objectives.grpo.prompts import PromptDataset, process_prompt_dataset
 from xtuner_lite.objectives.grpo.rewards import Reward, build_rewards, score
 from xtuner_lite.objectives.grpo.rollout import (
     Completion,

@@ -23,7 +23,7 @@ from xtuner_lite.data.dataset import share_prompts as share_prompts_of
 from xtuner_lite.data.labels import IGNORE_INDEX
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.sampling import MAX_SEED, SamplingParams
-from xtuner_lite.objectives.grpo.data import Prompt
+from xtuner_lite.objectives.grpo.prompts import Prompt
 
 
 @dataclass

@@ -35,6 +35,9 @@ from xtuner_lite.objectives.reference import (
     save_reference,
 )
 
+# KTO's KL estimate (and DPO kto_pair's) is a mean over the micro-batch, as the KTO paper, XTuner
+# and TRL estimate it: accumulation steps see it per micro-batch
+KL_PER_MICRO_BATCH = "the KL estimate, a mean over each micro-batch"
 # rows rounded up as the loader rounds them: a few shapes, a few cached oneDNN kernels
 PAD_MULTIPLE = 32
 
@@ -170,6 +173,8 @@ class DPOObjective(PreferenceObjective):
              f"label_smoothing must be in [0, 0.5), got {label_smoothing}"),
         ])  # fmt: skip
         super().__init__(chunk_size, share_prompts, precompute_reference)
+        if loss_type == "kto_pair":
+            self.batch_statistic = KL_PER_MICRO_BATCH
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
 
     def loss_sum(self, llm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -239,6 +244,7 @@ class KTOObjective(PreferenceObjective):
     name = "kto"
     unit = "examples"
     data_kind = "unpaired"
+    batch_statistic = KL_PER_MICRO_BATCH
     needs_reference = True
 
     def __init__(

@@ -11,6 +11,6 @@ train.update(  # noqa: F405
     save_steps=500,
     log_interval=10,
     device="cuda",
-    evaluation_inputs=["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"],
-    evaluation_freq=500,
+    sample_prompts=["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"],
+    sample_freq=500,
 )
