@@ -23,6 +23,18 @@ from sides import run_side
 HERE = Path(__file__).resolve().parents[1]
 
 
+def cpu_name() -> str:
+    """The CPU's model name and whether it has native bf16 (AMX, AVX512-bf16): rows name it."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())  # fmt: skip
+    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in info.split()]
+    return f"{name} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores"
+
+
 def side_command(tree: Path, script: str, args: list[str]) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     return [sys.executable, str(tree / "benchmarks" / script), *args], env
@@ -55,7 +67,7 @@ def main() -> None:
               flush=True)  # fmt: skip
     before, after = (statistics.median(seconds[k]) for k in ("before", "after"))
     ratios = [b / a for b, a in zip(seconds["before"], seconds["after"])]
-    print(f"{opts.script} {' '.join(args)} on {platform.processor() or platform.machine()}")
+    print(f"{opts.script} {' '.join(args)} on {cpu_name()}")
     print(f"median seconds: before {before:.1f}, after {after:.1f}; speed after/before "
           f"{before / after:.3f} (pairs: {', '.join(f'{r:.3f}' for r in ratios)})")  # fmt: skip
 
