@@ -128,16 +128,17 @@ def test_a_nan_stop_sets_aside_the_checkpoint_that_produced_it(tmp_path, tiny_ll
     """The checkpoint saved right before a non-finite step holds the weights that gave it: it
     is set aside, and resume continues from the one before, named in the message."""
     from xtuner_lite.commands.train import train
-    from xtuner_lite.training import NonFiniteLossError, objectives
+    from xtuner_lite.objectives import sft
+    from xtuner_lite.training import NonFiniteLossError
 
-    real, calls = objectives.loss_sum, []
+    real, calls = sft.loss_sum, []
 
     def nan_at_step_4(*args, **kwargs):
         total, *rest = real(*args, **kwargs)
         calls.append(1)
         return (total * float("nan") if len(calls) == 4 else total, *rest)
 
-    monkeypatch.setattr(objectives, "loss_sum", nan_at_step_4)
+    monkeypatch.setattr(sft, "loss_sum", nan_at_step_4)
     cfg = tiny_train_cfg(tiny_llama, max_iters=6, save_steps=1, save_total_limit=1)
     with pytest.raises(
         NonFiniteLossError,
@@ -148,7 +149,7 @@ def test_a_nan_stop_sets_aside_the_checkpoint_that_produced_it(tmp_path, tiny_ll
     assert [p.name for _, p in ckpt.checkpoints(tmp_path)] == ["iter_2.pth"]
     assert (tmp_path / "iter_3.pth.diverged").exists()
     assert (tmp_path / ckpt.LAST_CHECKPOINT).read_text() == "iter_2.pth"
-    monkeypatch.setattr(objectives, "loss_sum", real)
+    monkeypatch.setattr(sft, "loss_sum", real)
     train(cfg, work_dir=tmp_path, resume=True)
     assert len(loss_curve(tmp_path)) == 6
 

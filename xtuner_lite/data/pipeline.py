@@ -373,21 +373,8 @@ def process_dataset(
 
     stats = DatasetStats(sources=files, max_length=max_length, packed=pack)
     skipped: Counter[str] = Counter()
-    kept = [
-        _tokenize_file(
-            path,
-            tokenizer,
-            fn,
-            tmpl,
-            max_length,
-            num_proc,
-            skip_invalid,
-            control_tokens,
-            stats,
-            skipped,
-        )  # fmt: skip
-        for path in files
-    ]
+    kept = [_tokenize_file(path, tokenizer, fn, tmpl, max_length, num_proc, skip_invalid,
+                           control_tokens, stats, skipped) for path in files]  # fmt: skip
     stats.rows_skipped = dict(skipped)
     tokens = TokenizedBatch.concat(kept)
     if len(tokens.lengths) == 0:
@@ -398,10 +385,9 @@ def process_dataset(
         )
     stats.samples = len(tokens.lengths)
     data = build_packed(tokens, max_length, pack, seed, shuffle)
-    lengths = data.sample_lengths
     stats.rows = len(data)
     stats.tokens, stats.trained_tokens = data.num_tokens, data.num_trained_tokens
-    stats.lengths = length_summary(lengths)
+    stats.lengths = length_summary(data.sample_lengths)
     result = ProcessedDataset(data, stats)
     if key is not None:
         save_processed(dataset_cache_dir() / key, result)

@@ -118,12 +118,14 @@ def _accuracy(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
-def evaluate_mcq(
-    spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root, scorer: LoglikScorer
-) -> TaskResult:
-    builder = PromptBuilder(spec, data_root, model)
-    rotations = []  # (row index, rotation, gold, requests)
-    row_choices = [choices_of(spec, row) for row in rows]
+Rotation = tuple[int, int, int, list]  # (row index, rotation, gold, requests)
+
+
+def _rotations(
+    spec: TaskSpec, rows: list[Row], row_choices: list[list[str]], builder: PromptBuilder
+) -> list[Rotation]:
+    """Each row's requests, once or (circular) once per rotation of its options."""
+    rotations = []
     for index, (row, choices) in enumerate(zip(rows, row_choices)):
         gold = gold_of(spec, row, len(choices))
         shifts = range(len(choices)) if spec.circular else range(1)
@@ -131,6 +133,14 @@ def evaluate_mcq(
             order = [choices[(j - shift) % len(choices)] for j in range(len(choices))]
             requests = [(builder.context(row, c), x) for c, x in _mcq_requests(spec, row, order)]
             rotations.append((index, shift, (gold + shift) % len(choices), requests))
+    return rotations
+
+
+def _predictions(
+    spec: TaskSpec, model: LoadedModel, scorer: LoglikScorer, rotations: list[Rotation]
+) -> dict[int, list[tuple[int, int, int, Any]]]:
+    """Per row, (rotation, gold, predicted option, the output or log-likelihoods) of each
+    rotation: the model's written letter, or the option of the highest log-likelihood."""
     per_row: dict[int, list[tuple[int, int, int, Any]]] = defaultdict(list)
     if spec.scoring == "generate":  # the model writes its answer; the letter is extracted
         outputs = _generate(spec, model, [requests[0][0] for *_, requests in rotations])
@@ -138,13 +148,21 @@ def evaluate_mcq(
             letter = extract_answer(text, "letter", spec.letters[: len(requests)])
             pred = spec.letters.index(letter) if letter else -1
             per_row[index].append((shift, gold, pred, text))
-    else:
-        flat = [pair for *_, requests in rotations for pair in requests]
-        scores = iter(scorer.score(flat))
-        for index, shift, gold, requests in rotations:
-            lls = [next(scores).logprob for _ in requests]
-            per_row[index].append((shift, gold, _argmax(lls), lls))
+        return per_row
+    flat = [pair for *_, requests in rotations for pair in requests]
+    scores = iter(scorer.score(flat))
+    for index, shift, gold, requests in rotations:
+        lls = [next(scores).logprob for _ in requests]
+        per_row[index].append((shift, gold, _argmax(lls), lls))
+    return per_row
 
+
+def evaluate_mcq(
+    spec: TaskSpec, rows: list[Row], model: LoadedModel, data_root, scorer: LoglikScorer
+) -> TaskResult:
+    row_choices = [choices_of(spec, row) for row in rows]
+    rotations = _rotations(spec, rows, row_choices, PromptBuilder(spec, data_root, model))
+    per_row = _predictions(spec, model, scorer, rotations)
     samples, correct, correct_norm, circular = [], [], [], []
     by_subject: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     for index, row in enumerate(rows):

@@ -181,15 +181,7 @@ class LoglikScorer:
         top = requests[chunk[0]][0]  # requests are in context-row order
         span = requests[chunk[-1]][0] - top + 1
         lengths = mask.sum(1).tolist()  # each context's length: its options' first position
-        ids, targets, positions, segment, own = [], [], [], [], []
-        for k, r in enumerate(chunk):
-            row, i = requests[r]
-            tokens = encoded[i][1]
-            ids += tokens[:-1]
-            targets += tokens[1:]
-            positions += range(lengths[row], lengths[row] + len(tokens) - 1)
-            segment += [k] * (len(tokens) - 1)
-            own += [row - top] * (len(tokens) - 1)
+        ids, targets, positions, segment, own = _option_tokens(chunk, requests, encoded, lengths)
         segment_t = torch.tensor(segment, device=device)
         own_t = torch.tensor(own, device=device)
         key_owner = torch.arange(span, device=device).repeat_interleave(width)
@@ -228,3 +220,21 @@ class LoglikScorer:
         rows = torch.tensor(chunk, device=device)[segment_t]
         logprobs.index_add_(0, rows, token_lp.double())
         misses.index_add_(0, rows, (logits.argmax(-1) != target).long())
+
+
+def _option_tokens(
+    chunk: list[int], requests: list[tuple[int, int]], encoded: list, lengths: list[int]
+) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """The options of ``chunk`` as one row: input ids, targets, positions (each option after its
+    own context), each token's option and each token's context row (from the chunk's first)."""
+    top = requests[chunk[0]][0]
+    ids, targets, positions, segment, own = [], [], [], [], []
+    for k, r in enumerate(chunk):
+        row, i = requests[r]
+        tokens = encoded[i][1]
+        ids += tokens[:-1]
+        targets += tokens[1:]
+        positions += range(lengths[row], lengths[row] + len(tokens) - 1)
+        segment += [k] * (len(tokens) - 1)
+        own += [row - top] * (len(tokens) - 1)
+    return ids, targets, positions, segment, own

@@ -333,16 +333,6 @@ def build_runner(
     strategy = None
     if world_size > 1 or settings.deepspeed or settings.fsdp:
         strategy = _strategy(settings, world_size)
-    # one process: the RNG hook saves its RNG; several: the strategy saves every rank's
-    rng = [RNGStateHook(), PlainCheckpointHook()] if strategy is None else []
-    hooks = [
-        *rng,
-        ThroughputHook(),
-        LossRecordHook(),
-        ProgressHook(settings.log_interval, device),
-        *settings.extra_hooks,
-        *(hooks or []),
-    ]
     objective = objective or build_objective(None, settings.chunk_size)  # SFT
     common = dict(
         model=TrainModel(model, objective).to(device),
@@ -358,7 +348,7 @@ def build_runner(
             checkpoint=SafeCheckpointHook(settings.save_steps, settings.save_total_limit),
             sampler_seed=DistSamplerSeedHook(),
         ),
-        custom_hooks=hooks,
+        custom_hooks=_custom_hooks(settings, device, one_process=strategy is None, more=hooks),
         randomness=dict(seed=seed),
         resume=resume is not None,
         load_from=None if resume is None else str(resume),
@@ -376,6 +366,14 @@ def build_runner(
     if strategy is None:
         return XtunerRunner(**common)
     return XtunerFlexibleRunner(**common, strategy=strategy, launcher="pytorch")
+
+
+def _custom_hooks(settings: TrainSettings, device: str, one_process: bool, more: list | None):
+    """Ours: RNG state (one process; several: the strategy saves every rank's), throughput,
+    the loss record, the progress display, then the config's and the caller's."""
+    rng = [RNGStateHook(), PlainCheckpointHook()] if one_process else []
+    return [*rng, ThroughputHook(), LossRecordHook(), ProgressHook(settings.log_interval, device),
+            *settings.extra_hooks, *(more or [])]  # fmt: skip
 
 
 def _loader(
