@@ -77,8 +77,9 @@ def _dataclass_section(title: str, cls) -> str:
 OBJECTIVE_INTRO = """## objective
 
 Absent (or `type="sft"`): next-token SFT. Otherwise `type` names a preference objective or
-`grpo` and the other keys are its settings below; `train_dataset` then takes the preference
-keys or the prompt keys above. GRPO's `rewards` are built-in rewards
+`grpo` and the other keys are its settings below (checked where the objective declares them,
+every problem at once); `train_dataset` then takes the preference keys or the prompt keys
+above. GRPO's `rewards` are built-in rewards
 (`dict(type="numeric_answer" | "format" | "length_penalty" | "code_tests", weight=..., ...)`),
 callables `f(row, completion) -> float` or dotted paths to them (`dict(fn=..., weight=...)`).
 `precompute_reference=True` (objectives with a reference model) computes the reference
@@ -97,7 +98,9 @@ def _objective_sections() -> str:
         ]
         rows = [(p.name, _default(p.default), f"`{p.annotation}`") for p in params]
         doc = inspect.cleandoc(cls.__doc__ or "")
-        parts.append(f'### `type="{name}"`\n\n{doc}\n\n{_table(rows, "type")}')
+        none = "No settings (the loss chunk is `train.chunk_size`).\n"
+        table = _table(rows, "type") if rows else none
+        parts.append(f'### `type="{name}"`\n\n{doc}\n\n{table}')
     return "\n".join(parts)
 
 
