@@ -35,20 +35,11 @@ def cpu_name() -> str:
     return f"{name} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
-def side_command(tree: Path, script: str, args: list[str]) -> tuple[list[str], dict]:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    return [sys.executable, str(tree / "benchmarks" / script), *args], env
-
-
 def run_in(tree: Path, script: str, args: list[str]) -> float:
-    cmd, env = side_command(tree, script, args)
-    saved = dict(os.environ)
-    os.environ.update(env)  # run_side runs with this process's environment
-    try:
-        return float(run_side(cmd, f"{script} in {tree}")["seconds"])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    """Seconds of one run of ``script``'s side from ``tree``, with that tree's package first."""
+    cmd = [sys.executable, str(tree / "benchmarks" / script), *args]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return float(run_side(cmd, f"{script} in {tree}", env)["seconds"])
 
 
 def main() -> None:

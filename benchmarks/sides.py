@@ -22,9 +22,10 @@ def report(result: dict) -> None:
     print("RESULT " + json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
 
 
-def run_side(cmd: list[str], name: str) -> dict:
-    """Run a child command line and return its RESULT; exit with its stderr if it failed."""
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def run_side(cmd: list[str], name: str, env: dict | None = None) -> dict:
+    """Run a child command line (in ``env``, default this process's) and return its RESULT;
+    exit with its stderr if it failed."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode != 0 or not line:
         sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,8 +171,6 @@ def run_in_pty(
     would, ``typed`` being what they type: (exit code, everything it wrote)."""
     import pty
     import select
-    import subprocess
-    import time
 
     main_fd, child_fd = pty.openpty()
     environ = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
@@ -205,8 +207,6 @@ def run_in_pty(
 
 def wait_for_lines(path: Path, lines: int, proc, timeout: float = 300) -> None:
     """Poll until ``path`` has ``lines`` lines (or ``proc`` ends): the moment to kill a run."""
-    import time
-
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if path.exists() and len(path.read_text().splitlines()) >= lines:
@@ -245,8 +245,6 @@ def tiny_train_cfg(model: str, method: str = "lora", **train) -> dict:
 def log_records(work_dir) -> list[dict]:
     """The records of ``loss.jsonl``, one per step (a resumed run rewrites the steps it redoes:
     the last record of a step counts)."""
-    import json
-
     by_step = {}
     for line in (Path(work_dir) / "loss.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -263,7 +261,6 @@ def start_server(*args: str):
     """``xtuner serve ARGS --port 0`` as a process; returns (process, (host, port)) once it
     listens."""
     import re
-    import subprocess
     import sys
 
     proc = subprocess.Popen(
@@ -342,8 +339,6 @@ def objective_cfg(case: str, model: str, method: str = "lora", **train) -> dict:
 
 
 def _free_port() -> str:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
@@ -360,8 +355,6 @@ def process_env(nproc: int) -> dict:
 
 def train_processes(config, work_dir, nproc: int, *extra) -> list[float]:
     """``xtuner train`` in ``nproc`` processes; its losses by step."""
-    import subprocess
-
     proc = subprocess.run(
         train_cmd(config, work_dir, *extra), capture_output=True, text=True, env=process_env(nproc)
     )

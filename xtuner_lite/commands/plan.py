@@ -373,6 +373,11 @@ def _reference(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
     return components
 
 
+def _residual_bytes(s: PlanSettings) -> int:
+    """Bytes per element of the residual stream: the base dtype (LoRA), fp32 (full)."""
+    return DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
+
+
 def _activations(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
     """What the layers keep for backward: every layer's activations, or the input of each
     checkpointed layer plus one layer rebuilt at a time (and DoRA's merged weight)."""
@@ -385,7 +390,7 @@ def _activations(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
             "DoRA's merged weight of one linear, for its column norms",
         ))  # fmt: skip
     layer = layer_activation_bytes(shape, s, tokens) + layer_weight_copies(shape, s)
-    res = DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
+    res = _residual_bytes(s)
     recomputed = sum(checkpointed_layers(shape.layers, s.gradient_checkpointing or False))
     kept = shape.layers - recomputed
     if not recomputed:
@@ -402,7 +407,7 @@ def _activations(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
 def _loss(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
     """The final norm, one loss chunk's fp32 logits, softmax and gradient, and (full) the head's
     gradient computed with the loss."""
-    res = DTYPE_BYTES[s.base_dtype] if s.method != "full" else 4
+    res = _residual_bytes(s)
     loss_tokens = min(s.chunk_size, tokens) if s.chunk_size else tokens
     components = [
         ("final norm", (res + DTYPE_BYTES[s.compute_dtype]) * shape.hidden * tokens,
