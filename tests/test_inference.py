@@ -6,6 +6,7 @@ import torch
 from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference import InferenceEngine, SamplingParams
+from xtuner_lite.inference.block_manager import BLOCK_SIZE, BlockManager, gather
 from xtuner_lite.inference.sampling import apply_repetition_penalty, choose_token, draw
 
 from conftest import tiny_model
@@ -267,40 +268,146 @@ def test_quantized_engine_equals_transformers_generate(smol, bits):
     assert got == expected and any(len(g) > 4 for g in got)
 
 
-def test_shared_prefix_is_prefilled_once_with_the_same_greedy_tokens(smol):
-    """Few-shot prompts share a long prefix: it is run once (fewer prefilled tokens) and every
-    answer is still token-identical to transformers.generate on the whole prompt."""
-    model, tok, _, stops = smol
-    shots = "".join(
-        f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n"
-        for a, b in [(2, 3), (10, 7), (41, 1), (6, 6), (13, 29)]
-    )
-    prompts = [
-        tok(shots + f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
-        for q in QUESTIONS[:4]
+SHOTS = "".join(
+    f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n"
+    for a, b in [(2, 3), (10, 7), (41, 1), (6, 6), (13, 29)]
+)
+
+
+def _few_shot(tok, questions):
+    return [
+        tok(SHOTS + f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
+        for q in questions
     ]
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_shared_prefix_is_prefilled_once_with_the_same_greedy_tokens(smol):
+    """Few-shot prompts admitted together share a long prefix: it is run once (fewer
+    prefilled tokens) and every answer is still token-identical to transformers.generate on
+    the whole prompt; a later request finds the prefix in the cache."""
+    model, tok, _, stops = smol
+    prompts = _few_shot(tok, QUESTIONS[:4])
+    shared = _common(prompts[0], prompts[1]) // BLOCK_SIZE * BLOCK_SIZE
+    assert shared >= 64
     fed = []
     params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
     engine = InferenceEngine(_Counting(model, fed), tok)
     got = [r.output_ids for r in engine.generate(prompts, params)]
     assert got == _hf_greedy(model, prompts, stops, batched=False)
-    shared = len(engine.runner.prefix[0])  # the prefix kept after the batch
-    assert shared >= 64
-    prefill = (
-        fed[0].numel() + fed[1].numel()
-    )  # the prefix once, then each prompt's own tokens (left-padded)
-    assert prefill <= sum(map(len, prompts)) - (len(prompts) - 1) * shared + len(prompts) * 8
-    fed.clear()  # a later request with the same prefix reuses the kept prefix
-    late = tok(shots + "Question: How many legs has a cat?\nAnswer:", add_special_tokens=False)[
-        "input_ids"
-    ]
-    answer = engine.generate([late], params)[0].output_ids
-    assert fed[0].numel() == len(late) - shared
-    assert answer == _hf_greedy(model, [late], stops, batched=False)[0]
+    assert fed[0].shape == (1, shared + 1)  # the shared blocks once, as one row
+    assert fed[1].shape[1] <= max(map(len, prompts)) - shared  # then each prompt's own tokens
     fed.clear()
-    plain = InferenceEngine(_Counting(model, fed), tok, share_prefix=0)
+    late = _few_shot(tok, ["How many legs has a cat?"])[0]
+    request = engine.generate([late], params)[0]
+    assert request.cached_tokens >= shared
+    assert fed[0].numel() == len(late) - request.cached_tokens
+    assert request.output_ids == _hf_greedy(model, [late], stops, batched=False)[0]
+    fed.clear()
+    plain = InferenceEngine(_Counting(model, fed), tok, prefix_cache=0)
     assert [r.output_ids for r in plain.generate(prompts, params)] == got
     assert fed[0].numel() == len(prompts) * max(map(len, prompts))
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0)])
+def test_prefix_cache_hot_or_cold_gives_transformers_tokens(smol, order):
+    """Requests one after another with a shared few-shot prefix, in either order: the first
+    prefills all, each later one only what follows its cached blocks (the prefix, rounded
+    down to whole blocks: a partial block is run again); every answer is generate's."""
+    model, tok, _, stops = smol
+    prompts = _few_shot(tok, QUESTIONS[:3])
+    expected = _hf_greedy(model, prompts, stops, batched=False)
+    fed = []
+    engine = InferenceEngine(_Counting(model, fed), tok, cache_outputs=False)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    for n, i in enumerate(order):
+        fed.clear()
+        request = engine.generate([prompts[i]], params)[0]
+        assert request.output_ids == expected[i]
+        seen = [prompts[j] for j in order[:n]]
+        common = max((_common(prompts[i], p) for p in seen), default=0)
+        assert n == 0 or common % BLOCK_SIZE  # the shared prefix ends inside a block
+        assert request.cached_tokens == common // BLOCK_SIZE * BLOCK_SIZE
+        assert fed[0].numel() == len(prompts[i]) - request.cached_tokens
+
+
+def test_a_conversation_turn_starts_from_the_last_turns_blocks(smol):
+    """A finished request's prompt and answer stay cached: the next turn, which re-sends
+    them, prefills only what is new, and answers as generate does on the whole prompt."""
+    model, tok, prompts, stops = smol
+    template = get_template("smollm2")
+    engine = InferenceEngine(model, tok)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    messages = [{"role": "user", "content": QUESTIONS[1]}]  # a haiku: a long answer
+    first = engine.generate([prompts[1]], params)[0]
+    messages += [{"role": "assistant", "content": first.text},
+                 {"role": "user", "content": "And of Italy?"}]  # fmt: skip
+    second = tok(template.render_prompt(messages, tok), add_special_tokens=False)["input_ids"]
+    fed = len(prompts[1]) + len(first.output_ids)  # the tokens the engine ran for turn one
+    assert _common(second, prompts[1] + first.output_ids) >= fed - 1
+    request = engine.generate([second], params)[0]
+    assert request.cached_tokens > len(prompts[1])  # the answer's blocks too
+    assert request.cached_tokens >= (fed - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert request.output_ids == _hf_greedy(model, [second], stops, batched=False)[0]
+
+
+def test_prefix_cache_evicts_least_recently_used_blocks_within_its_budget(smol):
+    """A budget of four blocks: a long prompt keeps its first four (a chain is evicted from
+    its end, so what is left is still a prefix), another prompt's blocks then push them out;
+    answers stay generate's throughout."""
+    model, tok, prompts, stops = smol
+    few = _few_shot(tok, QUESTIONS[:2])
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    block = config.num_hidden_layers * 2 * config.num_key_value_heads * BLOCK_SIZE * head_dim * 4
+    engine = InferenceEngine(model, tok, prefix_cache=4 * block, cache_outputs=False)
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=stops)
+    expected = _hf_greedy(model, [few[0], prompts[1]], stops, batched=False)
+    assert engine.generate([few[0]], params)[0].output_ids == expected[0][:8]
+    assert len(engine.runner.blocks.blocks) == 4 and engine.runner.blocks.nbytes == 4 * block
+    again = engine.generate([few[0]], params)[0]
+    assert again.cached_tokens == 4 * BLOCK_SIZE and again.output_ids == expected[0][:8]
+    other = engine.generate([prompts[1] * 3], params)[0]  # 3 × a short prompt: > 4 blocks
+    assert other.cached_tokens == 0
+    assert engine.generate([few[0]], params)[0].cached_tokens == 0  # pushed out
+    assert engine.runner.blocks.nbytes <= 4 * block
+
+
+def test_requests_running_together_share_cached_blocks(smol):
+    """Requests admitted while others with the same prefix decode find its blocks (cached at
+    the first one's prefill) and join the running batch with the same greedy tokens."""
+    model, tok, _, stops = smol
+    prompts = _few_shot(tok, QUESTIONS[:4])
+    expected = _hf_greedy(model, prompts, stops, batched=False)
+    engine = InferenceEngine(model, tok, max_batch_size=4)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    requests = [engine.add_request(prompts[0], params)]
+    engine.step()
+    engine.step()
+    requests += [engine.add_request(p, params) for p in prompts[1:]]
+    while engine.has_work:
+        engine.step()
+    assert [r.output_ids for r in requests] == expected
+    shared = _common(prompts[0], prompts[1]) // BLOCK_SIZE * BLOCK_SIZE
+    assert requests[0].cached_tokens == 0
+    assert all(r.cached_tokens >= shared for r in requests[1:])
+
+
+def test_block_hashes_chain_and_a_collision_is_never_a_match():
+    blocks = BlockManager(max_bytes=2**20)
+    tokens = list(range(40))
+    kv = torch.randn(2, 2, 1, 32, 4)
+    blocks.store(tokens, 0, kv)
+    assert len(blocks.blocks) == 2 and blocks.first_missing(tokens) == 2
+    assert len(blocks.match(tokens, 2)) == 2
+    assert torch.equal(gather(blocks.match(tokens, 2)), kv)
+    assert blocks.match([99] + tokens[1:], 2) == []  # the chain: block 2 after another block 1
+    forged = next(b for b in blocks.blocks.values() if b.tokens[0] == 0)
+    forged.tokens = (7,) * BLOCK_SIZE  # as if another block had hashed the same
+    assert blocks.match(tokens, 2) == [] and blocks.first_missing(tokens) == 0
 
 
 @pytest.mark.parametrize("pack", [True, False])

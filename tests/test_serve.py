@@ -153,3 +153,22 @@ def test_32_concurrent_clients_are_all_served_in_batches(server, client):
     after = _health(server)
     assert after["finished"] == before["finished"] + 32
     assert after["peak_batch"] >= 8  # decoded together, not one after another
+
+
+def test_a_shared_system_prompt_is_reported_as_cached_tokens(client):
+    """The second request with the same long system prompt prefills only what follows its
+    cached blocks and says so as OpenAI does (usage.prompt_tokens_details.cached_tokens)."""
+    system = {"role": "system", "content": "You answer in one short sentence. " * 12}
+    replies = [
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[system, {"role": "user", "content": question}],
+            max_tokens=4,
+            temperature=0,
+        )
+        for question in ("Name a river.", "Name a mountain.")
+    ]
+    first, second = (r.usage for r in replies)
+    assert second.prompt_tokens_details.cached_tokens >= 64
+    assert second.prompt_tokens_details.cached_tokens < second.prompt_tokens
+    assert first.prompt_tokens_details.cached_tokens < second.prompt_tokens_details.cached_tokens

@@ -33,6 +33,16 @@ def _size_text(text: str) -> str:
     return text
 
 
+def cache_bytes(text: str) -> int:
+    """Bytes of a memory budget that may be off: ``0`` is 0, else :func:`parse_size`."""
+    return 0 if str(text).strip() == "0" else int(parse_size(text))
+
+
+def _cache_size_text(text: str) -> str:
+    cache_bytes(text)
+    return text
+
+
 @dataclass(frozen=True)
 class Check:
     """What a value must be: ``convert`` the text, then ``ok``; else the CLI names ``accepted``."""
@@ -59,10 +69,12 @@ NonNegativeInt = Annotated[int, Check("an integer >= 0", lambda v: v >= 0)]
 Port = Annotated[int, Check("a port in [0, 65535] (0: any free port)", lambda v: 0 <= v <= 65535)]
 Fraction = Annotated[float, Check("a number in [0, 1]", lambda v: 0 <= v <= 1, float)]
 Size = Annotated[str, Check("a size such as 2GB or 500MB", convert=_size_text)]
+CacheSize = Annotated[str, Check("a size such as 512MiB, or 0 (off)", convert=_cache_size_text)]
 CfgOptions = Annotated[list[str] | None, Flag(metavar="KEY=VALUE")]
 
 
 __all__ = [
+    "CacheSize",
     "CfgOptions",
     "Check",
     "Flag",
@@ -72,5 +84,6 @@ __all__ = [
     "Port",
     "PositiveInt",
     "Size",
+    "cache_bytes",
     "parse_size",
 ]

@@ -21,6 +21,8 @@ from xtuner_lite.inference.request import Request, TokenCallback
 from xtuner_lite.inference.sampling import SamplingParams, choose_tokens
 from xtuner_lite.inference.scheduler import Scheduler
 
+PREFIX_CACHE_BYTES = 512 * 2**20  # default memory for cached prefix blocks, taken as used
+
 
 class InferenceEngine:
     """Batched, streaming generation for a causal LM (merged, or base + adapter)."""
@@ -34,16 +36,24 @@ class InferenceEngine:
         share_prefix: int = 64,
         pack_weights: bool | None = None,
         merge_adapters: bool = False,
+        prefix_cache: int = PREFIX_CACHE_BYTES,
+        cache_outputs: bool = True,
     ):
-        """``share_prefix``: when the prompts admitted together share at least this many leading
-        tokens (few-shot exemplars, a long system prompt), that prefix is prefilled once and its
-        keys/values copied to every row; 0 turns it off. ``pack_weights``: let the fast decoder
+        """``prefix_cache``: bytes of memory for the keys/values of prompt blocks kept across
+        requests (``inference/block_manager.py``); a prompt whose leading blocks are cached
+        prefills only the rest; 0 turns it off. ``cache_outputs``: a finished request's
+        generated blocks are kept too (a conversation's next turn starts from them).
+        ``share_prefix``: when the prompts admitted together share at least this many leading
+        tokens (few-shot exemplars, a long system prompt), that prefix is prefilled once and
+        its blocks are found by every row (with the prefix cache only); 0 turns it off.
+        ``pack_weights``: let the fast decoder
         keep oneDNN-packed copies of the weights (faster on CPU, a second copy of the weights
         in memory; None decides by free memory — see ``inference/decoder.py``).
         ``merge_adapters``: the packed copies hold LoRA adapters merged in as they are now, for
         an engine that lives while the adapter does not change (one RL rollout)."""
         self.scheduler = Scheduler(max_batch_size)
-        self.runner = ModelRunner(model, share_prefix, pack_weights, merge_adapters)
+        self.runner = ModelRunner(model, share_prefix, pack_weights, merge_adapters, prefix_cache)
+        self.cache_outputs = cache_outputs
         self.model, self.tokenizer = self.runner.model, tokenizer
         self.context_length = context_length or getattr(
             model.config, "max_position_embeddings", None
@@ -125,7 +135,9 @@ class InferenceEngine:
             finished += self._postprocess(running, self.runner.decode(), first_row=0)
         admitted = self.scheduler.admit()
         if admitted:
-            logits = self.runner.prefill([r.prompt_ids for r in admitted])
+            logits, cached = self.runner.prefill([r.prompt_ids for r in admitted])
+            for r, tokens in zip(admitted, cached):
+                r.cached_tokens = tokens
             finished += self._postprocess(admitted, logits, first_row=len(running))
         self._retire()
         return finished
@@ -152,6 +164,11 @@ class InferenceEngine:
 
     # ----------------------------------------------------------------- internals
     def _retire(self) -> list[Request]:
+        if self.cache_outputs:
+            leaving = [(i, r) for i, r in enumerate(self.scheduler.running) if r.finished]
+            self.runner.remember(
+                [i for i, _ in leaving], [r.prompt_ids + r.output_ids for _, r in leaving]
+            )
         done, keep = self.scheduler.retire()
         self.runner.select(keep)
         return done

@@ -8,12 +8,9 @@ own forward).
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
-from transformers import DynamicCache
 
+from xtuner_lite.inference.block_manager import BLOCK_SIZE, Block, BlockManager, gather
 from xtuner_lite.inference.decoder import FastDecoder, unsupported_reason
 from xtuner_lite.inference.kv_cache import KVCache
 from xtuner_lite.model.forward import base_and_head
@@ -23,6 +20,18 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     """Pad a (rows, columns) ``t`` with zeros on the left up to ``width`` columns."""
     missing = width - t.shape[1]
     return torch.cat([t.new_zeros(t.shape[0], missing), t], dim=1) if missing > 0 else t
+
+
+def _kv_layout(model: torch.nn.Module) -> tuple[tuple[int, int, int], torch.dtype]:
+    """((kv heads, head dim, layers), dtype) of the model's keys and values."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    # the first floating-point weight, the embedding in transformers' order: keys and values
+    # come out in it (a quantized model's packed weights are integers)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return (kv_heads, head_dim, config.num_hidden_layers), dtype
 
 
 class ModelRunner:
@@ -35,7 +44,9 @@ class ModelRunner:
         share_prefix: int = 64,
         pack_weights: bool | None = None,
         merge_adapters: bool = False,
+        prefix_cache: int = 0,
     ):
+        """``prefix_cache``: bytes of memory for cached prefix blocks (0: no prefix cache)."""
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.share_prefix = share_prefix
@@ -48,7 +59,8 @@ class ModelRunner:
         )
         # (decoder, output head) where the logits are the head's output (Llama family)
         self.head = base_and_head(model) if self.fallback_reason is None else None
-        self.prefix: tuple[list[int], Any] | None = None  # last shared prefix and its cache
+        self.blocks = BlockManager(prefix_cache) if prefix_cache > 0 else None
+        self._kv_shape, self._kv_dtype = _kv_layout(model)
         self.cache: KVCache | None = None
         self._mask: torch.Tensor | None = None  # (batch, cached length), 1 = real token
         self._next: torch.Tensor | None = None  # (batch,) token each row feeds next
@@ -56,7 +68,8 @@ class ModelRunner:
     def reset(self) -> None:
         """An empty batch (after a failed step)."""
         self.cache = self._mask = self._next = None
-        self.prefix = None
+        if self.blocks is not None:
+            self.blocks.clear()
 
     # ----------------------------------------------------------------- one step
     def decode(self) -> torch.Tensor:
@@ -71,45 +84,122 @@ class ModelRunner:
         self.cache.advance(1)
         return logits
 
-    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
         """Run new prompts (one batched, left-padded prefill) and append them as rows at the
-        end of the batch; (new rows, vocab) logits for their first tokens. A prompt given
-        several times (a GRPO group's completions) is run once and its rows copied."""
-        unique = list(dict.fromkeys(tuple(p) for p in prompts))
-        filled, mask, logits = self._prefill_unique([list(p) for p in unique])
+        end of the batch: ((new rows, vocab) logits for their first tokens, each prompt's
+        tokens found in the prefix cache). Cached leading blocks are copied, not recomputed; a
+        prompt given several times (a GRPO group's completions) is run once and its rows
+        copied; a prefix that the prompts admitted together share is run once first."""
+        unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
+        found = {tuple(p): self._cached_blocks(p) for p in unique}
+        self._share_leading_blocks(unique)
+        filled, mask, logits = self._prefill_unique(unique)
         if len(unique) < len(prompts):
-            where = {p: i for i, p in enumerate(unique)}
+            where = {tuple(p): i for i, p in enumerate(unique)}
             rows = torch.tensor([where[tuple(p)] for p in prompts], device=self.device)
             filled.select(rows, 0)
             mask, logits = mask[rows], logits[rows]
         self._splice(filled, mask)
-        return logits
+        return logits, [found[tuple(p)] * BLOCK_SIZE for p in prompts]
+
+    def remember(self, rows: list[int], tokens: list[list[int]]) -> None:
+        """Cache the full blocks of rows ``rows`` (requests about to leave the batch), whose
+        fed tokens are the leading ones of ``tokens`` (prompt and output): a conversation's
+        next turn, or an agent's next round, starts from them."""
+        if self.blocks is None or self._mask is None:
+            return
+        for row, ids in zip(rows, tokens):
+            columns = self._mask[row].nonzero()[:, 0]
+            ids = ids[: len(columns)]
+            first = self.blocks.first_missing(ids)
+            end = len(ids) // BLOCK_SIZE * BLOCK_SIZE
+            if first * BLOCK_SIZE < end:
+                wanted = columns[first * BLOCK_SIZE : end]
+                self.blocks.store(ids, first, self._row_kv(row, wanted))
+
+    def _cached_blocks(self, prompt: list[int]) -> int:
+        """How many leading full blocks of ``prompt`` the cache holds (the last token is
+        always run: its logits give the first new token)."""
+        if self.blocks is None:
+            return 0
+        return self.blocks.first_missing(prompt[: len(prompt) - 1])
+
+    def _share_leading_blocks(self, prompts: list[list[int]]) -> None:
+        """Prompts admitted together that share at least ``share_prefix`` leading tokens
+        (few-shot exemplars, a system prompt) beyond what is cached: run that prefix once, as
+        one row, and cache it, so each prompt then finds it."""
+        if self.blocks is None or not self.share_prefix or len(prompts) < 2:
+            return
+        shared = min(len(p) for p in prompts) - 1
+        for p in prompts[1:]:
+            same = next((i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b), len(p))
+            shared = min(shared, same)
+        shared = shared // BLOCK_SIZE * BLOCK_SIZE
+        prefix = prompts[0][:shared]
+        if shared >= self.share_prefix and self.blocks.first_missing(prefix) * BLOCK_SIZE < shared:
+            # one token more: the prefix's last block is then full and cached like the others
+            self._prefill_unique([prompts[0][: shared + 1]])
 
     def _prefill_unique(
         self, prompts: list[list[int]]
     ) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-        """(the prompts' cache, their attention mask, their last-position logits)."""
-        shared = self._shared_prefix(prompts)
-        cache = (
-            self._prefix_cache(prompts[0][:shared], len(prompts))
-            if shared
-            else DynamicCache(config=self.model.config)
-        )
-        # the rest of each prompt, left-padded: [shared prefix][padding][own tokens]
-        width = max(len(p) for p in prompts) - shared
+        """(the prompts' cache, their attention mask, their last-position logits); each row is
+        [padding][cached blocks][padding][own tokens], and its full blocks are cached."""
+        found = [
+            self.blocks.match(p, (len(p) - 1) // BLOCK_SIZE) if self.blocks is not None else []
+            for p in prompts
+        ]
+        cached = [len(f) * BLOCK_SIZE for f in found]
+        width = max(len(p) - c for p, c in zip(prompts, cached))
+        start = max(cached)
+        cache = self._cache_of(found, start, room=width)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), shared + width, dtype=torch.long)
-        mask[:, :shared] = 1
-        for i, prompt in enumerate(prompts):
-            own = prompt[shared:]
+        mask = torch.zeros(len(prompts), start + width, dtype=torch.long)
+        for i, (prompt, c) in enumerate(zip(prompts, cached)):
+            own = prompt[c:]
             ids[i, width - len(own) :] = torch.tensor(own)
-            mask[i, shared + width - len(own) :] = 1
+            mask[i, start - c : start] = 1
+            mask[i, start + width - len(own) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = self._forward(ids, mask, cache)
-        filled = KVCache.from_tensors(
-            [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        logits = self._forward(ids, mask, cache.as_transformers_cache())
+        cache.advance(width)
+        if self.blocks is not None:
+            for i, (prompt, c) in enumerate(zip(prompts, cached)):
+                end = len(prompt) // BLOCK_SIZE * BLOCK_SIZE
+                if c < end:
+                    own_start = start + width - (len(prompt) - c)
+                    columns = torch.arange(own_start, own_start + end - c, device=self.device)
+                    self.blocks.store(prompt, c // BLOCK_SIZE, self._kv(cache, i, columns))
+        return cache, mask, logits
+
+    def _cache_of(self, found: list[list[Block]], start: int, room: int) -> KVCache:
+        """A cache of ``start`` columns per row holding each row's cached blocks at its end
+        (left-padded), with ``room`` free columns."""
+        shape = self._kv_shape
+        rows = len(found)
+        keys = [torch.zeros(rows, shape[0], start, shape[1], dtype=self._kv_dtype,
+                            device=self.device) for _ in range(shape[2])]  # fmt: skip
+        values = [torch.zeros_like(k) for k in keys]
+        for i, blocks in enumerate(found):
+            if blocks:
+                kv = gather(blocks)
+                for layer, (k, v) in enumerate(zip(keys, values)):
+                    k[i, :, start - kv.shape[3] :] = kv[layer, 0]
+                    v[i, :, start - kv.shape[3] :] = kv[layer, 1]
+        return KVCache.from_tensors(keys, values, room=room)
+
+    def _row_kv(self, row: int, columns: torch.Tensor) -> torch.Tensor:
+        return self._kv(self.cache, row, columns)
+
+    @staticmethod
+    def _kv(cache: KVCache, row: int, columns: torch.Tensor) -> torch.Tensor:
+        """Row ``row``'s keys and values at ``columns``: (layers, 2, kv heads, columns, dim)."""
+        return torch.stack(
+            [
+                torch.stack([k[row].index_select(1, columns), v[row].index_select(1, columns)])
+                for k, v in zip(cache.keys, cache.values)
+            ]
         )
-        return filled, mask, logits
 
     def feed(self, tokens: torch.Tensor, first_row: int = 0) -> None:
         """The tokens rows ``first_row``.. feed at the next decode (the ones just chosen)."""
@@ -153,39 +243,6 @@ class ModelRunner:
         self.cache.extend(cache)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
         self._next = torch.cat([self._next, placeholder])
-
-    def _prefix_cache(self, ids: list[int], rows: int):
-        """A cache holding ``ids``' keys/values for ``rows`` rows; the prefix is run once and
-        kept for later admissions."""
-        if self.prefix is None or self.prefix[0] != ids:
-            cache = DynamicCache(config=self.model.config)
-            prefix = torch.tensor([ids], device=self.device)
-            self._forward(prefix, torch.ones_like(prefix), cache)
-            self.prefix = (ids, cache)
-        cache = copy.deepcopy(self.prefix[1])
-        for layer in cache.layers:
-            layer.keys = layer.keys.repeat(rows, 1, 1, 1)
-            layer.values = layer.values.repeat(rows, 1, 1, 1)
-        return cache
-
-    def _shared_prefix(self, prompts: list[list[int]]) -> int:
-        """Leading tokens all ``prompts`` share (each keeps at least one of its own, whose
-        logits give its first token): the kept prefix when they all start with it, else their
-        common prefix; 0 when below ``share_prefix``."""
-        if not self.share_prefix:
-            return 0
-        if self.prefix is not None:
-            kept = self.prefix[0]
-            if all(len(p) > len(kept) and p[: len(kept)] == kept for p in prompts):
-                return len(kept)
-        if len(prompts) < 2:
-            return 0
-        first = prompts[0]
-        shared = min(len(p) for p in prompts) - 1
-        for p in prompts[1:]:
-            same = next((i for i, (a, b) in enumerate(zip(first, p)) if a != b), len(p))
-            shared = min(shared, same)
-        return shared if shared >= self.share_prefix else 0
 
 
 __all__ = ["ModelRunner"]

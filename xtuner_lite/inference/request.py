@@ -27,6 +27,7 @@ class Request:
     generator: torch.Generator | None = None
     max_new_tokens: int = 0
     stop_token: int | None = None  # the stop token id that ended it (not in output_ids)
+    cached_tokens: int = 0  # leading prompt tokens found in the prefix cache (not prefilled)
 
     @property
     def finished(self) -> bool:

@@ -68,6 +68,7 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     request: Any = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
     tools: ToolUse | None = None  # the request's tools, when the model may call them
 
 
@@ -328,12 +329,13 @@ class OpenAIProtocol:
             prompt_ids, self.chat.sampling(options, stop, tools=bool(tools)), tools=tools
         ), body
 
-    def usage(self, job: Job) -> dict[str, int]:
+    def usage(self, job: Job) -> dict[str, Any]:
         prompt = len(job.prompt_ids)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": job.completion_tokens,
             "total_tokens": prompt + job.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
         }
 
     def response(self, path: str, job: Job, text: str, reason: str) -> dict:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from xtuner_lite.errors import UsageError
 from xtuner_lite.inference import InferenceEngine
 from xtuner_lite.inference.chat_model import ChatModel
+from xtuner_lite.inference.engine import PREFIX_CACHE_BYTES
 from xtuner_lite.server.protocol import (
     CHAT,
     COMPLETIONS,
@@ -26,7 +27,7 @@ from xtuner_lite.server.protocol import (
     error_body,
 )
 from xtuner_lite.server.worker import EngineWorker
-from xtuner_lite.values import Port, PositiveInt
+from xtuner_lite.values import CacheSize, Port, PositiveInt, cache_bytes
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body larger than this is refused unread (413)
 READ_TIMEOUT_S = 30  # a client that sends nothing for this long is disconnected
@@ -53,10 +54,13 @@ class Server:
         name: str,
         max_batch_size: int = 32,
         read_timeout: float = READ_TIMEOUT_S,
+        prefix_cache: int = PREFIX_CACHE_BYTES,
     ):
         self.chat = chat
         self.read_timeout = read_timeout
-        self.engine = InferenceEngine(chat.model, chat.tokenizer, max_batch_size=max_batch_size)
+        self.engine = InferenceEngine(
+            chat.model, chat.tokenizer, max_batch_size=max_batch_size, prefix_cache=prefix_cache
+        )
         self.worker = EngineWorker(self.engine)
         self.protocol = OpenAIProtocol(chat, name, self.engine.context_length)
         self.created = int(time.time())
@@ -233,6 +237,7 @@ def serve(
     port: Port = 8000,
     served_model_name: str | None = None,
     max_batch_size: PositiveInt = 32,
+    prefix_cache: CacheSize = "512MiB",
 ) -> None:
     """OpenAI-compatible HTTP server (chat, completions).
 
@@ -250,6 +255,9 @@ def serve(
         served_model_name: the 'model' clients ask for (default: the model or adapter folder's
             name)
         max_batch_size: requests decoded together at most
+        prefix_cache: memory for the keys/values of prompt blocks kept across requests, so a
+            prompt that starts as an earlier one did (a system prompt, a conversation so far)
+            prefills only the rest; 0 turns it off
     """
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise UsageError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -257,7 +265,7 @@ def serve(
     try:
         chat = ChatModel.load(model, adapter, template, bits)
         name = served_model_name or Path(adapter or model).name
-        server = Server(chat, name, max_batch_size)
+        server = Server(chat, name, max_batch_size, prefix_cache=cache_bytes(prefix_cache))
         httpd.RequestHandlerClass = server.handler()
         url = f"http://{httpd.server_address[0]}:{httpd.server_address[1]}"
         print(f"serving {server.name!r} on {url}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)

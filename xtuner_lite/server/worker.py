@@ -85,6 +85,7 @@ class EngineWorker:
         self.stats[kind] += 1
         job, stream = self.jobs.pop(request.id)
         job.completion_tokens = len(request.output_ids)
+        job.cached_tokens = request.cached_tokens
         if request.finish_reason == "error":
             job.events.put(("error", 500, request.error))
             return

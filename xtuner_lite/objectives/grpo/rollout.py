@@ -63,7 +63,9 @@ def sample_completions(
     try:
         # the adapter does not change during a rollout: decode with it merged into the packed
         # weights (the engine is built afresh for every rollout)
-        engine = InferenceEngine(llm, tokenizer, max_batch_size=max_batch_size, merge_adapters=True)
+        engine = InferenceEngine(
+            llm, tokenizer, max_batch_size=max_batch_size, merge_adapters=True, cache_outputs=False
+        )
         requests = []
         for group, (prompt, index) in enumerate(zip(prompts, indices)):
             for sample in range(num_generations):
