@@ -13,26 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-from sides import run_side
+from sides import cpu_name, run_side
 
 HERE = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    """The CPU's model name and whether it has native bf16 (AMX, AVX512-bf16): rows name it."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), platform.machine())  # fmt: skip
-    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in info.split()]
-    return f"{name} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def run_in(tree: Path, script: str, args: list[str]) -> float:

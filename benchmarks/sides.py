@@ -7,9 +7,12 @@ A script runs itself with ``--side NAME`` (or its own child flag); the child pri
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 
 def peak_rss_mib() -> float:
@@ -30,3 +33,15 @@ def run_side(cmd: list[str], name: str, env: dict | None = None) -> dict:
     if done.returncode != 0 or not line:
         sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
     return json.loads(line[0][7:])
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has native bf16 (AMX, AVX512-bf16): rows name it."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())  # fmt: skip
+    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in info.split()]
+    return f"{name} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores"

@@ -172,3 +172,111 @@ def test_a_shared_system_prompt_is_reported_as_cached_tokens(client):
     assert second.prompt_tokens_details.cached_tokens >= 64
     assert second.prompt_tokens_details.cached_tokens < second.prompt_tokens
     assert first.prompt_tokens_details.cached_tokens < second.prompt_tokens_details.cached_tokens
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "pets"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "Weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["C", "F"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_response_format_json_schema_and_json_object_hold_streamed_or_not(client):
+    """The embedded, untrained model: a json_schema reply validates, streamed and not the same
+    text; json_object gives an object."""
+    import jsonschema
+
+    ask = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a person."}],
+        max_tokens=120,
+        temperature=0,
+    )
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+    }
+    reply = client.chat.completions.create(**ask, response_format=fmt)
+    text = reply.choices[0].message.content
+    jsonschema.validate(json.loads(text), PERSON)
+    assert reply.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(**ask, response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    loose = client.chat.completions.create(**ask, response_format={"type": "json_object"})
+    assert isinstance(json.loads(loose.choices[0].message.content), dict)
+
+
+def test_unenforceable_schemas_are_refused_naming_the_feature(client):
+    import openai
+
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    schema = {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            **ask,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+    assert err.value.body["param"] == "response_format" and "if" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**ask, response_format={"type": "yaml"})
+    assert err.value.body["param"] == "response_format.type"
+
+
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "weather"}}]
+)
+def test_forced_tool_choice_yields_a_valid_call_every_time(client, choice):
+    """The untrained model, asked things that need no tool: required or named still yields a
+    call whose arguments validate against the tool's parameters."""
+    import jsonschema
+
+    tools = [
+        WEATHER_TOOL,
+        {
+            "type": "function",
+            "function": {
+                "name": "calculator",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"expression": {"type": "string", "maxLength": 30}},
+                    "required": ["expression"],
+                },
+            },
+        },
+    ]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for question in ["What is 17 * 23?", "Hello there!", "Weather in Oslo?"]:
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=80,
+            temperature=0,
+            tools=tools,
+            tool_choice=choice,
+        )
+        choice_ = reply.choices[0]
+        assert choice_.finish_reason == "tool_calls", choice_.message
+        call = choice_.message.tool_calls[0].function
+        assert isinstance(choice, str) or call.name == "weather"
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from transformers import AutoConfig
@@ -17,6 +18,7 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel, TextStream
+from xtuner_lite.inference.grammar import GrammarError, check_grammar, json_schema_grammar
 from xtuner_lite.inference.loader import quantization_kwargs
 from xtuner_lite.toolcalling.agent import ToolBox, run_tool_turn
 from xtuner_lite.toolcalling.builtin import Tool, load_tools
@@ -41,7 +43,13 @@ class ChatSession:
         backend: str = "torch",
         tools: list[Tool] | None = None,
         max_tool_rounds: int = 5,
+        grammar: str | None = None,
     ):
+        """``grammar``: every reply follows it (``inference/grammar.py``; with ``backend``
+        torch, without tools)."""
+        if grammar is not None and (tools or backend != "torch"):
+            raise XtunerError("--json-schema needs --backend torch and no --tools")
+        self.grammar = grammar
         self.system = system
         self.options = options or GenerationOptions()
         self.history: list[dict] = []
@@ -107,6 +115,7 @@ class ChatSession:
             self._prompt_ids(turn),
             self.chat.sampling(self.options, list(stops), tools=bool(self.toolbox)),
             on_token=on_token if on_text is not None else None,
+            grammar=self.grammar,
         )
         while not request.finished:
             self.engine.step()
@@ -155,6 +164,22 @@ class ChatSession:
         return reply
 
 
+def schema_file_grammar(path: str) -> str:
+    """The grammar of the JSON schema in file ``path``; errors name the file."""
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+        grammar = json_schema_grammar(schema)
+        check_grammar(grammar)
+        return grammar
+    except OSError as exc:
+        raise XtunerError(f"--json-schema {path}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}: {exc.msg}"
+        raise XtunerError(f"--json-schema {path}: not JSON ({where})") from None
+    except GrammarError as exc:
+        raise XtunerError(f"--json-schema {path}: {exc}") from None
+
+
 def _show_tool_call(call: dict, result: str) -> None:
     arguments = json.dumps(call["arguments"], ensure_ascii=False)
     print(f"\n[tool] {call['name']}({arguments})\n[result] {result}", flush=True)
@@ -173,6 +198,7 @@ def chat(
     tools: str | None = None,
     tools_file: str | None = None,
     max_tool_rounds: PositiveInt = 5,
+    json_schema: str | None = None,
 ) -> int:
     """Chat with a model (optionally + LoRA adapter).
 
@@ -195,11 +221,14 @@ def chat(
         tools_file: a Python file whose public functions become tools (signature and docstring
             give each one's schema)
         max_tool_rounds: tool calls per question at most
+        json_schema: a JSON schema file: every reply is a JSON document valid under it
+            (grammar-constrained decoding)
     """
     toolbox = load_tools(tools, tools_file)  # a bad name fails before the model loads
+    grammar = None if json_schema is None else schema_file_grammar(json_schema)
     session = ChatSession(model, adapter=adapter, template=template, system=system,
                           options=sampling, bits=bits, backend=backend, tools=toolbox,
-                          max_tool_rounds=max_tool_rounds)  # fmt: skip
+                          max_tool_rounds=max_tool_rounds, grammar=grammar)  # fmt: skip
     stream = None if no_stream else (lambda text: print(text, end="", flush=True))
 
     def ask(text: str) -> None:

@@ -16,6 +16,7 @@ import itertools
 import torch
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.inference.grammar import Constraint, GrammarError
 from xtuner_lite.inference.model_runner import ModelRunner
 from xtuner_lite.inference.request import Request, TokenCallback
 from xtuner_lite.inference.sampling import SamplingParams, choose_tokens
@@ -83,7 +84,9 @@ class InferenceEngine:
         prompt_ids: list[int],
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
+        grammar: str | None = None,
     ) -> Request:
+        """Queue a request; ``grammar`` (``inference/grammar.py``) constrains its output."""
         params = params or SamplingParams()
         params.validate()
         if not prompt_ids:
@@ -107,6 +110,7 @@ class InferenceEngine:
             on_token,
             generator=generator,
             max_new_tokens=budget,
+            constraint=None if grammar is None else Constraint(grammar, self.tokenizer),
         )
         self.scheduler.add(request)
         return request
@@ -177,6 +181,9 @@ class InferenceEngine:
         self, rows: list[Request], logits: torch.Tensor, first_row: int
     ) -> list[Request]:
         """Choose each row's next token, stream it, mark finished requests."""
+        for i, r in enumerate(rows):
+            if r.constraint is not None and not r.finished:
+                r.constraint.mask(logits[i], r.params.stop_token_ids)
         tokens, errors = choose_tokens(logits, rows)
         self.runner.feed(torch.tensor(tokens, device=self.runner.device), first_row)
         finished = []
@@ -195,10 +202,16 @@ class InferenceEngine:
         if token in r.params.stop_token_ids:
             r.finish_reason, r.stop_token = "stop", token
             return
+        if r.constraint is not None:
+            try:
+                r.constraint.advance(token)
+            except GrammarError as exc:
+                r.fail(str(exc))
+                return
         r.output_ids.append(token)
         if r.on_token is not None:
             r.on_token(r, token)
-        if self._hit_stop_word(r):
+        if self._hit_stop_word(r) or (r.constraint is not None and r.constraint.complete):
             r.finish_reason = "stop"
         elif len(r.output_ids) >= r.max_new_tokens:
             r.finish_reason = "length"

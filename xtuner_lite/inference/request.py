@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xtuner_lite.inference.grammar import Constraint
 from xtuner_lite.inference.sampling import SamplingParams
 
 TokenCallback = Callable[["Request", int], None]
@@ -27,6 +28,7 @@ class Request:
     generator: torch.Generator | None = None
     max_new_tokens: int = 0
     stop_token: int | None = None  # the stop token id that ended it (not in output_ids)
+    constraint: Constraint | None = None  # the grammar the output must follow
     cached_tokens: int = 0  # leading prompt tokens found in the prefix cache (not prefilled)
 
     @property

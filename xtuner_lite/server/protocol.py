@@ -14,6 +14,13 @@ from typing import Any
 
 from xtuner_lite.inference import SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel
+from xtuner_lite.inference.grammar import (
+    ANY_JSON_OBJECT,
+    GrammarError,
+    check_grammar,
+    json_schema_grammar,
+    tool_call_grammar,
+)
 from xtuner_lite.inference.sampling import SamplingError
 from xtuner_lite.toolcalling.formats import ParsedReply, ToolFormat
 from xtuner_lite.toolcalling.schema import (
@@ -70,6 +77,7 @@ class Job:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     tools: ToolUse | None = None  # the request's tools, when the model may call them
+    grammar: str | None = None  # what the reply must follow (response_format, a forced call)
 
 
 def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
@@ -174,13 +182,14 @@ def tool_use(body: dict, tool_format: ToolFormat) -> ToolUse | None:
                 "{'type': 'function', 'function': {'name': one of the tools}}",
                 "tool_choice",
             )
-        return ToolUse(tools, tool_format, tool_format.prefill(name), parallel)
+        return ToolUse(tools, tool_format, tool_format.prefill(name), parallel, forced=name)
     if choice not in ("auto", "required"):
         raise APIError(
             400, f"'tool_choice' {choice!r} is not auto, none or required", "tool_choice"
         )
-    prefill = tool_format.prefill("") if choice == "required" else ""
-    return ToolUse(tools, tool_format, prefill, parallel)
+    if choice == "required":
+        return ToolUse(tools, tool_format, tool_format.prefill(""), parallel, forced="")
+    return ToolUse(tools, tool_format, "", parallel)
 
 
 @dataclass
@@ -192,6 +201,15 @@ class ToolUse:
     format: ToolFormat
     prefill: str = ""  # forced start of the reply
     parallel: bool = True
+    forced: str | None = None  # the tool a call must be to ("": any; None: the model chooses)
+
+    def grammar(self) -> str | None:
+        """The grammar of the rest of a forced call (None: nothing forced, or a format that
+        does not write calls as one JSON block, whose call is forced by the prefill alone)."""
+        call_text = getattr(self.format, "call_text", None)
+        if self.forced is None or call_text is None:
+            return None
+        return tool_call_grammar(call_text, self.tools, self.forced, self.prefill)
 
     def hold(self, text: str) -> int:
         """Streamed text stops where a call begins (all of it when a call is forced)."""
@@ -202,6 +220,30 @@ class ToolUse:
         if not self.parallel:
             parsed.calls = parsed.calls[:1]
         return parsed
+
+
+def response_grammar(body: dict) -> str | None:
+    """The grammar of OpenAI's ``response_format`` (None: ``text`` or absent)."""
+    fmt = _get(body, "response_format", (dict,), None)
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return json_schema_grammar(ANY_JSON_OBJECT)
+    if fmt.get("type") != "json_schema":
+        raise APIError(400, "'response_format.type' must be text, json_object or json_schema",
+                       "response_format.type")  # fmt: skip
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise APIError(400, "'response_format.json_schema' must be an object with a 'name'",
+                       "response_format.json_schema")  # fmt: skip
+    if not isinstance(spec.get("strict", False), bool):
+        raise APIError(400, "'response_format.json_schema.strict' must be a boolean",
+                       "response_format.json_schema.strict")  # fmt: skip
+    schema = spec.get("schema", ANY_JSON_OBJECT)
+    if not isinstance(schema, dict):
+        raise APIError(400, "'response_format.json_schema.schema' must be an object",
+                       "response_format.json_schema.schema")  # fmt: skip
+    return json_schema_grammar(schema)
 
 
 def generation_options(
@@ -325,9 +367,23 @@ class OpenAIProtocol:
         _get(body, "stream", (bool,), False)
         _get(body, "stream_options", (dict,), None)
         stop += list(tools.format.stop_words) if tools else []
-        return Job(
-            prompt_ids, self.chat.sampling(options, stop, tools=bool(tools)), tools=tools
-        ), body
+        params = self.chat.sampling(options, stop, tools=bool(tools))
+        return Job(prompt_ids, params, tools=tools, grammar=self.grammar(body, tools)), body
+
+    def grammar(self, body: dict, tools: ToolUse | None) -> str | None:
+        """What the reply must follow: a forced tool call's grammar, else ``response_format``'s;
+        what cannot be enforced is a 400 that names it."""
+        where = "response_format"
+        try:
+            asked = response_grammar(body)
+            forced = tools.grammar() if tools else None
+            if forced is not None:
+                asked, where = forced, "tools"
+            if asked is not None:
+                check_grammar(asked, self.chat.tokenizer)
+        except GrammarError as exc:
+            raise APIError(400, f"'{where}' cannot be enforced: {exc}", where) from None
+        return asked
 
     def usage(self, job: Job) -> dict[str, Any]:
         prompt = len(job.prompt_ids)

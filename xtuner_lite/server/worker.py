@@ -110,7 +110,9 @@ class EngineWorker:
                 job.events.put(("text", text))
 
         try:
-            job.request = self.engine.add_request(job.prompt_ids, job.params, on_token=on_token)
+            job.request = self.engine.add_request(
+                job.prompt_ids, job.params, on_token=on_token, grammar=job.grammar
+            )
         except XtunerError as exc:
             job.events.put(("error", 400, str(exc)))
             return

@@ -1,0 +1,116 @@
+"""Grammar-constrained decoding: a token mask per step that only lets a reply follow a grammar.
+
+We use llguidance (the engine behind llama.cpp's, vLLM's and SGLang's guidance backends) rather
+than xgrammar: llguidance is one dependency-free wheel that computes masks on the CPU, where
+xgrammar's Linux wheel requires triton (a GPU compiler) and tvm-ffi. A grammar is compiled once
+per request (a JSON schema, or Lark with embedded JSON schemas for a tool call); each step the
+matcher fills a bitmask of the tokens that keep the reply inside the grammar, the sampler sees
+only those, and the chosen token advances the matcher.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import llguidance
+import llguidance.hf
+import torch
+
+from xtuner_lite.errors import UsageError
+
+ANY_JSON_OBJECT = {"type": "object"}
+# JSON written as json.dumps writes it, with no room for free whitespace: an untrained model
+# would otherwise fill a document with newlines until its token budget ends; unsupported
+# keywords are errors, never ignored
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                "lenient": False}  # fmt: skip
+_ARGS = {"xtuner_arguments": 0}  # placeholder arguments when reading a format's call shape
+
+
+class GrammarError(UsageError):
+    """A schema or grammar that cannot be enforced (an unsupported feature, named)."""
+
+
+@functools.lru_cache(maxsize=4)
+def grammar_tokenizer(tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's view of a transformers tokenizer (built once: it walks the vocabulary)."""
+    return llguidance.hf.from_tokenizer(tokenizer)
+
+
+def json_schema_grammar(schema: dict) -> str:
+    """A grammar for JSON documents valid under ``schema``."""
+    if not isinstance(schema, dict):
+        raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+
+
+def tool_call_grammar(call_text, tools: list[dict], name: str, prefill: str) -> str:
+    """A grammar for the rest of a tool call after ``prefill`` (the reply's forced start),
+    written as ``call_text`` (a tool format's renderer) writes one: the named tool's, or any
+    tool's (``name`` ""), with arguments valid under that tool's ``parameters``."""
+    branches = []
+    for tool in tools:
+        function = tool["function"]
+        if name and function["name"] != name:
+            continue
+        text = call_text({"name": function["name"], "arguments": _ARGS})
+        if not text.startswith(prefill):
+            raise GrammarError(f"the tool format's call does not start with {prefill!r}")
+        before, _, after = text[len(prefill) :].partition(json.dumps(_ARGS, ensure_ascii=False))
+        schema = {**(function.get("parameters") or ANY_JSON_OBJECT), "x-guidance": JSON_OPTIONS}
+        branches.append(f"{json.dumps(before)} %json {json.dumps(schema)} {json.dumps(after)}")
+    return llguidance.LLMatcher.grammar_from_lark("start: " + "\n    | ".join(branches) + "\n")
+
+
+def check_grammar(grammar: str, tokenizer=None) -> None:
+    """Raise :class:`GrammarError` naming what the grammar cannot enforce (with a tokenizer,
+    also what its vocabulary cannot write)."""
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        grammar, None if tokenizer is None else grammar_tokenizer(tokenizer)
+    )
+    if failed:
+        raise GrammarError("; ".join(messages))
+
+
+class Constraint:
+    """One request's matcher: which tokens may come next, and the tokens chosen so far."""
+
+    def __init__(self, grammar: str, tokenizer):
+        self.matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+        self.vocab = grammar_tokenizer(tokenizer).vocab_size
+        self._bits = torch.zeros(1, (self.vocab + 31) // 32, dtype=torch.int32)
+
+    def mask(self, logits: torch.Tensor, stop_ids: list[int]) -> None:
+        """Set the logits of tokens the grammar does not allow next to -inf (``logits``: one
+        row); once the grammar is complete, the request's stop tokens are allowed too."""
+        self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.nbytes)
+        shifts = torch.arange(32, dtype=torch.int32)
+        allowed = ((self._bits[0, :, None] >> shifts) & 1).reshape(-1)[: self.vocab].bool()
+        if self.matcher.is_accepting():
+            allowed[[i for i in stop_ids if i < self.vocab]] = True
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        keep[: self.vocab] = allowed
+        logits.masked_fill_(~keep.to(logits.device), float("-inf"))
+
+    def advance(self, token: int) -> None:
+        """The chosen token; a token the grammar refuses raises (it was masked out)."""
+        if not self.matcher.consume_token(token):
+            raise GrammarError(f"token {token} broke the grammar: {self.matcher.get_error()}")
+
+    @property
+    def complete(self) -> bool:
+        """The grammar allows nothing more (a closed JSON document, a finished call)."""
+        return self.matcher.is_stopped()
+
+
+__all__ = [
+    "Constraint",
+    "GrammarError",
+    "check_grammar",
+    "grammar_tokenizer",
+    "json_schema_grammar",
+    "tool_call_grammar",
+]
