@@ -12,7 +12,9 @@ from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.grammar import (
+    Constraint,
     GrammarError,
+    auto_tool_grammar,
     check_grammar,
     json_schema_grammar,
     tool_call_grammar,
@@ -153,3 +155,22 @@ def test_chat_json_schema_file_errors_name_the_file(tmp_path):
         schema_file_grammar(str(unsupported))
     with pytest.raises(XtunerError, match="missing.json: cannot read"):
         schema_file_grammar(str(tmp_path / "missing.json"))
+
+
+def test_auto_lets_the_model_choose_but_a_started_call_is_valid(smol_tokenizer):
+    """tool_choice auto: plain text passes, a call after some text or at once passes, a call
+    that breaks the tool's schema is refused at the first token that breaks it."""
+    fmt = HermesFormat()
+    grammar = auto_tool_grammar(fmt.call_text, [CALCULATOR, WEATHER], fmt.prefill(""))
+    call = fmt.call_text({"name": "weather", "arguments": {"city": "Oslo", "unit": "C"}})
+    for text, valid in [
+        ("It is sunny, no tool needed.", True),
+        ("Let me check. " + call, True),
+        (call, True),
+        ('Let me check. <tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}', False),
+        ('<tool_call>\n{"name": "rm", "arguments": {}}', False),
+    ]:
+        matcher = Constraint(grammar, smol_tokenizer).matcher
+        ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+        consumed = matcher.try_consume_tokens(ids)
+        assert (consumed == len(ids) and matcher.is_accepting()) == valid, text

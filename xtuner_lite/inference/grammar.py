@@ -49,6 +49,37 @@ def tool_call_grammar(call_text, tools: list[dict], name: str, prefill: str) -> 
     """A grammar for the rest of a tool call after ``prefill`` (the reply's forced start),
     written as ``call_text`` (a tool format's renderer) writes one: the named tool's, or any
     tool's (``name`` ""), with arguments valid under that tool's ``parameters``."""
+    return llguidance.LLMatcher.grammar_from_lark(
+        "start: " + _call_rule(call_text, tools, name, prefill) + "\n"
+    )
+
+
+def auto_tool_grammar(call_text, tools: list[dict], opener: str) -> str:
+    """``tool_choice: auto``: free text without ``opener`` (the start of any call), or text
+    up to ``opener`` and then one call as :func:`tool_call_grammar` constrains it: the model
+    chooses, and a call, once started, is valid."""
+    text = f"/(?s:.*)/ & ~/(?s:.*{_regex_literal(opener)}.*)/"
+    return llguidance.LLMatcher.grammar_from_lark(
+        f"start: TEXT | lead call\nTEXT: {text}\nlead[stop={json.dumps(opener)}]: /(?s:.*)/\n"
+        f"call: {_call_rule(call_text, tools, '', opener)}\n"
+    )
+
+
+def _regex_literal(text: str) -> str:
+    """``text`` matched literally inside a Lark ``/regex/`` (Rust regex syntax)."""
+    out = ""
+    for ch in text:
+        if ch == "\n":
+            out += "\\n"
+        elif ch in "\\.+*?()|[]{}^$#&-~/":
+            out += "\\" + ch
+        else:
+            out += ch
+    return out
+
+
+def _call_rule(call_text, tools: list[dict], name: str, prefill: str) -> str:
+    """The Lark alternatives of the rest of a call after ``prefill`` (see above)."""
     branches = []
     for tool in tools:
         function = tool["function"]
@@ -60,7 +91,7 @@ def tool_call_grammar(call_text, tools: list[dict], name: str, prefill: str) -> 
         before, _, after = text[len(prefill) :].partition(json.dumps(_ARGS, ensure_ascii=False))
         schema = {**(function.get("parameters") or ANY_JSON_OBJECT), "x-guidance": JSON_OPTIONS}
         branches.append(f"{json.dumps(before)} %json {json.dumps(schema)} {json.dumps(after)}")
-    return llguidance.LLMatcher.grammar_from_lark("start: " + "\n    | ".join(branches) + "\n")
+    return "\n    | ".join(branches)
 
 
 def check_grammar(grammar: str, tokenizer=None) -> None:
@@ -109,6 +140,7 @@ class Constraint:
 __all__ = [
     "Constraint",
     "GrammarError",
+    "auto_tool_grammar",
     "check_grammar",
     "grammar_tokenizer",
     "json_schema_grammar",

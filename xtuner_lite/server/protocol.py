@@ -17,6 +17,7 @@ from xtuner_lite.inference.chat_model import ChatModel
 from xtuner_lite.inference.grammar import (
     ANY_JSON_OBJECT,
     GrammarError,
+    auto_tool_grammar,
     check_grammar,
     json_schema_grammar,
     tool_call_grammar,
@@ -204,11 +205,14 @@ class ToolUse:
     forced: str | None = None  # the tool a call must be to ("": any; None: the model chooses)
 
     def grammar(self) -> str | None:
-        """The grammar of the rest of a forced call (None: nothing forced, or a format that
-        does not write calls as one JSON block, whose call is forced by the prefill alone)."""
+        """The grammar of the reply: the rest of a forced call, or (``auto``) text or a call
+        (None for a format that does not write a call as one JSON block: its forced call
+        rests on the prefill alone)."""
         call_text = getattr(self.format, "call_text", None)
-        if self.forced is None or call_text is None:
+        if call_text is None:
             return None
+        if self.forced is None:
+            return auto_tool_grammar(call_text, self.tools, self.format.prefill(""))
         return tool_call_grammar(call_text, self.tools, self.forced, self.prefill)
 
     def hold(self, text: str) -> int:
