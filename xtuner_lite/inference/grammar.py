@@ -104,8 +104,24 @@ def check_grammar(grammar: str, tokenizer=None) -> None:
         raise GrammarError("; ".join(messages))
 
 
+@functools.lru_cache(maxsize=4)
+def digit_tokens(tokenizer) -> tuple[torch.Tensor, list[int]]:
+    """(which tokens are digits only, each token's count of trailing digits), by token id."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    trailing = [len(t) - len(t.rstrip("0123456789")) for t in texts]
+    only = torch.tensor([n > 0 and n == len(t) for n, t in zip(trailing, texts)])
+    return only, trailing
+
+
 class Constraint:
-    """One request's matcher: which tokens may come next, and the tokens chosen so far."""
+    """One request's matcher: which tokens may come next, and the tokens chosen so far.
+
+    A run of digits is capped at ``MAX_DIGITS``, as llama.cpp's JSON grammar caps a number's
+    parts: the grammar allows a number of any length, and a model in a loop (an untrained one
+    readily) writes digits until its token budget ends, leaving a document that never closes.
+    """
+
+    MAX_DIGITS = 16
 
     def __init__(self, grammar: str, tokenizer):
         self.matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer), grammar, log_level=0)
@@ -113,6 +129,8 @@ class Constraint:
             raise GrammarError(self.matcher.get_error())
         self.vocab = grammar_tokenizer(tokenizer).vocab_size
         self._bits = torch.zeros(1, (self.vocab + 31) // 32, dtype=torch.int32)
+        self._digits, self._trailing = digit_tokens(tokenizer)
+        self._run = 0  # digits at the end of the output so far
 
     def mask(self, logits: torch.Tensor, stop_ids: list[int]) -> None:
         """Set the logits of tokens the grammar does not allow next to -inf (``logits``: one
@@ -124,12 +142,17 @@ class Constraint:
             allowed[[i for i in stop_ids if i < self.vocab]] = True
         keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
         keep[: self.vocab] = allowed
+        if self._run >= self.MAX_DIGITS:
+            keep[: len(self._digits)] &= ~self._digits
         logits.masked_fill_(~keep.to(logits.device), float("-inf"))
 
     def advance(self, token: int) -> None:
         """The chosen token; a token the grammar refuses raises (it was masked out)."""
         if not self.matcher.consume_token(token):
             raise GrammarError(f"token {token} broke the grammar: {self.matcher.get_error()}")
+        if token < len(self._trailing):
+            digits = self._trailing[token]
+            self._run = self._run + digits if bool(self._digits[token]) else digits
 
     @property
     def complete(self) -> bool:
