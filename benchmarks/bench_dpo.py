@@ -112,7 +112,7 @@ def run_trl(opts: argparse.Namespace) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from xtuner_lite.hub import load_model, load_tokenizer
-    from xtuner_lite.training.runner import cpu_has_fast_bf16
+    from xtuner_lite.model.precision import cpu_has_fast_bf16
 
     tokenizer = load_tokenizer(MODEL)
     raw = json.loads(subset(opts).read_text())

@@ -81,7 +81,7 @@ def run_trl(opts: argparse.Namespace) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from xtuner_lite.hub import load_model, load_tokenizer
-    from xtuner_lite.training.runner import cpu_has_fast_bf16
+    from xtuner_lite.model.precision import cpu_has_fast_bf16
 
     rows = [json.loads(x) for x in PROMPTS.read_text().splitlines()]
     ds = datasets.Dataset.from_list(

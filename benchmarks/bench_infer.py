@@ -5,7 +5,12 @@ left-padded batch and once prompt by prompt; ours admits all requests and retire
 as it ends. Prints generated tokens/s and the ratios, and checks that the outputs agree. With
 ``--repeats N`` HF batched and ours run N times alternately (a shared machine's speed drifts
 between runs) and the median of the per-pair ratios is printed too.
+With ``--dtype bfloat16`` both sides run the model in bf16 (on a CPU with native bf16, AMX or
+AVX512-bf16) and ours is also run in fp32 to count how many greedy tokens bf16 keeps. A probe of
+the memory bandwidth prints the bound a decode step cannot beat (every weight read once per
+step, all prompts in the batch) and ours as a share of it.
 Run: python benchmarks/bench_infer.py [--prompts 16] [--new-tokens 128] [--repeats 1]
+         [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -62,6 +67,28 @@ def hf_generate(model, prompts, stops, new_tokens):
     return rows
 
 
+def bandwidth_gb_s() -> float:
+    """Memory read bandwidth of this process's threads: the best of five sums of 1 GiB."""
+    data = torch.ones(2**28)  # 1 GiB of fp32
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter once (a tied head counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def agreement(ours: list[list[int]], reference: list[list[int]]) -> tuple[int, int]:
+    """(tokens equal at the same position, tokens in the reference)."""
+    equal = sum(a == b for x, y in zip(ours, reference) for a, b in zip(x, y))
+    return equal, sum(map(len, reference))
+
+
 def _rate(result: tuple[float, list[list[int]]]) -> float:
     """Generated tokens per second of a (seconds, outputs) result."""
     seconds, rows = result
@@ -84,8 +111,10 @@ def main() -> None:
         action="store_true",
         help="decode from the plain weights (no oneDNN-packed copy)",
     )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     opts = parser.parse_args()
-    tok, model = load_tokenizer(opts.model), load_model(opts.model).eval()
+    tok = load_tokenizer(opts.model)
+    model = load_model(opts.model, dtype=opts.dtype).eval()
     template = get_template("smollm2" if "smollm2" in opts.model else "auto", tok)
     stops = stop_token_ids(template, tok)
     questions = [
@@ -155,6 +184,20 @@ def main() -> None:
     )
     same = sum(a == b for a, b in zip(ours, reference))
     print(f"outputs identical to {name}: {same}/{len(ours)}")
+    bound = len(prompts) * bandwidth_gb_s() * 1e9 / weight_bytes(model)
+    print(
+        f"bandwidth bound ({len(prompts)} rows a step, {weight_bytes(model) / 2**20:.0f} MiB "
+        f"of weights): {bound:.0f} tokens/s; ours achieves {speed['xtuner_lite'] / bound:.0%}"
+    )
+    if opts.dtype != "float32":
+        fp32 = load_model(opts.model, dtype="float32").eval()
+        exact = [r.output_ids for r in InferenceEngine(fp32, tok).generate(prompts, params)]
+        equal, total = agreement(ours, exact)
+        rows = sum(a == b for a, b in zip(ours, exact))
+        print(
+            f"greedy agreement with fp32: {equal}/{total} tokens at the same position, "
+            f"{rows}/{len(ours)} outputs identical"
+        )
 
 
 if __name__ == "__main__":

@@ -536,3 +536,25 @@ def test_models_the_fast_decoder_does_not_cover_are_named_with_the_reason():
     model = _tiny("llama")
     model.model.layers[1].mlp.up_proj = Quantized(64, 96, bias=False)
     assert "wrapped" in unsupported_reason(model)
+
+
+def test_precision_auto_is_bf16_only_where_the_machine_multiplies_it_natively(monkeypatch):
+    from xtuner_lite.model import precision
+
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: False)
+    for native, expected in [(True, "bfloat16"), (False, "float32")]:
+        monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda native=native: native)
+        assert precision.inference_dtype("auto") == expected
+    assert precision.inference_dtype("fp32") == "float32"
+    assert precision.inference_dtype("bf16") == "bfloat16"
+
+
+def test_chat_in_bf16_loads_bf16_weights_and_answers():
+    from xtuner_lite.commands.chat import ChatSession, GenerationOptions
+
+    session = ChatSession(
+        "smollm2-135m-instruct", options=GenerationOptions(max_new_tokens=6), precision="bf16"
+    )
+    assert next(session.chat.model.parameters()).dtype == torch.bfloat16
+    assert session.engine.fallback_reason is None  # the fast decoder runs bf16 too
+    assert session.ask("Name a colour.")

@@ -20,6 +20,7 @@ from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel, TextStream
 from xtuner_lite.inference.grammar import GrammarError, check_grammar, json_schema_grammar
 from xtuner_lite.inference.loader import quantization_kwargs
+from xtuner_lite.model.precision import Precision
 from xtuner_lite.toolcalling.agent import ToolBox, run_tool_turn
 from xtuner_lite.toolcalling.builtin import Tool, load_tools
 from xtuner_lite.values import PositiveInt
@@ -44,6 +45,7 @@ class ChatSession:
         tools: list[Tool] | None = None,
         max_tool_rounds: int = 5,
         grammar: str | None = None,
+        precision: Precision = "fp32",
     ):
         """``grammar``: every reply follows it (``inference/grammar.py``; with ``backend``
         torch, without tools)."""
@@ -76,7 +78,7 @@ class ChatSession:
                 AutoConfig.from_pretrained(path), "max_position_embeddings", None
             )
         elif backend == "torch":
-            self.chat = ChatModel.load(model, adapter, template, bits)
+            self.chat = ChatModel.load(model, adapter, template, bits, precision=precision)
             self.engine = InferenceEngine(self.chat.model, self.chat.tokenizer)
             self.context_length = self.engine.context_length
         else:
@@ -199,6 +201,7 @@ def chat(
     tools_file: str | None = None,
     max_tool_rounds: PositiveInt = 5,
     json_schema: str | None = None,
+    precision: Precision = "fp32",
 ) -> int:
     """Chat with a model (optionally + LoRA adapter).
 
@@ -223,12 +226,15 @@ def chat(
         max_tool_rounds: tool calls per question at most
         json_schema: a JSON schema file: every reply is a JSON document valid under it
             (grammar-constrained decoding)
+        precision: the weights' type: fp32, bf16, or auto (bf16 on a GPU or a CPU with native
+            bf16 such as AMX or AVX512-bf16: faster, greedy output may differ from fp32's)
     """
     toolbox = load_tools(tools, tools_file)  # a bad name fails before the model loads
     grammar = None if json_schema is None else schema_file_grammar(json_schema)
     session = ChatSession(model, adapter=adapter, template=template, system=system,
                           options=sampling, bits=bits, backend=backend, tools=toolbox,
-                          max_tool_rounds=max_tool_rounds, grammar=grammar)  # fmt: skip
+                          max_tool_rounds=max_tool_rounds, grammar=grammar,
+                          precision=precision)  # fmt: skip
     stream = None if no_stream else (lambda text: print(text, end="", flush=True))
 
     def ask(text: str) -> None:

@@ -13,6 +13,7 @@ from xtuner_lite.data.templates import Template
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.loader import load_for_inference
 from xtuner_lite.inference.sampling import SamplingParams
+from xtuner_lite.model.precision import Precision, inference_dtype
 from xtuner_lite.toolcalling.formats import ToolFormat, get_tool_format
 
 
@@ -34,11 +35,15 @@ class ChatModel:
         template: str | None = None,
         bits: int | None = None,
         weights: bool = True,
+        precision: Precision = "fp32",
     ) -> ChatModel:
         """The template recorded by ``xtuner train`` is the default (see
         ``loader.template_name``). ``weights=False`` loads only the tokenizer and template
         (another engine holds the model)."""
-        loaded = load_for_inference(model, adapter, template, bits=bits, weights=weights)
+        dtype = inference_dtype(precision)
+        loaded = load_for_inference(
+            model, adapter, template, dtype=dtype, bits=bits, weights=weights
+        )
         vocab = loaded.tokenizer.get_vocab()
         return cls(
             loaded.model,

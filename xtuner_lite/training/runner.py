@@ -33,6 +33,7 @@ from xtuner_lite.atomic import atomic_path
 from xtuner_lite.config import is_int, is_number
 from xtuner_lite.data.dataset import collate_packed
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.model.precision import cpu_has_fast_bf16
 from xtuner_lite.objectives import Objective, build_objective
 from xtuner_lite.training import checkpoint as ckpt
 from xtuner_lite.training import strategies
@@ -424,15 +425,6 @@ def resolve_device(settings: TrainSettings) -> str:
     if settings.device != "auto":
         return settings.device
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (oneDNN on AVX512/AMX); without it
-    (AVX2-only CPUs) torch falls back to reference loops, which lose to fp32's oneDNN kernels."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
 
 
 def cpu_precision(
