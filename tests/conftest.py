@@ -368,3 +368,17 @@ def trained_weights(folder) -> dict:
 
     name = "adapter_model" if (Path(folder) / "adapter_config.json").exists() else "model"
     return load_file(Path(folder) / f"{name}.safetensors")
+
+
+# ---------------------------------------------------------------- tools with strict schemas
+# (constrained decoding: tests/test_grammar.py, tests/test_serve.py)
+def _tool(name: str, properties: dict, required: list[str]) -> dict:
+    parameters = {"type": "object", "properties": properties, "required": required,
+                  "additionalProperties": False}  # fmt: skip
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+CALCULATOR_TOOL = _tool("calculator", {"expression": {"type": "string", "maxLength": 30}},
+                        ["expression"])  # fmt: skip
+WEATHER_TOOL = _tool("weather", {"city": {"type": "string", "maxLength": 20},
+                                 "unit": {"enum": ["C", "F"]}}, ["city", "unit"])  # fmt: skip

@@ -21,6 +21,8 @@ from xtuner_lite.inference.grammar import (
 )
 from xtuner_lite.toolcalling.formats import HermesFormat
 
+from conftest import CALCULATOR_TOOL, WEATHER_TOOL
+
 pytestmark = pytest.mark.integration
 
 _spec = importlib.util.spec_from_file_location(
@@ -29,33 +31,7 @@ _spec = importlib.util.spec_from_file_location(
 random_schemas = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(random_schemas)
 
-CALCULATOR = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "maxLength": 30}},
-            "required": ["expression"],
-            "additionalProperties": False,
-        },
-    },
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 20},
-                "unit": {"enum": ["C", "F"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
+CALCULATOR, WEATHER = CALCULATOR_TOOL, WEATHER_TOOL
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import CALCULATOR_TOOL, WEATHER_TOOL
+
 pytestmark = pytest.mark.integration
 
 MODEL = "smollm2-135m-instruct"
@@ -184,22 +186,6 @@ PERSON = {
     "required": ["name", "age", "pets"],
     "additionalProperties": False,
 }
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "weather",
-        "description": "Weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 20},
-                "unit": {"enum": ["C", "F"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 
 
 def test_response_format_json_schema_and_json_object_hold_streamed_or_not(client):
@@ -251,20 +237,7 @@ def test_forced_tool_choice_yields_a_valid_call_every_time(client, choice):
     call whose arguments validate against the tool's parameters."""
     import jsonschema
 
-    tools = [
-        WEATHER_TOOL,
-        {
-            "type": "function",
-            "function": {
-                "name": "calculator",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"expression": {"type": "string", "maxLength": 30}},
-                    "required": ["expression"],
-                },
-            },
-        },
-    ]
+    tools = [WEATHER_TOOL, CALCULATOR_TOOL]
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     for question in ["What is 17 * 23?", "Hello there!", "Weather in Oslo?"]:
         reply = client.chat.completions.create(
