@@ -150,3 +150,28 @@ def test_auto_lets_the_model_choose_but_a_started_call_is_valid(smol_tokenizer):
         ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
         consumed = matcher.try_consume_tokens(ids)
         assert (consumed == len(ids) and matcher.is_accepting()) == valid, text
+
+
+def test_xtuner_chat_json_schema_prints_a_valid_document(tmp_path):
+    import subprocess
+    import sys
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]},
+              "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["colour", "count"], "additionalProperties": False}  # fmt: skip
+    path = tmp_path / "answer.json"
+    path.write_text(json.dumps(schema))
+    run = subprocess.run(
+        [sys.executable, "-m", "xtuner_lite.cli", "chat", "smollm2-135m-instruct",
+         "--json-schema", str(path), "--prompt", "Pick a colour.", "--no-stream"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    jsonschema.validate(json.loads(run.stdout.strip().splitlines()[-1]), schema)
+    path.write_text(json.dumps({"type": "object", "if": {}}))
+    run = subprocess.run(
+        [sys.executable, "-m", "xtuner_lite.cli", "chat", "smollm2-135m-instruct",
+         "--json-schema", str(path), "--prompt", "hi"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0 and "answer.json" in run.stderr and "Traceback" not in run.stderr
