@@ -9,16 +9,23 @@ With ``--dtype bfloat16`` both sides run the model in bf16 (on a CPU with native
 AVX512-bf16) and ours is also run in fp32 to count how many greedy tokens bf16 keeps. A probe of
 the memory bandwidth prints the bound a decode step cannot beat (every weight read once per
 step, all prompts in the batch) and ours as a share of it.
+``--llama-cpp PYTHON`` adds llama.cpp as a side: our GGUF export of the same model (f32, or
+bf16 with ``--dtype bfloat16``) decoded by llama-cpp-python in that Python's environment
+(``llama_cpp_side.py``), prompt by prompt, in its own process after each HF/ours pair.
 Run: python benchmarks/bench_infer.py [--prompts 16] [--new-tokens 128] [--repeats 1]
-         [--dtype float32|bfloat16]
+         [--dtype float32|bfloat16] [--llama-cpp /path/to/venv/bin/python]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -89,6 +96,30 @@ def agreement(ours: list[list[int]], reference: list[list[int]]) -> tuple[int, i
     return equal, sum(map(len, reference))
 
 
+def export_gguf_for(model_name: str, dtype: str, folder: Path) -> Path:
+    """Our GGUF export of the model in the benchmark's dtype."""
+    from xtuner_lite.commands.export import export_gguf
+    from xtuner_lite.hub import resolve_model_path
+
+    out = folder / f"model-{dtype}.gguf"
+    gguf_dtype = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    return export_gguf(str(resolve_model_path(model_name)), str(out), dtype=gguf_dtype)
+
+
+def llama_cpp_run(python: str, gguf: Path, prompts, new_tokens: int) -> tuple[float, list]:
+    """(seconds, outputs) of llama-cpp-python greedy-decoding ``prompts``."""
+    job = {"gguf": str(gguf), "prompts": prompts, "new_tokens": new_tokens,
+           "threads": torch.get_num_threads()}  # fmt: skip
+    side = Path(__file__).with_name("llama_cpp_side.py")
+    done = subprocess.run([python, str(side)], input=json.dumps(job), capture_output=True,
+                          text=True)  # fmt: skip
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode != 0 or not line:
+        raise SystemExit(f"llama.cpp side failed:\n{done.stderr[-3000:]}")
+    result = json.loads(line[0][7:])
+    return result["seconds"], result["outputs"]
+
+
 def _rate(result: tuple[float, list[list[int]]]) -> float:
     """Generated tokens per second of a (seconds, outputs) result."""
     seconds, rows = result
@@ -112,6 +143,7 @@ def main() -> None:
         help="decode from the plain weights (no oneDNN-packed copy)",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--llama-cpp", metavar="PYTHON", help="a Python with llama-cpp-python")
     opts = parser.parse_args()
     tok = load_tokenizer(opts.model)
     model = load_model(opts.model, dtype=opts.dtype).eval()
@@ -134,7 +166,9 @@ def main() -> None:
         rows = run()
         return time.perf_counter() - start, rows
 
-    results, pairs = {}, []
+    results, pairs, versus_llama = {}, [], []
+    scratch = tempfile.TemporaryDirectory()
+    gguf = export_gguf_for(opts.model, opts.dtype, Path(scratch.name)) if opts.llama_cpp else None
     with torch.no_grad():
         if not opts.no_one_by_one:
             results["hf one-by-one"] = timed(
@@ -148,6 +182,10 @@ def main() -> None:
                 lambda: [r.output_ids for r in engine.generate(prompts, params)]
             )
             pairs.append(_rate(results["xtuner_lite"]) / _rate(results["hf batched"]))
+            if opts.llama_cpp:
+                results["llama.cpp"] = llama_cpp_run(opts.llama_cpp, gguf, prompts,
+                                                     opts.new_tokens)  # fmt: skip
+                versus_llama.append(_rate(results["xtuner_lite"]) / _rate(results["llama.cpp"]))
     ours = results["xtuner_lite"][1]
     single = results["hf one-by-one"][1] if "hf one-by-one" in results else None
     print(
@@ -184,6 +222,12 @@ def main() -> None:
     )
     same = sum(a == b for a, b in zip(ours, reference))
     print(f"outputs identical to {name}: {same}/{len(ours)}")
+    if versus_llama:
+        print(f"ours vs llama.cpp ({gguf.name}, prompt by prompt) over {len(versus_llama)} runs: "
+              f"{', '.join(f'{r:.2f}' for r in versus_llama)}; median "
+              f"{statistics.median(versus_llama):.2f}x")  # fmt: skip
+        equal, total = agreement(results["llama.cpp"][1], ours)
+        print(f"llama.cpp greedy tokens equal to ours at the same position: {equal}/{total}")
     bound = len(prompts) * bandwidth_gb_s() * 1e9 / weight_bytes(model)
     print(
         f"bandwidth bound ({len(prompts)} rows a step, {weight_bytes(model) / 2**20:.0f} MiB "
