@@ -3,13 +3,17 @@ with the embedded, untrained model, whatever it would have written."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 
+from xtuner_lite.commands.chat import schema_file_grammar
 from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.hub import load_model, load_tokenizer
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.grammar import (
     Constraint,
@@ -36,8 +40,6 @@ CALCULATOR, WEATHER = CALCULATOR_TOOL, WEATHER_TOOL
 
 @pytest.fixture(scope="module")
 def smol():
-    from xtuner_lite.hub import load_model, load_tokenizer
-
     tok = load_tokenizer("smollm2-135m-instruct")
     template = get_template("smollm2")
     return load_model("smollm2-135m-instruct").eval(), tok, template
@@ -119,8 +121,6 @@ def test_unsupported_schema_features_are_named():
 
 
 def test_chat_json_schema_file_errors_name_the_file(tmp_path):
-    from xtuner_lite.commands.chat import schema_file_grammar
-
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(XtunerError, match="bad.json: not JSON"):
@@ -153,9 +153,6 @@ def test_auto_lets_the_model_choose_but_a_started_call_is_valid(smol_tokenizer):
 
 
 def test_xtuner_chat_json_schema_prints_a_valid_document(tmp_path):
-    import subprocess
-    import sys
-
     schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]},
               "count": {"type": "integer", "minimum": 1, "maximum": 9}},
               "required": ["colour", "count"], "additionalProperties": False}  # fmt: skip

@@ -6,6 +6,8 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jsonschema
+import openai
 import pytest
 
 from conftest import CALCULATOR_TOOL, WEATHER_TOOL
@@ -22,8 +24,6 @@ def server(smol_server):
 
 @pytest.fixture(scope="module")
 def client(server):
-    import openai
-
     host, port = server
     return openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0)
 
@@ -85,8 +85,6 @@ def test_completions_models_and_stop(client):
 
 
 def test_bad_requests_get_openai_errors(server, client):
-    import openai
-
     status, body = _raw(server, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     with pytest.raises(openai.NotFoundError, match="'gpt-4' does not exist") as info:
@@ -191,8 +189,6 @@ PERSON = {
 def test_response_format_json_schema_and_json_object_hold_streamed_or_not(client):
     """The embedded, untrained model: a json_schema reply validates, streamed and not the same
     text; json_object gives an object."""
-    import jsonschema
-
     ask = dict(
         model=MODEL,
         messages=[{"role": "user", "content": "Describe a person."}],
@@ -214,8 +210,6 @@ def test_response_format_json_schema_and_json_object_hold_streamed_or_not(client
 
 
 def test_unenforceable_schemas_are_refused_naming_the_feature(client):
-    import openai
-
     ask = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     schema = {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}
     with pytest.raises(openai.BadRequestError) as err:
@@ -235,8 +229,6 @@ def test_unenforceable_schemas_are_refused_naming_the_feature(client):
 def test_forced_tool_choice_yields_a_valid_call_every_time(client, choice):
     """The untrained model, asked things that need no tool: required or named still yields a
     call whose arguments validate against the tool's parameters."""
-    import jsonschema
-
     tools = [WEATHER_TOOL, CALCULATOR_TOOL]
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     for question in ["What is 17 * 23?", "Hello there!", "Weather in Oslo?"]:
