@@ -104,6 +104,16 @@ def check_grammar(grammar: str, tokenizer=None) -> None:
         raise GrammarError("; ".join(messages))
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(grammar: str, tokenizer) -> llguidance.LLMatcher:
+    """A matcher at the start of ``grammar``, compiled once: requests with the same schema or
+    tools (the usual case for a server) each start from a copy instead of compiling again."""
+    matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer), grammar, log_level=0)
+    if matcher.is_error():
+        raise GrammarError(matcher.get_error())
+    return matcher
+
+
 @functools.lru_cache(maxsize=4)
 def digit_tokens(tokenizer) -> tuple[torch.Tensor, list[int]]:
     """(which tokens are digits only, each token's count of trailing digits), by token id."""
@@ -124,9 +134,7 @@ class Constraint:
     MAX_DIGITS = 16
 
     def __init__(self, grammar: str, tokenizer):
-        self.matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer), grammar, log_level=0)
-        if self.matcher.is_error():
-            raise GrammarError(self.matcher.get_error())
+        self.matcher = _compiled(grammar, tokenizer).deep_copy()
         self.vocab = grammar_tokenizer(tokenizer).vocab_size
         self._bits = torch.zeros(1, (self.vocab + 31) // 32, dtype=torch.int32)
         self._digits, self._trailing = digit_tokens(tokenizer)
