@@ -95,11 +95,13 @@ def _call_rule(call_text, tools: list[dict], name: str, prefill: str) -> str:
 
 
 def check_grammar(grammar: str, tokenizer=None) -> None:
-    """Raise :class:`GrammarError` naming what the grammar cannot enforce (with a tokenizer,
-    also what its vocabulary cannot write)."""
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-        grammar, None if tokenizer is None else grammar_tokenizer(tokenizer)
-    )
+    """Raise :class:`GrammarError` naming what the grammar cannot enforce. With a tokenizer the
+    grammar is compiled for it and kept (``_compiled``): a server checks a request on its own
+    thread, and the engine's thread then starts the request from a copy."""
+    if tokenizer is not None:
+        _compiled(grammar, tokenizer)
+        return
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, None)
     if failed:
         raise GrammarError("; ".join(messages))
 
