@@ -30,11 +30,16 @@ class Block:
     kv: torch.Tensor  # (layers, 2, kv heads, BLOCK_SIZE, head dim): keys [.., 0], values [.., 1]
 
 
+def block_tokens(tokens: list[int], j: int) -> tuple[int, ...]:
+    """The tokens of block ``j``."""
+    return tuple(tokens[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE])
+
+
 def chain_hashes(tokens: list[int], blocks: int) -> list[int]:
     """The hash of each of the first ``blocks`` full blocks, each chained to the one before."""
     hashes, previous = [], 0
     for j in range(blocks):
-        previous = hash((previous, tuple(tokens[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE])))
+        previous = hash((previous, block_tokens(tokens, j)))
         hashes.append(previous)
     return hashes
 
@@ -46,36 +51,32 @@ class BlockManager:
         self.max_bytes = max_bytes
         self.max_blocks: int | None = None  # known from the first block's size
         self.blocks: OrderedDict[int, Block] = OrderedDict()  # oldest use first
-        self.hits = self.lookups = 0  # tokens found / tokens asked for, over all lookups
 
     def match(self, tokens: list[int], limit: int) -> list[Block]:
         """The cached leading blocks of ``tokens``, at most ``limit`` of them, marked used."""
+        found = self._leading(tokens, limit)
+        self._touch([key for key, _ in found])
+        return [block for _, block in found]
+
+    def first_missing(self, tokens: list[int]) -> int:
+        """The index of the first full block of ``tokens`` not cached (the count of full blocks
+        when all are)."""
+        return len(self._leading(tokens, len(tokens) // BLOCK_SIZE))
+
+    def _leading(self, tokens: list[int], limit: int) -> list[tuple[int, Block]]:
+        """(key, block) of the cached leading blocks of ``tokens``, at most ``limit``."""
         found = []
         for j, key in enumerate(chain_hashes(tokens, limit)):
             block = self._get(key, tokens, j)
             if block is None:
                 break
             found.append((key, block))
-        self._touch([key for key, _ in found])
-        self.lookups += len(tokens)
-        self.hits += len(found) * BLOCK_SIZE
-        return [block for _, block in found]
-
-    def first_missing(self, tokens: list[int]) -> int:
-        """The index of the first full block of ``tokens`` not cached (the count of full blocks
-        when all are)."""
-        full = len(tokens) // BLOCK_SIZE
-        for j, key in enumerate(chain_hashes(tokens, full)):
-            if self._get(key, tokens, j) is None:
-                return j
-        return full
+        return found
 
     def _get(self, key: int, tokens: list[int], j: int) -> Block | None:
         """Block ``j`` of ``tokens`` under ``key``, if cached (a collision is not)."""
         block = self.blocks.get(key)
-        if block is None or block.tokens != tuple(tokens[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE]):
-            return None
-        return block
+        return block if block is not None and block.tokens == block_tokens(tokens, j) else None
 
     def store(self, tokens: list[int], first: int, kv: torch.Tensor) -> None:
         """Cache blocks ``first``.. of ``tokens`` from ``kv`` (layers, 2, kv heads, columns,
@@ -86,10 +87,8 @@ class BlockManager:
             return
         for i, key in enumerate(keys):
             if self._get(key, tokens, first + i) is None:  # (a collision is replaced)
-                j = first + i
-                own = tuple(tokens[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE])
                 columns = kv[:, :, :, i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
-                self.blocks[key] = Block(own, columns.clone())
+                self.blocks[key] = Block(block_tokens(tokens, first + i), columns.clone())
         self._touch(keys)
         if self.max_blocks is None:
             self.max_blocks = self.max_bytes // (kv[:, :, :, :BLOCK_SIZE].nbytes or 1)
@@ -116,4 +115,4 @@ def gather(blocks: list[Block]) -> torch.Tensor:
     return torch.cat([b.kv for b in blocks], dim=3)
 
 
-__all__ = ["BLOCK_SIZE", "Block", "BlockManager", "chain_hashes", "gather"]
+__all__ = ["BLOCK_SIZE", "Block", "BlockManager", "block_tokens", "chain_hashes", "gather"]

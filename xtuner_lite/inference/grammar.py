@@ -25,6 +25,7 @@ ANY_JSON_OBJECT = {"type": "object"}
 # keywords are errors, never ignored
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
                 "lenient": False}  # fmt: skip
+BIT_SHIFTS = torch.arange(32, dtype=torch.int32)  # unpacks a 32-bit word of a token bitmask
 _ARGS = {"xtuner_arguments": 0}  # placeholder arguments when reading a format's call shape
 
 
@@ -146,8 +147,7 @@ class Constraint:
         """Set the logits of tokens the grammar does not allow next to -inf (``logits``: one
         row); once the grammar is complete, the request's stop tokens are allowed too."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.nbytes)
-        shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((self._bits[0, :, None] >> shifts) & 1).reshape(-1)[: self.vocab].bool()
+        allowed = ((self._bits[0, :, None] >> BIT_SHIFTS) & 1).reshape(-1)[: self.vocab].bool()
         if self.matcher.is_accepting():
             allowed[[i for i in stop_ids if i < self.vocab]] = True
         keep = torch.zeros(logits.shape[-1], dtype=torch.bool)

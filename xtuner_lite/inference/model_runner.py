@@ -8,6 +8,8 @@ own forward).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from xtuner_lite.inference.block_manager import BLOCK_SIZE, Block, BlockManager, gather
@@ -115,7 +117,7 @@ class ModelRunner:
             end = len(ids) // BLOCK_SIZE * BLOCK_SIZE
             if first * BLOCK_SIZE < end:
                 wanted = columns[first * BLOCK_SIZE : end]
-                self.blocks.store(ids, first, self._row_kv(row, wanted))
+                self.blocks.store(ids, first, self._kv(self.cache, row, wanted))
 
     def _cached_blocks(self, prompt: list[int]) -> int:
         """How many leading full blocks of ``prompt`` the cache holds (the last token is
@@ -130,11 +132,9 @@ class ModelRunner:
         one row, and cache it, so each prompt then finds it."""
         if self.blocks is None or not self.share_prefix or len(prompts) < 2:
             return
-        shared = min(len(p) for p in prompts) - 1
-        for p in prompts[1:]:
-            same = next((i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b), len(p))
-            shared = min(shared, same)
-        shared = shared // BLOCK_SIZE * BLOCK_SIZE
+        # os.path.commonprefix compares any sequences element-wise, token lists included
+        common = len(os.path.commonprefix(prompts))
+        shared = min(common, min(len(p) for p in prompts) - 1) // BLOCK_SIZE * BLOCK_SIZE
         prefix = prompts[0][:shared]
         if shared >= self.share_prefix and self.blocks.first_missing(prefix) * BLOCK_SIZE < shared:
             # one token more: the prefix's last block is then full and cached like the others
@@ -175,21 +175,18 @@ class ModelRunner:
     def _cache_of(self, found: list[list[Block]], start: int, room: int) -> KVCache:
         """A cache of ``start`` columns per row holding each row's cached blocks at its end
         (left-padded), with ``room`` free columns."""
-        shape = self._kv_shape
+        kv_heads, head_dim, layers = self._kv_shape
         rows = len(found)
-        keys = [torch.zeros(rows, shape[0], start, shape[1], dtype=self._kv_dtype,
-                            device=self.device) for _ in range(shape[2])]  # fmt: skip
+        keys = [torch.zeros(rows, kv_heads, start + room, head_dim, dtype=self._kv_dtype,
+                            device=self.device) for _ in range(layers)]  # fmt: skip
         values = [torch.zeros_like(k) for k in keys]
         for i, blocks in enumerate(found):
             if blocks:
                 kv = gather(blocks)
                 for layer, (k, v) in enumerate(zip(keys, values)):
-                    k[i, :, start - kv.shape[3] :] = kv[layer, 0]
-                    v[i, :, start - kv.shape[3] :] = kv[layer, 1]
-        return KVCache.from_tensors(keys, values, room=room)
-
-    def _row_kv(self, row: int, columns: torch.Tensor) -> torch.Tensor:
-        return self._kv(self.cache, row, columns)
+                    k[i, :, start - kv.shape[3] : start] = kv[layer, 0]
+                    v[i, :, start - kv.shape[3] : start] = kv[layer, 1]
+        return KVCache(keys, values, start)
 
     @staticmethod
     def _kv(cache: KVCache, row: int, columns: torch.Tensor) -> torch.Tensor:
