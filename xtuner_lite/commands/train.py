@@ -17,7 +17,9 @@ from xtuner_lite.data.pipeline import resolve_template, resolve_tokenizer
 from xtuner_lite.errors import UsageError, XtunerError
 from xtuner_lite.evaluation.hook import EvaluateTasksHook
 from xtuner_lite.model import build_model, skip_adapter_input_casts
+from xtuner_lite.model.attention import runs_segments
 from xtuner_lite.model.build import LoraSettings
+from xtuner_lite.model.sequence_parallel import new_sequence_parallel, set_sequence_parallel
 from xtuner_lite.objectives import Objective, RunContext, build_objective
 from xtuner_lite.objectives.reference import Reference
 from xtuner_lite.training import build_runner
@@ -110,6 +112,8 @@ def train(
     distributed = init_process_group(run.settings.device, run.settings.dist_timeout)
     rank, world_size = world()
     check_engine_choice(run.settings, world_size)  # before any work
+    if run.settings.sequence_parallel_size > 1:
+        set_sequence_parallel(new_sequence_parallel(run.settings.sequence_parallel_size))
     with workdir.locked(work_dir) if rank == 0 else nullcontext():
         if rank == 0:
             workdir.check_start(work_dir, resume, overwrite)
@@ -150,7 +154,9 @@ def _checked_settings(cfg: Any, deepspeed: Any, fsdp: bool) -> Run:
     objective = build_objective(cfg.get("objective"), settings.chunk_size)
     data_cfg = objective.data_settings(data_cfg)
     model_cfg.update(objective.model_settings())
-    problem = objective.engine_problem(settings.deepspeed, settings.fsdp)
+    problem = objective.engine_problem(
+        settings.deepspeed, settings.fsdp, settings.sequence_parallel_size
+    )
     if problem:
         raise XtunerError(problem)
     settings = dataclasses.replace(settings, device=resolve_device(settings))  # once, here
@@ -191,6 +197,12 @@ def _train(
         objective.report_data(dataset, work_dir)
     seed_everything(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**run.model, device=_load_device(settings, distributed))
+    if settings.sequence_parallel_size > 1 and not runs_segments(llm):
+        raise XtunerError(
+            "train.sequence_parallel_size > 1 needs model.attn_implementation='sdpa' (attention "
+            "packed sample by sample), not "
+            f"{getattr(llm.config, '_attn_implementation', None)!r}"
+        )
     if settings.dtype is not None:  # every forward runs under autocast
         skip_adapter_input_casts(llm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.model.sequence_parallel import SequenceParallel, spread_heads
 
 PACKED_SDPA = "xtuner_packed_sdpa"
 
@@ -226,11 +227,18 @@ def packed_sdpa_attention(
     dropout: float = 0.0,
     segments: list[tuple[int, int, int]] | None = None,
     segment_branches: list[Branches | None] | None = None,
+    sequence_parallel: SequenceParallel | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: (batch, heads, length, dim) in, (batch, length, heads,
     dim) out. Without ``segments`` this is transformers' SDPA. ``segment_branches``: per
-    segment its branch layout, or None (causal)."""
+    segment its branch layout, or None (causal). ``sequence_parallel``: the inputs hold this
+    rank's shard of the positions; the segments are the global row's."""
+    if sequence_parallel is not None:
+        return _ulysses(
+            module, query, key, value, scaling, dropout, segments, segment_branches,
+            sequence_parallel,
+        )  # fmt: skip
     if segments is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -271,6 +279,27 @@ def packed_sdpa_attention(
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+def _ulysses(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    dropout: float,
+    segments: list[tuple[int, int, int]] | None,
+    segment_branches: list[Branches | None] | None,
+    sp: SequenceParallel,
+) -> tuple[torch.Tensor, None]:
+    """Packed attention of whole rows over 1/N of the heads, between two all-to-alls."""
+    heads = query.shape[1]
+    query, key, value = (sp.sequence_to_heads(t) for t in spread_heads(query, key, value, sp.size))
+    out, _ = packed_sdpa_attention(
+        module, query, key, value, None, scaling, dropout, segments, segment_branches
+    )
+    out = sp.heads_to_sequence(out.transpose(1, 2))[:, :heads]  # padded heads cut off
+    return out.transpose(1, 2).contiguous(), None
+
+
 def register_packed_sdpa() -> None:
     """Make :data:`PACKED_SDPA` a transformers attention implementation (masks as SDPA's)."""
 
@@ -292,10 +321,23 @@ def runs_segments(model: torch.nn.Module) -> bool:
     return getattr(config, "_attn_implementation", None) == PACKED_SDPA
 
 
-def attention_kwargs(batch: dict[str, torch.Tensor], attn_implementation: str) -> dict:
-    """Model-call kwargs that keep attention within samples for the given implementation."""
+def attention_kwargs(
+    batch: dict[str, torch.Tensor],
+    attn_implementation: str,
+    sequence_parallel: SequenceParallel | None = None,
+) -> dict:
+    """Model-call kwargs that keep attention within samples for the given implementation;
+    with ``sequence_parallel`` for this rank's shard of the positions."""
     input_ids = batch["input_ids"]
     kwargs = {"position_ids": batch["position_ids"]}
+    if sequence_parallel is not None:
+        if attn_implementation != PACKED_SDPA:
+            raise XtunerError(
+                "train.sequence_parallel_size > 1 needs the model's attn_implementation "
+                f"'sdpa' (packed sample by sample), not {attn_implementation!r}"
+            )
+        kwargs["position_ids"] = sequence_parallel.shard(batch["position_ids"])
+        kwargs["sequence_parallel"] = sequence_parallel
     branches = batch.get("branch_ids")
     if "flash" in attn_implementation:
         if branches is not None:

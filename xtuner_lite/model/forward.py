@@ -1,11 +1,17 @@
-"""One micro-batch forward: packed attention, chunked loss, loss summed over trained tokens."""
+"""One micro-batch forward: packed attention, chunked loss, loss summed over trained tokens.
+
+Under sequence parallelism (``model/sequence_parallel.py``) the decoder runs on this rank's
+shard of the positions: :func:`positions` gives the same shard of any per-position tensor, and
+the loss sums are added up over the group.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from xtuner_lite.model.attention import attention_kwargs
-from xtuner_lite.model.loss import chunked_lm_loss
+from xtuner_lite.model.loss import lm_loss_of_targets, shift_labels
+from xtuner_lite.model.sequence_parallel import active_sequence_parallel
 
 
 def base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -13,12 +19,33 @@ def base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
     return causal_lm.model, causal_lm.get_output_embeddings()
 
 
+def positions(tensor: torch.Tensor) -> torch.Tensor:
+    """The positions of a (batch, width, ...) tensor that this rank's hidden states hold."""
+    sp = active_sequence_parallel()
+    return tensor if sp is None else sp.shard(tensor)
+
+
 def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(batch, seq, dim) last hidden states of a packed batch, attention kept per sample."""
+    """(batch, seq, dim) last hidden states of a packed batch, attention kept per sample
+    (under sequence parallelism: of this rank's positions)."""
     decoder, _ = base_and_head(model)
     impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    out = decoder(input_ids=batch["input_ids"], use_cache=False, **attention_kwargs(batch, impl))
+    kwargs = attention_kwargs(batch, impl, active_sequence_parallel())
+    out = decoder(input_ids=positions(batch["input_ids"]), use_cache=False, **kwargs)
     return out.last_hidden_state
+
+
+def group_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """A sum over this rank's positions made the row's: added up over the sequence-parallel
+    group (itself without one)."""
+    sp = active_sequence_parallel()
+    return tensor if sp is None else sp.reduce(tensor)
+
+
+def whole_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden states of every position: this rank's joined with the rest of its group's."""
+    sp = active_sequence_parallel()
+    return hidden if sp is None else sp.gather(hidden)
 
 
 def loss_sum(
@@ -26,7 +53,9 @@ def loss_sum(
 ) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of trained tokens) for one collated batch."""
     _, head = base_and_head(model)
-    return chunked_lm_loss(decoder_hidden(model, batch), head, batch["labels"], chunk_size)
+    targets = positions(shift_labels(batch["labels"]))
+    total, _ = lm_loss_of_targets(decoder_hidden(model, batch), head, targets, chunk_size)
+    return group_sum(total), count_trained(batch)
 
 
 def count_trained(batch: dict[str, torch.Tensor]) -> int:

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from xtuner_lite.data.labels import IGNORE_INDEX
-from xtuner_lite.model.forward import base_and_head, decoder_hidden
+from xtuner_lite.model.forward import (
+    base_and_head,
+    decoder_hidden,
+    group_sum,
+    positions,
+    whole_rows,
+)
 from xtuner_lite.model.loss import shift_labels, softmax_
 
 
@@ -118,11 +124,13 @@ def sequence_logps(
 def logps_from_hidden(
     hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
 ) -> SequenceLogps:
+    """Per-sequence sums from ``hidden`` (under sequence parallelism: this rank's positions'
+    parts, added up over the group)."""
     num_sequences = int(batch["num_sequences"])
     logps, owner = trained_token_logps(hidden, head, batch, chunk_size)
     totals = logps.new_zeros(num_sequences).index_add(0, owner, logps)
     tokens = torch.bincount(owner, minlength=num_sequences)
-    return SequenceLogps(totals, tokens)
+    return SequenceLogps(group_sum(totals), group_sum(tokens))
 
 
 def token_owner(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,10 +142,11 @@ def token_owner(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def trained_token_logps(
     hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probability of every trained token, in batch order; the sequence it belongs to)."""
-    targets = shift_labels(batch["labels"]).reshape(-1)
+    """(log-probability of every trained token of ``hidden``'s positions, in batch order; the
+    sequence it belongs to)."""
+    targets = positions(shift_labels(batch["labels"])).reshape(-1)
     keep = targets != IGNORE_INDEX
-    owner = batch["seq_index"].reshape(-1)[keep]
+    owner = positions(batch["seq_index"]).reshape(-1)[keep]
     rows = hidden.reshape(-1, hidden.shape[-1])[keep]
     logps = _LinearLogProbs.apply(
         rows, head.weight, getattr(head, "bias", None), targets[keep], chunk_size
@@ -159,7 +168,7 @@ def sequence_scores(
     """One scalar per sequence from ``head`` on its last token's hidden state (reward models,
     as transformers' sequence classification scores the last token).
     ``batch["last_index"]`` holds each sequence's last position in the flattened batch."""
-    hidden = decoder_hidden(model, batch)
+    hidden = whole_rows(decoder_hidden(model, batch))
     last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]
     return head(last).squeeze(-1).float()
 

@@ -105,7 +105,15 @@ def chunked_lm_loss(
     ``hidden`` is (batch, seq, dim) before the head, ``labels`` unshifted (batch, seq).
     Only positions with a label are projected, so prompt tokens cost nothing here.
     """
-    targets = shift_labels(labels).reshape(-1)
+    return lm_loss_of_targets(hidden, head, shift_labels(labels), chunk_size)
+
+
+def lm_loss_of_targets(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_size: int = 1024
+) -> tuple[torch.Tensor, int]:
+    """:func:`chunked_lm_loss` from the already shifted ``targets`` of ``hidden``'s positions
+    (a sequence-parallel shard's: its last position's target is the next shard's first token)."""
+    targets = targets.reshape(-1)
     keep = targets != IGNORE_INDEX
     count = int(keep.sum())
     if count == 0:

@@ -97,7 +97,9 @@ class Objective(ABC):
         """What the objective sets in ``model`` (a reward model's scalar head)."""
         return {}
 
-    def engine_problem(self, deepspeed: Any, fsdp: bool) -> str | None:
+    def engine_problem(
+        self, deepspeed: Any, fsdp: bool, sequence_parallel_size: int = 1
+    ) -> str | None:
         """Why this objective cannot run on the chosen engine (None: it can)."""
         return None
 

@@ -90,6 +90,8 @@ class TrainSettings:
     # multi-process (NPROC_PER_NODE=N): DDP by default, or one of these engines
     deepspeed: str | dict | None = None  # zero1|zero2|zero2_offload|zero3|zero3_offload|x.json
     fsdp: bool = False  # torch FSDP2 fully_shard per decoder layer
+    # ranks sharing each row's tokens (Ulysses; docs/long_context.md); divides the processes
+    sequence_parallel_size: int = 1
     dist_timeout: int = 1800  # seconds ranks wait for each other (e.g. for rank 0's data)
 
     def __post_init__(self) -> None:
@@ -98,6 +100,13 @@ class TrainSettings:
             for name, ok, accepted in _RULES
             if not ok(getattr(self, name))
         ]
+        if _positive_int(self.sequence_parallel_size) and _positive_int(self.pad_to_multiple_of):
+            if self.pad_to_multiple_of % self.sequence_parallel_size:
+                problems.append(
+                    f"train.pad_to_multiple_of={self.pad_to_multiple_of} must be a multiple of "
+                    f"train.sequence_parallel_size={self.sequence_parallel_size} (every row is "
+                    "split evenly over the group)"
+                )
         if self.device not in ("auto", "cpu") and not _cuda_device_ok(self.device):
             problems.append(
                 f"train.device={self.device!r} but this machine has no such CUDA "
@@ -154,6 +163,7 @@ _RULES = [  # (key, check, what is accepted): every train setting with a range
             "save_steps",
             "log_interval",
             "sample_max_new_tokens",
+            "sequence_parallel_size",
             "dist_timeout",
         )
     ],
@@ -385,7 +395,7 @@ def _loader(
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=settings.batch_size * settings.accumulative_counts,
-        sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
+        sampler=GroupSampler(dataset, seed, settings.sequence_parallel_size),
         collate_fn=GlobalBatchCollator(
             settings.batch_size,
             pad_token_id,
@@ -394,6 +404,17 @@ def _loader(
         ),
         num_workers=0,
     )
+
+
+class GroupSampler(InfiniteSampler):
+    """mmengine's infinite seeded sampler over groups of ``group_size`` consecutive ranks: the
+    ranks of a sequence-parallel group draw the same rows, each group its own."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int, group_size: int = 1):
+        super().__init__(dataset, shuffle=True, seed=seed)
+        self.rank //= group_size
+        self.world_size //= group_size
+        self.indices = self._indices_of_rank()
 
 
 def _optim_wrapper(settings: TrainSettings, device: str, fsdp: bool) -> dict[str, Any]:
@@ -456,6 +477,12 @@ def check_engine_choice(settings: TrainSettings, world_size: int) -> None:
         )
     if settings.deepspeed and settings.fsdp:
         raise XtunerError("choose one of --deepspeed and --fsdp")
+    if world_size % settings.sequence_parallel_size:
+        raise XtunerError(
+            f"train.sequence_parallel_size={settings.sequence_parallel_size} must divide the "
+            f"number of processes ({world_size}): launch with NPROC_PER_NODE=N, N a multiple "
+            "of it"
+        )
 
 
 def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
@@ -478,4 +505,4 @@ def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
     return dict(type=strategies.DDPStepStrategy)
 
 
-__all__ = ["GlobalBatchCollator", "TrainSettings", "XtunerRunner", "build_runner"]
+__all__ = ["GlobalBatchCollator", "GroupSampler", "TrainSettings", "XtunerRunner", "build_runner"]

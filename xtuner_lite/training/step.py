@@ -20,6 +20,7 @@ from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.model.sequence_parallel import replicas
 from xtuner_lite.objectives.base import Objective
 from xtuner_lite.training.distributed import global_sum, world
 
@@ -71,9 +72,13 @@ def optimizer_step(
     Each micro-batch's loss sum is scaled by world / (global units): the engines average
     gradients over the world, which makes the result the global per-unit mean, as one big
     batch would give (unlike averaging per-micro-batch means, transformers#34191).
+    Under sequence parallelism every rank of a group holds the group's batch and its loss
+    (each back-propagating it through its own positions), so global sums count it
+    ``replicas()`` times.
     """
     _, world_size = world()
-    total = max(global_sum(sum(objective.units(b) for b in data))[0], 1)
+    copies = replicas()
+    total = max(global_sum(sum(objective.units(b) for b in data))[0] / copies, 1)
     loss_value = 0.0
     for i, batch in enumerate(data):
         with acc.no_backward_sync(i < len(data) - 1):
@@ -84,7 +89,7 @@ def optimizer_step(
         if acc.engine_steps:
             optim_wrapper.step()
     tokens = sum(int(b["num_tokens"]) for b in data)  # real tokens, padding excluded
-    loss_value, tokens = global_sum(loss_value, tokens)
+    loss_value, tokens = (v / copies for v in global_sum(loss_value, tokens))
     loss_value /= total
     if not acc.engine_steps:
         check_progress(loss_value, model, objective, optim_wrapper)

@@ -120,7 +120,14 @@ class GRPOObjective(Objective):
         self.samples_path: Path | None = None
 
     # ------------------------------------------------------------------ before the run
-    def engine_problem(self, deepspeed: Any, fsdp: bool) -> str | None:
+    def engine_problem(
+        self, deepspeed: Any, fsdp: bool, sequence_parallel_size: int = 1
+    ) -> str | None:
+        if sequence_parallel_size > 1:
+            return (
+                "objective grpo weights each completion token by its advantage on whole rows: "
+                "train.sequence_parallel_size must be 1"
+            )
         if not (deepspeed or fsdp):
             return None
         return (
