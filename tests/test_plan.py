@@ -280,3 +280,38 @@ def test_grpo_plans_the_rollout_cache_the_engine_allocates(tmp_path):
     assert again.get("no-grad forward") > 0
     without = plan_memory(shape, PlanSettings(**{**s.__dict__, "rollout_rows": 0}))
     assert plan.total == without.total  # smaller than backward's transient: not added to it
+
+
+def test_sequence_parallel_plans_each_rank_its_share_of_the_tokens(capsys):
+    """A group of N holds 1/N of every row's activations and loss per device, plus the
+    all-to-all exchange; `plan` names the smallest group that fits."""
+    from dataclasses import replace
+
+    from xtuner_lite.cli import main
+    from xtuner_lite.commands.plan import settings_from_config
+    from xtuner_lite.config import load_config
+
+    shape, settings = settings_from_config(
+        load_config("qwen2_5_7b_instruct_qlora_alpaca"), max_length=32768
+    )
+    one = plan_memory(shape, settings)
+    four = plan_memory(shape, replace(settings, sequence_parallel=4, world_size=4))
+    quarter = plan_memory(shape, replace(settings, max_length=8192))
+    for name in ("activations", "recomputed layer", "final norm", "logits and loss"):
+        assert four.get(name) == pytest.approx(quarter.get(name))
+        assert four.get(name) < one.get(name)
+    assert four.get("weights") == one.get("weights")  # replicated unless ZeRO-3 / FSDP
+    assert four.get("all-to-all buffers") > 0 and one.get("all-to-all buffers") == 0
+    # Qwen2.5-7B's 28 query and 4 key/value heads: a group of 8 pads both to 32
+    eight = plan_memory(shape, replace(settings, sequence_parallel=8, world_size=8))
+    assert eight.get("all-to-all buffers") == pytest.approx(
+        four.get("all-to-all buffers") / 2 * (32 + 32) / (28 + 4)
+    )
+    args = ["plan", "qwen2_5_7b_instruct_qlora_alpaca", "--gpu-mem", "8GiB",
+            "--max-length", "32768"]  # fmt: skip
+    assert main(args) == 3
+    assert "train.sequence_parallel_size=4 on 4 devices with --fsdp" in capsys.readouterr().out
+    assert main([*args, "--sequence-parallel", "4", "--zero", "3"]) == 0
+    assert main([*args, "--sequence-parallel", "2", "--zero", "3"]) == 3
+    assert main([*args, "--sequence-parallel", "4", "--devices", "2"]) != 0
+    assert "--sequence-parallel 4 must divide --devices 2" in capsys.readouterr().err

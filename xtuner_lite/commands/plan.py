@@ -134,6 +134,7 @@ class PlanSettings:
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
     world_size: int = 1
     zero: int = 0  # 0 (plain data parallel), 1, 2, 3 (3 = FSDP full sharding)
+    sequence_parallel: int = 1  # ranks sharing each row's tokens (Ulysses), of world_size
     explicit_mask: bool = False  # one block-masked attention call per packed row (eager,
     # remote-code models); otherwise attention runs sample by sample or varlen, maskless
     cpu: bool = False  # CPU kernels: per-sample attention as two matmuls keeping q/k/v up to
@@ -158,6 +159,7 @@ class PlanSettings:
 # components alive only during forward/backward, or only during the optimizer step
 BACKWARD = (
     "activations",
+    "all-to-all buffers",
     "recomputed layer",
     "final norm",
     "logits and loss",
@@ -294,13 +296,15 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
         if getattr(s, key) not in DTYPE_BYTES:
             raise XtunerError(f"{key} must be one of {sorted(DTYPE_BYTES)}")
     weights, trainable = _weights(shape, s)
-    tokens = planned_tokens(s)
+    tokens = -(-planned_tokens(s) // s.sequence_parallel)  # this rank's positions
     plan = MemoryPlan()
     plan.components += weights + _training_state(s, trainable)
     plan.components += _reference(shape, s, tokens)
     if s.rollout_rows:
         plan.components += _rollout_components(shape, s, tokens)
     plan.components += _activations(shape, s, tokens) + _loss(shape, s, tokens)
+    if s.sequence_parallel > 1:
+        plan.components.append(_all_to_all(shape, s, tokens))
     plan.components.append(("overhead", s.overhead_gib * GiB, "CUDA context, allocator slack"))
     return plan
 
@@ -404,6 +408,19 @@ def _activations(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
     ]  # fmt: skip
 
 
+def _all_to_all(shape: Shape, s: PlanSettings, tokens: int) -> Component:
+    """Sequence parallelism's exchange around one layer's attention: q, k, v and the output,
+    each as a packed send copy and a received copy; key/value heads repeated to one per query
+    head and all padded to a multiple of the group when the group does not divide them."""
+    n = s.sequence_parallel
+    heads, kv_heads = shape.heads, shape.kv_heads
+    if heads % n or kv_heads % n:
+        heads = kv_heads = -(-heads // n) * n
+    per_token = DTYPE_BYTES[s.compute_dtype] * shape.head_dim * (2 * heads + 2 * kv_heads)
+    return ("all-to-all buffers", 2 * per_token * tokens,
+            f"q, k, v and output of one layer sent and received over {n} ranks")  # fmt: skip
+
+
 def _loss(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
     """The final norm, one loss chunk's fp32 logits, softmax and gradient, and (full) the head's
     gradient computed with the loss."""
@@ -467,6 +484,9 @@ def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
         steps.append(("method='qlora'", {"method": "qlora"}))
     if s.world_size > 1 and s.zero < 3:
         steps.append(("ZeRO-3 / FSDP", {"zero": 3}))
+    sp = smallest_sequence_parallel(shape, s, budget)
+    if sp:
+        steps.append(sp)
     length = s.max_length
     while length > 256:
         length //= 2
@@ -483,6 +503,26 @@ def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
         if plan_memory(shape, current).total <= budget:
             return [" + ".join(dict.fromkeys(names.values()))]
     return []
+
+
+SEQUENCE_PARALLEL_SIZES = (2, 4, 8, 16, 32)  # they divide train.pad_to_multiple_of (32)
+
+
+def smallest_sequence_parallel(
+    shape: Shape, s: PlanSettings, budget: float
+) -> tuple[str, dict[str, Any]] | None:
+    """The smallest group (beyond the current one) sharing each row's tokens over which the
+    plan fits ``budget`` per device, as it is or with its devices sharding the weights too
+    (ZeRO-3 / FSDP): the suggestion and its change (None: no group does)."""
+    for size in SEQUENCE_PARALLEL_SIZES:
+        if size <= s.sequence_parallel or planned_tokens(s) < size:
+            continue
+        change = {"sequence_parallel": size, "world_size": max(s.world_size, size)}
+        name = f"train.sequence_parallel_size={size} on {size} devices"
+        for zero, how in ((s.zero, ""), (3, " with --fsdp")):
+            if plan_memory(shape, replace(s, **change, zero=zero)).total <= budget:
+                return name + how, {**change, "zero": zero}
+    return None
 
 
 def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSettings]:
@@ -516,6 +556,8 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         gradient_checkpointing=model.get("gradient_checkpointing", False),
         chunk_size=int(train.get("chunk_size", 1024)),
         optimizer=train.get("optimizer", "adamw"),
+        sequence_parallel=int(train.get("sequence_parallel_size", 1)),
+        world_size=int(train.get("sequence_parallel_size", 1)),
         dora=bool(lora.get("use_dora", False)),
     )
     settings = replace(settings, **objective.plan_settings(method, data, train))
@@ -529,6 +571,7 @@ def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
     table = Table(
         title=f"{s.method} · max_length {s.max_length} × batch {s.batch_size} · "
         f"{s.world_size} device(s){f' ZeRO-{s.zero}' if s.zero else ''}"
+        f"{f' · sequence parallel {s.sequence_parallel}' if s.sequence_parallel > 1 else ''}"
     )
     table.add_column("component")
     table.add_column("GiB", justify="right")
@@ -595,6 +638,7 @@ def plan(
     batch_size: PositiveInt | None = None,
     devices: PositiveInt | None = None,
     zero: Literal[0, 1, 2, 3] | None = None,
+    sequence_parallel: PositiveInt | None = None,
     cfg_options: CfgOptions = None,
 ) -> int:
     """Predict a config's peak GPU memory by component.
@@ -610,11 +654,20 @@ def plan(
         batch_size: override train.batch_size
         devices: data-parallel devices (default 1)
         zero: ZeRO stage (3 = FSDP)
+        sequence_parallel: devices sharing each row's tokens (train.sequence_parallel_size;
+            --devices defaults to it)
         cfg_options: override config keys
     """
     cfg = load_config(config, cfg_options)
     shape, settings = settings_from_config(
-        cfg, max_length=max_length, batch_size=batch_size, world_size=devices, zero=zero
-    )
+        cfg, max_length=max_length, batch_size=batch_size, zero=zero,
+        sequence_parallel=sequence_parallel,
+        world_size=devices or sequence_parallel,
+    )  # fmt: skip
+    if settings.world_size % settings.sequence_parallel:
+        raise XtunerError(
+            f"--sequence-parallel {settings.sequence_parallel} must divide --devices "
+            f"{settings.world_size}"
+        )
     fits = print_plan(shape, settings, parse_size(gpu_mem) if gpu_mem else None)
     return 0 if fits else 3
