@@ -164,3 +164,52 @@ def test_pretrain_trains_every_token_but_the_first(tmp_path, smol_tokenizer):
     row = out.data.row(0)
     assert smol_tokenizer.decode(row["input_ids"]) == "The quick brown fox.<|im_end|>"
     assert row["labels"][0] == IGNORE_INDEX and row["labels"][1:] == row["input_ids"][1:]
+
+
+LONG = 32768
+
+
+def _long_sources(tmp_path) -> tuple:
+    """Wikipedia articles (one more joins the three longest: longer than LONG) as pretraining
+    documents, and LIMA's answers chained into conversations of 10 to 120 turns."""
+    articles = shared_file("raw/llamafactory_wiki_demo.txt").read_text().splitlines()
+    longest = sorted(articles, key=len)[-3:]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": t}) for t in [*articles, " ".join(longest)]))
+    lima = json.loads(shared_file("sft/llamafactory_lima.json").read_text())
+    chats, start = [], 0
+    for turns in (10, 40, 80, 120):
+        pairs = lima[start : start + turns]
+        start += turns
+        messages = [
+            {"role": role, "content": r[key]}
+            for r in pairs
+            for role, key in (("user", "instruction"), ("assistant", "output"))
+        ]
+        chats.append({"messages": messages})
+    conversations = tmp_path / "chats.jsonl"
+    conversations.write_text("\n".join(json.dumps(c) for c in chats))
+    return (docs, "pretrain"), (conversations, "openai")
+
+
+def test_long_documents_and_conversations_pack_into_32k_rows(tmp_path, smol_tokenizer):
+    """Rows of 32k tokens: samples kept whole and packed together, what is longer truncated to
+    max_length and counted, the length statistics those of the samples."""
+    for path, map_fn in _long_sources(tmp_path):
+        kw = dict(tokenizer=smol_tokenizer, map_fn=map_fn, template="smollm2", use_cache=False)
+        whole = process_dataset(path, max_length=10**6, pack=False, **kw).data.sample_lengths
+        out = process_dataset(path, max_length=LONG, pack=True, **kw)
+        data, stats = out.data, out.stats
+        longer = int((whole > LONG).sum())
+        assert longer >= 1 and stats.rows_truncated == longer
+        assert sorted(data.sample_lengths.tolist()) == sorted(np.minimum(whole, LONG).tolist())
+        rows = [data.row(i) for i in range(len(data.row_sizes))]
+        assert max(len(r["input_ids"]) for r in rows) <= LONG
+        assert len(rows) < len(whole)  # several samples share a row
+        for row in rows:  # every sample starts at position 0 of its own segment
+            assert row["position_ids"][0] == 0 and row["cu_seqlens"][-1] == len(row["input_ids"])
+        assert stats.lengths["max"] == LONG
+        assert stats.lengths["p50"] == pytest.approx(np.percentile(data.sample_lengths, 50))
+        if map_fn == "openai":  # a truncated conversation still trains its assistant turns
+            truncated = data.sample_lengths == LONG
+            assert stats.trained_tokens < stats.tokens and truncated.any()

@@ -90,8 +90,7 @@ class TrainSettings:
     # multi-process (NPROC_PER_NODE=N): DDP by default, or one of these engines
     deepspeed: str | dict | None = None  # zero1|zero2|zero2_offload|zero3|zero3_offload|x.json
     fsdp: bool = False  # torch FSDP2 fully_shard per decoder layer
-    # ranks sharing each row's tokens (Ulysses; docs/long_context.md); divides the processes
-    sequence_parallel_size: int = 1
+    sequence_parallel_size: int = 1  # ranks sharing each row's tokens (Ulysses sequence parallel)
     dist_timeout: int = 1800  # seconds ranks wait for each other (e.g. for rank 0's data)
 
     def __post_init__(self) -> None:
