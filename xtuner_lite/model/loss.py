@@ -117,7 +117,9 @@ def lm_loss_of_targets(
     keep = targets != IGNORE_INDEX
     count = int(keep.sum())
     if count == 0:
-        return hidden.sum() * 0.0, 0
+        # the head's weight is still read: under ZeRO-3 reading it gathers it, a collective
+        # the other ranks (a sequence-parallel shard with trained tokens) are making
+        return hidden.sum() * 0.0 + head.weight.sum() * 0.0, 0
     hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
     pad = -count % LOSS_ROW_STEP
     if pad:

@@ -482,14 +482,6 @@ def check_engine_choice(settings: TrainSettings, world_size: int) -> None:
             f"number of processes ({world_size}): launch with NPROC_PER_NODE=N, N a multiple "
             "of it"
         )
-    if settings.sequence_parallel_size > 1 and settings.deepspeed:
-        if strategies.zero_stage(settings.deepspeed) == 3:
-            # the first step's all-to-all never completes beside ZeRO-3's parameter gathers
-            # (gloo, deepspeed 0.19): refused rather than left to hang
-            raise XtunerError(
-                "train.sequence_parallel_size > 1 does not run with DeepSpeed ZeRO-3 yet; use "
-                "ZeRO-2 (--deepspeed zero2), --fsdp (which shards parameters like ZeRO-3) or DDP"
-            )
 
 
 def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
