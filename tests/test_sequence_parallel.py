@@ -1,8 +1,9 @@
 """Ulysses sequence parallelism on CPU (gloo): 2 processes sharing every row's tokens must give
 the losses and weights of 1 process on the same rows, for packed rows of several samples of
-uneven lengths (SFT, LoRA and full) and for DPO pairs sharing their prompts, with DDP, FSDP2 and
-DeepSpeed ZeRO-2/3 as the data parallelism around the groups (ZeRO-3 gathers a weight when
-it is read: a shard without trained tokens must read the head too).
+uneven lengths (SFT: LoRA, QLoRA and full) and for the preference objectives (DPO pairs
+sharing their prompts, KTO's unpaired examples, a reward model's last-token score), with DDP,
+FSDP2 and DeepSpeed ZeRO-2/3 as the data parallelism around the groups (ZeRO-3 gathers a weight
+when it is read: a shard without trained tokens must read the head too).
 
 The model has SmolLM2-135M's head layout (9 query heads, 3 key/value heads): neither divides by
 2, so the heads are spread and padded around the all-to-all.
@@ -18,11 +19,14 @@ from xtuner_lite.training.runner import TrainSettings
 
 from conftest import (
     EXAMPLE_DATA,
+    OBJECTIVE_CASES,
+    objective_cfg,
     process_env,
     tiny_model,
     train_cmd,
     train_processes,
     trained_weights,
+    write_config,
 )
 
 pytestmark = pytest.mark.slow
@@ -34,15 +38,6 @@ train_dataset = dict(data_files={data!r}, tokenizer={model!r}, map_fn="alpaca",
                      template="smollm2", max_length=96, pack=True)
 train = dict(batch_size=1, accumulative_counts=1, max_iters=6, lr={lr}, dtype=None,
              warmup_ratio=0.0, save_steps=100, log_interval=3)
-"""
-
-DPO_CONFIG = """
-model = dict(pretrained={model!r}, method="lora", lora=dict(r=8, alpha=16, dropout=0.0))
-train_dataset = dict(data_files={data!r}, tokenizer={model!r}, template="chatml",
-                     max_length=64, pack=True)
-objective = dict(type="dpo", beta=0.5)
-train = dict(batch_size=1, accumulative_counts=1, max_iters=5, lr=1e-2, dtype=None,
-             warmup_ratio=0.0, save_steps=100, log_interval=5)
 """
 
 SP2 = ("--cfg-options", "train.sequence_parallel_size=2")
@@ -71,26 +66,26 @@ def one_process(tmp_path_factory, smol_heads, tiny_llama):
         if kind not in runs:
             tmp = tmp_path_factory.mktemp(f"one_{kind}")
             config = tmp / f"{kind}.py"
-            if kind == "dpo":
-                text = DPO_CONFIG.format(
-                    model=tiny_llama, data=str(EXAMPLE_DATA / "pref_mini.json")
-                )
+            if kind in OBJECTIVE_CASES:  # a preference objective on its pairs (or examples)
+                cfg = objective_cfg(kind, tiny_llama, max_iters=5, lr=1e-2, save_steps=100)
+                cfg["model"]["lora"]["dropout"] = 0.0  # each rank draws its own masks
+                write_config(config, cfg)
             else:
-                lr = 1e-2 if kind == "lora" else 1e-3
+                lr = 1e-3 if kind == "full" else 1e-2
                 data = str(EXAMPLE_DATA / "alpaca_mini.json")
                 text = SFT_CONFIG.format(model=smol_heads, method=kind, lr=lr, data=data)
-            config.write_text(text)
+                config.write_text(text)
             runs[kind] = (config, train_processes(config, tmp / "work", 1), tmp / "work")
         return runs[kind]
 
     return run
 
 
-def _same_result(work, one_work, losses, expected):
+def _same_result(work, one_work, losses, expected, learns=True):
     assert losses == pytest.approx(expected, abs=1e-5)  # fp32; reduction order differs
     half = len(expected) // 2
     first, last = expected[:half], expected[-half:]
-    assert sum(last) < sum(first)  # it learns (the rows differ from step to step)
+    assert not learns or sum(last) < sum(first)  # it learns (the rows differ from step to step)
     out = "adapter" if (one_work / "adapter").exists() else "model"
     ours, theirs = trained_weights(work / out), trained_weights(one_work / out)
     assert ours.keys() == theirs.keys()
@@ -101,14 +96,16 @@ def _same_result(work, one_work, losses, expected):
 @pytest.mark.parametrize(
     "kind,engine",
     [("lora", []), ("full", []), ("full", ["--fsdp"]), ("lora", ["--deepspeed", "zero2"]),
-     ("lora", ["--deepspeed", "zero3"]),
-     ("dpo", [])],
+     ("lora", ["--deepspeed", "zero3"]), ("qlora", []),
+     # pairs sharing their prompt, unpaired examples, a score from the last token's hidden state
+     ("dpo-sigmoid", []), ("kto", []), ("reward", [])],
 )  # fmt: skip
 def test_two_ranks_sharing_rows_equal_one_process(tmp_path, one_process, kind, engine):
     config, expected, one_work = one_process(kind)
     losses = train_processes(config, tmp_path / "work", 2, *engine, *SP2)
     assert len(losses) == len(expected)
-    _same_result(tmp_path / "work", one_work, losses, expected)
+    # QLoRA's random 4-bit model does not learn visibly in 6 steps: equality is the claim
+    _same_result(tmp_path / "work", one_work, losses, expected, learns=kind != "qlora")
 
 
 def test_ddp_around_two_sequence_parallel_groups(tmp_path, one_process):

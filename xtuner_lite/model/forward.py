@@ -42,10 +42,17 @@ def group_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if sp is None else sp.reduce(tensor)
 
 
-def whole_rows(hidden: torch.Tensor) -> torch.Tensor:
-    """Hidden states of every position: this rank's joined with the rest of its group's."""
+def hidden_at(
+    hidden: torch.Tensor, flat: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states at positions ``flat`` of the (batch, width) batch that this rank holds
+    (every one without sequence parallelism), and which of ``flat`` they are."""
     sp = active_sequence_parallel()
-    return hidden if sp is None else sp.gather(hidden)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    if sp is None:
+        return rows[flat], torch.ones_like(flat, dtype=torch.bool)
+    mine, local = sp.owned(flat, width)
+    return rows[local], mine
 
 
 def loss_sum(

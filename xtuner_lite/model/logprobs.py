@@ -18,8 +18,8 @@ from xtuner_lite.model.forward import (
     base_and_head,
     decoder_hidden,
     group_sum,
+    hidden_at,
     positions,
-    whole_rows,
 )
 from xtuner_lite.model.loss import shift_labels, softmax_
 
@@ -168,9 +168,11 @@ def sequence_scores(
     """One scalar per sequence from ``head`` on its last token's hidden state (reward models,
     as transformers' sequence classification scores the last token).
     ``batch["last_index"]`` holds each sequence's last position in the flattened batch."""
-    hidden = whole_rows(decoder_hidden(model, batch))
-    last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]
-    return head(last).squeeze(-1).float()
+    last = batch["last_index"]
+    hidden, mine = hidden_at(decoder_hidden(model, batch), last, batch["input_ids"].shape[1])
+    scores = head(hidden).squeeze(-1).float()
+    # under sequence parallelism each sequence's last token is on one rank: the others add 0
+    return group_sum(scores.new_zeros(last.shape[0]).index_put((mine,), scores))
 
 
 __all__ = [

@@ -51,10 +51,13 @@ class SequenceParallel:
         (each rank's part of a group-wide loss)."""
         return _SumOverGroup.apply(tensor, self)
 
-    def gather(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """The group's shards of ``dim`` joined in rank order; backward keeps this rank's
-        slice of the gradient (every rank computes the same loss from the whole)."""
-        return _GatherShards.apply(tensor, self, dim)
+    def owned(self, flat: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For positions ``flat`` of a (batch, width) row-major batch: which this rank holds,
+        and where they are in its (batch, width / N) shard."""
+        part = width // self.size
+        row, column = flat // width, flat % width - self.rank * part
+        mine = (column >= 0) & (column < part)
+        return mine, (row * part + column)[mine]
 
     def sequence_to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, heads, length / N, dim) → (batch, heads / N, length, dim)."""
@@ -119,19 +122,6 @@ class _SumOverGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
-
-
-class _GatherShards(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallel, dim: int) -> torch.Tensor:
-        ctx.sp, ctx.dim = sp, dim
-        parts = [torch.empty_like(x) for _ in range(sp.size)]
-        dist.all_gather(parts, x.contiguous(), group=sp.group)
-        return torch.cat(parts, dim=dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.sp.shard(grad, ctx.dim), None, None
 
 
 def spread_heads(
