@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from xtuner_lite.model.sequence_parallel import new_sequence_parallel, set_seque
 from xtuner_lite.training.memory import cap_mmap_threshold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sides import cpu_name, peak_rss_mib  # noqa: E402
+from sides import cpu_name, peak_rss_mib, run_side  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 WIKI = Path(__file__).resolve().parents[2] / "shared/data/raw/llamafactory_wiki_demo.txt"
@@ -92,11 +91,7 @@ def side(sp: int, tokens: int, sample: int) -> list[dict]:
     if sp > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={sp}",
                "--master_port=29533", *script]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    if done.returncode != 0 or not line:
-        sys.exit(f"sp={sp} failed:\n{done.stderr[-3000:]}")
-    return json.loads(line[0][7:])
+    return run_side(cmd, f"sp={sp}", env)
 
 
 def main() -> None:

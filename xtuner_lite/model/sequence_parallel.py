@@ -61,11 +61,11 @@ class SequenceParallel:
 
     def sequence_to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, heads, length / N, dim) → (batch, heads / N, length, dim)."""
-        return _SequenceToHeads.apply(x, self)
+        return _Exchange.apply(x, self, True)
 
     def heads_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, heads / N, length, dim) → (batch, heads, length / N, dim)."""
-        return _HeadsToSequence.apply(x, self)
+        return _Exchange.apply(x, self, False)
 
 
 def _all_to_all(chunks: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
@@ -90,26 +90,18 @@ def _to_sequence(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
     return received.transpose(0, 1).reshape(batch, heads * sp.size, -1, dim)
 
 
-class _SequenceToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """One all-to-all layout change; its gradient goes back through the inverse one."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-        ctx.sp = sp
-        return _to_heads(x, sp)
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallel, to_heads: bool) -> torch.Tensor:
+        ctx.sp, ctx.to_heads = sp, to_heads
+        return _to_heads(x, sp) if to_heads else _to_sequence(x, sp)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _to_sequence(grad, ctx.sp), None
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-        ctx.sp = sp
-        return _to_sequence(x, sp)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _to_heads(grad, ctx.sp), None
+        back = _to_sequence(grad, ctx.sp) if ctx.to_heads else _to_heads(grad, ctx.sp)
+        return back, None, None
 
 
 class _SumOverGroup(torch.autograd.Function):
