@@ -136,6 +136,8 @@ def spread_heads(
     return query, key, value
 
 
+# one setting for the process, as torch.distributed keeps its default group: every training
+# forward reads it (the objectives' losses, the reference's log-probs, the cached reference pass)
 _ACTIVE: SequenceParallel | None = None
 
 
