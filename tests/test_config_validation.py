@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.training.runner import TrainSettings, total_steps
 
 from conftest import tiny_train_cfg
 
@@ -165,3 +166,12 @@ def test_xtuners_names_for_chat_samples_are_read_as_ours():
     assert ours == {"sample_prompts": ["hi"], "sample_freq": 5, "lr": 1e-4}
     with pytest.raises(XtunerError, match="evaluation_freq .* and train.sample_freq are both set"):
         renamed_settings({"evaluation_freq": 5, "sample_freq": 5})
+
+
+def test_epochs_count_the_rows_every_data_parallel_group_takes_per_step():
+    """N data-parallel processes take N × batch × accumulation rows a step (each its own), so
+    one epoch is N times fewer steps; a sequence-parallel group shares one group's rows."""
+    settings = TrainSettings(epochs=1, batch_size=2, accumulative_counts=2)
+    assert total_steps(settings, 100) == 25
+    assert total_steps(settings, 100, data_parallel=2) == 13  # ceil(100 / 8)
+    assert total_steps(TrainSettings(max_iters=7), 100, data_parallel=4) == 7

@@ -287,10 +287,13 @@ def _optimizer_cfg(settings: TrainSettings) -> dict[str, Any]:
     return dict(type=classes[settings.optimizer], **kw)
 
 
-def total_steps(settings: TrainSettings, num_rows: int) -> int:
+def total_steps(settings: TrainSettings, num_rows: int, data_parallel: int = 1) -> int:
+    """``max_iters``, or the steps of ``epochs`` passes: each step takes ``batch_size`` ×
+    ``accumulative_counts`` rows on every one of ``data_parallel`` groups (the ranks of a
+    sequence-parallel group share their rows)."""
     if settings.max_iters:
         return settings.max_iters
-    rows_per_step = settings.batch_size * settings.accumulative_counts
+    rows_per_step = settings.batch_size * settings.accumulative_counts * data_parallel
     return max(1, math.ceil((settings.epochs or 1) * num_rows / rows_per_step))
 
 
@@ -337,9 +340,9 @@ def build_runner(
     ``objective``: what is trained (next-token SFT by default); ``verbose``: mmengine's
     environment dump, config and per-step lines on the console too, not only in the log file.
     """
-    max_iters = total_steps(settings, len(dataset))
     device = resolve_device(settings)
     _, world_size = world()
+    max_iters = total_steps(settings, len(dataset), world_size // settings.sequence_parallel_size)
     strategy = None
     if world_size > 1 or settings.deepspeed or settings.fsdp:
         strategy = _strategy(settings, world_size)
