@@ -543,6 +543,7 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
     targets = lora.get("target_modules", "all-linear")
     autocast = train.get("dtype", "bf16")
     method = model.get("method", "lora")
+    group = int(train.get("sequence_parallel_size", 1))  # its ranks are devices of the plan
     objective = build_objective(cfg.get("objective"), int(train.get("chunk_size", 1024)))
     settings = PlanSettings(
         method=method,
@@ -556,8 +557,8 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         gradient_checkpointing=model.get("gradient_checkpointing", False),
         chunk_size=int(train.get("chunk_size", 1024)),
         optimizer=train.get("optimizer", "adamw"),
-        sequence_parallel=int(train.get("sequence_parallel_size", 1)),
-        world_size=int(train.get("sequence_parallel_size", 1)),
+        sequence_parallel=group,
+        world_size=group,
         dora=bool(lora.get("use_dora", False)),
     )
     settings = replace(settings, **objective.plan_settings(method, data, train))

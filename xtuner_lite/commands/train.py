@@ -17,7 +17,7 @@ from xtuner_lite.data.pipeline import resolve_template, resolve_tokenizer
 from xtuner_lite.errors import UsageError, XtunerError
 from xtuner_lite.evaluation.hook import EvaluateTasksHook
 from xtuner_lite.model import build_model, skip_adapter_input_casts
-from xtuner_lite.model.attention import runs_segments
+from xtuner_lite.model.attention import check_sequence_parallel_attention
 from xtuner_lite.model.build import LoraSettings
 from xtuner_lite.model.sequence_parallel import new_sequence_parallel, set_sequence_parallel
 from xtuner_lite.objectives import Objective, RunContext, build_objective
@@ -112,7 +112,7 @@ def train(
     distributed = init_process_group(run.settings.device, run.settings.dist_timeout)
     rank, world_size = world()
     check_engine_choice(run.settings, world_size)  # before any work
-    if run.settings.sequence_parallel_size > 1:
+    if run.settings.sequence_parallel_size > 1:  # checks that it divides the processes
         set_sequence_parallel(new_sequence_parallel(run.settings.sequence_parallel_size))
     with workdir.locked(work_dir) if rank == 0 else nullcontext():
         if rank == 0:
@@ -197,12 +197,8 @@ def _train(
         objective.report_data(dataset, work_dir)
     seed_everything(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**run.model, device=_load_device(settings, distributed))
-    if settings.sequence_parallel_size > 1 and not runs_segments(llm):
-        raise XtunerError(
-            "train.sequence_parallel_size > 1 needs model.attn_implementation='sdpa' (attention "
-            "packed sample by sample), not "
-            f"{getattr(llm.config, '_attn_implementation', None)!r}"
-        )
+    if settings.sequence_parallel_size > 1:  # before any work, not at the first step
+        check_sequence_parallel_attention(getattr(llm.config, "_attn_implementation", None))
     if settings.dtype is not None:  # every forward runs under autocast
         skip_adapter_input_casts(llm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

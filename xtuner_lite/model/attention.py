@@ -321,6 +321,15 @@ def runs_segments(model: torch.nn.Module) -> bool:
     return getattr(config, "_attn_implementation", None) == PACKED_SDPA
 
 
+def check_sequence_parallel_attention(attn_implementation: str | None) -> None:
+    """Sequence parallelism runs our packed attention on whole rows: refuse any other."""
+    if attn_implementation != PACKED_SDPA:
+        raise XtunerError(
+            "train.sequence_parallel_size > 1 needs model.attn_implementation='sdpa' "
+            f"(attention packed sample by sample), not {attn_implementation!r}"
+        )
+
+
 def attention_kwargs(
     batch: dict[str, torch.Tensor],
     attn_implementation: str,
@@ -331,11 +340,7 @@ def attention_kwargs(
     input_ids = batch["input_ids"]
     kwargs = {"position_ids": batch["position_ids"]}
     if sequence_parallel is not None:
-        if attn_implementation != PACKED_SDPA:
-            raise XtunerError(
-                "train.sequence_parallel_size > 1 needs the model's attn_implementation "
-                f"'sdpa' (packed sample by sample), not {attn_implementation!r}"
-            )
+        check_sequence_parallel_attention(attn_implementation)
         kwargs["position_ids"] = sequence_parallel.shard(batch["position_ids"])
         kwargs["sequence_parallel"] = sequence_parallel
     branches = batch.get("branch_ids")

@@ -158,11 +158,12 @@ def replicas() -> int:
 
 def new_sequence_parallel(size: int) -> SequenceParallel:
     """Groups of ``size`` consecutive ranks (collective: every rank creates every group)."""
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    started = dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if started else (0, 1)
     if world_size % size:
         raise XtunerError(
             f"train.sequence_parallel_size={size} must divide the number of processes "
-            f"({world_size})"
+            f"({world_size}): launch with NPROC_PER_NODE=N, N a multiple of it"
         )
     mine = None
     for start in range(0, world_size, size):

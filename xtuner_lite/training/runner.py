@@ -479,12 +479,6 @@ def check_engine_choice(settings: TrainSettings, world_size: int) -> None:
         )
     if settings.deepspeed and settings.fsdp:
         raise XtunerError("choose one of --deepspeed and --fsdp")
-    if world_size % settings.sequence_parallel_size:
-        raise XtunerError(
-            f"train.sequence_parallel_size={settings.sequence_parallel_size} must divide the "
-            f"number of processes ({world_size}): launch with NPROC_PER_NODE=N, N a multiple "
-            "of it"
-        )
 
 
 def _strategy(settings: TrainSettings, world_size: int) -> dict[str, Any]:
