@@ -25,6 +25,7 @@ from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.model.attention import MATMUL_ATTENTION_MAX_LENGTH
 from xtuner_lite.model.build import checkpointed_layers
 from xtuner_lite.model.forward import loss_sum
+from xtuner_lite.model.loss import loss_chunk_tokens
 from xtuner_lite.objectives import build_objective
 from xtuner_lite.values import CfgOptions, PositiveInt, Size, parse_size
 
@@ -130,6 +131,7 @@ class PlanSettings:
     max_length: int = 2048
     batch_size: int = 1
     gradient_checkpointing: bool | int | float = True  # as build_model's
+    offload: bool = False  # checkpointed layers' inputs in host memory (train.offload_activations)
     chunk_size: int | None = 1024  # loss chunk in tokens; None: whole logits
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
     world_size: int = 1
@@ -170,6 +172,10 @@ BACKWARD = (
 STEP = ("optimizer step",)
 # alive only while rollouts are sampled and scored, before the step's forward/backward
 ROLLOUT = ("rollout KV cache", "rollout logits", "no-grad forward")
+HOST = ("offloaded to host",)  # pinned host memory, not the device's
+# layer inputs on the device under offload: the one being copied out (forward), or the one in
+# use and the one prefetched (backward)
+OFFLOAD_IN_FLIGHT = 2
 KV_GROW = 128  # the engine's cache grows by this many columns
 
 
@@ -182,7 +188,8 @@ class MemoryPlan:
         """Peak: what is held throughout, plus the largest of the transients — forward /
         backward (activations, logits), the optimizer step and RL's rollouts — which never
         overlap."""
-        held = sum(b for n, b, _ in self.components if n not in BACKWARD + STEP + ROLLOUT)
+        transient = BACKWARD + STEP + ROLLOUT + HOST
+        held = sum(b for n, b, _ in self.components if n not in transient)
         return held + max(sum(map(self.get, group)) for group in (BACKWARD, STEP, ROLLOUT))
 
     def get(self, name: str) -> float:
@@ -399,13 +406,23 @@ def _activations(shape: Shape, s: PlanSettings, tokens: int) -> list[Component]:
     kept = shape.layers - recomputed
     if not recomputed:
         return [*components, ("activations", shape.layers * layer, "every layer's")]
+    others = f", all of {kept} others'" if kept else ""
+    one_input = res * shape.hidden * tokens
+    if s.offload:
+        components += [
+            ("activations", min(recomputed, OFFLOAD_IN_FLIGHT) * one_input + kept * layer,
+             f"{OFFLOAD_IN_FLIGHT} checkpointed layers' inputs in flight to or from the "
+             f"host{others}"),
+            ("offloaded to host", recomputed * one_input,
+             f"the input of {recomputed} checkpointed layers, in pinned host memory"),
+        ]  # fmt: skip
+    else:
+        components.append(("activations", recomputed * one_input + kept * layer,
+                           f"the input of {recomputed} checkpointed layers{others}"))  # fmt: skip
     return [
         *components,
-        ("activations", recomputed * res * shape.hidden * tokens + kept * layer,
-         f"the input of {recomputed} checkpointed layers"
-         + (f", all of {kept} others'" if kept else "")),
         ("recomputed layer", layer, "one layer's activations, rebuilt during backward"),
-    ]  # fmt: skip
+    ]
 
 
 def _all_to_all(shape: Shape, s: PlanSettings, tokens: int) -> Component:
@@ -464,45 +481,101 @@ def _rollout_components(shape: Shape, s: PlanSettings, tokens: int) -> list:
     return parts
 
 
-def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
-    """Changes that bring the plan under ``budget`` bytes: each single change that is enough,
-    else the shortest run of changes (cheapest first, max_length last) that is."""
+@dataclass(frozen=True)
+class Knob:
+    """One setting that lowers the plan: the config line to set, and its plan change."""
 
-    steps: list[tuple[str, dict[str, Any]]] = []
+    line: str
+    change: dict[str, Any]
+
+
+# fp32 logits of one loss chunk, largest first: chunk sizes are derived from the vocabulary
+LOSS_CHUNK_LOGITS = (512 * MiB, 256 * MiB, 128 * MiB)
+MIN_LORA_RANK = 8
+
+
+def knob_ladders(shape: Shape, s: PlanSettings) -> list[list[Knob]]:
+    """What ``xtuner plan`` may turn, cheapest first by what it costs the run — each ladder's
+    steps milder first: recomputation (speed only), smaller loss chunks (a few more, smaller
+    head matmuls), activation offload (copies that overlap compute), the paged 8-bit optimizer
+    (block-quantized Adam state), the adapter's weights in bf16 (rounded updates), a lower LoRA
+    rank (less capacity), LoRA then QLoRA instead of full fine-tuning, ZeRO-3 over the devices
+    there are, and shorter rows last (they change what is trained on)."""
+    ladders: list[list[Knob]] = []
     if s.gradient_checkpointing not in (True, 1):
-        steps.append(("gradient_checkpointing=True", {"gradient_checkpointing": True}))
-    for chunk in (512, 256):
-        if not s.chunk_size or s.chunk_size > chunk:
-            steps.append((f"chunk_size={chunk}", {"chunk_size": chunk}))
+        ladders.append(
+            [Knob("model.gradient_checkpointing=True", {"gradient_checkpointing": True})]
+        )
+    chunks = dict.fromkeys(loss_chunk_tokens(shape.vocab, b) for b in LOSS_CHUNK_LOGITS)
+    ladders.append([Knob(f"train.chunk_size={c}", {"chunk_size": c})
+                    for c in chunks if not s.chunk_size or c < s.chunk_size])  # fmt: skip
+    if not s.offload:
+        ladders.append([Knob("train.offload_activations=True", {"offload": True})])
     if "8bit" not in s.optimizer:
-        steps.append(("optimizer='paged_adamw_8bit'", {"optimizer": "paged_adamw_8bit"}))
-    if s.method != "full" and DTYPE_BYTES[s.lora_dtype] == 4:
-        steps.append(("model.lora_dtype='bf16'", {"lora_dtype": "bf16"}))
-    if s.method == "full":
-        steps.append(("method='lora'", {"method": "lora"}))
-    if s.method in ("full", "lora"):
-        steps.append(("method='qlora'", {"method": "qlora"}))
+        ladders.append(
+            [Knob("train.optimizer=paged_adamw_8bit", {"optimizer": "paged_adamw_8bit"})]
+        )
+    if s.method != "full":
+        if DTYPE_BYTES[s.lora_dtype] == 4:
+            ladders.append([Knob("model.lora_dtype=bf16", {"lora_dtype": "bf16"})])
+        ranks = range(s.lora_r // 2, MIN_LORA_RANK - 1, -1)
+        ladders.append([Knob(f"model.lora.r={r}", {"lora_r": r}) for r in ranks
+                        if r & (r - 1) == 0])  # fmt: skip
+    methods = {"full": ("lora", "qlora"), "lora": ("qlora",)}.get(s.method, ())
+    ladders.append([Knob(f"model.method={m}", {"method": m}) for m in methods])
     if s.world_size > 1 and s.zero < 3:
-        steps.append(("ZeRO-3 / FSDP", {"zero": 3}))
-    sp = smallest_sequence_parallel(shape, s, budget)
-    if sp:
-        steps.append(sp)
-    length = s.max_length
-    while length > 256:
-        length //= 2
-        steps.append((f"max_length={length}", {"max_length": length}))
-    single = [
-        name for name, change in steps if plan_memory(shape, replace(s, **change)).total <= budget
-    ]
-    if single:
-        return single
-    current, names = s, {}
-    for name, change in steps:
-        current = replace(current, **change)
-        names.update({key: name for key in change})  # a later chunk/length replaces an earlier
-        if plan_memory(shape, current).total <= budget:
-            return [" + ".join(dict.fromkeys(names.values()))]
-    return []
+        ladders.append([Knob("--fsdp (ZeRO-3)", {"zero": 3})])
+    lengths = [s.max_length >> k for k in range(1, 8) if s.max_length >> k >= 256]
+    ladders.append([Knob(f"train_dataset.max_length={n}", {"max_length": n}) for n in lengths])
+    return [ladder for ladder in ladders if ladder]
+
+
+def cheapest_fit(shape: Shape, s: PlanSettings, budget: float) -> list[Knob] | None:
+    """The settings to change so the plan fits ``budget`` bytes: turn the knobs in cost order
+    until it fits, then undo or soften each (costliest first) that it fits without."""
+    ladders = knob_ladders(shape, s)
+
+    def fits(choice: dict[int, int]) -> bool:
+        changes = [ladders[i][j].change for i, j in sorted(choice.items())]
+        return (
+            plan_memory(shape, replace(s, **{k: v for c in changes for k, v in c.items()})).total
+            <= budget
+        )
+
+    choice: dict[int, int] = {}
+    for i, ladder in enumerate(ladders):
+        for j in range(len(ladder)):
+            choice[i] = j
+            if fits(choice):
+                return [ladders[i][j] for i, j in sorted(_softened(choice, fits).items())]
+    return None
+
+
+def _softened(choice: dict[int, int], fits: Callable[[dict[int, int]], bool]) -> dict[int, int]:
+    """``choice`` with each knob, costliest first, undone or set to its mildest step that
+    still fits."""
+    for i in sorted(choice, reverse=True):
+        for j in range(-1, choice[i]):
+            trial = {k: v for k, v in choice.items() if k != i} | ({i: j} if j >= 0 else {})
+            if fits(trial):
+                choice = trial
+                break
+    return choice
+
+
+def suggestions(shape: Shape, s: PlanSettings, budget: float) -> list[str]:
+    """What would make the plan fit ``budget``: the cheapest settings to change on these
+    devices, and — when those shorten the rows or nothing does — the smallest
+    sequence-parallel group."""
+    options = []
+    knobs = cheapest_fit(shape, s, budget)
+    if knobs is not None:
+        options.append(" ".join(knob.line for knob in knobs))
+    if knobs is None or any("max_length" in knob.line for knob in knobs):
+        group = smallest_sequence_parallel(shape, s, budget)
+        if group:
+            options.append(group[0])
+    return options
 
 
 SEQUENCE_PARALLEL_SIZES = (2, 4, 8, 16, 32)  # they divide train.pad_to_multiple_of (32)
@@ -555,6 +628,7 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         compute_dtype=autocast or "fp32",
         batch_size=int(train.get("batch_size", 1)),
         gradient_checkpointing=model.get("gradient_checkpointing", False),
+        offload=bool(train.get("offload_activations", False)),
         chunk_size=int(train.get("chunk_size", 1024)),
         optimizer=train.get("optimizer", "adamw"),
         sequence_parallel=group,
@@ -594,7 +668,8 @@ def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:
         options = suggestions(shape, s, budget)
         console.print(
             "would fit with: "
-            + ("; ".join(options) if options else "no single change; try several, or more devices")
+            + ("; or ".join(options) if options else "no change of these settings; more devices"),
+            soft_wrap=True,  # config lines to copy: never broken across lines
         )
     return fits
 

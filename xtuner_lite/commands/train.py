@@ -19,6 +19,7 @@ from xtuner_lite.evaluation.hook import EvaluateTasksHook
 from xtuner_lite.model import build_model, skip_adapter_input_casts
 from xtuner_lite.model.attention import check_sequence_parallel_attention
 from xtuner_lite.model.build import LoraSettings
+from xtuner_lite.model.offload import offload_activations
 from xtuner_lite.model.sequence_parallel import new_sequence_parallel, set_sequence_parallel
 from xtuner_lite.objectives import Objective, RunContext, build_objective
 from xtuner_lite.objectives.reference import Reference
@@ -160,6 +161,11 @@ def _checked_settings(cfg: Any, deepspeed: Any, fsdp: bool) -> Run:
     if problem:
         raise XtunerError(problem)
     settings = dataclasses.replace(settings, device=resolve_device(settings))  # once, here
+    if settings.offload_activations and not model_cfg.get("gradient_checkpointing"):
+        raise XtunerError(
+            "train.offload_activations=True moves the inputs of checkpointed layers to host "
+            "memory: set model.gradient_checkpointing too"
+        )
     if model_cfg.get("method", "lora") != "full":
         LoraSettings.from_config(model_cfg.get("lora"))
     if model_cfg.get("method") == "qlora" and "quant_storage" not in model_cfg:
@@ -197,6 +203,8 @@ def _train(
         objective.report_data(dataset, work_dir)
     seed_everything(seed)  # LoRA weights are initialized randomly: same seed, same start
     llm = build_model(**run.model, device=_load_device(settings, distributed))
+    if settings.offload_activations:
+        _offload(llm, settings.device)
     if settings.sequence_parallel_size > 1:  # before any work, not at the first step
         check_sequence_parallel_attention(getattr(llm.config, "_attn_implementation", None))
     if settings.dtype is not None:  # every forward runs under autocast
@@ -227,6 +235,15 @@ def _train(
         save_result(llm, tokenizer, template, run.cfg, out, seed=seed, state_dict=state)
     torch.distributed.barrier()
     return out
+
+
+def _offload(llm: torch.nn.Module, device: str) -> None:
+    """Checkpointed layers' inputs to pinned host memory — on a GPU; on CPU they are there."""
+    if device.startswith("cuda"):
+        offload_activations(llm)
+    else:
+        print("train.offload_activations: on CPU activations are in host memory already; "
+              "nothing to offload", flush=True)  # fmt: skip
 
 
 def _hooks(settings: TrainSettings, tokenizer, template, seed: int, distributed: bool) -> list:

@@ -289,6 +289,13 @@ TEMPLATES: dict[str, ChatTemplate] = {
         **_CHATML,
         default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     ),
+    # Qwen3 in its non-thinking mode: every reply opens with the empty think block its template
+    # writes for enable_thinking=False (untrained, part of the prompt), so the model answers
+    # without reasoning first
+    "qwen3": ChatTemplate(
+        name="qwen3",
+        **{**_CHATML, "assistant": "<|im_start|>assistant\n<think>\n\n</think>\n\n"},
+    ),
     "internlm2_chat": ChatTemplate(
         name="internlm2_chat",
         prefix="{bos}",

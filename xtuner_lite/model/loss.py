@@ -19,6 +19,12 @@ from xtuner_lite.data.labels import IGNORE_INDEX
 LOSS_ROW_STEP = 32
 
 
+def loss_chunk_tokens(vocab: int, logits_bytes: int) -> int:
+    """Tokens per loss chunk whose fp32 logits take about ``logits_bytes`` (a multiple of
+    ``LOSS_ROW_STEP``, at least one): the same memory for any vocabulary."""
+    return max(LOSS_ROW_STEP, logits_bytes // (4 * vocab) // LOSS_ROW_STEP * LOSS_ROW_STEP)
+
+
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Label of position t is the token at t+1; the last position predicts nothing."""
     pad = torch.full_like(labels[:, :1], IGNORE_INDEX)

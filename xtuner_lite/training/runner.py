@@ -91,6 +91,7 @@ class TrainSettings:
     deepspeed: str | dict | None = None  # zero1|zero2|zero2_offload|zero3|zero3_offload|x.json
     fsdp: bool = False  # torch FSDP2 fully_shard per decoder layer
     sequence_parallel_size: int = 1  # ranks sharing each row's tokens (Ulysses sequence parallel)
+    offload_activations: bool = False  # checkpointed layers' inputs in pinned host memory (GPU)
     dist_timeout: int = 1800  # seconds ranks wait for each other (e.g. for rank 0's data)
 
     def __post_init__(self) -> None:
@@ -196,6 +197,7 @@ _RULES = [  # (key, check, what is accepted): every train setting with a range
     ),
     ("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     ("dtype", lambda v: v in DTYPES, "'bf16', 'fp16' or None (fp32)"),
+    ("offload_activations", lambda v: isinstance(v, bool), "True or False"),
     (
         "device",
         lambda v: (

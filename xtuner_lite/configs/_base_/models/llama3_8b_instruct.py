@@ -17,3 +17,5 @@ architecture = dict(
     vocab_size=128256,
     rope_theta=500000.0,
 )
+# tokens per loss chunk on an 8 GB card: 128 MiB of fp32 logits over the 128,256-word vocabulary
+loss_chunk_size = 256
