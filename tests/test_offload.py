@@ -75,9 +75,8 @@ def test_gradients_equal_with_and_without_offload(four_layers, method, checkpoin
 
 def test_offload_plans_the_inputs_in_flight_not_every_layer():
     shape = Shape(4096, 14336, 32, 32, 8, 128, 128256, False)
-    base = PlanSettings(max_length=4096)
-    kept, moved = plan_memory(shape, base), plan_memory(shape, PlanSettings(max_length=4096,
-                                                                           offload=True))  # fmt: skip
+    kept = plan_memory(shape, PlanSettings(max_length=4096))
+    moved = plan_memory(shape, PlanSettings(max_length=4096, offload=True))
     one_input = 2 * 4096 * 4096  # bf16 hidden states of 4,096 tokens
     assert kept.get("activations") == 32 * one_input
     assert moved.get("activations") == 2 * one_input

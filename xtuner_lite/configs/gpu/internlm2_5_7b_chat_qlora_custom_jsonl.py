@@ -1,4 +1,4 @@
-# internlm2_5_7b_chat QLoRA on your own chat data (jsonl), one 8 GB GPU (`xtuner plan` this config --gpu-mem 8GiB).
+# internlm2_5_7b_chat QLoRA on your own chat data (jsonl), one 8 GB GPU.
 from mmengine.config import read_base
 
 with read_base():

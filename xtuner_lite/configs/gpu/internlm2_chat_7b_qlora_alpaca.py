@@ -1,4 +1,4 @@
-# internlm2_chat_7b QLoRA on alpaca data, one 8 GB GPU (`xtuner plan` this config --gpu-mem 8GiB).
+# internlm2_chat_7b QLoRA on alpaca data, one 8 GB GPU.
 from mmengine.config import read_base
 
 with read_base():

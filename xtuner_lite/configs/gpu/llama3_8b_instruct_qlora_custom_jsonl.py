@@ -1,4 +1,4 @@
-# llama3_8b_instruct QLoRA on your own chat data (jsonl), one 8 GB GPU (`xtuner plan` this config --gpu-mem 8GiB).
+# llama3_8b_instruct QLoRA on your own chat data (jsonl), one 8 GB GPU.
 from mmengine.config import read_base
 
 with read_base():

@@ -1,4 +1,4 @@
-# qwen2_5_7b_instruct QLoRA on alpaca data, one 8 GB GPU (`xtuner plan` this config --gpu-mem 8GiB).
+# qwen2_5_7b_instruct QLoRA on alpaca data, one 8 GB GPU.
 from mmengine.config import read_base
 
 with read_base():

@@ -1,4 +1,4 @@
-# qwen3_8b QLoRA on alpaca data, one 8 GB GPU (`xtuner plan` this config --gpu-mem 8GiB).
+# qwen3_8b QLoRA on alpaca data, one 8 GB GPU.
 from mmengine.config import read_base
 
 with read_base():
