@@ -319,9 +319,7 @@ def test_sequence_parallel_plans_each_rank_its_share_of_the_tokens(capsys):
     assert "--sequence-parallel 4 must divide --devices 2" in capsys.readouterr().err
 
 
-GPU_QLORA_RECIPES = sorted(
-    p.stem for p in (CONFIG_ROOT / "gpu").glob("*.py") if "qlora" in p.stem
-)
+GPU_QLORA_RECIPES = sorted(p.stem for p in (CONFIG_ROOT / "gpu").glob("*.py") if "qlora" in p.stem)
 
 
 @pytest.mark.parametrize("name", GPU_QLORA_RECIPES)
