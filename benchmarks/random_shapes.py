@@ -77,21 +77,29 @@ SHAPES["internlm2_5_7b"] = SHAPES["internlm2_7b"]
 SHAPES["llama3_1_8b"] = SHAPES["llama3_8b"]
 
 
-def random_model_folder(shape: str, root: Path, max_length: int = 4096) -> Path:
-    """A bf16 safetensors folder of a randomly initialised Llama with ``shape``'s sizes
-    (initialised on the GPU when there is one: seconds instead of minutes for a 7B)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_model_folder(
+    shape: str, root: Path, max_length: int = 4096, architecture: dict | None = None
+) -> Path:
+    """A bf16 safetensors folder of a randomly initialised model: a Llama with ``shape``'s
+    sizes, or ``architecture`` (a config's ``architecture`` dict: its model type and sizes)
+    saved under ``shape`` (initialised on the GPU when there is one: seconds instead of minutes
+    for a 7B)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = root / shape
     if (folder / "config.json").exists():
         return folder
-    sizes = {"tie_word_embeddings": False, **SHAPES[shape]}
-    config = LlamaConfig(
-        **sizes, max_position_embeddings=max(max_length, 4096), torch_dtype="bfloat16"
+    sizes = dict(architecture) if architecture else {"model_type": "llama", **SHAPES[shape]}
+    sizes = {"tie_word_embeddings": False, **sizes}
+    config = AutoConfig.for_model(
+        sizes.pop("model_type"),
+        **sizes,
+        max_position_embeddings=max(max_length, sizes.pop("max_position_embeddings", 4096)),
+        torch_dtype="bfloat16",
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device=device).to(torch.bfloat16)
     generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
@@ -141,11 +149,16 @@ def train_and_measure(
     device: str = "cuda",
     cap_gib: float | None = None,
     lora_dtype: str = "fp32",
+    offload: bool = False,
+    fp16: bool = False,
 ) -> dict:
-    """Train ``steps`` steps on packed random rows under bf16 autocast; the first step is
+    """Train ``steps`` steps on packed random rows under bf16 autocast (``fp16``: fp16 autocast
+    with loss scaling and fp16 frozen weights, as on a GPU without bf16); the first step is
     warm-up for the timing. On CUDA: peak allocated / reserved over the steps (the weights,
-    loaded before, included), optionally under a ``set_per_process_memory_fraction`` cap."""
+    loaded before, included), optionally under a ``set_per_process_memory_fraction`` cap.
+    ``offload``: the checkpointed layers' inputs in pinned host memory."""
     from xtuner_lite.model import build_model, skip_adapter_input_casts
+    from xtuner_lite.model.offload import offload_activations
     from xtuner_lite.objectives.sft import SFTObjective
     from xtuner_lite.training.train_model import TrainModel
 
@@ -157,17 +170,20 @@ def train_and_measure(
             1.0 if cap_gib is None else min(1.0, cap_gib * 2**30 / total)
         )
         torch.cuda.reset_peak_memory_stats()
+    half = "fp16" if fp16 else "bf16"
     llm = build_model(
         str(folder),
         method=method,
-        dtype="fp32" if method == "full" else "bf16",
-        compute_dtype="bf16",
+        dtype="fp32" if method == "full" else half,
+        compute_dtype=half,
         lora=dict(r=lora_r, alpha=16, dropout=0.1),
         gradient_checkpointing=gradient_checkpointing,
-        lora_dtype=lora_dtype,
+        lora_dtype="fp32" if fp16 else lora_dtype,
         device=device if cuda else None,
     )
     skip_adapter_input_casts(llm)
+    if offload:
+        offload_activations(llm)
     model = TrainModel(llm, SFTObjective(chunk_size)).to(device)
     model.train()  # from_pretrained gives eval mode: no checkpointing, no dropout
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -185,16 +201,18 @@ def train_and_measure(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     losses, start = [], None
+    scaler = torch.amp.GradScaler(device, enabled=fp16)
     for step, batch in enumerate(rows):
         if step == 1:  # the first step pays for allocator warm-up and kernel selection
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.float16 if fp16 else torch.bfloat16):
             loss = model(batch)
         trained_tokens = int((batch["labels"][:, 1:] != -100).sum())
-        (loss / trained_tokens).backward()
-        opt.step()
+        scaler.scale(loss / trained_tokens).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()) / trained_tokens)
     if cuda:
@@ -207,7 +225,9 @@ def train_and_measure(
         "checkpointing": gradient_checkpointing,
         "chunk_size": chunk_size,
         "optimizer": optimizer,
-        "lora_dtype": lora_dtype,
+        "lora_dtype": "fp32" if fp16 else lora_dtype,
+        "offload": offload,
+        "dtype": half,
         "tokens_per_sec": round(max_length * (steps - 1) / seconds, 1),
         "first_loss": round(losses[0], 4),
         "last_loss": round(losses[-1], 4),

@@ -11,18 +11,31 @@ RESULTS="$OUT/gpu_results.jsonl"
 : > "$RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
-# 1. the gpu test tier: CUDA loading, bf16/QLoRA/full steps, fp16, 8-bit and paged AdamW,
-#    FlashAttention varlen packing (when flash-attn is installed), the decode step on CUDA
+# 1. the gpu test tier: CUDA loading, bf16/QLoRA/full steps, fp16 (and the fallback to it on a
+#    GPU without bf16), activation offload, 8-bit and paged AdamW, FlashAttention varlen packing
+#    (when flash-attn is installed), the decode step on CUDA, lmdeploy chat (when installed)
 HF_HUB_OFFLINE=1 timeout 300 python -m pytest -q -ra -m gpu tests/test_gpu.py \
     2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
 
-# 2. the 8 GiB proof: QLoRA r=64 at max_length 2048 on the shapes users pick, with the planner's
-#    cheapest changes for an 8 GiB cap (loss chunk 256, paged 8-bit AdamW, bf16 adapters)
-for shape in llama2_7b internlm2_5_7b qwen2_5_7b llama3_1_8b; do
-  timeout 150 python benchmarks/bench_8gb.py --shape "$shape" --cap-gib 8 --steps 5 \
-      --chunk-size 256 --optimizer paged_adamw_8bit --lora-dtype bf16 --delete \
-      --work "$OUT/weights" --results "$RESULTS" 2>&1 | tail -3
+# 2. the 8 GiB proof on the shipped recipes as they are (random weights of their architectures,
+#    capped at 8 GiB, 20 steps): one recipe per architecture — a model's SFT, custom-data and
+#    DPO recipes plan the same row length and settings; InternLM2.5 has InternLM2's shapes and
+#    Llama-3 Llama-3.1's. Each architecture's weights (about 16 GB) are deleted after its runs.
+timeout 200 python benchmarks/bench_8gb.py --config qwen2_5_7b_instruct_qlora_alpaca \
+    internlm2_5_7b_chat_qlora_alpaca qwen3_8b_qlora_alpaca --cap-gib 8 --steps 20 --delete \
+    --work "$OUT/weights" --results "$RESULTS" 2>&1 | grep '^{'
+L31=llama3_1_8b_instruct_qlora_alpaca
+timeout 80 python benchmarks/bench_8gb.py --config $L31 --cap-gib 8 --steps 20 \
+    --work "$OUT/weights" --results "$RESULTS" 2>&1 | grep '^{'
+# activation offload: what it saves and costs at 2,048 and 4,096 tokens (uncapped); then fp16
+# with loss scaling under the cap (as on a GPU without bf16)
+for length in 2048 4096; do
+  timeout 100 python benchmarks/bench_8gb.py --config $L31 --max-length $length \
+      --offload on off --cap-gib 80 --steps 6 --work "$OUT/weights" --results "$RESULTS" \
+      2>&1 | grep '^{'
 done
+timeout 60 python benchmarks/bench_8gb.py --config $L31 --fp16 --cap-gib 8 --steps 8 --delete \
+    --work "$OUT/weights" --results "$RESULTS" 2>&1 | grep '^{'
 
 # 3. planner vs torch.cuda.max_memory_allocated on small shapes
 timeout 120 python benchmarks/plan_vs_cuda.py --steps 3 --delete --work "$OUT/weights" \

@@ -128,3 +128,63 @@ def test_engine_greedy_equals_generate_on_cuda():
     engine = InferenceEngine(model, tok)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=stops))
     assert [r.output_ids for r in got] == expected
+
+
+def test_offload_on_cuda_equals_without(tmp_path):
+    """The side-stream copies and the prefetch give the gradients of the run without them
+    (what offload saves is measured by bench_8gb.py --offload on off)."""
+    from xtuner_lite.model.offload import offload_activations
+
+    from conftest import tiny_model
+
+    tiny_model(hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+               vocab_size=500).save_pretrained(tmp_path)  # fmt: skip
+    batch = _cuda(collate_packed(_rows(pack=True)))
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        lora = dict(r=8, alpha=16, dropout=0.0)
+        model = build_model(str(tmp_path), method="lora", dtype="bf16", device="cuda",
+                            gradient_checkpointing=True, lora=lora)  # fmt: skip
+        model.train()
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        moved = offload_activations(model) if offload else None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = loss_sum(model, batch)
+        loss.backward()
+        torch.cuda.synchronize()
+        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss), grads, moved))
+        del model
+    (loss, grads, _), (loss_off, grads_off, moved) = results
+    assert loss_off == loss and moved.offloaded_bytes > 0
+    for name, grad in grads.items():
+        assert torch.equal(grads_off[name], grad), name
+
+
+def test_a_gpu_without_bf16_trains_in_fp16(tiny_llama, tmp_path, monkeypatch, capsys):
+    """The fallback on a real GPU, its capability made pre-Ampere: one line, fp16 with loss
+    scaling, the loss goes down."""
+    from xtuner_lite.commands import train as train_command
+
+    monkeypatch.setattr(train_command, "cuda_capability", lambda index=0: (7, 5))
+    cfg = tiny_train_cfg(tiny_llama, max_iters=8, dtype="bf16", device="cuda", lr=1e-2)
+    cfg["model"].update(dtype="bf16", lora_dtype="bf16")
+    train_command.train(cfg, work_dir=tmp_path)
+    out = capsys.readouterr().out
+    assert "compute capability 7.5) has no bf16; training in fp16" in out
+    assert "model.lora_dtype bf16 -> fp32" in out
+    losses = loss_curve(tmp_path)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+def test_lmdeploy_chat_on_a_merged_smollm2(tmp_path):
+    """`xtuner chat --backend lmdeploy` on a merged SmolLM2 answers (the optional extra)."""
+    if importlib.util.find_spec("lmdeploy") is None:
+        pytest.skip("lmdeploy is not installed (the optional extra, its own CUDA torch)")
+    from xtuner_lite.cli import main
+
+    assert main(["chat", "smollm2-135m-instruct", "--backend", "lmdeploy", "--prompt",
+                 "What is the capital of France?", "--no-stream"]) == 0  # fmt: skip

@@ -27,6 +27,7 @@ from xtuner_lite.model.build import checkpointed_layers
 from xtuner_lite.model.forward import loss_sum
 from xtuner_lite.model.loss import loss_chunk_tokens
 from xtuner_lite.objectives import build_objective
+from xtuner_lite.training.runner import fp16_fallback
 from xtuner_lite.values import CfgOptions, PositiveInt, Size, parse_size
 
 GiB = 1024**3
@@ -707,6 +708,14 @@ def measure_saved_bytes(
     return sum(seen.values())
 
 
+def _plan_fp16(cfg: Any) -> None:
+    """``cfg`` as `xtuner train` runs it on a GPU without bf16, and say what changed."""
+    train = dict(cfg.get("train", {}))
+    model, train["dtype"], changed = fp16_fallback(dict(cfg["model"]), train.get("dtype", "bf16"))
+    cfg["model"], cfg["train"] = model, train
+    Console().print(f"without bf16: {', '.join(changed) or 'nothing changes'}", soft_wrap=True)
+
+
 def plan(
     config: str,
     gpu_mem: Size | None = None,
@@ -715,6 +724,7 @@ def plan(
     devices: PositiveInt | None = None,
     zero: Literal[0, 1, 2, 3] | None = None,
     sequence_parallel: PositiveInt | None = None,
+    no_bf16: bool = False,
     cfg_options: CfgOptions = None,
 ) -> int:
     """Predict a config's peak GPU memory by component.
@@ -732,9 +742,13 @@ def plan(
         zero: ZeRO stage (3 = FSDP)
         sequence_parallel: devices sharing each row's tokens (train.sequence_parallel_size;
             --devices defaults to it)
+        no_bf16: a GPU without bf16 (compute capability below 8.0: the 20 series, T4, V100):
+            plan the fp16 training `xtuner train` falls back to there
         cfg_options: override config keys
     """
     cfg = load_config(config, cfg_options)
+    if no_bf16:
+        _plan_fp16(cfg)
     shape, settings = settings_from_config(
         cfg, max_length=max_length, batch_size=batch_size, zero=zero,
         sequence_parallel=sequence_parallel,

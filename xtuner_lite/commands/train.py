@@ -20,6 +20,7 @@ from xtuner_lite.model import build_model, skip_adapter_input_casts
 from xtuner_lite.model.attention import check_sequence_parallel_attention
 from xtuner_lite.model.build import LoraSettings
 from xtuner_lite.model.offload import offload_activations
+from xtuner_lite.model.precision import cuda_capability
 from xtuner_lite.model.sequence_parallel import new_sequence_parallel, set_sequence_parallel
 from xtuner_lite.objectives import Objective, RunContext, build_objective
 from xtuner_lite.objectives.reference import Reference
@@ -39,6 +40,7 @@ from xtuner_lite.training.runner import (
     TrainSettings,
     check_engine_choice,
     cpu_precision,
+    gpu_precision,
     renamed_settings,
     resolve_device,
 )
@@ -110,6 +112,8 @@ def train(
     workdir.check_writable(work_dir)
     if run.settings.device == "cpu":
         run = _on_cpu(run)
+    else:
+        run = _on_gpu(run)
     distributed = init_process_group(run.settings.device, run.settings.dist_timeout)
     rank, world_size = world()
     check_engine_choice(run.settings, world_size)  # before any work
@@ -184,6 +188,20 @@ def _on_cpu(run: Run) -> Run:
         print(
             "this CPU has no native bf16 matrix multiply (AVX512/AMX), where bf16 runs "
             f"several times slower than fp32; training in fp32: {', '.join(changed)}",
+            flush=True,
+        )
+    return dataclasses.replace(run, model=model_cfg, settings=settings)
+
+
+def _on_gpu(run: Run) -> Run:
+    """fp16 with loss scaling where the GPU has no bf16 (the 20 series, T4, V100)."""
+    device = int(run.settings.device.partition(":")[2] or os.environ.get("LOCAL_RANK", 0))
+    capability = cuda_capability(device)
+    model_cfg, settings, changed = gpu_precision(run.model, run.settings, capability)
+    if changed:
+        print(
+            f"this GPU (compute capability {capability[0]}.{capability[1]}) has no bf16; "
+            f"training in fp16 with dynamic loss scaling: {', '.join(changed)}",
             flush=True,
         )
     return dataclasses.replace(run, model=model_cfg, settings=settings)

@@ -18,6 +18,14 @@ def cpu_has_fast_bf16() -> bool:
         return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
 
 
+BF16_CAPABILITY = (8, 0)  # Ampere: NVIDIA's first GPUs with bf16 (the 20 series, T4, V100: none)
+
+
+def cuda_capability(index: int = 0) -> tuple[int, int]:
+    """The compute capability of CUDA device ``index`` (the one query tests simulate)."""
+    return tuple(torch.cuda.get_device_capability(index))
+
+
 def inference_dtype(precision: Precision) -> str:
     """The torch dtype name to load a model in for inference: ``auto`` is bf16 on a CUDA GPU or
     a CPU with native bf16 (it halves the bytes a decode step reads), fp32 elsewhere."""
@@ -26,4 +34,10 @@ def inference_dtype(precision: Precision) -> str:
     return {"fp32": "float32", "bf16": "bfloat16"}[precision]
 
 
-__all__ = ["Precision", "cpu_has_fast_bf16", "inference_dtype"]
+__all__ = [
+    "BF16_CAPABILITY",
+    "Precision",
+    "cpu_has_fast_bf16",
+    "cuda_capability",
+    "inference_dtype",
+]

@@ -7,13 +7,15 @@
 - Checkpoints are written to a temporary name and renamed, so a kill mid-write leaves the previous
   checkpoint as the newest complete one; older ones are deleted only after that; only trainable
   weights are stored.
-- Mixed precision on CPU: :class:`AutocastOptimWrapper` (``AmpOptimWrapper`` is CUDA-only).
+- Mixed precision on any device: :class:`AutocastOptimWrapper` (bf16) and
+  :class:`ScaledOptimWrapper` (fp16 with loss scaling; ``AmpOptimWrapper`` is CUDA-only).
 - No 2-second sleep when the data runs out: an infinite sampler never runs out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
 import re
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from mmengine.dataset import InfiniteSampler
 from mmengine.hooks import DistSamplerSeedHook, IterTimerHook, LoggerHook, ParamSchedulerHook
-from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+from mmengine.optim import CosineAnnealingLR, LinearLR
 from mmengine.runner import FlexibleRunner, Runner
 from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
 
@@ -33,7 +35,8 @@ from xtuner_lite.atomic import atomic_path
 from xtuner_lite.config import is_int, is_number
 from xtuner_lite.data.dataset import collate_packed
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.model.precision import cpu_has_fast_bf16
+from xtuner_lite.model.build import build_model
+from xtuner_lite.model.precision import BF16_CAPABILITY, cpu_has_fast_bf16
 from xtuner_lite.objectives import Objective, build_objective
 from xtuner_lite.training import checkpoint as ckpt
 from xtuner_lite.training import strategies
@@ -45,7 +48,7 @@ from xtuner_lite.training.hooks import (
     SafeCheckpointHook,
     ThroughputHook,
 )
-from xtuner_lite.training.optim import AutocastOptimWrapper
+from xtuner_lite.training.optim import AutocastOptimWrapper, ScaledOptimWrapper
 from xtuner_lite.training.progress import ProgressHook, quiet_console
 from xtuner_lite.training.train_model import TrainModel
 
@@ -53,7 +56,10 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 DTYPES = ("bf16", "fp16", None)
 
 
-_RUNS = itertools.count()  # numbers the runs of this process (see build_runner)
+_RUNS = itertools.count()
+BUILD_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(build_model).parameters.items()
+}  # numbers the runs of this process (see build_runner)
 
 
 @dataclass
@@ -432,7 +438,8 @@ def _optim_wrapper(settings: TrainSettings, device: str, fsdp: bool) -> dict[str
         return dict(type=strategies.DeepSpeedStepOptimWrapper, optimizer=optimizer,
                     dtype=settings.dtype, device_type=device)  # fmt: skip
     if settings.dtype == "fp16":
-        return dict(type=AmpOptimWrapper, dtype="float16", clip_grad=clip, optimizer=optimizer)
+        return dict(type=ScaledOptimWrapper, optimizer=optimizer, device_type=device,
+                    sharded=fsdp, clip_grad=clip)  # fmt: skip
     dtype = None if fsdp else settings.dtype
     return dict(type=AutocastOptimWrapper, optimizer=optimizer, dtype=dtype, device_type=device,
                 clip_grad=clip)  # fmt: skip
@@ -464,12 +471,52 @@ def cpu_precision(
     if settings.dtype == "bf16":
         settings = dataclasses.replace(settings, dtype=None)
         changed.append("train.dtype bf16 -> None (fp32)")
-    model_cfg = dict(model_cfg)
-    for key in ("dtype", "compute_dtype"):
-        if model_cfg.get(key) in ("bf16", "bfloat16"):
-            model_cfg[key] = "fp32"
-            changed.append(f"model.{key} bf16 -> fp32")
-    return model_cfg, settings, changed
+    model_cfg, more = _model_dtypes(model_cfg, {"dtype": "fp32", "compute_dtype": "fp32"})
+    return model_cfg, settings, changed + more
+
+
+def gpu_precision(
+    model_cfg: dict[str, Any], settings: TrainSettings, capability: tuple[int, int]
+) -> tuple[dict[str, Any], TrainSettings, list[str]]:
+    """On a GPU of compute ``capability`` without bf16, :func:`fp16_fallback`; returns the
+    configs to train with and what was changed (empty when nothing was)."""
+    if capability >= BF16_CAPABILITY:
+        return model_cfg, settings, []
+    model_cfg, dtype, changed = fp16_fallback(model_cfg, settings.dtype)
+    return model_cfg, dataclasses.replace(settings, dtype=dtype), changed
+
+
+def fp16_fallback(
+    model_cfg: dict[str, Any], dtype: str | None
+) -> tuple[dict[str, Any], str | None, list[str]]:
+    """For a GPU without bf16 (compute capability below ``BF16_CAPABILITY``): bf16 autocast
+    becomes fp16 with dynamic loss scaling (:class:`ScaledOptimWrapper`), the frozen weights and
+    QLoRA's compute dtype fp16, and what is trained fp32 master weights (loss scaling unscales
+    fp32 gradients only; a full fine-tune's weights are all trained). Returns the model config,
+    the autocast dtype and what was changed."""
+    changed = []
+    if dtype == "bf16":
+        dtype = "fp16"
+        changed.append("train.dtype bf16 -> fp16")
+    full = model_cfg.get("method", "lora") == "full"
+    model_cfg, more = _model_dtypes(model_cfg, {"dtype": "fp32" if full else "fp16",
+                                                "compute_dtype": "fp16", "quant_storage": "fp16",
+                                                "lora_dtype": "fp32"})  # fmt: skip
+    if model_cfg.get("lora_dtype") in ("fp16", "float16"):
+        model_cfg["lora_dtype"] = "fp32"
+        more.append("model.lora_dtype fp16 -> fp32")
+    return model_cfg, dtype, changed + more
+
+
+def _model_dtypes(model_cfg: dict[str, Any], to: dict[str, str]) -> tuple[dict, list[str]]:
+    """``model_cfg`` with each of ``to``'s keys that is bf16 (given, or build_model's default)
+    set to its new dtype, and what changed."""
+    model_cfg, changed = dict(model_cfg), []
+    for key, new in to.items():
+        if model_cfg.get(key, BUILD_DEFAULTS[key]) in ("bf16", "bfloat16"):
+            model_cfg[key] = new
+            changed.append(f"model.{key} bf16 -> {new}")
+    return model_cfg, changed
 
 
 def check_engine_choice(settings: TrainSettings, world_size: int) -> None:

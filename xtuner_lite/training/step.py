@@ -23,6 +23,7 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.sequence_parallel import replicas
 from xtuner_lite.objectives.base import Objective
 from xtuner_lite.training.distributed import global_sum, world
+from xtuner_lite.training.optim import ScaledOptimWrapper
 
 Batch = dict[str, torch.Tensor]
 
@@ -38,6 +39,11 @@ class NonFiniteLossError(TrainingStoppedError):
 class CollapsedRunError(TrainingStoppedError):
     """The model predicts the uniform distribution and gets no gradient: the weights were
     destroyed (typically by far too high a learning rate) without any NaN."""
+
+
+# the scale halves on each skipped step: from GradScaler's 65536, 20 in a row reach 1/16, which
+# no fp16 overflow needs; NaNs that survive that come from the weights, not the scale
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 def _no_skip(skip: bool) -> AbstractContextManager:
@@ -91,15 +97,21 @@ def optimizer_step(
     tokens = sum(int(b["num_tokens"]) for b in data)  # real tokens, padding excluded
     loss_value, tokens = (v / copies for v in global_sum(loss_value, tokens))
     loss_value /= total
+    scaled = isinstance(optim_wrapper, ScaledOptimWrapper)
     if not acc.engine_steps:
-        check_progress(loss_value, model, objective, optim_wrapper)
+        if math.isfinite(loss_value) or not scaled:  # fp16 overflow: the scaler skips the step
+            check_progress(loss_value, model, objective, optim_wrapper)
         optim_wrapper.step()
         optim_wrapper.zero_grad()
+        if scaled:
+            check_loss_scale(optim_wrapper, loss_value)
     elif not math.isfinite(loss_value):
         raise _non_finite(loss_value)
+    scale = {"loss_scale": torch.tensor(optim_wrapper.loss_scaler.get_scale())} if scaled else {}
     return {
         "loss": torch.tensor(loss_value),
         "tokens": torch.tensor(float(tokens)),
+        **scale,
         **_logged(objective),
     }
 
@@ -157,6 +169,21 @@ def check_progress(
             f"{objective.name} loss of a model that has lost its weights, "
             "with a zero gradient (usually from too high a learning rate); "
             "training stopped"
+        )
+
+
+def check_loss_scale(optim_wrapper: ScaledOptimWrapper, loss: float) -> None:
+    """fp16 skips a step whose gradients overflow and halves the loss scale; a run that skips
+    ``MAX_SKIPPED_IN_A_ROW`` steps in a row has diverged, not overflowed."""
+    skipped = optim_wrapper.skipped_in_a_row
+    if skipped and world()[0] == 0:
+        print(f"fp16: gradients overflowed (loss {loss:.4g}); step skipped, loss scale now "
+              f"{optim_wrapper.loss_scaler.get_scale():g}", flush=True)  # fmt: skip
+    if skipped >= MAX_SKIPPED_IN_A_ROW:
+        raise NonFiniteLossError(
+            f"fp16: {skipped} steps in a row overflowed (loss {loss}) although the loss scale "
+            f"fell to {optim_wrapper.loss_scaler.get_scale():g}; training stopped (lower the "
+            "learning rate, or check the data with `xtuner check-dataset`)"
         )
 
 
