@@ -49,6 +49,15 @@ def test_plan_without_bf16_follows_the_fallback(capsys):
     fp16 = capsys.readouterr().out
     assert "bf16 LoRA weights" in bf16
     assert "train.dtype bf16 -> fp16" in fp16 and "fp32 LoRA weights" in fp16
+    # nor does it suggest what the fallback would undo
+    old = ["train.chunk_size=1024", "train.offload_activations=False", "model.lora.r=64"]
+    assert main(["plan", "qwen2_5_7b_instruct_qlora_alpaca", "--gpu-mem", "7.5GiB",
+                 "--cfg-options", *old]) == 3  # fmt: skip
+    assert "model.lora_dtype=bf16" in capsys.readouterr().out
+    assert main(["plan", "qwen2_5_7b_instruct_qlora_alpaca", "--gpu-mem", "7.5GiB",
+                 "--no-bf16", "--cfg-options", *old]) == 3  # fmt: skip
+    suggested = capsys.readouterr().out.split("would fit with: ")[1]
+    assert "model.lora_dtype" not in suggested and "train.offload_activations=True" in suggested
 
 
 def _batches(count: int) -> list[list[dict]]:

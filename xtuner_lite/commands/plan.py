@@ -517,7 +517,8 @@ def knob_ladders(shape: Shape, s: PlanSettings) -> list[list[Knob]]:
             [Knob("train.optimizer=paged_adamw_8bit", {"optimizer": "paged_adamw_8bit"})]
         )
     if s.method != "full":
-        if DTYPE_BYTES[s.lora_dtype] == 4:
+        # under fp16 (a GPU without bf16) what is trained stays fp32 for the loss scaler
+        if DTYPE_BYTES[s.lora_dtype] == 4 and s.compute_dtype not in ("fp16", "float16"):
             ladders.append([Knob("model.lora_dtype=bf16", {"lora_dtype": "bf16"})])
         ranks = range(s.lora_r // 2, MIN_LORA_RANK - 1, -1)
         ladders.append([Knob(f"model.lora.r={r}", {"lora_r": r}) for r in ranks
