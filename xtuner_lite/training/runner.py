@@ -56,10 +56,11 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 DTYPES = ("bf16", "fp16", None)
 
 
-_RUNS = itertools.count()
+_RUNS = itertools.count()  # numbers the runs of this process (see build_runner)
+# what build_model takes when the model config leaves a key out (QLoRA's compute dtype: bf16)
 BUILD_DEFAULTS = {
     name: parameter.default for name, parameter in inspect.signature(build_model).parameters.items()
-}  # numbers the runs of this process (see build_runner)
+}
 
 
 @dataclass
