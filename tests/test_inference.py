@@ -547,6 +547,10 @@ def test_precision_auto_is_bf16_only_where_the_machine_multiplies_it_natively(mo
         assert precision.inference_dtype("auto") == expected
     assert precision.inference_dtype("fp32") == "float32"
     assert precision.inference_dtype("bf16") == "bfloat16"
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: True)
+    for capability, expected in [((8, 0), "bfloat16"), ((7, 5), "float16")]:  # A100, T4
+        monkeypatch.setattr(precision, "cuda_capability", lambda index=0, c=capability: c)
+        assert precision.inference_dtype("auto") == expected
 
 
 def test_chat_in_bf16_loads_bf16_weights_and_answers():

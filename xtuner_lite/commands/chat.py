@@ -227,7 +227,8 @@ def chat(
         json_schema: a JSON schema file: every reply is a JSON document valid under it
             (grammar-constrained decoding)
         precision: the weights' type: fp32, bf16, or auto (bf16 on a GPU or a CPU with native
-            bf16 such as AMX or AVX512-bf16: faster, greedy output may differ from fp32's)
+            bf16 such as AMX or AVX512-bf16, fp16 on a GPU without bf16: faster, greedy output
+            may differ from fp32's)
     """
     toolbox = load_tools(tools, tools_file)  # a bad name fails before the model loads
     grammar = None if json_schema is None else schema_file_grammar(json_schema)

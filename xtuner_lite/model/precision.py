@@ -27,11 +27,14 @@ def cuda_capability(index: int = 0) -> tuple[int, int]:
 
 
 def inference_dtype(precision: Precision) -> str:
-    """The torch dtype name to load a model in for inference: ``auto`` is bf16 on a CUDA GPU or
-    a CPU with native bf16 (it halves the bytes a decode step reads), fp32 elsewhere."""
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "fp32"
-    return {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    """The torch dtype name to load a model in for inference: ``auto`` is bf16 on a CUDA GPU
+    with bf16 (fp16 on one without: the 20 series, T4, V100) or a CPU with native bf16 (it halves
+    the bytes a decode step reads), fp32 elsewhere."""
+    if precision == "auto" and torch.cuda.is_available():
+        precision = "bf16" if cuda_capability() >= BF16_CAPABILITY else "fp16"
+    elif precision == "auto":
+        precision = "bf16" if cpu_has_fast_bf16() else "fp32"
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
 
 
 __all__ = [

@@ -261,7 +261,8 @@ def serve(
             prompt that starts as an earlier one did (a system prompt, a conversation so far)
             prefills only the rest; 0 turns it off
         precision: the weights' type: fp32, bf16, or auto (bf16 on a GPU or a CPU with native
-            bf16 such as AMX or AVX512-bf16: faster, greedy output may differ from fp32's)
+            bf16 such as AMX or AVX512-bf16, fp16 on a GPU without bf16: faster, greedy output
+            may differ from fp32's)
     """
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise UsageError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
