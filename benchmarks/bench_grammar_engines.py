@@ -70,7 +70,7 @@ class Llguidance:
 
 class Xgrammar:
     def __init__(self, tok):
-        import xgrammar
+        import xgrammar  # optional: only this benchmark's other side needs it
 
         self.xgr = xgrammar
         vocab = grammar_tokenizer(tok).vocab_size  # the same vocabulary as llguidance's
