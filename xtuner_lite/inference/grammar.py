@@ -1,8 +1,9 @@
 """Grammar-constrained decoding: a token mask per step that only lets a reply follow a grammar.
 
 We use llguidance (the engine behind llama.cpp's, vLLM's and SGLang's guidance backends) rather
-than xgrammar: llguidance is one dependency-free wheel that computes masks on the CPU, where
-xgrammar's Linux wheel requires triton (a GPU compiler) and tvm-ffi. A grammar is compiled once
+than xgrammar: it allows only the canonical tokenization of text a grammar forces, compiles a
+schema faster, and is one dependency-free wheel, where xgrammar's Linux wheel requires triton (a
+GPU compiler) and tvm-ffi (``benchmarks/bench_grammar_engines.py`` compares the two). A grammar is compiled once
 per request (a JSON schema, or Lark with embedded JSON schemas for a tool call); each step the
 matcher fills a bitmask of the tokens that keep the reply inside the grammar, the sampler sees
 only those, and the chosen token advances the matcher.
