@@ -3,10 +3,10 @@
 We use llguidance (the engine behind llama.cpp's, vLLM's and SGLang's guidance backends) rather
 than xgrammar: it allows only the canonical tokenization of text a grammar forces, compiles a
 schema faster, and is one dependency-free wheel, where xgrammar's Linux wheel requires triton (a
-GPU compiler) and tvm-ffi (``benchmarks/bench_grammar_engines.py`` compares the two). A grammar is compiled once
-per request (a JSON schema, or Lark with embedded JSON schemas for a tool call); each step the
-matcher fills a bitmask of the tokens that keep the reply inside the grammar, the sampler sees
-only those, and the chosen token advances the matcher.
+GPU compiler) and tvm-ffi (``benchmarks/bench_grammar_engines.py`` compares the two). A grammar
+is compiled once per request (a JSON schema, or Lark with embedded JSON schemas for a tool call);
+each step the matcher fills a bitmask of the tokens that keep the reply inside the grammar, the
+sampler sees only those, and the chosen token advances the matcher.
 """
 
 from __future__ import annotations
