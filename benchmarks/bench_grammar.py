@@ -66,13 +66,19 @@ def run(engine, jobs) -> list:
     return requests
 
 
-def check_schemas(count: int) -> tuple[int, int]:
+def schema_replies(count: int, max_new_tokens: int) -> tuple[list[dict], list, list[int]]:
+    """The ``count`` seeded schemas, the embedded model's constrained replies to them (decoded
+    together in one batch) and the stop tokens."""
     model, tok, template, stops = setup()
     engine = InferenceEngine(model, tok)
     prompt = prompt_ids(tok, template, "Reply with a JSON object.")
-    params = SamplingParams(max_new_tokens=256, stop_token_ids=stops)
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stops)
     cases = schemas(count, seed=0)
-    requests = run(engine, [(prompt, params, json_schema_grammar(s)) for s in cases])
+    return cases, run(engine, [(prompt, params, json_schema_grammar(s)) for s in cases]), stops
+
+
+def check_schemas(count: int) -> tuple[int, int]:
+    cases, requests, _ = schema_replies(count, max_new_tokens=256)
     valid = 0
     for schema, request in zip(cases, requests):
         try:

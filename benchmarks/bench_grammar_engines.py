@@ -30,11 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import llguidance
 import torch
-from bench_grammar import prompt_ids, run, setup
+from bench_grammar import schema_replies, setup
 from random_schemas import schemas
 from sides import cpu_name, report, run_side
 
-from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.grammar import grammar_tokenizer, json_schema_grammar
 
 XGRAMMAR_LAYOUT = dict(any_whitespace=False, separators=(", ", ": "), strict_mode=True)
@@ -42,12 +41,7 @@ XGRAMMAR_LAYOUT = dict(any_whitespace=False, separators=(", ", ": "), strict_mod
 
 def replies(count: int) -> list[list[int]]:
     """Each schema's reply token ids, decoded under our (llguidance) constraint, stop removed."""
-    model, tok, template, stops = setup()
-    engine = InferenceEngine(model, tok)
-    prompt = prompt_ids(tok, template, "Reply with a JSON object.")
-    params = SamplingParams(max_new_tokens=128, stop_token_ids=stops)
-    cases = schemas(count, seed=0)
-    requests = run(engine, [(prompt, params, json_schema_grammar(s)) for s in cases])
+    _, requests, stops = schema_replies(count, max_new_tokens=128)
     return [[t for t in r.output_ids if t not in stops] for r in requests]
 
 
