@@ -67,22 +67,24 @@ def _base(module: nn.Module) -> nn.Linear:
     return module.base_layer if hasattr(module, "base_layer") else module
 
 
-def _linears(model: nn.Module) -> list[nn.Module]:
-    """Every projection the decode step multiplies by, the output head last (a Linear, or a
-    LoRA layer holding one)."""
-    found = []
+def _groups(model: nn.Module) -> list[tuple[nn.Module, ...]]:
+    """Every projection the decode step multiplies by (a Linear, or a LoRA layer holding one),
+    grouped by the input they read (q/k/v, gate/up), the output head last."""
+    groups: list[tuple[nn.Module, ...]] = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        found += [
-            attn.q_proj,
-            attn.k_proj,
-            attn.v_proj,
-            attn.o_proj,
-            mlp.gate_proj,
-            mlp.up_proj,
-            mlp.down_proj,
+        groups += [
+            (attn.q_proj, attn.k_proj, attn.v_proj),
+            (attn.o_proj,),
+            (mlp.gate_proj, mlp.up_proj),
+            (mlp.down_proj,),
         ]
-    return found + [model.lm_head]
+    return groups + [(model.lm_head,)]
+
+
+def _linears(model: nn.Module) -> list[nn.Module]:
+    """Every projection the decode step multiplies by, the output head last."""
+    return [module for group in _groups(model) for module in group]
 
 
 def _adapted(module: nn.Module) -> bool:
@@ -174,42 +176,37 @@ class FastDecoder:
         # are read live, so the decoder follows an adapter being trained)
         self._packed: dict[nn.Linear, torch.Tensor] = {}
         self._merged: set[nn.Module] = set()  # LoRA layers whose packed weight has them merged
-        for module in _linears(model) if pack else []:
-            merge = merge_adapters and _adapted(module)
-            packed = _pack(_merged_weight(module) if merge else _base(module).weight)
-            if packed is None:  # this build cannot: every product takes the plain path
-                self._packed.clear()
-                self._merged.clear()
-                break
-            self._packed[_base(module)] = packed
-            if merge:
-                self._merged.add(module)
         # q/k/v and gate/up read the same input: one product each instead of three and two
         # (fewer oneDNN calls, and wider ones, which it splits better over the cores)
         self._fused: dict[tuple[nn.Module, ...], tuple[torch.Tensor, torch.Tensor | None, list]]
         self._fused = {}
-        for layer in self.inner.layers if self._packed else []:
-            attn, mlp = layer.self_attn, layer.mlp
-            for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
-                self._fuse(group)
+        if pack and not all(self._pack_group(g, merge_adapters) for g in _groups(model)):
+            # this build cannot: every product takes the plain path
+            self._packed.clear()
+            self._merged.clear()
+            self._fused.clear()
 
-    def _fuse(self, group: tuple[nn.Module, ...]) -> None:
-        """Pack ``group``'s weights (merged where they are) as one, in place of their own
-        packed copies, when each is read only through its packed copy (no live adapter)."""
-        if not all(_base(m) in self._packed and (m in self._merged or not _adapted(m))
-                   for m in group):  # fmt: skip
-            return
-        weights = [_merged_weight(m) if m in self._merged else _base(m).weight for m in group]
+    def _pack_group(self, group: tuple[nn.Module, ...], merge_adapters: bool) -> bool:
+        """Pack ``group``'s weights (active adapters merged in with ``merge_adapters``): as one
+        product when no member has a live adapter (it is read only through the packed copy),
+        else each on its own. False where this build cannot pack."""
+        merged = [m for m in group if merge_adapters and _adapted(m)]
+        self._merged.update(merged)
+        weights = [_merged_weight(m) if m in merged else _base(m).weight for m in group]
         biases = [_base(m).bias for m in group]
-        if any(b is None for b in biases) and not all(b is None for b in biases):
-            return
-        packed = _pack(torch.cat(weights))
-        if packed is None:
-            return
-        bias = None if biases[0] is None else torch.cat(biases)
-        self._fused[group] = (packed, bias, [w.shape[0] for w in weights])
-        for module in group:
-            del self._packed[_base(module)]
+        live = any(_adapted(m) and m not in merged for m in group)
+        if len(group) > 1 and not live and len({b is None for b in biases}) == 1:
+            packed = _pack(torch.cat(weights))
+            if packed is not None:
+                bias = None if biases[0] is None else torch.cat(biases)
+                self._fused[group] = (packed, bias, [w.shape[0] for w in weights])
+                return True
+        for module, weight in zip(group, weights):
+            packed = _pack(weight)
+            if packed is None:
+                return False
+            self._packed[_base(module)] = packed
+        return True
 
     def _project(self, group: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
         """Each of ``group``'s products with ``x`` (one fused product when packed as one)."""
