@@ -34,7 +34,7 @@ from bench_grammar import schema_replies, setup
 from random_schemas import schemas
 from sides import cpu_name, report, run_side
 
-from xtuner_lite.inference.grammar import grammar_tokenizer, json_schema_grammar
+from xtuner_lite.inference.grammar import allowed_tokens, grammar_tokenizer, json_schema_grammar
 
 XGRAMMAR_LAYOUT = dict(any_whitespace=False, separators=(", ", ": "), strict_mode=True)
 
@@ -119,17 +119,14 @@ def agreement(count: int, sequences: list[list[int]]) -> tuple[int, int]:
     for schema, tokens in zip(schemas(count, seed=0), sequences):
         a, b = ours.compile(schema), theirs.compile(schema)
         for token in tokens:
-            allowed = [_allowed(engine.mask(m), vocab) for engine, m in ((ours, a), (theirs, b))]
+            allowed = [
+                allowed_tokens(engine.mask(m), vocab) for engine, m in ((ours, a), (theirs, b))
+            ]
             same += bool(torch.equal(*allowed))
             steps += 1
             if not (ours.accept(a, token) and theirs.accept(b, token)):
                 break
     return same, steps
-
-
-def _allowed(bits: torch.Tensor, vocab: int) -> torch.Tensor:
-    shifts = torch.arange(32, dtype=torch.int32)
-    return ((bits.reshape(-1)[:, None] >> shifts) & 1).reshape(-1)[:vocab].bool()
 
 
 def _p(values: list[float], q: float) -> float:

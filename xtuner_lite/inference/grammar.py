@@ -118,6 +118,12 @@ def _compiled(grammar: str, tokenizer) -> llguidance.LLMatcher:
     return matcher
 
 
+def allowed_tokens(bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A token bitmask (32-bit words, token i at bit i % 32 of word i // 32) as one bool per
+    token of ``vocab``."""
+    return ((bits.reshape(-1)[:, None] >> BIT_SHIFTS) & 1).reshape(-1)[:vocab].bool()
+
+
 @functools.lru_cache(maxsize=4)
 def digit_tokens(tokenizer) -> tuple[torch.Tensor, list[int]]:
     """(which tokens are digits only, each token's count of trailing digits), by token id."""
@@ -148,7 +154,7 @@ class Constraint:
         """Set the logits of tokens the grammar does not allow next to -inf (``logits``: one
         row); once the grammar is complete, the request's stop tokens are allowed too."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.nbytes)
-        allowed = ((self._bits[0, :, None] >> BIT_SHIFTS) & 1).reshape(-1)[: self.vocab].bool()
+        allowed = allowed_tokens(self._bits, self.vocab)
         if self.matcher.is_accepting():
             allowed[[i for i in stop_ids if i < self.vocab]] = True
         keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
@@ -173,6 +179,7 @@ class Constraint:
 
 __all__ = [
     "Constraint",
+    "allowed_tokens",
     "GrammarError",
     "auto_tool_grammar",
     "check_grammar",
