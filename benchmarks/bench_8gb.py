@@ -33,9 +33,14 @@ from pathlib import Path
 import torch
 from random_shapes import SHAPES, planned_gib, random_model_folder, train_and_measure
 
-from xtuner_lite.commands.plan import GiB, plan_memory, planned_tokens, settings_from_config
+from xtuner_lite.commands.plan import (
+    GiB,
+    plan_memory,
+    planned_tokens,
+    settings_from_config,
+    without_bf16,
+)
 from xtuner_lite.config import load_config
-from xtuner_lite.training.runner import fp16_fallback
 
 
 def run_config(name: str, args: argparse.Namespace, offload: bool, last: bool) -> dict:
@@ -43,9 +48,7 @@ def run_config(name: str, args: argparse.Namespace, offload: bool, last: bool) -
     the config's last run, after which ``--delete`` deletes the weights)."""
     cfg = load_config(name)
     if args.fp16:  # what `xtuner train` does on a GPU without bf16, and `xtuner plan --no-bf16`
-        train = dict(cfg.get("train", {}))
-        cfg["model"], train["dtype"], _ = fp16_fallback(dict(cfg["model"]), train.get("dtype"))
-        cfg["train"] = train
+        without_bf16(cfg)
     shape, settings = settings_from_config(cfg, max_length=args.max_length or None)
     settings = replace(settings, offload=offload)
     tokens = planned_tokens(settings)

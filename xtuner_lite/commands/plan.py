@@ -709,12 +709,13 @@ def measure_saved_bytes(
     return sum(seen.values())
 
 
-def _plan_fp16(cfg: Any) -> None:
-    """``cfg`` as `xtuner train` runs it on a GPU without bf16, and say what changed."""
+def without_bf16(cfg: Any) -> list[str]:
+    """Make ``cfg`` what `xtuner train` runs on a GPU without bf16 (:func:`fp16_fallback`, the
+    train dtype defaulting as TrainSettings does); returns what changed."""
     train = dict(cfg.get("train", {}))
     model, train["dtype"], changed = fp16_fallback(dict(cfg["model"]), train.get("dtype", "bf16"))
     cfg["model"], cfg["train"] = model, train
-    Console().print(f"without bf16: {', '.join(changed) or 'nothing changes'}", soft_wrap=True)
+    return changed
 
 
 def plan(
@@ -749,7 +750,8 @@ def plan(
     """
     cfg = load_config(config, cfg_options)
     if no_bf16:
-        _plan_fp16(cfg)
+        changed = ", ".join(without_bf16(cfg)) or "nothing changes"
+        Console().print(f"without bf16: {changed}", soft_wrap=True)
     shape, settings = settings_from_config(
         cfg, max_length=max_length, batch_size=batch_size, zero=zero,
         sequence_parallel=sequence_parallel,
