@@ -88,6 +88,17 @@ def tiny_model(arch: str = "llama", seed: int = 0, **config):
     return model_class(config_class(**{**TINY_SHAPE, **config})).eval()
 
 
+def nonzero_lora_b(model, std: float) -> None:
+    """Draw every LoRA B from N(0, std): B starts at zero, which leaves A's gradient zero and
+    the adapter a no-op."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, std)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, smol_tokenizer):
     """A random 2-layer Llama with SmolLM2's vocabulary, saved as an HF folder (fp32)."""

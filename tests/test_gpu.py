@@ -135,7 +135,7 @@ def test_offload_on_cuda_equals_without(tmp_path):
     (what offload saves is measured by bench_8gb.py --offload on off)."""
     from xtuner_lite.model.offload import offload_activations
 
-    from conftest import tiny_model
+    from conftest import nonzero_lora_b, tiny_model
 
     tiny_model(hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
                vocab_size=500).save_pretrained(tmp_path)  # fmt: skip
@@ -147,9 +147,7 @@ def test_offload_on_cuda_equals_without(tmp_path):
         model = build_model(str(tmp_path), method="lora", dtype="bf16", device="cuda",
                             gradient_checkpointing=True, lora=lora)  # fmt: skip
         model.train()
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.02)
+        nonzero_lora_b(model, std=0.02)
         moved = offload_activations(model) if offload else None
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = loss_sum(model, batch)

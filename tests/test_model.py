@@ -15,7 +15,7 @@ from xtuner_lite.model import (
 from xtuner_lite.model.attention import PACKED_SDPA, segments_of
 from xtuner_lite.model.dropout import DropoutLinear
 
-from conftest import real_step
+from conftest import nonzero_lora_b, real_step
 
 LENGTHS = [5, 9, 3, 12]
 
@@ -271,10 +271,8 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_llama, method, every):
             gradient_checkpointing=checkpointing,
         )
         model.train()
-        if method == "lora":  # B starts at zero: give it values so A's gradient is not zero
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    torch.nn.init.normal_(p, std=0.1)
+        if method == "lora":
+            nonzero_lora_b(model, std=0.1)
         grads.append(real_step(model, [batch])[1])
     layers = [
         m
@@ -504,9 +502,7 @@ def test_lean_lora_equals_peft_and_keeps_peft_for_the_rest(dtype, bias, dropout)
     )
     peft_model = get_peft_model(base, config)
     assert fuse_lora_dropout(peft_model) == (dropout > 0)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
+    nonzero_lora_b(peft_model, std=0.5)
     lean = copy.deepcopy(peft_model)
     assert use_lean_lora(lean) == 1
     x = torch.randn(3, 9, 48, dtype=weights)

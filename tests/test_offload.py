@@ -13,7 +13,7 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.model import build_model, loss_sum
 from xtuner_lite.model.offload import offload_activations
 
-from conftest import tiny_model, tiny_train_cfg, write_config
+from conftest import nonzero_lora_b, tiny_model, tiny_train_cfg, write_config
 
 TOKENS = 96
 
@@ -42,9 +42,7 @@ def _gradients(path: str, method: str, checkpointing, offload: bool):
                         lora=dict(r=4, alpha=8, dropout=0.1))  # fmt: skip
     logging.disable(logging.NOTSET)
     model.train()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero, which would leave A's gradient zero
-            torch.nn.init.normal_(param, std=0.02)
+    nonzero_lora_b(model, std=0.02)
     moved = offload_activations(model) if offload else None
     torch.manual_seed(2)
     loss, _ = loss_sum(model, _batch(), 1024)

@@ -27,7 +27,14 @@ from xtuner_lite.objectives.reference import (
     save_reference,
 )
 
-from conftest import EXAMPLE_DATA, log_records, loss_curve, real_step, tiny_train_cfg
+from conftest import (
+    EXAMPLE_DATA,
+    log_records,
+    loss_curve,
+    nonzero_lora_b,
+    real_step,
+    tiny_train_cfg,
+)
 
 PAIRS = EXAMPLE_DATA / "pref_mini.json"
 UNPAIRED = EXAMPLE_DATA / "kto_mini.json"
@@ -44,9 +51,7 @@ def _perturbed_lora(path: str) -> torch.nn.Module:
     """A LoRA model whose adapter is not zero, so policy != reference."""
     torch.manual_seed(0)
     model = build_model(path, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    nonzero_lora_b(model, std=0.05)
     return model
 
 
@@ -101,9 +106,7 @@ def test_shared_prompts_equal_separate_sequences(tiny_llama, smol_tokenizer, att
         tiny_llama, method="lora", lora=dict(r=4, alpha=8, dropout=0.0),
         attn_implementation=attention, head="reward" if name == "reward" else "lm",
     )  # fmt: skip
-    for param_name, p in model.named_parameters():
-        if "lora_B" in param_name:
-            p.data.normal_(0, 0.05)
+    nonzero_lora_b(model, std=0.05)
     objectives = {
         "dpo": lambda share: DPOObjective("sigmoid", beta=0.5, share_prompts=share),
         "kto": lambda share: KTOObjective(beta=0.5, share_prompts=share),
