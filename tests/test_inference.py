@@ -236,6 +236,45 @@ def test_a_prompt_given_several_times_is_prefilled_once(smol):
     assert got == [expected[i] for i in (0, 1, 0, 0, 1)]
 
 
+def test_a_repeated_prompt_is_held_once_and_read_by_all_its_rows(smol):
+    """A GRPO group held once (``share_kv``): its rows' own caches hold only what they
+    generate, rows of other prompts and held ones run in one batch, join mid-decode and retire
+    at different steps, and every greedy answer is transformers.generate's."""
+    model, tok, prompts, stops = smol
+    repeated = [prompts[0], prompts[1], prompts[0], prompts[1], prompts[2], prompts[0]]
+    expected = _hf_greedy(model, prompts[:3], stops, batched=False)
+    engine = InferenceEngine(model, tok, max_batch_size=4, share_kv=1)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    requests = [engine.add_request(p, params) for p in repeated]
+    engine.step()
+    held = engine.runner.shared
+    assert held is not None and held.mask.shape[0] == 2  # prompts 0 and 1, once each
+    assert held.owner.tolist() == [0, 1, 0, 1]
+    assert engine.runner.cache.length == 0  # the rows' own caches: nothing generated yet
+    while engine.has_work:  # prompts 2 and 0 join alone, in their own rows
+        engine.step()
+    assert [r.output_ids for r in requests] == [expected[i] for i in (0, 1, 0, 1, 2, 0)]
+    assert engine.runner.shared is None and engine.runner.cache is None
+    copied = InferenceEngine(model, tok, max_batch_size=4, share_kv=0)
+    copied.add_request(prompts[0], params)
+    copied.add_request(prompts[0], params)
+    copied.step()
+    assert copied.runner.shared is None  # share_kv=0: copied into each row, as before
+
+
+def test_a_held_prompts_answer_is_cached_for_the_next_turn(smol):
+    """A finished row that continued a held prompt leaves its prompt and answer cached: the
+    next turn prefills only what is new and answers as generate does."""
+    model, tok, prompts, stops = smol
+    engine = InferenceEngine(model, tok, share_kv=1)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
+    first = engine.generate([prompts[1], prompts[1]], params)[0]
+    follow = prompts[1] + first.output_ids + prompts[2]
+    request = engine.generate([follow], params)[0]
+    assert request.cached_tokens > len(prompts[1])
+    assert request.output_ids == _hf_greedy(model, [follow], stops, batched=False)[0]
+
+
 def test_chat_drops_oldest_turns_to_fit_the_context():
     from xtuner_lite.commands.chat import ChatSession, GenerationOptions
 
@@ -469,6 +508,37 @@ def test_fast_decoder_on_tiny_models_past_the_cache_growth(kind):
             engine.step()
         assert [r.output_ids for r in requests] == expected, f"pack={pack}"
         assert engine.runner.cache is None  # every row retired
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_held_prompts_on_tiny_models_past_the_cache_growth(kind):
+    """Groups of a repeated prompt held once (one group joining while another decodes), rows
+    retiring at different steps, past the own cache's growth: generate's greedy tokens."""
+    model = _tiny(kind)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (21, 6)]
+
+    def generate(p: list[int], n: int) -> list[int]:
+        ids = torch.tensor([p])
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             attention_mask=torch.ones_like(ids), pad_token_id=0)  # fmt: skip
+        return out[0, len(p) :].tolist()
+
+    engine = InferenceEngine(model, share_kv=1)
+    limits = [(0, 150), (0, 40), (0, 150), (1, 90), (1, 160)]
+    group = [
+        engine.add_request(prompts[p], SamplingParams(max_new_tokens=n)) for p, n in limits[:3]
+    ]
+    for _ in range(10):
+        engine.step()
+    group += [
+        engine.add_request(prompts[p], SamplingParams(max_new_tokens=n)) for p, n in limits[3:]
+    ]
+    engine.step()
+    assert engine.runner.shared.mask.shape[0] == 2
+    while engine.has_work:
+        engine.step()
+    assert [r.output_ids for r in group] == [generate(prompts[p], n) for p, n in limits]
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtuner_lite.inference.kv_cache import KVCache
+from xtuner_lite.inference.shared_prefix import SharedPrefixes, attention_with_lse
 
 MODEL_TYPES = ("llama", "qwen2")  # full attention, RMSNorm, rotary, gated SiLU-family MLP
 PACK_MEMORY_SHARE = 0.25  # pack only when the packed copy fits in this share of free memory
@@ -253,11 +254,17 @@ class FastDecoder:
 
     @torch.no_grad()
     def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache,
+        shared: SharedPrefixes | None = None,
     ) -> torch.Tensor:
         """``tokens``/``positions``: (rows,); ``mask``: (rows, cache.length + 1), nonzero where
         a column is a real token. Writes the new keys/values (``cache.reserve(1)`` first), then
-        advances the cache; returns fp32 logits (rows, vocabulary)."""
+        advances the cache; returns fp32 logits (rows, vocabulary). ``shared``: the prompts
+        rows continue without holding them in ``cache`` (``inference/shared_prefix.py``)."""
         rows, linear = tokens.shape[0], self._linear
         h = self.inner.embed_tokens(tokens)
         cos, sin = self.inner.rotary_emb(h[:, None], positions[:, None])
@@ -266,6 +273,7 @@ class FastDecoder:
         attend = torch.zeros(mask.shape, dtype=h.dtype, device=h.device)
         attend = attend.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
         groups = self.heads // self.kv_heads
+        layout = shared.layout(h.dtype) if shared is not None else None
         for i, layer in enumerate(self.inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = _rms_norm(layer.input_layernorm, h)
@@ -276,13 +284,14 @@ class FastDecoder:
             k = k.reshape(rows, self.kv_heads, 1, self.head_dim)
             v = v.reshape(rows, self.kv_heads, 1, self.head_dim)
             keys, values = cache.write(i, _rotate(k, cos, sin), v)
-            out = F.scaled_dot_product_attention(
-                _rotate(q, cos, sin).contiguous(),
-                keys,
-                values,
-                attn_mask=attend,
-                scale=attn.scaling,
-            )
+            q = _rotate(q, cos, sin).contiguous()
+            if shared is None:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=attend, scale=attn.scaling
+                )
+            else:
+                out, lse = attention_with_lse(q, keys, values, attend, attn.scaling)
+                out = shared.attend(i, q, out, lse, layout, attn.scaling)
             h = h + linear(attn.o_proj, out.reshape(rows, -1))
             x = _rms_norm(layer.post_attention_layernorm, h)
             gate, up = self._project((mlp.gate_proj, mlp.up_proj), x)

@@ -21,6 +21,7 @@ from xtuner_lite.inference.model_runner import ModelRunner
 from xtuner_lite.inference.request import Request, TokenCallback
 from xtuner_lite.inference.sampling import SamplingParams, choose_tokens
 from xtuner_lite.inference.scheduler import Scheduler
+from xtuner_lite.inference.shared_prefix import SHARE_MIN_COLUMNS
 
 PREFIX_CACHE_BYTES = 512 * 2**20  # default memory for cached prefix blocks, taken as used
 
@@ -39,6 +40,7 @@ class InferenceEngine:
         merge_adapters: bool = False,
         prefix_cache: int = PREFIX_CACHE_BYTES,
         cache_outputs: bool = True,
+        share_kv: int = SHARE_MIN_COLUMNS,
     ):
         """``prefix_cache``: bytes of memory for the keys/values of prompt blocks kept across
         requests (``inference/block_manager.py``); a prompt whose leading blocks are cached
@@ -51,9 +53,14 @@ class InferenceEngine:
         keep oneDNN-packed copies of the weights (faster on CPU, a second copy of the weights
         in memory; None decides by free memory — see ``inference/decoder.py``).
         ``merge_adapters``: the packed copies hold LoRA adapters merged in as they are now, for
-        an engine that lives while the adapter does not change (one RL rollout)."""
+        an engine that lives while the adapter does not change (one RL rollout).
+        ``share_kv``: a prompt admitted several times at once (a GRPO group, ``n``) is held
+        once and read once per step by all its rows when that saves this many cached columns
+        (``inference/shared_prefix.py``; 0: never)."""
         self.scheduler = Scheduler(max_batch_size)
-        self.runner = ModelRunner(model, share_prefix, pack_weights, merge_adapters, prefix_cache)
+        self.runner = ModelRunner(
+            model, share_prefix, pack_weights, merge_adapters, prefix_cache, share_kv
+        )
         self.cache_outputs = cache_outputs
         self.model, self.tokenizer = self.runner.model, tokenizer
         self.context_length = context_length or getattr(

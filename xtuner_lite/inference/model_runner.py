@@ -14,7 +14,13 @@ import torch
 
 from xtuner_lite.inference.block_manager import BLOCK_SIZE, Block, BlockManager, gather
 from xtuner_lite.inference.decoder import FastDecoder, unsupported_reason
-from xtuner_lite.inference.kv_cache import KVCache
+from xtuner_lite.inference.kv_cache import GROW, KVCache
+from xtuner_lite.inference.shared_prefix import (
+    SHARE_MIN_COLUMNS,
+    SharedPrefixes,
+    stack_rows,
+    worth_sharing,
+)
 from xtuner_lite.model.forward import base_and_head
 
 
@@ -47,8 +53,12 @@ class ModelRunner:
         pack_weights: bool | None = None,
         merge_adapters: bool = False,
         prefix_cache: int = 0,
+        share_kv: int = SHARE_MIN_COLUMNS,
     ):
-        """``prefix_cache``: bytes of memory for cached prefix blocks (0: no prefix cache)."""
+        """``prefix_cache``: bytes of memory for cached prefix blocks (0: no prefix cache).
+        ``share_kv``: a prompt admitted several times at once is held once and attended by
+        all its rows (``inference/shared_prefix.py``) when the columns this saves reach this
+        many (0: never)."""
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.share_prefix = share_prefix
@@ -63,13 +73,15 @@ class ModelRunner:
         self.head = base_and_head(model) if self.fallback_reason is None else None
         self.blocks = BlockManager(prefix_cache) if prefix_cache > 0 else None
         self._kv_shape, self._kv_dtype = _kv_layout(model)
+        self.share_kv = share_kv
         self.cache: KVCache | None = None
+        self.shared: SharedPrefixes | None = None  # prompts rows continue, held once
         self._mask: torch.Tensor | None = None  # (batch, cached length), 1 = real token
         self._next: torch.Tensor | None = None  # (batch,) token each row feeds next
 
     def reset(self) -> None:
         """An empty batch (after a failed step)."""
-        self.cache = self._mask = self._next = None
+        self.cache = self._mask = self._next = self.shared = None
         if self.blocks is not None:
             self.blocks.clear()
 
@@ -81,7 +93,9 @@ class ModelRunner:
         self.cache.reserve(1)
         if self.decoder is not None:
             positions = self._mask.sum(-1) - 1
-            return self.decoder(self._next, positions, self._mask, self.cache)
+            if self.shared is not None:
+                positions = positions + self.shared.row_lengths()
+            return self.decoder(self._next, positions, self._mask, self.cache, self.shared)
         logits = self._forward(self._next[:, None], self._mask, self.cache.as_transformers_cache())
         self.cache.advance(1)
         return logits
@@ -91,18 +105,27 @@ class ModelRunner:
         end of the batch: ((new rows, vocab) logits for their first tokens, each prompt's
         tokens found in the prefix cache). Cached leading blocks are copied, not recomputed; a
         prompt given several times (a GRPO group's completions) is run once and its rows
-        copied; a prefix that the prompts admitted together share is run once first."""
+        copied (or held once, when that pays: ``share_kv``); a prefix that the prompts admitted
+        together share is run once first."""
         unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
         found = {tuple(p): self._cached_blocks(p) for p in unique}
         self._share_leading_blocks(unique)
         filled, mask, logits = self._prefill_unique(unique)
-        if len(unique) < len(prompts):
-            where = {tuple(p): i for i, p in enumerate(unique)}
-            rows = torch.tensor([where[tuple(p)] for p in prompts], device=self.device)
+        where = {tuple(p): i for i, p in enumerate(unique)}
+        of = [where[tuple(p)] for p in prompts]  # each row's prompt among the unique ones
+        counts = [of.count(i) for i in range(len(unique))]
+        shared = None
+        lengths = [len(p) for p in unique]
+        if self.decoder is not None and worth_sharing(lengths, counts, self.share_kv):
+            filled, mask, shared = self._hold_once(filled, mask, of, counts)
+        elif len(unique) < len(prompts):
+            rows = torch.tensor(of, device=self.device)
             filled.select(rows, 0)
-            mask, logits = mask[rows], logits[rows]
-        self._splice(filled, mask)
-        return logits, [found[tuple(p)] * BLOCK_SIZE for p in prompts]
+            mask = mask[rows]
+        self._splice(filled, mask, shared)
+        return logits[torch.tensor(of, device=self.device)], [
+            found[tuple(p)] * BLOCK_SIZE for p in prompts
+        ]
 
     def remember(self, rows: list[int], tokens: list[list[int]]) -> None:
         """Cache the full blocks of rows ``rows`` (requests about to leave the batch), whose
@@ -112,12 +135,16 @@ class ModelRunner:
             return
         for row, ids in zip(rows, tokens):
             columns = self._mask[row].nonzero()[:, 0]
-            ids = ids[: len(columns)]
+            held = None if self.shared is None else self.shared.row_kv(row)
+            before = 0 if held is None else held.shape[3]  # the prompt, held once
+            ids = ids[: before + len(columns)]
             first = self.blocks.first_missing(ids)
             end = len(ids) // BLOCK_SIZE * BLOCK_SIZE
             if first * BLOCK_SIZE < end:
-                wanted = columns[first * BLOCK_SIZE : end]
-                self.blocks.store(ids, first, self._kv(self.cache, row, wanted))
+                kv = self._kv(self.cache, row, columns)
+                if held is not None:
+                    kv = torch.cat([held, kv], dim=3)
+                self.blocks.store(ids, first, kv[:, :, :, first * BLOCK_SIZE : end])
 
     def _cached_blocks(self, prompt: list[int]) -> int:
         """How many leading full blocks of ``prompt`` the cache holds (the last token is
@@ -172,6 +199,37 @@ class ModelRunner:
                     self.blocks.store(prompt, c // BLOCK_SIZE, self._kv(cache, i, columns))
         return cache, mask, logits
 
+    def _hold_once(
+        self, filled: KVCache, mask: torch.Tensor, of: list[int], counts: list[int]
+    ) -> tuple[KVCache, torch.Tensor, SharedPrefixes]:
+        """Rows for prompts ``of`` (indices into ``filled``'s rows): the repeated prompts'
+        keys and values held once, their rows' own cache empty; the others copied as usual."""
+        repeated = [i for i, c in enumerate(counts) if c > 1]
+        index = torch.tensor(repeated, device=self.device)
+        held_mask = mask[index]
+        first = int(held_mask.any(0).nonzero()[0])
+        end = filled.length
+        prompt_of = {u: j for j, u in enumerate(repeated)}
+        owner = torch.tensor([prompt_of.get(u, -1) for u in of], device=self.device)
+        shared = SharedPrefixes(
+            [k[index][:, :, first:end] for k in filled.keys],
+            [v[index][:, :, first:end] for v in filled.values],
+            held_mask[:, first:],
+            owner,
+        )
+        own_rows = [u for u in of if counts[u] == 1]
+        if not own_rows:  # every row continues a held prompt: its own cache starts empty
+            kv_heads, head_dim, layers = self._kv_shape
+            keys = [torch.zeros(len(of), kv_heads, GROW, head_dim, dtype=self._kv_dtype,
+                                device=self.device) for _ in range(layers)]  # fmt: skip
+            values = [torch.zeros_like(k) for k in keys]
+            return KVCache(keys, values, 0), mask.new_zeros(len(of), 0), shared
+        rows = torch.tensor(of, device=self.device)
+        mask = mask[rows] * (owner < 0)[:, None]  # a held prompt's row has no columns here
+        keep = int(mask.any(0).nonzero()[0])
+        filled.select(rows, keep)
+        return filled, mask[:, keep:], shared
+
     def _cache_of(self, found: list[list[Block]], start: int, room: int) -> KVCache:
         """A cache of ``start`` columns per row holding each row's cached blocks at its end
         (left-padded), with ``room`` free columns."""
@@ -205,16 +263,20 @@ class ModelRunner:
     def select(self, keep: list[int] | None) -> None:
         """Keep only rows ``keep`` (None: none) and drop the all-padding columns they leave."""
         if keep is None:
-            self.cache = self._mask = self._next = None
+            self.cache = self._mask = self._next = self.shared = None
             return
         if self._mask is None or len(keep) == self._mask.shape[0]:
             return
         index = torch.tensor(keep, device=self.device)
         self._mask = self._mask[index]
-        first = int(self._mask.any(0).nonzero()[0])
+        # (a row continuing a held prompt has no column here until its first decode)
+        real = self._mask.any(0).nonzero()
+        first = int(real[0]) if len(real) else self._mask.shape[1]
         self._mask = self._mask[:, first:]
         self.cache.select(index, first)
         self._next = self._next[index]
+        if self.shared is not None:
+            self.shared = self.shared.select(index)
 
     # ----------------------------------------------------------------- internals
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
@@ -229,13 +291,14 @@ class ModelRunner:
         decoder, head = self.head
         return head(decoder(**inputs).last_hidden_state[:, -1]).float()
 
-    def _splice(self, cache: KVCache, mask: torch.Tensor) -> None:
+    def _splice(self, cache: KVCache, mask: torch.Tensor, shared: SharedPrefixes | None) -> None:
         """Append freshly prefilled rows to the batch, left-padding the shorter side; their
         next tokens are set by ``feed``."""
         placeholder = torch.zeros(mask.shape[0], dtype=torch.long, device=self.device)
         if self.cache is None:
-            self.cache, self._mask, self._next = cache, mask, placeholder
+            self.cache, self._mask, self._next, self.shared = cache, mask, placeholder, shared
             return
+        self.shared = stack_rows(self.shared, self._mask.shape[0], shared, mask.shape[0])
         width = max(self._mask.shape[1], mask.shape[1])
         self.cache.extend(cache)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
