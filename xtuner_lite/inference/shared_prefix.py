@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 # duplicated prompt columns (summed over an admission's repeated prompts, one fewer than each is
-# repeated) from which sharing them pays for the merge; measured with the attention kernels of
-# this module against the dense cache's (benchmarks/bench_rollout.py --context-tokens; docs/benchmarks.md)
+# repeated) from which holding them once pays for the merge: about where this module's attention
+# and the dense cache's break even (bench_rollout.py --context-tokens, docs/benchmarks.md)
 SHARE_MIN_COLUMNS = 1024
 
 
