@@ -110,6 +110,40 @@ def tiny_llama(tmp_path_factory, smol_tokenizer):
     return str(path)
 
 
+TINY_VISION = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=16,
+    patch_size=4,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory, tiny_llama):
+    """``tiny_llama`` composed with a random 2-layer SigLIP tower (16×16 images, 16 image
+    tokens) and an MLP projector: a LLaVA folder with its processor."""
+    from xtuner_lite.model.vlm import compose_llava
+
+    return str(compose_llava(tiny_llama, TINY_VISION, tmp_path_factory.mktemp("tiny_llava")))
+
+
+def write_images(folder: Path, count: int, size: int = 12, seed: int = 0) -> list[str]:
+    """``count`` random RGB PNGs in ``folder``; their file names."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        names.append(f"img{i}.png")
+    return names
+
+
 def train_cmd(config, work_dir, *extra: str) -> list[str]:
     """``xtuner train CONFIG --work-dir WORK_DIR ...`` as a subprocess command line."""
     return [

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from xtuner_lite.config import check_kwargs, is_int, is_number
@@ -20,6 +20,15 @@ from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
 from xtuner_lite.model.dropout import fuse_lora_dropout
 from xtuner_lite.model.lean_layers import use_lean_layers
 from xtuner_lite.model.lean_lora import use_lean_lora
+from xtuner_lite.model.vlm import (
+    NOT_QUANTIZED,
+    VisionSettings,
+    freeze_parts,
+    is_image_text,
+    is_image_text_path,
+    lora_targets,
+    modules_to_save,
+)
 
 Method = Literal["full", "lora", "qlora"]
 
@@ -139,6 +148,7 @@ def build_model(
     device: str | None = None,
     lora_dtype: str = "fp32",
     head: Literal["lm", "reward"] = "lm",
+    vision: VisionSettings | dict | None = None,
 ) -> torch.nn.Module:
     """Load ``pretrained`` (embedded name, folder or hub id) ready to train with ``method``.
 
@@ -156,6 +166,8 @@ def build_model(
     by layer, instead of building the whole model in host memory first.
     ``head``: ``lm`` (a causal LM) or ``reward`` (a scalar score on the last token, trained
     with the adapter; set by a reward-model objective).
+    ``vision``: for an image-text model (``model/vlm.py``), what trains besides the adapter
+    (the projector by default) or, in a full fine-tune, which parts are frozen.
     """
 
     if method not in ("full", "lora", "qlora"):
@@ -164,11 +176,16 @@ def build_model(
         raise XtunerError(f"model.head must be 'lm' or 'reward', got {head!r}")
     model = _load_base(pretrained, method, dtype, compute_dtype, quant_storage,
                        attn_implementation, trust_remote_code, device, head)  # fmt: skip
+    settings = VisionSettings.from_config(vision) if is_image_text(model.config) else None
+    if vision is not None and settings is None:
+        raise XtunerError(f"model.vision is set but {pretrained} is not an image-text model")
     if gradient_checkpointing:
         _checkpoint_layers(model, gradient_checkpointing, method)
     if method == "full":
+        if settings is not None:
+            freeze_parts(model, settings)
         return model
-    return _add_adapter(model, LoraSettings.from_config(lora), lora_dtype, head)
+    return _add_adapter(model, LoraSettings.from_config(lora), lora_dtype, head, settings)
 
 
 def _load_base(
@@ -185,8 +202,11 @@ def _load_base(
     )
     if device is not None and str(device).startswith("cuda"):
         kwargs["device_map"] = {"": device}
+    image_text = is_image_text_path(path, trust_remote_code)
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
+            # an image-text model: only the language model is quantized (QLoRA's subject)
+            llm_int8_skip_modules=NOT_QUANTIZED if image_text else None,
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
@@ -197,6 +217,8 @@ def _load_base(
         )
     if head == "reward":
         model = reward_model_from_pretrained(path, **kwargs)
+    elif image_text:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
@@ -205,7 +227,8 @@ def _load_base(
     model.name_or_path = model.config._name_or_path = canonical
     if attn_implementation == "sdpa" and model.is_backend_compatible():
         # SDPA that attends sample by sample in packed rows; models with their own attention
-        # code (remote code) keep SDPA and get the block mask
+        # code (remote code) keep SDPA and get the block mask. (An image-text model's vision
+        # tower gets it too: without segments it is SDPA.)
         register_packed_sdpa()
         model.config._attn_implementation = PACKED_SDPA
     if method == "qlora":
@@ -233,18 +256,29 @@ def _checkpoint_layers(model: torch.nn.Module, setting: bool | int | float, meth
 
 
 def _add_adapter(
-    model: torch.nn.Module, settings: LoraSettings, lora_dtype: str, head: str
-) -> torch.nn.Module:
-    """The peft LoRA/DoRA adapter on the frozen base, with our fused dropout and lean LoRA."""
+    model: torch.nn.Module, settings: LoraSettings, lora_dtype: str, head: str,
+    vision: VisionSettings | None = None,
+) -> torch.nn.Module:  # fmt: skip
+    """The peft LoRA/DoRA adapter on the frozen base, with our fused dropout and lean LoRA.
+    An image-text model: ``all-linear`` means the language model's linear layers (and the
+    vision tower's with ``vision.lora_vision_tower``); the unfrozen parts train in full."""
+    targets = settings.target_modules
+    extra = dict(settings.extra)
+    if vision is not None:
+        if vision.freeze_language_model:
+            raise XtunerError("model.vision.freeze_language_model applies to method='full'")
+        if targets == "all-linear":
+            targets = lora_targets(model, vision)
+        extra.setdefault("modules_to_save", modules_to_save(vision) or None)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=targets,
         use_dora=settings.use_dora,
         use_rslora=settings.use_rslora,
         task_type="CAUSAL_LM" if head == "lm" else "SEQ_CLS",  # SEQ_CLS also trains the score
-        **settings.extra,
+        **extra,
     )
     with peft_wrapping():
         model = get_peft_model(model, config)  # adapter weights are fp32 whatever the base dtype

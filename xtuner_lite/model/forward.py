@@ -27,10 +27,13 @@ def positions(tensor: torch.Tensor) -> torch.Tensor:
 
 def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(batch, seq, dim) last hidden states of a packed batch, attention kept per sample
-    (under sequence parallelism: of this rank's positions)."""
+    (under sequence parallelism: of this rank's positions). An image-text model's decoder
+    takes the batch's ``pixel_values`` and puts their features at its image tokens."""
     decoder, _ = base_and_head(model)
-    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    impl = getattr(model.config.get_text_config(), "_attn_implementation", "sdpa") or "sdpa"
     kwargs = attention_kwargs(batch, impl, active_sequence_parallel())
+    if "pixel_values" in batch:
+        kwargs["pixel_values"] = batch["pixel_values"]
     out = decoder(input_ids=positions(batch["input_ids"]), use_cache=False, **kwargs)
     return out.last_hidden_state
 

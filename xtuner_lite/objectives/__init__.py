@@ -20,10 +20,11 @@ from xtuner_lite.objectives.preference.objective import (
     RewardObjective,
     SimPOObjective,
 )
-from xtuner_lite.objectives.sft import SFTObjective
+from xtuner_lite.objectives.sft import ImageSFTObjective, SFTObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "sft": SFTObjective,
+    "vlm_sft": ImageSFTObjective,
     "dpo": DPOObjective,
     "orpo": ORPOObjective,
     "simpo": SimPOObjective,

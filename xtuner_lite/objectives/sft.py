@@ -7,6 +7,7 @@ import math
 import torch
 
 from xtuner_lite.data.dataset import SFTDataset
+from xtuner_lite.data.image_text import ImageTextDataset, process_image_dataset
 from xtuner_lite.data.pipeline import process_dataset
 from xtuner_lite.model.forward import count_trained, loss_sum
 from xtuner_lite.objectives.base import Objective
@@ -33,4 +34,13 @@ class SFTObjective(Objective):
         return math.log(vocab_size) if vocab_size else None
 
 
-__all__ = ["SFTObjective"]
+class ImageSFTObjective(SFTObjective):
+    """SFT of an image-text model on conversations with images (``data/image_text.py``): the
+    same loss; each micro-batch brings its rows' pixel values."""
+
+    name = "vlm_sft"
+    reader = staticmethod(process_image_dataset)
+    dataset_class = ImageTextDataset
+
+
+__all__ = ["ImageSFTObjective", "SFTObjective"]

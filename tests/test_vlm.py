@@ -1,0 +1,190 @@
+"""Image-text models: the LLaVA composition as transformers loads it, image data, the packed
+step, what trains."""
+
+import base64
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from xtuner_lite.data.image_text import ImageTextDataset, process_image_dataset
+from xtuner_lite.data.labels import IGNORE_INDEX
+from xtuner_lite.errors import DataError, XtunerError
+from xtuner_lite.model import build_model
+from xtuner_lite.model.forward import loss_sum
+from xtuner_lite.model.vlm import IMAGE_TOKEN
+
+from conftest import nonzero_lora_b, write_images
+
+pytestmark = pytest.mark.integration
+
+PER_IMAGE = 16  # TINY_VISION: 16×16 images in 4×4 patches
+
+
+def _rows(names: list[str]) -> list[dict]:
+    """A LLaVA row (one image) and a LLaMA-Factory row (two; ``_content_parts_row`` is the
+    third shape)."""
+    return [
+        {"image": names[0], "conversations": [
+            {"from": "human", "value": "What is in the picture?"},
+            {"from": "gpt", "value": "A pattern of coloured squares."}]},
+        {"messages": [
+            {"role": "user", "content": f"{IMAGE_TOKEN}{IMAGE_TOKEN} Are these the same?"},
+            {"role": "assistant", "content": "No, they differ."}],
+         "images": [names[1], names[0]]},
+    ]  # fmt: skip
+
+
+def _write(folder, rows) -> str:
+    path = folder / "data.json"
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def _dataset(tiny_llava, data, **kwargs):
+    kwargs = {"template": "smollm2", "max_length": 256, **kwargs}
+    processed = process_image_dataset(data, tiny_llava, tiny_llava, **kwargs)
+    return ImageTextDataset(processed.data, processed.stats)
+
+
+def _content_parts_row(path) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return {"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "Describe it."}]},
+        {"role": "assistant", "content": "Noise."}]}  # fmt: skip
+
+
+def test_composed_llava_is_what_transformers_loads_and_its_processor_agrees(tiny_llava, tmp_path):
+    """The composed folder loads as transformers' LlavaForConditionalGeneration, its logits
+    equal the model we train (before any adapter); transformers' processor expands
+    ``<image>`` to the same tokens and pixels as our data pipeline."""
+    names = write_images(tmp_path, 3)
+    dataset = _dataset(tiny_llava, _write(tmp_path, _rows(names)), pack=False)
+    row = next(dataset[i] for i in range(len(dataset)) if len(dataset[i]["images"]) == 1)
+    ours = build_model(tiny_llava, method="full", dtype="fp32").eval()
+    theirs = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
+    assert type(theirs).__name__ == "LlavaForConditionalGeneration"
+    ids = torch.tensor([row["input_ids"]])
+    pixels = dataset.data.pixels[torch.tensor(row["images"])]
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, pixel_values=pixels).logits
+        got = ours(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(got, expected)
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    from PIL import Image
+
+    out = processor(
+        images=[Image.open(tmp_path / names[0])], text=f"{IMAGE_TOKEN}hi", return_tensors="pt"
+    )
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert int((out["input_ids"][0] == image_id).sum()) == PER_IMAGE
+    assert torch.equal(out["pixel_values"][0], pixels[0])
+
+
+def test_image_rows_in_every_shape_expand_their_images_and_never_train_them(tiny_llava, tmp_path):
+    names = write_images(tmp_path, 3)
+    rows = _rows(names) + [_content_parts_row(tmp_path / names[2])]
+    dataset = _dataset(tiny_llava, _write(tmp_path, rows), pack=False)
+    image_id = dataset.data.rows.input_ids.max()  # <image> is the last token of the vocabulary
+    counts = sorted(len(dataset[i]["images"]) for i in range(len(dataset)))
+    assert counts == [1, 1, 2]
+    assert len(dataset.data.pixels) == 3  # img0 is used twice: decoded once
+    for i in range(len(dataset)):
+        row = dataset[i]
+        ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
+        assert int((ids == image_id).sum()) == PER_IMAGE * len(row["images"])
+        assert (labels[ids == image_id] == IGNORE_INDEX).all()
+        at = torch.nonzero(ids == image_id)[:, 0].tolist()
+        breaks = [0] + [k + 1 for k, (a, b) in enumerate(zip(at, at[1:])) if b != a + 1]
+        runs = [end - start for start, end in zip(breaks, breaks[1:] + [len(at)])]
+        assert all(n % PER_IMAGE == 0 for n in runs)  # whole images (adjacent ones join)
+        assert (labels != IGNORE_INDEX).any()
+    packed = _dataset(tiny_llava, _write(tmp_path, rows), pack=True)
+    assert len(packed) == 1 and sorted(packed[0]["images"]) == [0, 0, 1, 2]
+
+
+def test_bad_images_are_errors_naming_file_and_row_or_counted_skips(tiny_llava, tmp_path):
+    names = write_images(tmp_path, 2)
+    (tmp_path / "cut.png").write_bytes((tmp_path / names[1]).read_bytes()[:60])
+    good = _rows(names)[0]
+    cases = {
+        "missing.png": "No such file",
+        "cut.png": "cannot be read",
+        "https://example.com/a.png": "remote URL",
+    }
+    for image, message in cases.items():
+        data = _write(tmp_path, [good, {**good, "image": image}])
+        with pytest.raises(DataError, match=message) as error:
+            _dataset(tiny_llava, data)
+        assert "data.json" in str(error.value) and "row 1" in str(error.value)
+    mismatch = {"messages": _rows(names)[1]["messages"], "images": [names[0]]}
+    with pytest.raises(DataError, match="2 <image> placeholders for 1 images"):
+        _dataset(tiny_llava, _write(tmp_path, [good, mismatch]))
+    rows = [good, {**good, "image": "missing.png"}, {**good, "image": "cut.png"}, mismatch]
+    dataset = _dataset(tiny_llava, _write(tmp_path, rows), skip_invalid=True)
+    assert dataset.stats.samples == 1 and sum(dataset.stats.rows_skipped.values()) == 3
+    data = _write(tmp_path, [good, _rows(names)[1]])
+    full = _dataset(tiny_llava, data, pack=False)
+    two = next(dataset for dataset in (full[0], full[1]) if len(dataset["images"]) == 2)
+    image_id = max(two["input_ids"])
+    last = max(i for i, t in enumerate(two["input_ids"]) if t == image_id)
+    cut = _dataset(tiny_llava, data, max_length=len(two["input_ids"]) - 2)  # the answer's end
+    assert cut.stats.samples == 2 and cut.stats.rows_truncated == 1
+    short = _dataset(tiny_llava, data, max_length=last)  # would cut the second image
+    assert any("image tokens reach past max_length" in r for r in short.stats.rows_skipped)
+    assert all(len(short[i]["images"]) < 2 for i in range(len(short)))
+
+
+def test_packed_step_equals_each_sample_alone(tiny_llava, tmp_path):
+    """LoRA on the language model, the projector trained: the packed row's loss and every
+    gradient equal the sums over the samples run one by one."""
+    names = write_images(tmp_path, 3)
+    rows = _rows(names) + [_content_parts_row(tmp_path / names[2])]
+    data = _write(tmp_path, rows)
+    model = build_model(tiny_llava, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
+    nonzero_lora_b(model, 0.05)
+
+    def run(batches) -> tuple[float, dict]:
+        model.zero_grad()
+        total = sum(loss_sum(model, b)[0] for b in batches)
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return float(total.detach()), grads
+
+    packed = _dataset(tiny_llava, data, pack=True)
+    alone = _dataset(tiny_llava, data, pack=False)
+    assert len(packed) == 1 and len(alone) == 3
+    loss_packed, grads_packed = run([packed.collate([packed[0]], 2)])
+    loss_alone, grads_alone = run([alone.collate([alone[i]], 2) for i in range(3)])
+    assert loss_packed == pytest.approx(loss_alone, rel=1e-5)
+    assert any("multi_modal_projector" in n for n in grads_packed)
+    for name, grad in grads_packed.items():
+        torch.testing.assert_close(grad, grads_alone[name], rtol=1e-4, atol=1e-6)
+        assert grad.abs().sum() > 0, name
+
+
+def test_what_trains_in_an_image_text_model(tiny_llava):
+    """LoRA: the adapter on the language model's linear layers only, the projector in full,
+    the vision tower frozen unless asked; full: the three freeze switches."""
+    lora = build_model(tiny_llava, method="lora", lora=dict(r=4, alpha=8))
+    trained = [n for n, p in lora.named_parameters() if p.requires_grad]
+    adapted = [n for n in trained if "lora_" in n]
+    assert adapted and all(".language_model." in n for n in adapted)
+    assert any("multi_modal_projector" in n for n in trained)
+    assert not any("vision_tower" in n for n in trained)
+    tower = build_model(tiny_llava, method="lora", lora=dict(r=4, alpha=8),
+                        vision=dict(lora_vision_tower=True, freeze_projector=True))  # fmt: skip
+    trained = [n for n, p in tower.named_parameters() if p.requires_grad]
+    assert any("vision_tower" in n and "lora_" in n for n in trained)
+    assert not any("multi_modal_projector" in n for n in trained)
+    stage1 = dict(freeze_vision_tower=False, freeze_language_model=True)
+    stage1 = build_model(tiny_llava, method="full", vision=stage1)
+    trained = {n.split(".")[1] for n, p in stage1.named_parameters() if p.requires_grad}
+    assert trained == {"vision_tower", "multi_modal_projector"}
+    with pytest.raises(XtunerError, match="model.vision: unknown key 'freeze_everything'"):
+        build_model(tiny_llava, method="full", vision=dict(freeze_everything=True))
+    with pytest.raises(XtunerError, match="nothing would train"):
+        build_model(tiny_llava, method="full",
+                    vision=dict(freeze_projector=True, freeze_language_model=True))  # fmt: skip

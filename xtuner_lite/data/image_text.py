@@ -1,0 +1,229 @@
+"""The SFT pipeline for conversations with images: the text stages as for SFT (map → chat
+template → tokenize, labels on assistant text), then each ``<image>`` token expanded to the
+model's image-token count, then whole samples packed.
+
+An image's tokens are never trained and never split: a packed row never cuts a sample, and a
+sample whose images would be cut by ``max_length`` is skipped and counted (text after its last
+image is truncated as SFT truncates). A missing, unreadable or truncated image is an error naming
+the file and row, or a counted skip with ``skip_invalid``. Each distinct image is decoded and
+run through the model's image processor once (``data/images.py``).
+
+Models whose image-token count is fixed (LLaVA and compositions, ``image_seq_length`` in their
+config) are supported; models that tile images into a variable number of tokens are refused
+with that reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoImageProcessor
+
+from xtuner_lite.data.dataset import collate_packed
+from xtuner_lite.data.images import IMAGE_TOKEN, ImageStore, image_conversation
+from xtuner_lite.data.labels import IGNORE_INDEX
+from xtuner_lite.data.loaders import load_rows
+from xtuner_lite.data.map_fns import validate_conversation
+from xtuner_lite.data.packing import PackedData, arrange, pack_indices
+from xtuner_lite.data.pipeline import (
+    DatasetStats,
+    length_summary,
+    note_skip,
+    resolve_template,
+    resolve_tokenizer,
+    source_files,
+)
+from xtuner_lite.data.tokenize import TokenizedBatch, tokenize_rendered
+from xtuner_lite.errors import DataError, RowError, XtunerError
+
+
+@dataclass
+class ImageData:
+    """Packed rows (``PackedData``) and, per sample in storage order, its images' indices
+    into ``pixels`` (distinct images, channels, height, width)."""
+
+    rows: PackedData
+    sample_images: list[list[int]]
+    pixels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self._row_starts = np.concatenate([[0], np.cumsum(self.rows.row_sizes)])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row(self, i: int) -> dict[str, Any]:
+        """A packed row, with the indices of its images in the order of their tokens."""
+        first, last = self._row_starts[i], self._row_starts[i + 1]
+        images = [j for sample in self.sample_images[first:last] for j in sample]
+        return {**self.rows.row(i), "images": images}
+
+
+@dataclass
+class ProcessedImageDataset:
+    data: ImageData
+    stats: DatasetStats
+
+
+@dataclass
+class ImageTokens:
+    """What the tokenizer and model say about images."""
+
+    token_id: int
+    per_image: int
+
+
+def image_tokens(model: str | Path, tokenizer: Any) -> ImageTokens:
+    """The ``<image>`` token id and the model's image-token count per image."""
+    config = AutoConfig.from_pretrained(model)
+    per_image = getattr(config, "image_seq_length", None)
+    if not per_image:
+        raise XtunerError(
+            f"{model}: {type(config).__name__} gives no fixed image_seq_length (its image "
+            "token count varies with the image); only LLaVA-style models are supported yet"
+        )
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise XtunerError(f"{model}: the tokenizer has no {IMAGE_TOKEN} token")
+    return ImageTokens(int(token_id), int(per_image))
+
+
+def process_image_dataset(
+    data_files: str | list,
+    tokenizer: Any,
+    processor: str,
+    template: Any = None,
+    max_length: int = 2048,
+    pack: bool = True,
+    seed: int = 0,
+    image_folder: str | None = None,
+    skip_invalid: bool = False,
+) -> ProcessedImageDataset:
+    """Image conversations (``data/images.py`` lists the row shapes) as packed rows.
+
+    ``processor``: the model whose image processor and image-token count apply (the folder or
+    hub id being trained). ``image_folder``: where relative image paths start (default: each
+    data file's folder)."""
+    files = source_files(data_files)
+    tokenizer_ref, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
+    template = resolve_template(template, tokenizer, tokenizer_ref)
+    images = image_tokens(processor, tokenizer)
+    store = ImageStore(AutoImageProcessor.from_pretrained(processor))
+    stats = DatasetStats(sources=files, max_length=max_length, packed=pack)
+    skipped: Counter[str] = Counter()
+    parts: list[TokenizedBatch] = []
+    sample_images: list[list[int]] = []
+    for path in files:
+        folder = Path(image_folder) if image_folder else Path(path).expanduser().parent
+        _read_file(path, folder, tokenizer, template, images, store, max_length, skip_invalid,
+                   stats, skipped, parts, sample_images)  # fmt: skip
+    stats.rows_skipped = dict(skipped)
+    if not parts:
+        raise DataError(f"no usable rows left ({dict(skipped)})", source=", ".join(files))
+    tokens = TokenizedBatch.concat(parts)
+    order = (
+        pack_indices(tokens.lengths.tolist(), max_length, seed)
+        if pack
+        else [[i] for i in np.random.default_rng(seed).permutation(len(parts)).tolist()]
+    )
+    packed = arrange(tokens, order)
+    stats.samples, stats.rows = len(parts), len(packed)
+    stats.tokens, stats.trained_tokens = packed.num_tokens, packed.num_trained_tokens
+    stats.lengths = length_summary(packed.sample_lengths)
+    in_order = [sample_images[i] for row in order for i in row]
+    return ProcessedImageDataset(ImageData(packed, in_order, store.pixels()), stats)
+
+
+def _read_file(
+    path: str, folder: Path, tokenizer: Any, template: Any, images: ImageTokens,
+    store: ImageStore, max_length: int, skip_invalid: bool, stats: DatasetStats,
+    skipped: Counter[str], parts: list[TokenizedBatch], sample_images: list[list[int]],
+) -> None:  # fmt: skip
+    """One file's rows appended to ``parts`` (tokens) and ``sample_images`` (their images'
+    indices in ``store``); a bad row raises naming it, or is counted with ``skip_invalid``."""
+    rows = load_rows(path, skip_invalid=skip_invalid)
+    stats.rows_loaded += len(rows) + len(rows.invalid)
+    for where, reason in rows.invalid:
+        note_skip(stats, skipped, f"{rows.source} {where}", reason)
+    for index, row in enumerate(rows.records):
+        try:
+            tokens, refs = _sample(row, tokenizer, template, images, max_length)
+            found = [store.add(ref, folder) for ref in refs]
+        except RowError as exc:
+            if not (skip_invalid or exc.skip):
+                raise DataError(exc.reason, rows.source, rows.locate(index), exc.field) from None
+            note_skip(stats, skipped, f"{rows.source} {rows.locate(index)}", exc.reason)
+            continue
+        parts.append(tokens)
+        sample_images.append(found)
+        stats.rows_truncated += int(tokens.truncated[0])
+
+
+def _sample(
+    row: Any, tokenizer: Any, template: Any, images: ImageTokens, max_length: int
+) -> tuple[TokenizedBatch, list[str]]:
+    """One row tokenized with its image tokens expanded, and its image references."""
+    conversation, refs = image_conversation(row)
+    messages, tools = validate_conversation(conversation)
+    placed = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if placed != len(refs):
+        raise RowError(f"{placed} {IMAGE_TOKEN} placeholders for {len(refs)} images", "images")
+    if any(IMAGE_TOKEN in m["content"] for m in messages if m["role"] == "assistant"):
+        raise RowError(f"an assistant turn holds {IMAGE_TOKEN}: images are inputs", "messages")
+    tokens = tokenize_rendered([template.render(messages, tokenizer, tools)], tokenizer, None)
+    ids, labels = tokens.input_ids, tokens.labels
+    is_image = ids == images.token_id
+    if int(is_image.sum()) != len(refs):
+        raise RowError(f"the tokenizer split {IMAGE_TOKEN}: it must be one special token")
+    repeat = np.where(is_image, images.per_image, 1)
+    ids, labels = np.repeat(ids, repeat), np.repeat(labels, repeat)
+    labels[ids == images.token_id] = IGNORE_INDEX  # an image is never a target
+    truncated = len(ids) > max_length
+    if truncated:
+        if (ids[max_length:] == images.token_id).any():
+            raise RowError(
+                f"its image tokens reach past max_length={max_length} (an image is never cut)",
+                skip=True,
+            )
+        ids, labels = ids[:max_length], labels[:max_length]
+    if not (labels[1:] != IGNORE_INDEX).any():
+        raise RowError(f"no trained token left after truncation to max_length={max_length}",
+                       skip=True)  # fmt: skip
+    return TokenizedBatch(ids, labels, np.array([len(ids)]), np.array([truncated])), refs
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Packed rows with images; its ``collate`` adds the rows' pixel values in token order."""
+
+    def __init__(self, data: ImageData, stats: DatasetStats):
+        self.data, self.stats = data, stats
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.data.row(i)
+
+    def collate(
+        self, rows: list[dict[str, Any]], pad_token_id: int = 0, pad_to_multiple_of: int = 1
+    ) -> dict[str, torch.Tensor]:
+        batch = collate_packed(rows, pad_token_id, pad_to_multiple_of)
+        index = [j for r in rows for j in r["images"]]
+        if index:
+            batch["pixel_values"] = self.data.pixels[torch.tensor(index)]
+        return batch
+
+
+__all__ = [
+    "ImageData",
+    "ImageTextDataset",
+    "ImageTokens",
+    "ProcessedImageDataset",
+    "image_tokens",
+    "process_image_dataset",
+]

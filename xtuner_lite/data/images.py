@@ -1,0 +1,162 @@
+"""Images in conversations: the accepted row shapes, reading an image, and the store of the
+processor's output, one entry per distinct image (by content hash).
+
+A row names its images in one of three shapes, each with ``<image>`` where an image goes:
+LLaVA's ``{"image": PATH or [PATHS], "conversations": [{"from", "value"}]}`` (an image with no
+``<image>`` in the text goes before the first human turn, as LLaVA's own loader does),
+LLaMA-Factory's ``{"messages": [...], "images": [PATHS]}``, and OpenAI content parts
+(``{"type": "image_url", "image_url": {"url": DATA_URL or PATH}}`` beside text parts). Paths
+are relative to ``image_folder`` (default: the data file's folder). Nothing is fetched: an
+``http(s)`` URL is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from xtuner_lite.data.map_fns import openai_map_fn, sharegpt_map_fn
+from xtuner_lite.errors import RowError
+
+IMAGE_TOKEN = "<image>"
+
+
+def image_conversation(row: Any) -> tuple[dict, list[str]]:
+    """(a conversation for ``validate_conversation``, the row's image references in the
+    order of their ``<image>`` placeholders)."""
+    if not isinstance(row, dict):
+        raise RowError(f"an image row must be an object, got {type(row).__name__}")
+    if "conversations" in row:
+        images = _refs(row.get("image", row.get("images")), "image")
+        conversation = sharegpt_map_fn(row)
+        messages = conversation["messages"]
+        placed = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+        if images and placed == 0:  # LLaVA's loader puts a lone image before the question
+            first = next((m for m in messages if m["role"] == "user"), None)
+            if first is None:
+                raise RowError("no human turn to put the image in", field="conversations")
+            first["content"] = IMAGE_TOKEN * len(images) + "\n" + first["content"]
+        return conversation, images
+    if "messages" in row:
+        images = _refs(row.get("images"), "images")
+        messages, parts = _content_parts(row["messages"])
+        if parts and images:
+            raise RowError("images both in content parts and in 'images'", field="images")
+        return openai_map_fn({**row, "messages": messages}), images or parts
+    raise RowError("an image row needs 'conversations' (LLaVA) or 'messages'")
+
+
+def _refs(value: Any, field: str) -> list[str]:
+    if value is None:
+        return []
+    refs = [value] if isinstance(value, str) else value
+    if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+        raise RowError("must be an image path or a list of them", field=field)
+    return list(refs)
+
+
+def _content_parts(messages: Any) -> tuple[Any, list[str]]:
+    """Messages with content-part lists turned into text with ``<image>`` placeholders."""
+    if not isinstance(messages, list):
+        return messages, []
+    refs: list[str] = []
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        text = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                text.append(part["text"])
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url:
+                    raise RowError("image_url needs a url", field=f"messages[{i}].content")
+                refs.append(url)
+                text.append(IMAGE_TOKEN)
+            else:
+                raise RowError(
+                    f"content parts must be text or image_url, got {kind!r}",
+                    field=f"messages[{i}].content",
+                )
+        out.append({**message, "content": "".join(text)})
+    return out, refs
+
+
+def read_image_bytes(ref: str, folder: Path) -> bytes:
+    """The bytes of an image reference: a data URL, or a path (relative to ``folder``)."""
+    if ref.startswith(("http://", "https://")):
+        raise RowError(f"image {ref!r} is a remote URL: nothing is fetched", field="images")
+    if ref.startswith("data:"):
+        header, _, data = ref.partition(",")
+        if ";base64" not in header:
+            raise RowError("an image data URL must be base64", field="images")
+        try:
+            return base64.b64decode(data, validate=True)
+        except binascii.Error:
+            raise RowError("an image data URL is not valid base64", field="images") from None
+    path = Path(ref).expanduser()
+    path = path if path.is_absolute() else folder / path
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RowError(f"image {path}: {exc.strerror or exc}", field="images") from None
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """An RGB image from its bytes; a truncated or unreadable file is an error naming it."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now: a truncated file fails here, not in the middle of training
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise RowError(f"image {name} cannot be read: {exc}", field="images") from None
+    return image.convert("RGB")
+
+
+class ImageStore:
+    """The image processor's output for every distinct image, decoded once: an image used by
+    several rows (or several times) is found by the hash of its bytes."""
+
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+        self._index: dict[str, int] = {}
+        self._pixels: list[torch.Tensor] = []
+
+    def add(self, ref: str, folder: Path) -> int:
+        """The index of ``ref``'s pixel values, processing the image if it is new."""
+        data = read_image_bytes(ref, folder)
+        key = hashlib.sha256(data).hexdigest()
+        if key not in self._index:
+            name = ref if not ref.startswith("data:") else "(data URL)"
+            image = decode_image(data, name)
+            pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+            self._index[key] = len(self._pixels)
+            self._pixels.append(pixels[0])
+        return self._index[key]
+
+    def pixels(self) -> torch.Tensor:
+        """(distinct images, channels, height, width)."""
+        return torch.stack(self._pixels) if self._pixels else torch.zeros(0)
+
+    def __len__(self) -> int:
+        return len(self._pixels)
+
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "ImageStore",
+    "decode_image",
+    "image_conversation",
+    "read_image_bytes",
+]

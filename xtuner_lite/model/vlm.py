@@ -1,0 +1,228 @@
+"""Image-text models: transformers' own classes after loading, and XTuner's LLaVA composition.
+
+Every image-text model is trained through one path: loaded with ``AutoModelForImageTextToText``
+(LLaVA, Qwen2-VL, Idefics3/SmolVLM, InternVL, ... whichever transformers carries), its decoder
+(``model.model``) takes ``pixel_values`` beside ``input_ids`` and returns the hidden states our
+chunked loss reads, exactly as a causal LM's decoder does. XTuner's composition — any vision
+encoder, an MLP projector, any causal LM we already train — is written as a standard
+``LlavaForConditionalGeneration`` folder (:func:`compose_llava`), so transformers (and vLLM)
+load what we train, and training it is the same path again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PretrainedConfig,
+    SiglipImageProcessorPil,
+)
+
+from xtuner_lite.config import check_kwargs
+from xtuner_lite.data.images import IMAGE_TOKEN
+from xtuner_lite.errors import XtunerError
+
+# the parts of a LLaVA-family model (transformers' names)
+VISION_TOWER, PROJECTOR, LANGUAGE_MODEL = "vision_tower", "multi_modal_projector", "language_model"
+# what QLoRA leaves unquantized in an image-text model: all but the language model's layers
+# (the head too, as in a causal LM); ``visual`` / ``vision_model``: Qwen2-VL's, Idefics3's towers
+NOT_QUANTIZED = [VISION_TOWER, PROJECTOR, "lm_head", "visual", "vision_model"]
+
+
+def is_image_text(config: PretrainedConfig) -> bool:
+    """Whether a model config is an image-text model's (it carries a vision config)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def is_image_text_path(path: str | Path, trust_remote_code: bool = False) -> bool:
+    """Whether the model folder (or hub id) holds an image-text model."""
+    return is_image_text(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+
+
+@dataclass
+class VisionSettings:
+    """What trains in an image-text model (LLaMA-Factory's three freeze switches, and LoRA on
+    the vision tower). A LoRA/QLoRA adapter goes on the language model; the projector, when
+    not frozen, trains in full beside it (its weights are saved with the adapter)."""
+
+    freeze_vision_tower: bool = True
+    freeze_projector: bool = False
+    freeze_language_model: bool = False  # a full fine-tune only: LoRA leaves the base frozen
+    lora_vision_tower: bool = False  # the adapter on the vision tower's linear layers too
+
+    def __post_init__(self) -> None:
+        wrong = [
+            f"model.vision.{key} must be true or false, got {getattr(self, key)!r}"
+            for key in (
+                "freeze_vision_tower",
+                "freeze_projector",
+                "freeze_language_model",
+                "lora_vision_tower",
+            )  # fmt: skip
+            if not isinstance(getattr(self, key), bool)
+        ]
+        if wrong:
+            raise XtunerError("; ".join(wrong))
+
+    @classmethod
+    def from_config(cls, value: VisionSettings | dict | None) -> VisionSettings:
+        if isinstance(value, VisionSettings):
+            return value
+        if value is not None and not isinstance(value, dict):
+            raise XtunerError(f"model.vision must be a dict, got {type(value).__name__}")
+        check_kwargs(cls, dict(value or {}), "model.vision")
+        return cls(**(value or {}))
+
+
+def part(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """The model's vision tower, projector or language model (None if it has no such part)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(inner, "model", inner), name, None)
+
+
+def lora_targets(model: torch.nn.Module, settings: VisionSettings) -> str:
+    """peft ``target_modules`` (a full-match regex) for every linear layer of the language
+    model, and of the vision tower with ``lora_vision_tower``: never the projector (trained in
+    full or frozen) nor the head."""
+    parts = [LANGUAGE_MODEL] + ([VISION_TOWER] if settings.lora_vision_tower else [])
+    names = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and any(f"{p}." in name for p in parts)
+        }
+    )
+    if not names:
+        raise XtunerError(f"{type(model).__name__} has no linear layers under {parts}")
+    where = "|".join(re.escape(p) for p in parts)
+    return rf".*\.({where})\..*\.({'|'.join(map(re.escape, names))})"
+
+
+def modules_to_save(settings: VisionSettings) -> list[str]:
+    """The parts a LoRA run trains in full (saved with the adapter)."""
+    full = [] if settings.freeze_projector else [PROJECTOR]
+    if not settings.freeze_vision_tower and not settings.lora_vision_tower:
+        full.append(VISION_TOWER)
+    return full
+
+
+def freeze_parts(model: torch.nn.Module, settings: VisionSettings) -> None:
+    """A full fine-tune: stop gradients to the frozen parts."""
+    frozen = {
+        VISION_TOWER: settings.freeze_vision_tower,
+        PROJECTOR: settings.freeze_projector,
+        LANGUAGE_MODEL: settings.freeze_language_model,
+    }
+    for name, freeze in frozen.items():
+        module = part(model, name)
+        if module is not None and freeze:
+            module.requires_grad_(False)
+    if settings.freeze_language_model:
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise XtunerError("model.vision freezes every part of the model: nothing would train")
+
+
+# ------------------------------------------------------------------ LLaVA composition
+
+
+def compose_llava(
+    language_model: str | Path,
+    vision_config: dict[str, Any] | PretrainedConfig,
+    out_dir: str | Path,
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5),
+    projector_hidden_act: str = "gelu",
+    vision_weights: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a ``LlavaForConditionalGeneration`` folder: the causal LM at ``language_model``
+    (its weights, tokenizer and chat template, with ``<image>`` added), a vision encoder of
+    ``vision_config`` (a ``model_type`` such as ``siglip_vision_model`` or
+    ``clip_vision_model`` and its sizes; weights from ``vision_weights`` or initialized at
+    random with ``seed`` to be trained) and a randomly initialized two-layer MLP projector.
+    Every patch feature is kept (``full``): a CLIP tower's class token is then one more image
+    token. The processor resizes images to the encoder's ``image_size`` and normalizes with
+    ``image_mean`` / ``image_std``."""
+    vision = _vision_config(vision_config)
+    tokenizer = AutoTokenizer.from_pretrained(language_model)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    llm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_token_id >= llm.config.vocab_size:
+        # its embedding is never read: the image features take its place
+        llm.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+    patches = (vision.image_size // vision.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=llm.config,
+        image_token_id=image_token_id,
+        projector_hidden_act=projector_hidden_act,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_seq_length=patches + int(vision.model_type == "clip_vision_model"),
+        tie_word_embeddings=llm.config.tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(llm.model.state_dict())
+    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    if vision_weights is not None:
+        model.model.vision_tower.load_state_dict(vision_weights)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor = LlavaProcessor(
+        image_processor=SiglipImageProcessorPil(
+            size={"height": vision.image_size, "width": vision.image_size},
+            image_mean=list(image_mean),
+            image_std=list(image_std),
+        ),
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="full",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=int(vision.model_type == "clip_vision_model"),
+        chat_template=tokenizer.chat_template,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def _vision_config(value: dict[str, Any] | PretrainedConfig) -> PretrainedConfig:
+    if isinstance(value, PretrainedConfig):
+        return value
+    settings = dict(value)
+    kind = settings.pop("model_type", "siglip_vision_model")
+    try:
+        return AutoConfig.for_model(kind, **settings)
+    except ValueError as exc:
+        raise XtunerError(f"vision_config.model_type {kind!r}: {exc}") from None
+
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "LANGUAGE_MODEL",
+    "NOT_QUANTIZED",
+    "PROJECTOR",
+    "VISION_TOWER",
+    "VisionSettings",
+    "compose_llava",
+    "freeze_parts",
+    "is_image_text",
+    "is_image_text_path",
+    "lora_targets",
+    "modules_to_save",
+    "part",
+]
