@@ -9,9 +9,11 @@ import dataclasses
 import inspect
 import re
 
+from xtuner_lite.data.image_text import process_image_dataset
 from xtuner_lite.data.pipeline import process_dataset
 from xtuner_lite.data.preference import process_preference_dataset
 from xtuner_lite.model.build import LoraSettings, build_model
+from xtuner_lite.model.vlm import VisionSettings
 from xtuner_lite.objectives import OBJECTIVES
 from xtuner_lite.objectives.grpo.prompts import process_prompt_dataset
 from xtuner_lite.training.runner import TrainSettings
@@ -110,7 +112,14 @@ def reference() -> str:
             INTRO,
             _function_section("model: `build_model`", build_model, skip=("device",)),
             _dataclass_section("model.lora: `LoraSettings`", LoraSettings),
+            _dataclass_section(
+                "model.vision (image-text models): `VisionSettings`", VisionSettings
+            ),
             _function_section("train_dataset: `process_dataset`", process_dataset),
+            _function_section(
+                "train_dataset (objective vlm_sft): `process_image_dataset`",
+                process_image_dataset,
+            ),
             _function_section(
                 "train_dataset (preference objectives): `process_preference_dataset`",
                 process_preference_dataset,

@@ -3,6 +3,7 @@ step, what trains."""
 
 import base64
 import json
+import subprocess
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from xtuner_lite.model import build_model
 from xtuner_lite.model.forward import loss_sum
 from xtuner_lite.model.vlm import IMAGE_TOKEN
 
-from conftest import nonzero_lora_b, write_images
+from conftest import loss_curve, nonzero_lora_b, train_cmd, write_config, write_images
 
 pytestmark = pytest.mark.integration
 
@@ -188,3 +189,64 @@ def test_what_trains_in_an_image_text_model(tiny_llava):
     with pytest.raises(XtunerError, match="nothing would train"):
         build_model(tiny_llava, method="full",
                     vision=dict(freeze_projector=True, freeze_language_model=True))  # fmt: skip
+
+
+def test_xtuner_train_teaches_a_tiny_llava_what_its_images_show(tiny_llava, tmp_path):
+    """``xtuner train`` with objective vlm_sft, a full fine-tune with the vision tower frozen
+    (a random 64-wide LM learns little through a LoRA under its frozen random head): the
+    model learns to name which of two images it is shown (the text alone cannot tell); the
+    result is a model folder with the processor, which transformers loads as it is."""
+    from PIL import Image
+
+    names = ["dark.png", "light.png"]
+    for name, colour in zip(names, ((10, 10, 40), (240, 230, 200))):
+        Image.new("RGB", (12, 12), colour).save(tmp_path / name)
+    rows = [
+        {"image": names[i % 2], "conversations": [
+            {"from": "human", "value": "Which picture is this?"},
+            {"from": "gpt", "value": ["The first.", "The second."][i % 2]}]}
+        for i in range(16)
+    ]  # fmt: skip
+    cfg = dict(
+        model=dict(pretrained=tiny_llava, method="full"),
+        objective=dict(type="vlm_sft"),
+        train_dataset=dict(data_files=_write(tmp_path, rows), tokenizer=tiny_llava,
+                           processor=tiny_llava, template="smollm2", max_length=128),
+        train=dict(batch_size=2, accumulative_counts=1, max_iters=60, lr=1e-2, dtype=None,
+                   save_steps=100, log_interval=1, warmup_ratio=0, tensorboard=False),
+    )  # fmt: skip
+    config = write_config(tmp_path / "vlm.py", cfg)
+    out = subprocess.run(train_cmd(config, tmp_path / "run"), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = loss_curve(tmp_path / "run")
+    assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5, losses
+    result = tmp_path / "run" / "model"
+    assert (result / "processor_config.json").exists()
+    model = AutoModelForImageTextToText.from_pretrained(result).eval()
+    dataset = _dataset(tiny_llava, _write(tmp_path, rows[:2]), pack=False)
+    for i in range(2):
+        row = dataset[i]
+        ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
+        pixels = dataset.data.pixels[torch.tensor(row["images"])]
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=pixels).logits[0]
+        trained = torch.nonzero(labels[1:] != IGNORE_INDEX)[:, 0]
+        # the answer's tokens are the model's greedy choices, image-conditioned
+        assert torch.equal(logits[trained].argmax(-1), labels[1:][trained])
+
+
+def test_digits_demo_data_is_a_seeded_split_of_real_digits(tmp_path):
+    from xtuner_lite.examples import digits
+
+    train, test = digits.write_data(tmp_path)
+    train_rows = [json.loads(line) for line in train.read_text().splitlines()]
+    test_rows = [json.loads(line) for line in test.read_text().splitlines()]
+    assert len(train_rows) + len(test_rows) == 2 * 1797
+    assert {r["image"] for r in train_rows}.isdisjoint({r["image"] for r in test_rows})
+    assert {r["kind"] for r in test_rows} == {"digit", "parity"}
+    assert {r["digit"] for r in test_rows} == set(range(10))
+    again, _ = digits.write_data(tmp_path / "again")
+    assert again.read_text() == train.read_text()  # seeded
+    assert digits.is_correct("digit", 7, "It is 7.") and not digits.is_correct("digit", 7, "1")
+    assert digits.is_correct("parity", 4, "Yes, it is even.")
+    assert not digits.is_correct("parity", 3, "Yes")

@@ -55,8 +55,8 @@ class VisionSettings:
     the vision tower). A LoRA/QLoRA adapter goes on the language model; the projector, when
     not frozen, trains in full beside it (its weights are saved with the adapter)."""
 
-    freeze_vision_tower: bool = True
-    freeze_projector: bool = False
+    freeze_vision_tower: bool = True  # False: trained in full (LLaVA stage 1 of a new encoder)
+    freeze_projector: bool = False  # False: trained in full, in LoRA runs too
     freeze_language_model: bool = False  # a full fine-tune only: LoRA leaves the base frozen
     lora_vision_tower: bool = False  # the adapter on the vision tower's linear layers too
 

@@ -7,16 +7,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoProcessor
+
 from xtuner_lite.adapters import architecture_of
 from xtuner_lite.atomic import atomic_path
+from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.model.build import model_head
+from xtuner_lite.model.vlm import is_image_text
 
 
 def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[str, Any]) -> None:
-    """A standard peft adapter (or HF model) folder, plus the tokenizer and how it was trained.
-    ``state_dict`` holds the weights when the model itself is sharded (ZeRO-3, FSDP2)."""
+    """A standard peft adapter (or HF model) folder, plus the tokenizer (an image-text model:
+    its processor) and how it was trained. ``state_dict`` holds the weights when the model
+    itself is sharded (ZeRO-3, FSDP2)."""
     with atomic_path(out) as tmp:
         llm.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
+        if is_image_text(llm.config):
+            base = resolve_model_path(meta["base_model"])
+            AutoProcessor.from_pretrained(base).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "xtuner_lite.json").write_text(json.dumps(meta, indent=1, default=str))
 
