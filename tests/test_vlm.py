@@ -250,3 +250,19 @@ def test_digits_demo_data_is_a_seeded_split_of_real_digits(tmp_path):
     assert digits.is_correct("digit", 7, "It is 7.") and not digits.is_correct("digit", 7, "1")
     assert digits.is_correct("parity", 4, "Yes, it is even.")
     assert not digits.is_correct("parity", 3, "Yes")
+
+
+def test_check_dataset_shows_image_token_runs(tiny_llava, tmp_path):
+    from rich.console import Console
+
+    from xtuner_lite.commands.check_dataset import SHOW
+    from xtuner_lite.objectives import build_objective
+
+    names = write_images(tmp_path, 2)
+    data = _write(tmp_path, _rows(names))
+    cfg = dict(data_files=data, tokenizer=tiny_llava, processor=tiny_llava, template="smollm2")
+    console = Console(record=True, width=200)
+    stats = SHOW[build_objective({"type": "vlm_sft"}).data_kind](cfg, 2, console)
+    shown = console.export_text()
+    assert f"{IMAGE_TOKEN}×{PER_IMAGE}" in shown and f"{IMAGE_TOKEN}×{2 * PER_IMAGE}" in shown
+    assert "image runs 1" in shown and "2 distinct images" in shown and stats.samples == 2

@@ -14,6 +14,8 @@ from rich.panel import Panel
 from rich.text import Text
 
 from xtuner_lite.config import check_kwargs, load_config, resolve_data_files
+from xtuner_lite.data.image_text import process_image_dataset
+from xtuner_lite.data.images import IMAGE_TOKEN
 from xtuner_lite.data.loaders import load_rows
 from xtuner_lite.data.map_fns import get_map_fn, validate_conversation
 from xtuner_lite.data.pipeline import (
@@ -230,9 +232,57 @@ def check_prompt_dataset(
     return stats
 
 
+def _image_runs(pieces: list[tuple[str, bool]], image_id_text: str) -> list[tuple[str, bool]]:
+    """Token pieces with each run of image tokens shown as one ``<image>×N`` piece."""
+    out: list[tuple[str, bool]] = []
+    count = 0
+    for piece in pieces + [("", False)]:
+        if piece[0] == image_id_text:
+            count += 1
+            continue
+        if count:
+            out.append((f"{image_id_text}×{count}", False))
+            count = 0
+        out.append(piece)
+    return out[:-1]
+
+
+def check_image_dataset(
+    cfg: dict[str, Any], num_samples: int = 1, console: Console | None = None, full: bool = False
+) -> DatasetStats:
+    """Process conversations with images; show the first samples' tokens (trained in green)
+    with each image's token run as one ``<image>×N``, then the dataset statistics."""
+    console = console or Console()
+    limit = None if full else CLIP
+    cfg, tokenizer = _resolved(cfg, process_image_dataset)
+    processed = process_image_dataset(**cfg)
+    data = processed.data
+    shown = 0
+    for r in range(len(data)):
+        row = data.row(r)
+        bounds = row["cu_seqlens"]
+        for lo, hi in zip(bounds, bounds[1:]):
+            if shown >= num_samples:
+                break
+            shown += 1
+            pieces, trained = _token_pieces(
+                tokenizer, row["input_ids"][lo:hi], row["labels"][lo:hi]
+            )
+            runs = _image_runs(pieces, IMAGE_TOKEN)
+            images = sum(1 for text, _ in runs if text.startswith(f"{IMAGE_TOKEN}×"))
+            title = f"sample {shown}: {hi - lo} tokens, trained {trained}, image runs {images}"
+            console.print(Panel(_marked(runs, console, limit), title=title, title_align="left"))
+        if shown >= num_samples:
+            break
+    console.print(f"{len(data.pixels)} distinct images, decoded once")
+    report_stats(processed.stats, console)
+    return processed.stats
+
+
 # what check-dataset shows for each kind of data an objective reads
 SHOW = {
     "sft": check_dataset,
+    "images": check_image_dataset,
     "pairs": check_preference_dataset,
     "unpaired": check_preference_dataset,
     "prompts": check_prompt_dataset,

@@ -77,7 +77,7 @@ class Objective(ABC):
     unit: str = "units"  # what the loss is normalized by, for messages
     updates: int = 1  # optimizer steps on each loader batch (RL reuses its rollouts)
     samples_own_data: bool = False  # RL: prepare() generates the training data
-    data_kind: str = "sft"  # what check-dataset shows: sft | pairs | unpaired | prompts
+    data_kind: str = "sft"  # what check-dataset shows: sft | images | pairs | unpaired | prompts
     reader: Callable[..., Any]  # reads train_dataset; its keyword arguments are the config keys
     # what makes the loss depend on how a batch is split into micro-batches (None: nothing, so
     # accumulation equals one big batch exactly)

@@ -39,6 +39,7 @@ class ImageSFTObjective(SFTObjective):
     same loss; each micro-batch brings its rows' pixel values."""
 
     name = "vlm_sft"
+    data_kind = "images"
     reader = staticmethod(process_image_dataset)
     dataset_class = ImageTextDataset
 
