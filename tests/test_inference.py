@@ -282,10 +282,10 @@ def test_chat_drops_oldest_turns_to_fit_the_context():
     session.ask("Name a colour.")
     session.ask("Name a fruit.")
     animal = [{"role": "user", "content": "Name an animal."}]
-    full = session._prompt_ids(animal)
+    full = session._prompt(animal)[0]
     tok = session.tokenizer
     session.context_length = len(full) + 8 - 1  # one token short: the oldest turn goes
-    trimmed = tok.decode(session._prompt_ids(animal))
+    trimmed = tok.decode(session._prompt(animal)[0])
     assert "colour" not in trimmed and "fruit" in trimmed and "animal" in trimmed
     assert "colour" in tok.decode(full)
 

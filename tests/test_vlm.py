@@ -266,3 +266,84 @@ def test_check_dataset_shows_image_token_runs(tiny_llava, tmp_path):
     shown = console.export_text()
     assert f"{IMAGE_TOKEN}×{PER_IMAGE}" in shown and f"{IMAGE_TOKEN}×{2 * PER_IMAGE}" in shown
     assert "image runs 1" in shown and "2 distinct images" in shown and stats.samples == 2
+
+
+def test_engine_with_images_gives_transformers_greedy_tokens(tiny_llava, tmp_path):
+    """The bundled engine prefills image features and decodes: each row's greedy tokens equal
+    transformers.generate's on the same expanded prompt and pixels, rows with different images
+    (and a row without) batched together; an image prompt is not served from the prefix cache
+    of the same text with another image."""
+    from xtuner_lite.data.templates import get_template
+    from xtuner_lite.hub import load_tokenizer
+    from xtuner_lite.inference import InferenceEngine, SamplingParams
+    from xtuner_lite.inference.images import ImageInput
+
+    names = write_images(tmp_path, 2, seed=5)
+    tokenizer = load_tokenizer(tiny_llava)
+    text = get_template("smollm2").render_prompt(
+        [{"role": "user", "content": f"{IMAGE_TOKEN}\nWhat is it?"}], tokenizer
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    images = ImageInput(tiny_llava, tokenizer)
+    prompts = [images.prompt(ids, [name], tmp_path) for name in names]
+    plain = tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
+    expected = []
+    for prompt, pixels in prompts + [(plain, None)]:
+        given = {} if pixels is None else {"pixel_values": pixels}
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, pad_token_id=0, **given)  # fmt: skip
+        expected.append(out[0, len(prompt) :].tolist())
+    engine = InferenceEngine(model, tokenizer)
+    # the first logits are the model's on each prompt with its own image (which changes them)
+    logits, _ = InferenceEngine(model, tokenizer).runner.prefill(
+        [p for p, _ in prompts], [x for _, x in prompts]
+    )
+    with torch.no_grad():
+        for row, (prompt, pixels) in zip(logits, prompts):
+            full = model(input_ids=torch.tensor([prompt]), pixel_values=pixels).logits[0, -1]
+            torch.testing.assert_close(row, full, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+    params = SamplingParams(max_new_tokens=12)
+    requests = [engine.add_request(p, params, pixel_values=x) for p, x in prompts]
+    requests.append(engine.add_request(plain, params))
+    while engine.has_work:
+        engine.step()
+    assert [r.output_ids for r in requests] == expected
+    again = engine.add_request(prompts[1][0], params, pixel_values=prompts[1][1])
+    while engine.has_work:
+        engine.step()
+    assert again.cached_tokens == 0 and again.output_ids == expected[1]
+    with pytest.raises(XtunerError, match="1 image placeholders for 2 images"):
+        images.prompt(ids, names, tmp_path)
+
+
+def test_chat_with_an_image_answers_as_transformers_generate(tiny_llava, tmp_path):
+    """``ChatSession.ask(..., images=[file])`` (``xtuner chat --image``): greedy tokens equal
+    transformers.generate on the same expanded prompt and pixels; ``<image>`` typed as text is
+    escaped, so it makes no image token; a text model refuses images."""
+    from xtuner_lite.commands.chat import ChatSession, GenerationOptions
+    from xtuner_lite.inference.images import ImageInput
+
+    names = write_images(tmp_path, 1, seed=7)
+    options = GenerationOptions(max_new_tokens=8)
+    session = ChatSession(tiny_llava, template="smollm2", options=options)
+    reply = session.ask("What is it?", images=[str(tmp_path / names[0])])
+    ids = session.chat.prompt_ids(
+        [{"role": "user", "content": "What is it?", "images": ["x"]}], None
+    )
+    prompt, pixels = ImageInput(tiny_llava, session.tokenizer).prompt(ids, [names[0]], tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
+    out = model.generate(torch.tensor([prompt]), pixel_values=pixels, max_new_tokens=8,
+                         do_sample=False, eos_token_id=session.chat.stop_ids,
+                         pad_token_id=0)  # fmt: skip
+    expected = session.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+    assert reply == expected.strip()
+    user = dict(session.history[0])  # the turn as the session keeps it, its image attached
+    session.reset()
+    ours, our_pixels = session._prompt([user])
+    assert ours == prompt and torch.equal(our_pixels, pixels)
+    typed = session.chat.prompt_ids([{"role": "user", "content": f"{IMAGE_TOKEN} hi"}])
+    assert session.images.tokens.token_id not in typed
+    with pytest.raises(XtunerError, match="--image needs an image-text model"):
+        ChatSession("smollm2-135m-instruct", options=options).ask("hi", images=["a.png"])

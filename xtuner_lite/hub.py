@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GgufConfig,
@@ -251,14 +253,24 @@ def reward_model_from_pretrained(path: str | os.PathLike, **kwargs):
     return model
 
 
+def is_image_text(config: Any) -> bool:
+    """Whether a model config is an image-text model's (it carries a vision config)."""
+    return getattr(config, "vision_config", None) is not None
+
+
 def load_model(ref: str | os.PathLike, dtype: str = "float32", head: str = "lm", **kwargs):
-    """Load a causal LM (``head='lm'``) or a reward model (``'reward'``: the same decoder with
-    a scalar sequence-classification head) by any model reference."""
+    """Load a causal LM (``head='lm'``; an image-text model through its own class) or a
+    reward model (``'reward'``: the same decoder with a scalar sequence-classification head)
+    by any model reference."""
 
     path = resolve_model_path(ref, None if kwargs.get("quantization_config") else dtype)
     try:
         if head == "reward":
             return reward_model_from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
+        if is_image_text(AutoConfig.from_pretrained(path)):
+            return AutoModelForImageTextToText.from_pretrained(
+                path, dtype=parse_dtype(dtype), **kwargs
+            )
         return AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
     except OSError as exc:
         raise XtunerError(f"could not load model {ref!r}: {exc}") from None

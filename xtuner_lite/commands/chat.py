@@ -12,14 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from transformers import AutoConfig
 
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.hub import resolve_model_path
+from xtuner_lite.hub import is_image_text, resolve_model_path
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel, TextStream
 from xtuner_lite.inference.grammar import GrammarError, check_grammar, json_schema_grammar
-from xtuner_lite.inference.loader import quantization_kwargs
+from xtuner_lite.inference.images import ImageInput
+from xtuner_lite.inference.loader import is_adapter, quantization_kwargs
 from xtuner_lite.model.precision import Precision
 from xtuner_lite.toolcalling.agent import ToolBox, run_tool_turn
 from xtuner_lite.toolcalling.builtin import Tool, load_tools
@@ -60,6 +62,7 @@ class ChatSession:
         self.toolbox = ToolBox(tools) if tools else None
         self.max_tool_rounds = max_tool_rounds
         self.lmdeploy = None
+        self.images: ImageInput | None = None  # an image-text model's (torch backend)
         if backend == "lmdeploy":
             # LMDeploy is an optional GPU-only extra
             from xtuner_lite.inference.lmdeploy_backend import LMDeployGenerator, require_lmdeploy
@@ -81,6 +84,10 @@ class ChatSession:
             self.chat = ChatModel.load(model, adapter, template, bits, precision=precision)
             self.engine = InferenceEngine(self.chat.model, self.chat.tokenizer)
             self.context_length = self.engine.context_length
+            config = self.chat.model.config
+            if is_image_text(config):  # its processor: in the adapter's folder or the model's
+                where = adapter or (model if is_adapter(model) else resolve_model_path(model))
+                self.images = ImageInput(config, self.chat.tokenizer, where)
         else:
             raise XtunerError(f"unknown backend {backend!r}; choose torch or lmdeploy")
         self.tokenizer, self.template = self.chat.tokenizer, self.chat.template
@@ -92,15 +99,20 @@ class ChatSession:
     def tools(self) -> list[dict] | None:
         return self.toolbox.schemas if self.toolbox else None
 
-    def _prompt_ids(self, turn: list[dict]) -> list[int]:
-        """Render the conversation, dropping the oldest exchanges until it fits the context."""
+    def _prompt(self, turn: list[dict]) -> tuple[list[int], torch.Tensor | None]:
+        """Render the conversation, dropping the oldest exchanges until it fits the context;
+        (its ids, the pixel values of the images it still holds, or None)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         history = list(self.history)
         limit = self.context_length
         while True:
-            ids = self.chat.prompt_ids(system + history + turn, self.tools)
+            messages = system + history + turn
+            ids, pixels = self.chat.prompt_ids(messages, self.tools), None
+            if self.images is not None:
+                refs = [ref for m in messages for ref in m.get("images", [])]
+                ids, pixels = self.images.prompt(ids, refs)
             if limit is None or len(ids) + self.options.max_new_tokens <= limit or not history:
-                return ids
+                return ids, pixels
             users = [i for i, m in enumerate(history) if m["role"] == "user"]
             history = history[users[1] :] if len(users) > 1 else []
 
@@ -113,11 +125,13 @@ class ChatSession:
                 on_text(text)
 
         stops = self.chat.tool_format.stop_words if self.toolbox else ()
+        ids, pixels = self._prompt(turn)
         request = self.engine.add_request(
-            self._prompt_ids(turn),
+            ids,
             self.chat.sampling(self.options, list(stops), tools=bool(self.toolbox)),
             on_token=on_token if on_text is not None else None,
             grammar=self.grammar,
+            pixel_values=pixels,
         )
         while not request.finished:
             self.engine.step()
@@ -130,10 +144,17 @@ class ChatSession:
         prompt: str,
         on_text: Callable[[str], Any] | None = None,
         on_tool: Callable[[dict, str], Any] | None = None,
+        images: list[str] | None = None,
     ) -> str:
         """The model's answer to ``prompt``; with tools, after every call it makes has run
-        (each reported to ``on_tool`` with its result)."""
+        (each reported to ``on_tool`` with its result). ``images``: files or data URLs shown
+        with the question (an image-text model; they stay in the conversation)."""
         user = {"role": "user", "content": prompt}
+        if images:
+            if self.images is None:
+                raise XtunerError("--image needs an image-text model on --backend torch")
+            user["images"] = [str(Path(i).resolve()) if not i.startswith("data:") else i
+                              for i in images]  # fmt: skip
         if self.lmdeploy is not None:
             return self._remember([user], self._ask_lmdeploy(user, on_text))
         if self.toolbox is None:
@@ -150,7 +171,7 @@ class ChatSession:
         return turn.answer
 
     def _ask_lmdeploy(self, user: dict, on_text: Callable[[str], Any] | None) -> str:
-        text = self.tokenizer.decode(self._prompt_ids([user]))
+        text = self.tokenizer.decode(self._prompt([user])[0])
         chunks = []
         for delta in self.lmdeploy.stream(
             text, self.options, self.chat.stop_ids, self.chat.stop_strings
@@ -202,6 +223,7 @@ def chat(
     max_tool_rounds: PositiveInt = 5,
     json_schema: str | None = None,
     precision: Precision = "fp32",
+    image: list[str] | None = None,
 ) -> int:
     """Chat with a model (optionally + LoRA adapter).
 
@@ -229,6 +251,7 @@ def chat(
         precision: the weights' type: fp32, bf16, or auto (bf16 on a GPU or a CPU with native
             bf16 such as AMX or AVX512-bf16, fp16 on a GPU without bf16: faster, greedy output
             may differ from fp32's)
+        image: image files (or data URLs) shown with the first question (an image-text model)
     """
     toolbox = load_tools(tools, tools_file)  # a bad name fails before the model loads
     grammar = None if json_schema is None else schema_file_grammar(json_schema)
@@ -238,8 +261,12 @@ def chat(
                           precision=precision)  # fmt: skip
     stream = None if no_stream else (lambda text: print(text, end="", flush=True))
 
+    pending = list(image or [])
+
     def ask(text: str) -> None:
-        reply = session.ask(text, on_text=stream, on_tool=_show_tool_call)
+        shown = pending[:]
+        pending.clear()  # the images go with the first question
+        reply = session.ask(text, on_text=stream, on_tool=_show_tool_call, images=shown)
         print("" if stream else reply)
 
     if prompt is not None or not sys.stdin.isatty():

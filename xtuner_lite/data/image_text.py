@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig
 
 from xtuner_lite.data.dataset import collate_packed
 from xtuner_lite.data.images import IMAGE_TOKEN, ImageStore, image_conversation
@@ -78,9 +78,10 @@ class ImageTokens:
     per_image: int
 
 
-def image_tokens(model: str | Path, tokenizer: Any) -> ImageTokens:
-    """The ``<image>`` token id and the model's image-token count per image."""
-    config = AutoConfig.from_pretrained(model)
+def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageTokens:
+    """The ``<image>`` token id and the image-token count per image of ``model`` (a folder,
+    a hub id or its config)."""
+    config = model if isinstance(model, PretrainedConfig) else AutoConfig.from_pretrained(model)
     per_image = getattr(config, "image_seq_length", None)
     if not per_image:
         raise XtunerError(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xtuner_lite.data import control
+from xtuner_lite.data.images import IMAGE_TOKEN
 from xtuner_lite.data.templates import Template
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.loader import load_for_inference
@@ -63,9 +64,10 @@ class ChatModel:
         """The conversation rendered (with ``tools`` in the template's tool format) and
         tokenized, followed by ``prefill``, the start of the reply; chat-control tokens typed
         inside a message, a tool call or a tool's schema are escaped, so no text a client sends
-        can open or close a turn."""
+        can open or close a turn. A message's ``images`` (an image-text model's) put one image
+        token each before its text, after the escaping: only an attached image makes one."""
         tokens = control.control_tokens(self.tokenizer)
-        messages = [control.escape_values(m, tokens) for m in messages]
+        messages = [_with_images(control.escape_values(m, tokens)) for m in messages]
         tools = control.escape_values(tools, tokens)
         text = self.template.render_prompt(messages, self.tokenizer, tools) + prefill
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -83,6 +85,16 @@ class ChatModel:
             stop_words=self.stop_strings + list(options.stop_words) + list(stop_words),
             keep_token_ids=keep,
         )
+
+
+def _with_images(message: dict) -> dict:
+    """A message whose ``images`` become ``<image>`` placeholders before its text (LLaVA's
+    order), the list itself dropped from what the template renders."""
+    images = message.get("images")
+    if not images:
+        return message
+    rest = {k: v for k, v in message.items() if k != "images"}
+    return {**rest, "content": IMAGE_TOKEN * len(images) + "\n" + message["content"]}
 
 
 def held_back(text: str, stop_words: list[str]) -> int:

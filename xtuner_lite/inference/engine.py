@@ -92,8 +92,11 @@ class InferenceEngine:
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
         grammar: str | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> Request:
-        """Queue a request; ``grammar`` (``inference/grammar.py``) constrains its output."""
+        """Queue a request; ``grammar`` (``inference/grammar.py``) constrains its output.
+        ``pixel_values``: an image-text model's images, in the order of the prompt's image
+        token runs (``inference/images.py`` expands a prompt's placeholders and makes them)."""
         params = params or SamplingParams()
         params.validate()
         if not prompt_ids:
@@ -118,6 +121,7 @@ class InferenceEngine:
             generator=generator,
             max_new_tokens=budget,
             constraint=None if grammar is None else Constraint(grammar, self.tokenizer),
+            pixel_values=pixel_values,
         )
         self.scheduler.add(request)
         return request
@@ -146,7 +150,9 @@ class InferenceEngine:
             finished += self._postprocess(running, self.runner.decode(), first_row=0)
         admitted = self.scheduler.admit()
         if admitted:
-            logits, cached = self.runner.prefill([r.prompt_ids for r in admitted])
+            logits, cached = self.runner.prefill(
+                [r.prompt_ids for r in admitted], [r.pixel_values for r in admitted]
+            )
             for r, tokens in zip(admitted, cached):
                 r.cached_tokens = tokens
             finished += self._postprocess(admitted, logits, first_row=len(running))
@@ -176,7 +182,12 @@ class InferenceEngine:
     # ----------------------------------------------------------------- internals
     def _retire(self) -> list[Request]:
         if self.cache_outputs:
-            leaving = [(i, r) for i, r in enumerate(self.scheduler.running) if r.finished]
+            # (a request with images is not cached: its image tokens do not name the image)
+            leaving = [
+                (i, r)
+                for i, r in enumerate(self.scheduler.running)
+                if r.finished and r.pixel_values is None
+            ]
             self.runner.remember(
                 [i for i, _ in leaving], [r.prompt_ids + r.output_ids for _, r in leaving]
             )

@@ -8,6 +8,7 @@ own forward).
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -100,19 +101,30 @@ class ModelRunner:
         self.cache.advance(1)
         return logits
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    def prefill(
+        self, prompts: list[list[int]], images: list[torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Run new prompts (one batched, left-padded prefill) and append them as rows at the
         end of the batch: ((new rows, vocab) logits for their first tokens, each prompt's
         tokens found in the prefix cache). Cached leading blocks are copied, not recomputed; a
         prompt given several times (a GRPO group's completions) is run once and its rows
         copied (or held once, when that pays: ``share_kv``); a prefix that the prompts admitted
-        together share is run once first."""
-        unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
-        found = {tuple(p): self._cached_blocks(p) for p in unique}
-        self._share_leading_blocks(unique)
-        filled, mask, logits = self._prefill_unique(unique)
-        where = {tuple(p): i for i, p in enumerate(unique)}
-        of = [where[tuple(p)] for p in prompts]  # each row's prompt among the unique ones
+        together share is run once first. ``images``: each prompt's pixel values (or None);
+        a prompt with images is never looked up in or added to the prefix cache (its image
+        tokens do not say which image)."""
+        images = images or [None] * len(prompts)
+        keys = [(tuple(p), _digest(i)) for p, i in zip(prompts, images)]
+        first: dict[tuple, int] = {}  # each distinct prompt's first row, in row order
+        for n, key in enumerate(keys):
+            first.setdefault(key, n)
+        unique = [list(k[0]) for k in first]
+        pixels = [images[n] for n in first.values()]
+        found = {k: self._cached_blocks(list(k[0])) if k[1] is None else 0 for k in first}
+        if all(p is None for p in pixels):
+            self._share_leading_blocks(unique)
+        filled, mask, logits = self._prefill_unique(unique, pixels)
+        where = {k: i for i, k in enumerate(first)}
+        of = [where[k] for k in keys]  # each row's prompt among the unique ones
         counts = [of.count(i) for i in range(len(unique))]
         shared = None
         lengths = [len(p) for p in unique]
@@ -123,9 +135,7 @@ class ModelRunner:
             filled.select(rows, 0)
             mask = mask[rows]
         self._splice(filled, mask, shared)
-        return logits[torch.tensor(of, device=self.device)], [
-            found[tuple(p)] * BLOCK_SIZE for p in prompts
-        ]
+        return logits[torch.tensor(of, device=self.device)], [found[k] * BLOCK_SIZE for k in keys]
 
     def remember(self, rows: list[int], tokens: list[list[int]]) -> None:
         """Cache the full blocks of rows ``rows`` (requests about to leave the batch), whose
@@ -168,13 +178,16 @@ class ModelRunner:
             self._prefill_unique([prompts[0][: shared + 1]])
 
     def _prefill_unique(
-        self, prompts: list[list[int]]
+        self, prompts: list[list[int]], images: list[torch.Tensor | None] | None = None
     ) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
         """(the prompts' cache, their attention mask, their last-position logits); each row is
-        [padding][cached blocks][padding][own tokens], and its full blocks are cached."""
+        [padding][cached blocks][padding][own tokens], and its full blocks are cached (those
+        of a prompt without images)."""
+        images = images or [None] * len(prompts)
+        cacheable = [self.blocks is not None and i is None for i in images]
         found = [
-            self.blocks.match(p, (len(p) - 1) // BLOCK_SIZE) if self.blocks is not None else []
-            for p in prompts
+            self.blocks.match(p, (len(p) - 1) // BLOCK_SIZE) if c else []
+            for p, c in zip(prompts, cacheable)
         ]
         cached = [len(f) * BLOCK_SIZE for f in found]
         width = max(len(p) - c for p, c in zip(prompts, cached))
@@ -188,12 +201,14 @@ class ModelRunner:
             mask[i, start - c : start] = 1
             mask[i, start + width - len(own) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = self._forward(ids, mask, cache.as_transformers_cache())
+        given = [i for i in images if i is not None]
+        pixels = torch.cat(given).to(self.device) if given else None
+        logits = self._forward(ids, mask, cache.as_transformers_cache(), pixels)
         cache.advance(width)
         if self.blocks is not None:
             for i, (prompt, c) in enumerate(zip(prompts, cached)):
                 end = len(prompt) // BLOCK_SIZE * BLOCK_SIZE
-                if c < end:
+                if c < end and cacheable[i]:
                     own_start = start + width - (len(prompt) - c)
                     columns = torch.arange(own_start, own_start + end - c, device=self.device)
                     self.blocks.store(prompt, c // BLOCK_SIZE, self._kv(cache, i, columns))
@@ -279,10 +294,16 @@ class ModelRunner:
             self.shared = self.shared.select(index)
 
     # ----------------------------------------------------------------- internals
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache, pixels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last-position logits; ``pixels``: the images of the rows' image tokens, in order
+        (an image-text model puts their features there)."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions,
                       past_key_values=cache, use_cache=True)  # fmt: skip
+        if pixels is not None:
+            inputs["pixel_values"] = pixels.to(self._kv_dtype)
         if self.head is None:
             return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
         # the last position taken as a 2-D (rows, hidden) slice before the head: the model's
@@ -303,6 +324,14 @@ class ModelRunner:
         self.cache.extend(cache)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
         self._next = torch.cat([self._next, placeholder])
+
+
+def _digest(pixels: torch.Tensor | None) -> str | None:
+    """What tells a prompt's images apart (None: it has none)."""
+    if pixels is None:
+        return None
+    data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 __all__ = ["ModelRunner"]

@@ -31,17 +31,13 @@ from transformers import (
 from xtuner_lite.config import check_kwargs
 from xtuner_lite.data.images import IMAGE_TOKEN
 from xtuner_lite.errors import XtunerError
+from xtuner_lite.hub import is_image_text
 
 # the parts of a LLaVA-family model (transformers' names)
 VISION_TOWER, PROJECTOR, LANGUAGE_MODEL = "vision_tower", "multi_modal_projector", "language_model"
 # what QLoRA leaves unquantized in an image-text model: all but the language model's layers
 # (the head too, as in a causal LM); ``visual`` / ``vision_model``: Qwen2-VL's, Idefics3's towers
 NOT_QUANTIZED = [VISION_TOWER, PROJECTOR, "lm_head", "visual", "vision_model"]
-
-
-def is_image_text(config: PretrainedConfig) -> bool:
-    """Whether a model config is an image-text model's (it carries a vision config)."""
-    return getattr(config, "vision_config", None) is not None
 
 
 def is_image_text_path(path: str | Path, trust_remote_code: bool = False) -> bool:

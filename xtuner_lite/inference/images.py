@@ -1,0 +1,53 @@
+"""Images in a prompt for an image-text model: ``<image>`` placeholders expanded to the model's
+image tokens and the images made into pixel values, as training's data pipeline does
+(``data/image_text.py``), for ``chat --image`` and ``serve``'s image content parts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoImageProcessor, PretrainedConfig
+
+from xtuner_lite.data.image_text import image_tokens
+from xtuner_lite.data.images import decode_image, read_image_bytes
+from xtuner_lite.errors import RowError, XtunerError
+
+
+class ImageInput:
+    """An image-text model's image tokens and image processor."""
+
+    def __init__(self, model: str | Path | PretrainedConfig, tokenizer: Any,
+                 processor: str | Path | None = None):  # fmt: skip
+        """``model``: its folder (or config, with ``processor``: a folder holding its
+        processor, such as a training result)."""
+        self.tokens = image_tokens(model, tokenizer)
+        self.processor = AutoImageProcessor.from_pretrained(processor or model)
+
+    def prompt(
+        self, ids: list[int], refs: list[str], folder: Path | None = None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """(``ids`` with each image token expanded, the images' pixel values or None);
+        ``refs``: data URLs or paths (relative to ``folder``), one per placeholder."""
+        placed = ids.count(self.tokens.token_id)
+        if placed != len(refs):
+            raise XtunerError(f"{placed} image placeholders for {len(refs)} images")
+        if not refs:
+            return ids, None
+        expanded = []
+        for t in ids:
+            expanded += [t] * (self.tokens.per_image if t == self.tokens.token_id else 1)
+        images = []
+        for ref in refs:
+            try:
+                data = read_image_bytes(ref, folder or Path.cwd())
+                images.append(
+                    decode_image(data, ref if not ref.startswith("data:") else "data URL")
+                )
+            except RowError as exc:
+                raise XtunerError(exc.reason) from None
+        return expanded, self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+__all__ = ["ImageInput"]
