@@ -191,47 +191,57 @@ def test_what_trains_in_an_image_text_model(tiny_llava):
                     vision=dict(freeze_projector=True, freeze_language_model=True))  # fmt: skip
 
 
-def test_xtuner_train_teaches_a_tiny_llava_what_its_images_show(tiny_llava, tmp_path):
-    """``xtuner train`` with objective vlm_sft, a full fine-tune with the vision tower frozen
-    (a random 64-wide LM learns little through a LoRA under its frozen random head): the
-    model learns to name which of two images it is shown (the text alone cannot tell); the
-    result is a model folder with the processor, which transformers loads as it is."""
+ANSWERS = {"dark.png": "The first.", "light.png": "The second."}
+
+
+@pytest.fixture(scope="module")
+def taught_llava(tiny_llava, tmp_path_factory):
+    """``xtuner train`` (objective vlm_sft, a full fine-tune, the vision tower frozen: a
+    random 64-wide LM learns little through a LoRA under its frozen random head) teaches the
+    tiny LLaVA to say which of two images it is shown, which the text alone cannot tell:
+    (the run's folder, the folder of the images and data)."""
     from PIL import Image
 
-    names = ["dark.png", "light.png"]
-    for name, colour in zip(names, ((10, 10, 40), (240, 230, 200))):
-        Image.new("RGB", (12, 12), colour).save(tmp_path / name)
+    folder = tmp_path_factory.mktemp("taught_llava")
+    for name, colour in zip(ANSWERS, ((10, 10, 40), (240, 230, 200))):
+        Image.new("RGB", (12, 12), colour).save(folder / name)
     rows = [
-        {"image": names[i % 2], "conversations": [
+        {"image": name, "conversations": [
             {"from": "human", "value": "Which picture is this?"},
-            {"from": "gpt", "value": ["The first.", "The second."][i % 2]}]}
-        for i in range(16)
+            {"from": "gpt", "value": answer}]}
+        for _ in range(8) for name, answer in ANSWERS.items()
     ]  # fmt: skip
     cfg = dict(
         model=dict(pretrained=tiny_llava, method="full"),
         objective=dict(type="vlm_sft"),
-        train_dataset=dict(data_files=_write(tmp_path, rows), tokenizer=tiny_llava,
+        train_dataset=dict(data_files=_write(folder, rows), tokenizer=tiny_llava,
                            processor=tiny_llava, template="smollm2", max_length=128),
         train=dict(batch_size=2, accumulative_counts=1, max_iters=60, lr=1e-2, dtype=None,
                    save_steps=100, log_interval=1, warmup_ratio=0, tensorboard=False),
     )  # fmt: skip
-    config = write_config(tmp_path / "vlm.py", cfg)
-    out = subprocess.run(train_cmd(config, tmp_path / "run"), capture_output=True, text=True)
+    config = write_config(folder / "vlm.py", cfg)
+    out = subprocess.run(train_cmd(config, folder / "run"), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    losses = loss_curve(tmp_path / "run")
+    return folder / "run", folder
+
+
+def test_xtuner_train_teaches_a_tiny_llava_what_its_images_show(taught_llava, tiny_llava):
+    """Loss falls; the result is a model folder with the processor, which transformers loads
+    as it is, and whose greedy choice of every answer token follows the image."""
+    run, folder = taught_llava
+    losses = loss_curve(run)
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5, losses
-    result = tmp_path / "run" / "model"
+    result = run / "model"
     assert (result / "processor_config.json").exists()
     model = AutoModelForImageTextToText.from_pretrained(result).eval()
-    dataset = _dataset(tiny_llava, _write(tmp_path, rows[:2]), pack=False)
-    for i in range(2):
+    dataset = _dataset(tiny_llava, str(folder / "data.json"), pack=False)
+    for i in range(len(dataset)):
         row = dataset[i]
         ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
         pixels = dataset.data.pixels[torch.tensor(row["images"])]
         with torch.no_grad():
             logits = model(input_ids=ids, pixel_values=pixels).logits[0]
         trained = torch.nonzero(labels[1:] != IGNORE_INDEX)[:, 0]
-        # the answer's tokens are the model's greedy choices, image-conditioned
         assert torch.equal(logits[trained].argmax(-1), labels[1:][trained])
 
 
@@ -318,32 +328,66 @@ def test_engine_with_images_gives_transformers_greedy_tokens(tiny_llava, tmp_pat
         images.prompt(ids, names, tmp_path)
 
 
-def test_chat_with_an_image_answers_as_transformers_generate(tiny_llava, tmp_path):
-    """``ChatSession.ask(..., images=[file])`` (``xtuner chat --image``): greedy tokens equal
-    transformers.generate on the same expanded prompt and pixels; ``<image>`` typed as text is
-    escaped, so it makes no image token; a text model refuses images."""
+def test_chat_with_an_image_answers_as_transformers_generate(taught_llava):
+    """``ChatSession.ask(..., images=[file])`` (``xtuner chat --image``) on the taught model:
+    each image gets its own answer, transformers.generate's on the same expanded prompt and
+    pixels; ``<image>`` typed as text is escaped, so it makes no image token; a text model
+    refuses images."""
     from xtuner_lite.commands.chat import ChatSession, GenerationOptions
-    from xtuner_lite.inference.images import ImageInput
 
-    names = write_images(tmp_path, 1, seed=7)
+    run, folder = taught_llava
+    model = AutoModelForImageTextToText.from_pretrained(run / "model").eval()
     options = GenerationOptions(max_new_tokens=8)
-    session = ChatSession(tiny_llava, template="smollm2", options=options)
-    reply = session.ask("What is it?", images=[str(tmp_path / names[0])])
-    ids = session.chat.prompt_ids(
-        [{"role": "user", "content": "What is it?", "images": ["x"]}], None
-    )
-    prompt, pixels = ImageInput(tiny_llava, session.tokenizer).prompt(ids, [names[0]], tmp_path)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
-    out = model.generate(torch.tensor([prompt]), pixel_values=pixels, max_new_tokens=8,
-                         do_sample=False, eos_token_id=session.chat.stop_ids,
-                         pad_token_id=0)  # fmt: skip
-    expected = session.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
-    assert reply == expected.strip()
-    user = dict(session.history[0])  # the turn as the session keeps it, its image attached
-    session.reset()
-    ours, our_pixels = session._prompt([user])
-    assert ours == prompt and torch.equal(our_pixels, pixels)
+    for name, answer in ANSWERS.items():
+        session = ChatSession(str(run / "model"), template="smollm2", options=options)
+        assert session.ask("Which picture is this?", images=[str(folder / name)]) == answer
+        user = dict(session.history[0])  # the turn as the session keeps it, its image attached
+        session.reset()
+        prompt, pixels = session._prompt([user])
+        out = model.generate(torch.tensor([prompt]), pixel_values=pixels, max_new_tokens=8,
+                             do_sample=False, eos_token_id=session.chat.stop_ids,
+                             pad_token_id=0)  # fmt: skip
+        expected = session.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+        assert expected.strip() == answer
     typed = session.chat.prompt_ids([{"role": "user", "content": f"{IMAGE_TOKEN} hi"}])
     assert session.images.tokens.token_id not in typed
     with pytest.raises(XtunerError, match="--image needs an image-text model"):
         ChatSession("smollm2-135m-instruct", options=options).ask("hi", images=["a.png"])
+
+
+def test_serve_reads_image_content_parts(taught_llava, tmp_path):
+    """``xtuner serve`` on the taught model, the openai client: an image part (a data URL, or
+    a file on the server) gets that image's answer; a remote URL is a 400 that says nothing is
+    fetched, an unreadable image a 400 naming it, an image in an assistant turn a 400."""
+    import openai
+
+    from conftest import start_server
+
+    run, folder = taught_llava
+    dark = "data:image/png;base64," + base64.b64encode((folder / "dark.png").read_bytes()).decode()
+    proc, (host, port) = start_server(str(run / "model"), "--template", "smollm2")
+    try:
+        client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="-", max_retries=0)
+
+        def ask(image: str) -> str:
+            parts = [{"type": "image_url", "image_url": {"url": image}},
+                     {"type": "text", "text": "Which picture is this?"}]  # fmt: skip
+            reply = client.chat.completions.create(
+                model="model", max_tokens=8, temperature=0,
+                messages=[{"role": "user", "content": parts}],
+            )  # fmt: skip
+            return reply.choices[0].message.content
+
+        assert ask(dark) == ANSWERS["dark.png"]
+        assert ask(str(folder / "light.png")) == ANSWERS["light.png"]
+        with pytest.raises(openai.BadRequestError, match="not fetched"):
+            ask("https://example.com/cat.png")
+        with pytest.raises(openai.BadRequestError, match="missing.png"):
+            ask(str(tmp_path / "missing.png"))
+        parts = [{"type": "image_url", "image_url": {"url": dark}}]
+        with pytest.raises(openai.BadRequestError, match="only user messages carry images"):
+            messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": parts}]
+            client.chat.completions.create(model="model", messages=messages)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

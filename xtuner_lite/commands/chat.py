@@ -16,12 +16,12 @@ import torch
 from transformers import AutoConfig
 
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.hub import is_image_text, resolve_model_path
+from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.inference import InferenceEngine, SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel, TextStream
 from xtuner_lite.inference.grammar import GrammarError, check_grammar, json_schema_grammar
 from xtuner_lite.inference.images import ImageInput
-from xtuner_lite.inference.loader import is_adapter, quantization_kwargs
+from xtuner_lite.inference.loader import quantization_kwargs
 from xtuner_lite.model.precision import Precision
 from xtuner_lite.toolcalling.agent import ToolBox, run_tool_turn
 from xtuner_lite.toolcalling.builtin import Tool, load_tools
@@ -84,10 +84,7 @@ class ChatSession:
             self.chat = ChatModel.load(model, adapter, template, bits, precision=precision)
             self.engine = InferenceEngine(self.chat.model, self.chat.tokenizer)
             self.context_length = self.engine.context_length
-            config = self.chat.model.config
-            if is_image_text(config):  # its processor: in the adapter's folder or the model's
-                where = adapter or (model if is_adapter(model) else resolve_model_path(model))
-                self.images = ImageInput(config, self.chat.tokenizer, where)
+            self.images = self.chat.images
         else:
             raise XtunerError(f"unknown backend {backend!r}; choose torch or lmdeploy")
         self.tokenizer, self.template = self.chat.tokenizer, self.chat.template

@@ -62,8 +62,33 @@ def _refs(value: Any, field: str) -> list[str]:
     return list(refs)
 
 
+def placed_before(text: str, images: int) -> str:
+    """``text`` with ``images`` placeholders before it (LLaVA's order: the image, then the
+    question), as content parts and attached images are placed in data, chat and serve."""
+    return IMAGE_TOKEN * images + "\n" + text if images else text
+
+
+def split_content(parts: list, field: str) -> tuple[str, list[str]]:
+    """OpenAI content parts: (the text parts joined, the image parts' URLs)."""
+    text, refs = [], []
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            text.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url:
+                raise RowError("image_url needs a url", field=f"{field}[{i}]")
+            refs.append(url)
+        else:
+            raise RowError(f"content parts must be text or image_url, got {kind!r}",
+                           field=f"{field}[{i}]")  # fmt: skip
+    return "".join(text), refs
+
+
 def _content_parts(messages: Any) -> tuple[Any, list[str]]:
-    """Messages with content-part lists turned into text with ``<image>`` placeholders."""
+    """Messages with content-part lists turned into text with their images placed first."""
     if not isinstance(messages, list):
         return messages, []
     refs: list[str] = []
@@ -73,24 +98,9 @@ def _content_parts(messages: Any) -> tuple[Any, list[str]]:
         if not isinstance(content, list):
             out.append(message)
             continue
-        text = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                text.append(part["text"])
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str) or not url:
-                    raise RowError("image_url needs a url", field=f"messages[{i}].content")
-                refs.append(url)
-                text.append(IMAGE_TOKEN)
-            else:
-                raise RowError(
-                    f"content parts must be text or image_url, got {kind!r}",
-                    field=f"messages[{i}].content",
-                )
-        out.append({**message, "content": "".join(text)})
+        text, found = split_content(content, f"messages[{i}].content")
+        refs += found
+        out.append({**message, "content": placed_before(text, len(found))})
     return out, refs
 
 
@@ -158,5 +168,7 @@ __all__ = [
     "ImageStore",
     "decode_image",
     "image_conversation",
+    "placed_before",
     "read_image_bytes",
+    "split_content",
 ]

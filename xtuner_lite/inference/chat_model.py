@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from xtuner_lite.data import control
-from xtuner_lite.data.images import IMAGE_TOKEN
+from xtuner_lite.data.images import placed_before
 from xtuner_lite.data.templates import Template
+from xtuner_lite.hub import is_image_text, resolve_model_path
 from xtuner_lite.inference.engine import InferenceEngine
-from xtuner_lite.inference.loader import load_for_inference
+from xtuner_lite.inference.images import ImageInput
+from xtuner_lite.inference.loader import is_adapter, load_for_inference
 from xtuner_lite.inference.sampling import SamplingParams
 from xtuner_lite.model.precision import Precision, inference_dtype
 from xtuner_lite.toolcalling.formats import ToolFormat, get_tool_format
@@ -27,6 +29,7 @@ class ChatModel:
     template: Template
     stop_ids: list[int]
     stop_strings: list[str]  # stop words that are not single tokens
+    images: ImageInput | None = None  # an image-text model's image tokens and processor
 
     @classmethod
     def load(
@@ -46,12 +49,18 @@ class ChatModel:
             model, adapter, template, dtype=dtype, bits=bits, weights=weights
         )
         vocab = loaded.tokenizer.get_vocab()
+        images = None
+        if loaded.model is not None and is_image_text(loaded.model.config):
+            # the processor: in a training result's folder (an adapter's), else the model's
+            where = adapter or (model if is_adapter(model) else resolve_model_path(model))
+            images = ImageInput(loaded.model.config, loaded.tokenizer, where)
         return cls(
             loaded.model,
             loaded.tokenizer,
             loaded.template,
             loaded.stop_ids,
             [w for w in loaded.template.stop_words(loaded.tokenizer) if w not in vocab],
+            images,
         )
 
     @property
@@ -94,7 +103,7 @@ def _with_images(message: dict) -> dict:
     if not images:
         return message
     rest = {k: v for k, v in message.items() if k != "images"}
-    return {**rest, "content": IMAGE_TOKEN * len(images) + "\n" + message["content"]}
+    return {**rest, "content": placed_before(message["content"], len(images))}
 
 
 def held_back(text: str, stop_words: list[str]) -> int:

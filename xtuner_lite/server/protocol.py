@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from xtuner_lite.data.images import split_content
+from xtuner_lite.errors import RowError, XtunerError
 from xtuner_lite.inference import SamplingParams
 from xtuner_lite.inference.chat_model import ChatModel
 from xtuner_lite.inference.grammar import (
@@ -79,6 +81,7 @@ class Job:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     tools: ToolUse | None = None  # the request's tools, when the model may call them
     grammar: str | None = None  # what the reply must follow (response_format, a forced call)
+    pixel_values: Any = None  # the images of an image-text model's prompt
 
 
 def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
@@ -93,19 +96,30 @@ def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> 
     return value
 
 
+def content_parts(parts: list, where: str) -> tuple[str, list[str]]:
+    """(the text parts joined, the image parts' URLs: data URLs or files on the server; a
+    remote URL is refused, since nothing is fetched)."""
+    try:
+        text, images = split_content(parts, where)
+    except RowError as exc:
+        raise APIError(400, f"{exc.field}: {exc.reason}", exc.field) from None
+    for url in images:
+        if url.startswith(("http://", "https://")):
+            raise APIError(400, f"{where}: remote image URLs are not fetched; send a data URL "
+                           "or a path on the server", where)  # fmt: skip
+    return text, images
+
+
 def request_message(message: Any, index: int) -> dict:
     """One request message as the template takes it; assistant ``tool_calls`` normalized
-    (their JSON-string arguments parsed)."""
+    (their JSON-string arguments parsed); image parts in ``images`` (their text placed before
+    the message's text, LLaVA's order)."""
     where = f"messages[{index}]"
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise APIError(400, f"{where} must be an object with a 'role'", where)
-    content = message.get("content")
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise APIError(
-                400, f"{where}.content: only text parts are supported", f"{where}.content"
-            )
-        content = "".join(str(p.get("text", "")) for p in content)
+    content, images = message.get("content"), []
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, {"type": "image_url"...}]
+        content, images = content_parts(content, f"{where}.content")
     if content is None:
         content = ""
     if not isinstance(content, str):
@@ -117,6 +131,10 @@ def request_message(message: Any, index: int) -> dict:
             f"{where}.role",
         )
     out = {"role": message["role"], "content": content}
+    if images:
+        if message["role"] != "user":
+            raise APIError(400, f"{where}: only user messages carry images", f"{where}.content")
+        out["images"] = images
     calls = message.get("tool_calls")
     if calls and message["role"] == "assistant":
         if not isinstance(calls, list):
@@ -346,6 +364,7 @@ class OpenAIProtocol:
                 tools.tools if tools else None,
                 tools.prefill if tools else "",
             )
+            prompt_ids, pixels = self.images_of(parsed, prompt_ids)
             default_max = None
         else:
             prompt = body.get("prompt")
@@ -355,7 +374,7 @@ class OpenAIProtocol:
                 raise APIError(400, "'prompt' must be a non-empty string", "prompt")
             prompt_ids = self.chat.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             default_max = 16  # OpenAI's default for /v1/completions
-            tools = None
+            tools, pixels = None, None
         context = self.context_length
         room = None if context is None else context - len(prompt_ids)
         options, stop, asked = generation_options(body, default_max or room)
@@ -372,7 +391,21 @@ class OpenAIProtocol:
         _get(body, "stream_options", (dict,), None)
         stop += list(tools.format.stop_words) if tools else []
         params = self.chat.sampling(options, stop, tools=bool(tools))
-        return Job(prompt_ids, params, tools=tools, grammar=self.grammar(body, tools)), body
+        grammar = self.grammar(body, tools)
+        return Job(prompt_ids, params, tools=tools, grammar=grammar, pixel_values=pixels), body
+
+    def images_of(self, messages: list[dict], ids: list[int]) -> tuple[list[int], Any]:
+        """The prompt with its image parts' tokens expanded, and their pixel values (None
+        without images); a text model, or an image that cannot be read, is a 400."""
+        refs = [ref for m in messages for ref in m.get("images", [])]
+        if not refs:
+            return ids, None
+        if self.chat.images is None:
+            raise APIError(400, f"'{self.name}' reads no images (a text model)", "messages")
+        try:
+            return self.chat.images.prompt(ids, refs)
+        except XtunerError as exc:
+            raise APIError(400, f"messages: {exc}", "messages") from None
 
     def grammar(self, body: dict, tools: ToolUse | None) -> str | None:
         """What the reply must follow: a forced tool call's grammar, else ``response_format``'s;

@@ -111,7 +111,11 @@ class EngineWorker:
 
         try:
             job.request = self.engine.add_request(
-                job.prompt_ids, job.params, on_token=on_token, grammar=job.grammar
+                job.prompt_ids,
+                job.params,
+                on_token=on_token,
+                grammar=job.grammar,
+                pixel_values=job.pixel_values,
             )
         except XtunerError as exc:
             job.events.put(("error", 400, str(exc)))
