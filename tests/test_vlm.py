@@ -391,3 +391,39 @@ def test_serve_reads_image_content_parts(taught_llava, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_merged_image_text_adapter_is_the_adapter(tiny_llava, tmp_path):
+    """A LoRA result of an image-text model (adapter on the language model, the projector
+    trained in full) merged by ``xtuner merge``: transformers loads the folder with its
+    processor, and its logits on a prompt with an image equal the adapter's."""
+    from transformers import AutoProcessor
+
+    from xtuner_lite.commands.merge import merge_adapter
+    from xtuner_lite.data.templates import get_template
+    from xtuner_lite.hub import load_tokenizer
+    from xtuner_lite.training.result import save_result
+
+    model = build_model(tiny_llava, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
+    nonzero_lora_b(model, 0.05)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "multi_modal_projector" in name and param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))  # as if stage 2 moved it
+    tokenizer = load_tokenizer(tiny_llava)
+    cfg = {"model": {"pretrained": tiny_llava, "method": "lora"}, "train_dataset": {},
+           "train": {}}  # fmt: skip
+    save_result(model, tokenizer, get_template("smollm2", tokenizer), cfg, tmp_path / "adapter")
+    merged = merge_adapter(None, str(tmp_path / "adapter"), str(tmp_path / "merged"), "fp32")
+    names = write_images(tmp_path, 2)
+    dataset = _dataset(tiny_llava, _write(tmp_path, _rows(names)[:1]), pack=False)
+    row = dataset[0]
+    ids, pixels = torch.tensor([row["input_ids"]]), dataset.data.pixels[:1]
+    loaded = AutoModelForImageTextToText.from_pretrained(merged).eval()
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids, pixel_values=pixels).logits
+        got = loaded(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    processor = AutoProcessor.from_pretrained(merged)
+    assert processor.chat_template == processor.tokenizer.chat_template
+    assert "<|im_start|>" in processor.chat_template
