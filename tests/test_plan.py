@@ -19,7 +19,7 @@ from xtuner_lite.config import CONFIG_ROOT, load_config
 from xtuner_lite.model import build_model, skip_adapter_input_casts
 from xtuner_lite.model.forward import loss_sum
 
-from conftest import tiny_model
+from conftest import TINY_SHAPE, tiny_model
 
 VOCAB = 4000
 
@@ -324,17 +324,59 @@ GPU_QLORA_RECIPES = sorted(p.stem for p in (CONFIG_ROOT / "gpu").glob("*.py") if
 
 @pytest.mark.parametrize("name", GPU_QLORA_RECIPES)
 def test_every_shipped_qlora_recipe_fits_8_gib_with_half_a_gib_to_spare(name, capsys):
-    """The 8 GB promise, as shipped: rows of 2,048 tokens (DPO: 1,024 per sequence), and the
-    plan, its 0.5 GiB of CUDA context and allocator slack included, leaves 0.5 GiB more."""
+    """The 8 GB promise, as shipped: rows of 2,048 tokens (DPO: 1,024 per sequence; a LLaVA:
+    two images and their text), and the plan, its 0.5 GiB of CUDA context and allocator slack
+    included, leaves 0.5 GiB more."""
     from xtuner_lite.cli import main
     from xtuner_lite.commands.plan import settings_from_config
 
     shape, settings = settings_from_config(load_config(name))
     assert shape.hidden >= 3584 and shape.layers >= 28  # a 7-8B model
-    assert settings.max_length >= (1024 if settings.preference else 2048)
+    shortest = 1024 if settings.preference else 2048
+    if shape.vision is not None:
+        shortest = 2 * shape.vision.image_tokens + 96
+    assert settings.max_length >= shortest
     assert plan_memory(shape, settings).total <= 7.5 * GiB
     assert main(["plan", name, "--gpu-mem", "8GiB"]) == 0
     assert "fits in 8.0 GiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in GPU_QLORA_RECIPES if n.startswith("llava_")] + ["tiny"]
+)
+def test_planned_vision_parameters_are_the_models(name, tmp_path):
+    """The planner's vision tower and projector parameter counts equal those of the model
+    built from the recipe's architecture (on the meta device) or of the tiny composed LLaVA;
+    a trained tower keeps its activations, a frozen one does not."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    from xtuner_lite.commands.plan import Shape
+
+    from conftest import TINY_VISION
+
+    if name == "tiny":
+        architecture = dict(
+            model_type="llava", image_seq_length=16, vision_config=dict(TINY_VISION),
+            text_config=dict(model_type="llama", **TINY_SHAPE, vocab_size=97),
+        )  # fmt: skip
+    else:
+        architecture = dict(load_config(name).architecture)
+    shape = Shape.from_config(architecture)
+    config = dict(architecture)
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    assert shape.vision.tower_params() == count(model.model.vision_tower)
+    assert shape.vision.projector_params() == count(model.model.multi_modal_projector)
+    assert shape.layers == config.text_config.num_hidden_layers
+    frozen = plan_memory(shape, PlanSettings(max_length=2048))
+    trained = plan_memory(shape, PlanSettings(max_length=2048, vision_tower="full"))
+    assert trained.get("vision activations") > frozen.get("vision activations")
+    assert trained.get("gradients") > frozen.get("gradients")
 
 
 def test_would_fit_with_prints_the_cheapest_config_lines_that_fit(capsys):

@@ -427,3 +427,19 @@ def test_merged_image_text_adapter_is_the_adapter(tiny_llava, tmp_path):
     processor = AutoProcessor.from_pretrained(merged)
     assert processor.chat_template == processor.tokenizer.chat_template
     assert "<|im_start|>" in processor.chat_template
+
+
+def test_compose_with_a_pretrained_vision_encoder_keeps_its_weights(tiny_llama, tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from xtuner_lite.model.vlm import compose_llava
+
+    from conftest import TINY_VISION
+
+    config = SiglipVisionConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"})
+    encoder = SiglipVisionModel(config)
+    encoder.save_pretrained(tmp_path / "encoder")
+    out = compose_llava(tiny_llama, None, tmp_path / "llava", vision_model=tmp_path / "encoder")
+    tower = AutoModelForImageTextToText.from_pretrained(out).model.vision_tower
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(tower.state_dict()[name], value), name

@@ -26,6 +26,7 @@ from xtuner_lite.model.attention import MATMUL_ATTENTION_MAX_LENGTH
 from xtuner_lite.model.build import checkpointed_layers
 from xtuner_lite.model.forward import loss_sum
 from xtuner_lite.model.loss import loss_chunk_tokens
+from xtuner_lite.model.vlm import VisionSettings
 from xtuner_lite.objectives import build_objective
 from xtuner_lite.training.runner import fp16_fallback
 from xtuner_lite.values import CfgOptions, PositiveInt, Size, parse_size
@@ -48,8 +49,78 @@ INPUT_OF = {
 
 
 @dataclass
+class VisionShape:
+    """An image-text model's vision tower (a ViT: CLIP, SigLIP) and its MLP projector."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    patches: int  # positions per image through the tower
+    image_tokens: int  # positions per image in the language model
+    channels: int
+    patch: int
+    text_hidden: int
+    pooling_head: bool = False  # SigLIP's attention-pooling head (held, unused by LLaVA)
+    class_token: bool = False  # CLIP's: a class embedding, its position and a norm before
+
+    @classmethod
+    def from_config(cls, config: Any) -> VisionShape:
+        get = _getter(config)
+        vision, text = _getter(get("vision_config")), _getter(get("text_config"))
+        if not all(vision(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "image_size", "patch_size")):  # fmt: skip
+            raise XtunerError(
+                "the vision config lacks hidden_size, intermediate_size, num_hidden_layers, "
+                "image_size or patch_size"
+            )
+        patches = (vision("image_size") // vision("patch_size")) ** 2
+        return cls(
+            vision("hidden_size"),
+            vision("intermediate_size"),
+            vision("num_hidden_layers"),
+            patches,
+            get("image_seq_length") or patches,
+            vision("num_channels", 3),
+            vision("patch_size"),
+            text("hidden_size"),
+            vision("model_type") == "siglip_vision_model" and vision("vision_use_head", True),
+            vision("model_type") == "clip_vision_model",
+        )
+
+    def tower_params(self) -> int:
+        """Patch and position embeddings, per layer attention (q, k, v, o), MLP and two norms
+        with biases, the final norm, and what CLIP or SigLIP adds."""
+        h, i = self.hidden, self.intermediate
+        layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h
+        head = h + 4 * (h * h + h) + 2 * h + 2 * h * i + i + h if self.pooling_head else 0
+        embed = self.channels * self.patch**2 * h + self.patches * h + 2 * h  # + final norm
+        embed += 4 * h if self.class_token else h  # CLIP: class, its position, pre-norm
+        return embed + self.layers * layer + head
+
+    def projector_params(self) -> int:
+        """Two linear layers: vision width to text width, then text width to text width."""
+        t = self.text_hidden
+        return self.hidden * t + t + t * t + t
+
+    def layer_activation_bytes(self, per: int, patches: int) -> int:
+        """What one tower layer keeps for backward at ``per`` bytes per element: the two norms'
+        inputs, q, k, v, the attention output, the MLP input, and its hidden layer twice."""
+        return per * patches * (7 * self.hidden + 2 * self.intermediate)
+
+
+def _getter(config: Any) -> Callable[..., Any]:
+    """``get(key, default)`` over a config dict or object (None: nothing)."""
+    if config is None:
+        return lambda k, d=None: d
+    if isinstance(config, dict):
+        return lambda k, d=None: config.get(k, d)
+    return lambda k, d=None: getattr(config, k, d)
+
+
+@dataclass
 class Shape:
-    """The shape-defining fields of a decoder-only transformer config."""
+    """The shape-defining fields of a decoder-only transformer config (an image-text model's
+    language model, with its vision tower in ``vision``)."""
 
     hidden: int
     intermediate: int
@@ -60,14 +131,14 @@ class Shape:
     vocab: int
     tied: bool
     qkv_bias: bool = False
+    vision: VisionShape | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> Shape:
-        get = (
-            (lambda k, d=None: config.get(k, d))
-            if isinstance(config, dict)
-            else (lambda k, d=None: getattr(config, k, d))
-        )
+        get = _getter(config)
+        if get("vision_config") is not None:
+            text = cls.from_config(get("text_config"))
+            return replace(text, vision=VisionShape.from_config(config))
         heads = get("num_attention_heads")
         if (
             not all(
@@ -157,11 +228,19 @@ class PlanSettings:
     rollout_rows: int = 0
     rollout_new_tokens: int = 0  # of max_length, the completion's share
     nograd_passes: int = 0
+    # an image-text model: what trains in its vision tower (frozen | lora | full), whether the
+    # projector trains (in full, fp32), whether a full fine-tune freezes the language model
+    # (LLaVA's stage 1), and images per row (0: as many as max_length holds, the worst case)
+    vision_tower: str = "frozen"
+    projector: bool = True
+    freeze_language_model: bool = False
+    images_per_row: int = 0
 
 
 # components alive only during forward/backward, or only during the optimizer step
 BACKWARD = (
     "activations",
+    "vision activations",
     "all-to-all buffers",
     "recomputed layer",
     "final norm",
@@ -304,6 +383,9 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
         if getattr(s, key) not in DTYPE_BYTES:
             raise XtunerError(f"{key} must be one of {sorted(DTYPE_BYTES)}")
     weights, trainable = _weights(shape, s)
+    if shape.vision is not None:
+        held, trained = _vision_weights(shape.vision, s)
+        weights, trainable = weights + held, trainable + trained
     tokens = -(-planned_tokens(s) // s.sequence_parallel)  # this rank's positions
     plan = MemoryPlan()
     plan.components += weights + _training_state(s, trainable)
@@ -311,6 +393,8 @@ def plan_memory(shape: Shape, s: PlanSettings) -> MemoryPlan:
     if s.rollout_rows:
         plan.components += _rollout_components(shape, s, tokens)
     plan.components += _activations(shape, s, tokens) + _loss(shape, s, tokens)
+    if shape.vision is not None:
+        plan.components.append(_vision_activations(shape.vision, s))
     if s.sequence_parallel > 1:
         plan.components.append(_all_to_all(shape, s, tokens))
     plan.components.append(("overhead", s.overhead_gib * GiB, "CUDA context, allocator slack"))
@@ -327,6 +411,9 @@ def _weights(shape: Shape, s: PlanSettings) -> tuple[list[Component], int]:
     """The held weights (sharded by ZeRO-3), and how many parameters are trained."""
     p = shape.params()
     shard = max(s.world_size, 1) if s.zero >= 3 else 1
+    if s.method == "full" and s.freeze_language_model:
+        frozen = DTYPE_BYTES[s.base_dtype] * sum(p.values())
+        return [("weights", frozen / shard, "the frozen language model")], 0
     if s.method == "full":
         trainable = sum(p.values())
         return [("weights", 4 * trainable / shard, "fp32 master weights")], trainable
@@ -348,6 +435,37 @@ def _weights(shape: Shape, s: PlanSettings) -> tuple[list[Component], int]:
         ("weights", frozen / shard, how),
         ("adapter", adapter, f"{s.lora_dtype} LoRA weights"),
     ], trainable
+
+
+def _vision_weights(v: VisionShape, s: PlanSettings) -> tuple[list[Component], int]:
+    """The vision tower (never quantized) and projector, and how many of their parameters
+    train: a trained part in fp32, a frozen one in the base dtype, a LoRA adapter on the tower's
+    linear layers in the adapter's dtype."""
+    base, tower, projector = DTYPE_BYTES[s.base_dtype], v.tower_params(), v.projector_params()
+    trained = (tower if s.vision_tower == "full" else 0) + (projector if s.projector else 0)
+    held = (base * tower if s.vision_tower != "full" else 4 * tower) + (
+        4 * projector if s.projector else base * projector
+    )
+    if s.vision_tower == "lora":
+        h, i = v.hidden, v.intermediate
+        adapter = v.layers * s.lora_r * (4 * 2 * h + 2 * (h + i))
+        trained += adapter
+        held += DTYPE_BYTES[s.lora_dtype] * adapter
+    how = f"tower {s.vision_tower}, projector {'trained (fp32)' if s.projector else 'frozen'}"
+    return [("vision tower and projector", held, how)], trained
+
+
+def _vision_activations(v: VisionShape, s: PlanSettings) -> Component:
+    """The images of a micro-batch through the tower: every layer's activations kept when the
+    tower trains, else one layer's working set at a time; and the projector's input and hidden
+    layer when it trains."""
+    images = s.batch_size * (s.images_per_row or max(1, s.max_length // v.image_tokens))
+    per = DTYPE_BYTES[s.compute_dtype]
+    layer = v.layer_activation_bytes(per, v.patches * images)
+    tower = layer * (v.layers if s.vision_tower != "frozen" else 1)
+    projector = per * v.image_tokens * images * (v.hidden + 2 * v.text_hidden) if s.projector else 0
+    kept = "every tower layer's" if s.vision_tower != "frozen" else "one tower layer's working set"
+    return ("vision activations", tower + projector, f"{images} images: {kept}")
 
 
 def _training_state(s: PlanSettings, trainable: int) -> list[Component]:
@@ -637,8 +755,21 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
         world_size=group,
         dora=bool(lora.get("use_dora", False)),
     )
+    if shape.vision is not None:
+        settings = replace(settings, **_vision_settings(dict(model.get("vision") or {})))
     settings = replace(settings, **objective.plan_settings(method, data, train))
     return shape, replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _vision_settings(vision: dict[str, Any]) -> dict[str, Any]:
+    """PlanSettings of a config's ``model.vision`` (``VisionSettings``' defaults)."""
+    settings = VisionSettings.from_config(vision)
+    tower = "frozen" if settings.freeze_vision_tower else "full"
+    return dict(
+        vision_tower="lora" if settings.lora_vision_tower else tower,
+        projector=not settings.freeze_projector,
+        freeze_language_model=settings.freeze_language_model,
+    )
 
 
 def print_plan(shape: Shape, s: PlanSettings, budget: float | None) -> bool:

@@ -282,7 +282,9 @@ def _add_adapter(
     )
     with peft_wrapping():
         model = get_peft_model(model, config)  # adapter weights are fp32 whatever the base dtype
-    if lora_dtype not in ("fp32", "float32"):
+    # what trains in full beside the adapter (an image-text model's projector) is copied from
+    # the base in its dtype: it trains in the adapter's, as the adapter does
+    if lora_dtype not in ("fp32", "float32") or vision is not None:
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(parse_dtype(lora_dtype))

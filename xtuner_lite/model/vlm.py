@@ -136,23 +136,32 @@ def freeze_parts(model: torch.nn.Module, settings: VisionSettings) -> None:
 
 def compose_llava(
     language_model: str | Path,
-    vision_config: dict[str, Any] | PretrainedConfig,
+    vision_config: dict[str, Any] | PretrainedConfig | None,
     out_dir: str | Path,
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5),
     projector_hidden_act: str = "gelu",
     vision_weights: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
+    vision_model: str | Path | None = None,
 ) -> Path:
     """Write a ``LlavaForConditionalGeneration`` folder: the causal LM at ``language_model``
     (its weights, tokenizer and chat template, with ``<image>`` added), a vision encoder of
     ``vision_config`` (a ``model_type`` such as ``siglip_vision_model`` or
     ``clip_vision_model`` and its sizes; weights from ``vision_weights`` or initialized at
-    random with ``seed`` to be trained) and a randomly initialized two-layer MLP projector.
+    random with ``seed`` to be trained), or the pretrained encoder ``vision_model`` (a CLIP or
+    SigLIP folder or hub id: its vision config and weights), and a randomly initialized
+    two-layer MLP projector.
     Every patch feature is kept (``full``): a CLIP tower's class token is then one more image
     token. The processor resizes images to the encoder's ``image_size`` and normalizes with
     ``image_mean`` / ``image_std``."""
-    vision = _vision_config(vision_config)
+    if vision_model is not None:
+        source = AutoConfig.from_pretrained(vision_model)
+        vision = getattr(source, "vision_config", None) or source
+    elif vision_config is None:
+        raise XtunerError("compose_llava needs a vision_config or a vision_model")
+    else:
+        vision = _vision_config(vision_config)
     tokenizer = AutoTokenizer.from_pretrained(language_model)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     llm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
@@ -175,6 +184,9 @@ def compose_llava(
     model = LlavaForConditionalGeneration(config)
     model.model.language_model.load_state_dict(llm.model.state_dict())
     model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    if vision_model is not None:
+        tower = type(model.model.vision_tower).from_pretrained(vision_model, config=vision)
+        vision_weights = tower.state_dict()
     if vision_weights is not None:
         model.model.vision_tower.load_state_dict(vision_weights)
     out = Path(out_dir)
