@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sides import report, run_side
+from sides import report, run_side, train_ours
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -30,9 +30,6 @@ LORA = dict(r=16, alpha=32, dropout=0.05)
 
 
 def run_ours(opts: argparse.Namespace) -> dict:
-    from xtuner_lite import train
-
-    work = tempfile.mkdtemp(prefix="bench_ours_")
     cfg = dict(
         model=dict(
             pretrained="smollm2-135m-instruct",
@@ -63,11 +60,7 @@ def run_ours(opts: argparse.Namespace) -> dict:
             tensorboard=False,
         ),
     )
-    start = time.perf_counter()
-    train(cfg, work_dir=work)
-    seconds = time.perf_counter() - start
-    tokens = sum(json.loads(line)["tokens"] for line in open(Path(work) / "loss.jsonl"))
-    return {"seconds": seconds, "tokens": tokens}
+    return train_ours(cfg, "bench_ours_")
 
 
 def run_trl(opts: argparse.Namespace) -> dict:

@@ -35,6 +35,22 @@ def run_side(cmd: list[str], name: str, env: dict | None = None) -> dict:
     return json.loads(line[0][7:])
 
 
+def train_ours(cfg: dict, prefix: str) -> dict:
+    """``xtuner_lite.train`` of ``cfg`` in a new work dir: its seconds (model loading included)
+    and the real tokens its loss log counts."""
+    import tempfile
+    import time
+
+    from xtuner_lite import train
+
+    work = tempfile.mkdtemp(prefix=prefix)
+    start = time.perf_counter()
+    train(cfg, work_dir=work)
+    seconds = time.perf_counter() - start
+    tokens = sum(json.loads(line)["tokens"] for line in open(Path(work) / "loss.jsonl"))
+    return {"seconds": seconds, "tokens": tokens}
+
+
 def cpu_name() -> str:
     """The CPU's model name and whether it has native bf16 (AMX, AVX512-bf16): rows name it."""
     try:

@@ -136,6 +136,17 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def settings_of(cls: type, value: Any, where: str) -> Any:
+    """A settings dataclass from a config's dict (or the settings themselves; None: the
+    defaults), naming an unknown or misspelt key."""
+    if isinstance(value, cls):
+        return value
+    if value is not None and not isinstance(value, dict):
+        raise XtunerError(f"{where} must be a dict, got {type(value).__name__}")
+    check_kwargs(cls, dict(value or {}), where)
+    return cls(**(value or {}))
+
+
 def check_kwargs(fn: Callable, kwargs: dict[str, Any], where: str) -> None:
     """Refuse config keys that ``fn`` does not take, naming the key and the closest match."""
     params = inspect.signature(fn).parameters

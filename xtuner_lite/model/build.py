@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from xtuner_lite.config import check_kwargs, is_int, is_number
+from xtuner_lite.config import is_int, is_number, settings_of
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import parse_dtype, resolve_model_path, reward_model_from_pretrained
 from xtuner_lite.model.attention import PACKED_SDPA, register_packed_sdpa
@@ -74,12 +74,7 @@ class LoraSettings:
     @classmethod
     def from_config(cls, value: LoraSettings | dict | None) -> LoraSettings:
         """From a config's ``model.lora`` dict, naming an unknown or misspelt key."""
-        if isinstance(value, LoraSettings):
-            return value
-        if value is not None and not isinstance(value, dict):
-            raise XtunerError(f"model.lora must be a dict, got {type(value).__name__}")
-        check_kwargs(cls, dict(value or {}), "model.lora")
-        return cls(**(value or {}))
+        return settings_of(cls, value, "model.lora")
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from transformers import (
     SiglipImageProcessorPil,
 )
 
-from xtuner_lite.config import check_kwargs
+from xtuner_lite.config import settings_of
 from xtuner_lite.data.images import IMAGE_TOKEN
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import is_image_text
@@ -72,12 +72,8 @@ class VisionSettings:
 
     @classmethod
     def from_config(cls, value: VisionSettings | dict | None) -> VisionSettings:
-        if isinstance(value, VisionSettings):
-            return value
-        if value is not None and not isinstance(value, dict):
-            raise XtunerError(f"model.vision must be a dict, got {type(value).__name__}")
-        check_kwargs(cls, dict(value or {}), "model.vision")
-        return cls(**(value or {}))
+        """From a config's ``model.vision`` dict, naming an unknown or misspelt key."""
+        return settings_of(cls, value, "model.vision")
 
 
 def part(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
