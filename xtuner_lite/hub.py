@@ -267,7 +267,8 @@ def load_model(ref: str | os.PathLike, dtype: str = "float32", head: str = "lm",
     try:
         if head == "reward":
             return reward_model_from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
-        if is_image_text(AutoConfig.from_pretrained(path)):
+        remote = bool(kwargs.get("trust_remote_code", False))
+        if is_image_text(AutoConfig.from_pretrained(path, trust_remote_code=remote)):
             return AutoModelForImageTextToText.from_pretrained(
                 path, dtype=parse_dtype(dtype), **kwargs
             )
