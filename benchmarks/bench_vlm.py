@@ -6,11 +6,13 @@ memory do not depend on them) and an MLP projector, composed once by
 ``xtuner_lite.model.vlm.compose_llava`` outside the timings; the frozen base in bf16, LoRA (r=16,
 alpha=32, dropout 0.05) on the language model's linear layers with the projector trained in full
 (fp32) and the tower frozen, bf16 autocast, gradient checkpointing (TRL's default), the same
-"What digit is this?" conversations about scikit-learn's handwritten digits
-(``xtuner_lite/examples/digits.py``), AdamW at the same learning rate, ``--steps`` optimizer steps.
-TRL cannot pack image data, so it pads ``--rows`` conversations per step; ours packs rows of
-``--max-length`` tokens. Each side runs in its own process (peak RSS is its own), alternating;
-real (non-padding) tokens per second. Wall time includes model loading on both sides.
+``--steps`` × ``--rows`` "What digit is this?" conversations about scikit-learn's handwritten
+digits (``xtuner_lite/examples/digits.py``), AdamW at the same learning rate, ``--steps``
+optimizer steps. TRL cannot pack image data, so it pads ``--rows`` conversations per step; ours
+packs them into rows of ``--max-length`` tokens (its images are decoded once into the dataset
+cache on disk: a first run pays that, later ones read it). Each side runs in its own process
+(peak RSS is its own), alternating; real (non-padding) tokens per second. Wall time includes
+model loading and data preparation on both sides.
 
     python benchmarks/bench_vlm.py --steps 8 --repeats 3
 """
@@ -52,8 +54,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def prepare(work: Path) -> tuple[Path, Path]:
-    """The composed model and the digits conversations (one question kind), under ``work``."""
+def prepare(work: Path, conversations: int) -> tuple[Path, Path]:
+    """The composed model and ``conversations`` digits conversations (one question kind),
+    under ``work``: both sides train on the same ones."""
     from xtuner_lite.examples import digits
     from xtuner_lite.hub import resolve_model_path
     from xtuner_lite.model.vlm import compose_llava
@@ -61,7 +64,8 @@ def prepare(work: Path) -> tuple[Path, Path]:
     train, _ = digits.write_data(work)
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     data = work / "digit_questions.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows if r["kind"] == "digit"))
+    rows = [r for r in rows if r["kind"] == "digit"][:conversations]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = compose_llava(resolve_model_path("smollm2-135m-instruct"), TOWER, work / "model")
     return model, data
 
@@ -109,14 +113,13 @@ def run_trl(opts: argparse.Namespace) -> dict:
             ],
         }
 
-    needed = opts.steps * opts.rows
-    ds = datasets.Dataset.from_list([example(r) for r in rows[:needed]])
+    ds = datasets.Dataset.from_list([example(r) for r in rows])
     args = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_vlm_trl_"), use_cpu=True, bf16=True,
         packing=False, max_length=opts.max_length, per_device_train_batch_size=opts.rows,
         gradient_accumulation_steps=1, max_steps=opts.steps, learning_rate=2e-4,
         lr_scheduler_type="cosine", warmup_steps=0, logging_steps=10**6, save_strategy="no",
-        report_to=[], include_num_input_tokens_seen=True, gradient_checkpointing=True,
+        report_to=[], include_num_input_tokens_seen="non_padding", gradient_checkpointing=True,
         dataloader_num_workers=0, remove_unused_columns=False,
     )  # fmt: skip
     peft_config = LoraConfig(
@@ -147,7 +150,7 @@ def main() -> None:
         report((run_ours if opts.side == "ours" else run_trl)(opts))
         return
     work = Path(tempfile.mkdtemp(prefix="bench_vlm_"))
-    model, data = prepare(work)  # outside the timings
+    model, data = prepare(work, opts.steps * opts.rows)  # outside the timings
     runs = []
     for _ in range(opts.repeats):
         results = {}

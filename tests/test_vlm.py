@@ -68,7 +68,7 @@ def test_composed_llava_is_what_transformers_loads_and_its_processor_agrees(tiny
     theirs = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
     assert type(theirs).__name__ == "LlavaForConditionalGeneration"
     ids = torch.tensor([row["input_ids"]])
-    pixels = dataset.data.pixels[torch.tensor(row["images"])]
+    pixels = dataset.data.images.load(row["images"])
     with torch.no_grad():
         expected = theirs(input_ids=ids, pixel_values=pixels).logits
         got = ours(input_ids=ids, pixel_values=pixels).logits
@@ -91,7 +91,8 @@ def test_image_rows_in_every_shape_expand_their_images_and_never_train_them(tiny
     image_id = dataset.data.rows.input_ids.max()  # <image> is the last token of the vocabulary
     counts = sorted(len(dataset[i]["images"]) for i in range(len(dataset)))
     assert counts == [1, 1, 2]
-    assert len(dataset.data.pixels) == 3  # img0 is used twice: decoded once
+    assert len(dataset.data.images) == 3  # img0 is used twice: decoded once
+    assert len(list(dataset.data.images.folder.glob("*.pt"))) == 3  # kept on disk
     for i in range(len(dataset)):
         row = dataset[i]
         ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
@@ -238,7 +239,7 @@ def test_xtuner_train_teaches_a_tiny_llava_what_its_images_show(taught_llava, ti
     for i in range(len(dataset)):
         row = dataset[i]
         ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
-        pixels = dataset.data.pixels[torch.tensor(row["images"])]
+        pixels = dataset.data.images.load(row["images"])
         with torch.no_grad():
             logits = model(input_ids=ids, pixel_values=pixels).logits[0]
         trained = torch.nonzero(labels[1:] != IGNORE_INDEX)[:, 0]
@@ -418,7 +419,7 @@ def test_merged_image_text_adapter_is_the_adapter(tiny_llava, tmp_path):
     names = write_images(tmp_path, 2)
     dataset = _dataset(tiny_llava, _write(tmp_path, _rows(names)[:1]), pack=False)
     row = dataset[0]
-    ids, pixels = torch.tensor([row["input_ids"]]), dataset.data.pixels[:1]
+    ids, pixels = torch.tensor([row["input_ids"]]), dataset.data.images.load(row["images"])
     loaded = AutoModelForImageTextToText.from_pretrained(merged).eval()
     with torch.no_grad():
         expected = model.eval()(input_ids=ids, pixel_values=pixels).logits

@@ -274,7 +274,7 @@ def check_image_dataset(
             console.print(Panel(_marked(runs, console, limit), title=title, title_align="left"))
         if shown >= num_samples:
             break
-    console.print(f"{len(data.pixels)} distinct images, decoded once")
+    console.print(f"{len(data.images)} distinct images, decoded once ({data.images.folder})")
     report_stats(processed.stats, console)
     return processed.stats
 

@@ -6,7 +6,7 @@ An image's tokens are never trained and never split: a packed row never cuts a s
 sample whose images would be cut by ``max_length`` is skipped and counted (text after its last
 image is truncated as SFT truncates). A missing, unreadable or truncated image is an error naming
 the file and row, or a counted skip with ``skip_invalid``. Each distinct image is decoded and
-run through the model's image processor once (``data/images.py``).
+run through the model's image processor once, its output kept on disk (``data/images.py``).
 
 Models whose image-token count is fixed (LLaVA and compositions, ``image_seq_length`` in their
 config) are supported; models that tile images into a variable number of tokens are refused
@@ -32,6 +32,7 @@ from xtuner_lite.data.map_fns import validate_conversation
 from xtuner_lite.data.packing import PackedData, arrange, pack_indices
 from xtuner_lite.data.pipeline import (
     DatasetStats,
+    dataset_cache_dir,
     length_summary,
     note_skip,
     resolve_template,
@@ -44,12 +45,12 @@ from xtuner_lite.errors import DataError, RowError, XtunerError
 
 @dataclass
 class ImageData:
-    """Packed rows (``PackedData``) and, per sample in storage order, its images' indices
-    into ``pixels`` (distinct images, channels, height, width)."""
+    """Packed rows (``PackedData``) and, per sample in storage order, its images' indices in
+    ``images`` (the processor's output of each distinct image, on disk)."""
 
     rows: PackedData
     sample_images: list[list[int]]
-    pixels: torch.Tensor
+    images: ImageStore
 
     def __post_init__(self) -> None:
         self._row_starts = np.concatenate([[0], np.cumsum(self.rows.row_sizes)])
@@ -114,7 +115,9 @@ def process_image_dataset(
     tokenizer_ref, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
     template = resolve_template(template, tokenizer, tokenizer_ref)
     images = image_tokens(processor, tokenizer)
-    store = ImageStore(AutoImageProcessor.from_pretrained(processor))
+    store = ImageStore(
+        AutoImageProcessor.from_pretrained(processor), dataset_cache_dir() / "images"
+    )
     stats = DatasetStats(sources=files, max_length=max_length, packed=pack)
     skipped: Counter[str] = Counter()
     parts: list[TokenizedBatch] = []
@@ -137,7 +140,7 @@ def process_image_dataset(
     stats.tokens, stats.trained_tokens = packed.num_tokens, packed.num_trained_tokens
     stats.lengths = length_summary(packed.sample_lengths)
     in_order = [sample_images[i] for row in order for i in row]
-    return ProcessedImageDataset(ImageData(packed, in_order, store.pixels()), stats)
+    return ProcessedImageDataset(ImageData(packed, in_order, store), stats)
 
 
 def _read_file(
@@ -216,7 +219,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         batch = collate_packed(rows, pad_token_id, pad_to_multiple_of)
         index = [j for r in rows for j in r["images"]]
         if index:
-            batch["pixel_values"] = self.data.pixels[torch.tensor(index)]
+            batch["pixel_values"] = self.data.images.load(index)
         return batch
 
 

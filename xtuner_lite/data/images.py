@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from xtuner_lite.atomic import atomic_path
 from xtuner_lite.data.map_fns import openai_map_fn, sharegpt_map_fn
 from xtuner_lite.errors import RowError
 
@@ -135,32 +136,42 @@ def decode_image(data: bytes, name: str) -> Image.Image:
 
 
 class ImageStore:
-    """The image processor's output for every distinct image, decoded once: an image used by
-    several rows (or several times) is found by the hash of its bytes."""
+    """The image processor's output for every distinct image, decoded once and kept on disk
+    under ``folder`` (one file per image and processor setting): training reads each batch's
+    images from there, so a dataset's images never have to fit in memory. An image used by
+    several rows (or several times) is found by the hash of its bytes, and a later run of the
+    same data finds its files."""
 
-    def __init__(self, image_processor: Any):
+    def __init__(self, image_processor: Any, folder: Path):
         self.image_processor = image_processor
+        settings = image_processor.to_json_string().encode()
+        self.folder = Path(folder) / hashlib.sha256(settings).hexdigest()[:16]
         self._index: dict[str, int] = {}
-        self._pixels: list[torch.Tensor] = []
+        self._files: list[Path] = []
 
     def add(self, ref: str, folder: Path) -> int:
         """The index of ``ref``'s pixel values, processing the image if it is new."""
         data = read_image_bytes(ref, folder)
         key = hashlib.sha256(data).hexdigest()
         if key not in self._index:
-            name = ref if not ref.startswith("data:") else "(data URL)"
-            image = decode_image(data, name)
-            pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-            self._index[key] = len(self._pixels)
-            self._pixels.append(pixels[0])
+            path = self.folder / f"{key}.pt"
+            if not path.exists():
+                name = ref if not ref.startswith("data:") else "(data URL)"
+                image = decode_image(data, name)
+                pixels = self.image_processor(images=[image], return_tensors="pt")
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    torch.save(pixels["pixel_values"][0].clone(), tmp)
+            self._index[key] = len(self._files)
+            self._files.append(path)
         return self._index[key]
 
-    def pixels(self) -> torch.Tensor:
-        """(distinct images, channels, height, width)."""
-        return torch.stack(self._pixels) if self._pixels else torch.zeros(0)
+    def load(self, indices: list[int]) -> torch.Tensor:
+        """(len(indices), channels, height, width) pixel values of those images."""
+        return torch.stack([torch.load(self._files[i], weights_only=True) for i in indices])
 
     def __len__(self) -> int:
-        return len(self._pixels)
+        return len(self._files)
 
 
 __all__ = [
