@@ -415,6 +415,9 @@ def test_merged_image_text_adapter_is_the_adapter(tiny_llava, tmp_path):
     cfg = {"model": {"pretrained": tiny_llava, "method": "lora"}, "train_dataset": {},
            "train": {}}  # fmt: skip
     save_result(model, tokenizer, get_template("smollm2", tokenizer), cfg, tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / "xtuner_lite.json").read_text())
+    assert meta["architecture"]["model_type"] == "llava"
+    assert meta["architecture"]["hidden_size"] == 64  # the language model's
     merged = merge_adapter(None, str(tmp_path / "adapter"), str(tmp_path / "merged"), "fp32")
     names = write_images(tmp_path, 2)
     dataset = _dataset(tiny_llava, _write(tmp_path, _rows(names)[:1]), pack=False)

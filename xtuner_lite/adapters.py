@@ -25,8 +25,10 @@ ARCHITECTURE_KEYS = (
 
 
 def architecture_of(config: Any) -> dict[str, Any]:
-    """The shape-defining fields of a transformers config (recorded beside every adapter)."""
-    return {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS}
+    """The shape-defining fields of a transformers config (recorded beside every adapter); an
+    image-text model's are its language model's, under its own ``model_type``."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {k: getattr(config if k == "model_type" else text, k, None) for k in ARCHITECTURE_KEYS}
 
 
 def read_adapter_meta(adapter: str | Path) -> tuple[dict, dict]:
