@@ -351,7 +351,7 @@ def test_generation_scoring_extracts_the_written_letter(monkeypatch):
     rows = _letter_rows()
     oracle = {r.fields["question"]: r.fields["choices"][r.fields["answer"]] for r in rows}
 
-    def answer(spec, model, prompts, max_batch_size=32):
+    def answer(spec, model, prompts, max_batch_size=32, images=None):
         replies = []
         for prompt in prompts:
             lines = prompt.split("\n")
@@ -371,7 +371,9 @@ def test_generation_scoring_extracts_the_written_letter(monkeypatch):
     right = evaluate_mcq(spec, rows, LoadedModel("fake", None, None), None, scorer=None)
     assert right.metrics == {"acc": 1.0, "circular_acc": 1.0}
     assert right.samples[0]["output"].startswith("I think")
-    monkeypatch.setattr(evaluator, "_generate", lambda s, m, p, b=32: ["no idea"] * len(p))
+    monkeypatch.setattr(
+        evaluator, "_generate", lambda s, m, p, b=32, images=None: ["no idea"] * len(p)
+    )
     lost = evaluate_mcq(spec, rows, LoadedModel("fake", None, None), None, scorer=None)
     assert lost.metrics["acc"] == 0.0 and {s["pred"] for s in lost.samples} == {-1}
     with pytest.raises(XtunerError, match="scoring must be 'loglik', or 'generate' with style"):

@@ -193,6 +193,7 @@ def test_what_trains_in_an_image_text_model(tiny_llava):
 
 
 ANSWERS = {"dark.png": "The first.", "light.png": "The second."}
+LETTERED = "Which picture is this?\nA. dark\nB. light\nAnswer:"  # answered A or B
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +212,10 @@ def taught_llava(tiny_llava, tmp_path_factory):
             {"from": "human", "value": "Which picture is this?"},
             {"from": "gpt", "value": answer}]}
         for _ in range(8) for name, answer in ANSWERS.items()
+    ] + [
+        {"image": name, "conversations": [
+            {"from": "human", "value": LETTERED}, {"from": "gpt", "value": letter}]}
+        for _ in range(4) for name, letter in zip(ANSWERS, "AB")
     ]  # fmt: skip
     cfg = dict(
         model=dict(pretrained=tiny_llava, method="full"),
@@ -236,7 +241,7 @@ def test_xtuner_train_teaches_a_tiny_llava_what_its_images_show(taught_llava, ti
     assert (result / "processor_config.json").exists()
     model = AutoModelForImageTextToText.from_pretrained(result).eval()
     dataset = _dataset(tiny_llava, str(folder / "data.json"), pack=False)
-    for i in range(len(dataset)):
+    for i in range(len(dataset)):  # every answer token, both questions
         row = dataset[i]
         ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
         pixels = dataset.data.images.load(row["images"])
@@ -447,3 +452,35 @@ def test_compose_with_a_pretrained_vision_encoder_keeps_its_weights(tiny_llama, 
     tower = AutoModelForImageTextToText.from_pretrained(out).model.vision_tower
     for name, value in encoder.state_dict().items():
         assert torch.equal(tower.state_dict()[name], value), name
+
+
+def test_eval_image_tasks_show_each_row_its_image(taught_llava):
+    """``xtuner eval`` tasks with an ``image`` field on the taught model: a generation task and
+    a lettered multiple-choice task scored by the model's written letter get every row right;
+    the same rows with each other's images get every row wrong; loglik scoring refuses images."""
+    from xtuner_lite.evaluation.evaluator import evaluate_model
+    from xtuner_lite.evaluation.tasks import TaskSpec
+    from xtuner_lite.inference.loader import load_for_inference
+
+    run, folder = taught_llava
+    rows = [{"picture": name, "other": other, "answer": ANSWERS[name], "letter": letter,
+             "choices": ["dark", "light"]}
+            for (name, letter), other in zip(zip(ANSWERS, "AB"), reversed(ANSWERS))]  # fmt: skip
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(data=str(folder / "eval.jsonl"), chat=True, max_new_tokens=8)
+    tasks = [
+        TaskSpec(name="which", kind="generate", prompt="Which picture is this?",
+                 image="picture", **common),
+        TaskSpec(name="lettered", kind="mcq", style="letter", scoring="generate",
+                 prompt="Which picture is this?\n{options}\nAnswer:", answer="letter",
+                 circular=False, image="picture", **common),
+    ]  # fmt: skip
+    model = load_for_inference(str(run / "model"), template="smollm2")
+    results = evaluate_model(model, tasks)
+    assert results["which"].metrics["acc"] == 1.0
+    assert results["lettered"].metrics["acc"] == 1.0
+    swapped = [TaskSpec(**{**t.__dict__, "image": "other"}) for t in tasks]
+    results = evaluate_model(model, swapped)
+    assert results["which"].metrics["acc"] == 0.0 and results["lettered"].metrics["acc"] == 0.0
+    with pytest.raises(XtunerError, match="images need kind 'generate'"):
+        TaskSpec(name="x", data="x", kind="mcq", image="picture")

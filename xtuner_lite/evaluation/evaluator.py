@@ -11,11 +11,13 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from xtuner_lite.data.dataset import collate_preference
+from xtuner_lite.data.images import placed_before
 from xtuner_lite.data.preference import PreferenceData, preference_units
 from xtuner_lite.data.templates import stop_token_ids
 from xtuner_lite.data.tokenize import tokenize_rendered
@@ -31,6 +33,7 @@ from xtuner_lite.evaluation.tasks import (
     render,
 )
 from xtuner_lite.inference import InferenceEngine, SamplingParams
+from xtuner_lite.inference.images import image_input_for
 from xtuner_lite.inference.loader import LoadedModel  # what the evaluator scores
 from xtuner_lite.model.build import model_head
 from xtuner_lite.model.logprobs import sequence_logps, sequence_scores
@@ -131,19 +134,29 @@ def _rotations(
         shifts = range(len(choices)) if spec.circular else range(1)
         for shift in shifts:  # option i moves to position (i + shift) % n
             order = [choices[(j - shift) % len(choices)] for j in range(len(choices))]
-            requests = [(builder.context(row, c), x) for c, x in _mcq_requests(spec, row, order)]
+            requests = [
+                (builder.context(row, _with_image(spec, c)), x)
+                for c, x in _mcq_requests(spec, row, order)
+            ]
             rotations.append((index, shift, (gold + shift) % len(choices), requests))
     return rotations
 
 
 def _predictions(
-    spec: TaskSpec, model: LoadedModel, scorer: LoglikScorer, rotations: list[Rotation]
+    spec: TaskSpec,
+    model: LoadedModel,
+    scorer: LoglikScorer,
+    rotations: list[Rotation],
+    images: list[str | None],
 ) -> dict[int, list[tuple[int, int, int, Any]]]:
     """Per row, (rotation, gold, predicted option, the output or log-likelihoods) of each
-    rotation: the model's written letter, or the option of the highest log-likelihood."""
+    rotation: the model's written letter, or the option of the highest log-likelihood.
+    ``images``: each row's image (or None)."""
     per_row: dict[int, list[tuple[int, int, int, Any]]] = defaultdict(list)
     if spec.scoring == "generate":  # the model writes its answer; the letter is extracted
-        outputs = _generate(spec, model, [requests[0][0] for *_, requests in rotations])
+        contexts = [requests[0][0] for *_, requests in rotations]
+        shown = [images[index] for index, *_ in rotations]
+        outputs = _generate(spec, model, contexts, images=shown)
         for (index, shift, gold, requests), text in zip(rotations, outputs):
             letter = extract_answer(text, "letter", spec.letters[: len(requests)])
             pred = spec.letters.index(letter) if letter else -1
@@ -162,7 +175,7 @@ def evaluate_mcq(
 ) -> TaskResult:
     row_choices = [choices_of(spec, row) for row in rows]
     rotations = _rotations(spec, rows, row_choices, PromptBuilder(spec, data_root, model))
-    per_row = _predictions(spec, model, scorer, rotations)
+    per_row = _predictions(spec, model, scorer, rotations, [image_of(spec, r) for r in rows])
     samples, correct, correct_norm, circular = [], [], [], []
     by_subject: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     for index, row in enumerate(rows):
@@ -237,11 +250,31 @@ def normalize_number(text: str) -> str:
     return str(int(value)) if value == int(value) else str(value)
 
 
+def image_of(spec: TaskSpec, row: Row) -> str | None:
+    """The row's image for an image task: a data URL, or a path (relative to its data file)."""
+    if spec.image is None:
+        return None
+    ref = str(field_of(row, spec.image))
+    if ref.startswith("data:") or Path(ref).is_absolute():
+        return ref
+    return str(Path(row.source.rsplit(":", 1)[0]).parent / ref)
+
+
+def _with_image(spec: TaskSpec, context: str) -> str:
+    """An image task's context with the image's placeholder before it."""
+    return placed_before(context, 1) if spec.image is not None else context
+
+
 def _generate(
-    spec: TaskSpec, model: LoadedModel, prompts: list[str], max_batch_size: int = 32
+    spec: TaskSpec,
+    model: LoadedModel,
+    prompts: list[str],
+    max_batch_size: int = 32,
+    images: list[str | None] | None = None,
 ) -> list[str]:
     """Greedy continuations of rendered prompts on the bundled engine (all batched), cut at the
-    task's stop words and, for chat prompts, at the template's end of turn."""
+    task's stop words and, for chat prompts, at the template's end of turn; ``images``: each
+    prompt's image (an image-text model)."""
 
     stop_ids = []
     if spec.chat and model.template is not None:
@@ -251,7 +284,18 @@ def _generate(
         max_new_tokens=spec.max_new_tokens, stop_words=list(spec.stop), stop_token_ids=stop_ids
     )
     ids = [model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    return [request.text for request in engine.generate(ids, params)]
+    if not images or all(i is None for i in images):
+        return [request.text for request in engine.generate(ids, params)]
+    reader = image_input_for(model.model, model.tokenizer, model.name)
+    if reader is None:
+        raise XtunerError(f"task {spec.name!r} shows images: {model.name} is a text model")
+    requests = []
+    for prompt, image in zip(ids, images):
+        prompt, pixels = reader.prompt(prompt, [image] if image else [])
+        requests.append(engine.add_request(prompt, params, pixel_values=pixels))
+    while engine.has_work:
+        engine.step()
+    return [request.text for request in requests]
 
 
 def reward_scores(
@@ -292,8 +336,9 @@ def evaluate_generate(
     outputs = _generate(
         spec,
         model,
-        [builder.context(row, render(spec.prompt, row)) for row in rows],
+        [builder.context(row, _with_image(spec, render(spec.prompt, row))) for row in rows],
         max_batch_size,
+        [image_of(spec, row) for row in rows],
     )
     samples, correct = [], []
     for row, text in zip(rows, outputs):

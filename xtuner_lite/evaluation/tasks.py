@@ -59,6 +59,9 @@ class TaskSpec:
     window: int = 1024  # tokens per scoring window
     # preference: rows in any training preference format (pairs); each sequence capped here
     max_length: int = 1024
+    # an image-text model's image: the row field holding an image path (relative to the data
+    # file) or data URL, shown before the prompt (mcq scored by generation, or generate)
+    image: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -76,6 +79,13 @@ class TaskSpec:
             raise XtunerError(
                 f"task {self.name!r}: scoring must be 'loglik', or 'generate' with "
                 f"style 'letter' (got {self.scoring!r}, style {self.style!r})"
+            )
+        if self.image is not None and not (
+            self.kind == "generate" or self.kind == "mcq" and self.scoring == "generate"
+        ):
+            raise XtunerError(
+                f"task {self.name!r}: images need kind 'generate', or 'mcq' with scoring "
+                f"'generate' (the model answers; option log-likelihoods take no image)"
             )
         if self.circular is None:
             self.circular = self.kind == "mcq" and self.style == "letter"

@@ -11,10 +11,9 @@ from typing import Any
 from xtuner_lite.data import control
 from xtuner_lite.data.images import placed_before
 from xtuner_lite.data.templates import Template
-from xtuner_lite.hub import is_image_text, resolve_model_path
 from xtuner_lite.inference.engine import InferenceEngine
-from xtuner_lite.inference.images import ImageInput
-from xtuner_lite.inference.loader import is_adapter, load_for_inference
+from xtuner_lite.inference.images import ImageInput, image_input_for
+from xtuner_lite.inference.loader import load_for_inference
 from xtuner_lite.inference.sampling import SamplingParams
 from xtuner_lite.model.precision import Precision, inference_dtype
 from xtuner_lite.toolcalling.formats import ToolFormat, get_tool_format
@@ -49,11 +48,7 @@ class ChatModel:
             model, adapter, template, dtype=dtype, bits=bits, weights=weights
         )
         vocab = loaded.tokenizer.get_vocab()
-        images = None
-        if loaded.model is not None and is_image_text(loaded.model.config):
-            # the processor: in a training result's folder (an adapter's), else the model's
-            where = adapter or (model if is_adapter(model) else resolve_model_path(model))
-            images = ImageInput(loaded.model.config, loaded.tokenizer, where)
+        images = image_input_for(loaded.model, loaded.tokenizer, model, adapter)
         return cls(
             loaded.model,
             loaded.tokenizer,

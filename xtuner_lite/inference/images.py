@@ -13,6 +13,8 @@ from transformers import AutoImageProcessor, PretrainedConfig
 from xtuner_lite.data.image_text import image_tokens
 from xtuner_lite.data.images import decode_image, read_image_bytes
 from xtuner_lite.errors import RowError, XtunerError
+from xtuner_lite.hub import is_image_text, resolve_model_path
+from xtuner_lite.inference.loader import is_adapter
 
 
 class ImageInput:
@@ -50,4 +52,15 @@ class ImageInput:
         return expanded, self.processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-__all__ = ["ImageInput"]
+def image_input_for(
+    model: Any, tokenizer: Any, ref: str, adapter: str | None = None
+) -> ImageInput | None:
+    """The image input of a loaded model (None: a text model); its processor is in a training
+    result's folder (``adapter``, or ``ref`` when it is one), else the model's."""
+    if model is None or not is_image_text(model.config):
+        return None
+    where = adapter or (ref if is_adapter(ref) else resolve_model_path(ref))
+    return ImageInput(model.config, tokenizer, where)
+
+
+__all__ = ["ImageInput", "image_input_for"]
