@@ -98,6 +98,13 @@ class KVCache:
         return Cache(layers=[_InPlaceLayer(self, i) for i in range(len(self.keys))])
 
 
+def first_used_column(mask: torch.Tensor) -> int:
+    """The first column of a (rows, columns) mask that some row uses (the width if none):
+    the columns before it are padding every row shares, and can be dropped."""
+    used = mask.any(0).nonzero()
+    return int(used[0]) if len(used) else mask.shape[1]
+
+
 def _with_room(t: torch.Tensor, capacity: int) -> torch.Tensor:
     """A (batch, heads, capacity, dim) buffer whose first columns are ``t``."""
     out = t.new_zeros(t.shape[0], t.shape[1], capacity, t.shape[3])

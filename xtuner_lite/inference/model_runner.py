@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 
 import torch
 
 from xtuner_lite.inference.block_manager import BLOCK_SIZE, Block, BlockManager, gather
 from xtuner_lite.inference.decoder import FastDecoder, unsupported_reason
-from xtuner_lite.inference.kv_cache import GROW, KVCache
+from xtuner_lite.inference.kv_cache import GROW, KVCache, first_used_column
 from xtuner_lite.inference.shared_prefix import (
     SHARE_MIN_COLUMNS,
     SharedPrefixes,
@@ -125,17 +126,19 @@ class ModelRunner:
         filled, mask, logits = self._prefill_unique(unique, pixels)
         where = {k: i for i, k in enumerate(first)}
         of = [where[k] for k in keys]  # each row's prompt among the unique ones
-        counts = [of.count(i) for i in range(len(unique))]
         shared = None
-        lengths = [len(p) for p in unique]
-        if self.decoder is not None and worth_sharing(lengths, counts, self.share_kv):
-            filled, mask, shared = self._hold_once(filled, mask, of, counts)
-        elif len(unique) < len(prompts):
+        if len(unique) < len(prompts):  # a prompt given several times: held once, or copied
+            counts = [n for _, n in sorted(Counter(of).items())]
             rows = torch.tensor(of, device=self.device)
-            filled.select(rows, 0)
-            mask = mask[rows]
+            lengths = [len(p) for p in unique]
+            if self.decoder is not None and worth_sharing(lengths, counts, self.share_kv):
+                filled, mask, shared = self._hold_once(filled, mask, of, counts)
+            else:
+                filled.select(rows, 0)
+                mask = mask[rows]
+            logits = logits[rows]
         self._splice(filled, mask, shared)
-        return logits[torch.tensor(of, device=self.device)], [found[k] * BLOCK_SIZE for k in keys]
+        return logits, [found[k] * BLOCK_SIZE for k in keys]
 
     def remember(self, rows: list[int], tokens: list[list[int]]) -> None:
         """Cache the full blocks of rows ``rows`` (requests about to leave the batch), whose
@@ -150,11 +153,14 @@ class ModelRunner:
             ids = ids[: before + len(columns)]
             first = self.blocks.first_missing(ids)
             end = len(ids) // BLOCK_SIZE * BLOCK_SIZE
-            if first * BLOCK_SIZE < end:
-                kv = self._kv(self.cache, row, columns)
-                if held is not None:
-                    kv = torch.cat([held, kv], dim=3)
-                self.blocks.store(ids, first, kv[:, :, :, first * BLOCK_SIZE : end])
+            if first * BLOCK_SIZE >= end:
+                continue
+            if held is None:  # only the columns of the blocks to store
+                kv = self._kv(self.cache, row, columns[first * BLOCK_SIZE : end])
+            else:
+                kv = torch.cat([held, self._kv(self.cache, row, columns)], dim=3)
+                kv = kv[:, :, :, first * BLOCK_SIZE : end]
+            self.blocks.store(ids, first, kv)
 
     def _cached_blocks(self, prompt: list[int]) -> int:
         """How many leading full blocks of ``prompt`` the cache holds (the last token is
@@ -222,7 +228,7 @@ class ModelRunner:
         repeated = [i for i, c in enumerate(counts) if c > 1]
         index = torch.tensor(repeated, device=self.device)
         held_mask = mask[index]
-        first = int(held_mask.any(0).nonzero()[0])
+        first = first_used_column(held_mask)
         end = filled.length
         prompt_of = {u: j for j, u in enumerate(repeated)}
         owner = torch.tensor([prompt_of.get(u, -1) for u in of], device=self.device)
@@ -232,16 +238,11 @@ class ModelRunner:
             held_mask[:, first:],
             owner,
         )
-        own_rows = [u for u in of if counts[u] == 1]
-        if not own_rows:  # every row continues a held prompt: its own cache starts empty
-            kv_heads, head_dim, layers = self._kv_shape
-            keys = [torch.zeros(len(of), kv_heads, GROW, head_dim, dtype=self._kv_dtype,
-                                device=self.device) for _ in range(layers)]  # fmt: skip
-            values = [torch.zeros_like(k) for k in keys]
-            return KVCache(keys, values, 0), mask.new_zeros(len(of), 0), shared
+        if all(counts[u] > 1 for u in of):  # every row continues a held prompt: empty own caches
+            return self._cache_of([[] for _ in of], 0, GROW), mask.new_zeros(len(of), 0), shared
         rows = torch.tensor(of, device=self.device)
         mask = mask[rows] * (owner < 0)[:, None]  # a held prompt's row has no columns here
-        keep = int(mask.any(0).nonzero()[0])
+        keep = first_used_column(mask)
         filled.select(rows, keep)
         return filled, mask[:, keep:], shared
 
@@ -285,8 +286,7 @@ class ModelRunner:
         index = torch.tensor(keep, device=self.device)
         self._mask = self._mask[index]
         # (a row continuing a held prompt has no column here until its first decode)
-        real = self._mask.any(0).nonzero()
-        first = int(real[0]) if len(real) else self._mask.shape[1]
+        first = first_used_column(self._mask)
         self._mask = self._mask[:, first:]
         self.cache.select(index, first)
         self._next = self._next[index]

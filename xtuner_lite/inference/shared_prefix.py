@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from xtuner_lite.inference.kv_cache import first_used_column
+
 # duplicated prompt columns (summed over an admission's repeated prompts, one fewer than each is
 # repeated) from which holding them once pays for the merge: about where this module's attention
 # and the dense cache's break even (bench_rollout.py --context-tokens, docs/benchmarks.md)
@@ -50,6 +52,9 @@ class SharedPrefixes:
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor,
                  owner: torch.Tensor):  # fmt: skip
         self.keys, self.values, self.mask, self.owner = keys, values, mask, owner
+        # what every decode step reads, made once: a change of rows makes a new instance
+        self._row_lengths: torch.Tensor | None = None
+        self._layout: StepLayout | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -58,8 +63,10 @@ class SharedPrefixes:
 
     def row_lengths(self) -> torch.Tensor:
         """(rows,) how many of each row's tokens are held here (0 without a prompt here)."""
-        lengths = self.lengths
-        return torch.where(self.owner >= 0, lengths[self.owner.clamp(min=0)], 0)
+        if self._row_lengths is None:
+            lengths = self.lengths
+            self._row_lengths = torch.where(self.owner >= 0, lengths[self.owner.clamp(min=0)], 0)
+        return self._row_lengths
 
     def row_kv(self, row: int) -> torch.Tensor | None:
         """Row ``row``'s prompt keys and values, (layers, 2, kv heads, columns, dim), or None."""
@@ -83,7 +90,7 @@ class SharedPrefixes:
         renumber = torch.full((self.mask.shape[0],), -1, dtype=torch.long, device=owner.device)
         renumber[used] = torch.arange(used.numel(), device=owner.device)
         mask = self.mask[used]
-        first = int(mask.any(0).nonzero()[0])
+        first = first_used_column(mask)
         return SharedPrefixes(
             [k[used][:, :, first:] for k in self.keys],
             [v[used][:, :, first:] for v in self.values],
@@ -92,7 +99,12 @@ class SharedPrefixes:
         )
 
     def layout(self, dtype: torch.dtype) -> StepLayout:
-        """This step's slots and prompt mask in ``dtype`` (once per step, for every layer)."""
+        """The decode step's slots and prompt mask in ``dtype`` (for every layer; made once)."""
+        if self._layout is None or self._layout.additive.dtype != dtype:
+            self._layout = self._make_layout(dtype)
+        return self._layout
+
+    def _make_layout(self, dtype: torch.dtype) -> StepLayout:
         owner = self.owner.tolist()
         shared = [r for r, p in enumerate(owner) if p >= 0]
         members: list[list[int]] = [[] for _ in range(self.mask.shape[0])]
