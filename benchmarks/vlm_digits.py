@@ -26,13 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from peft import PeftModel
-from transformers import AutoImageProcessor, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 from transformers.utils import logging as hf_logging
 
-from xtuner_lite.data.image_text import image_tokens
 from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.examples import digits
 from xtuner_lite.hub import load_tokenizer
+from xtuner_lite.inference.images import ImageInput
 
 STAGES = ("smollm2_135m_llava_digits_pretrain", "smollm2_135m_llava_digits_finetune")
 
@@ -53,32 +53,27 @@ def load(folder: Path, adapter: Path | None = None) -> torch.nn.Module:
 
 @torch.no_grad()
 def answers(model, folder: Path, rows: list[dict], images: Path, batch: int = 64) -> list[str]:
-    """The greedy reply to each row's question (its image), as training renders the prompt."""
-    from PIL import Image
-
+    """The greedy reply to each row's question (its image), as training renders the prompt
+    and as ``xtuner chat --image`` expands it."""
     tokenizer = load_tokenizer(str(folder))
     template = get_template("smollm2")
-    image = image_tokens(folder, tokenizer)
-    processor = AutoImageProcessor.from_pretrained(folder)
+    reader = ImageInput(folder, tokenizer)
     stops = stop_token_ids(template, tokenizer)
     replies = []
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        prompts = []
+        prompts, pixels = [], []
         for row in chunk:
             question = row["conversations"][0]["value"]
             text = template.render_prompt([{"role": "user", "content": question}], tokenizer)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            expanded = []
-            for t in ids:
-                expanded += [t] * (image.per_image if t == image.token_id else 1)
-            prompts.append(expanded)
+            ids, shown = reader.prompt(ids, [row["image"]], images)
+            prompts.append(ids)
+            pixels.append(shown)
         width = max(map(len, prompts))
         ids = torch.tensor([[stops[0]] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        pictures = [Image.open(images / row["image"]) for row in chunk]
-        pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixels),
                              max_new_tokens=8, do_sample=False, eos_token_id=stops,
                              pad_token_id=stops[0])  # fmt: skip
         replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

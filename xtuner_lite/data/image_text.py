@@ -78,6 +78,10 @@ class ImageTokens:
     token_id: int
     per_image: int
 
+    def expand(self, ids: list[int]) -> list[int]:
+        """``ids`` with each image token repeated to the model's count per image."""
+        return np.repeat(ids, np.where(np.array(ids) == self.token_id, self.per_image, 1)).tolist()
+
 
 def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageTokens:
     """The ``<image>`` token id and the image-token count per image of ``model`` (a folder,

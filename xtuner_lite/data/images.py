@@ -43,7 +43,7 @@ def image_conversation(row: Any) -> tuple[dict, list[str]]:
             first = next((m for m in messages if m["role"] == "user"), None)
             if first is None:
                 raise RowError("no human turn to put the image in", field="conversations")
-            first["content"] = IMAGE_TOKEN * len(images) + "\n" + first["content"]
+            first["content"] = placed_before(first["content"], len(images))
         return conversation, images
     if "messages" in row:
         images = _refs(row.get("images"), "images")
@@ -108,7 +108,10 @@ def _content_parts(messages: Any) -> tuple[Any, list[str]]:
 def read_image_bytes(ref: str, folder: Path) -> bytes:
     """The bytes of an image reference: a data URL, or a path (relative to ``folder``)."""
     if ref.startswith(("http://", "https://")):
-        raise RowError(f"image {ref!r} is a remote URL: nothing is fetched", field="images")
+        raise RowError(
+            f"image {ref!r} is a remote URL, which is not fetched: give a data URL or a file",
+            field="images",
+        )
     if ref.startswith("data:"):
         header, _, data = ref.partition(",")
         if ";base64" not in header:
@@ -135,6 +138,16 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     return image.convert("RGB")
 
 
+def display_name(ref: str) -> str:
+    """How messages name an image reference (a data URL is not printed whole)."""
+    return "(data URL)" if ref.startswith("data:") else ref
+
+
+def load_image(ref: str, folder: Path) -> Image.Image:
+    """The RGB image of a reference (a data URL, or a path relative to ``folder``)."""
+    return decode_image(read_image_bytes(ref, folder), display_name(ref))
+
+
 class ImageStore:
     """The image processor's output for every distinct image, decoded once and kept on disk
     under ``folder`` (one file per image and processor setting): training reads each batch's
@@ -156,8 +169,7 @@ class ImageStore:
         if key not in self._index:
             path = self.folder / f"{key}.pt"
             if not path.exists():
-                name = ref if not ref.startswith("data:") else "(data URL)"
-                image = decode_image(data, name)
+                image = decode_image(data, display_name(ref))
                 pixels = self.image_processor(images=[image], return_tensors="pt")
                 self.folder.mkdir(parents=True, exist_ok=True)
                 with atomic_path(path) as tmp:
@@ -178,7 +190,9 @@ __all__ = [
     "IMAGE_TOKEN",
     "ImageStore",
     "decode_image",
+    "display_name",
     "image_conversation",
+    "load_image",
     "placed_before",
     "read_image_bytes",
     "split_content",

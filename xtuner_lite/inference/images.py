@@ -11,7 +11,7 @@ import torch
 from transformers import AutoImageProcessor, PretrainedConfig
 
 from xtuner_lite.data.image_text import image_tokens
-from xtuner_lite.data.images import decode_image, read_image_bytes
+from xtuner_lite.data.images import load_image
 from xtuner_lite.errors import RowError, XtunerError
 from xtuner_lite.hub import is_image_text, resolve_model_path
 from xtuner_lite.inference.loader import is_adapter
@@ -37,19 +37,12 @@ class ImageInput:
             raise XtunerError(f"{placed} image placeholders for {len(refs)} images")
         if not refs:
             return ids, None
-        expanded = []
-        for t in ids:
-            expanded += [t] * (self.tokens.per_image if t == self.tokens.token_id else 1)
-        images = []
-        for ref in refs:
-            try:
-                data = read_image_bytes(ref, folder or Path.cwd())
-                images.append(
-                    decode_image(data, ref if not ref.startswith("data:") else "data URL")
-                )
-            except RowError as exc:
-                raise XtunerError(exc.reason) from None
-        return expanded, self.processor(images=images, return_tensors="pt")["pixel_values"]
+        try:
+            images = [load_image(ref, folder or Path.cwd()) for ref in refs]
+        except RowError as exc:
+            raise XtunerError(exc.reason) from None
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return self.tokens.expand(ids), pixels
 
 
 def image_input_for(

@@ -98,16 +98,11 @@ def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> 
 
 def content_parts(parts: list, where: str) -> tuple[str, list[str]]:
     """(the text parts joined, the image parts' URLs: data URLs or files on the server; a
-    remote URL is refused, since nothing is fetched)."""
+    remote URL is refused where images are read, since nothing is fetched)."""
     try:
-        text, images = split_content(parts, where)
+        return split_content(parts, where)
     except RowError as exc:
         raise APIError(400, f"{exc.field}: {exc.reason}", exc.field) from None
-    for url in images:
-        if url.startswith(("http://", "https://")):
-            raise APIError(400, f"{where}: remote image URLs are not fetched; send a data URL "
-                           "or a path on the server", where)  # fmt: skip
-    return text, images
 
 
 def request_message(message: Any, index: int) -> dict:
