@@ -62,7 +62,6 @@ class ChatSession:
         self.toolbox = ToolBox(tools) if tools else None
         self.max_tool_rounds = max_tool_rounds
         self.lmdeploy = None
-        self.images: ImageInput | None = None  # an image-text model's (torch backend)
         if backend == "lmdeploy":
             # LMDeploy is an optional GPU-only extra
             from xtuner_lite.inference.lmdeploy_backend import LMDeployGenerator, require_lmdeploy
@@ -84,13 +83,17 @@ class ChatSession:
             self.chat = ChatModel.load(model, adapter, template, bits, precision=precision)
             self.engine = InferenceEngine(self.chat.model, self.chat.tokenizer)
             self.context_length = self.engine.context_length
-            self.images = self.chat.images
         else:
             raise XtunerError(f"unknown backend {backend!r}; choose torch or lmdeploy")
         self.tokenizer, self.template = self.chat.tokenizer, self.chat.template
 
     def reset(self) -> None:
         self.history = []
+
+    @property
+    def images(self) -> ImageInput | None:
+        """An image-text model's image input (None: a text model, or the LMDeploy backend)."""
+        return self.chat.images
 
     @property
     def tools(self) -> list[dict] | None:
