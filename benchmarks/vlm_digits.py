@@ -29,6 +29,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 from transformers.utils import logging as hf_logging
 
+from xtuner_lite.data.images import join_images
 from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.examples import digits
 from xtuner_lite.hub import load_tokenizer
@@ -73,7 +74,7 @@ def answers(model, folder: Path, rows: list[dict], images: Path, batch: int = 64
         width = max(map(len, prompts))
         ids = torch.tensor([[stops[0]] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixels),
+        out = model.generate(input_ids=ids, attention_mask=mask, **join_images(pixels),
                              max_new_tokens=8, do_sample=False, eos_token_id=stops,
                              pad_token_id=stops[0])  # fmt: skip
         replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -130,15 +131,67 @@ def tiny_llava(tmp_path_factory, tiny_llama):
     return str(compose_llava(tiny_llama, TINY_VISION, tmp_path_factory.mktemp("tiny_llava")))
 
 
-def write_images(folder: Path, count: int, size: int = 12, seed: int = 0) -> list[str]:
-    """``count`` random RGB PNGs in ``folder``; their file names."""
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+
+
+def tiny_qwen_vl(folder: Path, tokenizer, family: str = "qwen2_vl") -> str:
+    """A random Qwen2-VL (or Qwen2.5-VL) with TINY_SHAPE's language model and a 2-layer vision
+    tower in 4×4 patches, 2×2 merged (an image of 16×24 pixels takes 6 tokens), SmolLM2's
+    vocabulary with Qwen's three vision tokens, and its image processor (8×8 to 32×32 pixels),
+    saved as an HF folder: the family's shape without its hub weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2VLImageProcessorPil
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    start, image, end = tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = dict(TINY_SHAPE, vocab_size=len(tokenizer), rope_parameters=rope, bos_token_id=1,
+                eos_token_id=2, pad_token_id=2)  # fmt: skip
+    vision = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, in_channels=3,
+                  temporal_patch_size=2)  # fmt: skip
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=TINY_SHAPE["hidden_size"])
+    else:
+        vision.update(hidden_size=32, intermediate_size=64, window_size=16,
+                      out_hidden_size=TINY_SHAPE["hidden_size"],
+                      fullatt_block_indexes=[1])  # fmt: skip
+    config = AutoConfig.for_model(family, text_config=text, vision_config=vision,
+                                  image_token_id=image, video_token_id=len(tokenizer),
+                                  vision_start_token_id=start, vision_end_token_id=end,
+                                  tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=32 * 32, patch_size=4, merge_size=2,
+                             temporal_patch_size=2).save_pretrained(folder)  # fmt: skip
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory, smol_tokenizer):
+    return tiny_qwen_vl(tmp_path_factory.mktemp("tiny_qwen2_vl"), smol_tokenizer, "qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory, smol_tokenizer):
+    return tiny_qwen_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), smol_tokenizer, "qwen2_5_vl")
+
+
+def write_images(
+    folder: Path, count: int, size: int = 12, seed: int = 0, shapes: list | None = None
+) -> list[str]:
+    """``count`` random RGB PNGs in ``folder`` (``size`` square, or (height, width) ``shapes``
+    one per image); their file names."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     names = []
     for i in range(count):
-        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        height, width = shapes[i] if shapes else (size, size)
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"img{i}.png")
         names.append(f"img{i}.png")
     return names

@@ -14,7 +14,7 @@ from xtuner_lite.data.labels import IGNORE_INDEX
 from xtuner_lite.errors import DataError, XtunerError
 from xtuner_lite.model import build_model
 from xtuner_lite.model.forward import loss_sum
-from xtuner_lite.model.vlm import IMAGE_TOKEN
+from xtuner_lite.model.vlm import IMAGE_TOKEN, parts_of
 
 from conftest import loss_curve, nonzero_lora_b, train_cmd, write_config, write_images
 
@@ -68,7 +68,7 @@ def test_composed_llava_is_what_transformers_loads_and_its_processor_agrees(tiny
     theirs = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
     assert type(theirs).__name__ == "LlavaForConditionalGeneration"
     ids = torch.tensor([row["input_ids"]])
-    pixels = dataset.data.images.load(row["images"])
+    pixels = dataset.data.images.load(row["images"])["pixel_values"]
     with torch.no_grad():
         expected = theirs(input_ids=ids, pixel_values=pixels).logits
         got = ours(input_ids=ids, pixel_values=pixels).logits
@@ -139,13 +139,25 @@ def test_bad_images_are_errors_naming_file_and_row_or_counted_skips(tiny_llava, 
     assert all(len(short[i]["images"]) < 2 for i in range(len(short)))
 
 
-def test_packed_step_equals_each_sample_alone(tiny_llava, tmp_path):
+VLMS = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl"]  # conftest's tiny families
+SHAPES = [(12, 12), (16, 28), (20, 44)]  # (height, width): Qwen2-VL gives each its own count
+
+
+@pytest.fixture(params=VLMS)
+def tiny_vlm(request) -> str:
+    """Each tiny image-text family in turn (``PeftCommonTester``'s way: one test, every
+    model)."""
+    return request.getfixturevalue(request.param)
+
+
+def test_packed_step_equals_each_sample_alone(tiny_vlm, tmp_path):
     """LoRA on the language model, the projector trained: the packed row's loss and every
-    gradient equal the sums over the samples run one by one."""
-    names = write_images(tmp_path, 3)
+    gradient equal the sums over the samples run one by one (Qwen2-VL: images of three sizes,
+    so three token counts, and its rotary positions per sample)."""
+    names = write_images(tmp_path, 3, shapes=SHAPES)
     rows = _rows(names) + [_content_parts_row(tmp_path / names[2])]
     data = _write(tmp_path, rows)
-    model = build_model(tiny_llava, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
+    model = build_model(tiny_vlm, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
     nonzero_lora_b(model, 0.05)
 
     def run(batches) -> tuple[float, dict]:
@@ -155,40 +167,72 @@ def test_packed_step_equals_each_sample_alone(tiny_llava, tmp_path):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return float(total.detach()), grads
 
-    packed = _dataset(tiny_llava, data, pack=True)
-    alone = _dataset(tiny_llava, data, pack=False)
+    packed = _dataset(tiny_vlm, data, pack=True)
+    alone = _dataset(tiny_vlm, data, pack=False)
     assert len(packed) == 1 and len(alone) == 3
+    if "qwen" in tiny_vlm:
+        assert len(set(alone.data.images.tokens)) == 3  # a count per image size
+    for i in range(3):  # each sample's logits are the model's own forward's on it
+        batch = alone.collate([alone[i]], 2)
+        assert_model_logits(model, batch)
     loss_packed, grads_packed = run([packed.collate([packed[0]], 2)])
     loss_alone, grads_alone = run([alone.collate([alone[i]], 2) for i in range(3)])
     assert loss_packed == pytest.approx(loss_alone, rel=1e-5)
-    assert any("multi_modal_projector" in n for n in grads_packed)
+    assert any(f"{parts_of(model).projector}." in n for n in grads_packed)
     for name, grad in grads_packed.items():
         torch.testing.assert_close(grad, grads_alone[name], rtol=1e-4, atol=1e-6)
         assert grad.abs().sum() > 0, name
 
 
-def test_what_trains_in_an_image_text_model(tiny_llava):
+def assert_model_logits(model, batch: dict) -> None:
+    """Our decoder's logits on a one-sample batch equal the model's own forward's (which
+    computes Qwen2-VL's rotary positions itself)."""
+    from xtuner_lite.model.forward import base_and_head, decoder_hidden
+
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "image_grid_thw") if k in batch}
+    if "image_grid_thw" in batch:
+        inputs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        got = base_and_head(model)[1](decoder_hidden(model, batch))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_what_trains_in_an_image_text_model(tiny_vlm):
     """LoRA: the adapter on the language model's linear layers only, the projector in full,
-    the vision tower frozen unless asked; full: the three freeze switches."""
-    lora = build_model(tiny_llava, method="lora", lora=dict(r=4, alpha=8))
+    the vision tower frozen unless asked; full: the three freeze switches (Qwen2-VL's
+    projector sits inside its tower and follows its own switch)."""
+    lora = build_model(tiny_vlm, method="lora", lora=dict(r=4, alpha=8))
+    parts = parts_of(lora)
+
+    def where(name: str) -> str:
+        for part in ("projector", "tower", "language_model"):
+            if f".{getattr(parts, part)}." in name:
+                return part
+        return "head"
+
     trained = [n for n, p in lora.named_parameters() if p.requires_grad]
     adapted = [n for n in trained if "lora_" in n]
-    assert adapted and all(".language_model." in n for n in adapted)
-    assert any("multi_modal_projector" in n for n in trained)
-    assert not any("vision_tower" in n for n in trained)
-    tower = build_model(tiny_llava, method="lora", lora=dict(r=4, alpha=8),
+    assert adapted and {where(n) for n in adapted} == {"language_model"}
+    assert {where(n) for n in trained} == {"language_model", "projector"}
+    tower = build_model(tiny_vlm, method="lora", lora=dict(r=4, alpha=8),
                         vision=dict(lora_vision_tower=True, freeze_projector=True))  # fmt: skip
     trained = [n for n, p in tower.named_parameters() if p.requires_grad]
-    assert any("vision_tower" in n and "lora_" in n for n in trained)
-    assert not any("multi_modal_projector" in n for n in trained)
+    assert {where(n) for n in trained if "lora_" in n} == {"language_model", "tower"}
+    assert "projector" not in {where(n) for n in trained}
     stage1 = dict(freeze_vision_tower=False, freeze_language_model=True)
-    stage1 = build_model(tiny_llava, method="full", vision=stage1)
-    trained = {n.split(".")[1] for n, p in stage1.named_parameters() if p.requires_grad}
-    assert trained == {"vision_tower", "multi_modal_projector"}
+    stage1 = build_model(tiny_vlm, method="full", vision=stage1)
+    trained = {where(n) for n, p in stage1.named_parameters() if p.requires_grad}
+    assert trained == {"tower", "projector"}
+    projector_only = build_model(tiny_vlm, method="full",
+                                 vision=dict(freeze_language_model=True))  # fmt: skip
+    assert {where(n) for n, p in projector_only.named_parameters() if p.requires_grad} == {
+        "projector"
+    }
     with pytest.raises(XtunerError, match="model.vision: unknown key 'freeze_everything'"):
-        build_model(tiny_llava, method="full", vision=dict(freeze_everything=True))
+        build_model(tiny_vlm, method="full", vision=dict(freeze_everything=True))
     with pytest.raises(XtunerError, match="nothing would train"):
-        build_model(tiny_llava, method="full",
+        build_model(tiny_vlm, method="full",
                     vision=dict(freeze_projector=True, freeze_language_model=True))  # fmt: skip
 
 
@@ -244,9 +288,8 @@ def test_xtuner_train_teaches_a_tiny_llava_what_its_images_show(taught_llava, ti
     for i in range(len(dataset)):  # every answer token, both questions
         row = dataset[i]
         ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
-        pixels = dataset.data.images.load(row["images"])
         with torch.no_grad():
-            logits = model(input_ids=ids, pixel_values=pixels).logits[0]
+            logits = model(input_ids=ids, **dataset.data.images.load(row["images"])).logits[0]
         trained = torch.nonzero(labels[1:] != IGNORE_INDEX)[:, 0]
         assert torch.equal(logits[trained].argmax(-1), labels[1:][trained])
 
@@ -284,49 +327,65 @@ def test_check_dataset_shows_image_token_runs(tiny_llava, tmp_path):
     assert "image runs 1" in shown and "2 distinct images" in shown and stats.samples == 2
 
 
-def test_engine_with_images_gives_transformers_greedy_tokens(tiny_llava, tmp_path):
+def model_inputs(model, prompt: list[int], images: dict | None) -> dict:
+    """transformers' own inputs for a prompt and its images' inputs (Qwen2-VL's forward and
+    generate also want each token's modality)."""
+    inputs = {"input_ids": torch.tensor([prompt]), **(images or {})}
+    if images and "image_grid_thw" in images:
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).int()
+    return inputs
+
+
+def test_engine_with_images_gives_transformers_greedy_tokens(tiny_vlm, tmp_path):
     """The bundled engine prefills image features and decodes: each row's greedy tokens equal
-    transformers.generate's on the same expanded prompt and pixels, rows with different images
-    (and a row without) batched together; an image prompt is not served from the prefix cache
-    of the same text with another image."""
+    transformers.generate's on the same expanded prompt and images, rows with different images
+    (Qwen2-VL: of different sizes, so different lengths and rotary offsets) and a row without
+    batched together; an image prompt is not served from the prefix cache of the same text
+    with another image."""
     from xtuner_lite.data.templates import get_template
     from xtuner_lite.hub import load_tokenizer
     from xtuner_lite.inference import InferenceEngine, SamplingParams
     from xtuner_lite.inference.images import ImageInput
 
-    names = write_images(tmp_path, 2, seed=5)
-    tokenizer = load_tokenizer(tiny_llava)
+    names = write_images(tmp_path, 2, seed=5, shapes=SHAPES[1:])
+    tokenizer = load_tokenizer(tiny_vlm)
+    images = ImageInput(tiny_vlm, tokenizer)
     text = get_template("smollm2").render_prompt(
-        [{"role": "user", "content": f"{IMAGE_TOKEN}\nWhat is it?"}], tokenizer
+        [{"role": "user", "content": images.tokens.in_text(f"{IMAGE_TOKEN}\nWhat is it?")}],
+        tokenizer,
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    images = ImageInput(tiny_llava, tokenizer)
     prompts = [images.prompt(ids, [name], tmp_path) for name in names]
     plain = tokenizer("Hello there", add_special_tokens=False)["input_ids"]
-    model = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm).eval()
     expected = []
-    for prompt, pixels in prompts + [(plain, None)]:
-        given = {} if pixels is None else {"pixel_values": pixels}
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, pad_token_id=0, **given)  # fmt: skip
+    for prompt, given in prompts + [(plain, None)]:
+        out = model.generate(**model_inputs(model, prompt, given), max_new_tokens=12,
+                             min_new_tokens=12, do_sample=False, pad_token_id=0)  # fmt: skip
         expected.append(out[0, len(prompt) :].tolist())
     engine = InferenceEngine(model, tokenizer)
-    # the first logits are the model's on each prompt with its own image (which changes them)
-    logits, _ = InferenceEngine(model, tokenizer).runner.prefill(
-        [p for p, _ in prompts], [x for _, x in prompts]
-    )
+    # the first logits, and the next step's, are the model's on each prompt with its own
+    # image (which changes them), then on it and the first token
+    runner = InferenceEngine(model, tokenizer).runner
+    logits, _ = runner.prefill([p for p, _ in prompts], [x for _, x in prompts])
+    first = logits.argmax(-1)
+    runner.feed(first)
+    step = runner.decode()
     with torch.no_grad():
-        for row, (prompt, pixels) in zip(logits, prompts):
-            full = model(input_ids=torch.tensor([prompt]), pixel_values=pixels).logits[0, -1]
+        for row, after, (prompt, given), token in zip(logits, step, prompts, first.tolist()):
+            full = model(**model_inputs(model, prompt, given)).logits[0, -1]
             torch.testing.assert_close(row, full, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+            full = model(**model_inputs(model, prompt + [token], given)).logits[0, -1]
+            torch.testing.assert_close(after, full, rtol=1e-4, atol=1e-5)
+    if len(prompts[0][0]) == len(prompts[1][0]):  # (same length: the images alone differ)
+        assert not torch.allclose(logits[0], logits[1], atol=1e-3)
     params = SamplingParams(max_new_tokens=12)
-    requests = [engine.add_request(p, params, pixel_values=x) for p, x in prompts]
+    requests = [engine.add_request(p, params, images=x) for p, x in prompts]
     requests.append(engine.add_request(plain, params))
     while engine.has_work:
         engine.step()
     assert [r.output_ids for r in requests] == expected
-    again = engine.add_request(prompts[1][0], params, pixel_values=prompts[1][1])
+    again = engine.add_request(prompts[1][0], params, images=prompts[1][1])
     while engine.has_work:
         engine.step()
     assert again.cached_tokens == 0 and again.output_ids == expected[1]
@@ -349,8 +408,8 @@ def test_chat_with_an_image_answers_as_transformers_generate(taught_llava):
         assert session.ask("Which picture is this?", images=[str(folder / name)]) == answer
         user = dict(session.history[0])  # the turn as the session keeps it, its image attached
         session.reset()
-        prompt, pixels = session._prompt([user])
-        out = model.generate(torch.tensor([prompt]), pixel_values=pixels, max_new_tokens=8,
+        prompt, given = session._prompt([user])
+        out = model.generate(torch.tensor([prompt]), **given, max_new_tokens=8,
                              do_sample=False, eos_token_id=session.chat.stop_ids,
                              pad_token_id=0)  # fmt: skip
         expected = session.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
@@ -399,43 +458,49 @@ def test_serve_reads_image_content_parts(taught_llava, tmp_path):
         proc.wait(timeout=30)
 
 
-def test_merged_image_text_adapter_is_the_adapter(tiny_llava, tmp_path):
+def test_merged_image_text_adapter_is_the_adapter(tiny_vlm, tmp_path):
     """A LoRA result of an image-text model (adapter on the language model, the projector
     trained in full) merged by ``xtuner merge``: transformers loads the folder with its
     processor, and its logits on a prompt with an image equal the adapter's."""
-    from transformers import AutoProcessor
+    from transformers import AutoImageProcessor
 
     from xtuner_lite.commands.merge import merge_adapter
     from xtuner_lite.data.templates import get_template
     from xtuner_lite.hub import load_tokenizer
     from xtuner_lite.training.result import save_result
 
-    model = build_model(tiny_llava, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
+    model = build_model(tiny_vlm, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
     nonzero_lora_b(model, 0.05)
+    projector = f"{parts_of(model).projector}."
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "multi_modal_projector" in name and param.requires_grad:
+            if projector in name and param.requires_grad:
                 param.add_(0.1 * torch.randn_like(param))  # as if stage 2 moved it
-    tokenizer = load_tokenizer(tiny_llava)
-    cfg = {"model": {"pretrained": tiny_llava, "method": "lora"}, "train_dataset": {},
+    tokenizer = load_tokenizer(tiny_vlm)
+    cfg = {"model": {"pretrained": tiny_vlm, "method": "lora"}, "train_dataset": {},
            "train": {}}  # fmt: skip
     save_result(model, tokenizer, get_template("smollm2", tokenizer), cfg, tmp_path / "adapter")
     meta = json.loads((tmp_path / "adapter" / "xtuner_lite.json").read_text())
-    assert meta["architecture"]["model_type"] == "llava"
+    assert meta["architecture"]["model_type"] == model.config.model_type
     assert meta["architecture"]["hidden_size"] == 64  # the language model's
     merged = merge_adapter(None, str(tmp_path / "adapter"), str(tmp_path / "merged"), "fp32")
-    names = write_images(tmp_path, 2)
-    dataset = _dataset(tiny_llava, _write(tmp_path, _rows(names)[:1]), pack=False)
+    names = write_images(tmp_path, 2, shapes=SHAPES[1:])
+    dataset = _dataset(tiny_vlm, _write(tmp_path, _rows(names)[:1]), pack=False)
     row = dataset[0]
-    ids, pixels = torch.tensor([row["input_ids"]]), dataset.data.images.load(row["images"])
+    given = dataset.data.images.load(row["images"])
     loaded = AutoModelForImageTextToText.from_pretrained(merged).eval()
     with torch.no_grad():
-        expected = model.eval()(input_ids=ids, pixel_values=pixels).logits
-        got = loaded(input_ids=ids, pixel_values=pixels).logits
+        expected = model.eval()(**model_inputs(model, row["input_ids"], given)).logits
+        got = loaded(**model_inputs(loaded, row["input_ids"], given)).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    processor = AutoProcessor.from_pretrained(merged)
-    assert processor.chat_template == processor.tokenizer.chat_template
-    assert "<|im_start|>" in processor.chat_template
+    assert AutoImageProcessor.from_pretrained(merged).to_dict() == (
+        AutoImageProcessor.from_pretrained(tiny_vlm).to_dict()
+    )
+    merged_tokenizer = load_tokenizer(merged)
+    assert "<|im_start|>" in merged_tokenizer.chat_template  # the training template
+    if "llava" in tiny_vlm:
+        processor = AutoProcessor.from_pretrained(merged)
+        assert processor.chat_template == processor.tokenizer.chat_template
 
 
 def test_compose_with_a_pretrained_vision_encoder_keeps_its_weights(tiny_llama, tmp_path):

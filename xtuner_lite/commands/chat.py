@@ -101,7 +101,7 @@ class ChatSession:
 
     def _prompt(self, turn: list[dict]) -> tuple[list[int], torch.Tensor | None]:
         """Render the conversation, dropping the oldest exchanges until it fits the context;
-        (its ids, the pixel values of the images it still holds, or None)."""
+        (its ids, the inputs of the images it still holds, or None)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         history = list(self.history)
         limit = self.context_length
@@ -131,7 +131,7 @@ class ChatSession:
             self.chat.sampling(self.options, list(stops), tools=bool(self.toolbox)),
             on_token=on_token if on_text is not None else None,
             grammar=self.grammar,
-            pixel_values=pixels,
+            images=pixels,
         )
         while not request.finished:
             self.engine.step()

@@ -14,8 +14,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from xtuner_lite.config import check_kwargs, load_config, resolve_data_files
-from xtuner_lite.data.image_text import process_image_dataset
-from xtuner_lite.data.images import IMAGE_TOKEN
+from xtuner_lite.data.image_text import image_tokens, process_image_dataset
 from xtuner_lite.data.loaders import load_rows
 from xtuner_lite.data.map_fns import get_map_fn, validate_conversation
 from xtuner_lite.data.pipeline import (
@@ -233,7 +232,8 @@ def check_prompt_dataset(
 
 
 def _image_runs(pieces: list[tuple[str, bool]], image_id_text: str) -> list[tuple[str, bool]]:
-    """Token pieces with each run of image tokens shown as one ``<image>×N`` piece."""
+    """Token pieces with each run of image tokens shown as one ``<image>×N`` piece (the
+    model's image token: ``<|image_pad|>×N`` for Qwen2-VL)."""
     out: list[tuple[str, bool]] = []
     count = 0
     for piece in pieces + [("", False)]:
@@ -257,6 +257,7 @@ def check_image_dataset(
     cfg, tokenizer = _resolved(cfg, process_image_dataset)
     processed = process_image_dataset(**cfg)
     data = processed.data
+    image_text = tokenizer.decode([image_tokens(cfg["processor"], tokenizer).token_id])
     shown = 0
     for r in range(len(data)):
         row = data.row(r)
@@ -268,8 +269,8 @@ def check_image_dataset(
             pieces, trained = _token_pieces(
                 tokenizer, row["input_ids"][lo:hi], row["labels"][lo:hi]
             )
-            runs = _image_runs(pieces, IMAGE_TOKEN)
-            images = sum(1 for text, _ in runs if text.startswith(f"{IMAGE_TOKEN}×"))
+            runs = _image_runs(pieces, image_text)
+            images = sum(1 for text, _ in runs if text.startswith(f"{image_text}×"))
             title = f"sample {shown}: {hi - lo} tokens, trained {trained}, image runs {images}"
             console.print(Panel(_marked(runs, console, limit), title=title, title_align="left"))
         if shown >= num_samples:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoProcessor
 
 from xtuner_lite.adapters import architecture_of
 from xtuner_lite.atomic import atomic_path
@@ -22,6 +21,7 @@ from xtuner_lite.data.templates import ChatTemplate, get_template, renders_like,
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import is_image_text, parse_dtype
 from xtuner_lite.inference.loader import load_for_inference
+from xtuner_lite.model.vlm import save_processor
 from xtuner_lite.values import Size
 from xtuner_lite.workdir import is_work_dir
 
@@ -50,15 +50,6 @@ def write_tokenizer(folder: Path, tokenizer: Any, template_name: str | None) -> 
         tokenizer.chat_template = template.to_jinja()
     tokenizer.save_pretrained(folder)
     return stop_token_ids(template, tokenizer)
-
-
-def write_processor(folder: Path, source: str | Path, tokenizer: Any) -> None:
-    """An image-text model's processor from ``source`` (a training result holds it), around
-    ``tokenizer`` and its chat template (written by ``write_tokenizer`` first)."""
-    processor = AutoProcessor.from_pretrained(source)
-    processor.tokenizer = tokenizer
-    processor.chat_template = tokenizer.chat_template
-    processor.save_pretrained(folder)
 
 
 def check_output(out: Path, inputs: list[str | Path], force: bool) -> None:
@@ -128,7 +119,7 @@ def merge_adapter(
         else:
             stops = write_chat_files(tmp, tokenizer, meta.get("template"), merged.generation_config)
         if is_image_text(merged.config):  # its processor, with the training chat template
-            write_processor(tmp, adapter, tokenizer)
+            save_processor(adapter, tmp, tokenizer)
         record = {
             "merged_from": {"base_model": meta["base_model"], "adapter": str(adapter)},
             "template": meta.get("template"),

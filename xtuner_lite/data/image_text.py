@@ -8,9 +8,11 @@ image is truncated as SFT truncates). A missing, unreadable or truncated image i
 the file and row, or a counted skip with ``skip_invalid``. Each distinct image is decoded and
 run through the model's image processor once, its output kept on disk (``data/images.py``).
 
-Models whose image-token count is fixed (LLaVA and compositions, ``image_seq_length`` in their
-config) are supported; models that tile images into a variable number of tokens are refused
-with that reason.
+Two kinds of model are supported: those whose image-token count is fixed (LLaVA and our
+compositions, ``image_seq_length`` in their config) and those whose count follows the image's
+patch grid (Qwen2-VL / Qwen2.5-VL: an image keeps its aspect ratio, ``<image>`` becomes
+``<|vision_start|><|image_pad|><|vision_end|>`` and the pad token is repeated per merged patch).
+Models that tile images into crops (Idefics3 / SmolVLM, InternVL) are refused with that reason.
 """
 
 from __future__ import annotations
@@ -73,30 +75,61 @@ class ProcessedImageDataset:
 
 @dataclass
 class ImageTokens:
-    """What the tokenizer and model say about images."""
+    """What the tokenizer and model say about images: the token an image's features take the
+    place of, the text an image becomes in a message, and how many tokens an image takes."""
 
     token_id: int
-    per_image: int
+    placeholder: str  # ``<image>`` (LLaVA), ``<|vision_start|><|image_pad|><|vision_end|>``
+    per_image: int | None  # a fixed count, or None: from the image's patch grid
+    merge: int = 1  # patches merged into one token (Qwen2-VL's spatial_merge_size squared)
 
-    def expand(self, ids: list[int]) -> list[int]:
-        """``ids`` with each image token repeated to the model's count per image."""
-        return np.repeat(ids, np.where(np.array(ids) == self.token_id, self.per_image, 1)).tolist()
+    def count(self, inputs: dict[str, torch.Tensor]) -> int:
+        """The image-token count of one image's processed inputs."""
+        if self.per_image is not None:
+            return self.per_image
+        return int(inputs["image_grid_thw"].prod()) // self.merge
+
+    def in_text(self, text: str) -> str:
+        """``text`` with each ``<image>`` written as the model's own placeholder."""
+        return text.replace(IMAGE_TOKEN, self.placeholder)
+
+    def expand(self, ids: list[int], counts: list[int]) -> list[int]:
+        """``ids`` with each image token repeated to its image's count, in order."""
+        ids = np.asarray(ids)
+        repeat = np.ones(len(ids), dtype=np.int64)
+        repeat[ids == self.token_id] = counts
+        return np.repeat(ids, repeat).tolist()
+
+
+# families whose image-token count follows the image's patch grid (transformers' model_type)
+GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageTokens:
-    """The ``<image>`` token id and the image-token count per image of ``model`` (a folder,
-    a hub id or its config)."""
+    """The image token, placeholder text and image-token count of ``model`` (a folder, a hub
+    id or its config)."""
     config = model if isinstance(model, PretrainedConfig) else AutoConfig.from_pretrained(model)
-    per_image = getattr(config, "image_seq_length", None)
-    if not per_image:
-        raise XtunerError(
-            f"{model}: {type(config).__name__} gives no fixed image_seq_length (its image "
-            "token count varies with the image); only LLaVA-style models are supported yet"
-        )
-    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise XtunerError(f"{model}: the tokenizer has no {IMAGE_TOKEN} token")
-    return ImageTokens(int(token_id), int(per_image))
+    per_image = getattr(config, "image_seq_length", None) or None
+    merge = 1
+    if per_image is None:
+        if config.model_type not in GRID_FAMILIES:
+            raise XtunerError(
+                f"{model}: {type(config).__name__}'s image token count varies with the image in "
+                f"a way not supported yet (supported: LLaVA-style models with a fixed "
+                f"image_seq_length, and {', '.join(GRID_FAMILIES)})"
+            )
+        merge = config.vision_config.spatial_merge_size**2
+    token_id = getattr(config, "image_token_id", None)
+    if token_id is None:
+        token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    token = tokenizer.convert_ids_to_tokens(token_id) if token_id is not None else None
+    if token is None or token_id == tokenizer.unk_token_id:
+        raise XtunerError(f"{model}: the tokenizer has no image token ({token_id})")
+    around = [getattr(config, f"vision_{end}_token_id", None) for end in ("start", "end")]
+    if all(t is not None for t in around):  # Qwen2-VL: the image between its two markers
+        start, end = tokenizer.convert_ids_to_tokens(around)
+        token = f"{start}{token}{end}"
+    return ImageTokens(int(token_id), token, per_image and int(per_image), merge)
 
 
 def process_image_dataset(
@@ -120,7 +153,7 @@ def process_image_dataset(
     template = resolve_template(template, tokenizer, tokenizer_ref)
     images = image_tokens(processor, tokenizer)
     store = ImageStore(
-        AutoImageProcessor.from_pretrained(processor), dataset_cache_dir() / "images"
+        AutoImageProcessor.from_pretrained(processor), dataset_cache_dir() / "images", images.count
     )
     stats = DatasetStats(sources=files, max_length=max_length, packed=pack)
     skipped: Counter[str] = Counter()
@@ -160,8 +193,10 @@ def _read_file(
         note_skip(stats, skipped, f"{rows.source} {where}", reason)
     for index, row in enumerate(rows.records):
         try:
-            tokens, refs = _sample(row, tokenizer, template, images, max_length)
+            conversation, refs = image_conversation(row)
             found = [store.add(ref, folder) for ref in refs]
+            counts = [store.tokens[i] for i in found]
+            tokens = _sample(conversation, counts, tokenizer, template, images, max_length)
         except RowError as exc:
             if not (skip_invalid or exc.skip):
                 raise DataError(exc.reason, rows.source, rows.locate(index), exc.field) from None
@@ -173,22 +208,25 @@ def _read_file(
 
 
 def _sample(
-    row: Any, tokenizer: Any, template: Any, images: ImageTokens, max_length: int
-) -> tuple[TokenizedBatch, list[str]]:
-    """One row tokenized with its image tokens expanded, and its image references."""
-    conversation, refs = image_conversation(row)
+    conversation: dict, counts: list[int], tokenizer: Any, template: Any, images: ImageTokens,
+    max_length: int,
+) -> TokenizedBatch:  # fmt: skip
+    """One conversation tokenized with its images' tokens expanded (``counts``: each image's
+    token count, in placeholder order)."""
     messages, tools = validate_conversation(conversation)
     placed = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if placed != len(refs):
-        raise RowError(f"{placed} {IMAGE_TOKEN} placeholders for {len(refs)} images", "images")
+    if placed != len(counts):
+        raise RowError(f"{placed} {IMAGE_TOKEN} placeholders for {len(counts)} images", "images")
     if any(IMAGE_TOKEN in m["content"] for m in messages if m["role"] == "assistant"):
         raise RowError(f"an assistant turn holds {IMAGE_TOKEN}: images are inputs", "messages")
+    messages = [{**m, "content": images.in_text(m["content"])} for m in messages]
     tokens = tokenize_rendered([template.render(messages, tokenizer, tools)], tokenizer, None)
     ids, labels = tokens.input_ids, tokens.labels
     is_image = ids == images.token_id
-    if int(is_image.sum()) != len(refs):
-        raise RowError(f"the tokenizer split {IMAGE_TOKEN}: it must be one special token")
-    repeat = np.where(is_image, images.per_image, 1)
+    if int(is_image.sum()) != len(counts):
+        raise RowError(f"the tokenizer split {images.placeholder}: it must be special tokens")
+    repeat = np.ones(len(ids), dtype=np.int64)
+    repeat[is_image] = counts
     ids, labels = np.repeat(ids, repeat), np.repeat(labels, repeat)
     labels[ids == images.token_id] = IGNORE_INDEX  # an image is never a target
     truncated = len(ids) > max_length
@@ -202,7 +240,7 @@ def _sample(
     if not (labels[1:] != IGNORE_INDEX).any():
         raise RowError(f"no trained token left after truncation to max_length={max_length}",
                        skip=True)  # fmt: skip
-    return TokenizedBatch(ids, labels, np.array([len(ids)]), np.array([truncated])), refs
+    return TokenizedBatch(ids, labels, np.array([len(ids)]), np.array([truncated]))
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -223,11 +261,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
         batch = collate_packed(rows, pad_token_id, pad_to_multiple_of)
         index = [j for r in rows for j in r["images"]]
         if index:
-            batch["pixel_values"] = self.data.images.load(index)
+            batch.update(self.data.images.load(index))
         return batch
 
 
 __all__ = [
+    "GRID_FAMILIES",
     "ImageData",
     "ImageTextDataset",
     "ImageTokens",

@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,11 @@ def _refs(value: Any, field: str) -> list[str]:
     return list(refs)
 
 
-def placed_before(text: str, images: int) -> str:
+def placed_before(text: str, images: int, placeholder: str = IMAGE_TOKEN) -> str:
     """``text`` with ``images`` placeholders before it (LLaVA's order: the image, then the
-    question), as content parts and attached images are placed in data, chat and serve."""
-    return IMAGE_TOKEN * images + "\n" + text if images else text
+    question), as content parts and attached images are placed in data, chat and serve;
+    ``placeholder``: the model's own (Qwen2-VL's vision markers around its image pad)."""
+    return placeholder * images + "\n" + text if images else text
 
 
 def split_content(parts: list, field: str) -> tuple[str, list[str]]:
@@ -148,52 +150,80 @@ def load_image(ref: str, folder: Path) -> Image.Image:
     return decode_image(read_image_bytes(ref, folder), display_name(ref))
 
 
+# what an image processor returns per image that the model takes (Qwen2-VL: its patches and
+# their grid); everything else it returns (sizes, masks of other families) is not kept
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+STORE_FORMAT = "2"  # a change of what a stored file holds starts a new folder
+
+
 class ImageStore:
     """The image processor's output for every distinct image, decoded once and kept on disk
     under ``folder`` (one file per image and processor setting): training reads each batch's
     images from there, so a dataset's images never have to fit in memory. An image used by
     several rows (or several times) is found by the hash of its bytes, and a later run of the
-    same data finds its files."""
+    same data finds its files. ``count`` gives an image's token count from its processed
+    inputs (fixed for LLaVA, from the patch grid for Qwen2-VL); ``tokens[i]`` holds it."""
 
-    def __init__(self, image_processor: Any, folder: Path):
+    def __init__(self, image_processor: Any, folder: Path,
+                 count: Callable[[dict[str, torch.Tensor]], int]):  # fmt: skip
         self.image_processor = image_processor
-        settings = image_processor.to_json_string().encode()
+        settings = (STORE_FORMAT + image_processor.to_json_string()).encode()
         self.folder = Path(folder) / hashlib.sha256(settings).hexdigest()[:16]
+        self.count = count
+        self.tokens: list[int] = []
         self._index: dict[str, int] = {}
         self._files: list[Path] = []
 
     def add(self, ref: str, folder: Path) -> int:
-        """The index of ``ref``'s pixel values, processing the image if it is new."""
+        """The index of ``ref``'s processed inputs, processing the image if it is new."""
         data = read_image_bytes(ref, folder)
         key = hashlib.sha256(data).hexdigest()
         if key not in self._index:
             path = self.folder / f"{key}.pt"
-            if not path.exists():
+            if path.exists():
+                inputs = torch.load(path, weights_only=True)
+            else:
                 image = decode_image(data, display_name(ref))
-                pixels = self.image_processor(images=[image], return_tensors="pt")
+                inputs = process_images(self.image_processor, [image])
                 self.folder.mkdir(parents=True, exist_ok=True)
                 with atomic_path(path) as tmp:
-                    torch.save(pixels["pixel_values"][0].clone(), tmp)
+                    torch.save({k: v.clone() for k, v in inputs.items()}, tmp)
             self._index[key] = len(self._files)
             self._files.append(path)
+            self.tokens.append(self.count(inputs))
         return self._index[key]
 
-    def load(self, indices: list[int]) -> torch.Tensor:
-        """(len(indices), channels, height, width) pixel values of those images."""
-        return torch.stack([torch.load(self._files[i], weights_only=True) for i in indices])
+    def load(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The model inputs of those images, in that order (each input joined along its first
+        axis, as the processor returns several images)."""
+        return join_images([torch.load(self._files[i], weights_only=True) for i in indices])
 
     def __len__(self) -> int:
         return len(self._files)
 
 
+def process_images(image_processor: Any, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    """The model inputs of ``images`` (:data:`IMAGE_INPUTS` that the processor returns)."""
+    out = image_processor(images=images, return_tensors="pt")
+    return {k: out[k] for k in IMAGE_INPUTS if k in out}
+
+
+def join_images(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several images' inputs as one (each input joined along its first axis)."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
 __all__ = [
+    "IMAGE_INPUTS",
     "IMAGE_TOKEN",
     "ImageStore",
     "decode_image",
     "display_name",
     "image_conversation",
+    "join_images",
     "load_image",
     "placed_before",
+    "process_images",
     "read_image_bytes",
     "split_content",
 ]

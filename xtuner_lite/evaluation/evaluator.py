@@ -283,16 +283,19 @@ def _generate(
     params = SamplingParams(
         max_new_tokens=spec.max_new_tokens, stop_words=list(spec.stop), stop_token_ids=stop_ids
     )
-    ids = [model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def tokenized(texts: list[str]) -> list[list[int]]:
+        return [model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in texts]
+
     if not images or all(i is None for i in images):
-        return [request.text for request in engine.generate(ids, params)]
+        return [request.text for request in engine.generate(tokenized(prompts), params)]
     reader = image_input_for(model.model, model.tokenizer, model.name)
     if reader is None:
         raise XtunerError(f"task {spec.name!r} shows images: {model.name} is a text model")
     requests = []
-    for prompt, image in zip(ids, images):
-        prompt, pixels = reader.prompt(prompt, [image] if image else [])
-        requests.append(engine.add_request(prompt, params, pixel_values=pixels))
+    for prompt, image in zip(tokenized([reader.tokens.in_text(p) for p in prompts]), images):
+        prompt, inputs = reader.prompt(prompt, [image] if image else [])
+        requests.append(engine.add_request(prompt, params, images=inputs))
     while engine.has_work:
         engine.step()
     return [request.text for request in requests]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xtuner_lite.data import control
-from xtuner_lite.data.images import placed_before
+from xtuner_lite.data.images import IMAGE_TOKEN, placed_before
 from xtuner_lite.data.templates import Template
 from xtuner_lite.inference.engine import InferenceEngine
 from xtuner_lite.inference.images import ImageInput, image_input_for
@@ -71,7 +71,8 @@ class ChatModel:
         can open or close a turn. A message's ``images`` (an image-text model's) put one image
         token each before its text, after the escaping: only an attached image makes one."""
         tokens = control.control_tokens(self.tokenizer)
-        messages = [_with_images(control.escape_values(m, tokens)) for m in messages]
+        placeholder = self.images.placeholder if self.images is not None else IMAGE_TOKEN
+        messages = [_with_images(control.escape_values(m, tokens), placeholder) for m in messages]
         tools = control.escape_values(tools, tokens)
         text = self.template.render_prompt(messages, self.tokenizer, tools) + prefill
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -91,14 +92,14 @@ class ChatModel:
         )
 
 
-def _with_images(message: dict) -> dict:
-    """A message whose ``images`` become ``<image>`` placeholders before its text (LLaVA's
-    order), the list itself dropped from what the template renders."""
+def _with_images(message: dict, placeholder: str) -> dict:
+    """A message whose ``images`` become the model's image placeholders before its text
+    (LLaVA's order), the list itself dropped from what the template renders."""
     images = message.get("images")
     if not images:
         return message
     rest = {k: v for k, v in message.items() if k != "images"}
-    return {**rest, "content": placed_before(message["content"], len(images))}
+    return {**rest, "content": placed_before(message["content"], len(images), placeholder)}
 
 
 def held_back(text: str, stop_words: list[str]) -> int:

@@ -92,11 +92,12 @@ class InferenceEngine:
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
         grammar: str | None = None,
-        pixel_values: torch.Tensor | None = None,
+        images: dict[str, torch.Tensor] | None = None,
     ) -> Request:
         """Queue a request; ``grammar`` (``inference/grammar.py``) constrains its output.
-        ``pixel_values``: an image-text model's images, in the order of the prompt's image
-        token runs (``inference/images.py`` expands a prompt's placeholders and makes them)."""
+        ``images``: an image-text model's image inputs (pixel values, Qwen2-VL's patch grids),
+        in the order of the prompt's image token runs (``inference/images.py`` expands a
+        prompt's placeholders and makes them)."""
         params = params or SamplingParams()
         params.validate()
         if not prompt_ids:
@@ -121,7 +122,7 @@ class InferenceEngine:
             generator=generator,
             max_new_tokens=budget,
             constraint=None if grammar is None else Constraint(grammar, self.tokenizer),
-            pixel_values=pixel_values,
+            images=images,
         )
         self.scheduler.add(request)
         return request
@@ -151,7 +152,7 @@ class InferenceEngine:
         admitted = self.scheduler.admit()
         if admitted:
             logits, cached = self.runner.prefill(
-                [r.prompt_ids for r in admitted], [r.pixel_values for r in admitted]
+                [r.prompt_ids for r in admitted], [r.images for r in admitted]
             )
             for r, tokens in zip(admitted, cached):
                 r.cached_tokens = tokens
@@ -186,7 +187,7 @@ class InferenceEngine:
             leaving = [
                 (i, r)
                 for i, r in enumerate(self.scheduler.running)
-                if r.finished and r.pixel_values is None
+                if r.finished and r.images is None
             ]
             self.runner.remember(
                 [i for i, _ in leaving], [r.prompt_ids + r.output_ids for _, r in leaving]

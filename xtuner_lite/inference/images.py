@@ -1,5 +1,5 @@
-"""Images in a prompt for an image-text model: ``<image>`` placeholders expanded to the model's
-image tokens and the images made into pixel values, as training's data pipeline does
+"""Images in a prompt for an image-text model: image placeholders expanded to the model's
+image tokens and the images made into its inputs, as training's data pipeline does
 (``data/image_text.py``), for ``chat --image`` and ``serve``'s image content parts."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from transformers import AutoImageProcessor, PretrainedConfig
 
 from xtuner_lite.data.image_text import image_tokens
-from xtuner_lite.data.images import load_image
+from xtuner_lite.data.images import join_images, load_image, process_images
 from xtuner_lite.errors import RowError, XtunerError
 from xtuner_lite.hub import is_image_text, resolve_model_path
 from xtuner_lite.inference.loader import is_adapter
@@ -29,8 +29,8 @@ class ImageInput:
 
     def prompt(
         self, ids: list[int], refs: list[str], folder: Path | None = None
-    ) -> tuple[list[int], torch.Tensor | None]:
-        """(``ids`` with each image token expanded, the images' pixel values or None);
+    ) -> tuple[list[int], dict[str, torch.Tensor] | None]:
+        """(``ids`` with each image token expanded, the images' model inputs or None);
         ``refs``: data URLs or paths (relative to ``folder``), one per placeholder."""
         placed = ids.count(self.tokens.token_id)
         if placed != len(refs):
@@ -41,8 +41,14 @@ class ImageInput:
             images = [load_image(ref, folder or Path.cwd()) for ref in refs]
         except RowError as exc:
             raise XtunerError(exc.reason) from None
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        return self.tokens.expand(ids), pixels
+        inputs = [process_images(self.processor, [image]) for image in images]
+        counts = [self.tokens.count(one) for one in inputs]
+        return self.tokens.expand(ids, counts), join_images(inputs)
+
+    @property
+    def placeholder(self) -> str:
+        """The text an image becomes in a message (after escaping what the user typed)."""
+        return self.tokens.placeholder
 
 
 def image_input_for(

@@ -14,6 +14,7 @@ from collections import Counter
 
 import torch
 
+from xtuner_lite.data.images import join_images
 from xtuner_lite.inference.block_manager import BLOCK_SIZE, Block, BlockManager, gather
 from xtuner_lite.inference.decoder import FastDecoder, unsupported_reason
 from xtuner_lite.inference.kv_cache import GROW, KVCache, first_used_column
@@ -80,10 +81,14 @@ class ModelRunner:
         self.shared: SharedPrefixes | None = None  # prompts rows continue, held once
         self._mask: torch.Tensor | None = None  # (batch, cached length), 1 = real token
         self._next: torch.Tensor | None = None  # (batch,) token each row feeds next
+        # Qwen2-VL's rotary positions follow its images' patch grids: its own get_rope_index
+        # places a prompt's tokens, and each row's later tokens run ``_delta`` from their count
+        self._rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+        self._delta: torch.Tensor | None = None  # (batch,) with _rope_index
 
     def reset(self) -> None:
         """An empty batch (after a failed step)."""
-        self.cache = self._mask = self._next = self.shared = None
+        self.cache = self._mask = self._next = self.shared = self._delta = None
         if self.blocks is not None:
             self.blocks.clear()
 
@@ -98,19 +103,23 @@ class ModelRunner:
             if self.shared is not None:
                 positions = positions + self.shared.row_lengths()
             return self.decoder(self._next, positions, self._mask, self.cache, self.shared)
-        logits = self._forward(self._next[:, None], self._mask, self.cache.as_transformers_cache())
+        positions = self._mask.sum(-1, keepdim=True) - 1
+        if self._delta is not None:
+            positions = (positions + self._delta[:, None])[None].expand(3, -1, -1)
+        cache = self.cache.as_transformers_cache()
+        logits = self._forward(self._next[:, None], self._mask, cache, positions)
         self.cache.advance(1)
         return logits
 
     def prefill(
-        self, prompts: list[list[int]], images: list[torch.Tensor | None] | None = None
+        self, prompts: list[list[int]], images: list[dict[str, torch.Tensor] | None] | None = None
     ) -> tuple[torch.Tensor, list[int]]:
         """Run new prompts (one batched, left-padded prefill) and append them as rows at the
         end of the batch: ((new rows, vocab) logits for their first tokens, each prompt's
         tokens found in the prefix cache). Cached leading blocks are copied, not recomputed; a
         prompt given several times (a GRPO group's completions) is run once and its rows
         copied (or held once, when that pays: ``share_kv``); a prefix that the prompts admitted
-        together share is run once first. ``images``: each prompt's pixel values (or None);
+        together share is run once first. ``images``: each prompt's image inputs (or None);
         a prompt with images is never looked up in or added to the prefix cache (its image
         tokens do not say which image)."""
         images = images or [None] * len(prompts)
@@ -123,7 +132,7 @@ class ModelRunner:
         found = {k: self._cached_blocks(list(k[0])) if k[1] is None else 0 for k in first}
         if all(p is None for p in pixels):
             self._share_leading_blocks(unique)
-        filled, mask, logits = self._prefill_unique(unique, pixels)
+        filled, mask, logits, delta = self._prefill_unique(unique, pixels)
         where = {k: i for i, k in enumerate(first)}
         of = [where[k] for k in keys]  # each row's prompt among the unique ones
         shared = None
@@ -137,7 +146,8 @@ class ModelRunner:
                 filled.select(rows, 0)
                 mask = mask[rows]
             logits = logits[rows]
-        self._splice(filled, mask, shared)
+            delta = None if delta is None else delta[rows]
+        self._splice(filled, mask, shared, delta)
         return logits, [found[k] * BLOCK_SIZE for k in keys]
 
     def remember(self, rows: list[int], tokens: list[list[int]]) -> None:
@@ -184,11 +194,11 @@ class ModelRunner:
             self._prefill_unique([prompts[0][: shared + 1]])
 
     def _prefill_unique(
-        self, prompts: list[list[int]], images: list[torch.Tensor | None] | None = None
-    ) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-        """(the prompts' cache, their attention mask, their last-position logits); each row is
-        [padding][cached blocks][padding][own tokens], and its full blocks are cached (those
-        of a prompt without images)."""
+        self, prompts: list[list[int]], images: list[dict[str, torch.Tensor] | None] | None = None
+    ) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(the prompts' cache, their attention mask, their last-position logits, their rotary
+        offsets (None: not a Qwen2-VL)); each row is [padding][cached blocks][padding][own
+        tokens], and its full blocks are cached (those of a prompt without images)."""
         images = images or [None] * len(prompts)
         cacheable = [self.blocks is not None and i is None for i in images]
         found = [
@@ -207,9 +217,11 @@ class ModelRunner:
             mask[i, start - c : start] = 1
             mask[i, start + width - len(own) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        given = [i for i in images if i is not None]
-        pixels = torch.cat(given).to(self.device) if given else None
-        logits = self._forward(ids, mask, cache.as_transformers_cache(), pixels)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+        positions, delta = self._grid_positions(ids, mask[:, -width:], positions, images)
+        given = join_images([i for i in images if i is not None])
+        inputs = {k: v.to(self.device) for k, v in given.items()}
+        logits = self._forward(ids, mask, cache.as_transformers_cache(), positions, inputs)
         cache.advance(width)
         if self.blocks is not None:
             for i, (prompt, c) in enumerate(zip(prompts, cached)):
@@ -218,7 +230,32 @@ class ModelRunner:
                     own_start = start + width - (len(prompt) - c)
                     columns = torch.arange(own_start, own_start + end - c, device=self.device)
                     self.blocks.store(prompt, c // BLOCK_SIZE, self._kv(cache, i, columns))
-        return cache, mask, logits
+        return cache, mask, logits, delta
+
+    def _grid_positions(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        images: list[dict[str, torch.Tensor] | None],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefill positions, and each row's rotary offset for its later tokens: for Qwen2-VL
+        (3, rows, width), a row with images placed by the model's ``get_rope_index`` (its
+        image tokens on their patch grid); for any other model ``positions`` as they are."""
+        if self._rope_index is None:
+            return positions, None
+        axes = positions[None].repeat(3, 1, 1)
+        delta = torch.zeros(ids.shape[0], dtype=torch.long, device=self.device)
+        token = self.model.config.image_token_id
+        for row, given in enumerate(images):
+            if given is not None:
+                found, shift = self._rope_index(
+                    ids[row : row + 1], mm_token_type_ids=(ids[row : row + 1] == token).int(),
+                    image_grid_thw=given["image_grid_thw"].to(self.device),
+                    attention_mask=mask[row : row + 1],
+                )  # fmt: skip
+                axes[:, row], delta[row] = found[:, 0], shift.view(())
+        return axes, delta
 
     def _hold_once(
         self, filled: KVCache, mask: torch.Tensor, of: list[int], counts: list[int]
@@ -279,7 +316,7 @@ class ModelRunner:
     def select(self, keep: list[int] | None) -> None:
         """Keep only rows ``keep`` (None: none) and drop the all-padding columns they leave."""
         if keep is None:
-            self.cache = self._mask = self._next = self.shared = None
+            self.cache = self._mask = self._next = self.shared = self._delta = None
             return
         if self._mask is None or len(keep) == self._mask.shape[0]:
             return
@@ -290,20 +327,26 @@ class ModelRunner:
         self._mask = self._mask[:, first:]
         self.cache.select(index, first)
         self._next = self._next[index]
+        if self._delta is not None:
+            self._delta = self._delta[index]
         if self.shared is not None:
             self.shared = self.shared.select(index)
 
     # ----------------------------------------------------------------- internals
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, cache, pixels: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache,
+        positions: torch.Tensor,
+        images: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Last-position logits; ``pixels``: the images of the rows' image tokens, in order
-        (an image-text model puts their features there)."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        """Last-position logits; ``images``: the inputs of the rows' images, in the order of
+        their image tokens (an image-text model puts their features there)."""
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions,
                       past_key_values=cache, use_cache=True)  # fmt: skip
-        if pixels is not None:
-            inputs["pixel_values"] = pixels.to(self._kv_dtype)
+        for key, value in (images or {}).items():
+            inputs[key] = value.to(self._kv_dtype) if value.is_floating_point() else value
         if self.head is None:
             return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
         # the last position taken as a 2-D (rows, hidden) slice before the head: the model's
@@ -312,26 +355,38 @@ class ModelRunner:
         decoder, head = self.head
         return head(decoder(**inputs).last_hidden_state[:, -1]).float()
 
-    def _splice(self, cache: KVCache, mask: torch.Tensor, shared: SharedPrefixes | None) -> None:
+    def _splice(
+        self,
+        cache: KVCache,
+        mask: torch.Tensor,
+        shared: SharedPrefixes | None,
+        delta: torch.Tensor | None = None,
+    ) -> None:
         """Append freshly prefilled rows to the batch, left-padding the shorter side; their
         next tokens are set by ``feed``."""
         placeholder = torch.zeros(mask.shape[0], dtype=torch.long, device=self.device)
         if self.cache is None:
             self.cache, self._mask, self._next, self.shared = cache, mask, placeholder, shared
+            self._delta = delta
             return
         self.shared = stack_rows(self.shared, self._mask.shape[0], shared, mask.shape[0])
         width = max(self._mask.shape[1], mask.shape[1])
         self.cache.extend(cache)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
         self._next = torch.cat([self._next, placeholder])
+        if delta is not None:
+            self._delta = torch.cat([self._delta, delta])
 
 
-def _digest(pixels: torch.Tensor | None) -> str | None:
+def _digest(images: dict[str, torch.Tensor] | None) -> str | None:
     """What tells a prompt's images apart (None: it has none)."""
-    if pixels is None:
+    if images is None:
         return None
-    data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    for key in sorted(images):
+        digest.update(key.encode())
+        digest.update(images[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 __all__ = ["ModelRunner"]

@@ -30,8 +30,8 @@ class Request:
     stop_token: int | None = None  # the stop token id that ended it (not in output_ids)
     constraint: Constraint | None = None  # the grammar the output must follow
     cached_tokens: int = 0  # leading prompt tokens found in the prefix cache (not prefilled)
-    # an image-text model's pixel values of the prompt's images, in the order of their tokens
-    pixel_values: torch.Tensor | None = None
+    # an image-text model's inputs for the prompt's images, in the order of their tokens
+    images: dict[str, torch.Tensor] | None = None
 
     @property
     def finished(self) -> bool:

@@ -233,7 +233,13 @@ def packed_sdpa_attention(
     """transformers attention interface: (batch, heads, length, dim) in, (batch, length, heads,
     dim) out. Without ``segments`` this is transformers' SDPA. ``segment_branches``: per
     segment its branch layout, or None (causal). ``sequence_parallel``: the inputs hold this
-    rank's shard of the positions; the segments are the global row's."""
+    rank's shard of the positions; the segments are the global row's. A module that is not
+    causal (an image-text model's vision encoder, which the decoder's kwargs reach too) is
+    not one of the segments' decoder layers: it runs transformers' SDPA."""
+    if not getattr(module, "is_causal", True):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if sequence_parallel is not None:
         return _ulysses(
             module, query, key, value, scaling, dropout, segments, segment_branches,

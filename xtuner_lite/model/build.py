@@ -264,7 +264,7 @@ def _add_adapter(
             raise XtunerError("model.vision.freeze_language_model applies to method='full'")
         if targets == "all-linear":
             targets = lora_targets(model, vision)
-        extra.setdefault("modules_to_save", modules_to_save(vision) or None)
+        extra.setdefault("modules_to_save", modules_to_save(model, vision) or None)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from xtuner_lite.data.images import IMAGE_INPUTS
+from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.attention import attention_kwargs
 from xtuner_lite.model.loss import lm_loss_of_targets, shift_labels
 from xtuner_lite.model.sequence_parallel import active_sequence_parallel
+from xtuner_lite.model.vlm import grid_positions
 
 
 def base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -28,12 +31,21 @@ def positions(tensor: torch.Tensor) -> torch.Tensor:
 def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(batch, seq, dim) last hidden states of a packed batch, attention kept per sample
     (under sequence parallelism: of this rank's positions). An image-text model's decoder
-    takes the batch's ``pixel_values`` and puts their features at its image tokens."""
+    takes the batch's image inputs and puts their features at its image tokens; Qwen2-VL's
+    rotary positions follow each sample's image grids (``vlm.grid_positions``)."""
     decoder, _ = base_and_head(model)
     impl = getattr(model.config.get_text_config(), "_attn_implementation", "sdpa") or "sdpa"
-    kwargs = attention_kwargs(batch, impl, active_sequence_parallel())
-    if "pixel_values" in batch:
-        kwargs["pixel_values"] = batch["pixel_values"]
+    sp = active_sequence_parallel()
+    kwargs = attention_kwargs(batch, impl, sp)
+    kwargs.update({k: batch[k] for k in IMAGE_INPUTS if k in batch})
+    grid = grid_positions(model, batch)
+    if grid is not None:
+        if sp is not None:
+            raise XtunerError(
+                f"{model.config.model_type}: sequence parallelism does not split its "
+                "multimodal rotary positions; train with sequence_parallel_size=1"
+            )
+        kwargs["position_ids"] = grid
     out = decoder(input_ids=positions(batch["input_ids"]), use_cache=False, **kwargs)
     return out.last_hidden_state
 

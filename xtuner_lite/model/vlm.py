@@ -12,6 +12,7 @@ load what we train, and training it is the same path again.
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,13 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoProcessor,
     AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PretrainedConfig,
+    ProcessorMixin,
     SiglipImageProcessorPil,
 )
 
@@ -32,12 +35,34 @@ from xtuner_lite.config import settings_of
 from xtuner_lite.data.images import IMAGE_TOKEN
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import is_image_text
+from xtuner_lite.model.attention import segments_of
 
 # the parts of a LLaVA-family model (transformers' names)
 VISION_TOWER, PROJECTOR, LANGUAGE_MODEL = "vision_tower", "multi_modal_projector", "language_model"
 # what QLoRA leaves unquantized in an image-text model: all but the language model's layers
 # (the head too, as in a causal LM); ``visual`` / ``vision_model``: Qwen2-VL's, Idefics3's towers
 NOT_QUANTIZED = [VISION_TOWER, PROJECTOR, "lm_head", "visual", "vision_model"]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Where a family keeps its vision tower, projector and language model (paths under the
+    model's ``model``); the projector may sit inside the tower (Qwen2-VL's ``visual.merger``)."""
+
+    tower: str = VISION_TOWER
+    projector: str = PROJECTOR
+    language_model: str = LANGUAGE_MODEL
+
+
+QWEN_VL_PARTS = Parts("visual", "visual.merger")
+# families whose parts are not LLaVA's names (transformers' model_type)
+PARTS = {"qwen2_vl": QWEN_VL_PARTS, "qwen2_5_vl": QWEN_VL_PARTS, "qwen3_vl": QWEN_VL_PARTS}
+
+
+def parts_of(model: torch.nn.Module | PretrainedConfig) -> Parts:
+    """The part names of an image-text model (or its config)."""
+    config = getattr(model, "config", model)
+    return PARTS.get(getattr(config, "model_type", None), Parts())
 
 
 def is_image_text_path(path: str | Path, trust_remote_code: bool = False) -> bool:
@@ -77,54 +102,125 @@ class VisionSettings:
 
 
 def part(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
-    """The model's vision tower, projector or language model (None if it has no such part)."""
+    """The module at ``name`` (a dotted path such as a :class:`Parts` field) under the
+    model's ``model`` (None if it has no such part)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(inner, "model", inner), name, None)
+    module = getattr(inner, "model", inner)
+    for step in name.split("."):
+        module = getattr(module, step, None)
+    return module
 
 
 def lora_targets(model: torch.nn.Module, settings: VisionSettings) -> str:
     """peft ``target_modules`` (a full-match regex) for every linear layer of the language
     model, and of the vision tower with ``lora_vision_tower``: never the projector (trained in
-    full or frozen) nor the head."""
-    parts = [LANGUAGE_MODEL] + ([VISION_TOWER] if settings.lora_vision_tower else [])
-    names = sorted(
+    full or frozen, even where it sits inside the tower) nor the head."""
+    names = parts_of(model)
+    parts = [names.language_model] + ([names.tower] if settings.lora_vision_tower else [])
+    leaves = sorted(
         {
             name.rsplit(".", 1)[-1]
             for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and any(f"{p}." in name for p in parts)
+            if isinstance(module, torch.nn.Linear)
+            and any(f"{p}." in name for p in parts)
+            and f"{names.projector}." not in name
         }
     )
-    if not names:
+    if not leaves:
         raise XtunerError(f"{type(model).__name__} has no linear layers under {parts}")
     where = "|".join(re.escape(p) for p in parts)
-    return rf".*\.({where})\..*\.({'|'.join(map(re.escape, names))})"
+    skip = re.escape(f"{names.projector}.")
+    return rf"(?!.*{skip}).*\.({where})\..*\.({'|'.join(map(re.escape, leaves))})"
 
 
-def modules_to_save(settings: VisionSettings) -> list[str]:
+def modules_to_save(model: torch.nn.Module, settings: VisionSettings) -> list[str]:
     """The parts a LoRA run trains in full (saved with the adapter)."""
-    full = [] if settings.freeze_projector else [PROJECTOR]
+    names = parts_of(model)
+    full = [] if settings.freeze_projector else [names.projector]
     if not settings.freeze_vision_tower and not settings.lora_vision_tower:
-        full.append(VISION_TOWER)
+        # a tower holding the projector is saved whole, the projector with it
+        inside = names.projector.startswith(f"{names.tower}.")
+        full = [p for p in full if not inside] + [names.tower]
     return full
 
 
 def freeze_parts(model: torch.nn.Module, settings: VisionSettings) -> None:
-    """A full fine-tune: stop gradients to the frozen parts."""
+    """A full fine-tune: stop gradients to the frozen parts (the tower first, so that a
+    projector inside it follows its own switch)."""
+    names = parts_of(model)
     frozen = {
-        VISION_TOWER: settings.freeze_vision_tower,
-        PROJECTOR: settings.freeze_projector,
-        LANGUAGE_MODEL: settings.freeze_language_model,
+        names.tower: settings.freeze_vision_tower,
+        names.projector: settings.freeze_projector,
+        names.language_model: settings.freeze_language_model,
     }
     for name, freeze in frozen.items():
         module = part(model, name)
-        if module is not None and freeze:
-            module.requires_grad_(False)
+        if module is not None:
+            module.requires_grad_(not freeze)
     if settings.freeze_language_model:
         head = model.get_output_embeddings()
         if head is not None:
             head.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise XtunerError("model.vision freezes every part of the model: nothing would train")
+
+
+def grid_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """(4, batch, width) position ids of a packed batch for a model whose rotary positions
+    follow its images' patch grids (Qwen2-VL's multimodal RoPE), or None for any other model:
+    the per-sample text positions (which keep attention in each sample) and the three rotary
+    axes, computed sample by sample by the model's own ``get_rope_index``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rope_index = getattr(getattr(inner, "model", None), "get_rope_index", None)
+    if rope_index is None:
+        return None
+    text, ids = batch["position_ids"], batch["input_ids"]
+    token = model.config.image_token_id
+    grids = batch.get("image_grid_thw")
+    merge = model.config.vision_config.spatial_merge_size**2
+    sizes = [] if grids is None else (grids.prod(-1) // merge).tolist()
+    axes = text[None].repeat(3, 1, 1)  # a sample without images: its text positions
+    taken = 0
+    for row, start, end in segments_of(batch["cu_seqlens"], *ids.shape):
+        sample = ids[row, start:end]
+        is_image = sample == token
+        left, first = int(is_image.sum()), taken
+        while left > 0:  # this sample's images: the next ones, whose tokens add up to its own
+            left, taken = left - sizes[taken], taken + 1
+        if taken > first:
+            found, _ = rope_index(sample[None], mm_token_type_ids=is_image.int()[None],
+                                  image_grid_thw=grids[first:taken])  # fmt: skip
+            axes[:, row, start:end] = found[:, 0]
+    return torch.cat([text[None], axes])
+
+
+# a processor's own files, besides its tokenizer's (transformers' names)
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def save_processor(source: str | Path, folder: Path, tokenizer: Any = None) -> None:
+    """The processor of the image-text model at ``source`` (a local folder) written to
+    ``folder``, around ``tokenizer`` and its chat template when given. Where transformers
+    cannot build the whole processor (Qwen2-VL's has a video half that needs torchvision,
+    which a CPU install lacks), its files are copied as they are: the tokenizer, saved beside
+    them, carries the chat template."""
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+    except (ImportError, AttributeError):  # a part needs a package this install lacks
+        processor = None
+    if not isinstance(processor, ProcessorMixin):
+        for name in PROCESSOR_FILES:
+            if (Path(source) / name).exists():
+                shutil.copyfile(Path(source) / name, Path(folder) / name)
+        return
+    if tokenizer is not None:
+        processor.tokenizer = tokenizer
+        processor.chat_template = tokenizer.chat_template
+    processor.save_pretrained(folder)
 
 
 # ------------------------------------------------------------------ LLaVA composition
@@ -219,14 +315,19 @@ __all__ = [
     "IMAGE_TOKEN",
     "LANGUAGE_MODEL",
     "NOT_QUANTIZED",
+    "PARTS",
     "PROJECTOR",
+    "Parts",
     "VISION_TOWER",
     "VisionSettings",
     "compose_llava",
     "freeze_parts",
+    "grid_positions",
     "is_image_text",
     "is_image_text_path",
     "lora_targets",
     "modules_to_save",
     "part",
+    "parts_of",
+    "save_processor",
 ]

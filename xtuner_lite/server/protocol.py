@@ -81,7 +81,7 @@ class Job:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     tools: ToolUse | None = None  # the request's tools, when the model may call them
     grammar: str | None = None  # what the reply must follow (response_format, a forced call)
-    pixel_values: Any = None  # the images of an image-text model's prompt
+    images: Any = None  # the image inputs of an image-text model's prompt
 
 
 def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
@@ -387,10 +387,10 @@ class OpenAIProtocol:
         stop += list(tools.format.stop_words) if tools else []
         params = self.chat.sampling(options, stop, tools=bool(tools))
         grammar = self.grammar(body, tools)
-        return Job(prompt_ids, params, tools=tools, grammar=grammar, pixel_values=pixels), body
+        return Job(prompt_ids, params, tools=tools, grammar=grammar, images=pixels), body
 
     def images_of(self, messages: list[dict], ids: list[int]) -> tuple[list[int], Any]:
-        """The prompt with its image parts' tokens expanded, and their pixel values (None
+        """The prompt with its image parts' tokens expanded, and their model inputs (None
         without images); a text model, or an image that cannot be read, is a 400."""
         refs = [ref for m in messages for ref in m.get("images", [])]
         if not refs:

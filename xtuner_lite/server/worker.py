@@ -115,7 +115,7 @@ class EngineWorker:
                 job.params,
                 on_token=on_token,
                 grammar=job.grammar,
-                pixel_values=job.pixel_values,
+                images=job.images,
             )
         except XtunerError as exc:
             job.events.put(("error", 400, str(exc)))

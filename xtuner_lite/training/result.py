@@ -7,13 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoProcessor
-
 from xtuner_lite.adapters import architecture_of
 from xtuner_lite.atomic import atomic_path
 from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.model.build import model_head
-from xtuner_lite.model.vlm import is_image_text
+from xtuner_lite.model.vlm import is_image_text, save_processor
 
 
 def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[str, Any]) -> None:
@@ -24,7 +22,7 @@ def _final_save(llm, tokenizer, out: Path, state_dict: dict | None, meta: dict[s
         llm.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         if is_image_text(llm.config):
             base = resolve_model_path(meta["base_model"])
-            AutoProcessor.from_pretrained(base).save_pretrained(tmp)
+            save_processor(base, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "xtuner_lite.json").write_text(json.dumps(meta, indent=1, default=str))
 
