@@ -342,15 +342,19 @@ def test_every_shipped_qlora_recipe_fits_8_gib_with_half_a_gib_to_spare(name, ca
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in GPU_QLORA_RECIPES if n.startswith("llava_")] + ["tiny"]
+    "name",
+    [n for n in GPU_QLORA_RECIPES if n.startswith(("llava_", "qwen2_5_vl"))]
+    + ["tiny", "tiny_qwen2_vl"],
 )
 def test_planned_vision_parameters_are_the_models(name, tmp_path):
-    """The planner's vision tower and projector parameter counts equal those of the model
-    built from the recipe's architecture (on the meta device) or of the tiny composed LLaVA;
-    a trained tower keeps its activations, a frozen one does not."""
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+    """The planner's vision tower (and its linear layers, what QLoRA may quantize) and
+    projector parameter counts equal those of the model built from the recipe's architecture
+    (on the meta device) or of a tiny model; a trained tower keeps its activations, a frozen
+    one does not."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from xtuner_lite.commands.plan import Shape
+    from xtuner_lite.model.vlm import part, parts_of
 
     from conftest import TINY_VISION
 
@@ -359,19 +363,32 @@ def test_planned_vision_parameters_are_the_models(name, tmp_path):
             model_type="llava", image_seq_length=16, vision_config=dict(TINY_VISION),
             text_config=dict(model_type="llama", **TINY_SHAPE, vocab_size=97),
         )  # fmt: skip
+    elif name == "tiny_qwen2_vl":
+        architecture = dict(
+            model_type="qwen2_vl", text_config=dict(**TINY_SHAPE, vocab_size=97),
+            vision_config=dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64, patch_size=4),
+        )  # fmt: skip
     else:
         architecture = dict(load_config(name).architecture)
     shape = Shape.from_config(architecture)
     config = dict(architecture)
     config = AutoConfig.for_model(config.pop("model_type"), **config)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = AutoModelForImageTextToText.from_config(config)
 
-    def count(module) -> int:
-        return sum(p.numel() for p in module.parameters())
+    def count(module, linear: bool = False) -> int:
+        layers = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+        return sum(m.weight.numel() for m in layers) if linear else sum(
+            p.numel() for p in module.parameters()
+        )
 
-    assert shape.vision.tower_params() == count(model.model.vision_tower)
-    assert shape.vision.projector_params() == count(model.model.multi_modal_projector)
+    parts = parts_of(model)
+    tower, projector = part(model, parts.tower), part(model, parts.projector)
+    inside = projector in list(tower.modules())  # Qwen2-VL's merger is in its tower
+    assert shape.vision.projector_params() == count(projector)
+    assert shape.vision.tower_params() == count(tower) - inside * count(projector)
+    linear = count(tower, linear=True) - inside * count(projector, linear=True)
+    assert shape.vision.tower_linear_params() == linear
     assert shape.layers == config.text_config.num_hidden_layers
     frozen = plan_memory(shape, PlanSettings(max_length=2048))
     trained = plan_memory(shape, PlanSettings(max_length=2048, vision_tower="full"))

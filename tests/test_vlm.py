@@ -198,6 +198,59 @@ def assert_model_logits(model, batch: dict) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_qlora_quantizes_the_language_model_and_trains_the_projector(tiny_vlm, tmp_path):
+    """QLoRA: NF4 on the language model's linear layers (and the tower's with
+    ``quantize_vision_tower``), never on the projector, which trains in full: a step's loss
+    is finite and the projector and the adapter get gradients."""
+    import bitsandbytes as bnb
+
+    names = write_images(tmp_path, 2, shapes=SHAPES[:2])
+    dataset = _dataset(tiny_vlm, _write(tmp_path, _rows(names)), pack=True)
+    for quantize_tower in (False, True):
+        model = build_model(tiny_vlm, method="qlora", lora=dict(r=4, alpha=8, dropout=0.0),
+                            vision=dict(quantize_vision_tower=quantize_tower))  # fmt: skip
+        parts = parts_of(model)
+        quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert any(f".{parts.language_model}." in n for n in quantized)
+        assert any(f".{parts.tower}." in n for n in quantized) == quantize_tower
+        assert not any(f".{parts.projector}." in n for n in quantized)
+        loss, _ = loss_sum(model, dataset.collate([dataset[0]], 2))
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()]
+        assert any(f".{parts.projector}." in n for n in grads)
+        assert any("lora_B" in n for n in grads)
+    with pytest.raises(XtunerError, match="quantize_vision_tower applies to method='qlora'"):
+        build_model(tiny_vlm, method="lora", vision=dict(quantize_vision_tower=True))
+
+
+def test_image_max_pixels_bounds_a_grid_models_images_in_training_and_its_result(
+    tiny_qwen2_vl, tmp_path
+):
+    """Qwen2-VL's tokens follow an image's size: ``image_max_pixels`` resizes larger images
+    down (aspect kept), and the result keeps that bound for chat and serve."""
+    from transformers import AutoImageProcessor
+
+    from xtuner_lite.data.templates import get_template
+    from xtuner_lite.hub import load_tokenizer
+    from xtuner_lite.training.result import save_result
+
+    names = write_images(tmp_path, 3, shapes=SHAPES)
+    data = _write(tmp_path, _rows(names) + [_content_parts_row(tmp_path / names[2])])
+    full = _dataset(tiny_qwen2_vl, data, pack=False)
+    small = _dataset(tiny_qwen2_vl, data, pack=False, image_max_pixels=16 * 16)
+    assert max(small.data.images.tokens) < max(full.data.images.tokens)
+    assert max(small.data.images.tokens) * 4 * 4**2 <= 16 * 16  # 2×2 merged 4-pixel patches
+    with pytest.raises(XtunerError, match="image_max_pixels must be a positive integer"):
+        _dataset(tiny_qwen2_vl, data, image_max_pixels=0)
+    model = build_model(tiny_qwen2_vl, method="lora", lora=dict(r=4, alpha=8))
+    cfg = {"model": {"pretrained": tiny_qwen2_vl}, "train": {},
+           "train_dataset": {"image_max_pixels": 16 * 16}}  # fmt: skip
+    tokenizer = load_tokenizer(tiny_qwen2_vl)
+    save_result(model, tokenizer, get_template("smollm2"), cfg, tmp_path / "result")
+    assert AutoImageProcessor.from_pretrained(tmp_path / "result").size["longest_edge"] == 256
+
+
 def test_what_trains_in_an_image_text_model(tiny_vlm):
     """LoRA: the adapter on the language model's linear layers only, the projector in full,
     the vision tower frozen unless asked; full: the three freeze switches (Qwen2-VL's

@@ -20,6 +20,7 @@ from rich.table import Table
 from transformers import AutoConfig
 
 from xtuner_lite.config import load_config
+from xtuner_lite.data.image_text import GRID_FAMILIES, IMAGE_MAX_PIXELS
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.model.attention import MATMUL_ATTENTION_MAX_LENGTH
@@ -50,7 +51,8 @@ INPUT_OF = {
 
 @dataclass
 class VisionShape:
-    """An image-text model's vision tower (a ViT: CLIP, SigLIP) and its MLP projector."""
+    """An image-text model's vision tower and projector: a ViT (CLIP, SigLIP) and LLaVA's MLP,
+    or Qwen2-VL / Qwen2.5-VL's tower, whose patch merger is its projector."""
 
     hidden: int
     intermediate: int
@@ -62,11 +64,18 @@ class VisionShape:
     text_hidden: int
     pooling_head: bool = False  # SigLIP's attention-pooling head (held, unused by LLaVA)
     class_token: bool = False  # CLIP's: a class embedding, its position and a norm before
+    family: str = "vit"  # or qwen2_vl, qwen2_5_vl
+    merge: int = 1  # Qwen2-VL: patches merged into one token (spatial_merge_size squared)
+    temporal: int = 1  # Qwen2-VL: frames per patch (an image is repeated to fill them)
 
     @classmethod
-    def from_config(cls, config: Any) -> VisionShape:
+    def from_config(cls, config: Any, image_max_pixels: int | None = None) -> VisionShape:
+        """``image_max_pixels``: a Qwen2-VL's largest image (its tokens follow the size)."""
         get = _getter(config)
         vision, text = _getter(get("vision_config")), _getter(get("text_config"))
+        family = get("model_type")
+        if family in GRID_FAMILIES:
+            return cls._grid(vision, text("hidden_size"), family, image_max_pixels)
         if not all(vision(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                        "image_size", "patch_size")):  # fmt: skip
             raise XtunerError(
@@ -87,25 +96,76 @@ class VisionShape:
             vision("model_type") == "clip_vision_model",
         )
 
+    @classmethod
+    def _grid(
+        cls, vision: Callable[..., Any], text_hidden: int, family: str, pixels: int | None
+    ) -> VisionShape:
+        """Qwen2-VL (``embed_dim``, ``mlp_ratio``) or Qwen2.5-VL (``hidden_size``,
+        ``intermediate_size``) at images of ``pixels`` (default: the data pipeline's bound)."""
+        if family == "qwen2_vl":
+            hidden = vision("embed_dim", 1280)
+            intermediate = hidden * vision("mlp_ratio", 4)
+        else:
+            hidden, intermediate = vision("hidden_size", 1280), vision("intermediate_size", 3420)
+        patch, merge = vision("patch_size", 14), vision("spatial_merge_size", 2) ** 2
+        patches = (pixels or IMAGE_MAX_PIXELS) // patch**2 // merge * merge
+        return cls(
+            hidden,
+            intermediate,
+            vision("depth", 32),
+            patches,
+            patches // merge,
+            vision("in_channels", 3),
+            patch,
+            text_hidden,
+            family=family,
+            merge=merge,
+            temporal=vision("temporal_patch_size", 2),
+        )
+
     def tower_params(self) -> int:
-        """Patch and position embeddings, per layer attention (q, k, v, o), MLP and two norms
-        with biases, the final norm, and what CLIP or SigLIP adds."""
+        """The tower without the projector: patch and position embeddings, per layer attention
+        (q, k, v, o), MLP and two norms with biases, the final norm, and what CLIP or SigLIP
+        adds; Qwen2-VL's fused qkv, LayerNorms, no position table; Qwen2.5-VL's gated MLP and
+        RMSNorms."""
         h, i = self.hidden, self.intermediate
+        if self.family != "vit":
+            embed = self.channels * self.temporal * self.patch**2 * h  # a bias-free conv
+            attention = 4 * (h * h + h)
+            if self.family == "qwen2_vl":
+                return embed + self.layers * (attention + 2 * h * i + i + h + 4 * h)
+            return embed + self.layers * (attention + 3 * h * i + 2 * i + h + 2 * h)
         layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h
         head = h + 4 * (h * h + h) + 2 * h + 2 * h * i + i + h if self.pooling_head else 0
         embed = self.channels * self.patch**2 * h + self.patches * h + 2 * h  # + final norm
         embed += 4 * h if self.class_token else h  # CLIP: class, its position, pre-norm
         return embed + self.layers * layer + head
 
+    def tower_linear_params(self) -> int:
+        """The weights of the tower's linear layers (what QLoRA can quantize): attention's
+        four projections and the MLP's two (a gated MLP's three); SigLIP's pooling head adds
+        its attention output and MLP."""
+        h, i = self.hidden, self.intermediate
+        head = h * h + 2 * h * i if self.pooling_head else 0
+        return self.layers * (4 * h * h + (3 if self.family == "qwen2_5_vl" else 2) * h * i) + head
+
     def projector_params(self) -> int:
-        """Two linear layers: vision width to text width, then text width to text width."""
+        """LLaVA: two linear layers, vision width to text width, then text width to text
+        width. Qwen2-VL's merger: a norm, then the merged patches' features (``merge`` ×
+        vision width) through a layer of that width and one to the text width."""
         t = self.text_hidden
+        if self.family != "vit":
+            m = self.merge * self.hidden
+            norm = 2 * self.hidden if self.family == "qwen2_vl" else self.hidden
+            return norm + m * m + m + m * t + t
         return self.hidden * t + t + t * t + t
 
     def layer_activation_bytes(self, per: int, patches: int) -> int:
         """What one tower layer keeps for backward at ``per`` bytes per element: the two norms'
-        inputs, q, k, v, the attention output, the MLP input, and its hidden layer twice."""
-        return per * patches * (7 * self.hidden + 2 * self.intermediate)
+        inputs, q, k, v, the attention output, the MLP input, and its hidden layer twice (a
+        gated MLP's three times)."""
+        hidden_copies = 3 if self.family == "qwen2_5_vl" else 2
+        return per * patches * (7 * self.hidden + hidden_copies * self.intermediate)
 
 
 def _getter(config: Any) -> Callable[..., Any]:
@@ -134,11 +194,11 @@ class Shape:
     vision: VisionShape | None = None
 
     @classmethod
-    def from_config(cls, config: Any) -> Shape:
+    def from_config(cls, config: Any, image_max_pixels: int | None = None) -> Shape:
         get = _getter(config)
         if get("vision_config") is not None:
             text = cls.from_config(get("text_config"))
-            return replace(text, vision=VisionShape.from_config(config))
+            return replace(text, vision=VisionShape.from_config(config, image_max_pixels))
         heads = get("num_attention_heads")
         if (
             not all(
@@ -235,6 +295,7 @@ class PlanSettings:
     projector: bool = True
     freeze_language_model: bool = False
     images_per_row: int = 0
+    quantize_vision_tower: bool = False  # QLoRA: the frozen tower's linear layers in NF4
 
 
 # components alive only during forward/backward, or only during the optimizer step
@@ -443,7 +504,11 @@ def _vision_weights(v: VisionShape, s: PlanSettings) -> tuple[list[Component], i
     linear layers in the adapter's dtype."""
     base, tower, projector = DTYPE_BYTES[s.base_dtype], v.tower_params(), v.projector_params()
     trained = (tower if s.vision_tower == "full" else 0) + (projector if s.projector else 0)
-    held = (base * tower if s.vision_tower != "full" else 4 * tower) + (
+    frozen = base * tower
+    if s.quantize_vision_tower:
+        linear = v.tower_linear_params()
+        frozen = NF4_BYTES_PER_PARAM * linear + base * (tower - linear)
+    held = (frozen if s.vision_tower != "full" else 4 * tower) + (
         4 * projector if s.projector else base * projector
     )
     if s.vision_tower == "lora":
@@ -451,7 +516,8 @@ def _vision_weights(v: VisionShape, s: PlanSettings) -> tuple[list[Component], i
         adapter = v.layers * s.lora_r * (4 * 2 * h + 2 * (h + i))
         trained += adapter
         held += DTYPE_BYTES[s.lora_dtype] * adapter
-    how = f"tower {s.vision_tower}, projector {'trained (fp32)' if s.projector else 'frozen'}"
+    nf4 = " (NF4)" if s.quantize_vision_tower and s.vision_tower != "full" else ""
+    how = f"tower {s.vision_tower}{nf4}, projector {'trained (fp32)' if s.projector else 'frozen'}"
     return [("vision tower and projector", held, how)], trained
 
 
@@ -723,15 +789,13 @@ def settings_from_config(cfg: Any, **overrides: Any) -> tuple[Shape, PlanSetting
     model = dict(cfg["model"])
     train = dict(cfg.get("train", {}))
     data = dict(cfg.get("train_dataset", {}))
+    pixels = data.get("image_max_pixels", IMAGE_MAX_PIXELS)
     if cfg.get("architecture"):
-        shape = Shape.from_config(dict(cfg["architecture"]))
+        shape = Shape.from_config(dict(cfg["architecture"]), pixels)
     else:
         path = resolve_model_path(str(model["pretrained"]))
-        shape = Shape.from_config(
-            AutoConfig.from_pretrained(
-                path, trust_remote_code=bool(model.get("trust_remote_code", False))
-            )
-        )
+        trust = bool(model.get("trust_remote_code", False))
+        shape = Shape.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust), pixels)
     lora = dict(model.get("lora") or {})
     targets = lora.get("target_modules", "all-linear")
     autocast = train.get("dtype", "bf16")
@@ -769,6 +833,7 @@ def _vision_settings(vision: dict[str, Any]) -> dict[str, Any]:
         vision_tower="lora" if settings.lora_vision_tower else tower,
         projector=not settings.freeze_projector,
         freeze_language_model=settings.freeze_language_model,
+        quantize_vision_tower=settings.quantize_vision_tower,
     )
 
 

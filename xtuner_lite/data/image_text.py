@@ -105,6 +105,28 @@ class ImageTokens:
 GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
+# the most pixels an image keeps (resized down, aspect kept) in families whose image-token
+# count follows the image's size: LLaMA-Factory's default, about 750 tokens at Qwen2-VL's 28
+# pixels per token; the hub's processors allow 12.8 million (16,384 tokens)
+IMAGE_MAX_PIXELS = 768 * 768
+
+
+def image_processor(
+    source: str | Path, config: PretrainedConfig, max_pixels: int | None = IMAGE_MAX_PIXELS
+) -> Any:
+    """The image processor at ``source`` (a folder or hub id) for the model of ``config``; in a
+    grid family, images of more than ``max_pixels`` pixels are resized down to it (None: the
+    processor's own bound). Other families resize every image to one size anyway."""
+    processor = AutoImageProcessor.from_pretrained(source)
+    if config.model_type not in GRID_FAMILIES or max_pixels is None:
+        return processor
+    if not isinstance(max_pixels, int) or max_pixels < 1:
+        raise XtunerError(f"image_max_pixels must be a positive integer, got {max_pixels!r}")
+    if max_pixels < processor.size["longest_edge"]:  # Qwen2-VL's name for its pixel bound
+        processor = AutoImageProcessor.from_pretrained(source, max_pixels=max_pixels)
+    return processor
+
+
 def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageTokens:
     """The image token, placeholder text and image-token count of ``model`` (a folder, a hub
     id or its config)."""
@@ -142,18 +164,23 @@ def process_image_dataset(
     seed: int = 0,
     image_folder: str | None = None,
     skip_invalid: bool = False,
+    image_max_pixels: int | None = IMAGE_MAX_PIXELS,
 ) -> ProcessedImageDataset:
     """Image conversations (``data/images.py`` lists the row shapes) as packed rows.
 
     ``processor``: the model whose image processor and image-token count apply (the folder or
     hub id being trained). ``image_folder``: where relative image paths start (default: each
-    data file's folder)."""
+    data file's folder). ``image_max_pixels``: Qwen2-VL's images are resized down to at most
+    this many pixels (its tokens follow an image's size; None: the processor's own bound)."""
     files = source_files(data_files)
     tokenizer_ref, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
     template = resolve_template(template, tokenizer, tokenizer_ref)
-    images = image_tokens(processor, tokenizer)
+    config = AutoConfig.from_pretrained(processor)
+    images = image_tokens(config, tokenizer)
     store = ImageStore(
-        AutoImageProcessor.from_pretrained(processor), dataset_cache_dir() / "images", images.count
+        image_processor(processor, config, image_max_pixels),
+        dataset_cache_dir() / "images",
+        images.count,
     )
     stats = DatasetStats(sources=files, max_length=max_length, packed=pack)
     skipped: Counter[str] = Counter()
@@ -267,10 +294,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 __all__ = [
     "GRID_FAMILIES",
+    "IMAGE_MAX_PIXELS",
     "ImageData",
     "ImageTextDataset",
     "ImageTokens",
     "ProcessedImageDataset",
+    "image_processor",
     "image_tokens",
     "process_image_dataset",
 ]

@@ -10,7 +10,12 @@ from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    BitsAndBytesConfig,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from xtuner_lite.config import is_int, is_number, settings_of
@@ -21,13 +26,12 @@ from xtuner_lite.model.dropout import fuse_lora_dropout
 from xtuner_lite.model.lean_layers import use_lean_layers
 from xtuner_lite.model.lean_lora import use_lean_lora
 from xtuner_lite.model.vlm import (
-    NOT_QUANTIZED,
     VisionSettings,
     freeze_parts,
     is_image_text,
-    is_image_text_path,
     lora_targets,
     modules_to_save,
+    not_quantized,
 )
 
 Method = Literal["full", "lora", "qlora"]
@@ -169,9 +173,13 @@ def build_model(
         raise XtunerError(f"model.method must be 'full', 'lora' or 'qlora', got {method!r}")
     if head not in ("lm", "reward"):
         raise XtunerError(f"model.head must be 'lm' or 'reward', got {head!r}")
+    asked = VisionSettings.from_config(vision)
+    if asked.quantize_vision_tower and method != "qlora":
+        raise XtunerError("model.vision.quantize_vision_tower applies to method='qlora'")
     model = _load_base(pretrained, method, dtype, compute_dtype, quant_storage,
-                       attn_implementation, trust_remote_code, device, head)  # fmt: skip
-    settings = VisionSettings.from_config(vision) if is_image_text(model.config) else None
+                       attn_implementation, trust_remote_code, device, head,
+                       asked.quantize_vision_tower)  # fmt: skip
+    settings = asked if is_image_text(model.config) else None
     if vision is not None and settings is None:
         raise XtunerError(f"model.vision is set but {pretrained} is not an image-text model")
     if gradient_checkpointing:
@@ -186,8 +194,10 @@ def build_model(
 def _load_base(
     pretrained: str, method: str, dtype: str, compute_dtype: str, quant_storage: str,
     attn_implementation: str, trust_remote_code: bool, device: str | None, head: str,
+    quantize_vision_tower: bool = False,
 ) -> torch.nn.Module:  # fmt: skip
-    """The base model with our lean layers and packed attention (NF4 4-bit for QLoRA)."""
+    """The base model with our lean layers and packed attention (NF4 4-bit for QLoRA: an
+    image-text model's language model, and its vision tower with ``quantize_vision_tower``)."""
     # QLoRA quantizes from the stored (fp32) weights; LoRA/full load a bf16/fp16 copy directly
     path = resolve_model_path(pretrained, None if method == "qlora" else dtype)
     kwargs: dict[str, Any] = dict(
@@ -197,11 +207,14 @@ def _load_base(
     )
     if device is not None and str(device).startswith("cuda"):
         kwargs["device_map"] = {"": device}
-    image_text = is_image_text_path(path, trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    image_text = is_image_text(config)
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            # an image-text model: only the language model is quantized (QLoRA's subject)
-            llm_int8_skip_modules=NOT_QUANTIZED if image_text else None,
+            # an image-text model: the language model is quantized (QLoRA's subject)
+            llm_int8_skip_modules=not_quantized(config, quantize_vision_tower)
+            if image_text
+            else None,
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,

@@ -39,9 +39,6 @@ from xtuner_lite.model.attention import segments_of
 
 # the parts of a LLaVA-family model (transformers' names)
 VISION_TOWER, PROJECTOR, LANGUAGE_MODEL = "vision_tower", "multi_modal_projector", "language_model"
-# what QLoRA leaves unquantized in an image-text model: all but the language model's layers
-# (the head too, as in a causal LM); ``visual`` / ``vision_model``: Qwen2-VL's, Idefics3's towers
-NOT_QUANTIZED = [VISION_TOWER, PROJECTOR, "lm_head", "visual", "vision_model"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +62,15 @@ def parts_of(model: torch.nn.Module | PretrainedConfig) -> Parts:
     return PARTS.get(getattr(config, "model_type", None), Parts())
 
 
+def not_quantized(config: PretrainedConfig, quantize_tower: bool = False) -> list[str]:
+    """What QLoRA leaves unquantized in an image-text model (transformers'
+    ``llm_int8_skip_modules`` patterns, matched from a module name's start): the projector,
+    the head (as in a causal LM) and, unless ``quantize_tower``, the vision tower."""
+    names = parts_of(config)
+    kept = [names.projector] + ([] if quantize_tower else [names.tower])
+    return [rf"(?:.*\.)?{re.escape(name)}" for name in kept] + ["lm_head"]
+
+
 def is_image_text_path(path: str | Path, trust_remote_code: bool = False) -> bool:
     """Whether the model folder (or hub id) holds an image-text model."""
     return is_image_text(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
@@ -80,6 +86,8 @@ class VisionSettings:
     freeze_projector: bool = False  # False: trained in full, in LoRA runs too
     freeze_language_model: bool = False  # a full fine-tune only: LoRA leaves the base frozen
     lora_vision_tower: bool = False  # the adapter on the vision tower's linear layers too
+    # QLoRA only: the frozen tower's linear layers in NF4 too (a large tower on an 8 GB card)
+    quantize_vision_tower: bool = False
 
     def __post_init__(self) -> None:
         wrong = [
@@ -89,6 +97,7 @@ class VisionSettings:
                 "freeze_projector",
                 "freeze_language_model",
                 "lora_vision_tower",
+                "quantize_vision_tower",
             )  # fmt: skip
             if not isinstance(getattr(self, key), bool)
         ]
@@ -314,7 +323,6 @@ def _vision_config(value: dict[str, Any] | PretrainedConfig) -> PretrainedConfig
 __all__ = [
     "IMAGE_TOKEN",
     "LANGUAGE_MODEL",
-    "NOT_QUANTIZED",
     "PARTS",
     "PROJECTOR",
     "Parts",
@@ -327,6 +335,7 @@ __all__ = [
     "is_image_text_path",
     "lora_targets",
     "modules_to_save",
+    "not_quantized",
     "part",
     "parts_of",
     "save_processor",
