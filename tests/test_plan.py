@@ -378,8 +378,10 @@ def test_planned_vision_parameters_are_the_models(name, tmp_path):
 
     def count(module, linear: bool = False) -> int:
         layers = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-        return sum(m.weight.numel() for m in layers) if linear else sum(
-            p.numel() for p in module.parameters()
+        return (
+            sum(m.weight.numel() for m in layers)
+            if linear
+            else sum(p.numel() for p in module.parameters())
         )
 
     parts = parts_of(model)
