@@ -11,7 +11,9 @@ code needs the hub).
 With ``--config``, a shipped recipe as it is: its architecture (model type and sizes) with random
 weights, its LoRA rank, loss chunk, optimizer, adapter dtype, offload and row length (a DPO
 recipe's row holds both sequences of a pair: measured as an SFT row of that many tokens, the
-reference log-probabilities being cached), against its plan. ``--offload on off`` runs both.
+reference log-probabilities being cached), against its plan; an image-text recipe's rows hold as
+many images of its planned size (random pixels) as the plan assumes, each image's tokens untrained.
+``--offload on off`` runs both.
 ``--fp16``: as on a GPU without bf16 (fp16 autocast, loss scaling, fp16 frozen weights).
 
 Run on a CUDA machine:
@@ -31,7 +33,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from random_shapes import SHAPES, planned_gib, random_model_folder, train_and_measure
+from random_shapes import (
+    SHAPES,
+    image_rows,
+    planned_gib,
+    random_model_folder,
+    train_and_measure,
+)
 
 from xtuner_lite.commands.plan import (
     GiB,
@@ -53,14 +61,22 @@ def run_config(name: str, args: argparse.Namespace, offload: bool, last: bool) -
     settings = replace(settings, offload=offload)
     tokens = planned_tokens(settings)
     architecture = dict(cfg["architecture"])
-    key = "{model_type}_{hidden_size}_{num_hidden_layers}_{vocab_size}".format(**architecture)
+    text = dict(architecture.get("text_config") or architecture)
+    key = "{}_{hidden_size}_{num_hidden_layers}_{vocab_size}".format(architecture["model_type"],
+                                                                     **text)  # fmt: skip
     folder = random_model_folder(key, Path(args.work), tokens, architecture=architecture)
+    rows, vision = None, None
+    if shape.vision is not None:  # as many images as the plan assumes (its worst case)
+        images = settings.images_per_row or max(1, tokens // shape.vision.image_tokens)
+        pixels = cfg["train_dataset"].get("image_max_pixels")
+        rows = image_rows(architecture, tokens, images, args.steps, pixels)
+        vision = dict(cfg["model"].get("vision") or {})
     measured = train_and_measure(
         folder, method=settings.method, max_length=tokens, steps=args.steps,
         gradient_checkpointing=settings.gradient_checkpointing, chunk_size=settings.chunk_size,
         lora_r=settings.lora_r, optimizer=settings.optimizer, lora_dtype=settings.lora_dtype,
         device=args.device, cap_gib=args.cap_gib if args.device == "cuda" else None,
-        offload=offload, fp16=args.fp16,
+        offload=offload, fp16=args.fp16, rows=rows, vision=vision,
     )  # fmt: skip
     if args.delete and last:
         shutil.rmtree(folder)

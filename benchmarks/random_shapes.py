@@ -81,25 +81,25 @@ def random_model_folder(
     shape: str, root: Path, max_length: int = 4096, architecture: dict | None = None
 ) -> Path:
     """A bf16 safetensors folder of a randomly initialised model: a Llama with ``shape``'s
-    sizes, or ``architecture`` (a config's ``architecture`` dict: its model type and sizes)
-    saved under ``shape`` (initialised on the GPU when there is one: seconds instead of minutes
-    for a 7B)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    sizes, or ``architecture`` (a config's ``architecture`` dict: its model type and sizes; an
+    image-text model's with its vision config) saved under ``shape`` (initialised on the GPU
+    when there is one: seconds instead of minutes for a 7B)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     folder = root / shape
     if (folder / "config.json").exists():
         return folder
     sizes = dict(architecture) if architecture else {"model_type": "llama", **SHAPES[shape]}
     sizes = {"tie_word_embeddings": False, **sizes}
-    config = AutoConfig.for_model(
-        sizes.pop("model_type"),
-        **sizes,
-        max_position_embeddings=max(max_length, sizes.pop("max_position_embeddings", 4096)),
-        torch_dtype="bfloat16",
-    )
+    image_text = "vision_config" in sizes
+    if not image_text:
+        longest = sizes.get("max_position_embeddings", 4096)
+        sizes["max_position_embeddings"] = max(max_length, longest)
+    config = AutoConfig.for_model(sizes.pop("model_type"), **sizes, torch_dtype="bfloat16")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        auto = AutoModelForImageTextToText if image_text else AutoModelForCausalLM
+        model = auto.from_config(config)
     model = model.to_empty(device=device).to(torch.bfloat16)
     generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
@@ -136,6 +136,42 @@ def packed_rows(vocab: int, max_length: int, samples: int, steps: int) -> list[d
     return rows
 
 
+def image_rows(
+    architecture: dict, max_length: int, images: int, steps: int, image_max_pixels: int | None
+) -> list[dict]:
+    """One packed row per step for an image-text model: ``images`` samples, each an image's
+    tokens (never trained) and random text, with random pixels of the planner's image shape
+    (a LLaVA's fixed size; Qwen2-VL's patches of ``image_max_pixels``)."""
+    from xtuner_lite.commands.plan import VisionShape
+    from xtuner_lite.data.dataset import collate_packed
+
+    vision = VisionShape.from_config(architecture, image_max_pixels)
+    token = architecture.get("image_token_id", 32000)  # LlavaConfig's default
+    vocab = architecture["text_config"]["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(steps):
+        ids = torch.randint(0, min(vocab, token), (max_length,), generator=generator)
+        labels = ids.clone()
+        bounds = torch.linspace(0, max_length, images + 1).long().tolist()
+        for start in bounds[:-1]:
+            ids[start : start + vision.image_tokens] = token
+            labels[start : start + vision.image_tokens] = -100
+        positions = [p for a, b in zip(bounds, bounds[1:]) for p in range(b - a)]
+        batch = collate_packed([{"input_ids": ids.tolist(), "labels": labels.tolist(),
+                                 "position_ids": positions, "cu_seqlens": bounds}])  # fmt: skip
+        if vision.family == "vit":
+            side = int(vision.patches**0.5) * vision.patch
+            batch["pixel_values"] = torch.randn(images, vision.channels, side, side)
+        else:
+            side = int((vision.patches) ** 0.5)
+            per_patch = vision.channels * vision.temporal * vision.patch**2
+            batch["pixel_values"] = torch.randn(images * side * side, per_patch)
+            batch["image_grid_thw"] = torch.tensor([[1, side, side]] * images)
+        rows.append(batch)
+    return rows
+
+
 def train_and_measure(
     folder: Path,
     *,
@@ -151,12 +187,15 @@ def train_and_measure(
     lora_dtype: str = "fp32",
     offload: bool = False,
     fp16: bool = False,
+    rows: list[dict] | None = None,
+    vision: dict | None = None,
 ) -> dict:
     """Train ``steps`` steps on packed random rows under bf16 autocast (``fp16``: fp16 autocast
     with loss scaling and fp16 frozen weights, as on a GPU without bf16); the first step is
     warm-up for the timing. On CUDA: peak allocated / reserved over the steps (the weights,
     loaded before, included), optionally under a ``set_per_process_memory_fraction`` cap.
-    ``offload``: the checkpointed layers' inputs in pinned host memory."""
+    ``offload``: the checkpointed layers' inputs in pinned host memory. ``rows``: the batches
+    to train on (default: random text); ``vision``: an image-text model's ``model.vision``."""
     from xtuner_lite.model import build_model, skip_adapter_input_casts
     from xtuner_lite.model.offload import offload_activations
     from xtuner_lite.objectives.sft import SFTObjective
@@ -180,6 +219,7 @@ def train_and_measure(
         gradient_checkpointing=gradient_checkpointing,
         lora_dtype="fp32" if fp16 else lora_dtype,
         device=device if cuda else None,
+        vision=vision,
     )
     skip_adapter_input_casts(llm)
     if offload:
@@ -195,8 +235,8 @@ def train_and_measure(
         opt = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[
             optimizer
         ](trained, lr=1e-4)
-    vocab = llm.config.vocab_size
-    rows = packed_rows(vocab, max_length, 4, steps)
+    if rows is None:
+        rows = packed_rows(llm.config.get_text_config().vocab_size, max_length, 4, steps)
     load_peak = torch.cuda.max_memory_allocated() if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -37,6 +37,12 @@ done
 timeout 60 python benchmarks/bench_8gb.py --config $L31 --fp16 --cap-gib 8 --steps 8 --delete \
     --work "$OUT/weights" --results "$RESULTS" 2>&1 | grep '^{'
 
+# the image-text recipes: random weights of their architectures (the tower, projector and
+# language model), rows holding as many images of the planned size as the plan assumes
+timeout 240 python benchmarks/bench_8gb.py --config qwen2_5_vl_7b_instruct_qlora \
+    llava_qwen2_5_7b_clip_l336_qlora --cap-gib 8 --steps 8 --delete --work "$OUT/weights" \
+    --results "$RESULTS" 2>&1 | grep '^{'
+
 # 3. planner vs torch.cuda.max_memory_allocated on small shapes
 timeout 120 python benchmarks/plan_vs_cuda.py --steps 3 --delete --work "$OUT/weights" \
     --results "$RESULTS" 2>&1 | tail -12

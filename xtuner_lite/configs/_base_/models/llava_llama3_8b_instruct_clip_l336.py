@@ -16,6 +16,7 @@ max_length = 1280  # two images (577 tokens each) and a short conversation, or o
 architecture = dict(
     model_type="llava",
     image_seq_length=clip_vit_l336_tokens,  # noqa: F405
+    vision_feature_select_strategy="full",  # compose_llava keeps every feature
     vision_config=clip_vit_l336,  # noqa: F405
     text_config=architecture,  # noqa: F405
 )
