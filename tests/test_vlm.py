@@ -446,6 +446,39 @@ def test_engine_with_images_gives_transformers_greedy_tokens(tiny_vlm, tmp_path)
         images.prompt(ids, names, tmp_path)
 
 
+def test_loglik_scores_of_contexts_with_images_are_the_models(tiny_vlm, tmp_path):
+    """Option log-likelihoods after contexts holding images (Qwen2-VL: of two sizes), batched
+    with a text context: each equals the sum from the model's own forward on the whole
+    sequence."""
+    from xtuner_lite.evaluation.loglik import LoglikScorer
+    from xtuner_lite.hub import load_tokenizer
+    from xtuner_lite.inference.images import ImageInput
+
+    names = write_images(tmp_path, 2, seed=3, shapes=SHAPES[1:])
+    tokenizer = load_tokenizer(tiny_vlm)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm).eval()
+    images = ImageInput(tiny_vlm, tokenizer)
+    scorer = LoglikScorer(model, tokenizer)
+    requests, given = [], []
+    for name in names:
+        context = images.tokens.in_text(f"{IMAGE_TOKEN}\nThe picture shows")
+        for option in (" a cat", " noise and colours"):
+            ids, cont = scorer.encode_pair(context, option)
+            ids, inputs = images.prompt(ids, [name], tmp_path)
+            requests.append((ids, cont))
+            given.append(inputs)
+    requests.append(scorer.encode_pair("Hello there,", " friend"))
+    given.append(None)
+    scores = scorer.score_ids(requests, images=given)
+    with torch.no_grad():
+        for (context, cont), inputs, score in zip(requests, given, scores):
+            logits = model(**model_inputs(model, context + cont, inputs)).logits[0].float()
+            lp = logits[len(context) - 1 : -1].log_softmax(-1)
+            expected = lp.gather(1, torch.tensor(cont)[:, None]).sum()
+            assert score.logprob == pytest.approx(float(expected), abs=1e-4)
+    assert scores[0].logprob != pytest.approx(scores[2].logprob, abs=1e-4)  # the image counts
+
+
 def test_chat_with_an_image_answers_as_transformers_generate(taught_llava):
     """``ChatSession.ask(..., images=[file])`` (``xtuner chat --image``) on the taught model:
     each image gets its own answer, transformers.generate's on the same expanded prompt and
@@ -573,16 +606,17 @@ def test_compose_with_a_pretrained_vision_encoder_keeps_its_weights(tiny_llama, 
 
 
 def test_eval_image_tasks_show_each_row_its_image(taught_llava):
-    """``xtuner eval`` tasks with an ``image`` field on the taught model: a generation task and
-    a lettered multiple-choice task scored by the model's written letter get every row right;
-    the same rows with each other's images get every row wrong; loglik scoring refuses images."""
+    """``xtuner eval`` tasks with an ``image`` field on the taught model: a generation task, a
+    lettered multiple-choice task scored by the model's written letter, and one scored by the
+    options' log-likelihoods get every row right; the same rows with each other's images get
+    every row wrong."""
     from xtuner_lite.evaluation.evaluator import evaluate_model
     from xtuner_lite.evaluation.tasks import TaskSpec
     from xtuner_lite.inference.loader import load_for_inference
 
     run, folder = taught_llava
     rows = [{"picture": name, "other": other, "answer": ANSWERS[name], "letter": letter,
-             "choices": ["dark", "light"]}
+             "choices": ["dark", "light"], "answers": list(ANSWERS.values())}
             for (name, letter), other in zip(zip(ANSWERS, "AB"), reversed(ANSWERS))]  # fmt: skip
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = dict(data=str(folder / "eval.jsonl"), chat=True, max_new_tokens=8)
@@ -592,13 +626,16 @@ def test_eval_image_tasks_show_each_row_its_image(taught_llava):
         TaskSpec(name="lettered", kind="mcq", style="letter", scoring="generate",
                  prompt="Which picture is this?\n{options}\nAnswer:", answer="letter",
                  circular=False, image="picture", **common),
+        TaskSpec(name="likely", kind="mcq", style="cloze", scoring="loglik",
+                 prompt="Which picture is this?", continuation="{choice}", choices="answers",
+                 answer="letter",
+                 image="picture", **common),
     ]  # fmt: skip
     model = load_for_inference(str(run / "model"), template="smollm2")
     results = evaluate_model(model, tasks)
-    assert results["which"].metrics["acc"] == 1.0
-    assert results["lettered"].metrics["acc"] == 1.0
+    assert {name: r.metrics["acc"] for name, r in results.items()} == dict.fromkeys(results, 1.0)
     swapped = [TaskSpec(**{**t.__dict__, "image": "other"}) for t in tasks]
     results = evaluate_model(model, swapped)
-    assert results["which"].metrics["acc"] == 0.0 and results["lettered"].metrics["acc"] == 0.0
-    with pytest.raises(XtunerError, match="images need kind 'generate'"):
-        TaskSpec(name="x", data="x", kind="mcq", image="picture")
+    assert {name: r.metrics["acc"] for name, r in results.items()} == dict.fromkeys(results, 0.0)
+    with pytest.raises(XtunerError, match="images need kind 'generate' or 'mcq'"):
+        TaskSpec(name="x", data="x", kind="perplexity", image="picture")

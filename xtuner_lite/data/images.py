@@ -208,6 +208,17 @@ def process_images(image_processor: Any, images: list[Image.Image]) -> dict[str,
     return {k: out[k] for k in IMAGE_INPUTS if k in out}
 
 
+def images_digest(images: dict[str, torch.Tensor] | None) -> str | None:
+    """What tells a prompt's images apart (None: it has none): the hash of their inputs."""
+    if images is None:
+        return None
+    digest = hashlib.sha256()
+    for key in sorted(images):
+        digest.update(key.encode())
+        digest.update(images[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def join_images(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Several images' inputs as one (each input joined along its first axis)."""
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
@@ -220,6 +231,7 @@ __all__ = [
     "decode_image",
     "display_name",
     "image_conversation",
+    "images_digest",
     "join_images",
     "load_image",
     "placed_before",

@@ -163,11 +163,36 @@ def _predictions(
             per_row[index].append((shift, gold, pred, text))
         return per_row
     flat = [pair for *_, requests in rotations for pair in requests]
-    scores = iter(scorer.score(flat))
+    shown = [images[index] for index, *_, requests in rotations for _ in requests]
+    if any(shown):
+        scores = iter(_scores_with_images(spec, model, scorer, flat, shown))
+    else:
+        scores = iter(scorer.score(flat))
     for index, shift, gold, requests in rotations:
         lls = [next(scores).logprob for _ in requests]
         per_row[index].append((shift, gold, _argmax(lls), lls))
     return per_row
+
+
+def _scores_with_images(
+    spec: TaskSpec,
+    model: LoadedModel,
+    scorer: LoglikScorer,
+    pairs: list[tuple[str, str]],
+    images: list[str | None],
+) -> list:
+    """Log-likelihoods of (context, option) pairs whose contexts show an image (an image-text
+    model): each context's image tokens expanded, its image's inputs prefilled with it."""
+    reader = image_input_for(model.model, model.tokenizer, model.name)
+    if reader is None:
+        raise XtunerError(f"task {spec.name!r} shows images: {model.name} is a text model")
+    encoded, inputs = [], []
+    for (context, option), image in zip(pairs, images):
+        ids, continuation = scorer.encode_pair(reader.tokens.in_text(context), option)
+        ids, given = reader.prompt(ids, [image] if image else [])
+        encoded.append((ids, continuation))
+        inputs.append(given)
+    return scorer.score_ids(encoded, images=inputs)
 
 
 def evaluate_mcq(

@@ -5,6 +5,7 @@ lm-evaluation-harness does), a batch of distinct contexts is prefilled once (lef
 KV cache) with only its last logits, which score each option's first token; the options' other
 tokens then run packed into rows without padding, each attending to its own context's cached
 keys. Tokenization splits pairs exactly as lm-evaluation-harness does, so the numbers agree.
+An image-text model's contexts may hold images: their inputs go with the context's prefill.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from xtuner_lite.data.images import images_digest, join_images
+from xtuner_lite.errors import XtunerError
+from xtuner_lite.model.vlm import offset_positions, prompt_positions
 
 
 @contextmanager
@@ -57,7 +62,8 @@ class LoglikScorer:
         # option tokens per packed row; each attends to the keys of every context in its
         # chunk, so a longer row pays more attention for the same tokens
         self.chunk_tokens = chunk_tokens
-        self.max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+        text_config = model.config.get_text_config()
+        self.max_length = max_length or getattr(text_config, "max_position_embeddings", 2048)
         self.device = next(model.parameters()).device
         eos = tokenizer.eos_token_id
         self.empty_context = [eos if eos is not None else 0]
@@ -88,14 +94,24 @@ class LoglikScorer:
         self,
         encoded: list[tuple[list[int], list[int]]],
         progress: Callable[[int], None] | None = None,
+        images: list[dict[str, torch.Tensor] | None] | None = None,
     ) -> list[Score]:
-        groups: dict[tuple[int, ...], list[int]] = {}
+        """``images``: each request's context's image inputs (an image-text model; its image
+        tokens expanded in the context ids)."""
+        images = images or [None] * len(encoded)
+        groups: dict[tuple, list[int]] = {}
+        self._images: dict[tuple, dict[str, torch.Tensor] | None] = {}
         for i, (context, continuation) in enumerate(encoded):
             if not continuation:
                 raise ValueError(f"continuation of request {i} has no tokens")
-            context = context[-(self.max_length - len(continuation)) :]  # keep the end
-            groups.setdefault(tuple(context), []).append(i)
+            room = self.max_length - len(continuation)
+            if images[i] is not None and len(context) > room:
+                raise XtunerError(f"request {i}: its context with images passes max_length")
+            key = (*context[-room:], images_digest(images[i]))  # keep the end
+            groups.setdefault(key, []).append(i)
+            self._images[key] = images[i]
         order = sorted(groups, key=len, reverse=True)  # similar lengths batch together
+        # (a key is the context's ids, then its images' digest)
         results: list[Score | None] = [None] * len(encoded)
         batch: list[tuple[int, ...]] = []
         real = 0
@@ -121,6 +137,8 @@ class LoglikScorer:
         """Prefill the contexts (left-padded, last logits only), then score the options."""
 
         device = self.device
+        images = [self._images[key] for key in contexts]
+        contexts = [key[:-1] for key in contexts]
         width = max(map(len, contexts))
         ids = torch.zeros(len(contexts), width, dtype=torch.long)
         mask = torch.zeros(len(contexts), width, dtype=torch.long)
@@ -129,7 +147,8 @@ class LoglikScorer:
             mask[row, width - len(context) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         cache = DynamicCache(config=self.model.config)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions, self._delta = prompt_positions(self.model, ids, mask, images)
+        inputs = join_images([i for i in images if i is not None])
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -137,10 +156,12 @@ class LoglikScorer:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{k: v.to(device) for k, v in inputs.items()},
         )
         first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
 
-        requests = [(row, i) for row, context in enumerate(contexts) for i in groups[context]]
+        keys = [(*context, digest) for context, digest in zip(contexts, map(images_digest, images))]
+        requests = [(row, i) for row, key in enumerate(keys) for i in groups[key]]
         owner = torch.tensor([row for row, _ in requests], device=device)
         heads = torch.tensor([encoded[i][1][0] for _, i in requests], device=device)
         logprobs = first[owner, heads].double()
@@ -184,6 +205,8 @@ class LoglikScorer:
         ids, targets, positions, segment, own = _option_tokens(chunk, requests, encoded, lengths)
         segment_t = torch.tensor(segment, device=device)
         own_t = torch.tensor(own, device=device)
+        delta = None if self._delta is None else self._delta[top + own_t][None]  # per token
+        positions = offset_positions(torch.tensor([positions], device=device), delta)
         key_owner = torch.arange(span, device=device).repeat_interleave(width)
         real = mask[top : top + span].bool().reshape(-1)
         to_context = (own_t[:, None] == key_owner[None, :]) & real[None, :]
@@ -210,7 +233,7 @@ class LoglikScorer:
             out = self.model(
                 input_ids=torch.tensor([ids], device=device),
                 attention_mask=attention,
-                position_ids=torch.tensor([positions], device=device),
+                position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
             )

@@ -80,12 +80,9 @@ class TaskSpec:
                 f"task {self.name!r}: scoring must be 'loglik', or 'generate' with "
                 f"style 'letter' (got {self.scoring!r}, style {self.style!r})"
             )
-        if self.image is not None and not (
-            self.kind == "generate" or self.kind == "mcq" and self.scoring == "generate"
-        ):
+        if self.image is not None and self.kind not in ("generate", "mcq"):
             raise XtunerError(
-                f"task {self.name!r}: images need kind 'generate', or 'mcq' with scoring "
-                f"'generate' (the model answers; option log-likelihoods take no image)"
+                f"task {self.name!r}: images need kind 'generate' or 'mcq', not {self.kind!r}"
             )
         if self.circular is None:
             self.circular = self.kind == "mcq" and self.style == "letter"

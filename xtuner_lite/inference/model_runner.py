@@ -8,13 +8,12 @@ own forward).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 
 import torch
 
-from xtuner_lite.data.images import join_images
+from xtuner_lite.data.images import images_digest, join_images
 from xtuner_lite.inference.block_manager import BLOCK_SIZE, Block, BlockManager, gather
 from xtuner_lite.inference.decoder import FastDecoder, unsupported_reason
 from xtuner_lite.inference.kv_cache import GROW, KVCache, first_used_column
@@ -25,6 +24,7 @@ from xtuner_lite.inference.shared_prefix import (
     worth_sharing,
 )
 from xtuner_lite.model.forward import base_and_head
+from xtuner_lite.model.vlm import offset_positions, prompt_positions
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -81,10 +81,9 @@ class ModelRunner:
         self.shared: SharedPrefixes | None = None  # prompts rows continue, held once
         self._mask: torch.Tensor | None = None  # (batch, cached length), 1 = real token
         self._next: torch.Tensor | None = None  # (batch,) token each row feeds next
-        # Qwen2-VL's rotary positions follow its images' patch grids: its own get_rope_index
-        # places a prompt's tokens, and each row's later tokens run ``_delta`` from their count
-        self._rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
-        self._delta: torch.Tensor | None = None  # (batch,) with _rope_index
+        # Qwen2-VL's rotary positions follow its images' patch grids: each row's later tokens
+        # run ``_delta`` from their count (``vlm.prompt_positions``); None for other models
+        self._delta: torch.Tensor | None = None  # (batch,)
 
     def reset(self) -> None:
         """An empty batch (after a failed step)."""
@@ -103,9 +102,7 @@ class ModelRunner:
             if self.shared is not None:
                 positions = positions + self.shared.row_lengths()
             return self.decoder(self._next, positions, self._mask, self.cache, self.shared)
-        positions = self._mask.sum(-1, keepdim=True) - 1
-        if self._delta is not None:
-            positions = (positions + self._delta[:, None])[None].expand(3, -1, -1)
+        positions = offset_positions(self._mask.sum(-1, keepdim=True) - 1, self._delta)
         cache = self.cache.as_transformers_cache()
         logits = self._forward(self._next[:, None], self._mask, cache, positions)
         self.cache.advance(1)
@@ -123,7 +120,7 @@ class ModelRunner:
         a prompt with images is never looked up in or added to the prefix cache (its image
         tokens do not say which image)."""
         images = images or [None] * len(prompts)
-        keys = [(tuple(p), _digest(i)) for p, i in zip(prompts, images)]
+        keys = [(tuple(p), images_digest(i)) for p, i in zip(prompts, images)]
         first: dict[tuple, int] = {}  # each distinct prompt's first row, in row order
         for n, key in enumerate(keys):
             first.setdefault(key, n)
@@ -217,8 +214,7 @@ class ModelRunner:
             mask[i, start - c : start] = 1
             mask[i, start + width - len(own) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-        positions, delta = self._grid_positions(ids, mask[:, -width:], positions, images)
+        positions, delta = prompt_positions(self.model, ids, mask, images)
         given = join_images([i for i in images if i is not None])
         inputs = {k: v.to(self.device) for k, v in given.items()}
         logits = self._forward(ids, mask, cache.as_transformers_cache(), positions, inputs)
@@ -231,31 +227,6 @@ class ModelRunner:
                     columns = torch.arange(own_start, own_start + end - c, device=self.device)
                     self.blocks.store(prompt, c // BLOCK_SIZE, self._kv(cache, i, columns))
         return cache, mask, logits, delta
-
-    def _grid_positions(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        images: list[dict[str, torch.Tensor] | None],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prefill positions, and each row's rotary offset for its later tokens: for Qwen2-VL
-        (3, rows, width), a row with images placed by the model's ``get_rope_index`` (its
-        image tokens on their patch grid); for any other model ``positions`` as they are."""
-        if self._rope_index is None:
-            return positions, None
-        axes = positions[None].repeat(3, 1, 1)
-        delta = torch.zeros(ids.shape[0], dtype=torch.long, device=self.device)
-        token = self.model.config.image_token_id
-        for row, given in enumerate(images):
-            if given is not None:
-                found, shift = self._rope_index(
-                    ids[row : row + 1], mm_token_type_ids=(ids[row : row + 1] == token).int(),
-                    image_grid_thw=given["image_grid_thw"].to(self.device),
-                    attention_mask=mask[row : row + 1],
-                )  # fmt: skip
-                axes[:, row], delta[row] = found[:, 0], shift.view(())
-        return axes, delta
 
     def _hold_once(
         self, filled: KVCache, mask: torch.Tensor, of: list[int], counts: list[int]
@@ -376,17 +347,6 @@ class ModelRunner:
         self._next = torch.cat([self._next, placeholder])
         if delta is not None:
             self._delta = torch.cat([self._delta, delta])
-
-
-def _digest(images: dict[str, torch.Tensor] | None) -> str | None:
-    """What tells a prompt's images apart (None: it has none)."""
-    if images is None:
-        return None
-    digest = hashlib.sha256()
-    for key in sorted(images):
-        digest.update(key.encode())
-        digest.update(images[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 __all__ = ["ModelRunner"]

@@ -203,6 +203,46 @@ def grid_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return torch.cat([text[None], axes])
 
 
+def prompt_positions(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    images: list[dict[str, torch.Tensor] | None],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions of left-padded prompts run with a KV cache, and each row's rotary offset for
+    its later tokens. ``ids``: (rows, width), the last ``width`` columns of ``mask``, the rows'
+    attention mask over cached and new columns; ``images``: each row's image inputs (a row with
+    images has no cached columns). For Qwen2-VL (3, rows, width), a row with images placed by
+    the model's ``get_rope_index`` (its image tokens on their patch grid) and offset by what
+    that saves; for any other model (rows, width) and None."""
+    width = ids.shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+    rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+    if rope_index is None:
+        return positions, None
+    axes = positions[None].repeat(3, 1, 1)
+    delta = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+    token = model.config.image_token_id
+    for row, given in enumerate(images):
+        if given is not None:
+            found, shift = rope_index(
+                ids[row : row + 1], mm_token_type_ids=(ids[row : row + 1] == token).int(),
+                image_grid_thw=given["image_grid_thw"].to(ids.device),
+                attention_mask=mask[row : row + 1, -width:],
+            )  # fmt: skip
+            axes[:, row], delta[row] = found[:, 0], shift.view(())
+    return axes, delta
+
+
+def offset_positions(positions: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """(rows, length) positions of tokens after a prompt, as the model takes them: for Qwen2-VL
+    (``delta``: each row's rotary offset, or each token's, (rows, length)) on all three rotary
+    axes."""
+    if delta is None:
+        return positions
+    return (positions + (delta[:, None] if delta.dim() == 1 else delta))[None].expand(3, -1, -1)
+
+
 # a processor's own files, besides its tokenizer's (transformers' names)
 PROCESSOR_FILES = (
     "preprocessor_config.json",
@@ -336,7 +376,9 @@ __all__ = [
     "lora_targets",
     "modules_to_save",
     "not_quantized",
+    "offset_positions",
     "part",
     "parts_of",
+    "prompt_positions",
     "save_processor",
 ]
