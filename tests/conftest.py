@@ -179,6 +179,39 @@ def tiny_qwen2_5_vl(tmp_path_factory, smol_tokenizer):
     return tiny_qwen_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), smol_tokenizer, "qwen2_5_vl")
 
 
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl(tmp_path_factory, smol_tokenizer):
+    """A random InternVL with TINY_SHAPE's Qwen2 language model and a 2-layer vision tower on
+    16×16 tiles in 4×4 patches, pixel-shuffled to 4 tokens per tile, SmolLM2's vocabulary with
+    InternVL's image tokens, and its image processor cropping an image into 1 to 4 tiles plus
+    a thumbnail: the family's shape without its hub weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        GotOcr2ImageProcessorPil,
+    )
+
+    folder = tmp_path_factory.mktemp("tiny_internvl")
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": INTERNVL_TOKENS})
+    text = dict(TINY_SHAPE, model_type="qwen2", vocab_size=len(tokenizer), bos_token_id=1,
+                eos_token_id=2, pad_token_id=2)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=[16, 16], patch_size=[4, 4])  # fmt: skip
+    config = AutoConfig.for_model("internvl", text_config=text, vision_config=vision,
+                                  image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                                  image_seq_length=4, downsample_ratio=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True,
+                             min_patches=1, max_patches=4).save_pretrained(folder)  # fmt: skip
+    return str(folder)
+
+
 def write_images(
     folder: Path, count: int, size: int = 12, seed: int = 0, shapes: list | None = None
 ) -> list[str]:

@@ -139,7 +139,7 @@ def test_bad_images_are_errors_naming_file_and_row_or_counted_skips(tiny_llava, 
     assert all(len(short[i]["images"]) < 2 for i in range(len(short)))
 
 
-VLMS = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl"]  # conftest's tiny families
+VLMS = ["tiny_llava", "tiny_internvl", "tiny_qwen2_vl", "tiny_qwen2_5_vl"]  # conftest's
 SHAPES = [(12, 12), (16, 28), (20, 44)]  # (height, width): Qwen2-VL gives each its own count
 
 
@@ -153,7 +153,7 @@ def tiny_vlm(request) -> str:
 def test_packed_step_equals_each_sample_alone(tiny_vlm, tmp_path):
     """LoRA on the language model, the projector trained: the packed row's loss and every
     gradient equal the sums over the samples run one by one (Qwen2-VL: images of three sizes,
-    so three token counts, and its rotary positions per sample)."""
+    so three token counts, and its rotary positions per sample; InternVL: one or three tiles)."""
     names = write_images(tmp_path, 3, shapes=SHAPES)
     rows = _rows(names) + [_content_parts_row(tmp_path / names[2])]
     data = _write(tmp_path, rows)
@@ -172,6 +172,8 @@ def test_packed_step_equals_each_sample_alone(tiny_vlm, tmp_path):
     assert len(packed) == 1 and len(alone) == 3
     if "qwen" in tiny_vlm:
         assert len(set(alone.data.images.tokens)) == 3  # a count per image size
+    if "internvl" in tiny_vlm:
+        assert sorted(alone.data.images.tokens) == [4, 12, 12]  # one tile, two and a thumbnail
     for i in range(3):  # each sample's logits are the model's own forward's on it
         batch = alone.collate([alone[i]], 2)
         assert_model_logits(model, batch)

@@ -82,15 +82,16 @@ class VisionShape:
                 "the vision config lacks hidden_size, intermediate_size, num_hidden_layers, "
                 "image_size or patch_size"
             )
-        patches = (vision("image_size") // vision("patch_size")) ** 2
+        size, patch = (_side(vision(k)) for k in ("image_size", "patch_size"))
+        patches = (size // patch) ** 2
         return cls(
             vision("hidden_size"),
             vision("intermediate_size"),
             vision("num_hidden_layers"),
-            patches,
+            patches,  # InternVL: per tile, and its tiles counted as images
             get("image_seq_length") or patches,
             vision("num_channels", 3),
-            vision("patch_size"),
+            patch,
             text("hidden_size"),
             vision("model_type") == "siglip_vision_model" and vision("vision_use_head", True),
             vision("model_type") == "clip_vision_model",
@@ -166,6 +167,11 @@ class VisionShape:
         gated MLP's three times)."""
         hidden_copies = 3 if self.family == "qwen2_5_vl" else 2
         return per * patches * (7 * self.hidden + hidden_copies * self.intermediate)
+
+
+def _side(value: int | list[int] | tuple[int, ...]) -> int:
+    """A square image's or patch's side (InternVL gives [height, width])."""
+    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def _getter(config: Any) -> Callable[..., Any]:

@@ -8,11 +8,13 @@ image is truncated as SFT truncates). A missing, unreadable or truncated image i
 the file and row, or a counted skip with ``skip_invalid``. Each distinct image is decoded and
 run through the model's image processor once, its output kept on disk (``data/images.py``).
 
-Two kinds of model are supported: those whose image-token count is fixed (LLaVA and our
-compositions, ``image_seq_length`` in their config) and those whose count follows the image's
-patch grid (Qwen2-VL / Qwen2.5-VL: an image keeps its aspect ratio, ``<image>`` becomes
-``<|vision_start|><|image_pad|><|vision_end|>`` and the pad token is repeated per merged patch).
-Models that tile images into crops (Idefics3 / SmolVLM, InternVL) are refused with that reason.
+Three kinds of model are supported: a fixed image-token count (LLaVA and our compositions,
+``image_seq_length`` in their config); a fixed count per tile, an image cropped into as many tiles
+as its shape asks (InternVL: ``<img><IMG_CONTEXT></img>``, the context token repeated); and a count
+that follows the image's patch grid (Qwen2-VL / Qwen2.5-VL: an image keeps its aspect ratio,
+``<image>`` becomes ``<|vision_start|><|image_pad|><|vision_end|>`` and the pad token is repeated
+per merged patch). Other families (Idefics3 / SmolVLM's row-and-column tiles, LLaVA-NeXT's
+any-resolution grids) are refused with that reason.
 """
 
 from __future__ import annotations
@@ -80,13 +82,14 @@ class ImageTokens:
 
     token_id: int
     placeholder: str  # ``<image>`` (LLaVA), ``<|vision_start|><|image_pad|><|vision_end|>``
-    per_image: int | None  # a fixed count, or None: from the image's patch grid
+    per_tile: int | None  # tokens per tile (LLaVA: an image is one), or None: from its grid
     merge: int = 1  # patches merged into one token (Qwen2-VL's spatial_merge_size squared)
 
     def count(self, inputs: dict[str, torch.Tensor]) -> int:
-        """The image-token count of one image's processed inputs."""
-        if self.per_image is not None:
-            return self.per_image
+        """The image-token count of one image's processed inputs: its tiles' (InternVL crops
+        an image into tiles, its pixel values one per tile), or its patch grid's."""
+        if self.per_tile is not None:
+            return self.per_tile * inputs["pixel_values"].shape[0]
         return int(inputs["image_grid_thw"].prod()) // self.merge
 
     def in_text(self, text: str) -> str:
@@ -103,6 +106,11 @@ class ImageTokens:
 
 # families whose image-token count follows the image's patch grid (transformers' model_type)
 GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# families with a fixed count per tile (``image_seq_length``): LLaVA (and our compositions),
+# one tile per image; InternVL, the tiles its processor crops an image into
+TILE_FAMILIES = ("llava", "internvl")
+# an InternVL image between its markers (its tokenizer names them; these are InternVL's own)
+INTERNVL_MARKERS = ("<img>", "</img>")
 
 
 # the most pixels an image keeps (resized down, aspect kept) in families whose image-token
@@ -131,16 +139,16 @@ def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageT
     """The image token, placeholder text and image-token count of ``model`` (a folder, a hub
     id or its config)."""
     config = model if isinstance(model, PretrainedConfig) else AutoConfig.from_pretrained(model)
-    per_image = getattr(config, "image_seq_length", None) or None
+    family = config.model_type
+    per_tile = getattr(config, "image_seq_length", None) if family in TILE_FAMILIES else None
     merge = 1
-    if per_image is None:
-        if config.model_type not in GRID_FAMILIES:
-            raise XtunerError(
-                f"{model}: {type(config).__name__}'s image token count varies with the image in "
-                f"a way not supported yet (supported: LLaVA-style models with a fixed "
-                f"image_seq_length, and {', '.join(GRID_FAMILIES)})"
-            )
+    if family in GRID_FAMILIES:
         merge = config.vision_config.spatial_merge_size**2
+    elif not per_tile:
+        raise XtunerError(
+            f"{model}: {type(config).__name__} ({family}) is not supported yet; image-text "
+            f"families supported: {', '.join(TILE_FAMILIES + GRID_FAMILIES)}"
+        )
     token_id = getattr(config, "image_token_id", None)
     if token_id is None:
         token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -151,7 +159,11 @@ def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageT
     if all(t is not None for t in around):  # Qwen2-VL: the image between its two markers
         start, end = tokenizer.convert_ids_to_tokens(around)
         token = f"{start}{token}{end}"
-    return ImageTokens(int(token_id), token, per_image and int(per_image), merge)
+    elif family == "internvl":
+        start = getattr(tokenizer, "start_image_token", None) or INTERNVL_MARKERS[0]
+        end = getattr(tokenizer, "end_image_token", None) or INTERNVL_MARKERS[1]
+        token = f"{start}{token}{end}"
+    return ImageTokens(int(token_id), token, per_tile and int(per_tile), merge)
 
 
 def process_image_dataset(
@@ -294,6 +306,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 __all__ = [
     "GRID_FAMILIES",
+    "TILE_FAMILIES",
     "IMAGE_MAX_PIXELS",
     "ImageData",
     "ImageTextDataset",

@@ -259,7 +259,7 @@ def save_processor(source: str | Path, folder: Path, tokenizer: Any = None) -> N
     them, carries the chat template."""
     try:
         processor = AutoProcessor.from_pretrained(source)
-    except (ImportError, AttributeError):  # a part needs a package this install lacks
+    except (ImportError, AttributeError, ValueError):  # a part needs a package not installed
         processor = None
     if not isinstance(processor, ProcessorMixin):
         for name in PROCESSOR_FILES:
