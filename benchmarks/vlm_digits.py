@@ -34,6 +34,7 @@ from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.examples import digits
 from xtuner_lite.hub import load_tokenizer
 from xtuner_lite.inference.images import ImageInput
+from xtuner_lite.model.vlm import model_image_inputs
 
 STAGES = ("smollm2_135m_llava_digits_pretrain", "smollm2_135m_llava_digits_finetune")
 
@@ -74,7 +75,8 @@ def answers(model, folder: Path, rows: list[dict], images: Path, batch: int = 64
         width = max(map(len, prompts))
         ids = torch.tensor([[stops[0]] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(input_ids=ids, attention_mask=mask, **join_images(pixels),
+        images = model_image_inputs(model.config, join_images(pixels))
+        out = model.generate(input_ids=ids, attention_mask=mask, **images,
                              max_new_tokens=8, do_sample=False, eos_token_id=stops,
                              pad_token_id=stops[0])  # fmt: skip
         replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

@@ -212,6 +212,41 @@ def tiny_internvl(tmp_path_factory, smol_tokenizer):
     return str(folder)
 
 
+SMOLVLM_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>"] + [
+    f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory, smol_tokenizer):
+    """A random SmolVLM (Idefics3's layout) with TINY_SHAPE's Llama and a 2-layer vision tower
+    on 16×16 tiles in 4×4 patches, pixel-shuffled to 4 tokens per tile, SmolLM2's vocabulary
+    with its image, tile and row/column tokens, and its image processor cropping an image
+    resized to at most 32 pixels into 16-pixel tiles plus a thumbnail."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+        SmolVLMImageProcessorPil,
+    )
+
+    folder = tmp_path_factory.mktemp("tiny_smolvlm")
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": SMOLVLM_TOKENS})
+    text = dict(TINY_SHAPE, model_type="llama", vocab_size=len(tokenizer), bos_token_id=1,
+                eos_token_id=2, pad_token_id=2)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=16, patch_size=4)  # fmt: skip
+    config = AutoConfig.for_model("smolvlm", text_config=text, vision_config=vision,
+                                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                  scale_factor=2)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    SmolVLMImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16},
+                             do_image_splitting=True).save_pretrained(folder)  # fmt: skip
+    return str(folder)
+
+
 def write_images(
     folder: Path, count: int, size: int = 12, seed: int = 0, shapes: list | None = None
 ) -> list[str]:

@@ -10,11 +10,12 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from xtuner_lite.data.image_text import ImageTextDataset, process_image_dataset
+from xtuner_lite.data.images import IMAGE_INPUTS
 from xtuner_lite.data.labels import IGNORE_INDEX
 from xtuner_lite.errors import DataError, XtunerError
 from xtuner_lite.model import build_model
 from xtuner_lite.model.forward import loss_sum
-from xtuner_lite.model.vlm import IMAGE_TOKEN, parts_of
+from xtuner_lite.model.vlm import IMAGE_TOKEN, model_image_inputs, parts_of
 
 from conftest import loss_curve, nonzero_lora_b, train_cmd, write_config, write_images
 
@@ -139,7 +140,8 @@ def test_bad_images_are_errors_naming_file_and_row_or_counted_skips(tiny_llava, 
     assert all(len(short[i]["images"]) < 2 for i in range(len(short)))
 
 
-VLMS = ["tiny_llava", "tiny_internvl", "tiny_qwen2_vl", "tiny_qwen2_5_vl"]  # conftest's
+# conftest's tiny image-text families
+VLMS = ["tiny_llava", "tiny_internvl", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_smolvlm"]
 SHAPES = [(12, 12), (16, 28), (20, 44)]  # (height, width): Qwen2-VL gives each its own count
 
 
@@ -170,10 +172,13 @@ def test_packed_step_equals_each_sample_alone(tiny_vlm, tmp_path):
     packed = _dataset(tiny_vlm, data, pack=True)
     alone = _dataset(tiny_vlm, data, pack=False)
     assert len(packed) == 1 and len(alone) == 3
+    layouts = sorted(alone.data.images.layouts)
     if "qwen" in tiny_vlm:
-        assert len(set(alone.data.images.tokens)) == 3  # a count per image size
+        assert len(set(layouts)) == 3  # a count per image size
     if "internvl" in tiny_vlm:
-        assert sorted(alone.data.images.tokens) == [4, 12, 12]  # one tile, two and a thumbnail
+        assert layouts == [4, 12, 12]  # one tile, or two and a thumbnail
+    if "smolvlm" in tiny_vlm:
+        assert layouts == [(1, 2), (2, 2), (2, 2)]  # rows and columns of tiles
     for i in range(3):  # each sample's logits are the model's own forward's on it
         batch = alone.collate([alone[i]], 2)
         assert_model_logits(model, batch)
@@ -191,7 +196,8 @@ def assert_model_logits(model, batch: dict) -> None:
     computes Qwen2-VL's rotary positions itself)."""
     from xtuner_lite.model.forward import base_and_head, decoder_hidden
 
-    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "image_grid_thw") if k in batch}
+    images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
+    inputs = {"input_ids": batch["input_ids"], **model_image_inputs(model.config, images)}
     if "image_grid_thw" in batch:
         inputs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
     with torch.no_grad():
@@ -241,8 +247,8 @@ def test_image_max_pixels_bounds_a_grid_models_images_in_training_and_its_result
     data = _write(tmp_path, _rows(names) + [_content_parts_row(tmp_path / names[2])])
     full = _dataset(tiny_qwen2_vl, data, pack=False)
     small = _dataset(tiny_qwen2_vl, data, pack=False, image_max_pixels=16 * 16)
-    assert max(small.data.images.tokens) < max(full.data.images.tokens)
-    assert max(small.data.images.tokens) * 4 * 4**2 <= 16 * 16  # 2×2 merged 4-pixel patches
+    assert max(small.data.images.layouts) < max(full.data.images.layouts)
+    assert max(small.data.images.layouts) * 4 * 4**2 <= 16 * 16  # 2×2 merged 4-pixel patches
     with pytest.raises(XtunerError, match="image_max_pixels must be a positive integer"):
         _dataset(tiny_qwen2_vl, data, image_max_pixels=0)
     model = build_model(tiny_qwen2_vl, method="lora", lora=dict(r=4, alpha=8))
@@ -385,7 +391,7 @@ def test_check_dataset_shows_image_token_runs(tiny_llava, tmp_path):
 def model_inputs(model, prompt: list[int], images: dict | None) -> dict:
     """transformers' own inputs for a prompt and its images' inputs (Qwen2-VL's forward and
     generate also want each token's modality)."""
-    inputs = {"input_ids": torch.tensor([prompt]), **(images or {})}
+    inputs = {"input_ids": torch.tensor([prompt]), **model_image_inputs(model.config, images or {})}
     if images and "image_grid_thw" in images:
         inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).int()
     return inputs

@@ -19,17 +19,28 @@ any-resolution grids) are refused with that reason.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig
+from transformers.models.smolvlm.processing_smolvlm import (
+    get_image_prompt_string as split_image_text,  # Idefics3 writes the same
+)
 
 from xtuner_lite.data.dataset import collate_packed
-from xtuner_lite.data.images import IMAGE_TOKEN, ImageStore, image_conversation
+from xtuner_lite.data.images import (
+    IMAGE_INPUTS,
+    IMAGE_TOKEN,
+    ImageStore,
+    image_conversation,
+    process_images,
+)
 from xtuner_lite.data.labels import IGNORE_INDEX
 from xtuner_lite.data.loaders import load_rows
 from xtuner_lite.data.map_fns import validate_conversation
@@ -75,15 +86,33 @@ class ProcessedImageDataset:
     stats: DatasetStats
 
 
+# what stands for an image's token run while samples are tokenized: its token count (LLaVA,
+# InternVL, Qwen2-VL) or its rows and columns of tiles (Idefics3)
+Layout = int | tuple[int, int]
+
+
 @dataclass
 class ImageTokens:
     """What the tokenizer and model say about images: the token an image's features take the
-    place of, the text an image becomes in a message, and how many tokens an image takes."""
+    place of, the text an image becomes in a message, and the tokens an image takes."""
 
     token_id: int
     placeholder: str  # ``<image>`` (LLaVA), ``<|vision_start|><|image_pad|><|vision_end|>``
     per_tile: int | None  # tokens per tile (LLaVA: an image is one), or None: from its grid
     merge: int = 1  # patches merged into one token (Qwen2-VL's spatial_merge_size squared)
+    # Idefics3: the text of an image cropped into (rows, columns) tiles and the tokenizer
+    tiles_text: Callable[[int, int], str] | None = None
+    tokenizer: Any = None
+    _runs: dict = field(default_factory=dict, repr=False)
+
+    def process(self, image_processor: Any, image: Any) -> tuple[dict[str, torch.Tensor], Layout]:
+        """One image's model inputs (tiles along the first axis) and its layout."""
+        if self.tiles_text is None:
+            inputs = process_images(image_processor, [image])
+            return inputs, self.count(inputs)
+        out = image_processor(images=[image], return_tensors="pt", return_row_col_info=True)
+        inputs = {k: out[k][0] for k in IMAGE_INPUTS if k in out}  # (1, tiles, ...) → (tiles,)
+        return inputs, (int(out["rows"][0][0]), int(out["cols"][0][0]))
 
     def count(self, inputs: dict[str, torch.Tensor]) -> int:
         """The image-token count of one image's processed inputs: its tiles' (InternVL crops
@@ -92,16 +121,40 @@ class ImageTokens:
             return self.per_tile * inputs["pixel_values"].shape[0]
         return int(inputs["image_grid_thw"].prod()) // self.merge
 
+    def run(self, layout: Layout) -> list[int]:
+        """The ids an image's placeholder token becomes."""
+        if self.tiles_text is None:
+            return [self.token_id] * layout
+        if layout not in self._runs:  # (one per tile arrangement: computed once)
+            text = self.tiles_text(*layout)
+            self._runs[layout] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._runs[layout]
+
     def in_text(self, text: str) -> str:
         """``text`` with each ``<image>`` written as the model's own placeholder."""
         return text.replace(IMAGE_TOKEN, self.placeholder)
 
-    def expand(self, ids: list[int], counts: list[int]) -> list[int]:
-        """``ids`` with each image token repeated to its image's count, in order."""
-        ids = np.asarray(ids)
-        repeat = np.ones(len(ids), dtype=np.int64)
-        repeat[ids == self.token_id] = counts
-        return np.repeat(ids, repeat).tolist()
+    def expand(self, ids: list[int], layouts: list[Layout]) -> list[int]:
+        """``ids`` with each image token replaced by its image's run, in order."""
+        return self.expand_labelled(np.asarray(ids), np.asarray(ids), layouts)[0].tolist()
+
+    def expand_labelled(
+        self, ids: np.ndarray, labels: np.ndarray, layouts: list[Layout]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, labels, which positions are an image's) with each image token replaced by its
+        image's run, never trained."""
+        at = np.flatnonzero(ids == self.token_id)
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        start = 0
+        for where, layout in zip(at, layouts):
+            run = np.asarray(self.run(layout), dtype=ids.dtype)
+            parts.append((ids[start:where], labels[start:where], np.zeros(where - start, bool)))
+            parts.append(
+                (run, np.full(len(run), IGNORE_INDEX, labels.dtype), np.ones(len(run), bool))
+            )
+            start = where + 1
+        parts.append((ids[start:], labels[start:], np.zeros(len(ids) - start, bool)))
+        return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
 
 
 # families whose image-token count follows the image's patch grid (transformers' model_type)
@@ -111,6 +164,9 @@ GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 TILE_FAMILIES = ("llava", "internvl")
 # an InternVL image between its markers (its tokenizer names them; these are InternVL's own)
 INTERNVL_MARKERS = ("<img>", "</img>")
+# families that crop an image into rows and columns of tiles, each tile's tokens after a row and
+# column token, and a thumbnail's after them (Idefics3, SmolVLM)
+SPLIT_FAMILIES = ("idefics3", "smolvlm")
 
 
 # the most pixels an image keeps (resized down, aspect kept) in families whose image-token
@@ -144,10 +200,12 @@ def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageT
     merge = 1
     if family in GRID_FAMILIES:
         merge = config.vision_config.spatial_merge_size**2
+    elif family in SPLIT_FAMILIES:
+        return _split_tokens(config, tokenizer)
     elif not per_tile:
         raise XtunerError(
             f"{model}: {type(config).__name__} ({family}) is not supported yet; image-text "
-            f"families supported: {', '.join(TILE_FAMILIES + GRID_FAMILIES)}"
+            f"families supported: {', '.join(TILE_FAMILIES + GRID_FAMILIES + SPLIT_FAMILIES)}"
         )
     token_id = getattr(config, "image_token_id", None)
     if token_id is None:
@@ -164,6 +222,25 @@ def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageT
         end = getattr(tokenizer, "end_image_token", None) or INTERNVL_MARKERS[1]
         token = f"{start}{token}{end}"
     return ImageTokens(int(token_id), token, per_tile and int(per_tile), merge)
+
+
+def _split_tokens(config: PretrainedConfig, tokenizer: Any) -> ImageTokens:
+    """Idefics3 / SmolVLM: an image's text is its tiles' (each after its row and column token,
+    between fake image tokens) and the thumbnail's (after the global image token), as
+    transformers' processor writes it; a tile's tokens are its patches, pixel-shuffled."""
+    vision = config.vision_config
+    per_tile = (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
+    token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+    tiles_text = functools.partial(
+        split_image_text,
+        image_seq_len=per_tile,
+        fake_token_around_image=getattr(tokenizer, "fake_image_token", None)
+        or "<fake_token_around_image>",
+        image_token=token,
+        global_image_token=getattr(tokenizer, "global_image_token", None) or "<global-img>",
+    )
+    return ImageTokens(config.image_token_id, token, None, tiles_text=tiles_text,
+                       tokenizer=tokenizer)  # fmt: skip
 
 
 def process_image_dataset(
@@ -189,11 +266,8 @@ def process_image_dataset(
     template = resolve_template(template, tokenizer, tokenizer_ref)
     config = AutoConfig.from_pretrained(processor)
     images = image_tokens(config, tokenizer)
-    store = ImageStore(
-        image_processor(processor, config, image_max_pixels),
-        dataset_cache_dir() / "images",
-        images.count,
-    )
+    store = ImageStore(image_processor(processor, config, image_max_pixels),
+                       dataset_cache_dir() / "images", images.process)  # fmt: skip
     stats = DatasetStats(sources=files, max_length=max_length, packed=pack)
     skipped: Counter[str] = Counter()
     parts: list[TokenizedBatch] = []
@@ -234,8 +308,8 @@ def _read_file(
         try:
             conversation, refs = image_conversation(row)
             found = [store.add(ref, folder) for ref in refs]
-            counts = [store.tokens[i] for i in found]
-            tokens = _sample(conversation, counts, tokenizer, template, images, max_length)
+            layouts = [store.layouts[i] for i in found]
+            tokens = _sample(conversation, layouts, tokenizer, template, images, max_length)
         except RowError as exc:
             if not (skip_invalid or exc.skip):
                 raise DataError(exc.reason, rows.source, rows.locate(index), exc.field) from None
@@ -247,30 +321,26 @@ def _read_file(
 
 
 def _sample(
-    conversation: dict, counts: list[int], tokenizer: Any, template: Any, images: ImageTokens,
-    max_length: int,
+    conversation: dict, layouts: list[Layout], tokenizer: Any, template: Any,
+    images: ImageTokens, max_length: int,
 ) -> TokenizedBatch:  # fmt: skip
-    """One conversation tokenized with its images' tokens expanded (``counts``: each image's
-    token count, in placeholder order)."""
+    """One conversation tokenized with its images' tokens expanded (``layouts``: each image's,
+    in placeholder order)."""
     messages, tools = validate_conversation(conversation)
     placed = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if placed != len(counts):
-        raise RowError(f"{placed} {IMAGE_TOKEN} placeholders for {len(counts)} images", "images")
+    if placed != len(layouts):
+        raise RowError(f"{placed} {IMAGE_TOKEN} placeholders for {len(layouts)} images", "images")
     if any(IMAGE_TOKEN in m["content"] for m in messages if m["role"] == "assistant"):
         raise RowError(f"an assistant turn holds {IMAGE_TOKEN}: images are inputs", "messages")
     messages = [{**m, "content": images.in_text(m["content"])} for m in messages]
     tokens = tokenize_rendered([template.render(messages, tokenizer, tools)], tokenizer, None)
     ids, labels = tokens.input_ids, tokens.labels
-    is_image = ids == images.token_id
-    if int(is_image.sum()) != len(counts):
+    if int((ids == images.token_id).sum()) != len(layouts):
         raise RowError(f"the tokenizer split {images.placeholder}: it must be special tokens")
-    repeat = np.ones(len(ids), dtype=np.int64)
-    repeat[is_image] = counts
-    ids, labels = np.repeat(ids, repeat), np.repeat(labels, repeat)
-    labels[ids == images.token_id] = IGNORE_INDEX  # an image is never a target
+    ids, labels, is_image = images.expand_labelled(ids, labels, layouts)
     truncated = len(ids) > max_length
     if truncated:
-        if (ids[max_length:] == images.token_id).any():
+        if is_image[max_length:].any():
             raise RowError(
                 f"its image tokens reach past max_length={max_length} (an image is never cut)",
                 skip=True,
@@ -306,11 +376,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 __all__ = [
     "GRID_FAMILIES",
+    "SPLIT_FAMILIES",
     "TILE_FAMILIES",
     "IMAGE_MAX_PIXELS",
     "ImageData",
     "ImageTextDataset",
     "ImageTokens",
+    "Layout",
     "ProcessedImageDataset",
     "image_processor",
     "image_tokens",

@@ -152,8 +152,12 @@ def load_image(ref: str, folder: Path) -> Image.Image:
 
 # what an image processor returns per image that the model takes (Qwen2-VL: its patches and
 # their grid); everything else it returns (sizes, masks of other families) is not kept
-IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
-STORE_FORMAT = "2"  # a change of what a stored file holds starts a new folder
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask")
+STORE_FORMAT = "3"  # a change of what a stored file holds starts a new folder
+
+
+# (image processor, image) -> (the image's model inputs, its layout)
+Processing = Callable[[Any, Image.Image], tuple[dict[str, torch.Tensor], Any]]
 
 
 class ImageStore:
@@ -161,16 +165,16 @@ class ImageStore:
     under ``folder`` (one file per image and processor setting): training reads each batch's
     images from there, so a dataset's images never have to fit in memory. An image used by
     several rows (or several times) is found by the hash of its bytes, and a later run of the
-    same data finds its files. ``count`` gives an image's token count from its processed
-    inputs (fixed for LLaVA, from the patch grid for Qwen2-VL); ``tokens[i]`` holds it."""
+    same data finds its files. ``process`` makes an image's model inputs and its layout (what
+    its token run is made from: its token count, or its tiles' rows and columns);
+    ``layouts[i]`` holds image ``i``'s."""
 
-    def __init__(self, image_processor: Any, folder: Path,
-                 count: Callable[[dict[str, torch.Tensor]], int]):  # fmt: skip
+    def __init__(self, image_processor: Any, folder: Path, process: Processing):
         self.image_processor = image_processor
         settings = (STORE_FORMAT + image_processor.to_json_string()).encode()
         self.folder = Path(folder) / hashlib.sha256(settings).hexdigest()[:16]
-        self.count = count
-        self.tokens: list[int] = []
+        self.process = process
+        self.layouts: list[Any] = []
         self._index: dict[str, int] = {}
         self._files: list[Path] = []
 
@@ -181,22 +185,24 @@ class ImageStore:
         if key not in self._index:
             path = self.folder / f"{key}.pt"
             if path.exists():
-                inputs = torch.load(path, weights_only=True)
+                layout = torch.load(path, weights_only=True)["layout"]
             else:
                 image = decode_image(data, display_name(ref))
-                inputs = process_images(self.image_processor, [image])
+                inputs, layout = self.process(self.image_processor, image)
                 self.folder.mkdir(parents=True, exist_ok=True)
                 with atomic_path(path) as tmp:
-                    torch.save({k: v.clone() for k, v in inputs.items()}, tmp)
+                    inputs = {k: v.clone() for k, v in inputs.items()}
+                    torch.save({"inputs": inputs, "layout": layout}, tmp)
             self._index[key] = len(self._files)
             self._files.append(path)
-            self.tokens.append(self.count(inputs))
+            self.layouts.append(layout)
         return self._index[key]
 
     def load(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """The model inputs of those images, in that order (each input joined along its first
         axis, as the processor returns several images)."""
-        return join_images([torch.load(self._files[i], weights_only=True) for i in indices])
+        files = [torch.load(self._files[i], weights_only=True) for i in indices]
+        return join_images([f["inputs"] for f in files])
 
     def __len__(self) -> int:
         return len(self._files)

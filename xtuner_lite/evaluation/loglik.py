@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from xtuner_lite.data.images import images_digest, join_images
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.model.vlm import offset_positions, prompt_positions
+from xtuner_lite.model.vlm import model_image_inputs, offset_positions, prompt_positions
 
 
 @contextmanager
@@ -148,7 +148,7 @@ class LoglikScorer:
         ids, mask = ids.to(device), mask.to(device)
         cache = DynamicCache(config=self.model.config)
         positions, self._delta = prompt_positions(self.model, ids, mask, images)
-        inputs = join_images([i for i in images if i is not None])
+        inputs = model_image_inputs(self.model.config, join_images([i for i in images if i]))
         out = self.model(
             input_ids=ids,
             attention_mask=mask,

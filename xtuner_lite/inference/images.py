@@ -11,7 +11,7 @@ import torch
 from transformers import AutoImageProcessor, PretrainedConfig
 
 from xtuner_lite.data.image_text import image_tokens
-from xtuner_lite.data.images import join_images, load_image, process_images
+from xtuner_lite.data.images import join_images, load_image
 from xtuner_lite.errors import RowError, XtunerError
 from xtuner_lite.hub import is_image_text, resolve_model_path
 from xtuner_lite.inference.loader import is_adapter
@@ -41,9 +41,8 @@ class ImageInput:
             images = [load_image(ref, folder or Path.cwd()) for ref in refs]
         except RowError as exc:
             raise XtunerError(exc.reason) from None
-        inputs = [process_images(self.processor, [image]) for image in images]
-        counts = [self.tokens.count(one) for one in inputs]
-        return self.tokens.expand(ids, counts), join_images(inputs)
+        inputs, layouts = zip(*(self.tokens.process(self.processor, image) for image in images))
+        return self.tokens.expand(ids, list(layouts)), join_images(list(inputs))
 
     @property
     def placeholder(self) -> str:

@@ -24,7 +24,7 @@ from xtuner_lite.inference.shared_prefix import (
     worth_sharing,
 )
 from xtuner_lite.model.forward import base_and_head
-from xtuner_lite.model.vlm import offset_positions, prompt_positions
+from xtuner_lite.model.vlm import model_image_inputs, offset_positions, prompt_positions
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -316,7 +316,7 @@ class ModelRunner:
         their image tokens (an image-text model puts their features there)."""
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions,
                       past_key_values=cache, use_cache=True)  # fmt: skip
-        for key, value in (images or {}).items():
+        for key, value in model_image_inputs(self.model.config, images or {}).items():
             inputs[key] = value.to(self._kv_dtype) if value.is_floating_point() else value
         if self.head is None:
             return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()

@@ -14,7 +14,7 @@ from xtuner_lite.errors import XtunerError
 from xtuner_lite.model.attention import attention_kwargs
 from xtuner_lite.model.loss import lm_loss_of_targets, shift_labels
 from xtuner_lite.model.sequence_parallel import active_sequence_parallel
-from xtuner_lite.model.vlm import grid_positions
+from xtuner_lite.model.vlm import grid_positions, model_image_inputs
 
 
 def base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -37,7 +37,8 @@ def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     impl = getattr(model.config.get_text_config(), "_attn_implementation", "sdpa") or "sdpa"
     sp = active_sequence_parallel()
     kwargs = attention_kwargs(batch, impl, sp)
-    kwargs.update({k: batch[k] for k in IMAGE_INPUTS if k in batch})
+    images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
+    kwargs.update(model_image_inputs(model.config, images))
     grid = grid_positions(model, batch)
     if grid is not None:
         if sp is not None:

@@ -52,8 +52,18 @@ class Parts:
 
 
 QWEN_VL_PARTS = Parts("visual", "visual.merger")
+IDEFICS_PARTS = Parts("vision_model", "connector", "text_model")
 # families whose parts are not LLaVA's names (transformers' model_type)
-PARTS = {"qwen2_vl": QWEN_VL_PARTS, "qwen2_5_vl": QWEN_VL_PARTS, "qwen3_vl": QWEN_VL_PARTS}
+PARTS = {
+    "qwen2_vl": QWEN_VL_PARTS,
+    "qwen2_5_vl": QWEN_VL_PARTS,
+    "qwen3_vl": QWEN_VL_PARTS,
+    "idefics3": IDEFICS_PARTS,
+    "smolvlm": IDEFICS_PARTS,
+}
+# families whose models take an image's tiles with a leading batch axis, (batch, tiles, ...):
+# the data and engine keep every image's tiles along the first axis, as the others take them
+BATCHED_TILES = ("idefics3", "smolvlm")
 
 
 def parts_of(model: torch.nn.Module | PretrainedConfig) -> Parts:
@@ -201,6 +211,16 @@ def grid_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
                                   image_grid_thw=grids[first:taken])  # fmt: skip
             axes[:, row, start:end] = found[:, 0]
     return torch.cat([text[None], axes])
+
+
+def model_image_inputs(
+    config: PretrainedConfig, inputs: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Image inputs (every image's tiles along the first axis) as the model takes them:
+    Idefics3 / SmolVLM's in one batch of tiles (it drops padding tiles and keeps the order)."""
+    if config.model_type in BATCHED_TILES:
+        return {key: value[None] for key, value in inputs.items()}
+    return inputs
 
 
 def prompt_positions(
@@ -374,6 +394,7 @@ __all__ = [
     "is_image_text",
     "is_image_text_path",
     "lora_targets",
+    "model_image_inputs",
     "modules_to_save",
     "not_quantized",
     "offset_positions",
