@@ -401,8 +401,8 @@ def test_engine_with_images_gives_transformers_greedy_tokens(tiny_vlm, tmp_path)
     """The bundled engine prefills image features and decodes: each row's greedy tokens equal
     transformers.generate's on the same expanded prompt and images, rows with different images
     (Qwen2-VL: of different sizes, so different lengths and rotary offsets) and a row without
-    batched together; an image prompt is not served from the prefix cache of the same text
-    with another image."""
+    batched together; a prompt with images is served from the prefix cache of the same
+    prompt and images, and not of the same text with another image."""
     from xtuner_lite.data.templates import get_template
     from xtuner_lite.hub import load_tokenizer
     from xtuner_lite.inference import InferenceEngine, SamplingParams
@@ -446,10 +446,27 @@ def test_engine_with_images_gives_transformers_greedy_tokens(tiny_vlm, tmp_path)
     while engine.has_work:
         engine.step()
     assert [r.output_ids for r in requests] == expected
+    # the same prompt and image again starts from its cached blocks, the image's tokens among
+    # them (not Qwen2-VL's: a cached prefix would leave its rotary offsets unknown)
     again = engine.add_request(prompts[1][0], params, images=prompts[1][1])
     while engine.has_work:
         engine.step()
-    assert again.cached_tokens == 0 and again.output_ids == expected[1]
+    token = model.config.image_token_id
+    image_end = len(prompts[1][0]) - prompts[1][0][::-1].index(token)
+    assert again.output_ids == expected[1]
+    if "qwen" in tiny_vlm:
+        assert again.cached_tokens == 0
+    else:
+        assert again.cached_tokens >= image_end
+    # the same text with another image (LLaVA, InternVL: the same tokens) finds only the
+    # blocks before the image
+    fresh = InferenceEngine(model, tokenizer)
+    for prompt, given in prompts:
+        request = fresh.add_request(prompt, params, images=given)
+        while fresh.has_work:
+            fresh.step()
+    assert request.cached_tokens <= prompts[1][0].index(token)
+    assert request.output_ids == expected[1]
     with pytest.raises(XtunerError, match="1 image placeholders for 2 images"):
         images.prompt(ids, names, tmp_path)
 

@@ -183,15 +183,13 @@ class InferenceEngine:
     # ----------------------------------------------------------------- internals
     def _retire(self) -> list[Request]:
         if self.cache_outputs:
-            # (a request with images is not cached: its image tokens do not name the image)
             leaving = [
-                (i, r)
+                (i, key)
                 for i, r in enumerate(self.scheduler.running)
-                if r.finished and r.images is None
+                if r.finished
+                and (key := self.runner.cache_key(r.prompt_ids + r.output_ids, r.images))
             ]
-            self.runner.remember(
-                [i for i, _ in leaving], [r.prompt_ids + r.output_ids for _, r in leaving]
-            )
+            self.runner.remember([i for i, _ in leaving], [key for _, key in leaving])
         done, keep = self.scheduler.retire()
         self.runner.select(keep)
         return done

@@ -84,6 +84,7 @@ class ModelRunner:
         # Qwen2-VL's rotary positions follow its images' patch grids: each row's later tokens
         # run ``_delta`` from their count (``vlm.prompt_positions``); None for other models
         self._delta: torch.Tensor | None = None  # (batch,)
+        self._rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
 
     def reset(self) -> None:
         """An empty batch (after a failed step)."""
@@ -117,8 +118,7 @@ class ModelRunner:
         prompt given several times (a GRPO group's completions) is run once and its rows
         copied (or held once, when that pays: ``share_kv``); a prefix that the prompts admitted
         together share is run once first. ``images``: each prompt's image inputs (or None);
-        a prompt with images is never looked up in or added to the prefix cache (its image
-        tokens do not say which image)."""
+        a prompt with images is cached under its images' digest (``cache_key``)."""
         images = images or [None] * len(prompts)
         keys = [(tuple(p), images_digest(i)) for p, i in zip(prompts, images)]
         first: dict[tuple, int] = {}  # each distinct prompt's first row, in row order
@@ -126,7 +126,7 @@ class ModelRunner:
             first.setdefault(key, n)
         unique = [list(k[0]) for k in first]
         pixels = [images[n] for n in first.values()]
-        found = {k: self._cached_blocks(list(k[0])) if k[1] is None else 0 for k in first}
+        found = {k: self._cached_blocks(list(k[0]), images[n]) for k, n in first.items()}
         if all(p is None for p in pixels):
             self._share_leading_blocks(unique)
         filled, mask, logits, delta = self._prefill_unique(unique, pixels)
@@ -147,10 +147,33 @@ class ModelRunner:
         self._splice(filled, mask, shared, delta)
         return logits, [found[k] * BLOCK_SIZE for k in keys]
 
-    def remember(self, rows: list[int], tokens: list[list[int]]) -> None:
+    def cache_key(self, tokens: list[int], images: dict[str, torch.Tensor] | None) -> list | None:
+        """What a sequence's blocks are cached under: its tokens, with the first image token
+        (if any) paired with the digest of the images, so that a block from there on is found
+        only after the same images; None where a prompt with images is not cached (Qwen2-VL: a
+        cached prefix would leave its rows' rotary offsets unknown)."""
+        if images is None:
+            return tokens
+        if self._rope_index is not None:
+            return None
+        token = self.model.config.image_token_id
+        at = tokens.index(token)
+        return [*tokens[:at], (token, images_digest(images)), *tokens[at + 1 :]]
+
+    def _reusable(self, prompt: list[int], images: dict | None, blocks: int) -> int:
+        """How many of ``blocks`` cached leading blocks a prompt can start from: with images,
+        not so many that an image's tokens are cut (its features come whole or not at all)."""
+        if images is None:
+            return blocks
+        token = self.model.config.image_token_id
+        at = [i for i, t in enumerate(prompt) if t == token]
+        return blocks if blocks * BLOCK_SIZE > at[-1] else min(blocks, at[0] // BLOCK_SIZE)
+
+    def remember(self, rows: list[int], tokens: list[list]) -> None:
         """Cache the full blocks of rows ``rows`` (requests about to leave the batch), whose
-        fed tokens are the leading ones of ``tokens`` (prompt and output): a conversation's
-        next turn, or an agent's next round, starts from them."""
+        fed tokens are the leading ones of ``tokens`` (prompt and output, as ``cache_key``
+        gives them): a conversation's next turn, or an agent's next round, starts from
+        them."""
         if self.blocks is None or self._mask is None:
             return
         for row, ids in zip(rows, tokens):
@@ -169,12 +192,14 @@ class ModelRunner:
                 kv = kv[:, :, :, first * BLOCK_SIZE : end]
             self.blocks.store(ids, first, kv)
 
-    def _cached_blocks(self, prompt: list[int]) -> int:
-        """How many leading full blocks of ``prompt`` the cache holds (the last token is
-        always run: its logits give the first new token)."""
-        if self.blocks is None:
+    def _cached_blocks(self, prompt: list[int], images: dict | None = None) -> int:
+        """How many leading full blocks of ``prompt`` the cache holds that it can start from
+        (the last token is always run: its logits give the first new token)."""
+        key = self.cache_key(prompt, images)
+        if self.blocks is None or key is None:
             return 0
-        return self.blocks.first_missing(prompt[: len(prompt) - 1])
+        found = self.blocks.first_missing(key[: len(prompt) - 1])
+        return self._reusable(prompt, images, found)
 
     def _share_leading_blocks(self, prompts: list[list[int]]) -> None:
         """Prompts admitted together that share at least ``share_prefix`` leading tokens
@@ -195,14 +220,21 @@ class ModelRunner:
     ) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(the prompts' cache, their attention mask, their last-position logits, their rotary
         offsets (None: not a Qwen2-VL)); each row is [padding][cached blocks][padding][own
-        tokens], and its full blocks are cached (those of a prompt without images)."""
+        tokens], and its full blocks are cached (under ``cache_key``)."""
         images = images or [None] * len(prompts)
-        cacheable = [self.blocks is not None and i is None for i in images]
+        keys = [self.cache_key(p, i) if self.blocks is not None else None
+                for p, i in zip(prompts, images)]  # fmt: skip
         found = [
-            self.blocks.match(p, (len(p) - 1) // BLOCK_SIZE) if c else []
-            for p, c in zip(prompts, cacheable)
+            self.blocks.match(k, self._reusable(p, i, (len(p) - 1) // BLOCK_SIZE)) if k else []
+            for p, i, k in zip(prompts, images, keys)
         ]
         cached = [len(f) * BLOCK_SIZE for f in found]
+        # a prompt whose images' tokens are all cached (``_reusable``: all or none) runs none
+        token = getattr(self.model.config, "image_token_id", None)
+        images = [
+            None if i is not None and c > p.index(token) else i
+            for p, i, c in zip(prompts, images, cached)
+        ]
         width = max(len(p) - c for p, c in zip(prompts, cached))
         start = max(cached)
         cache = self._cache_of(found, start, room=width)
@@ -222,10 +254,10 @@ class ModelRunner:
         if self.blocks is not None:
             for i, (prompt, c) in enumerate(zip(prompts, cached)):
                 end = len(prompt) // BLOCK_SIZE * BLOCK_SIZE
-                if c < end and cacheable[i]:
+                if c < end and keys[i] is not None:
                     own_start = start + width - (len(prompt) - c)
                     columns = torch.arange(own_start, own_start + end - c, device=self.device)
-                    self.blocks.store(prompt, c // BLOCK_SIZE, self._kv(cache, i, columns))
+                    self.blocks.store(keys[i], c // BLOCK_SIZE, self._kv(cache, i, columns))
         return cache, mask, logits, delta
 
     def _hold_once(
