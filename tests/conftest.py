@@ -131,23 +131,38 @@ def tiny_llava(tmp_path_factory, tiny_llama):
     return str(compose_llava(tiny_llama, TINY_VISION, tmp_path_factory.mktemp("tiny_llava")))
 
 
-QWEN_VL_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+def tiny_vlm_folder(folder: Path, tokenizer, tokens: list[str], family: str, text: dict,
+                    vision: dict, image_processor, **config) -> str:  # fmt: skip
+    """A random image-text model of ``family`` with TINY_SHAPE's language model (``text``
+    on top: its model type, ...) and the ``vision`` tower, SmolLM2's vocabulary with the
+    family's image ``tokens`` (``config`` may name them by position in ``tokens``, as
+    ``{"image_token_id": 0}``), saved with its ``image_processor``: the family's shape without
+    its hub weights. The one factory of the suite's tiny image-text families (but the LLaVA
+    that ``compose_llava`` writes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    text = dict(TINY_SHAPE, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
+                pad_token_id=2, **text)  # fmt: skip
+    named = {k: ids[v] if k.endswith("_token_id") else v for k, v in config.items()}
+    model_config = AutoConfig.for_model(family, text_config=text, vision_config=vision, **named)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(model_config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    return str(folder)
 
 
 def tiny_qwen_vl(folder: Path, tokenizer, family: str = "qwen2_vl") -> str:
-    """A random Qwen2-VL (or Qwen2.5-VL) with TINY_SHAPE's language model and a 2-layer vision
-    tower in 4×4 patches, 2×2 merged (an image of 16×24 pixels takes 6 tokens), SmolLM2's
-    vocabulary with Qwen's three vision tokens, and its image processor (8×8 to 32×32 pixels),
-    saved as an HF folder: the family's shape without its hub weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2VLImageProcessorPil
+    """A random Qwen2-VL (or Qwen2.5-VL): a 2-layer vision tower in 4×4 patches, 2×2 merged (an
+    image of 16×24 pixels takes 6 tokens), Qwen's three vision tokens, and its image processor
+    (8×8 to 32×32 pixels)."""
+    from transformers import Qwen2VLImageProcessorPil
 
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
-    start, image, end = tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    text = dict(TINY_SHAPE, vocab_size=len(tokenizer), rope_parameters=rope, bos_token_id=1,
-                eos_token_id=2, pad_token_id=2)  # fmt: skip
     vision = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, in_channels=3,
                   temporal_patch_size=2)  # fmt: skip
     if family == "qwen2_vl":
@@ -156,17 +171,13 @@ def tiny_qwen_vl(folder: Path, tokenizer, family: str = "qwen2_vl") -> str:
         vision.update(hidden_size=32, intermediate_size=64, window_size=16,
                       out_hidden_size=TINY_SHAPE["hidden_size"],
                       fullatt_block_indexes=[1])  # fmt: skip
-    config = AutoConfig.for_model(family, text_config=text, vision_config=vision,
-                                  image_token_id=image, video_token_id=len(tokenizer),
-                                  vision_start_token_id=start, vision_end_token_id=end,
-                                  tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=32 * 32, patch_size=4, merge_size=2,
-                             temporal_patch_size=2).save_pretrained(folder)  # fmt: skip
-    return str(folder)
+    processor = Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=32 * 32, patch_size=4,
+                                         merge_size=2, temporal_patch_size=2)  # fmt: skip
+    tokens = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+    return tiny_vlm_folder(folder, tokenizer, tokens, family, dict(rope_parameters=rope), vision,
+                           processor, vision_start_token_id=0, image_token_id=1,
+                           vision_end_token_id=2, video_token_id=3,
+                           tie_word_embeddings=True)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -179,72 +190,45 @@ def tiny_qwen2_5_vl(tmp_path_factory, smol_tokenizer):
     return tiny_qwen_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), smol_tokenizer, "qwen2_5_vl")
 
 
-INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
+# a 2-layer tower on 16×16 tiles in 4×4 patches, pixel-shuffled to 4 tokens per tile
+TILE_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def tiny_internvl(tmp_path_factory, smol_tokenizer):
-    """A random InternVL with TINY_SHAPE's Qwen2 language model and a 2-layer vision tower on
-    16×16 tiles in 4×4 patches, pixel-shuffled to 4 tokens per tile, SmolLM2's vocabulary with
-    InternVL's image tokens, and its image processor cropping an image into 1 to 4 tiles plus
-    a thumbnail: the family's shape without its hub weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    """A random InternVL (a Qwen2 language model) whose image processor crops an image into 1
+    to 4 tiles plus a thumbnail."""
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
         GotOcr2ImageProcessorPil,
     )
 
-    folder = tmp_path_factory.mktemp("tiny_internvl")
-    tokenizer = copy.deepcopy(smol_tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": INTERNVL_TOKENS})
-    text = dict(TINY_SHAPE, model_type="qwen2", vocab_size=len(tokenizer), bos_token_id=1,
-                eos_token_id=2, pad_token_id=2)  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=[16, 16], patch_size=[4, 4])  # fmt: skip
-    config = AutoConfig.for_model("internvl", text_config=text, vision_config=vision,
-                                  image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                                  image_seq_length=4, downsample_ratio=0.5)  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForImageTextToText.from_config(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True,
-                             min_patches=1, max_patches=4).save_pretrained(folder)  # fmt: skip
-    return str(folder)
-
-
-SMOLVLM_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>"] + [
-    f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)
-]
+    processor = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True,
+                                         min_patches=1, max_patches=4)  # fmt: skip
+    vision = dict(TILE_VISION, image_size=[16, 16], patch_size=[4, 4])
+    return tiny_vlm_folder(tmp_path_factory.mktemp("tiny_internvl"), smol_tokenizer,
+                           ["<img>", "</img>", "<IMG_CONTEXT>"], "internvl",
+                           dict(model_type="qwen2"), vision, processor, image_token_id=2,
+                           image_seq_length=4, downsample_ratio=0.5)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def tiny_smolvlm(tmp_path_factory, smol_tokenizer):
-    """A random SmolVLM (Idefics3's layout) with TINY_SHAPE's Llama and a 2-layer vision tower
-    on 16×16 tiles in 4×4 patches, pixel-shuffled to 4 tokens per tile, SmolLM2's vocabulary
-    with its image, tile and row/column tokens, and its image processor cropping an image
-    resized to at most 32 pixels into 16-pixel tiles plus a thumbnail."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    """A random SmolVLM (Idefics3's layout, a Llama language model) whose image processor
+    crops an image resized to at most 32 pixels into 16-pixel tiles plus a thumbnail, each
+    tile's tokens after its row and column token."""
     from transformers.models.smolvlm.image_processing_pil_smolvlm import (
         SmolVLMImageProcessorPil,
     )
 
-    folder = tmp_path_factory.mktemp("tiny_smolvlm")
-    tokenizer = copy.deepcopy(smol_tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": SMOLVLM_TOKENS})
-    text = dict(TINY_SHAPE, model_type="llama", vocab_size=len(tokenizer), bos_token_id=1,
-                eos_token_id=2, pad_token_id=2)  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=16, patch_size=4)  # fmt: skip
-    config = AutoConfig.for_model("smolvlm", text_config=text, vision_config=vision,
-                                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                                  scale_factor=2)  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForImageTextToText.from_config(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    SmolVLMImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16},
-                             do_image_splitting=True).save_pretrained(folder)  # fmt: skip
-    return str(folder)
+    processor = SmolVLMImageProcessorPil(size={"longest_edge": 32}, do_image_splitting=True,
+                                         max_image_size={"longest_edge": 16})  # fmt: skip
+    tokens = ["<image>", "<fake_token_around_image>", "<global-img>"]
+    tokens += [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
+    return tiny_vlm_folder(tmp_path_factory.mktemp("tiny_smolvlm"), smol_tokenizer, tokens,
+                           "smolvlm", dict(model_type="llama"),
+                           dict(TILE_VISION, image_size=16, patch_size=4), processor,
+                           image_token_id=0, scale_factor=2)  # fmt: skip
 
 
 def write_images(
