@@ -231,6 +231,26 @@ def tiny_smolvlm(tmp_path_factory, smol_tokenizer):
                            image_token_id=0, scale_factor=2)  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory, smol_tokenizer):
+    """A random LLaVA-NeXT (a CLIP tower on 16×16 tiles, the default feature selection) whose
+    image processor picks 16×32, 32×16 or 32×32 pixels of tiles by an image's size, and a
+    16-pixel base tile."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    pinpoints = [[16, 32], [32, 16], [32, 32]]
+    processor = LlavaNextImageProcessorPil(size={"shortest_edge": 16},
+                                           crop_size={"height": 16, "width": 16},
+                                           image_grid_pinpoints=pinpoints)  # fmt: skip
+    vision = dict(TILE_VISION, model_type="clip_vision_model", image_size=16, patch_size=4)
+    return tiny_vlm_folder(tmp_path_factory.mktemp("tiny_llava_next"), smol_tokenizer,
+                           ["<image>"], "llava_next", dict(model_type="llama"), vision, processor,
+                           image_token_id=0, image_grid_pinpoints=pinpoints,
+                           vision_feature_select_strategy="default")  # fmt: skip
+
+
 def write_images(
     folder: Path, count: int, size: int = 12, seed: int = 0, shapes: list | None = None
 ) -> list[str]:

@@ -8,13 +8,13 @@ image is truncated as SFT truncates). A missing, unreadable or truncated image i
 the file and row, or a counted skip with ``skip_invalid``. Each distinct image is decoded and
 run through the model's image processor once, its output kept on disk (``data/images.py``).
 
-Three kinds of model are supported: a fixed image-token count (LLaVA and our compositions,
+These families are supported: a fixed image-token count (LLaVA and our compositions,
 ``image_seq_length`` in their config); a fixed count per tile, an image cropped into as many tiles
 as its shape asks (InternVL: ``<img><IMG_CONTEXT></img>``, the context token repeated); and a count
 that follows the image's patch grid (Qwen2-VL / Qwen2.5-VL: an image keeps its aspect ratio,
 ``<image>`` becomes ``<|vision_start|><|image_pad|><|vision_end|>`` and the pad token is repeated
-per merged patch). Other families (Idefics3 / SmolVLM's row-and-column tiles, LLaVA-NeXT's
-any-resolution grids) are refused with that reason.
+per merged patch). Idefics3 / SmolVLM's image becomes the text of its rows and columns of tiles;
+LLaVA-NeXT's count follows the tiles its size picks. Other families are refused with that reason.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig
+from transformers.image_processing_utils import select_best_resolution
 from transformers.models.smolvlm.processing_smolvlm import (
     get_image_prompt_string as split_image_text,  # Idefics3 writes the same
 )
@@ -100,6 +101,8 @@ class ImageTokens:
     placeholder: str  # ``<image>`` (LLaVA), ``<|vision_start|><|image_pad|><|vision_end|>``
     per_tile: int | None  # tokens per tile (LLaVA: an image is one), or None: from its grid
     merge: int = 1  # patches merged into one token (Qwen2-VL's spatial_merge_size squared)
+    # LLaVA-NeXT: an image's count from its inputs (its size picks its tiles)
+    count_of: Callable[[dict[str, torch.Tensor]], int] | None = None
     # Idefics3: the text of an image cropped into (rows, columns) tiles and the tokenizer
     tiles_text: Callable[[int, int], str] | None = None
     tokenizer: Any = None
@@ -109,6 +112,8 @@ class ImageTokens:
         """One image's model inputs (tiles along the first axis) and its layout."""
         if self.tiles_text is None:
             inputs = process_images(image_processor, [image])
+            if inputs["pixel_values"].dim() == 5:  # LLaVA-NeXT's (1, tiles, ...): one image
+                inputs["pixel_values"] = inputs["pixel_values"][0]
             return inputs, self.count(inputs)
         out = image_processor(images=[image], return_tensors="pt", return_row_col_info=True)
         inputs = {k: out[k][0] for k in IMAGE_INPUTS if k in out}  # (1, tiles, ...) → (tiles,)
@@ -117,6 +122,8 @@ class ImageTokens:
     def count(self, inputs: dict[str, torch.Tensor]) -> int:
         """The image-token count of one image's processed inputs: its tiles' (InternVL crops
         an image into tiles, its pixel values one per tile), or its patch grid's."""
+        if self.count_of is not None:
+            return self.count_of(inputs)
         if self.per_tile is not None:
             return self.per_tile * inputs["pixel_values"].shape[0]
         return int(inputs["image_grid_thw"].prod()) // self.merge
@@ -167,6 +174,9 @@ INTERNVL_MARKERS = ("<img>", "</img>")
 # families that crop an image into rows and columns of tiles, each tile's tokens after a row and
 # column token, and a thumbnail's after them (Idefics3, SmolVLM)
 SPLIT_FAMILIES = ("idefics3", "smolvlm")
+# families that pick an image's tiles by its size and aspect (LLaVA-NeXT's "any resolution")
+ANYRES_FAMILIES = ("llava_next",)
+SUPPORTED = TILE_FAMILIES + GRID_FAMILIES + SPLIT_FAMILIES + ANYRES_FAMILIES
 
 
 # the most pixels an image keeps (resized down, aspect kept) in families whose image-token
@@ -202,10 +212,10 @@ def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageT
         merge = config.vision_config.spatial_merge_size**2
     elif family in SPLIT_FAMILIES:
         return _split_tokens(config, tokenizer)
-    elif not per_tile:
+    elif not per_tile and family not in ANYRES_FAMILIES:
         raise XtunerError(
             f"{model}: {type(config).__name__} ({family}) is not supported yet; image-text "
-            f"families supported: {', '.join(TILE_FAMILIES + GRID_FAMILIES + SPLIT_FAMILIES)}"
+            f"families supported: {', '.join(SUPPORTED)}"
         )
     token_id = getattr(config, "image_token_id", None)
     if token_id is None:
@@ -221,7 +231,31 @@ def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageT
         start = getattr(tokenizer, "start_image_token", None) or INTERNVL_MARKERS[0]
         end = getattr(tokenizer, "end_image_token", None) or INTERNVL_MARKERS[1]
         token = f"{start}{token}{end}"
-    return ImageTokens(int(token_id), token, per_tile and int(per_tile), merge)
+    count_of = _anyres_count(config) if family in ANYRES_FAMILIES else None
+    return ImageTokens(int(token_id), token, per_tile and int(per_tile), merge, count_of)
+
+
+def _anyres_count(config: PretrainedConfig) -> Callable[[dict[str, torch.Tensor]], int]:
+    """LLaVA-NeXT's image-token count of an image's inputs (its original size): the patches of
+    the tiles its best-fitting resolution holds, less the padding around the image (aspect
+    kept), a newline token per row of them, and the base tile's patches (a CLIP tower's class
+    token among them; the default feature selection drops the first)."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size  # patches along a tile's side
+    extra = int(vision.model_type == "clip_vision_model")
+    extra -= int(config.vision_feature_select_strategy == "default")
+
+    def count(inputs: dict[str, torch.Tensor]) -> int:
+        height, width = (int(v) for v in inputs["image_sizes"][0])
+        best = select_best_resolution((height, width), config.image_grid_pinpoints)
+        rows, cols = (side * (b // vision.image_size) for b in best)
+        if width / height > cols / rows:  # wider than the grid: rows of padding above and below
+            rows -= 2 * ((rows - int(round(height * cols / width, 7))) // 2)
+        else:
+            cols -= 2 * ((cols - int(round(width * rows / height, 7))) // 2)
+        return rows * cols + rows + side * side + extra
+
+    return count
 
 
 def _split_tokens(config: PretrainedConfig, tokenizer: Any) -> ImageTokens:
@@ -375,6 +409,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 
 __all__ = [
+    "ANYRES_FAMILIES",
     "GRID_FAMILIES",
     "SPLIT_FAMILIES",
     "TILE_FAMILIES",

@@ -152,7 +152,7 @@ def load_image(ref: str, folder: Path) -> Image.Image:
 
 # what an image processor returns per image that the model takes (Qwen2-VL: its patches and
 # their grid); everything else it returns (sizes, masks of other families) is not kept
-IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask")
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
 STORE_FORMAT = "3"  # a change of what a stored file holds starts a new folder
 
 

@@ -49,10 +49,14 @@ class Parts:
     tower: str = VISION_TOWER
     projector: str = PROJECTOR
     language_model: str = LANGUAGE_MODEL
+    # parameters beside the projector that follow its switch in a full fine-tune (LLaVA-NeXT's
+    # image_newline; a LoRA run leaves them as loaded: an adapter saves modules, not these)
+    with_projector: tuple[str, ...] = ()
 
 
 QWEN_VL_PARTS = Parts("visual", "visual.merger")
 IDEFICS_PARTS = Parts("vision_model", "connector", "text_model")
+LLAVA_NEXT_PARTS = Parts(with_projector=("image_newline",))
 # families whose parts are not LLaVA's names (transformers' model_type)
 PARTS = {
     "qwen2_vl": QWEN_VL_PARTS,
@@ -60,6 +64,7 @@ PARTS = {
     "qwen3_vl": QWEN_VL_PARTS,
     "idefics3": IDEFICS_PARTS,
     "smolvlm": IDEFICS_PARTS,
+    "llava_next": LLAVA_NEXT_PARTS,
 }
 # families whose models take an image's tiles with a leading batch axis, (batch, tiles, ...):
 # the data and engine keep every image's tiles along the first axis, as the others take them
@@ -176,6 +181,8 @@ def freeze_parts(model: torch.nn.Module, settings: VisionSettings) -> None:
         module = part(model, name)
         if module is not None:
             module.requires_grad_(not freeze)
+    for name in names.with_projector:
+        part(model, name).requires_grad_(not settings.freeze_projector)
     if settings.freeze_language_model:
         head = model.get_output_embeddings()
         if head is not None:
