@@ -235,6 +235,43 @@ def test_qlora_quantizes_the_language_model_and_trains_the_projector(tiny_vlm, t
         build_model(tiny_vlm, method="lora", vision=dict(quantize_vision_tower=True))
 
 
+def test_a_frozen_tower_runs_no_backward_under_checkpointing(tiny_vlm, tmp_path):
+    """LoRA with gradient checkpointing: every gradient equals the one without; a frozen vision
+    tower's checkpointed layers run once a step (not recomputed: no backward goes through
+    them; but Qwen2-VL's, whose tower holds the trained merger), a tower with LoRA twice (its
+    adapter gets gradients)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from xtuner_lite.model.vlm import part
+
+    names = write_images(tmp_path, 2, shapes=SHAPES[:2])
+    dataset = _dataset(tiny_vlm, _write(tmp_path, _rows(names)), pack=True, max_length=512)
+    batch = dataset.collate([dataset[0]], 2)
+
+    def run(**kwargs) -> tuple[dict, int]:
+        torch.manual_seed(0)
+        model = build_model(tiny_vlm, method="lora", lora=dict(r=4, alpha=8, dropout=0.0),
+                            **kwargs)  # fmt: skip
+        nonzero_lora_b(model, 0.05)
+        model.train()  # (checkpointing runs in training mode only)
+        tower = part(model, parts_of(model).tower)
+        layer = next(m for m in tower.modules() if isinstance(m, GradientCheckpointingLayer))
+        calls = []  # (inside the layer: its own hooks stay outside the checkpoint)
+        next(layer.children()).register_forward_hook(lambda *args: calls.append(1))
+        loss_sum(model, batch)[0].backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    plain, _ = run()
+    checkpointed, calls = run(gradient_checkpointing=True)
+    assert calls == (2 if "qwen" in tiny_vlm else 1) and checkpointed.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+    adapted, calls = run(gradient_checkpointing=True, vision=dict(lora_vision_tower=True))
+    assert calls == 2
+    assert any(f".{parts_of(build_model(tiny_vlm)).tower}." in n and "lora_B" in n
+               for n in adapted)  # fmt: skip
+
+
 def test_image_max_pixels_bounds_a_grid_models_images_in_training_and_its_result(
     tiny_qwen2_vl, tmp_path
 ):

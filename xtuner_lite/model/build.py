@@ -32,6 +32,7 @@ from xtuner_lite.model.vlm import (
     lora_targets,
     modules_to_save,
     not_quantized,
+    without_autograd_in_frozen_tower,
 )
 
 Method = Literal["full", "lora", "qlora"]
@@ -182,6 +183,8 @@ def build_model(
     settings = asked if is_image_text(model.config) else None
     if vision is not None and settings is None:
         raise XtunerError(f"model.vision is set but {pretrained} is not an image-text model")
+    if settings is not None:
+        without_autograd_in_frozen_tower(model, settings)
     if gradient_checkpointing:
         _checkpoint_layers(model, gradient_checkpointing, method)
     if method == "full":

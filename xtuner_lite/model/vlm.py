@@ -299,6 +299,32 @@ def save_processor(source: str | Path, folder: Path, tokenizer: Any = None) -> N
     processor.save_pretrained(folder)
 
 
+def without_autograd_in_frozen_tower(model: torch.nn.Module, settings: VisionSettings) -> bool:
+    """Run a frozen vision tower (no adapter in it, not trained) without autograd, where the
+    projector is not inside it: nothing it computes needs a gradient, but the hooks that let
+    checkpointed layers pass gradients to an adapter (transformers and peft put one on every
+    embedding) would make its checkpointed layers recompute and backpropagate. Whether it
+    does (Qwen2-VL's tower holds its merger: it does not)."""
+    names = parts_of(model)
+    tower = part(model, names.tower)
+    trained = settings.lora_vision_tower or not settings.freeze_vision_tower
+    if tower is None or trained or names.projector.startswith(f"{names.tower}."):
+        return False
+    # hooks, not a wrapped forward: a deep copy of the model keeps them (bound to the copy)
+    tower.register_forward_pre_hook(_pause_autograd)
+    tower.register_forward_hook(_resume_autograd, always_call=True)
+    return True
+
+
+def _pause_autograd(module: torch.nn.Module, args: Any) -> None:
+    module._autograd_was_on = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+
+
+def _resume_autograd(module: torch.nn.Module, args: Any, output: Any) -> None:
+    torch.set_grad_enabled(module._autograd_was_on)
+
+
 # ------------------------------------------------------------------ LLaVA composition
 
 
@@ -407,6 +433,7 @@ __all__ = [
     "offset_positions",
     "part",
     "parts_of",
+    "without_autograd_in_frozen_tower",
     "prompt_positions",
     "save_processor",
 ]
