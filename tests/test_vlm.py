@@ -200,11 +200,8 @@ def assert_model_logits(model, batch: dict) -> None:
     from xtuner_lite.model.forward import base_and_head, decoder_hidden
 
     images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
-    inputs = {"input_ids": batch["input_ids"], **model_image_inputs(model.config, images)}
-    if "image_grid_thw" in batch:
-        inputs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
     with torch.no_grad():
-        expected = model(**inputs).logits
+        expected = model(**model_inputs(model, batch["input_ids"][0].tolist(), images)).logits
         got = base_and_head(model)[1](decoder_hidden(model, batch))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 

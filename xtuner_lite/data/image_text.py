@@ -99,10 +99,8 @@ class ImageTokens:
 
     token_id: int
     placeholder: str  # ``<image>`` (LLaVA), ``<|vision_start|><|image_pad|><|vision_end|>``
-    per_tile: int | None  # tokens per tile (LLaVA: an image is one), or None: from its grid
-    merge: int = 1  # patches merged into one token (Qwen2-VL's spatial_merge_size squared)
-    # LLaVA-NeXT: an image's count from its inputs (its size picks its tiles)
-    count_of: Callable[[dict[str, torch.Tensor]], int] | None = None
+    # an image's token count from its processed inputs (None: Idefics3's, from its text)
+    count: Callable[[dict[str, torch.Tensor]], int] | None = None
     # Idefics3: the text of an image cropped into (rows, columns) tiles and the tokenizer
     tiles_text: Callable[[int, int], str] | None = None
     tokenizer: Any = None
@@ -118,15 +116,6 @@ class ImageTokens:
         out = image_processor(images=[image], return_tensors="pt", return_row_col_info=True)
         inputs = {k: out[k][0] for k in IMAGE_INPUTS if k in out}  # (1, tiles, ...) → (tiles,)
         return inputs, (int(out["rows"][0][0]), int(out["cols"][0][0]))
-
-    def count(self, inputs: dict[str, torch.Tensor]) -> int:
-        """The image-token count of one image's processed inputs: its tiles' (InternVL crops
-        an image into tiles, its pixel values one per tile), or its patch grid's."""
-        if self.count_of is not None:
-            return self.count_of(inputs)
-        if self.per_tile is not None:
-            return self.per_tile * inputs["pixel_values"].shape[0]
-        return int(inputs["image_grid_thw"].prod()) // self.merge
 
     def run(self, layout: Layout) -> list[int]:
         """The ids an image's placeholder token becomes."""
@@ -207,12 +196,15 @@ def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageT
     config = model if isinstance(model, PretrainedConfig) else AutoConfig.from_pretrained(model)
     family = config.model_type
     per_tile = getattr(config, "image_seq_length", None) if family in TILE_FAMILIES else None
-    merge = 1
-    if family in GRID_FAMILIES:
-        merge = config.vision_config.spatial_merge_size**2
-    elif family in SPLIT_FAMILIES:
+    if family in SPLIT_FAMILIES:
         return _split_tokens(config, tokenizer)
-    elif not per_tile and family not in ANYRES_FAMILIES:
+    if family in GRID_FAMILIES:
+        count = functools.partial(_grid_count, config.vision_config.spatial_merge_size**2)
+    elif family in ANYRES_FAMILIES:
+        count = _anyres_count(config)
+    elif per_tile:
+        count = functools.partial(_tile_count, int(per_tile))
+    else:
         raise XtunerError(
             f"{model}: {type(config).__name__} ({family}) is not supported yet; image-text "
             f"families supported: {', '.join(SUPPORTED)}"
@@ -231,8 +223,17 @@ def image_tokens(model: str | Path | PretrainedConfig, tokenizer: Any) -> ImageT
         start = getattr(tokenizer, "start_image_token", None) or INTERNVL_MARKERS[0]
         end = getattr(tokenizer, "end_image_token", None) or INTERNVL_MARKERS[1]
         token = f"{start}{token}{end}"
-    count_of = _anyres_count(config) if family in ANYRES_FAMILIES else None
-    return ImageTokens(int(token_id), token, per_tile and int(per_tile), merge, count_of)
+    return ImageTokens(int(token_id), token, count)
+
+
+def _tile_count(per_tile: int, inputs: dict[str, torch.Tensor]) -> int:
+    """LLaVA (an image is one tile) and InternVL (its pixel values one per tile)."""
+    return per_tile * inputs["pixel_values"].shape[0]
+
+
+def _grid_count(merge: int, inputs: dict[str, torch.Tensor]) -> int:
+    """Qwen2-VL: one token per ``merge`` patches of the image's grid."""
+    return int(inputs["image_grid_thw"].prod()) // merge
 
 
 def _anyres_count(config: PretrainedConfig) -> Callable[[dict[str, torch.Tensor]], int]:
@@ -273,8 +274,7 @@ def _split_tokens(config: PretrainedConfig, tokenizer: Any) -> ImageTokens:
         image_token=token,
         global_image_token=getattr(tokenizer, "global_image_token", None) or "<global-img>",
     )
-    return ImageTokens(config.image_token_id, token, None, tiles_text=tiles_text,
-                       tokenizer=tokenizer)  # fmt: skip
+    return ImageTokens(config.image_token_id, token, tiles_text=tiles_text, tokenizer=tokenizer)
 
 
 def process_image_dataset(

@@ -24,7 +24,12 @@ from xtuner_lite.inference.shared_prefix import (
     worth_sharing,
 )
 from xtuner_lite.model.forward import base_and_head
-from xtuner_lite.model.vlm import model_image_inputs, offset_positions, prompt_positions
+from xtuner_lite.model.vlm import (
+    model_image_inputs,
+    offset_positions,
+    prompt_positions,
+    rope_index_of,
+)
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -84,7 +89,7 @@ class ModelRunner:
         # Qwen2-VL's rotary positions follow its images' patch grids: each row's later tokens
         # run ``_delta`` from their count (``vlm.prompt_positions``); None for other models
         self._delta: torch.Tensor | None = None  # (batch,)
-        self._rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+        self._rope_index = rope_index_of(model)
 
     def reset(self) -> None:
         """An empty batch (after a failed step)."""

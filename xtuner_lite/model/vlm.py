@@ -86,11 +86,6 @@ def not_quantized(config: PretrainedConfig, quantize_tower: bool = False) -> lis
     return [rf"(?:.*\.)?{re.escape(name)}" for name in kept] + ["lm_head"]
 
 
-def is_image_text_path(path: str | Path, trust_remote_code: bool = False) -> bool:
-    """Whether the model folder (or hub id) holds an image-text model."""
-    return is_image_text(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
-
-
 @dataclass
 class VisionSettings:
     """What trains in an image-text model (LLaMA-Factory's three freeze switches, and LoRA on
@@ -191,13 +186,30 @@ def freeze_parts(model: torch.nn.Module, settings: VisionSettings) -> None:
         raise XtunerError("model.vision freezes every part of the model: nothing would train")
 
 
+def rope_index_of(model: torch.nn.Module) -> Any:
+    """The model's own ``get_rope_index`` where its rotary positions follow its images' patch
+    grids (Qwen2-VL's multimodal RoPE), else None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(inner, "model", None), "get_rope_index", None)
+
+
+def _on_grid(
+    rope_index: Any, ids: torch.Tensor, token: int, grids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(3, length) rotary positions of one sequence ``ids`` whose image tokens are ``token``,
+    its images' patch grids ``grids``, and its rotary offset for the tokens after it."""
+    found, shift = rope_index(ids[None], mm_token_type_ids=(ids == token).int()[None],
+                              image_grid_thw=grids, attention_mask=mask)  # fmt: skip
+    return found[:, 0], shift.view(())
+
+
 def grid_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """(4, batch, width) position ids of a packed batch for a model whose rotary positions
     follow its images' patch grids (Qwen2-VL's multimodal RoPE), or None for any other model:
     the per-sample text positions (which keep attention in each sample) and the three rotary
     axes, computed sample by sample by the model's own ``get_rope_index``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    rope_index = getattr(getattr(inner, "model", None), "get_rope_index", None)
+    rope_index = rope_index_of(model)
     if rope_index is None:
         return None
     text, ids = batch["position_ids"], batch["input_ids"]
@@ -209,14 +221,11 @@ def grid_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     taken = 0
     for row, start, end in segments_of(batch["cu_seqlens"], *ids.shape):
         sample = ids[row, start:end]
-        is_image = sample == token
-        left, first = int(is_image.sum()), taken
+        left, first = int((sample == token).sum()), taken
         while left > 0:  # this sample's images: the next ones, whose tokens add up to its own
             left, taken = left - sizes[taken], taken + 1
         if taken > first:
-            found, _ = rope_index(sample[None], mm_token_type_ids=is_image.int()[None],
-                                  image_grid_thw=grids[first:taken])  # fmt: skip
-            axes[:, row, start:end] = found[:, 0]
+            axes[:, row, start:end] = _on_grid(rope_index, sample, token, grids[first:taken])[0]
     return torch.cat([text[None], axes])
 
 
@@ -244,7 +253,7 @@ def prompt_positions(
     that saves; for any other model (rows, width) and None."""
     width = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-    rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+    rope_index = rope_index_of(model)
     if rope_index is None:
         return positions, None
     axes = positions[None].repeat(3, 1, 1)
@@ -252,12 +261,8 @@ def prompt_positions(
     token = model.config.image_token_id
     for row, given in enumerate(images):
         if given is not None:
-            found, shift = rope_index(
-                ids[row : row + 1], mm_token_type_ids=(ids[row : row + 1] == token).int(),
-                image_grid_thw=given["image_grid_thw"].to(ids.device),
-                attention_mask=mask[row : row + 1, -width:],
-            )  # fmt: skip
-            axes[:, row], delta[row] = found[:, 0], shift.view(())
+            grids, seen = given["image_grid_thw"].to(ids.device), mask[row : row + 1, -width:]
+            axes[:, row], delta[row] = _on_grid(rope_index, ids[row], token, grids, seen)
     return axes, delta
 
 
@@ -299,21 +304,20 @@ def save_processor(source: str | Path, folder: Path, tokenizer: Any = None) -> N
     processor.save_pretrained(folder)
 
 
-def without_autograd_in_frozen_tower(model: torch.nn.Module, settings: VisionSettings) -> bool:
+def without_autograd_in_frozen_tower(model: torch.nn.Module, settings: VisionSettings) -> None:
     """Run a frozen vision tower (no adapter in it, not trained) without autograd, where the
     projector is not inside it: nothing it computes needs a gradient, but the hooks that let
     checkpointed layers pass gradients to an adapter (transformers and peft put one on every
-    embedding) would make its checkpointed layers recompute and backpropagate. Whether it
-    does (Qwen2-VL's tower holds its merger: it does not)."""
+    embedding) would make its checkpointed layers recompute and backpropagate. (Qwen2-VL's
+    tower holds its merger: it keeps autograd.)"""
     names = parts_of(model)
     tower = part(model, names.tower)
     trained = settings.lora_vision_tower or not settings.freeze_vision_tower
     if tower is None or trained or names.projector.startswith(f"{names.tower}."):
-        return False
+        return
     # hooks, not a wrapped forward: a deep copy of the model keeps them (bound to the copy)
     tower.register_forward_pre_hook(_pause_autograd)
     tower.register_forward_hook(_resume_autograd, always_call=True)
-    return True
 
 
 def _pause_autograd(module: torch.nn.Module, args: Any) -> None:
@@ -425,7 +429,6 @@ __all__ = [
     "freeze_parts",
     "grid_positions",
     "is_image_text",
-    "is_image_text_path",
     "lora_targets",
     "model_image_inputs",
     "modules_to_save",
@@ -433,6 +436,7 @@ __all__ = [
     "offset_positions",
     "part",
     "parts_of",
+    "rope_index_of",
     "without_autograd_in_frozen_tower",
     "prompt_positions",
     "save_processor",

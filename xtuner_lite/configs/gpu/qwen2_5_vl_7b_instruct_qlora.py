@@ -1,5 +1,5 @@
 # Qwen2.5-VL-7B-Instruct on one 8 GB GPU: QLoRA on the language model's linear layers and the
-# patch merger (the projector) in full; the 670M-parameter vision tower frozen and, to fit, in
+# patch merger (the projector) in full; the 632M-parameter vision tower frozen and, to fit, in
 # NF4 too (its bf16 copy alone takes 1.2 GiB); images resized down to at most 448×448 pixels,
 # aspect kept.
 from mmengine.config import read_base

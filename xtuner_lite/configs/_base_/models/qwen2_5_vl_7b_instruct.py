@@ -1,4 +1,4 @@
-# Qwen/Qwen2.5-VL-7B-Instruct (hub id; any local folder works too): a 675M-parameter ViT whose
+# Qwen/Qwen2.5-VL-7B-Instruct (hub id; any local folder works too): a 632M-parameter ViT whose
 # patch merger (2×2 patches per token) is the projector, and a Qwen2.5-7B language model with
 # rotary positions on each image's patch grid. An image's tokens follow its size: the data's
 # image_max_pixels bounds it (about 256 tokens at 448×448).
