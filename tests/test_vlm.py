@@ -4,15 +4,19 @@ step, what trains."""
 import base64
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from xtuner_lite.data.image_text import ImageTextDataset, process_image_dataset
-from xtuner_lite.data.images import IMAGE_INPUTS
+from xtuner_lite.data.images import IMAGE_INPUTS, placed_before
 from xtuner_lite.data.labels import IGNORE_INDEX
+from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.errors import DataError, XtunerError
+from xtuner_lite.hub import load_tokenizer
+from xtuner_lite.inference.images import ImageInput
 from xtuner_lite.model import build_model
 from xtuner_lite.model.forward import loss_sum
 from xtuner_lite.model.vlm import IMAGE_TOKEN, model_image_inputs, parts_of
@@ -22,6 +26,8 @@ from conftest import loss_curve, nonzero_lora_b, train_cmd, write_config, write_
 pytestmark = pytest.mark.integration
 
 PER_IMAGE = 16  # TINY_VISION: 16×16 images in 4×4 patches
+QUESTION = "What is it?"
+PENALTY = 2.0  # random weights repeat one token without a repetition penalty
 
 
 def _rows(names: list[str]) -> list[dict]:
@@ -276,8 +282,6 @@ def test_image_max_pixels_bounds_a_grid_models_images_in_training_and_its_result
     down (aspect kept), and the result keeps that bound for chat and serve."""
     from transformers import AutoImageProcessor
 
-    from xtuner_lite.data.templates import get_template
-    from xtuner_lite.hub import load_tokenizer
     from xtuner_lite.training.result import save_result
 
     names = write_images(tmp_path, 3, shapes=SHAPES)
@@ -434,33 +438,40 @@ def model_inputs(model, prompt: list[int], images: dict | None) -> dict:
     return inputs
 
 
+def image_prompts(model: str, names: list[str], folder) -> tuple:
+    """(tokenizer, ImageInput, the rendered "<image>\\nWhat is it?" turn's ids, each image's
+    (expanded prompt, image inputs)) as chat and serve make them, SmolLM2's template."""
+    tokenizer = load_tokenizer(model)
+    images = ImageInput(model, tokenizer)
+    text = get_template("smollm2").render_prompt(
+        [{"role": "user", "content": images.tokens.in_text(placed_before(QUESTION, 1))}],
+        tokenizer,
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer, images, ids, [images.prompt(ids, [name], folder) for name in names]
+
+
+def greedy(model, prompt: list[int], images: dict | None, **kwargs) -> list[int]:
+    """transformers.generate's 12 greedy new tokens (``kwargs``: its stops)."""
+    out = model.generate(**model_inputs(model, prompt, images), max_new_tokens=12,
+                         do_sample=False, pad_token_id=0, **kwargs)  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
 def test_engine_with_images_gives_transformers_greedy_tokens(tiny_vlm, tmp_path):
     """The bundled engine prefills image features and decodes: each row's greedy tokens equal
     transformers.generate's on the same expanded prompt and images, rows with different images
     (Qwen2-VL: of different sizes, so different lengths and rotary offsets) and a row without
     batched together; a prompt with images is served from the prefix cache of the same
     prompt and images, and not of the same text with another image."""
-    from xtuner_lite.data.templates import get_template
-    from xtuner_lite.hub import load_tokenizer
     from xtuner_lite.inference import InferenceEngine, SamplingParams
-    from xtuner_lite.inference.images import ImageInput
 
     names = write_images(tmp_path, 2, seed=5, shapes=SHAPES[1:])
-    tokenizer = load_tokenizer(tiny_vlm)
-    images = ImageInput(tiny_vlm, tokenizer)
-    text = get_template("smollm2").render_prompt(
-        [{"role": "user", "content": images.tokens.in_text(f"{IMAGE_TOKEN}\nWhat is it?")}],
-        tokenizer,
-    )
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    prompts = [images.prompt(ids, [name], tmp_path) for name in names]
+    tokenizer, images, ids, prompts = image_prompts(tiny_vlm, names, tmp_path)
     plain = tokenizer("Hello there", add_special_tokens=False)["input_ids"]
     model = AutoModelForImageTextToText.from_pretrained(tiny_vlm).eval()
-    expected = []
-    for prompt, given in prompts + [(plain, None)]:
-        out = model.generate(**model_inputs(model, prompt, given), max_new_tokens=12,
-                             min_new_tokens=12, do_sample=False, pad_token_id=0)  # fmt: skip
-        expected.append(out[0, len(prompt) :].tolist())
+    expected = [greedy(model, prompt, given, min_new_tokens=12)
+                for prompt, given in prompts + [(plain, None)]]  # fmt: skip
     engine = InferenceEngine(model, tokenizer)
     # the first logits, and the next step's, are the model's on each prompt with its own
     # image (which changes them), then on it and the first token
@@ -513,8 +524,6 @@ def test_loglik_scores_of_contexts_with_images_are_the_models(tiny_vlm, tmp_path
     with a text context: each equals the sum from the model's own forward on the whole
     sequence."""
     from xtuner_lite.evaluation.loglik import LoglikScorer
-    from xtuner_lite.hub import load_tokenizer
-    from xtuner_lite.inference.images import ImageInput
 
     names = write_images(tmp_path, 2, seed=3, shapes=SHAPES[1:])
     tokenizer = load_tokenizer(tiny_vlm)
@@ -606,6 +615,42 @@ def test_serve_reads_image_content_parts(taught_llava, tmp_path):
         proc.wait(timeout=30)
 
 
+def test_serve_round_trip_with_the_openai_client(tiny_vlm, tmp_path):
+    """Every family through ``xtuner serve`` and the openai client: an image part (a data URL,
+    then a file on the server) expands to that image's tokens (the prompt's token count in
+    ``usage``) and the reply is transformers.generate's greedy text (with the same repetition
+    penalty)."""
+    import openai
+
+    from conftest import start_server
+
+    names = write_images(tmp_path, 2, seed=7, shapes=SHAPES[1:])
+    tokenizer, _, _, prompts = image_prompts(tiny_vlm, names, tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm).eval()
+    stops = stop_token_ids(get_template("smollm2"), tokenizer)
+    penalized = dict(eos_token_id=stops, repetition_penalty=PENALTY)
+    replies = [greedy(model, prompt, given, **penalized) for prompt, given in prompts]
+    expected = [tokenizer.decode(ids, skip_special_tokens=True) for ids in replies]
+    first = (tmp_path / names[0]).read_bytes()
+    urls = ["data:image/png;base64," + base64.b64encode(first).decode(), str(tmp_path / names[1])]
+    proc, (host, port) = start_server(tiny_vlm, "--template", "smollm2")
+    try:
+        client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="-", max_retries=0)
+        for url, (prompt, _), text in zip(urls, prompts, expected):
+            parts = [{"type": "image_url", "image_url": {"url": url}},
+                     {"type": "text", "text": QUESTION}]  # fmt: skip
+            reply = client.chat.completions.create(
+                model=Path(tiny_vlm).name, max_tokens=12, temperature=0,
+                extra_body={"repetition_penalty": PENALTY},
+                messages=[{"role": "user", "content": parts}],
+            )  # fmt: skip
+            assert reply.usage.prompt_tokens == len(prompt)
+            assert reply.choices[0].message.content == text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_merged_image_text_adapter_is_the_adapter(tiny_vlm, tmp_path):
     """A LoRA result of an image-text model (adapter on the language model, the projector
     trained in full) merged by ``xtuner merge``: transformers loads the folder with its
@@ -613,8 +658,6 @@ def test_merged_image_text_adapter_is_the_adapter(tiny_vlm, tmp_path):
     from transformers import AutoImageProcessor
 
     from xtuner_lite.commands.merge import merge_adapter
-    from xtuner_lite.data.templates import get_template
-    from xtuner_lite.hub import load_tokenizer
     from xtuner_lite.training.result import save_result
 
     model = build_model(tiny_vlm, method="lora", lora=dict(r=4, alpha=8, dropout=0.0))
