@@ -8,13 +8,16 @@ alpha=32, dropout 0.05) on the language model's linear layers with the projector
 (fp32) and the tower frozen, bf16 autocast, gradient checkpointing (TRL's default), the same
 ``--steps`` × ``--rows`` "What digit is this?" conversations about scikit-learn's handwritten
 digits (``xtuner_lite/examples/digits.py``), AdamW at the same learning rate, ``--steps``
-optimizer steps. TRL cannot pack image data, so it pads ``--rows`` conversations per step; ours
-packs them into rows of ``--max-length`` tokens (its images are decoded once into the dataset
-cache on disk: a first run pays that, later ones read it). Each side runs in its own process
+optimizer steps. The composed folder is stored in bf16 (``--stored``), as hub image-text
+checkpoints ship (SmolVLM-256M's among them): an fp32 file read as bf16 is mapped whole while
+it converts, a load-time peak above either side's training peak. TRL cannot pack image data,
+so it pads ``--rows`` conversations per step; ours packs them into rows of ``--max-length``
+tokens (its images are decoded once into the dataset cache on disk: a first run pays that,
+later ones read it). Each side runs in its own process
 (peak RSS is its own), alternating; real (non-padding) tokens per second. Wall time includes
 model loading and data preparation on both sides.
 
-    python benchmarks/bench_vlm.py --steps 8 --repeats 3
+    python benchmarks/bench_vlm.py --steps 8 --repeats 3 [--stored float32]
 """
 
 from __future__ import annotations
@@ -54,9 +57,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def prepare(work: Path, conversations: int) -> tuple[Path, Path]:
-    """The composed model and ``conversations`` digits conversations (one question kind),
-    under ``work``: both sides train on the same ones."""
+def prepare(work: Path, conversations: int, stored: str) -> tuple[Path, Path]:
+    """The composed model (stored in ``stored``) and ``conversations`` digits
+    conversations (one question kind), under ``work``: both sides train on the same ones."""
     from xtuner_lite.examples import digits
     from xtuner_lite.hub import resolve_model_path
     from xtuner_lite.model.vlm import compose_llava
@@ -66,7 +69,8 @@ def prepare(work: Path, conversations: int) -> tuple[Path, Path]:
     data = work / "digit_questions.jsonl"
     rows = [r for r in rows if r["kind"] == "digit"][:conversations]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model = compose_llava(resolve_model_path("smollm2-135m-instruct"), TOWER, work / "model")
+    model = compose_llava(resolve_model_path("smollm2-135m-instruct"), TOWER, work / "model",
+                          dtype=stored)  # fmt: skip
     return model, data
 
 
@@ -142,6 +146,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4, help="TRL: conversations per step")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--stored",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="the composed folder's weights (both sides load them as bf16)",
+    )
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -150,7 +160,7 @@ def main() -> None:
         report((run_ours if opts.side == "ours" else run_trl)(opts))
         return
     work = Path(tempfile.mkdtemp(prefix="bench_vlm_"))
-    model, data = prepare(work, opts.steps * opts.rows)  # outside the timings
+    model, data = prepare(work, opts.steps * opts.rows, opts.stored)  # outside the timings
     runs = []
     for _ in range(opts.repeats):
         results = {}

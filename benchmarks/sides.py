@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
+from xtuner_lite.resources import peak_rss_bytes
+
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (its own, not its parent's: see peak_rss_bytes)."""
+    return peak_rss_bytes() / 2**20
 
 
 def report(result: dict) -> None:

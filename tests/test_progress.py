@@ -87,3 +87,21 @@ def _env():
     import os
 
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_peak_memory_is_the_process_own_not_its_parents():
+    """The peak shown (and read by benchmark sides) is this process's: a child started while
+    its parent holds 512 MiB reports its own few MiB (``ru_maxrss`` reports the parent's)."""
+    import sys
+
+    import numpy as np
+
+    held = np.ones(2**26)  # 512 MiB, every page touched
+    code = (
+        "import resource; from xtuner_lite.resources import peak_rss_bytes; "
+        "print(peak_rss_bytes() / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    own, inherited = map(float, out.stdout.split())
+    assert held.sum() == 2**26
+    assert inherited > 512 and own < 256

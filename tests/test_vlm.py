@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from xtuner_lite.data.image_text import ImageTextDataset, process_image_dataset
@@ -705,9 +706,20 @@ def test_compose_with_a_pretrained_vision_encoder_keeps_its_weights(tiny_llama, 
     encoder = SiglipVisionModel(config)
     encoder.save_pretrained(tmp_path / "encoder")
     out = compose_llava(tiny_llama, None, tmp_path / "llava", vision_model=tmp_path / "encoder")
-    tower = AutoModelForImageTextToText.from_pretrained(out).model.vision_tower
+    kept = AutoModelForImageTextToText.from_pretrained(out).model.vision_tower.state_dict()
     for name, value in encoder.state_dict().items():
-        assert torch.equal(tower.state_dict()[name], value), name
+        if name.removeprefix("vision_model.").startswith("head."):
+            assert name not in kept  # SigLIP's pooling head: LLaVA never reads it
+        else:
+            assert torch.equal(kept[name], value), name
+    # stored in the dtype asked for: bf16 weights equal the fp32 ones rounded
+    half = compose_llava(tiny_llama, None, tmp_path / "bf16", vision_model=tmp_path / "encoder",
+                         dtype="bfloat16")  # fmt: skip
+    with safe_open(str(half / "model.safetensors"), "pt") as stored:
+        assert {stored.get_tensor(k).dtype for k in stored.keys()} == {torch.bfloat16}
+    rounded = AutoModelForImageTextToText.from_pretrained(half).model.vision_tower.state_dict()
+    for name, value in kept.items():
+        assert torch.equal(rounded[name], value.to(torch.bfloat16)), name
 
 
 def test_eval_image_tasks_show_each_row_its_image(taught_llava):

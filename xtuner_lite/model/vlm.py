@@ -34,7 +34,7 @@ from transformers import (
 from xtuner_lite.config import settings_of
 from xtuner_lite.data.images import IMAGE_TOKEN
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.hub import is_image_text
+from xtuner_lite.hub import is_image_text, parse_dtype
 from xtuner_lite.model.attention import segments_of
 
 # the parts of a LLaVA-family model (transformers' names)
@@ -342,6 +342,7 @@ def compose_llava(
     vision_weights: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
     vision_model: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
 ) -> Path:
     """Write a ``LlavaForConditionalGeneration`` folder: the causal LM at ``language_model``
     (its weights, tokenizer and chat template, with ``<image>`` added), a vision encoder of
@@ -352,10 +353,14 @@ def compose_llava(
     two-layer MLP projector.
     Every patch feature is kept (``full``): a CLIP tower's class token is then one more image
     token. The processor resizes images to the encoder's ``image_size`` and normalizes with
-    ``image_mean`` / ``image_std``."""
+    ``image_mean`` / ``image_std``. The folder's weights are stored in ``dtype``: bf16 for a
+    model whose frozen parts train in bf16 (what hub checkpoints ship), since loading an fp32
+    file as bf16 maps the whole fp32 file while it converts; fp32 (the default) for a tower or
+    projector that starts from random weights and trains in full."""
     if vision_model is not None:
         source = AutoConfig.from_pretrained(vision_model)
         vision = getattr(source, "vision_config", None) or source
+        _without_pooling_head(vision)
     elif vision_config is None:
         raise XtunerError("compose_llava needs a vision_config or a vision_model")
     else:
@@ -388,7 +393,7 @@ def compose_llava(
     if vision_weights is not None:
         model.model.vision_tower.load_state_dict(vision_weights)
     out = Path(out_dir)
-    model.save_pretrained(out)
+    model.to(parse_dtype(dtype)).save_pretrained(out)
     processor = LlavaProcessor(
         image_processor=SiglipImageProcessorPil(
             size={"height": vision.image_size, "width": vision.image_size},
@@ -411,10 +416,19 @@ def _vision_config(value: dict[str, Any] | PretrainedConfig) -> PretrainedConfig
         return value
     settings = dict(value)
     kind = settings.pop("model_type", "siglip_vision_model")
+    if kind == "siglip_vision_model":
+        settings.setdefault("vision_use_head", False)  # see _without_pooling_head
     try:
         return AutoConfig.for_model(kind, **settings)
     except ValueError as exc:
         raise XtunerError(f"vision_config.model_type {kind!r}: {exc}") from None
+
+
+def _without_pooling_head(vision: PretrainedConfig) -> None:
+    """A SigLIP tower without its attention-pooling head: LLaVA reads the patch features, never
+    the pooled one, so the head would be weights held and an attention run for nothing."""
+    if vision.model_type == "siglip_vision_model":
+        vision.vision_use_head = False
 
 
 __all__ = [

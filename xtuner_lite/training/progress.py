@@ -7,7 +7,6 @@ log file in the work dir instead (``--verbose`` prints it too); warnings still p
 from __future__ import annotations
 
 import logging
-import resource
 import sys
 import time
 from datetime import timedelta
@@ -16,6 +15,8 @@ import torch
 from mmengine.hooks import Hook
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from xtuner_lite.resources import peak_rss_bytes
 
 # mmengine warnings about its own internals, which a user cannot act on
 NOISE = ("has no metainfo", '"FileClient" will be deprecated', '"HardDiskBackend" is the alias')
@@ -44,7 +45,7 @@ def peak_memory_gib(device: str) -> float:
     """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_bytes() / 2**30
 
 
 def _eta(seconds: float) -> str:
