@@ -489,6 +489,18 @@ def test_engine_with_images_gives_transformers_greedy_tokens(tiny_vlm, tmp_path)
             torch.testing.assert_close(after, full, rtol=1e-4, atol=1e-5)
     if len(prompts[0][0]) == len(prompts[1][0]):  # (same length: the images alone differ)
         assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+    # the same prompts again start from their cached blocks: those before the image, or with
+    # the image's tokens among them (never a part of them); the rest (Qwen2-VL: at the rotary
+    # positions of the whole prompt) gives the same logits
+    runner.select(None)
+    again, found = runner.prefill([p for p, _ in prompts], [x for _, x in prompts])
+    token = model.config.image_token_id
+    spans = [(p.index(token), len(p) - p[::-1].index(token)) for p, _ in prompts]
+    assert all(0 < n <= start or n >= end for n, (start, end) in zip(found, spans))
+    assert any(n >= end for n, (_, end) in zip(found, spans))
+    runner.feed(first)
+    torch.testing.assert_close(again, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runner.decode(), step, rtol=1e-4, atol=1e-5)
     params = SamplingParams(max_new_tokens=12)
     requests = [engine.add_request(p, params, images=x) for p, x in prompts]
     requests.append(engine.add_request(plain, params))
@@ -496,17 +508,13 @@ def test_engine_with_images_gives_transformers_greedy_tokens(tiny_vlm, tmp_path)
         engine.step()
     assert [r.output_ids for r in requests] == expected
     # the same prompt and image again starts from its cached blocks, the image's tokens among
-    # them (not Qwen2-VL's: a cached prefix would leave its rotary offsets unknown)
+    # them (Qwen2-VL: the rest of the prompt and the reply at the rotary positions the whole
+    # prompt gives them)
     again = engine.add_request(prompts[1][0], params, images=prompts[1][1])
     while engine.has_work:
         engine.step()
-    token = model.config.image_token_id
-    image_end = len(prompts[1][0]) - prompts[1][0][::-1].index(token)
     assert again.output_ids == expected[1]
-    if "qwen" in tiny_vlm:
-        assert again.cached_tokens == 0
-    else:
-        assert again.cached_tokens >= image_end
+    assert again.cached_tokens >= spans[1][1]
     # the same text with another image (LLaVA, InternVL: the same tokens) finds only the
     # blocks before the image
     fresh = InferenceEngine(model, tokenizer)

@@ -184,10 +184,9 @@ class InferenceEngine:
     def _retire(self) -> list[Request]:
         if self.cache_outputs:
             leaving = [
-                (i, key)
+                (i, self.runner.cache_key(r.prompt_ids + r.output_ids, r.images))
                 for i, r in enumerate(self.scheduler.running)
                 if r.finished
-                and (key := self.runner.cache_key(r.prompt_ids + r.output_ids, r.images))
             ]
             self.runner.remember([i for i, _ in leaving], [key for _, key in leaving])
         done, keep = self.scheduler.retire()

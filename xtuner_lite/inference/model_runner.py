@@ -28,7 +28,6 @@ from xtuner_lite.model.vlm import (
     model_image_inputs,
     offset_positions,
     prompt_positions,
-    rope_index_of,
 )
 
 
@@ -89,7 +88,6 @@ class ModelRunner:
         # Qwen2-VL's rotary positions follow its images' patch grids: each row's later tokens
         # run ``_delta`` from their count (``vlm.prompt_positions``); None for other models
         self._delta: torch.Tensor | None = None  # (batch,)
-        self._rope_index = rope_index_of(model)
 
     def reset(self) -> None:
         """An empty batch (after a failed step)."""
@@ -152,15 +150,12 @@ class ModelRunner:
         self._splice(filled, mask, shared, delta)
         return logits, [found[k] * BLOCK_SIZE for k in keys]
 
-    def cache_key(self, tokens: list[int], images: dict[str, torch.Tensor] | None) -> list | None:
+    def cache_key(self, tokens: list[int], images: dict[str, torch.Tensor] | None) -> list:
         """What a sequence's blocks are cached under: its tokens, with the first image token
         (if any) paired with the digest of the images, so that a block from there on is found
-        only after the same images; None where a prompt with images is not cached (Qwen2-VL: a
-        cached prefix would leave its rows' rotary offsets unknown)."""
+        only after the same images (and, for Qwen2-VL, at the same rotary positions)."""
         if images is None:
             return tokens
-        if self._rope_index is not None:
-            return None
         token = self.model.config.image_token_id
         at = tokens.index(token)
         return [*tokens[:at], (token, images_digest(images)), *tokens[at + 1 :]]
@@ -200,10 +195,9 @@ class ModelRunner:
     def _cached_blocks(self, prompt: list[int], images: dict | None = None) -> int:
         """How many leading full blocks of ``prompt`` the cache holds that it can start from
         (the last token is always run: its logits give the first new token)."""
-        key = self.cache_key(prompt, images)
-        if self.blocks is None or key is None:
+        if self.blocks is None:
             return 0
-        found = self.blocks.first_missing(key[: len(prompt) - 1])
+        found = self.blocks.first_missing(self.cache_key(prompt, images)[: len(prompt) - 1])
         return self._reusable(prompt, images, found)
 
     def _share_leading_blocks(self, prompts: list[list[int]]) -> None:
@@ -236,7 +230,7 @@ class ModelRunner:
         cached = [len(f) * BLOCK_SIZE for f in found]
         # a prompt whose images' tokens are all cached (``_reusable``: all or none) runs none
         token = getattr(self.model.config, "image_token_id", None)
-        images = [
+        run = [
             None if i is not None and c > p.index(token) else i
             for p, i, c in zip(prompts, images, cached)
         ]
@@ -251,15 +245,16 @@ class ModelRunner:
             mask[i, start - c : start] = 1
             mask[i, start + width - len(own) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions, delta = prompt_positions(self.model, ids, mask, images)
-        given = join_images([i for i in images if i is not None])
+        before = [p[:c] for p, c in zip(prompts, cached)]
+        positions, delta = prompt_positions(self.model, ids, mask, images, before)
+        given = join_images([i for i in run if i is not None])
         inputs = {k: v.to(self.device) for k, v in given.items()}
         logits = self._forward(ids, mask, cache.as_transformers_cache(), positions, inputs)
         cache.advance(width)
         if self.blocks is not None:
             for i, (prompt, c) in enumerate(zip(prompts, cached)):
                 end = len(prompt) // BLOCK_SIZE * BLOCK_SIZE
-                if c < end and keys[i] is not None:
+                if c < end:
                     own_start = start + width - (len(prompt) - c)
                     columns = torch.arange(own_start, own_start + end - c, device=self.device)
                     self.blocks.store(keys[i], c // BLOCK_SIZE, self._kv(cache, i, columns))

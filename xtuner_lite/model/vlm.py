@@ -194,13 +194,12 @@ def rope_index_of(model: torch.nn.Module) -> Any:
 
 
 def _on_grid(
-    rope_index: Any, ids: torch.Tensor, token: int, grids: torch.Tensor,
-    mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    rope_index: Any, ids: torch.Tensor, token: int, grids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, length) rotary positions of one sequence ``ids`` whose image tokens are ``token``,
     its images' patch grids ``grids``, and its rotary offset for the tokens after it."""
     found, shift = rope_index(ids[None], mm_token_type_ids=(ids == token).int()[None],
-                              image_grid_thw=grids, attention_mask=mask)  # fmt: skip
+                              image_grid_thw=grids)  # fmt: skip
     return found[:, 0], shift.view(())
 
 
@@ -244,13 +243,16 @@ def prompt_positions(
     ids: torch.Tensor,
     mask: torch.Tensor,
     images: list[dict[str, torch.Tensor] | None],
+    cached: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions of left-padded prompts run with a KV cache, and each row's rotary offset for
     its later tokens. ``ids``: (rows, width), the last ``width`` columns of ``mask``, the rows'
-    attention mask over cached and new columns; ``images``: each row's image inputs (a row with
-    images has no cached columns). For Qwen2-VL (3, rows, width), a row with images placed by
-    the model's ``get_rope_index`` (its image tokens on their patch grid) and offset by what
-    that saves; for any other model (rows, width) and None."""
+    attention mask over cached and new columns; ``images``: each row's image inputs (those of
+    its cached tokens too); ``cached``: each row's tokens already in the cache (a prefix-cache
+    hit), which ran at their positions in the whole prompt. For Qwen2-VL (3, rows, width), a
+    row with images placed by the model's ``get_rope_index`` over its whole prompt (its image
+    tokens on their patch grid) and offset by what that saves; for any other model
+    (rows, width) and None."""
     width = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
     rope_index = rope_index_of(model)
@@ -260,9 +262,13 @@ def prompt_positions(
     delta = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     token = model.config.image_token_id
     for row, given in enumerate(images):
-        if given is not None:
-            grids, seen = given["image_grid_thw"].to(ids.device), mask[row : row + 1, -width:]
-            axes[:, row], delta[row] = _on_grid(rope_index, ids[row], token, grids, seen)
+        if given is None:
+            continue
+        own = ids[row][mask[row, -width:].bool()]
+        before = torch.tensor(cached[row] if cached else [], dtype=ids.dtype, device=ids.device)
+        grids = given["image_grid_thw"].to(ids.device)
+        found, delta[row] = _on_grid(rope_index, torch.cat([before, own]), token, grids)
+        axes[:, row, width - len(own) :] = found[:, len(before) :]
     return axes, delta
 
 
