@@ -415,3 +415,27 @@ def test_would_fit_with_prints_the_cheapest_config_lines_that_fit(capsys):
     for knob in line:
         rest = [k for k in line if k != knob]
         assert main([*args, "--cfg-options", *old, *rest]) == 3
+
+
+def test_llava_next_images_are_planned_at_their_most_tiles(tiny_llava_next, tmp_path):
+    """LLaVA-NeXT: the planner's tokens and tower passes per image are the most any image
+    takes — the engine's (whose count the model's forward checks), on an image of each
+    tiling's own shape (no padding to cut): its largest token count and tile count."""
+    from PIL import Image
+    from transformers import AutoConfig
+
+    from xtuner_lite.commands.plan import Shape
+    from xtuner_lite.hub import load_tokenizer
+    from xtuner_lite.inference.images import ImageInput
+
+    config = AutoConfig.from_pretrained(tiny_llava_next)
+    shape = Shape.from_config(config.to_dict())
+    images = ImageInput(tiny_llava_next, load_tokenizer(tiny_llava_next))
+    tokens, tiles = [], []
+    for i, (height, width) in enumerate(config.image_grid_pinpoints):
+        Image.new("RGB", (width, height), (90, 30, 200)).save(tmp_path / f"{i}.png")
+        prompt, given = images.prompt([config.image_token_id], [f"{i}.png"], tmp_path)
+        tokens.append(prompt.count(config.image_token_id))
+        tiles.append(given["pixel_values"].shape[0])  # (tiles, channels, height, width)
+    assert (shape.vision.image_tokens, shape.vision.tiles) == (max(tokens), max(tiles))
+    assert len(set(tokens)) > 1  # the tilings differ: the most is not any one's

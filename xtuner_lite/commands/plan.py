@@ -67,6 +67,7 @@ class VisionShape:
     family: str = "vit"  # or qwen2_vl, qwen2_5_vl
     merge: int = 1  # Qwen2-VL: patches merged into one token (spatial_merge_size squared)
     temporal: int = 1  # Qwen2-VL: frames per patch (an image is repeated to fill them)
+    tiles: int = 1  # LLaVA-NeXT: tower passes per image (its most tiles and the base tile)
 
     @classmethod
     def from_config(cls, config: Any, image_max_pixels: int | None = None) -> VisionShape:
@@ -84,17 +85,22 @@ class VisionShape:
             )
         size, patch = (_side(vision(k)) for k in ("image_size", "patch_size"))
         patches = (size // patch) ** 2
+        clip = vision("model_type") == "clip_vision_model"
+        tiles, tokens = 1, get("image_seq_length") or patches
+        if family == "llava_next":
+            tiles, tokens = _anyres_worst(get, size, patch, clip)
         return cls(
             vision("hidden_size"),
             vision("intermediate_size"),
             vision("num_hidden_layers"),
             patches,  # InternVL: per tile, and its tiles counted as images
-            get("image_seq_length") or patches,
+            tokens,
             vision("num_channels", 3),
             patch,
             text("hidden_size"),
             vision("model_type") == "siglip_vision_model" and vision("vision_use_head", True),
-            vision("model_type") == "clip_vision_model",
+            clip,
+            tiles=tiles,
         )
 
     @classmethod
@@ -167,6 +173,21 @@ class VisionShape:
         gated MLP's three times)."""
         hidden_copies = 3 if self.family == "qwen2_5_vl" else 2
         return per * patches * (7 * self.hidden + hidden_copies * self.intermediate)
+
+
+def _anyres_worst(get: Callable[..., Any], size: int, patch: int, clip: bool) -> tuple[int, int]:
+    """LLaVA-NeXT's most tower passes and language-model tokens an image can take: the
+    resolution of most tiles, plus the base tile; its tiles' patches unpadded (an image of that
+    resolution's shape), a newline per row of them, and the base tile's (a CLIP tower's class
+    token among them, unless the default feature selection drops it)."""
+    side = size // patch
+    extra = int(clip) - int(get("vision_feature_select_strategy", "default") == "default")
+    tiles, tokens = 1, 0
+    for height, width in get("image_grid_pinpoints") or [[size, size]]:
+        rows, cols = side * (height // size), side * (width // size)
+        tiles = max(tiles, (height // size) * (width // size) + 1)
+        tokens = max(tokens, rows * cols + rows + side * side + extra)
+    return tiles, tokens
 
 
 def _side(value: int | list[int] | tuple[int, ...]) -> int:
@@ -533,7 +554,7 @@ def _vision_activations(v: VisionShape, s: PlanSettings) -> Component:
     layer when it trains."""
     images = s.batch_size * (s.images_per_row or max(1, s.max_length // v.image_tokens))
     per = DTYPE_BYTES[s.compute_dtype]
-    layer = v.layer_activation_bytes(per, v.patches * images)
+    layer = v.layer_activation_bytes(per, v.patches * v.tiles * images)
     tower = layer * (v.layers if s.vision_tower != "frozen" else 1)
     projector = per * v.image_tokens * images * (v.hidden + 2 * v.text_hidden) if s.projector else 0
     kept = "every tower layer's" if s.vision_tower != "frozen" else "one tower layer's working set"
