@@ -183,10 +183,10 @@ def build_model(
     settings = asked if is_image_text(model.config) else None
     if vision is not None and settings is None:
         raise XtunerError(f"model.vision is set but {pretrained} is not an image-text model")
-    if settings is not None:
-        without_autograd_in_frozen_tower(model, settings)
     if gradient_checkpointing:
         _checkpoint_layers(model, gradient_checkpointing, method)
+    if settings is not None:
+        without_autograd_in_frozen_tower(model, settings)
     if method == "full":
         if settings is not None:
             freeze_parts(model, settings)

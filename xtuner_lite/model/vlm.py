@@ -314,8 +314,9 @@ def without_autograd_in_frozen_tower(model: torch.nn.Module, settings: VisionSet
     """Run a frozen vision tower (no adapter in it, not trained) without autograd, where the
     projector is not inside it: nothing it computes needs a gradient, but the hooks that let
     checkpointed layers pass gradients to an adapter (transformers and peft put one on every
-    embedding) would make its checkpointed layers recompute and backpropagate. (Qwen2-VL's
-    tower holds its merger: it keeps autograd.)"""
+    embedding) would make its checkpointed layers recompute and backpropagate. Its layers are
+    not checkpointed either (call this after checkpointing is turned on): they keep nothing
+    for backward. (Qwen2-VL's tower holds its merger: it keeps autograd.)"""
     names = parts_of(model)
     tower = part(model, names.tower)
     trained = settings.lora_vision_tower or not settings.freeze_vision_tower
@@ -324,6 +325,9 @@ def without_autograd_in_frozen_tower(model: torch.nn.Module, settings: VisionSet
     # hooks, not a wrapped forward: a deep copy of the model keeps them (bound to the copy)
     tower.register_forward_pre_hook(_pause_autograd)
     tower.register_forward_hook(_resume_autograd, always_call=True)
+    for module in tower.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.gradient_checkpointing = False
 
 
 def _pause_autograd(module: torch.nn.Module, args: Any) -> None:
