@@ -20,7 +20,7 @@ from rich.table import Table
 from transformers import AutoConfig
 
 from xtuner_lite.config import load_config
-from xtuner_lite.data.image_text import GRID_FAMILIES, IMAGE_MAX_PIXELS
+from xtuner_lite.data.image_text import GRID_FAMILIES, IMAGE_MAX_PIXELS, anyres_tokens
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.hub import resolve_model_path
 from xtuner_lite.model.attention import MATMUL_ATTENTION_MAX_LENGTH
@@ -177,16 +177,15 @@ class VisionShape:
 
 def _anyres_worst(get: Callable[..., Any], size: int, patch: int, clip: bool) -> tuple[int, int]:
     """LLaVA-NeXT's most tower passes and language-model tokens an image can take: the
-    resolution of most tiles, plus the base tile; its tiles' patches unpadded (an image of that
-    resolution's shape), a newline per row of them, and the base tile's (a CLIP tower's class
-    token among them, unless the default feature selection drops it)."""
+    resolution of most tiles, plus the base tile; its tokens those of an image of that
+    resolution's shape (no padding to cut)."""
     side = size // patch
-    extra = int(clip) - int(get("vision_feature_select_strategy", "default") == "default")
+    strategy = get("vision_feature_select_strategy", "default")
     tiles, tokens = 1, 0
     for height, width in get("image_grid_pinpoints") or [[size, size]]:
         rows, cols = side * (height // size), side * (width // size)
         tiles = max(tiles, (height // size) * (width // size) + 1)
-        tokens = max(tokens, rows * cols + rows + side * side + extra)
+        tokens = max(tokens, anyres_tokens(rows, cols, side, clip, strategy))
     return tiles, tokens
 
 

@@ -243,8 +243,7 @@ def _anyres_count(config: PretrainedConfig) -> Callable[[dict[str, torch.Tensor]
     token among them; the default feature selection drops the first)."""
     vision = config.vision_config
     side = vision.image_size // vision.patch_size  # patches along a tile's side
-    extra = int(vision.model_type == "clip_vision_model")
-    extra -= int(config.vision_feature_select_strategy == "default")
+    clip = vision.model_type == "clip_vision_model"
 
     def count(inputs: dict[str, torch.Tensor]) -> int:
         height, width = (int(v) for v in inputs["image_sizes"][0])
@@ -254,9 +253,17 @@ def _anyres_count(config: PretrainedConfig) -> Callable[[dict[str, torch.Tensor]
             rows -= 2 * ((rows - int(round(height * cols / width, 7))) // 2)
         else:
             cols -= 2 * ((cols - int(round(width * rows / height, 7))) // 2)
-        return rows * cols + rows + side * side + extra
+        return anyres_tokens(rows, cols, side, clip, config.vision_feature_select_strategy)
 
     return count
+
+
+def anyres_tokens(rows: int, cols: int, side: int, clip: bool, strategy: str | None) -> int:
+    """LLaVA-NeXT's image-token count: its tiles' ``rows`` × ``cols`` patches (the padding
+    around the image cut), a newline token per row of them, and the base tile's ``side`` ×
+    ``side`` patches (a CLIP tower's class token among them; the ``default`` feature selection
+    drops the first)."""
+    return rows * cols + rows + side * side + int(clip) - int(strategy == "default")
 
 
 def _split_tokens(config: PretrainedConfig, tokenizer: Any) -> ImageTokens:
@@ -419,6 +426,7 @@ __all__ = [
     "ImageTokens",
     "Layout",
     "ProcessedImageDataset",
+    "anyres_tokens",
     "image_processor",
     "image_tokens",
     "process_image_dataset",

@@ -24,11 +24,7 @@ from xtuner_lite.inference.shared_prefix import (
     worth_sharing,
 )
 from xtuner_lite.model.forward import base_and_head
-from xtuner_lite.model.vlm import (
-    model_image_inputs,
-    offset_positions,
-    prompt_positions,
-)
+from xtuner_lite.model.vlm import model_image_inputs, offset_positions, prompt_positions
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
