@@ -17,7 +17,10 @@ later ones read it). Each side runs in its own process
 (peak RSS is its own), alternating; real (non-padding) tokens per second. Wall time includes
 model loading and data preparation on both sides.
 
-    python benchmarks/bench_vlm.py --steps 8 --repeats 3 [--stored float32]
+``--checkpoint-fraction F`` has ours recompute only that share of the decoder layers (as
+bench_train's row does), spending the memory it leaves under TRL's on speed.
+
+    python benchmarks/bench_vlm.py --steps 8 --repeats 3 [--stored float32] [--checkpoint-fraction 0.5]
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def run_ours(opts: argparse.Namespace) -> dict:
     cfg = dict(
         model=dict(pretrained=model, method="lora", dtype="bf16",
                    lora=dict(**LORA, target_modules="all-linear"),
-                   gradient_checkpointing=True),
+                   gradient_checkpointing=opts.checkpoint_fraction or True),
         objective=dict(type="vlm_sft"),
         train_dataset=dict(data_files=str(opts.data), tokenizer=model, processor=model,
                            template="smollm2", max_length=opts.max_length),
@@ -152,6 +155,12 @@ def main() -> None:
         default="bfloat16",
         help="the composed folder's weights (both sides load them as bf16)",
     )
+    parser.add_argument(
+        "--checkpoint-fraction",
+        type=float,
+        default=None,
+        help="ours: recompute this share of the decoder layers (default: all, as TRL does)",
+    )
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -168,6 +177,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--side", side, "--model", str(model),
                    "--data", str(data), "--steps", str(opts.steps), "--rows", str(opts.rows),
                    "--max-length", str(opts.max_length)]  # fmt: skip
+            if side == "ours" and opts.checkpoint_fraction is not None:
+                cmd += ["--checkpoint-fraction", str(opts.checkpoint_fraction)]
             results[side] = run_side(cmd, side)
         for r in results.values():
             r["tokens_per_s"] = r["tokens"] / r["seconds"]
