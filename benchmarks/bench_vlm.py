@@ -20,7 +20,8 @@ model loading and data preparation on both sides.
 ``--checkpoint-fraction F`` has ours recompute only that share of the decoder layers (as
 bench_train's row does), spending the memory it leaves under TRL's on speed.
 
-    python benchmarks/bench_vlm.py --steps 8 --repeats 3 [--stored float32] [--checkpoint-fraction 0.5]
+    python benchmarks/bench_vlm.py --steps 8 --repeats 3 [--stored float32]
+        [--checkpoint-fraction 0.5]
 """
 
 from __future__ import annotations
