@@ -18,8 +18,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["xtuner_lite", "xtuner_lite.*"]),
-    # the bundled configs and example data (not Python packages) ship inside the wheel
-    package_data={"xtuner_lite": ["configs/**/*.py", "examples/data/*", "examples/tasks/*"]},
+    # the bundled configs, example data and kernel source (not Python packages) ship in the wheel
+    package_data={
+        "xtuner_lite": [
+            "configs/**/*.py",
+            "examples/data/*",
+            "examples/tasks/*",
+            "inference/csrc/*.cpp",  # our decode kernel, built on first use
+        ]
+    },
     install_requires=_requirements("runtime.txt"),
     extras_require={
         "tests": _requirements("tests.txt") + _requirements("data.txt") + _requirements("ray.txt"),

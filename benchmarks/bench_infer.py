@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument(
         "--no-pack",
         action="store_true",
-        help="decode from the plain weights (no oneDNN-packed copy)",
+        help="decode from the plain weights (no packed copy)",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--llama-cpp", metavar="PYTHON", help="a Python with llama-cpp-python")
@@ -209,8 +209,8 @@ def main() -> None:
     print(
         "ours decodes with "
         + (
-            f"FastDecoder, {decoder.packed_bytes / 2**20:.0f} MiB of "
-            "oneDNN-packed weights beside the model's"
+            f"FastDecoder, {decoder.packed_bytes / 2**20:.0f} MiB of packed weights beside the "
+            f"model's (products by kernel: {decoder.packed_by})"
             if decoder is not None
             else f"the model's forward ({engine.fallback_reason})"
         )

@@ -5,7 +5,7 @@ import torch
 
 from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
-from xtuner_lite.inference import InferenceEngine, SamplingParams
+from xtuner_lite.inference import InferenceEngine, SamplingParams, skinny
 from xtuner_lite.inference.block_manager import BLOCK_SIZE, BlockManager, gather
 from xtuner_lite.inference.sampling import apply_repetition_penalty, choose_token, draw
 
@@ -449,15 +449,20 @@ def test_block_hashes_chain_and_a_collision_is_never_a_match():
     assert blocks.match(tokens, 2) == [] and blocks.first_missing(tokens) == 0
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_fast_decoder_packed_and_plain_equal_transformers_generate(smol, pack):
-    """SmolLM2 decodes through FastDecoder (not the model's forward), with oneDNN-packed
-    weights and with plain ones; a wrapped model falls back to the forward, same tokens."""
+@pytest.mark.parametrize("products", ["ours", "onednn", "plain"])
+def test_fast_decoder_packed_and_plain_equal_transformers_generate(smol, products, monkeypatch):
+    """SmolLM2 decodes through FastDecoder (not the model's forward) with packed weights, read
+    by our kernel (where the machine runs it) or oneDNN's, and with plain ones: same tokens."""
     model, tok, prompts, stops = smol
+    if products == "ours" and not skinny.supports(model.lm_head.weight):
+        pytest.skip("our decode kernel needs AVX-512 (test_skinny.py checks the build)")
+    if products == "onednn":
+        monkeypatch.setenv(skinny.SWITCH, "0")
     expected = _hf_greedy(model, prompts, stops, batched=True)
-    engine = InferenceEngine(model, tok, pack_weights=pack)
+    engine = InferenceEngine(model, tok, pack_weights=products != "plain")
     assert engine.fallback_reason is None
-    assert (engine.runner.decoder.packed_bytes > 0) == pack
+    kernels = {"ours": {"ours"}, "onednn": {"oneDNN"}, "plain": set()}[products]
+    assert set(engine.runner.decoder.packed_by) == kernels
     params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
     assert [r.output_ids for r in engine.generate(prompts, params)] == expected
 

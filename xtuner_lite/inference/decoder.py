@@ -1,11 +1,12 @@
 """One decode step of a Llama-family model, run straight from its modules' weights.
 
 Why not the model's own forward for decoding: with one new token per row every projection is a
-skinny (rows × features) product, and on CPU that is where a decode step's time goes. oneDNN runs it
-faster from weights packed once into its blocked layout than the plain ``F.linear`` (the same fp32
-products, rounding differences at the 1e-6 level; see docs/benchmarks.md). The packed copy costs
-memory once more the size of the projections, so it is made only for CPU models that leave room for
-it; otherwise ``W @ x.T`` (faster than ``x @ W.T`` under MKL for few rows, bit-identical) is used.
+skinny (rows × features) product, and on CPU that is where a decode step's time goes. It runs faster
+from weights packed once into a blocked layout than through the plain ``F.linear`` (the same
+products, rounding differences at the 1e-6 level in fp32; see docs/benchmarks.md): our kernel's
+layout where it runs (``inference/skinny.py``), else oneDNN's. The packed copy costs memory once
+more the size of the projections, so it is made only for CPU models that leave room for it;
+otherwise ``W @ x.T`` (faster than ``x @ W.T`` under MKL for few rows, bit-identical) is used.
 The step also skips the generic forward's per-token mask building and module dispatch; norms, rotary
 embedding and activation call the model's own modules.
 """
@@ -13,16 +14,22 @@ embedding and activation call the model's own modules.
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xtuner_lite.inference import skinny
 from xtuner_lite.inference.kv_cache import KVCache
 from xtuner_lite.inference.shared_prefix import SharedPrefixes, attention_with_lse
 
 MODEL_TYPES = ("llama", "qwen2")  # full attention, RMSNorm, rotary, gated SiLU-family MLP
 PACK_MEMORY_SHARE = 0.25  # pack only when the packed copy fits in this share of free memory
+
+# (x, packed weight, bias) -> x · Wᵀ + bias: the product a packed weight is read by
+Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -126,17 +133,29 @@ def _should_pack(model: nn.Module) -> bool:
     return _weight_bytes(_linears(model)) <= PACK_MEMORY_SHARE * _free_memory()
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` in oneDNN's layout for products with a few rows (None where the op is
-    missing or disagrees with ``F.linear``)."""
+def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+KERNELS = {skinny.linear: "ours", _onednn: "oneDNN"}  # a packed product's kernel, by name
+
+
+def _pack(weight: torch.Tensor) -> tuple[Product, torch.Tensor] | None:
+    """``weight`` packed for products with a few rows, with the product that reads it: ours
+    where this machine runs it, else oneDNN's (None where its op is missing or disagrees with
+    ``F.linear``)."""
     weight = weight.detach()
+    if skinny.supports(weight):
+        return skinny.linear, skinny.pack(weight)
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
         probe = torch.ones(2, weight.shape[1], dtype=weight.dtype)
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        got = _onednn(probe, packed, None)
     except (RuntimeError, AttributeError, NotImplementedError):
         return None
-    return packed if torch.allclose(got, F.linear(probe, weight), rtol=1e-3, atol=1e-3) else None
+    if not torch.allclose(got, F.linear(probe, weight), rtol=1e-3, atol=1e-3):
+        return None
+    return _onednn, packed
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -175,11 +194,13 @@ class FastDecoder:
             pack = _should_pack(model)
         # packed copies of the frozen weights (a LoRA layer's base; unless merged, its A and B
         # are read live, so the decoder follows an adapter being trained)
-        self._packed: dict[nn.Linear, torch.Tensor] = {}
+        self._packed: dict[nn.Linear, tuple[Product, torch.Tensor]] = {}
         self._merged: set[nn.Module] = set()  # LoRA layers whose packed weight has them merged
         # q/k/v and gate/up read the same input: one product each instead of three and two
         # (fewer oneDNN calls, and wider ones, which it splits better over the cores)
-        self._fused: dict[tuple[nn.Module, ...], tuple[torch.Tensor, torch.Tensor | None, list]]
+        self._fused: dict[
+            tuple[nn.Module, ...], tuple[Product, torch.Tensor, torch.Tensor | None, list]
+        ]
         self._fused = {}
         if pack and not all(self._pack_group(g, merge_adapters) for g in _groups(model)):
             # this build cannot: every product takes the plain path
@@ -200,7 +221,7 @@ class FastDecoder:
             packed = _pack(torch.cat(weights))
             if packed is not None:
                 bias = None if biases[0] is None else torch.cat(biases)
-                self._fused[group] = (packed, bias, [w.shape[0] for w in weights])
+                self._fused[group] = (*packed, bias, [w.shape[0] for w in weights])
                 return True
         for module, weight in zip(group, weights):
             packed = _pack(weight)
@@ -214,15 +235,20 @@ class FastDecoder:
         fused = self._fused.get(group)
         if fused is None:
             return [self._linear(module, x) for module in group]
-        packed, bias, sizes = fused
-        out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        return list(out.split(sizes, dim=-1))
+        product, packed, bias, sizes = fused
+        return list(product(x, packed, bias).split(sizes, dim=-1))
 
     @property
     def packed_bytes(self) -> int:
         """Memory held by the packed weight copies."""
         fused = sum(_weight_bytes([_base(m) for m in group]) for group in self._fused)
         return _weight_bytes(list(self._packed)) + fused
+
+    @property
+    def packed_by(self) -> dict[str, int]:
+        """How many packed products each kernel runs (``ours``, ``oneDNN``)."""
+        products = [p for p, _ in self._packed.values()] + [f[0] for f in self._fused.values()]
+        return dict(Counter(KERNELS[p] for p in products))
 
     @property
     def merged_layers(self) -> int:
@@ -247,7 +273,8 @@ class FastDecoder:
     def _plain(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed.get(layer)
         if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+            product, weight = packed
+            return product(x, weight, layer.bias)
         if layer.bias is None:
             return torch.mm(layer.weight, x.t()).t()
         return torch.addmm(layer.bias[:, None], layer.weight, x.t()).t()

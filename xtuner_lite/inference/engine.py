@@ -50,7 +50,7 @@ class InferenceEngine:
         tokens (few-shot exemplars, a long system prompt), that prefix is prefilled once and
         its blocks are found by every row (with the prefix cache only); 0 turns it off.
         ``pack_weights``: let the fast decoder
-        keep oneDNN-packed copies of the weights (faster on CPU, a second copy of the weights
+        keep packed copies of the weights (faster on CPU, a second copy of the weights
         in memory; None decides by free memory — see ``inference/decoder.py``).
         ``merge_adapters``: the packed copies hold LoRA adapters merged in as they are now, for
         an engine that lives while the adapter does not change (one RL rollout).

@@ -1,0 +1,60 @@
+"""Our decode kernel (inference/skinny.py): the products it computes, and the fallback to oneDNN
+where it cannot be built. The engine's greedy tokens through it: tests/test_inference.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xtuner_lite.inference import skinny
+
+needs_avx512 = pytest.mark.skipif(
+    skinny.FLAG not in skinny.cpu_flags(), reason="our decode kernel needs AVX-512"
+)
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 40])
+@pytest.mark.parametrize("out_features,in_features", [(16, 64), (48, 576), (960, 576), (576, 1536)])
+def test_our_products_equal_f_linear(rows, out_features, in_features):
+    """One block, an odd number of blocks, the model's widths; a partial row tile, several
+    tiles; with a bias and without."""
+    gen = torch.Generator().manual_seed(rows * out_features)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
+    x = torch.randn(rows, in_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen)
+    assert skinny.supports(weight)
+    packed = skinny.pack(weight)
+    for b in (None, bias):
+        exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+        got = skinny.linear(x, packed, b)
+        assert got.shape == (rows, out_features) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), exact, rtol=0, atol=2e-5)
+        torch.testing.assert_close(got, F.linear(x, weight, b), rtol=0, atol=2e-5)
+
+
+def test_weights_it_does_not_take_are_left_to_onednn():
+    assert not skinny.supports(torch.ones(97, 64))  # rows not a multiple of its block
+    assert not skinny.supports(torch.ones(64, 64, dtype=torch.bfloat16))
+
+
+@needs_avx512
+def test_a_machine_that_cannot_build_it_keeps_onednn_and_says_why(tmp_path):
+    """No working compiler (a fresh build directory, so nothing cached is loaded): a warning
+    naming the cause, and every weight left to oneDNN."""
+    code = (
+        "import logging, torch; logging.basicConfig();"
+        "from xtuner_lite.inference import skinny;"
+        "print('supports', skinny.supports(torch.ones(64, 64)))"
+    )
+    env = dict(os.environ, CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    env.pop(skinny.SWITCH, None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "supports False" in done.stdout
+    assert "our decode kernel could not be built" in done.stderr

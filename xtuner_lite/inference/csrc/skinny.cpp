@@ -1,0 +1,105 @@
+// Products of a few rows with a weight packed once: y = x · Wᵀ (+ bias) for decode steps.
+// Why ours (inference/skinny.py): at a decode step's few rows oneDNN's packed kernels read the
+// weights well below the memory's bandwidth; a register tile of rows × 32 columns fed by one
+// sequential, prefetched stream per pair of 16-column blocks reads them closer to it.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <array>
+#include <utility>
+
+namespace {
+
+constexpr int64_t kLanes = 16;  // fp32 columns in one AVX-512 register: a packed block's width
+constexpr int kRows = 16;       // rows per register tile (16 rows x 2 blocks = 32 accumulators)
+constexpr int64_t kAhead = 32;  // software prefetch distance, in 64-byte lines of one block
+
+// a block is K lines of 16 columns, line k = W[n0:n0+16, k]
+template <int R, int B>
+void tile_f32(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
+              const float* bias) {
+  __m512 acc[B][R];
+  for (int b = 0; b < B; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[B];
+    for (int b = 0; b < B; ++b) {
+      const float* line = w + (b * K + k) * kLanes;
+      wv[b] = _mm512_loadu_ps(line);
+      _mm_prefetch(reinterpret_cast<const char*>(line + kAhead * kLanes), _MM_HINT_T0);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xs = _mm512_set1_ps(x[r * ldx + k]);
+      for (int b = 0; b < B; ++b) acc[b][r] = _mm512_fmadd_ps(xs, wv[b], acc[b][r]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    const __m512 add = bias ? _mm512_loadu_ps(bias + b * kLanes) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy + b * kLanes, _mm512_add_ps(acc[b][r], add));
+  }
+}
+
+template <typename T>
+using Tile = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, const T*);
+
+template <int R, int B>
+struct F32 {
+  static constexpr Tile<float> fn = tile_f32<R, B>;
+};
+
+// tiles[B - 1][R - 1]
+template <typename T, template <int, int> class F, int... R>
+constexpr std::array<std::array<Tile<T>, kRows>, 2> tiles(std::integer_sequence<int, R...>) {
+  return {{{F<R + 1, 1>::fn...}, {F<R + 1, 2>::fn...}}};
+}
+
+template <typename T, template <int, int> class F>
+void run(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N,
+         int64_t per_block) {
+  static constexpr auto table = tiles<T, F>(std::make_integer_sequence<int, kRows>{});
+  const int64_t blocks = N / kLanes, pairs = (blocks + 1) / 2;
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b0 = 2 * p, nb = std::min<int64_t>(2, blocks - b0);
+      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+        const int64_t rows = std::min<int64_t>(kRows, M - r0);
+        table[nb - 1][rows - 1](x + r0 * K, K, w + b0 * per_block, K, y + r0 * N + b0 * kLanes, N,
+                                bias ? bias + b0 * kLanes : nullptr);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// weight (N, K) -> its blocks (N/16, K, 16)
+torch::Tensor pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % kLanes == 0 && weight.scalar_type() == at::kFloat,
+              "skinny.pack: an fp32 (N, K) weight with N % 16 == 0");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  return weight.reshape({N / kLanes, kLanes, K}).transpose(1, 2).contiguous();
+}
+
+// x (M, K) · the packed weight's W (N, K)ᵀ + bias (N) -> (M, N), fp32
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
+                     const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat &&
+                  packed.scalar_type() == at::kFloat && packed.dim() == 3,
+              "skinny.linear: a contiguous fp32 (M, K) and a packed fp32 weight");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kLanes;
+  TORCH_CHECK(packed.size(1) == K, "skinny.linear: x has ", K, " features, the weight ", packed.size(1));
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat,
+                "skinny.linear: an fp32 bias of ", N);
+  auto y = torch::empty({M, N}, x.options());
+  run<float, F32>(x.data_ptr<float>(), packed.data_ptr<float>(),
+                  has_bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, K, N, K * kLanes);
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "weight (N, K) in the blocked layout of linear");
+  m.def("linear", &linear, "x (M, K) times a packed weight, plus bias");
+}

@@ -1,0 +1,81 @@
+"""Our products for a decode step's few rows (``csrc/skinny.cpp``), built on first use.
+
+Why our own kernel: at 16 rows oneDNN's packed kernels read the weights at about half the memory
+bandwidth two cores reach, and a decode step is little but those products (docs/benchmarks.md has
+the measurements). Ours streams each pair of 16-column weight blocks once, prefetched, through a
+register tile of up to 16 rows. fp32 only: in bf16, oneDNN's AMX kernels beat a VDPBF16PS version
+of it (measured, docs/benchmarks.md). It needs AVX-512, a C++ compiler and ninja; torch's extension
+loader builds it once per machine and source and caches the build. Wherever any of that is
+missing the callers keep oneDNN, with one warning saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny.cpp"
+SWITCH = "XTUNER_LITE_SKINNY"  # "0" turns our kernel off (oneDNN serves every product)
+FLAG = "avx512f"  # the CPU feature it needs
+LANES = 16  # a packed block's columns: a weight's rows must be a multiple of it
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@functools.cache
+def _extension():
+    """The built extension, or None (with the reason logged once) where it cannot be had."""
+    if FLAG not in cpu_flags():
+        return None
+    try:
+        return cpp_extension.load(
+            name="xtuner_lite_skinny",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"],
+            extra_ldflags=[
+                "-fopenmp"
+            ],  # torch parallelizes with OpenMP: the kernel joins its threads
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, no headers: oneDNN serves instead
+        logger.warning("xtuner_lite: our decode kernel could not be built (%s); using oneDNN", err)
+        return None
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """Whether ``pack`` and ``linear`` can take ``weight`` on this machine."""
+    if os.environ.get(SWITCH) == "0" or weight.dtype != torch.float32:
+        return False
+    if weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[0] % LANES:
+        return False
+    return _extension() is not None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in) in our kernel's blocked layout (a copy; check ``supports`` first)."""
+    return _extension().pack(weight.detach().contiguous())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a (rows, in) ``x`` and ``packed = pack(weight)``."""
+    return _extension().linear(x.contiguous(), packed, bias)
+
+
+__all__ = ["FLAG", "LANES", "SWITCH", "cpu_flags", "linear", "pack", "supports"]
