@@ -196,6 +196,7 @@ def test_rows_drawn_together_are_each_rows_own_draw():
     settings = [dict(temperature=0.7), dict(temperature=1.3), dict(temperature=0.7),
                 dict(), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3)]  # fmt: skip
     logits = torch.randn(len(settings), 300) * 3
+    logits[3, [10, 200]] = 100.0  # the greedy row's tie: the first largest, as argmax's
     logits[5] = float("nan")
 
     def rows(seed):

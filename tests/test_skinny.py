@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from xtuner_lite.inference import skinny
 
@@ -58,3 +59,19 @@ def test_a_machine_that_cannot_build_it_keeps_onednn_and_says_why(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "supports False" in done.stdout
     assert "our decode kernel could not be built" in done.stderr
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_rms_norm_is_transformers_rms_norm(dtype):
+    """fp32: within rounding (its mean sums in another order); bf16: every value equal."""
+    gen = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    norm.weight.data = torch.randn(576, generator=gen)
+    norm = norm.to(dtype)
+    x = (torch.randn(16, 576, generator=gen) * 3).to(dtype)
+    got = skinny.rms_norm(x, norm.weight, norm.variance_epsilon)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, norm(x))
+    else:
+        torch.testing.assert_close(got, norm(x), rtol=1e-6, atol=1e-6)

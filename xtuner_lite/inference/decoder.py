@@ -173,6 +173,13 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * normed.to(x.dtype)
 
 
+def _rms_norm_ours(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``_rms_norm`` in one call of our kernel (``inference/skinny.py``) where its dtypes allow."""
+    if x.dtype != norm.weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+        return _rms_norm(norm, x)
+    return skinny.rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
 class FastDecoder:
     """Next-token logits for one new token per row, reading and extending a ``KVCache``."""
 
@@ -190,6 +197,8 @@ class FastDecoder:
         self.heads = model.config.num_attention_heads
         self.kv_heads = model.config.num_key_value_heads
         self.head_dim = self.inner.layers[0].self_attn.head_dim
+        cpu = self.inner.norm.weight.device.type == "cpu"
+        self._norm = _rms_norm_ours if cpu and skinny.available() else _rms_norm
         if pack is None:
             pack = _should_pack(model)
         # packed copies of the frozen weights (a LoRA layer's base; unless merged, its A and B
@@ -292,7 +301,7 @@ class FastDecoder:
         a column is a real token. Writes the new keys/values (``cache.reserve(1)`` first), then
         advances the cache; returns fp32 logits (rows, vocabulary). ``shared``: the prompts
         rows continue without holding them in ``cache`` (``inference/shared_prefix.py``)."""
-        rows, linear = tokens.shape[0], self._linear
+        rows, linear, norm = tokens.shape[0], self._linear, self._norm
         h = self.inner.embed_tokens(tokens)
         cos, sin = self.inner.rotary_emb(h[:, None], positions[:, None])
         cos, sin = cos[:, None], sin[:, None]  # (rows, 1, 1, head_dim): broadcast over heads
@@ -303,7 +312,7 @@ class FastDecoder:
         layout = shared.layout(h.dtype) if shared is not None else None
         for i, layer in enumerate(self.inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            x = _rms_norm(layer.input_layernorm, h)
+            x = norm(layer.input_layernorm, h)
             # a kv head's query heads stand in for its query positions (as transformers does
             # for one-token decoding): no repeated keys, and the flash CPU kernel applies
             q, k, v = self._project((attn.q_proj, attn.k_proj, attn.v_proj), x)
@@ -320,8 +329,8 @@ class FastDecoder:
                 out, lse = attention_with_lse(q, keys, values, attend, attn.scaling)
                 out = shared.attend(i, q, out, lse, layout, attn.scaling)
             h = h + linear(attn.o_proj, out.reshape(rows, -1))
-            x = _rms_norm(layer.post_attention_layernorm, h)
+            x = norm(layer.post_attention_layernorm, h)
             gate, up = self._project((mlp.gate_proj, mlp.up_proj), x)
             h = h + linear(mlp.down_proj, mlp.act_fn(gate) * up)
         cache.advance(1)
-        return linear(self.model.lm_head, _rms_norm(self.inner.norm, h)).float()
+        return linear(self.model.lm_head, norm(self.inner.norm, h)).float()

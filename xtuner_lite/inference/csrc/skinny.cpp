@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <cmath>
 #include <utility>
 
 namespace {
@@ -99,7 +100,44 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
   return y;
 }
 
+namespace {
+
+// transformers' RMSNorm: x · rsqrt(mean(x²) + eps) in fp32, rounded to x's dtype, times weight
+template <typename T>
+void rms_rows(const T* x, const T* weight, T* y, int64_t M, int64_t K, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = x + m * K;
+    float squares = 0.f;
+    for (int64_t k = 0; k < K; ++k) squares += static_cast<float>(row[k]) * static_cast<float>(row[k]);
+    const float scale = 1.f / std::sqrt(squares / static_cast<float>(K) + eps);
+    for (int64_t k = 0; k < K; ++k) {
+      const T normed = static_cast<T>(static_cast<float>(row[k]) * scale);
+      y[m * K + k] = static_cast<T>(static_cast<float>(weight[k]) * static_cast<float>(normed));
+    }
+  }
+}
+
+}  // namespace
+
+// one call for the few rows of a decode step, where the same arithmetic as separate torch ops
+// costs more in dispatch than in work
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type(),
+              "skinny.rms_norm: a contiguous (M, K) and a weight of K, one dtype");
+  auto y = torch::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    rms_rows(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), eps);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "skinny.rms_norm: fp32 or bf16");
+    rms_rows(x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(),
+             x.size(0), x.size(1), eps);
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "weight (N, K) in the blocked layout of linear");
   m.def("linear", &linear, "x (M, K) times a packed weight, plus bias");
+  m.def("rms_norm", &rms_norm, "transformers' RMSNorm of x (M, K)");
 }
