@@ -10,7 +10,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 
 from xtuner_lite.inference import skinny
 
@@ -75,3 +80,20 @@ def test_our_rms_norm_is_transformers_rms_norm(dtype):
         assert torch.equal(got, norm(x))
     else:
         torch.testing.assert_close(got, norm(x), rtol=1e-6, atol=1e-6)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_rotary_is_transformers_rotary(dtype):
+    """On strided rows (a split of a fused q/k/v product's output), 9 query heads of 64 with
+    one position per row: transformers' ``apply_rotary_pos_emb``, every value equal."""
+    config = LlamaConfig(hidden_size=576, num_attention_heads=9, max_position_embeddings=512)
+    rotary = LlamaRotaryEmbedding(config)
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(16, 960, generator=gen).to(dtype)
+    q = qkv[:, :576]
+    positions = torch.randint(0, 500, (16, 1), generator=gen)
+    cos, sin = rotary(q, positions)  # (16, 1, 64)
+    want, _ = apply_rotary_pos_emb(q.reshape(16, 1, 9, 64), q.reshape(16, 1, 9, 64), cos, sin, 2)
+    got = skinny.rotary(q, cos.reshape(16, 64), sin.reshape(16, 64), 9)
+    assert torch.equal(got, want.reshape(16, 576))

@@ -165,6 +165,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x * cos) + (rotated * sin)
 
 
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """``_rotate`` of ``x`` (rows, heads · head_dim) with ``cos``/``sin`` (rows, head_dim)."""
+    rows = x.shape[0]
+    rotated = _rotate(x.reshape(rows, heads, -1), cos[:, None], sin[:, None])
+    return rotated.reshape(rows, -1)
+
+
+def _rotary_ours(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """``_rotary`` in one call of our kernel (``inference/skinny.py``) where its dtypes allow."""
+    if x.dtype != cos.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+        return _rotary(x, cos, sin, heads)
+    return skinny.rotary(x, cos, sin, heads)
+
+
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Llama-family RMSNorm's forward (same operations, same order) without the module call
     and autograd-function dispatch, which cost more than the arithmetic on a few rows."""
@@ -198,7 +212,9 @@ class FastDecoder:
         self.kv_heads = model.config.num_key_value_heads
         self.head_dim = self.inner.layers[0].self_attn.head_dim
         cpu = self.inner.norm.weight.device.type == "cpu"
-        self._norm = _rms_norm_ours if cpu and skinny.available() else _rms_norm
+        ours = cpu and skinny.available()
+        self._norm = _rms_norm_ours if ours else _rms_norm
+        self._rotary = _rotary_ours if ours else _rotary
         if pack is None:
             pack = _should_pack(model)
         # packed copies of the frozen weights (a LoRA layer's base; unless merged, its A and B
@@ -304,7 +320,7 @@ class FastDecoder:
         rows, linear, norm = tokens.shape[0], self._linear, self._norm
         h = self.inner.embed_tokens(tokens)
         cos, sin = self.inner.rotary_emb(h[:, None], positions[:, None])
-        cos, sin = cos[:, None], sin[:, None]  # (rows, 1, 1, head_dim): broadcast over heads
+        cos, sin = cos.reshape(rows, -1), sin.reshape(rows, -1)  # (rows, head_dim)
         # additive mask, (rows, 1, 1, columns): broadcast over kv heads and query heads
         attend = torch.zeros(mask.shape, dtype=h.dtype, device=h.device)
         attend = attend.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
@@ -316,11 +332,11 @@ class FastDecoder:
             # a kv head's query heads stand in for its query positions (as transformers does
             # for one-token decoding): no repeated keys, and the flash CPU kernel applies
             q, k, v = self._project((attn.q_proj, attn.k_proj, attn.v_proj), x)
-            q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
-            k = k.reshape(rows, self.kv_heads, 1, self.head_dim)
+            q = self._rotary(q, cos, sin, self.heads)
+            q = q.view(rows, self.kv_heads, groups, self.head_dim)
+            k = self._rotary(k, cos, sin, self.kv_heads).view(rows, self.kv_heads, 1, -1)
             v = v.reshape(rows, self.kv_heads, 1, self.head_dim)
-            keys, values = cache.write(i, _rotate(k, cos, sin), v)
-            q = _rotate(q, cos, sin).contiguous()
+            keys, values = cache.write(i, k, v)
             if shared is None:
                 out = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=attend, scale=attn.scaling

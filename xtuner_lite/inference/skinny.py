@@ -48,7 +48,8 @@ def _extension():
         return cpp_extension.load(
             name="xtuner_lite_skinny",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"],
+            # no contraction of a·b + c into one rounding: the elementwise ops round as torch's
+            extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=[
                 "-fopenmp"
             ],  # torch parallelizes with OpenMP: the kernel joins its threads
@@ -88,6 +89,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _extension().rms_norm(x.contiguous(), weight, eps)
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """transformers' rotate-half rotary embedding of ``x`` (rows, heads · head_dim; its rows
+    may be strided, as a split of a fused product's output is) with ``cos``/``sin`` (rows,
+    head_dim) in one call; each product and the sum rounded as torch's separate ops round."""
+    x = x if x.stride(-1) == 1 else x.contiguous()  # a product's transposed result
+    return _extension().rotary(x, cos.contiguous(), sin.contiguous(), heads)
+
+
 __all__ = [
     "FLAG",
     "LANES",
@@ -97,5 +106,6 @@ __all__ = [
     "linear",
     "pack",
     "rms_norm",
+    "rotary",
     "supports",
 ]

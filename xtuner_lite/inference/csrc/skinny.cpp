@@ -117,6 +117,28 @@ void rms_rows(const T* x, const T* weight, T* y, int64_t M, int64_t K, float eps
   }
 }
 
+// transformers' rotate-half rotary embedding, each product and the sum rounded to T as torch's
+// separate ops round them: x's row m holds `heads` vectors of D; cos/sin (M, D)
+template <typename T>
+void rotate_rows(const T* x, int64_t ldx, const T* cos, const T* sin, T* y, int64_t M,
+                 int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* c = cos + m * D;
+    const T* s = sin + m * D;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* in = x + m * ldx + h * D;
+      T* out = y + (m * heads + h) * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const float other = i < half ? -static_cast<float>(in[i + half]) : static_cast<float>(in[i - half]);
+        const T a = static_cast<T>(static_cast<float>(in[i]) * static_cast<float>(c[i]));
+        const T b = static_cast<T>(other * static_cast<float>(s[i]));
+        out[i] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // one call for the few rows of a decode step, where the same arithmetic as separate torch ops
@@ -136,8 +158,27 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return y;
 }
 
+// x (M, heads·D), rows possibly strided (a split of a fused product) -> rotated (M, heads·D)
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % heads == 0, "skinny.rotary: x (M, heads·D), unit column stride");
+  const int64_t M = x.size(0), D = x.size(1) / heads;
+  TORCH_CHECK(D % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && cos.numel() == M * D && sin.numel() == M * D &&
+                  cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "skinny.rotary: cos and sin (M, D) of x's dtype");
+  auto y = torch::empty({M, heads * D}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    rotate_rows(x.data_ptr<float>(), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<float>(), M, heads, D);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "skinny.rotary: fp32 or bf16");
+    rotate_rows(x.data_ptr<at::BFloat16>(), x.stride(0), cos.data_ptr<at::BFloat16>(), sin.data_ptr<at::BFloat16>(),
+                y.data_ptr<at::BFloat16>(), M, heads, D);
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "weight (N, K) in the blocked layout of linear");
   m.def("linear", &linear, "x (M, K) times a packed weight, plus bias");
   m.def("rms_norm", &rms_norm, "transformers' RMSNorm of x (M, K)");
+  m.def("rotary", &rotary, "transformers' rotate-half rotary embedding of x (M, heads·D)");
 }
