@@ -3,10 +3,11 @@
 One decode step of a Llama-family model multiplies ``--rows`` rows by every weight once: per
 layer q/k/v fused, o, gate/up fused and down (as ``FastDecoder`` runs them), then the LM head.
 This times exactly those products over distinct random weights of the model's shapes (so each
-is read from memory, as in a real step), oneDNN-packed as ``FastDecoder`` packs them and as
-plain ``F.linear``, in fp32 and bf16, and prints each beside the read-bandwidth bound (weights'
-bytes / ``bench_infer``'s probe). A whole decode step cannot take less than its products:
-``bench_infer``'s step time minus this is everything else (attention, norms, rotary, Python).
+is read from memory, as in a real step), packed for our kernel (``inference/skinny.py``, fp32,
+where it runs), oneDNN-packed, and as plain ``F.linear``, in fp32 and bf16, and prints each
+beside the read-bandwidth bound (weights' bytes / ``bench_infer``'s probe). A whole decode step
+cannot take less than its products: ``bench_infer``'s step time minus this is everything else
+(attention, norms, rotary, Python).
 
     python benchmarks/decode_products.py [--model smollm2-135m-instruct] [--rows 16]
 """
@@ -28,6 +29,7 @@ from sides import cpu_name
 from transformers import AutoConfig
 
 from xtuner_lite.hub import resolve_model_path
+from xtuner_lite.inference import skinny
 
 
 def step_shapes(config) -> list[tuple[int, int]]:
@@ -68,14 +70,18 @@ def main() -> None:
         weights = [torch.randn(o, i, dtype=dtype) * 0.02 for o, i in shapes]
         size = sum(w.numel() * w.element_size() for w in weights)
         inputs = {i: torch.randn(opts.rows, i, dtype=dtype) for _, i in shapes}
-        kernels = {"oneDNN": [], "F.linear": []}
+        kernels = {"ours": [], "oneDNN": [], "F.linear": []}
         for w in weights:
             x = inputs[w.shape[1]]
+            if skinny.supports(w):
+                kernels["ours"].append(functools.partial(skinny.linear, x, skinny.pack(w), None))
             packed = torch.ops.mkldnn._reorder_linear_weight(w, opts.rows)
             kernels["oneDNN"].append(functools.partial(
                 torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""))  # fmt: skip
             kernels["F.linear"].append(functools.partial(F.linear, x, w))
         for name, products in kernels.items():
+            if len(products) < len(weights):
+                continue  # ours: not for this dtype (or not on this machine)
             seconds = timed(products, opts.repeats)
             print(f"{str(dtype)[6:]:8s} {name:8s} {seconds * 1e3:7.1f} {size / seconds / 1e9:6.1f} "
                   f"{size / bandwidth / 1e6:9.1f}")  # fmt: skip
