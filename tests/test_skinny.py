@@ -58,11 +58,12 @@ def test_a_machine_that_cannot_build_it_keeps_onednn_and_says_why(tmp_path):
         "from xtuner_lite.inference import skinny;"
         "print('supports', skinny.supports(torch.ones(64, 64)))"
     )
-    env = dict(os.environ, CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    env = dict(os.environ, CXX="/bin/false", XTUNER_LITE_CACHE=str(tmp_path))
     env.pop(skinny.SWITCH, None)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "supports False" in done.stdout
+    assert "building our decode kernel once" in done.stderr
     assert "our decode kernel could not be built" in done.stderr
 
 

@@ -7,8 +7,9 @@ products, rounding differences at the 1e-6 level in fp32; see docs/benchmarks.md
 layout where it runs (``inference/skinny.py``), else oneDNN's. The packed copy costs memory once
 more the size of the projections, so it is made only for CPU models that leave room for it;
 otherwise ``W @ x.T`` (faster than ``x @ W.T`` under MKL for few rows, bit-identical) is used.
-The step also skips the generic forward's per-token mask building and module dispatch; norms, rotary
-embedding and activation call the model's own modules.
+The step also skips the generic forward's per-token mask building and module dispatch: norms and
+rotary embedding are the model's arithmetic written out (one call each of our extension where it
+runs), the activation is the model's own module.
 """
 
 from __future__ import annotations

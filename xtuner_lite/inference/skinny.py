@@ -4,9 +4,11 @@ Why our own kernel: at 16 rows oneDNN's packed kernels read the weights at about
 bandwidth two cores reach, and a decode step is little but those products (docs/benchmarks.md has
 the measurements). Ours streams each pair of 16-column weight blocks once, prefetched, through a
 register tile of up to 16 rows. fp32 only: in bf16, oneDNN's AMX kernels beat a VDPBF16PS version
-of it (measured, docs/benchmarks.md). It needs AVX-512, a C++ compiler and ninja; torch's extension
-loader builds it once per machine and source and caches the build. Wherever any of that is
-missing the callers keep oneDNN, with one warning saying why.
+of it (measured, docs/benchmarks.md). It also does a step's RMSNorm and rotary embedding in one call
+each. It needs AVX-512, a C++ compiler and ninja; torch's extension loader builds it on first use
+(one warning says so) into ``build_directory()`` and rebuilds it when the source changes.
+Wherever any of that is missing the callers keep oneDNN and torch's ops, with a warning saying
+why.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch.utils import cpp_extension
 
+from xtuner_lite.hub import cache_dir
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny.cpp"
+NAME = "xtuner_lite_skinny"
 SWITCH = "XTUNER_LITE_SKINNY"  # "0" turns our kernel off (oneDNN serves every product)
 FLAG = "avx512f"  # the CPU feature it needs
 LANES = 16  # a packed block's columns: a weight's rows must be a multiple of it
@@ -39,20 +45,29 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def build_directory() -> Path:
+    """Where the extension is built and kept: one folder per torch and Python version."""
+    version = f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    return cache_dir() / "kernels" / version
+
+
 @functools.cache
 def _extension():
     """The built extension, or None (with the reason logged once) where it cannot be had."""
     if FLAG not in cpu_flags():
         return None
+    folder = build_directory()
     try:
+        if not (folder / f"{NAME}.so").exists():  # the first use pays the compiler's time
+            logger.warning("xtuner_lite: building our decode kernel once, in %s", folder)
+        folder.mkdir(parents=True, exist_ok=True)
         return cpp_extension.load(
-            name="xtuner_lite_skinny",
+            name=NAME,
             sources=[str(SOURCE)],
             # no contraction of a·b + c into one rounding: the elementwise ops round as torch's
             extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp", "-ffp-contract=off"],
-            extra_ldflags=[
-                "-fopenmp"
-            ],  # torch parallelizes with OpenMP: the kernel joins its threads
+            extra_ldflags=["-fopenmp"],  # torch's threads are OpenMP's: the kernel joins them
+            build_directory=str(folder),
             verbose=False,
         )
     except Exception as err:  # no compiler, no ninja, no headers: oneDNN serves instead
@@ -102,6 +117,7 @@ __all__ = [
     "LANES",
     "SWITCH",
     "available",
+    "build_directory",
     "cpu_flags",
     "linear",
     "pack",

@@ -16,10 +16,11 @@ constexpr int64_t kLanes = 16;  // fp32 columns in one AVX-512 register: a packe
 constexpr int kRows = 16;       // rows per register tile (16 rows x 2 blocks = 32 accumulators)
 constexpr int64_t kAhead = 32;  // software prefetch distance, in 64-byte lines of one block
 
-// a block is K lines of 16 columns, line k = W[n0:n0+16, k]
+// y[0:R, 0:16B] = x[0:R] · W[n0:n0+16B]ᵀ (+ bias): B consecutive blocks of the packed weight,
+// a block being K lines of 16 columns (line k = W[n0:n0+16, k]), each read once as one stream
 template <int R, int B>
-void tile_f32(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
-              const float* bias) {
+void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
+          const float* bias) {
   __m512 acc[B][R];
   for (int b = 0; b < B; ++b)
     for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
@@ -37,35 +38,30 @@ void tile_f32(const float* x, int64_t ldx, const float* w, int64_t K, float* y, 
   }
   for (int b = 0; b < B; ++b) {
     const __m512 add = bias ? _mm512_loadu_ps(bias + b * kLanes) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy + b * kLanes, _mm512_add_ps(acc[b][r], add));
+    for (int r = 0; r < R; ++r)
+      _mm512_storeu_ps(y + r * ldy + b * kLanes, _mm512_add_ps(acc[b][r], add));
   }
 }
 
-template <typename T>
-using Tile = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, const T*);
+using Tile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, const float*);
 
-template <int R, int B>
-struct F32 {
-  static constexpr Tile<float> fn = tile_f32<R, B>;
-};
-
-// tiles[B - 1][R - 1]
-template <typename T, template <int, int> class F, int... R>
-constexpr std::array<std::array<Tile<T>, kRows>, 2> tiles(std::integer_sequence<int, R...>) {
-  return {{{F<R + 1, 1>::fn...}, {F<R + 1, 2>::fn...}}};
+// tiles[B - 1][R - 1]: every row count a tile takes, for one block and for two
+template <int... R>
+constexpr std::array<std::array<Tile, kRows>, 2> tiles(std::integer_sequence<int, R...>) {
+  return {{{tile<R + 1, 1>...}, {tile<R + 1, 2>...}}};
 }
 
-template <typename T, template <int, int> class F>
-void run(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N,
-         int64_t per_block) {
-  static constexpr auto table = tiles<T, F>(std::make_integer_sequence<int, kRows>{});
-  const int64_t blocks = N / kLanes, pairs = (blocks + 1) / 2;
+// the threads split the pairs of blocks; each pair is read once per 16 rows
+void run(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
+         int64_t N) {
+  static constexpr auto table = tiles(std::make_integer_sequence<int, kRows>{});
+  const int64_t blocks = N / kLanes, pairs = (blocks + 1) / 2, block = K * kLanes;
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b0 = 2 * p, nb = std::min<int64_t>(2, blocks - b0);
       for (int64_t r0 = 0; r0 < M; r0 += kRows) {
         const int64_t rows = std::min<int64_t>(kRows, M - r0);
-        table[nb - 1][rows - 1](x + r0 * K, K, w + b0 * per_block, K, y + r0 * N + b0 * kLanes, N,
+        table[nb - 1][rows - 1](x + r0 * K, K, w + b0 * block, K, y + r0 * N + b0 * kLanes, N,
                                 bias ? bias + b0 * kLanes : nullptr);
       }
     }
@@ -76,7 +72,8 @@ void run(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int6
 
 // weight (N, K) -> its blocks (N/16, K, 16)
 torch::Tensor pack(const torch::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % kLanes == 0 && weight.scalar_type() == at::kFloat,
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % kLanes == 0 &&
+                  weight.scalar_type() == at::kFloat,
               "skinny.pack: an fp32 (N, K) weight with N % 16 == 0");
   const int64_t N = weight.size(0), K = weight.size(1);
   return weight.reshape({N / kLanes, kLanes, K}).transpose(1, 2).contiguous();
@@ -89,14 +86,15 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
                   packed.scalar_type() == at::kFloat && packed.dim() == 3,
               "skinny.linear: a contiguous fp32 (M, K) and a packed fp32 weight");
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kLanes;
-  TORCH_CHECK(packed.size(1) == K, "skinny.linear: x has ", K, " features, the weight ", packed.size(1));
+  TORCH_CHECK(packed.size(1) == K, "skinny.linear: x has ", K, " features, the weight ",
+              packed.size(1));
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat,
                 "skinny.linear: an fp32 bias of ", N);
   auto y = torch::empty({M, N}, x.options());
-  run<float, F32>(x.data_ptr<float>(), packed.data_ptr<float>(),
-                  has_bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, K, N, K * kLanes);
+  run(x.data_ptr<float>(), packed.data_ptr<float>(), has_bias ? bias->data_ptr<float>() : nullptr,
+      y.data_ptr<float>(), M, K, N);
   return y;
 }
 
@@ -108,7 +106,10 @@ void rms_rows(const T* x, const T* weight, T* y, int64_t M, int64_t K, float eps
   for (int64_t m = 0; m < M; ++m) {
     const T* row = x + m * K;
     float squares = 0.f;
-    for (int64_t k = 0; k < K; ++k) squares += static_cast<float>(row[k]) * static_cast<float>(row[k]);
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = static_cast<float>(row[k]);
+      squares += v * v;
+    }
     const float scale = 1.f / std::sqrt(squares / static_cast<float>(K) + eps);
     for (int64_t k = 0; k < K; ++k) {
       const T normed = static_cast<T>(static_cast<float>(row[k]) * scale);
@@ -130,8 +131,10 @@ void rotate_rows(const T* x, int64_t ldx, const T* cos, const T* sin, T* y, int6
       const T* in = x + m * ldx + h * D;
       T* out = y + (m * heads + h) * D;
       for (int64_t i = 0; i < D; ++i) {
-        const float other = i < half ? -static_cast<float>(in[i + half]) : static_cast<float>(in[i - half]);
-        const T a = static_cast<T>(static_cast<float>(in[i]) * static_cast<float>(c[i]));
+        const float v = static_cast<float>(in[i]);
+        const float other = i < half ? -static_cast<float>(in[i + half])
+                                     : static_cast<float>(in[i - half]);
+        const T a = static_cast<T>(v * static_cast<float>(c[i]));
         const T b = static_cast<T>(other * static_cast<float>(s[i]));
         out[i] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
       }
@@ -139,40 +142,45 @@ void rotate_rows(const T* x, int64_t ldx, const T* cos, const T* sin, T* y, int6
   }
 }
 
+void check_dtype(const torch::Tensor& x, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": fp32 or bf16");
+}
+
 }  // namespace
 
-// one call for the few rows of a decode step, where the same arithmetic as separate torch ops
-// costs more in dispatch than in work
+// The elementwise work of a decode step, one call each for its few rows: the same arithmetic
+// as separate torch ops costs more in their dispatch than in the work.
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(1) &&
-                  weight.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() &&
+                  weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
               "skinny.rms_norm: a contiguous (M, K) and a weight of K, one dtype");
+  check_dtype(x, "skinny.rms_norm");
   auto y = torch::empty_like(x);
-  if (x.scalar_type() == at::kFloat) {
-    rms_rows(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), eps);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "skinny.rms_norm: fp32 or bf16");
-    rms_rows(x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(),
-             x.size(0), x.size(1), eps);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "skinny.rms_norm", [&] {
+    rms_rows(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+             x.size(0), x.size(1), static_cast<float>(eps));
+  });
   return y;
 }
 
 // x (M, heads·D), rows possibly strided (a split of a fused product) -> rotated (M, heads·D)
-torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % heads == 0, "skinny.rotary: x (M, heads·D), unit column stride");
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                     int64_t heads) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % heads == 0,
+              "skinny.rotary: x (M, heads·D), unit column stride");
   const int64_t M = x.size(0), D = x.size(1) / heads;
-  TORCH_CHECK(D % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && cos.numel() == M * D && sin.numel() == M * D &&
-                  cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(D % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && cos.numel() == M * D &&
+                  sin.numel() == M * D && cos.scalar_type() == x.scalar_type() &&
+                  sin.scalar_type() == x.scalar_type(),
               "skinny.rotary: cos and sin (M, D) of x's dtype");
+  check_dtype(x, "skinny.rotary");
   auto y = torch::empty({M, heads * D}, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    rotate_rows(x.data_ptr<float>(), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<float>(), M, heads, D);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "skinny.rotary: fp32 or bf16");
-    rotate_rows(x.data_ptr<at::BFloat16>(), x.stride(0), cos.data_ptr<at::BFloat16>(), sin.data_ptr<at::BFloat16>(),
-                y.data_ptr<at::BFloat16>(), M, heads, D);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "skinny.rotary", [&] {
+    rotate_rows(x.data_ptr<scalar_t>(), x.stride(0), cos.data_ptr<scalar_t>(),
+                sin.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), M, heads, D);
+  });
   return y;
 }
 
