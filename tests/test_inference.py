@@ -450,15 +450,16 @@ def test_block_hashes_chain_and_a_collision_is_never_a_match():
     assert blocks.match(tokens, 2) == [] and blocks.first_missing(tokens) == 0
 
 
-@pytest.mark.parametrize("products", ["ours", "onednn", "plain"])
+@pytest.mark.parametrize("products", ["ours", "ours-avx2", "onednn", "plain"])
 def test_fast_decoder_packed_and_plain_equal_transformers_generate(smol, products, monkeypatch):
     """SmolLM2 decodes through FastDecoder (not the model's forward) with packed weights, read
-    by our kernel (where the machine runs it) or oneDNN's, and with plain ones: same tokens."""
+    by our kernel (this CPU's build, and the AVX2 one where it runs) or oneDNN's, and with plain
+    ones: same tokens."""
     model, tok, prompts, stops = smol
-    if products == "ours" and not skinny.supports(model.lm_head.weight):
-        pytest.skip("our decode kernel needs AVX-512 (test_skinny.py checks the build)")
-    if products == "onednn":
-        monkeypatch.setenv(skinny.SWITCH, "0")
+    monkeypatch.setenv(skinny.SWITCH, {"ours-avx2": "avx2", "onednn": "0"}.get(products, ""))
+    if products.startswith("ours") and not skinny.supports(model.lm_head.weight):
+        pytest.skip("this CPU runs no such build of our kernel (test_skinny.py checks builds)")
+    products = products.split("-")[0]
     expected = _hf_greedy(model, prompts, stops, batched=True)
     engine = InferenceEngine(model, tok, pack_weights=products != "plain")
     assert engine.fallback_reason is None

@@ -19,16 +19,25 @@ from transformers.models.llama.modeling_llama import (
 
 from xtuner_lite.inference import skinny
 
-needs_avx512 = pytest.mark.skipif(
-    skinny.FLAG not in skinny.cpu_flags(), reason="our decode kernel needs AVX-512"
+needs_kernel = pytest.mark.skipif(
+    skinny.machine_isa() is None, reason="our decode kernel needs AVX-512 or AVX2 with FMA"
 )
 
 
-@needs_avx512
-@pytest.mark.parametrize("rows", [1, 7, 16, 17, 40])
+@pytest.fixture(params=list(skinny.ISAS))
+def isa(request, monkeypatch):
+    """Each build of our kernels this CPU can run (an AVX-512 CPU runs both)."""
+    if not skinny.ISAS[request.param][0] <= skinny.cpu_flags():
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    monkeypatch.setenv(skinny.SWITCH, request.param)
+    assert skinny.machine_isa() == request.param
+    return request.param
+
+
+@pytest.mark.parametrize("rows", [1, 6, 7, 16, 17, 40])
 @pytest.mark.parametrize("out_features,in_features", [(16, 64), (48, 576), (960, 576), (576, 1536)])
-def test_our_products_equal_f_linear(rows, out_features, in_features):
-    """One block, an odd number of blocks, the model's widths; a partial row tile, several
+def test_our_products_equal_f_linear(isa, rows, out_features, in_features):
+    """One block, an odd number of blocks, the model's widths; partial row tiles, several
     tiles; with a bias and without."""
     gen = torch.Generator().manual_seed(rows * out_features)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
@@ -49,7 +58,7 @@ def test_weights_it_does_not_take_are_left_to_onednn():
     assert not skinny.supports(torch.ones(64, 64, dtype=torch.bfloat16))
 
 
-@needs_avx512
+@needs_kernel
 def test_a_machine_that_cannot_build_it_keeps_onednn_and_says_why(tmp_path):
     """No working compiler (a fresh build directory, so nothing cached is loaded): a warning
     naming the cause, and every weight left to oneDNN."""
@@ -67,9 +76,8 @@ def test_a_machine_that_cannot_build_it_keeps_onednn_and_says_why(tmp_path):
     assert "our decode kernel could not be built" in done.stderr
 
 
-@needs_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_our_rms_norm_is_transformers_rms_norm(dtype):
+def test_our_rms_norm_is_transformers_rms_norm(isa, dtype):
     """fp32: within rounding (its mean sums in another order); bf16: every value equal."""
     gen = torch.Generator().manual_seed(0)
     norm = LlamaRMSNorm(576, eps=1e-5)
@@ -83,9 +91,8 @@ def test_our_rms_norm_is_transformers_rms_norm(dtype):
         torch.testing.assert_close(got, norm(x), rtol=1e-6, atol=1e-6)
 
 
-@needs_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_our_rotary_is_transformers_rotary(dtype):
+def test_our_rotary_is_transformers_rotary(isa, dtype):
     """On strided rows (a split of a fused q/k/v product's output), 9 query heads of 64 with
     one position per row: transformers' ``apply_rotary_pos_emb``, every value equal."""
     config = LlamaConfig(hidden_size=576, num_attention_heads=9, max_position_embeddings=512)

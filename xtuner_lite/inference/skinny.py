@@ -2,13 +2,13 @@
 
 Why our own kernel: at 16 rows oneDNN's packed kernels read the weights at about half the memory
 bandwidth two cores reach, and a decode step is little but those products (docs/benchmarks.md has
-the measurements). Ours streams each pair of 16-column weight blocks once, prefetched, through a
-register tile of up to 16 rows. fp32 only: in bf16, oneDNN's AMX kernels beat a VDPBF16PS version
-of it (measured, docs/benchmarks.md). It also does a step's RMSNorm and rotary embedding in one call
-each. It needs AVX-512, a C++ compiler and ninja; torch's extension loader builds it on first use
-(one warning says so) into ``build_directory()`` and rebuilds it when the source changes.
-Wherever any of that is missing the callers keep oneDNN and torch's ops, with a warning saying
-why.
+the measurements). Ours streams each 16-column weight block once, prefetched, through a register
+tile of rows (AVX-512: up to 16 rows × two blocks; AVX2: 6 rows × one). fp32 only: in bf16,
+oneDNN's AMX kernels beat a VDPBF16PS version of it (measured, docs/benchmarks.md). It also does a
+step's RMSNorm and rotary embedding in one call each. It needs AVX-512 or AVX2 with FMA, a C++
+compiler and ninja; torch's extension loader builds it on first use (one warning says so) into
+``build_directory(isa)`` and rebuilds it when the source changes. Wherever any of that is missing
+the callers keep oneDNN and torch's ops, with a warning saying why.
 """
 
 from __future__ import annotations
@@ -26,8 +26,14 @@ from xtuner_lite.hub import cache_dir
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny.cpp"
 NAME = "xtuner_lite_skinny"
-SWITCH = "XTUNER_LITE_SKINNY"  # "0" turns our kernel off (oneDNN serves every product)
-FLAG = "avx512f"  # the CPU feature it needs
+# "0" turns our kernels off (oneDNN and torch's ops serve); "avx2" builds the AVX2 version on an
+# AVX-512 CPU (to test it, or to see what a CPU without AVX-512 gets)
+SWITCH = "XTUNER_LITE_SKINNY"
+# each build: the CPU flags it needs and its compiler flags
+ISAS = {
+    "avx512": ({"avx512f"}, ["-mavx512f", "-mfma"]),
+    "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
+}
 LANES = 16  # a packed block's columns: a weight's rows must be a multiple of it
 
 logger = logging.getLogger(__name__)
@@ -45,27 +51,38 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def build_directory() -> Path:
-    """Where the extension is built and kept: one folder per torch and Python version."""
+def machine_isa() -> str | None:
+    """The build of our kernels this machine runs: ``avx512`` where the CPU has AVX-512, else
+    ``avx2`` (with FMA), else None; ``SWITCH`` turns them off or picks ``avx2``."""
+    choice = os.environ.get(SWITCH)
+    if choice == "0":
+        return None
+    flags = cpu_flags()
+    for isa in ("avx2",) if choice == "avx2" else tuple(ISAS):
+        if ISAS[isa][0] <= flags:
+            return isa
+    return None
+
+
+def build_directory(isa: str) -> Path:
+    """Where a build is made and kept: one folder per torch and Python version and build."""
     version = f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return cache_dir() / "kernels" / version
+    return cache_dir() / "kernels" / version / isa
 
 
 @functools.cache
-def _extension():
+def _extension(isa: str):
     """The built extension, or None (with the reason logged once) where it cannot be had."""
-    if FLAG not in cpu_flags():
-        return None
-    folder = build_directory()
+    folder, name = build_directory(isa), f"{NAME}_{isa}"
     try:
-        if not (folder / f"{NAME}.so").exists():  # the first use pays the compiler's time
+        if not (folder / f"{name}.so").exists():  # the first use pays the compiler's time
             logger.warning("xtuner_lite: building our decode kernel once, in %s", folder)
         folder.mkdir(parents=True, exist_ok=True)
         return cpp_extension.load(
-            name=NAME,
+            name=name,
             sources=[str(SOURCE)],
             # no contraction of a·b + c into one rounding: the elementwise ops round as torch's
-            extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp", "-ffp-contract=off"],
+            extra_cflags=["-O3", *ISAS[isa][1], "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],  # torch's threads are OpenMP's: the kernel joins them
             build_directory=str(folder),
             verbose=False,
@@ -75,9 +92,15 @@ def _extension():
         return None
 
 
+def _module():
+    """This machine's build (check ``available`` first)."""
+    return _extension(machine_isa())
+
+
 def available() -> bool:
     """Whether our kernels run on this machine (and are not switched off)."""
-    return os.environ.get(SWITCH) != "0" and _extension() is not None
+    isa = machine_isa()
+    return isa is not None and _extension(isa) is not None
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -89,19 +112,19 @@ def supports(weight: torch.Tensor) -> bool:
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (out, in) in our kernel's blocked layout (a copy; check ``supports`` first)."""
-    return _extension().pack(weight.detach().contiguous())
+    return _module().pack(weight.detach().contiguous())
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a (rows, in) ``x`` and ``packed = pack(weight)``."""
-    return _extension().linear(x.contiguous(), packed, bias)
+    return _module().linear(x.contiguous(), packed, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama RMSNorm of a CPU (rows, features) ``x`` (fp32 or bf16, ``weight``
     of its dtype) in one call: a decode step's 61 norms of 16 rows cost more in torch's
     per-op dispatch than in arithmetic."""
-    return _extension().rms_norm(x.contiguous(), weight, eps)
+    return _module().rms_norm(x.contiguous(), weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
@@ -109,17 +132,18 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) ->
     may be strided, as a split of a fused product's output is) with ``cos``/``sin`` (rows,
     head_dim) in one call; each product and the sum rounded as torch's separate ops round."""
     x = x if x.stride(-1) == 1 else x.contiguous()  # a product's transposed result
-    return _extension().rotary(x, cos.contiguous(), sin.contiguous(), heads)
+    return _module().rotary(x, cos.contiguous(), sin.contiguous(), heads)
 
 
 __all__ = [
-    "FLAG",
+    "ISAS",
     "LANES",
     "SWITCH",
     "available",
     "build_directory",
     "cpu_flags",
     "linear",
+    "machine_isa",
     "pack",
     "rms_norm",
     "rotary",

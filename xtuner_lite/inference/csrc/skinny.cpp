@@ -1,7 +1,8 @@
 // Products of a few rows with a weight packed once: y = x · Wᵀ (+ bias) for decode steps.
 // Why ours (inference/skinny.py): at a decode step's few rows oneDNN's packed kernels read the
-// weights well below the memory's bandwidth; a register tile of rows × 32 columns fed by one
-// sequential, prefetched stream per pair of 16-column blocks reads them closer to it.
+// weights well below the memory's bandwidth; a register tile of rows × 16-column weight blocks,
+// each block read once as one sequential, prefetched stream, reads them closer to it. Built for
+// AVX-512 (a block row is one register) or, on CPUs without it, AVX2 (two registers).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
@@ -12,9 +13,12 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;  // fp32 columns in one AVX-512 register: a packed block's width
-constexpr int kRows = 16;       // rows per register tile (16 rows x 2 blocks = 32 accumulators)
+constexpr int64_t kLanes = 16;  // a packed block's columns (fp32): one AVX-512 register
 constexpr int64_t kAhead = 32;  // software prefetch distance, in 64-byte lines of one block
+
+#if defined(__AVX512F__)
+constexpr int kRows = 16;   // rows per register tile: 16 rows x 2 blocks = 32 accumulators
+constexpr int kBlocks = 2;  // blocks per tile
 
 // y[0:R, 0:16B] = x[0:R] · W[n0:n0+16B]ᵀ (+ bias): B consecutive blocks of the packed weight,
 // a block being K lines of 16 columns (line k = W[n0:n0+16, k]), each read once as one stream
@@ -42,23 +46,58 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int6
       _mm512_storeu_ps(y + r * ldy + b * kLanes, _mm512_add_ps(acc[b][r], add));
   }
 }
+#else
+constexpr int kRows = 6;    // 6 rows x 2 registers = 12 accumulators of AVX2's 16 registers
+constexpr int kBlocks = 1;  // a block's next 6 rows read it again, from the cache
+
+// as above, one block, its line k in two 8-lane registers
+template <int R, int B>
+void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
+          const float* bias) {
+  static_assert(B == 1, "AVX2 tiles hold one block");
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* line = w + k * kLanes;
+    const __m256 lo = _mm256_loadu_ps(line), hi = _mm256_loadu_ps(line + 8);
+    _mm_prefetch(reinterpret_cast<const char*>(line + kAhead * kLanes), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xs = _mm256_set1_ps(x[r * ldx + k]);
+      acc[r][0] = _mm256_fmadd_ps(xs, lo, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xs, hi, acc[r][1]);
+    }
+  }
+  const __m256 add_lo = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 add_hi = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + r * ldy, _mm256_add_ps(acc[r][0], add_lo));
+    _mm256_storeu_ps(y + r * ldy + 8, _mm256_add_ps(acc[r][1], add_hi));
+  }
+}
+#endif
 
 using Tile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, const float*);
 
-// tiles[B - 1][R - 1]: every row count a tile takes, for one block and for two
-template <int... R>
-constexpr std::array<std::array<Tile, kRows>, 2> tiles(std::integer_sequence<int, R...>) {
-  return {{{tile<R + 1, 1>...}, {tile<R + 1, 2>...}}};
+template <int B, int... R>
+constexpr std::array<Tile, kRows> row_tiles(std::integer_sequence<int, R...>) {
+  return {tile<R + 1, B>...};
 }
 
-// the threads split the pairs of blocks; each pair is read once per 16 rows
+// tiles[B - 1][R - 1]: every row count a tile takes, for each number of blocks
+template <int... B>
+constexpr std::array<std::array<Tile, kRows>, kBlocks> tiles(std::integer_sequence<int, B...>) {
+  return {row_tiles<B + 1>(std::make_integer_sequence<int, kRows>{})...};
+}
+
+// the threads split the groups of kBlocks blocks; each group is read from memory once
 void run(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
          int64_t N) {
-  static constexpr auto table = tiles(std::make_integer_sequence<int, kRows>{});
-  const int64_t blocks = N / kLanes, pairs = (blocks + 1) / 2, block = K * kLanes;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t b0 = 2 * p, nb = std::min<int64_t>(2, blocks - b0);
+  static constexpr auto table = tiles(std::make_integer_sequence<int, kBlocks>{});
+  const int64_t blocks = N / kLanes, groups = (blocks + kBlocks - 1) / kBlocks;
+  const int64_t block = K * kLanes;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b0 = g * kBlocks, nb = std::min<int64_t>(kBlocks, blocks - b0);
       for (int64_t r0 = 0; r0 < M; r0 += kRows) {
         const int64_t rows = std::min<int64_t>(kRows, M - r0);
         table[nb - 1][rows - 1](x + r0 * K, K, w + b0 * block, K, y + r0 * N + b0 * kLanes, N,
