@@ -39,16 +39,17 @@ LANES = 16  # a packed block's columns: a weight's rows must be a multiple of it
 logger = logging.getLogger(__name__)
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # read once: every product asks which build runs
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def machine_isa() -> str | None:
