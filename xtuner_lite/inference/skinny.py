@@ -1,7 +1,7 @@
 """Our products for a decode step's few rows (``csrc/skinny.cpp``), built on first use.
 
-Why our own kernel: at 16 rows oneDNN's packed kernels read the weights at about half the memory
-bandwidth two cores reach, and a decode step is little but those products (docs/benchmarks.md has
+Why our own kernel: at a decode step's few rows oneDNN's packed kernels read the weights well below
+the memory's bandwidth, and a decode step is little but those products (docs/benchmarks.md has
 the measurements). Ours streams each 16-column weight block once, prefetched, through a register
 tile of rows (AVX-512: up to 16 rows × two blocks; AVX2: 6 rows × one). fp32 only: in bf16,
 oneDNN's AMX kernels beat a VDPBF16PS version of it (measured, docs/benchmarks.md). It also does a
@@ -39,7 +39,7 @@ LANES = 16  # a packed block's columns: a weight's rows must be a multiple of it
 logger = logging.getLogger(__name__)
 
 
-@functools.cache  # read once: every product asks which build runs
+@functools.cache  # read once: the flags do not change while the process runs
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
@@ -55,12 +55,15 @@ def cpu_flags() -> frozenset[str]:
 def machine_isa() -> str | None:
     """The build of our kernels this machine runs: ``avx512`` where the CPU has AVX-512, else
     ``avx2`` (with FMA), else None; ``SWITCH`` turns them off or picks ``avx2``."""
-    choice = os.environ.get(SWITCH)
+    return _isa_for(os.environ.get(SWITCH))
+
+
+@functools.cache  # every product asks which build runs: decided once per switch setting
+def _isa_for(choice: str | None) -> str | None:
     if choice == "0":
         return None
-    flags = cpu_flags()
     for isa in ("avx2",) if choice == "avx2" else tuple(ISAS):
-        if ISAS[isa][0] <= flags:
+        if ISAS[isa][0] <= cpu_flags():
             return isa
     return None
 
@@ -123,7 +126,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama RMSNorm of a CPU (rows, features) ``x`` (fp32 or bf16, ``weight``
-    of its dtype) in one call: a decode step's 61 norms of 16 rows cost more in torch's
+    of its dtype) in one call: a decode step's norms of a few rows cost more in torch's
     per-op dispatch than in arithmetic."""
     return _module().rms_norm(x.contiguous(), weight, eps)
 
