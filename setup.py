@@ -25,6 +25,7 @@ setup(
             "examples/data/*",
             "examples/tasks/*",
             "inference/csrc/*.cpp",  # our decode kernel, built on first use
+            "inference/csrc/*.h",
         ]
     },
     install_requires=_requirements("runtime.txt"),

@@ -1,5 +1,6 @@
-"""Our decode kernel (inference/skinny.py): the products it computes, and the fallback to oneDNN
-where it cannot be built. The engine's greedy tokens through it: tests/test_inference.py."""
+"""Our decode kernel (inference/skinny.py): the products, norms, rotary embedding, gated
+activation and attention it computes, and the fallback to oneDNN where it cannot be built.
+The engine's greedy tokens through it: tests/test_inference.py."""
 
 from __future__ import annotations
 
@@ -105,3 +106,87 @@ def test_our_rotary_is_transformers_rotary(isa, dtype):
     want, _ = apply_rotary_pos_emb(q.reshape(16, 1, 9, 64), q.reshape(16, 1, 9, 64), cos, sin, 2)
     got = skinny.rotary(q, cos.reshape(16, 64), sin.reshape(16, 64), 9)
     assert torch.equal(got, want.reshape(16, 576))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_add_rms_norm_is_the_add_then_the_norm(isa, dtype):
+    """The residual add rounded as torch's, on a strided delta; the norm as ``rms_norm``."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(16, 576, generator=gen).to(dtype)
+    delta = torch.randn(16, 1152, generator=gen).to(dtype)[:, 576:]
+    weight = torch.randn(576, generator=gen).to(dtype)
+    total, normed = skinny.add_rms_norm(h, delta, weight, 1e-5)
+    assert torch.equal(total, h + delta)
+    assert torch.equal(normed, skinny.rms_norm(h + delta, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_silu_mul_is_torchs(isa, dtype):
+    """The halves of a fused gate/up product (strided rows, a width that is not a multiple of
+    the kernel's chunk): fp32 within its exponential's rounding; bf16 every value equal."""
+    gen = torch.Generator().manual_seed(2)
+    gate, up = (torch.randn(7, 2 * 1000, generator=gen) * 4).to(dtype).split([1000, 1000], -1)
+    got, want = skinny.silu_mul(gate, up), F.silu(gate) * up
+    if dtype == torch.bfloat16:  # the exponential's last-bit differences vanish in bf16
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _attention_reference(q, k, v, cos, sin, keys, values, length, mask, scale):
+    """The decoder's torch path: rotate, write the cache column, sdpa over the real columns,
+    in float64 (``q``/``k`` rotated in their dtype first, as the decoder does)."""
+    rows, kv_heads, _, dim = keys.shape
+    heads = q.shape[1] // dim
+    q = skinny.rotary(q, cos, sin, heads).view(rows, kv_heads, heads // kv_heads, dim)
+    keys[:, :, length] = skinny.rotary(k, cos, sin, kv_heads).view(rows, kv_heads, dim)
+    values[:, :, length] = v.reshape(rows, kv_heads, dim)
+    additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill_(mask == 0, -torch.inf)
+    out = F.scaled_dot_product_attention(
+        q.double(),
+        keys[:, :, : length + 1].double(),
+        values[:, :, : length + 1].double(),
+        attn_mask=additive[:, None, None, :],
+        scale=scale,
+    )
+    return out.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim,kv_heads,groups", [(64, 3, 3), (128, 2, 4), (32, 1, 2)])
+@pytest.mark.parametrize("length", [0, 5, 150])
+def test_our_attention_is_sdpa_over_the_cache(isa, dtype, dim, kv_heads, groups, length):
+    """One new token a row against a KV buffer with room (left padding that differs by row,
+    a hole in one row, the first step with no column cached): the new key and value land in
+    column ``length`` exactly as the torch path writes them, and the output is float64 sdpa's
+    within the dtype's rounding; head dims our register kernel serves (64, 128) and one it
+    does not (32)."""
+    gen = torch.Generator().manual_seed(length + dim)
+    rows, capacity, heads = 5, length + 7, kv_heads * groups
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    angles = torch.rand(rows, dim, generator=gen) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    keys = torch.randn(rows, kv_heads, capacity, dim, generator=gen).to(dtype)
+    values = torch.randn(rows, kv_heads, capacity, dim, generator=gen).to(dtype)
+    mask = torch.ones(rows, length + 1, dtype=torch.long)
+    for row in range(rows):
+        mask[row, : min(row * 2, length)] = 0
+    if length > 20:
+        mask[1, 10:20] = 0
+    want_keys, want_values = keys.clone(), values.clone()
+    want = _attention_reference(q, k, v, cos, sin, want_keys, want_values, length, mask, 0.125)
+    got = skinny.attend(q, k, v, cos, sin, (keys, values, length), mask, 0.125)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance)
+
+
+@needs_kernel
+def test_our_attention_names_a_buffer_without_room():
+    keys = torch.zeros(2, 1, 4, 64)
+    q = k = v = torch.zeros(2, 64)
+    cos = sin = torch.zeros(2, 64)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="past the buffers' 4"):
+        skinny.attend(q, k, v, cos, sin, (keys, keys.clone(), 4), mask, 1.0)

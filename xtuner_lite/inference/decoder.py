@@ -7,9 +7,12 @@ products, rounding differences at the 1e-6 level in fp32; see docs/benchmarks.md
 layout where it runs (``inference/skinny.py``), else oneDNN's. The packed copy costs memory once
 more the size of the projections, so it is made only for CPU models that leave room for it;
 otherwise ``W @ x.T`` (faster than ``x @ W.T`` under MKL for few rows, bit-identical) is used.
-The step also skips the generic forward's per-token mask building and module dispatch: norms and
-rotary embedding are the model's arithmetic written out (one call each of our extension where it
-runs), the activation is the model's own module.
+The step also skips the generic forward's per-token mask building and module dispatch. Where our
+extension runs, a layer is its products and four calls of it (attention with the rotary embedding
+and the cache write, each residual add with the norm after it, the gated activation): torch's
+flash attention is made for long queries, not one token a row, and a few rows' elementwise ops
+cost more in dispatch than in arithmetic. Elsewhere (and with prompts held once) the norms and
+rotary embedding are the model's arithmetic written out, the activation is the model's module.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 
 from xtuner_lite.inference import skinny
 from xtuner_lite.inference.kv_cache import KVCache
 from xtuner_lite.inference.shared_prefix import SharedPrefixes, attention_with_lse
 
 MODEL_TYPES = ("llama", "qwen2")  # full attention, RMSNorm, rotary, gated SiLU-family MLP
+SILU = (nn.SiLU, SiLUActivation)  # the activations our step's silu_mul stands for
 PACK_MEMORY_SHARE = 0.25  # pack only when the packed copy fits in this share of free memory
 
 # (x, packed weight, bias) -> x · Wᵀ + bias: the product a packed weight is read by
@@ -216,6 +221,10 @@ class FastDecoder:
         ours = cpu and skinny.available()
         self._norm = _rms_norm_ours if ours else _rms_norm
         self._rotary = _rotary_ours if ours else _rotary
+        # the step in our extension's calls where it takes the model: one dtype for the
+        # embeddings and norms, fp32 or bf16, and SiLU gating
+        self._dtype = model.get_input_embeddings().weight.dtype
+        self._ours_step = ours and _takes_ours_step(self.inner, self._dtype)
         if pack is None:
             pack = _should_pack(model)
         # packed copies of the frozen weights (a LoRA layer's base; unless merged, its A and B
@@ -318,6 +327,8 @@ class FastDecoder:
         a column is a real token. Writes the new keys/values (``cache.reserve(1)`` first), then
         advances the cache; returns fp32 logits (rows, vocabulary). ``shared``: the prompts
         rows continue without holding them in ``cache`` (``inference/shared_prefix.py``)."""
+        if shared is None and self._ours_step and cache.keys[0].dtype == self._dtype:
+            return self._step_ours(tokens, positions, mask, cache)
         rows, linear, norm = tokens.shape[0], self._linear, self._norm
         h = self.inner.embed_tokens(tokens)
         cos, sin = self.inner.rotary_emb(h[:, None], positions[:, None])
@@ -351,3 +362,51 @@ class FastDecoder:
             h = h + linear(mlp.down_proj, mlp.act_fn(gate) * up)
         cache.advance(1)
         return linear(self.model.lm_head, norm(self.inner.norm, h)).float()
+
+    def _step_ours(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """``__call__`` without held prompts, in our extension's calls: each layer's attention
+        (rotary, the new key and value cached, softmax over the real columns) in one, its
+        residual adds each with the norm after it, the gated activation in one."""
+        rows, layers = tokens.shape[0], self.inner.layers
+        h = self.inner.embed_tokens(tokens)
+        cos, sin = self.inner.rotary_emb(h[:, None], positions[:, None])
+        cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
+        mask = mask.long().contiguous()
+        first = layers[0].input_layernorm
+        x = skinny.rms_norm(h, first.weight, first.variance_epsilon)
+        for i, layer in enumerate(layers):
+            attn, mlp, post = layer.self_attn, layer.mlp, layer.post_attention_layernorm
+            q, k, v = map(_unit_columns, self._project((attn.q_proj, attn.k_proj, attn.v_proj), x))
+            slot = (cache.keys[i], cache.values[i], cache.length)
+            out = skinny.attend(q, k, v, cos, sin, slot, mask, attn.scaling)
+            delta = _unit_columns(self._linear(attn.o_proj, out))
+            h, x = skinny.add_rms_norm(h, delta, post.weight, post.variance_epsilon)
+            gate, up = map(_unit_columns, self._project((mlp.gate_proj, mlp.up_proj), x))
+            delta = _unit_columns(self._linear(mlp.down_proj, skinny.silu_mul(gate, up)))
+            after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
+            h, x = skinny.add_rms_norm(h, delta, after.weight, after.variance_epsilon)
+        cache.advance(1)
+        return self._linear(self.model.lm_head, x).float()
+
+
+def _takes_ours_step(inner: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``FastDecoder._step_ours`` runs this model (the modules of ``model.model``)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return False
+    norms = [inner.norm] + [n for layer in inner.layers for n in _norms(layer)]
+    return all(n.weight.dtype == dtype for n in norms) and all(
+        type(layer.mlp.act_fn) in SILU and layer.self_attn.head_dim % skinny.LANES == 0
+        for layer in inner.layers
+    )
+
+
+def _unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its columns adjacent, as our extension reads rows (the plain products'
+    transposed results are copied; a fused product's splits are already so)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return layer.input_layernorm, layer.post_attention_layernorm

@@ -24,7 +24,8 @@ from torch.utils import cpp_extension
 
 from xtuner_lite.hub import cache_dir
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / "skinny.cpp", CSRC / "step.cpp"]  # the products; a step's other work
 NAME = "xtuner_lite_skinny"
 # "0" turns our kernels off (oneDNN and torch's ops serve); "avx2" builds the AVX2 version on an
 # AVX-512 CPU (to test it, or to see what a CPU without AVX-512 gets)
@@ -84,7 +85,7 @@ def _extension(isa: str):
         folder.mkdir(parents=True, exist_ok=True)
         return cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             # no contraction of a·b + c into one rounding: the elementwise ops round as torch's
             extra_cflags=["-O3", *ISAS[isa][1], "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],  # torch's threads are OpenMP's: the kernel joins them
@@ -131,6 +132,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _module().rms_norm(x.contiguous(), weight, eps)
 
 
+def add_rms_norm(
+    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h + delta, rms_norm(h + delta))``: a residual add and the norm after it in one call
+    (``delta``'s rows may be strided), the sum rounded to the dtype as torch's add rounds."""
+    total, normed = _module().add_rms_norm(h.contiguous(), delta, weight, eps)
+    return total, normed
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` of (rows, features) tensors with unit column stride (the halves
+    of a fused gate/up product), each op's result rounded to the dtype as torch's are; the
+    exponential is a polynomial within 2 ulp of the exact one, where torch's is another."""
+    return _module().silu_mul(gate, up)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor, int],
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step's attention of a layer, one new token a row: ``q`` (rows, heads ·
+    head_dim) and ``k`` get the rotary embedding, ``k`` and ``v`` (rows, kv_heads · head_dim)
+    are stored in the layer's key/value buffers (rows, kv_heads, capacity, head_dim) at column
+    ``length`` (``cache``: the two buffers and it), and every query head attends to its kv head's
+    columns ``0..length`` where the int64 ``mask`` (rows, length + 1) is nonzero: softmax in
+    fp32, as torch's attention computes it. Returns (rows, heads · head_dim)."""
+    keys, values, length = cache
+    return _module().attend(q, k, v, cos, sin, keys, values, length, mask, scale)
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
     """transformers' rotate-half rotary embedding of ``x`` (rows, heads · head_dim; its rows
     may be strided, as a split of a fused product's output is) with ``cos``/``sin`` (rows,
@@ -142,7 +179,10 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) ->
 __all__ = [
     "ISAS",
     "LANES",
+    "SOURCES",
     "SWITCH",
+    "add_rms_norm",
+    "attend",
     "available",
     "build_directory",
     "cpu_flags",
@@ -151,5 +191,6 @@ __all__ = [
     "pack",
     "rms_norm",
     "rotary",
+    "silu_mul",
     "supports",
 ]

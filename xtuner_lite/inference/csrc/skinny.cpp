@@ -7,6 +7,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "step.h"
+
 #include <array>
 #include <cmath>
 #include <utility>
@@ -137,95 +139,12 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
   return y;
 }
 
-namespace {
-
-// transformers' RMSNorm: x · rsqrt(mean(x²) + eps) in fp32, rounded to x's dtype, times weight
-template <typename T>
-void rms_rows(const T* x, const T* weight, T* y, int64_t M, int64_t K, float eps) {
-  for (int64_t m = 0; m < M; ++m) {
-    const T* row = x + m * K;
-    float squares = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = static_cast<float>(row[k]);
-      squares += v * v;
-    }
-    const float scale = 1.f / std::sqrt(squares / static_cast<float>(K) + eps);
-    for (int64_t k = 0; k < K; ++k) {
-      const T normed = static_cast<T>(static_cast<float>(row[k]) * scale);
-      y[m * K + k] = static_cast<T>(static_cast<float>(weight[k]) * static_cast<float>(normed));
-    }
-  }
-}
-
-// transformers' rotate-half rotary embedding, each product and the sum rounded to T as torch's
-// separate ops round them: x's row m holds `heads` vectors of D; cos/sin (M, D)
-template <typename T>
-void rotate_rows(const T* x, int64_t ldx, const T* cos, const T* sin, T* y, int64_t M,
-                 int64_t heads, int64_t D) {
-  const int64_t half = D / 2;
-  for (int64_t m = 0; m < M; ++m) {
-    const T* c = cos + m * D;
-    const T* s = sin + m * D;
-    for (int64_t h = 0; h < heads; ++h) {
-      const T* in = x + m * ldx + h * D;
-      T* out = y + (m * heads + h) * D;
-      for (int64_t i = 0; i < D; ++i) {
-        const float v = static_cast<float>(in[i]);
-        const float other = i < half ? -static_cast<float>(in[i + half])
-                                     : static_cast<float>(in[i - half]);
-        const T a = static_cast<T>(v * static_cast<float>(c[i]));
-        const T b = static_cast<T>(other * static_cast<float>(s[i]));
-        out[i] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
-      }
-    }
-  }
-}
-
-void check_dtype(const torch::Tensor& x, const char* op) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
-              ": fp32 or bf16");
-}
-
-}  // namespace
-
-// The elementwise work of a decode step, one call each for its few rows: the same arithmetic
-// as separate torch ops costs more in their dispatch than in the work.
-
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() &&
-                  weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
-              "skinny.rms_norm: a contiguous (M, K) and a weight of K, one dtype");
-  check_dtype(x, "skinny.rms_norm");
-  auto y = torch::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "skinny.rms_norm", [&] {
-    rms_rows(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-             x.size(0), x.size(1), static_cast<float>(eps));
-  });
-  return y;
-}
-
-// x (M, heads·D), rows possibly strided (a split of a fused product) -> rotated (M, heads·D)
-torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                     int64_t heads) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % heads == 0,
-              "skinny.rotary: x (M, heads·D), unit column stride");
-  const int64_t M = x.size(0), D = x.size(1) / heads;
-  TORCH_CHECK(D % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && cos.numel() == M * D &&
-                  sin.numel() == M * D && cos.scalar_type() == x.scalar_type() &&
-                  sin.scalar_type() == x.scalar_type(),
-              "skinny.rotary: cos and sin (M, D) of x's dtype");
-  check_dtype(x, "skinny.rotary");
-  auto y = torch::empty({M, heads * D}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "skinny.rotary", [&] {
-    rotate_rows(x.data_ptr<scalar_t>(), x.stride(0), cos.data_ptr<scalar_t>(),
-                sin.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), M, heads, D);
-  });
-  return y;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "weight (N, K) in the blocked layout of linear");
   m.def("linear", &linear, "x (M, K) times a packed weight, plus bias");
   m.def("rms_norm", &rms_norm, "transformers' RMSNorm of x (M, K)");
   m.def("rotary", &rotary, "transformers' rotate-half rotary embedding of x (M, heads·D)");
+  m.def("add_rms_norm", &add_rms_norm, "(h + delta, transformers' RMSNorm of it)");
+  m.def("silu_mul", &silu_mul, "silu(gate) · up");
+  m.def("attend", &attend, "one decode step's attention, the new key and value cached");
 }

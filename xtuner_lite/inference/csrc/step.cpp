@@ -1,0 +1,414 @@
+// The elementwise work and the attention of a decode step, one call each for its few rows: the
+// same arithmetic as separate torch ops costs more in their dispatch than in the work, and
+// torch's flash attention is made for long queries, not one token a row reading its KV cache.
+// Plain loops over fixed-width lanes, which the compiler vectorizes for the build's ISA.
+#include "step.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kWidth = 16;
+constexpr int64_t kAhead = 8;  // columns of the KV cache prefetched ahead of the one read  // partial sums of a dot product: one AVX-512 register of fp32
+
+float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// Values are float (fp32) or uint16_t (bf16's bits: c10::BFloat16's class keeps loops of it
+// from vectorizing). T's value of fp32 x, rounded to nearest even as torch rounds it.
+template <typename T>
+inline T round_to(float x);
+
+template <>
+inline float round_to<float>(float x) {
+  return x;
+}
+
+template <>
+inline uint16_t round_to<uint16_t>(float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(x != x ? 0x7fc0u : rounded);
+}
+
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) { return bits_float(static_cast<uint32_t>(x) << 16); }
+
+// exp(x), Cephes' single-precision polynomial (within 2 ulp of the exact value): a loop of it
+// vectorizes, where std::exp is one call per value
+inline float vexp(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const float shifted = x * 1.44269504088896341f + 12582912.f;  // 1.5·2²³: round to nearest
+  const float n = shifted - 12582912.f;
+  const int32_t e = static_cast<int32_t>(float_bits(shifted) - float_bits(12582912.f));
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  return p * bits_float(static_cast<uint32_t>(e + 127) << 23);
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // bf16 is fp32's upper half
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+constexpr bool kHeadKernel = true;  // head<V> below serves head dims of 16·V, V in {4, 8}
+
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(uint16_t* p, __m512 x) {  // round to nearest even, as torch does
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
+  const __m512i nan = _mm512_set1_epi32(0x7fc00000);
+  const __m512i kept = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), nan, rounded);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(kept, 16)));
+}
+
+// One query head (D = 16·V, fp32 in `query`) over n cached columns of its kv head: the
+// scores, their softmax and the weighted values, accumulated in registers; out in T
+template <int V, typename T>
+void head(const float* query, const T* keys, const T* values, const int64_t* real, int64_t n,
+          float scale, float* scores, T* out) {
+  constexpr int64_t D = V * kWidth;
+  __m512 q[V];
+  for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(query + v * kWidth);
+  float top = -std::numeric_limits<float>::infinity();
+  constexpr int64_t lines = D * sizeof(T) / 64;  // cache lines of one column's key or value
+  for (int64_t i = 0; i < n; ++i) {
+    const T* key = keys + real[i] * D;
+    if (i + kAhead < n)  // the cache is read from memory once: fetch ahead of the two reads
+      for (int64_t l = 0; l < lines; ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(keys + real[i + kAhead] * D) + 64 * l,
+                     _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(values + real[i] * D) + 64 * l, _MM_HINT_T0);
+      }
+    __m512 sum = _mm512_mul_ps(q[0], load16(key));
+    for (int v = 1; v < V; ++v) sum = _mm512_fmadd_ps(q[v], load16(key + v * kWidth), sum);
+    scores[i] = _mm512_reduce_add_ps(sum) * scale;
+    top = scores[i] > top ? scores[i] : top;
+  }
+  for (int64_t i = 0; i < n; ++i) scores[i] = vexp(scores[i] - top);
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += scores[i];
+  __m512 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const T* value = values + real[i] * D;
+    const __m512 p = _mm512_set1_ps(scores[i]);
+    for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, load16(value + v * kWidth), acc[v]);
+  }
+  const __m512 inverse = _mm512_set1_ps(1.f / total);
+  for (int v = 0; v < V; ++v) store16(out + v * kWidth, _mm512_mul_ps(acc[v], inverse));
+}
+#else
+constexpr bool kHeadKernel = false;
+
+template <int V, typename T>
+void head(const float*, const T*, const T*, const int64_t*, int64_t, float, float*, T*) {}
+#endif
+
+template <typename T>
+float dot(const float* q, const T* k, int64_t D) {
+  float part[kWidth] = {};
+  for (int64_t d = 0; d < D; d += kWidth)
+    for (int64_t l = 0; l < kWidth; ++l) part[l] += q[d + l] * widen(k[d + l]);
+  // halving, not in order: a chain of 16 dependent adds would cost more than the products
+  for (int64_t width = kWidth / 2; width > 0; width /= 2)
+    for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
+  return part[0];
+}
+
+// transformers' rotate-half rotary embedding of one vector of D, each product and the sum
+// rounded to T as torch's separate ops round them
+template <typename T>
+void rotate(const T* in, const T* c, const T* s, T* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {  // rotate-half's first half reads the negated second
+    const T a = round_to<T>(widen(in[i]) * widen(c[i]));
+    const T b = round_to<T>(-widen(in[i + half]) * widen(s[i]));
+    out[i] = round_to<T>(widen(a) + widen(b));
+  }
+  for (int64_t i = half; i < D; ++i) {
+    const T a = round_to<T>(widen(in[i]) * widen(c[i]));
+    const T b = round_to<T>(widen(in[i - half]) * widen(s[i]));
+    out[i] = round_to<T>(widen(a) + widen(b));
+  }
+}
+
+// transformers' RMSNorm of one row: x · rsqrt(mean(x²) + eps) in fp32, rounded to T, times weight
+template <typename T>
+void rms_row(const T* row, const T* weight, T* y, int64_t K, float eps) {
+  float part[kWidth] = {};  // lanes of the sum of squares, as a vectorized reduction keeps them
+  const int64_t whole = K - K % kWidth;
+  for (int64_t k = 0; k < whole; k += kWidth)
+    for (int64_t l = 0; l < kWidth; ++l) part[l] += widen(row[k + l]) * widen(row[k + l]);
+  for (int64_t k = whole; k < K; ++k) part[0] += widen(row[k]) * widen(row[k]);
+  for (int64_t width = kWidth / 2; width > 0; width /= 2)
+    for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
+  const float scale = 1.f / std::sqrt(part[0] / static_cast<float>(K) + eps);
+  for (int64_t k = 0; k < K; ++k) {
+    const T normed = round_to<T>(widen(row[k]) * scale);
+    y[k] = round_to<T>(widen(weight[k]) * widen(normed));
+  }
+}
+
+// y = silu(gate) · up, each rounded to T as torch's ops round. In chunks through an fp32
+// buffer: a loop from bf16 through the exponential's integer work back to bf16 does not vectorize
+template <typename T>
+void silu_mul_row(const T* gate, const T* up, T* y, int64_t N) {
+  constexpr int64_t kChunk = 256;
+  float act[kChunk];
+  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+    const int64_t n1 = std::min(N, n0 + kChunk);
+    for (int64_t n = n0; n < n1; ++n) act[n - n0] = widen(gate[n]);
+    for (int64_t i = 0; i < n1 - n0; ++i) act[i] = act[i] / (1.f + vexp(-act[i]));
+    for (int64_t n = n0; n < n1; ++n)
+      y[n] = round_to<T>(widen(round_to<T>(act[n - n0])) * widen(up[n]));
+  }
+}
+
+// y = a + b, rounded to T as torch's add rounds
+template <typename T>
+void add(const T* a, const T* b, T* y, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) y[k] = round_to<T>(widen(a[k]) + widen(b[k]));
+}
+
+// f(T{}) for the value type T of the dtype our ops take (check_dtype first)
+template <typename F>
+void by_dtype(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat)
+    f(float{});
+  else
+    f(uint16_t{});
+}
+
+template <typename T>
+T* ptr(const torch::Tensor& x) {
+  return static_cast<T*>(x.data_ptr());
+}
+
+void check_dtype(const torch::Tensor& x, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": fp32 or bf16");
+}
+
+void check_rows(const torch::Tensor& x, int64_t M, int64_t N, at::ScalarType dtype,
+                const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == M && x.size(1) == N && x.stride(1) == 1 &&
+                  x.scalar_type() == dtype,
+              what, ": (", M, ", ", N, ") with unit column stride, of one dtype");
+}
+
+// What one (row, kv head) of a decode step's attention reads and writes.
+template <typename T>
+struct Attention {
+  const T *q, *k, *v, *cos, *sin;
+  int64_t ldq, ldk, ldv;
+  T *keys, *values, *out;  // cache buffers (M, G, capacity, D); out (M, H·D)
+  const int64_t* mask;     // (M, length + 1), nonzero where a column is a real token
+  int64_t G, groups, D, capacity, length;
+  float scale;
+
+  void run(int64_t m, int64_t g, std::vector<float>& scratch) const {
+    const int64_t columns = length + 1;
+    const int64_t base = (m * G + g) * capacity * D;
+    T* key = keys + base + length * D;
+    rotate(k + m * ldk + g * D, cos + m * D, sin + m * D, key, D);
+    std::memcpy(values + base + length * D, v + m * ldv + g * D, D * sizeof(T));
+    std::vector<int64_t> real;  // the row's real columns
+    real.reserve(columns);
+    for (int64_t c = 0; c < columns; ++c)
+      if (mask[m * columns + c]) real.push_back(c);
+    const int64_t n = static_cast<int64_t>(real.size());
+    scratch.resize(static_cast<size_t>(groups * (n + 2 * D)));
+    float* query = scratch.data();  // (groups, D): the rotated query heads, as fp32
+    float* acc = query + groups * D;  // (groups, D)
+    float* scores = acc + groups * D;  // n per query head, reused head by head
+    for (int64_t j = 0; j < groups; ++j) {
+      T rotated[256];
+      const int64_t head = g * groups + j;
+      rotate(q + m * ldq + head * D, cos + m * D, sin + m * D, rotated, D);
+      for (int64_t d = 0; d < D; ++d) query[j * D + d] = widen(rotated[d]);
+    }
+    for (int64_t j = 0; j < groups; ++j) {
+      const float* qj = query + j * D;
+      T* o = out + m * (G * groups * D) + (g * groups + j) * D;
+      if (kHeadKernel && (D == 64 || D == 128)) {
+        const auto kernel = D == 64 ? head<4, T> : head<8, T>;
+        kernel(qj, keys + base, values + base, real.data(), n, scale, scores, o);
+        continue;
+      }
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < n; ++i) {
+        scores[i] = dot(qj, keys + base + real[i] * D, D) * scale;
+        top = scores[i] > top ? scores[i] : top;
+      }
+      for (int64_t i = 0; i < n; ++i) scores[i] = vexp(scores[i] - top);
+      float total = 0.f;  // a sum in order: apart from the loop above, which then vectorizes
+      for (int64_t i = 0; i < n; ++i) total += scores[i];
+      float* a = acc + j * D;
+      for (int64_t d = 0; d < D; ++d) a[d] = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        const T* value = values + base + real[i] * D;
+        const float p = scores[i];
+        for (int64_t d = 0; d < D; ++d) a[d] += p * widen(value[d]);
+      }
+      const float inverse = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] = round_to<T>(a[d] * inverse);
+    }
+  }
+};
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() &&
+                  weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              "skinny.rms_norm: a contiguous (M, K) and a weight of K, one dtype");
+  check_dtype(x, "skinny.rms_norm");
+  auto y = torch::empty_like(x);
+  const int64_t K = x.size(1);
+  by_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    for (int64_t m = 0; m < x.size(0); ++m)
+      rms_row(ptr<scalar_t>(x) + m * K, ptr<scalar_t>(weight),
+              ptr<scalar_t>(y) + m * K, K, static_cast<float>(eps));
+  });
+  return y;
+}
+
+std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta,
+                                        const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && weight.is_contiguous() &&
+                  weight.numel() == h.size(1) && weight.scalar_type() == h.scalar_type(),
+              "skinny.add_rms_norm: a contiguous (M, K) and a weight of K, one dtype");
+  check_dtype(h, "skinny.add_rms_norm");
+  const int64_t M = h.size(0), K = h.size(1);
+  check_rows(delta, M, K, h.scalar_type(), "skinny.add_rms_norm's delta");
+  auto sum = torch::empty_like(h), y = torch::empty_like(h);
+  by_dtype(h.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* a = ptr<scalar_t>(h);
+    const scalar_t* b = ptr<scalar_t>(delta);
+    scalar_t* s = ptr<scalar_t>(sum);
+    const scalar_t* w = ptr<scalar_t>(weight);
+    scalar_t* normed = ptr<scalar_t>(y);
+    const int64_t ldb = delta.stride(0);
+    for (int64_t m = 0; m < M; ++m) {
+      add(a + m * K, b + m * ldb, s + m * K, K);
+      rms_row(s + m * K, w, normed + m * K, K, static_cast<float>(eps));
+    }
+  });
+  return {sum, y};
+}
+
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                     int64_t heads) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % heads == 0,
+              "skinny.rotary: x (M, heads·D), unit column stride");
+  const int64_t M = x.size(0), D = x.size(1) / heads;
+  TORCH_CHECK(D % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && cos.numel() == M * D &&
+                  sin.numel() == M * D && cos.scalar_type() == x.scalar_type() &&
+                  sin.scalar_type() == x.scalar_type(),
+              "skinny.rotary: cos and sin (M, D) of x's dtype");
+  check_dtype(x, "skinny.rotary");
+  auto y = torch::empty({M, heads * D}, x.options());
+  by_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* in = ptr<scalar_t>(x);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t h = 0; h < heads; ++h)
+        rotate(in + m * x.stride(0) + h * D, ptr<scalar_t>(cos) + m * D,
+               ptr<scalar_t>(sin) + m * D, ptr<scalar_t>(y) + (m * heads + h) * D, D);
+  });
+  return y;
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
+  TORCH_CHECK(gate.dim() == 2, "skinny.silu_mul: gate (M, N)");
+  const int64_t M = gate.size(0), N = gate.size(1);
+  check_dtype(gate, "skinny.silu_mul");
+  check_rows(gate, M, N, gate.scalar_type(), "skinny.silu_mul's gate");
+  check_rows(up, M, N, gate.scalar_type(), "skinny.silu_mul's up");
+  auto y = torch::empty({M, N}, gate.options());
+  by_dtype(gate.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const scalar_t* g = ptr<scalar_t>(gate) + m * gate.stride(0);
+        const scalar_t* u = ptr<scalar_t>(up) + m * up.stride(0);
+        scalar_t* o = ptr<scalar_t>(y) + m * N;
+        silu_mul_row(g, u, o, N);
+      }
+    });
+  });
+  return y;
+}
+
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                     const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor keys,
+                     torch::Tensor values, int64_t length, const torch::Tensor& mask,
+                     double scale) {
+  TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() &&
+                  values.sizes() == keys.sizes() && values.scalar_type() == keys.scalar_type(),
+              "skinny.attend: key and value buffers (M, kv heads, capacity, D), contiguous");
+  check_dtype(keys, "skinny.attend");
+  const int64_t M = keys.size(0), G = keys.size(1), capacity = keys.size(2), D = keys.size(3);
+  TORCH_CHECK(D % kWidth == 0 && D <= 256, "skinny.attend: a head dim that is a multiple of ",
+              kWidth, " up to 256, not ", D);
+  TORCH_CHECK(length >= 0 && length < capacity, "skinny.attend: column ", length,
+              " is past the buffers' ", capacity, " (reserve first)");
+  TORCH_CHECK(q.dim() == 2 && q.size(1) % (G * D) == 0, "skinny.attend: q (M, heads·D)");
+  const int64_t groups = q.size(1) / (G * D);
+  const auto dtype = keys.scalar_type();
+  check_rows(q, M, G * groups * D, dtype, "skinny.attend's q");
+  check_rows(k, M, G * D, dtype, "skinny.attend's k");
+  check_rows(v, M, G * D, dtype, "skinny.attend's v");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == M * D &&
+                  sin.numel() == M * D && cos.scalar_type() == dtype &&
+                  sin.scalar_type() == dtype,
+              "skinny.attend: cos and sin (M, D) of the cache's dtype");
+  TORCH_CHECK(mask.dim() == 2 && mask.is_contiguous() && mask.size(0) == M &&
+                  mask.size(1) == length + 1 && mask.scalar_type() == at::kLong,
+              "skinny.attend: an int64 mask (M, length + 1)");
+  auto out = torch::empty({M, G * groups * D}, q.options());
+  by_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Attention<scalar_t> work{
+        ptr<scalar_t>(q),      ptr<scalar_t>(k),     ptr<scalar_t>(v),
+        ptr<scalar_t>(cos),    ptr<scalar_t>(sin),   q.stride(0),
+        k.stride(0),                 v.stride(0),                ptr<scalar_t>(keys),
+        ptr<scalar_t>(values), ptr<scalar_t>(out),   mask.data_ptr<int64_t>(),
+        G,                           groups,                     D,
+        capacity,                    length,                     static_cast<float>(scale)};
+    at::parallel_for(0, M * G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;
+      for (int64_t unit = begin; unit < end; ++unit) work.run(unit / G, unit % G, scratch);
+    });
+  });
+  return out;
+}
