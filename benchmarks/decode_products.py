@@ -74,7 +74,8 @@ def main() -> None:
         for w in weights:
             x = inputs[w.shape[1]]
             if skinny.supports(w):
-                kernels["ours"].append(functools.partial(skinny.linear, x, skinny.pack(w), None))
+                product = skinny.product_for(w)
+                kernels["ours"].append(functools.partial(product, x, skinny.pack(w), None))
             packed = torch.ops.mkldnn._reorder_linear_weight(w, opts.rows)
             kernels["oneDNN"].append(functools.partial(
                 torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""))  # fmt: skip

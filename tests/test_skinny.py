@@ -56,7 +56,30 @@ def test_our_products_equal_f_linear(isa, rows, out_features, in_features):
 
 def test_weights_it_does_not_take_are_left_to_onednn():
     assert not skinny.supports(torch.ones(97, 64))  # rows not a multiple of its block
-    assert not skinny.supports(torch.ones(64, 64, dtype=torch.bfloat16))
+    assert not skinny.supports(torch.ones(64, 48, dtype=torch.bfloat16))  # K not whole tiles
+    assert not skinny.supports(torch.ones(64, 64, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not skinny.amx_available(), reason="our bf16 products need AMX's bf16 tiles")
+@pytest.mark.parametrize("rows", [1, 16, 17, 40])
+@pytest.mark.parametrize("out_features,in_features", [(16, 32), (48, 64), (960, 576), (576, 1536)])
+def test_our_amx_products_are_f_linears_in_bf16(rows, out_features, in_features):
+    """One block, an odd number of blocks, the model's widths; one row tile, a partial second;
+    with a bias and without: every value F.linear's (oneDNN's AMX kernel, which sums in the
+    same order) up to 17 rows; past them, within one bf16 rounding of the exact product."""
+    gen = torch.Generator().manual_seed(rows * out_features)
+    weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16)
+    assert skinny.supports(weight) and skinny.product_for(weight) is skinny.amx_linear
+    packed = skinny.pack(weight)
+    for b in (None, bias):
+        got = skinny.amx_linear(x, packed, b)
+        assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+        if rows <= 17:
+            assert torch.equal(got, F.linear(x, weight, b))
+        exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+        torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-3)
 
 
 @needs_kernel

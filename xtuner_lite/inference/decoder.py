@@ -143,7 +143,8 @@ def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-KERNELS = {skinny.linear: "ours", _onednn: "oneDNN"}  # a packed product's kernel, by name
+# a packed product's kernel, by name
+KERNELS = {skinny.linear: "ours", skinny.amx_linear: "ours (AMX)", _onednn: "oneDNN"}
 
 
 def _pack(weight: torch.Tensor) -> tuple[Product, torch.Tensor] | None:
@@ -152,7 +153,7 @@ def _pack(weight: torch.Tensor) -> tuple[Product, torch.Tensor] | None:
     ``F.linear``)."""
     weight = weight.detach()
     if skinny.supports(weight):
-        return skinny.linear, skinny.pack(weight)
+        return skinny.product_for(weight), skinny.pack(weight)
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
         probe = torch.ones(2, weight.shape[1], dtype=weight.dtype)

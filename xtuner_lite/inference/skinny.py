@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from torch.utils import cpp_extension
 from xtuner_lite.hub import cache_dir
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "skinny.cpp", CSRC / "step.cpp"]  # the products; a step's other work
+# the fp32 products; the bf16 ones on AMX; a step's other work
+SOURCES = [CSRC / "skinny.cpp", CSRC / "amx.cpp", CSRC / "step.cpp"]
 NAME = "xtuner_lite_skinny"
 # "0" turns our kernels off (oneDNN and torch's ops serve); "avx2" builds the AVX2 version on an
 # AVX-512 CPU (to test it, or to see what a CPU without AVX-512 gets)
@@ -36,6 +38,8 @@ ISAS = {
     "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
 }
 LANES = 16  # a packed block's columns: a weight's rows must be a multiple of it
+AMX_FLAGS = frozenset({"amx_tile", "amx_bf16"})  # the CPU flags our bf16 products need
+AMX_DEPTH = 32  # a bf16 tile row's values: a weight's columns must be a multiple of it
 
 logger = logging.getLogger(__name__)
 
@@ -108,21 +112,50 @@ def available() -> bool:
     return isa is not None and _extension(isa) is not None
 
 
-def supports(weight: torch.Tensor) -> bool:
-    """Whether ``pack`` and ``linear`` can take ``weight`` on this machine."""
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+def amx_available() -> bool:
+    """Whether our bf16 products run here: the AVX-512 build on a CPU with AMX's bf16 tiles,
+    which the OS lets this process use."""
+    return _amx_for(machine_isa())
+
+
+@functools.cache
+def _amx_for(isa: str | None) -> bool:
+    if isa != "avx512" or not AMX_FLAGS <= cpu_flags() or _extension(isa) is None:
         return False
-    return weight.shape[0] % LANES == 0 and available()
+    return bool(_extension(isa).amx_ready())
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """Whether ``pack`` and ``product_for`` can take ``weight`` on this machine: fp32 where
+    our kernels run, bf16 where they have AMX (else oneDNN's kernels, which use AMX too, serve)."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[0] % LANES:
+        return False
+    if weight.dtype == torch.float32:
+        return available()
+    return weight.dtype == torch.bfloat16 and weight.shape[1] % AMX_DEPTH == 0 and amx_available()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (out, in) in our kernel's blocked layout (a copy; check ``supports`` first)."""
-    return _module().pack(weight.detach().contiguous())
+    """``weight`` (out, in) in our kernel's layout for its dtype (a copy; check ``supports``)."""
+    weight = weight.detach().contiguous()
+    if weight.dtype == torch.bfloat16:
+        return _module().amx_pack(weight)
+    return _module().pack(weight)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a (rows, in) ``x`` and ``packed = pack(weight)``."""
+    """``F.linear(x, weight, bias)`` for a fp32 (rows, in) ``x`` and ``packed = pack(weight)``."""
     return _module().linear(x.contiguous(), packed, bias)
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear`` of bf16 ``x`` and weight on AMX tiles (fp32 sums, one rounding to bf16)."""
+    return _module().amx_linear(x, packed, bias)
+
+
+def product_for(weight: torch.Tensor) -> Callable:
+    """The product that reads ``pack(weight)``: ``linear`` or ``amx_linear``."""
+    return amx_linear if weight.dtype == torch.bfloat16 else linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -177,11 +210,15 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) ->
 
 
 __all__ = [
+    "AMX_DEPTH",
+    "AMX_FLAGS",
     "ISAS",
     "LANES",
     "SOURCES",
     "SWITCH",
     "add_rms_norm",
+    "amx_available",
+    "amx_linear",
     "attend",
     "available",
     "build_directory",
@@ -189,6 +226,7 @@ __all__ = [
     "linear",
     "machine_isa",
     "pack",
+    "product_for",
     "rms_norm",
     "rotary",
     "silu_mul",

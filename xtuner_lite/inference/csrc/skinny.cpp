@@ -7,6 +7,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "amx.h"
 #include "step.h"
 
 #include <array>
@@ -142,6 +143,9 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "weight (N, K) in the blocked layout of linear");
   m.def("linear", &linear, "x (M, K) times a packed weight, plus bias");
+  m.def("amx_ready", &amx_ready, "whether this build and process can use AMX tiles");
+  m.def("amx_pack", &amx_pack, "bf16 weight (N, K) in the tile layout of amx_linear");
+  m.def("amx_linear", &amx_linear, "bf16 x (M, K) times an AMX-packed weight, plus bias");
   m.def("rms_norm", &rms_norm, "transformers' RMSNorm of x (M, K)");
   m.def("rotary", &rotary, "transformers' rotate-half rotary embedding of x (M, heads·D)");
   m.def("add_rms_norm", &add_rms_norm, "(h + delta, transformers' RMSNorm of it)");
