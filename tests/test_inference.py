@@ -7,6 +7,7 @@ from xtuner_lite.data.templates import get_template, stop_token_ids
 from xtuner_lite.errors import XtunerError
 from xtuner_lite.inference import InferenceEngine, SamplingParams, skinny
 from xtuner_lite.inference.block_manager import BLOCK_SIZE, BlockManager, gather
+from xtuner_lite.inference.decoder import FastDecoder
 from xtuner_lite.inference.sampling import apply_repetition_penalty, choose_token, draw
 
 from conftest import tiny_model
@@ -465,6 +466,7 @@ def test_fast_decoder_packed_and_plain_equal_transformers_generate(smol, product
     assert engine.fallback_reason is None
     kernels = {"ours": {"ours"}, "onednn": {"oneDNN"}, "plain": set()}[products]
     assert set(engine.runner.decoder.packed_by) == kernels
+    assert engine.runner.decoder.layers_in_one_call == (products == "ours")
     params = SamplingParams(max_new_tokens=NEW, stop_token_ids=stops)
     assert [r.output_ids for r in engine.generate(prompts, params)] == expected
 
@@ -477,6 +479,25 @@ def _tiny(kind: str):
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             torch.nn.init.normal_(proj.bias, std=0.5)
     return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_layers_in_one_call_are_the_step_call_by_call_in_bf16(kind, monkeypatch):
+    """Where our bf16 products run (AMX), a step's layers in one call of our extension give
+    the very tokens of the same calls made one by one from Python (same ops, same order)."""
+    if not skinny.amx_available():
+        pytest.skip("our bf16 products need AMX's bf16 tiles (test_skinny.py checks them)")
+    model = _tiny(kind).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (5, 17, 9)]
+    params = SamplingParams(max_new_tokens=60)
+    engine = InferenceEngine(model)
+    assert engine.runner.decoder.layers_in_one_call
+    in_one_call = [r.output_ids for r in engine.generate(prompts, params)]
+    monkeypatch.setattr(FastDecoder, "_layer_plan", lambda self: None)
+    engine = InferenceEngine(model)
+    assert not engine.runner.decoder.layers_in_one_call
+    assert [r.output_ids for r in engine.generate(prompts, params)] == in_one_call
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

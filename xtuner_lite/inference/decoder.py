@@ -243,6 +243,8 @@ class FastDecoder:
             self._packed.clear()
             self._merged.clear()
             self._fused.clear()
+        # every layer in one call of our extension, where all its products are ours
+        self._plan = self._layer_plan() if self._ours_step else None
 
     def _pack_group(self, group: tuple[nn.Module, ...], merge_adapters: bool) -> bool:
         """Pack ``group``'s weights (active adapters merged in with ``merge_adapters``): as one
@@ -285,6 +287,11 @@ class FastDecoder:
         """How many packed products each kernel runs (``ours``, ``oneDNN``)."""
         products = [p for p, _ in self._packed.values()] + [f[0] for f in self._fused.values()]
         return dict(Counter(KERNELS[p] for p in products))
+
+    @property
+    def layers_in_one_call(self) -> bool:
+        """Whether a step runs all decoder layers in one call of our extension."""
+        return self._plan is not None
 
     @property
     def merged_layers(self) -> int:
@@ -377,6 +384,11 @@ class FastDecoder:
         mask = mask.long().contiguous()
         first = layers[0].input_layernorm
         x = skinny.rms_norm(h, first.weight, first.variance_epsilon)
+        if self._plan is not None:
+            slots = (cache.keys, cache.values, cache.length)
+            h, x = skinny.decode_layers(h, x, cos, sin, mask, slots, self._plan)
+            cache.advance(1)
+            return self._linear(self.model.lm_head, x).float()
         for i, layer in enumerate(layers):
             attn, mlp, post = layer.self_attn, layer.mlp, layer.post_attention_layernorm
             q, k, v = map(_unit_columns, self._project((attn.q_proj, attn.k_proj, attn.v_proj), x))
@@ -390,6 +402,58 @@ class FastDecoder:
             h, x = skinny.add_rms_norm(h, delta, after.weight, after.variance_epsilon)
         cache.advance(1)
         return self._linear(self.model.lm_head, x).float()
+
+    def _layer_plan(self) -> skinny.LayerPlan | None:
+        """``decode_layers``' arguments, where every product of every layer is ours and reads
+        only its packed weight (no live adapter); else None."""
+        weights, biases, norms, eps, inter = [], [], [], [], None
+        layers = self.inner.layers
+        for group in _groups(self.model)[:-1]:
+            packed = self._packed_product(group)
+            if packed is None:
+                return None
+            weights.append(packed[0])
+            biases.append(packed[1])
+            if len(group) == 2:  # gate/up: the activation's width
+                inter = group[0].out_features if inter is None else inter
+        for i, layer in enumerate(layers):
+            after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
+            for norm in (layer.post_attention_layernorm, after):
+                norms.append(norm.weight)
+                eps.append(float(norm.variance_epsilon))
+        scales = {layer.self_attn.scaling for layer in layers}
+        if len(scales) != 1:
+            return None
+        return skinny.LayerPlan(
+            weights=weights,
+            biases=biases,
+            norms=norms,
+            eps=eps,
+            q_size=self.heads * self.head_dim,
+            kv_size=self.kv_heads * self.head_dim,
+            inter=inter,
+            scale=scales.pop(),
+        )
+
+    def _packed_product(
+        self, group: tuple[nn.Module, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(packed weight, bias) of ``group``'s one product where it is ours and reads only the
+        packed weight; else None."""
+        if len(group) > 1:
+            fused = self._fused.get(group)
+            if fused is None:
+                return None
+            product, packed, bias, _ = fused
+        else:
+            module = group[0]
+            if hasattr(module, "base_layer") and module not in self._merged:
+                return None  # an adapter is read live, by ``_linear``
+            found = self._packed.get(_base(module))
+            if found is None:
+                return None
+            (product, packed), bias = found, _base(module).bias
+        return (packed, bias) if KERNELS[product] != "oneDNN" else None
 
 
 def _takes_ours_step(inner: nn.Module, dtype: torch.dtype) -> bool:

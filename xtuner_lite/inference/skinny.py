@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ from torch.utils import cpp_extension
 from xtuner_lite.hub import cache_dir
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-# the fp32 products; the bf16 ones on AMX; a step's other work
-SOURCES = [CSRC / "skinny.cpp", CSRC / "amx.cpp", CSRC / "step.cpp"]
+# the fp32 products; the bf16 ones on AMX; a step's other work; its layers in one call
+SOURCES = [CSRC / name for name in ("skinny.cpp", "amx.cpp", "step.cpp", "layers.cpp")]
 NAME = "xtuner_lite_skinny"
 # "0" turns our kernels off (oneDNN and torch's ops serve); "avx2" builds the AVX2 version on an
 # AVX-512 CPU (to test it, or to see what a CPU without AVX-512 gets)
@@ -201,6 +202,46 @@ def attend(
     return _module().attend(q, k, v, cos, sin, keys, values, length, mask, scale)
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """What ``decode_layers`` reads of a model's decoder layers, gathered once: per layer the
+    packed q/k/v (fused), o, gate/up (fused) and down weights and their biases; per layer its
+    post-attention norm and the norm after it (the next layer's input norm, the final norm
+    after the last layer) with their epsilons; the widths of q, of k (and v), of the gated
+    activation; the attention's scale."""
+
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+    norms: list[torch.Tensor]
+    eps: list[float]
+    q_size: int
+    kv_size: int
+    inter: int
+    scale: float
+
+
+def decode_layers(
+    h: torch.Tensor,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    cache: tuple[list[torch.Tensor], list[torch.Tensor], int],
+    plan: LayerPlan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every decoder layer of a decode step in one call, where every product is ours: the
+    same ``attend``, ``add_rms_norm``, ``silu_mul`` and products as the step in Python, with no
+    return to Python between them. ``x``: the first layer's input norm of ``h``; ``cache``:
+    each layer's key and value buffers and the filled length. Returns (h, the final norm of
+    h)."""
+    keys, values, length = cache
+    h, x = _module().decode_layers(
+        h, x, cos, sin, mask, length, plan.weights, plan.biases, plan.norms, plan.eps,
+        keys, values, plan.q_size, plan.kv_size, plan.inter, plan.scale,
+    )  # fmt: skip
+    return h, x
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
     """transformers' rotate-half rotary embedding of ``x`` (rows, heads · head_dim; its rows
     may be strided, as a split of a fused product's output is) with ``cos``/``sin`` (rows,
@@ -214,6 +255,7 @@ __all__ = [
     "AMX_FLAGS",
     "ISAS",
     "LANES",
+    "LayerPlan",
     "SOURCES",
     "SWITCH",
     "add_rms_norm",
@@ -223,6 +265,7 @@ __all__ = [
     "available",
     "build_directory",
     "cpu_flags",
+    "decode_layers",
     "linear",
     "machine_isa",
     "pack",

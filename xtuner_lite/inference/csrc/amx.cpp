@@ -153,8 +153,11 @@ torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed,
                     bias->scalar_type() == at::kBFloat16,
                 "skinny.amx_linear: a bf16 bias of ", N);
   const int64_t Mp = (M + kTile - 1) / kTile * kTile;  // whole tiles of rows, the rest zero
-  auto rows = torch::zeros({Mp, K}, x.options());
-  rows.narrow(0, 0, M).copy_(x);
+  auto rows = x;
+  if (Mp != M || !x.is_contiguous()) {
+    rows = torch::zeros({Mp, K}, x.options());
+    rows.narrow(0, 0, M).copy_(x);
+  }
   auto y = torch::empty({M, N}, x.options());
 #if defined(XTUNER_AMX)
   run(static_cast<const uint16_t*>(rows.data_ptr()), M, Mp, K,

@@ -7,7 +7,10 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "skinny.h"
+
 #include "amx.h"
+#include "layers.h"
 #include "step.h"
 
 #include <array>
@@ -151,4 +154,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "(h + delta, transformers' RMSNorm of it)");
   m.def("silu_mul", &silu_mul, "silu(gate) · up");
   m.def("attend", &attend, "one decode step's attention, the new key and value cached");
+  m.def("decode_layers", &decode_layers, "a decode step's decoder layers, every product ours");
 }

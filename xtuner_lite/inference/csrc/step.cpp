@@ -15,8 +15,8 @@
 
 namespace {
 
-constexpr int64_t kWidth = 16;
-constexpr int64_t kAhead = 8;  // columns of the KV cache prefetched ahead of the one read  // partial sums of a dot product: one AVX-512 register of fp32
+constexpr int64_t kWidth = 16;  // partial sums of a dot product: one AVX-512 register of fp32
+constexpr int64_t kAhead = 8;   // columns of the KV cache prefetched ahead of the one read
 
 float bits_float(uint32_t u) {
   float f;
@@ -76,7 +76,7 @@ inline __m512 load16(const uint16_t* p) {  // bf16 is fp32's upper half
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-constexpr bool kHeadKernel = true;  // head<V> below serves head dims of 16·V, V in {4, 8}
+constexpr bool kHeadKernel = true;  // heads<V, G> below serve head dims of 16·V, V in {4, 8}
 
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 inline void store16(uint16_t* p, __m512 x) {  // round to nearest even, as torch does
@@ -88,47 +88,128 @@ inline void store16(uint16_t* p, __m512 x) {  // round to nearest even, as torch
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(kept, 16)));
 }
 
-// One query head (D = 16·V, fp32 in `query`) over n cached columns of its kv head: the
-// scores, their softmax and the weighted values, accumulated in registers; out in T
-template <int V, typename T>
-void head(const float* query, const T* keys, const T* values, const int64_t* real, int64_t n,
-          float scale, float* scores, T* out) {
-  constexpr int64_t D = V * kWidth;
-  __m512 q[V];
-  for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(query + v * kWidth);
-  float top = -std::numeric_limits<float>::infinity();
-  constexpr int64_t lines = D * sizeof(T) / 64;  // cache lines of one column's key or value
-  for (int64_t i = 0; i < n; ++i) {
-    const T* key = keys + real[i] * D;
-    if (i + kAhead < n)  // the cache is read from memory once: fetch ahead of the two reads
+// the lane sums of a, b, c and d
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const auto halves = [](__m512 x) {
+    return _mm256_add_ps(_mm512_castps512_ps256(x),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  };
+  const __m256 ab = _mm256_hadd_ps(halves(a), halves(b));
+  const __m256 cd = _mm256_hadd_ps(halves(c), halves(d));
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);  // per 128-bit lane: a, b, c, d's partial sums
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// G query heads (D = 16·V each, fp32 in `query`) of one kv head over its n cached columns:
+// each column's key and value read once for all G, scores, softmax and the weighted values
+// accumulated in registers (G·V of them: at most 16); out: the G heads' outputs in T
+template <int V, int G, typename T>
+void heads(const float* query, const T* keys, const T* values, const int64_t* real, int64_t n,
+           float scale, float* scores, T* out) {
+  constexpr int64_t D = V * kWidth, lines = D * sizeof(T) / 64;  // a column's cache lines
+  __m512 q[G][V];
+  for (int j = 0; j < G; ++j)
+    for (int v = 0; v < V; ++v) q[j][v] = _mm512_loadu_ps(query + j * D + v * kWidth);
+  float top[G];
+  for (int j = 0; j < G; ++j) top[j] = -std::numeric_limits<float>::infinity();
+  // columns four at a time where the registers allow: their sums reduced together (reducing
+  // each column's 16 lanes alone costs more than its products)
+  constexpr int64_t kFour = G * V + V + 4 * G <= 30 ? 4 : 1;
+  const auto prefetch = [&](int64_t i) {  // the cache is read from memory once: fetch ahead
+    if (i + kAhead < n)
       for (int64_t l = 0; l < lines; ++l) {
         _mm_prefetch(reinterpret_cast<const char*>(keys + real[i + kAhead] * D) + 64 * l,
                      _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(values + real[i] * D) + 64 * l, _MM_HINT_T0);
       }
-    __m512 sum = _mm512_mul_ps(q[0], load16(key));
-    for (int v = 1; v < V; ++v) sum = _mm512_fmadd_ps(q[v], load16(key + v * kWidth), sum);
-    scores[i] = _mm512_reduce_add_ps(sum) * scale;
-    top = scores[i] > top ? scores[i] : top;
+  };
+  const auto column = [&](int64_t i, __m512* sums) {  // G partial sums of column real[i]
+    __m512 key[V];
+    for (int v = 0; v < V; ++v) key[v] = load16(keys + real[i] * D + v * kWidth);
+    for (int j = 0; j < G; ++j) {
+      sums[j] = _mm512_mul_ps(q[j][0], key[0]);
+      for (int v = 1; v < V; ++v) sums[j] = _mm512_fmadd_ps(q[j][v], key[v], sums[j]);
+    }
+  };
+  int64_t i = 0;
+  if constexpr (kFour == 4) {
+    const __m128 scaled = _mm_set1_ps(scale);
+    for (; i + 4 <= n; i += 4) {
+      __m512 sums[4][G];
+      for (int c = 0; c < 4; ++c) {
+        prefetch(i + c);
+        column(i + c, sums[c]);
+      }
+      for (int j = 0; j < G; ++j) {
+        const __m128 four =
+            _mm_mul_ps(reduce4(sums[0][j], sums[1][j], sums[2][j], sums[3][j]), scaled);
+        _mm_storeu_ps(scores + j * n + i, four);
+        alignas(16) float got[4];
+        _mm_store_ps(got, four);
+        for (int c = 0; c < 4; ++c) top[j] = got[c] > top[j] ? got[c] : top[j];
+      }
+    }
   }
-  for (int64_t i = 0; i < n; ++i) scores[i] = vexp(scores[i] - top);
-  float total = 0.f;
-  for (int64_t i = 0; i < n; ++i) total += scores[i];
-  __m512 acc[V];
-  for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
+  for (; i < n; ++i) {
+    prefetch(i);
+    __m512 sums[G];
+    column(i, sums);
+    for (int j = 0; j < G; ++j) {
+      const float score = _mm512_reduce_add_ps(sums[j]) * scale;
+      scores[j * n + i] = score;
+      top[j] = score > top[j] ? score : top[j];
+    }
+  }
+  float inverse[G];
+  for (int j = 0; j < G; ++j) {
+    float* row = scores + j * n;
+    for (int64_t i = 0; i < n; ++i) row[i] = vexp(row[i] - top[j]);
+    float total = 0.f;
+    for (int64_t i = 0; i < n; ++i) total += row[i];
+    inverse[j] = 1.f / total;
+  }
+  __m512 acc[G][V];
+  for (int j = 0; j < G; ++j)
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
-    const T* value = values + real[i] * D;
-    const __m512 p = _mm512_set1_ps(scores[i]);
-    for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, load16(value + v * kWidth), acc[v]);
+    __m512 value[V];
+    for (int v = 0; v < V; ++v) value[v] = load16(values + real[i] * D + v * kWidth);
+    for (int j = 0; j < G; ++j) {
+      const __m512 p = _mm512_set1_ps(scores[j * n + i]);
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(p, value[v], acc[j][v]);
+    }
   }
-  const __m512 inverse = _mm512_set1_ps(1.f / total);
-  for (int v = 0; v < V; ++v) store16(out + v * kWidth, _mm512_mul_ps(acc[v], inverse));
+  for (int j = 0; j < G; ++j) {
+    const __m512 scaled = _mm512_set1_ps(inverse[j]);
+    for (int v = 0; v < V; ++v)
+      store16(out + j * D + v * kWidth, _mm512_mul_ps(acc[j][v], scaled));
+  }
+}
+
+// heads<V, G> over `count` query heads, in chunks of as many as fit the registers
+template <int V, typename T>
+void all_heads(const float* query, const T* keys, const T* values, const int64_t* real,
+               int64_t n, float scale, float* scores, T* out, int64_t count) {
+  constexpr int64_t D = V * kWidth, most = 16 / V;
+  for (int64_t j = 0; j < count; j += most) {
+    const int64_t chunk = std::min(most, count - j);
+    const float* qj = query + j * D;
+    T* oj = out + j * D;
+    if (chunk == 1) heads<V, 1>(qj, keys, values, real, n, scale, scores, oj);
+    if constexpr (most >= 2)
+      if (chunk == 2) heads<V, 2>(qj, keys, values, real, n, scale, scores, oj);
+    if constexpr (most >= 4) {
+      if (chunk == 3) heads<V, 3>(qj, keys, values, real, n, scale, scores, oj);
+      if (chunk == 4) heads<V, 4>(qj, keys, values, real, n, scale, scores, oj);
+    }
+  }
 }
 #else
 constexpr bool kHeadKernel = false;
 
 template <int V, typename T>
-void head(const float*, const T*, const T*, const int64_t*, int64_t, float, float*, T*) {}
+void all_heads(const float*, const T*, const T*, const int64_t*, int64_t, float, float*, T*,
+               int64_t) {}
 #endif
 
 template <typename T>
@@ -244,24 +325,25 @@ struct Attention {
     for (int64_t c = 0; c < columns; ++c)
       if (mask[m * columns + c]) real.push_back(c);
     const int64_t n = static_cast<int64_t>(real.size());
-    scratch.resize(static_cast<size_t>(groups * (n + 2 * D)));
+    scratch.resize(static_cast<size_t>(groups * (2 * n + 2 * D)));
     float* query = scratch.data();  // (groups, D): the rotated query heads, as fp32
     float* acc = query + groups * D;  // (groups, D)
-    float* scores = acc + groups * D;  // n per query head, reused head by head
+    float* scores = acc + groups * D;  // (groups, n)
     for (int64_t j = 0; j < groups; ++j) {
       T rotated[256];
       const int64_t head = g * groups + j;
       rotate(q + m * ldq + head * D, cos + m * D, sin + m * D, rotated, D);
       for (int64_t d = 0; d < D; ++d) query[j * D + d] = widen(rotated[d]);
     }
+    if (kHeadKernel && (D == 64 || D == 128)) {
+      const auto kernel = D == 64 ? all_heads<4, T> : all_heads<8, T>;
+      T* o = out + m * (G * groups * D) + g * groups * D;
+      kernel(query, keys + base, values + base, real.data(), n, scale, scores, o, groups);
+      return;
+    }
     for (int64_t j = 0; j < groups; ++j) {
       const float* qj = query + j * D;
       T* o = out + m * (G * groups * D) + (g * groups + j) * D;
-      if (kHeadKernel && (D == 64 || D == 128)) {
-        const auto kernel = D == 64 ? head<4, T> : head<8, T>;
-        kernel(qj, keys + base, values + base, real.data(), n, scale, scores, o);
-        continue;
-      }
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < n; ++i) {
         scores[i] = dot(qj, keys + base + real[i] * D, D) * scale;
