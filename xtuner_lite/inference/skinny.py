@@ -1,14 +1,17 @@
-"""Our products for a decode step's few rows (``csrc/skinny.cpp``), built on first use.
+"""Our kernels for a decode step's few rows (``csrc/``), built on first use.
 
-Why our own kernel: at a decode step's few rows oneDNN's packed kernels read the weights well below
-the memory's bandwidth, and a decode step is little but those products (docs/benchmarks.md has
-the measurements). Ours streams each 16-column weight block once, prefetched, through a register
-tile of rows (AVX-512: up to 16 rows × two blocks; AVX2: 6 rows × one). fp32 only: in bf16,
-oneDNN's AMX kernels beat a VDPBF16PS version of it (measured, docs/benchmarks.md). It also does a
-step's RMSNorm and rotary embedding in one call each. It needs AVX-512 or AVX2 with FMA, a C++
-compiler and ninja; torch's extension loader builds it on first use (one warning says so) into
-``build_directory(isa)`` and rebuilds it when the source changes. Wherever any of that is missing
-the callers keep oneDNN and torch's ops, with a warning saying why.
+Why our own kernels: at a decode step's few rows oneDNN's packed kernels read the weights well
+below the memory's bandwidth, and a decode step is mostly those products (docs/benchmarks.md has
+the measurements). Ours stream each 16-column weight block once, prefetched: in fp32 through a
+register tile of rows (``csrc/skinny.cpp``; AVX-512: up to 16 rows × two blocks; AVX2: 6 rows ×
+one), in bf16 as AMX B tiles (``csrc/amx.cpp``, on CPUs with AMX; elsewhere oneDNN's bf16
+kernels serve: a VDPBF16PS version of ours was slower than them). The rest of a step is in
+``csrc/step.cpp``: RMSNorm (alone and fused with the residual add before it), rotary embedding,
+the SiLU gating and the attention of one new token a row over the KV cache, one call each; and
+``csrc/layers.cpp`` runs all the layers of a step in one call. It needs AVX-512 or AVX2 with FMA,
+a C++ compiler and ninja; torch's extension loader builds it on first use (one warning says so)
+into ``build_directory(isa)`` and rebuilds it when a source changes. Wherever any of that is
+missing the callers keep oneDNN and torch's ops, with a warning saying why.
 """
 
 from __future__ import annotations
