@@ -406,7 +406,7 @@ class FastDecoder:
     def _layer_plan(self) -> skinny.LayerPlan | None:
         """``decode_layers``' arguments, where every product of every layer is ours and reads
         only its packed weight (no live adapter); else None."""
-        weights, biases, norms, eps, inter = [], [], [], [], None
+        weights, biases, norms, eps = [], [], [], []
         layers = self.inner.layers
         for group in _groups(self.model)[:-1]:
             packed = self._packed_product(group)
@@ -414,8 +414,6 @@ class FastDecoder:
                 return None
             weights.append(packed[0])
             biases.append(packed[1])
-            if len(group) == 2:  # gate/up: the activation's width
-                inter = group[0].out_features if inter is None else inter
         for i, layer in enumerate(layers):
             after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
             for norm in (layer.post_attention_layernorm, after):
@@ -431,7 +429,7 @@ class FastDecoder:
             eps=eps,
             q_size=self.heads * self.head_dim,
             kv_size=self.kv_heads * self.head_dim,
-            inter=inter,
+            inter=_base(layers[0].mlp.gate_proj).out_features,
             scale=scales.pop(),
         )
 
@@ -453,7 +451,7 @@ class FastDecoder:
             if found is None:
                 return None
             (product, packed), bias = found, _base(module).bias
-        return (packed, bias) if KERNELS[product] != "oneDNN" else None
+        return None if product is _onednn else (packed, bias)
 
 
 def _takes_ours_step(inner: nn.Module, dtype: torch.dtype) -> bool:

@@ -124,9 +124,10 @@ def amx_available() -> bool:
 
 @functools.cache
 def _amx_for(isa: str | None) -> bool:
-    if isa != "avx512" or not AMX_FLAGS <= cpu_flags() or _extension(isa) is None:
+    if isa != "avx512" or not AMX_FLAGS <= cpu_flags():
         return False
-    return bool(_extension(isa).amx_ready())
+    extension = _extension(isa)
+    return extension is not None and bool(extension.amx_ready())
 
 
 def supports(weight: torch.Tensor) -> bool:

@@ -5,6 +5,8 @@
 // the AVX-512 build, compiled for AMX per function: the rest of the build runs without it.
 #include "amx.h"
 
+#include "values.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -23,18 +25,8 @@ constexpr int64_t kDepth = 32;  // bf16 values of K per tile row (64 bytes)
 constexpr int64_t kTile = 16;   // rows of a tile
 constexpr int64_t kAhead = 4;   // B tiles of one block prefetched ahead of the one multiplied
 
-uint16_t round_bf16(float x) {  // to nearest even, as torch rounds
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return static_cast<uint16_t>(x != x ? 0x7fc0u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-float widen(uint16_t x) {
-  const uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+using xtuner_lite::round_to;
+using xtuner_lite::widen;
 
 }  // namespace
 
@@ -115,7 +107,7 @@ void run(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, const uint16_t* w,
           for (int64_t n = 0; n < nb * kCols; ++n) {
             const int64_t col = b0 * kCols + n;
             const float sum = out[r * nb * kCols + n] + (bias ? widen(bias[col]) : 0.f);
-            y[(r0 + r) * N + col] = round_bf16(sum);
+            y[(r0 + r) * N + col] = round_to<uint16_t>(sum);
           }
       }
     }

@@ -4,6 +4,8 @@
 // Plain loops over fixed-width lanes, which the compiler vectorizes for the build's ISA.
 #include "step.h"
 
+#include "values.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -18,37 +20,10 @@ namespace {
 constexpr int64_t kWidth = 16;  // partial sums of a dot product: one AVX-512 register of fp32
 constexpr int64_t kAhead = 8;   // columns of the KV cache prefetched ahead of the one read
 
-float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-// Values are float (fp32) or uint16_t (bf16's bits: c10::BFloat16's class keeps loops of it
-// from vectorizing). T's value of fp32 x, rounded to nearest even as torch rounds it.
-template <typename T>
-inline T round_to(float x);
-
-template <>
-inline float round_to<float>(float x) {
-  return x;
-}
-
-template <>
-inline uint16_t round_to<uint16_t>(float x) {
-  const uint32_t u = float_bits(x);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(x != x ? 0x7fc0u : rounded);
-}
-
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) { return bits_float(static_cast<uint32_t>(x) << 16); }
+using xtuner_lite::bits_float;
+using xtuner_lite::float_bits;
+using xtuner_lite::round_to;
+using xtuner_lite::widen;
 
 // exp(x), Cephes' single-precision polynomial (within 2 ulp of the exact value): a loop of it
 // vectorizes, where std::exp is one call per value
@@ -310,7 +285,7 @@ struct Attention {
   const T *q, *k, *v, *cos, *sin;
   int64_t ldq, ldk, ldv;
   T *keys, *values, *out;  // cache buffers (M, G, capacity, D); out (M, H·D)
-  const int64_t* mask;     // (M, length + 1), nonzero where a column is a real token
+  const int64_t *real, *count;  // each row's real columns (M, length + 1; count[m] of them)
   int64_t G, groups, D, capacity, length;
   float scale;
 
@@ -320,11 +295,8 @@ struct Attention {
     T* key = keys + base + length * D;
     rotate(k + m * ldk + g * D, cos + m * D, sin + m * D, key, D);
     std::memcpy(values + base + length * D, v + m * ldv + g * D, D * sizeof(T));
-    std::vector<int64_t> real;  // the row's real columns
-    real.reserve(columns);
-    for (int64_t c = 0; c < columns; ++c)
-      if (mask[m * columns + c]) real.push_back(c);
-    const int64_t n = static_cast<int64_t>(real.size());
+    const int64_t* cols = real + m * columns;  // the row's real columns
+    const int64_t n = count[m];
     scratch.resize(static_cast<size_t>(groups * (2 * n + 2 * D)));
     float* query = scratch.data();  // (groups, D): the rotated query heads, as fp32
     float* acc = query + groups * D;  // (groups, D)
@@ -338,7 +310,7 @@ struct Attention {
     if (kHeadKernel && (D == 64 || D == 128)) {
       const auto kernel = D == 64 ? all_heads<4, T> : all_heads<8, T>;
       T* o = out + m * (G * groups * D) + g * groups * D;
-      kernel(query, keys + base, values + base, real.data(), n, scale, scores, o, groups);
+      kernel(query, keys + base, values + base, cols, n, scale, scores, o, groups);
       return;
     }
     for (int64_t j = 0; j < groups; ++j) {
@@ -346,7 +318,7 @@ struct Attention {
       T* o = out + m * (G * groups * D) + (g * groups + j) * D;
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < n; ++i) {
-        scores[i] = dot(qj, keys + base + real[i] * D, D) * scale;
+        scores[i] = dot(qj, keys + base + cols[i] * D, D) * scale;
         top = scores[i] > top ? scores[i] : top;
       }
       for (int64_t i = 0; i < n; ++i) scores[i] = vexp(scores[i] - top);
@@ -355,7 +327,7 @@ struct Attention {
       float* a = acc + j * D;
       for (int64_t d = 0; d < D; ++d) a[d] = 0.f;
       for (int64_t i = 0; i < n; ++i) {
-        const T* value = values + base + real[i] * D;
+        const T* value = values + base + cols[i] * D;
         const float p = scores[i];
         for (int64_t d = 0; d < D; ++d) a[d] += p * widen(value[d]);
       }
@@ -478,15 +450,24 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
                   mask.size(1) == length + 1 && mask.scalar_type() == at::kLong,
               "skinny.attend: an int64 mask (M, length + 1)");
   auto out = torch::empty({M, G * groups * D}, q.options());
+  const int64_t columns = length + 1;  // each row's real columns, found once for its kv heads
+  std::vector<int64_t> real(M * columns), count(M, 0);
+  const int64_t* flags = mask.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < columns; ++c)
+      if (flags[m * columns + c]) real[m * columns + count[m]++] = c;
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const Attention<scalar_t> work{
-        ptr<scalar_t>(q),      ptr<scalar_t>(k),     ptr<scalar_t>(v),
-        ptr<scalar_t>(cos),    ptr<scalar_t>(sin),   q.stride(0),
-        k.stride(0),                 v.stride(0),                ptr<scalar_t>(keys),
-        ptr<scalar_t>(values), ptr<scalar_t>(out),   mask.data_ptr<int64_t>(),
-        G,                           groups,                     D,
-        capacity,                    length,                     static_cast<float>(scale)};
+    const Attention<scalar_t> work{ptr<scalar_t>(q),      ptr<scalar_t>(k),
+                                   ptr<scalar_t>(v),      ptr<scalar_t>(cos),
+                                   ptr<scalar_t>(sin),    q.stride(0),
+                                   k.stride(0),           v.stride(0),
+                                   ptr<scalar_t>(keys),   ptr<scalar_t>(values),
+                                   ptr<scalar_t>(out),    real.data(),
+                                   count.data(),          G,
+                                   groups,                D,
+                                   capacity,              length,
+                                   static_cast<float>(scale)};
     at::parallel_for(0, M * G, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
       for (int64_t unit = begin; unit < end; ++unit) work.run(unit / G, unit % G, scratch);
