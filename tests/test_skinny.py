@@ -175,15 +175,20 @@ def _attention_reference(q, k, v, cos, sin, keys, values, length, mask, scale):
     return out.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype,tiles", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
 @pytest.mark.parametrize("dim,kv_heads,groups", [(64, 3, 3), (128, 2, 4), (32, 1, 2)])
 @pytest.mark.parametrize("length", [0, 5, 150])
-def test_our_attention_is_sdpa_over_the_cache(isa, dtype, dim, kv_heads, groups, length):
+def test_our_attention_is_sdpa_over_the_cache(isa, dtype, tiles, dim, kv_heads, groups, length):
     """One new token a row against a KV buffer with room (left padding that differs by row,
     a hole in one row, the first step with no column cached): the new key and value land in
     column ``length`` exactly as the torch path writes them, and the output is float64 sdpa's
     within the dtype's rounding; head dims our register kernel serves (64, 128) and one it
-    does not (32)."""
+    does not (32); bf16 scores as AMX tile products (16 adjacent keys; the hole and the
+    padding break some runs) and without."""
+    if tiles and not skinny.amx_available():
+        pytest.skip(f"the {isa} build on this CPU has no AMX tiles")
     gen = torch.Generator().manual_seed(length + dim)
     rows, capacity, heads = 5, length + 7, kv_heads * groups
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
@@ -199,7 +204,7 @@ def test_our_attention_is_sdpa_over_the_cache(isa, dtype, dim, kv_heads, groups,
         mask[1, 10:20] = 0
     want_keys, want_values = keys.clone(), values.clone()
     want = _attention_reference(q, k, v, cos, sin, want_keys, want_values, length, mask, 0.125)
-    got = skinny.attend(q, k, v, cos, sin, (keys, values, length), mask, 0.125)
+    got = skinny.attend(q, k, v, cos, sin, (keys, values, length), mask, 0.125, tiles=tiles)
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance)

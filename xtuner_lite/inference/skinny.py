@@ -7,7 +7,8 @@ register tile of rows (``csrc/skinny.cpp``; AVX-512: up to 16 rows × two blocks
 one), in bf16 as AMX B tiles (``csrc/amx.cpp``, on CPUs with AMX; elsewhere oneDNN's bf16
 kernels serve: a VDPBF16PS version of ours was slower than them). The rest of a step is in
 ``csrc/step.cpp``: RMSNorm (alone and fused with the residual add before it), rotary embedding,
-the SiLU gating and the attention of one new token a row over the KV cache, one call each; and
+the SiLU gating and the attention of one new token a row over the KV cache (its bf16 scores
+as AMX tile products where the CPU has them), one call each; and
 ``csrc/layers.cpp`` runs all the layers of a step in one call. It needs AVX-512 or AVX2 with FMA,
 a C++ compiler and ninja; torch's extension loader builds it on first use (one warning says so)
 into ``build_directory(isa)`` and rebuilds it when a source changes. Wherever any of that is
@@ -195,15 +196,17 @@ def attend(
     cache: tuple[torch.Tensor, torch.Tensor, int],
     mask: torch.Tensor,
     scale: float,
+    tiles: bool = True,
 ) -> torch.Tensor:
     """One decode step's attention of a layer, one new token a row: ``q`` (rows, heads ·
     head_dim) and ``k`` get the rotary embedding, ``k`` and ``v`` (rows, kv_heads · head_dim)
     are stored in the layer's key/value buffers (rows, kv_heads, capacity, head_dim) at column
     ``length`` (``cache``: the two buffers and it), and every query head attends to its kv head's
     columns ``0..length`` where the int64 ``mask`` (rows, length + 1) is nonzero: softmax in
-    fp32, as torch's attention computes it. Returns (rows, heads · head_dim)."""
+    fp32, as torch's attention computes it. In bf16 on a CPU with AMX (``tiles``), the scores
+    of 16 adjacent cached keys are one tile product. Returns (rows, heads · head_dim)."""
     keys, values, length = cache
-    return _module().attend(q, k, v, cos, sin, keys, values, length, mask, scale)
+    return _module().attend(q, k, v, cos, sin, keys, values, length, mask, scale, tiles)
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,30 @@ void run(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, const uint16_t* w,
 }  // namespace
 
 bool amx_ready() { return permitted(); }
+
+void amx_configure() { configure(); }
+
+void amx_release() { release(); }
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_product16(const uint16_t* a, int64_t lda,
+                                                                 const uint16_t* b, int64_t K,
+                                                                 float* out) {
+  _tile_zero(0);
+  for (int64_t c = 0; c < K / kDepth; ++c) {
+    _tile_loadd(2, a + c * kDepth, lda * 2);
+    _tile_loadd(3, b + c * kDepth * kCols, 64);
+    _tile_dpbf16ps(0, 2, 3);
+  }
+  _tile_stored(0, out, kCols * 4);
+}
 #else
 bool amx_ready() { return false; }
+
+void amx_configure() {}
+
+void amx_release() {}
+
+void amx_product16(const uint16_t*, int64_t, const uint16_t*, int64_t, float*) {}
 #endif
 
 torch::Tensor amx_pack(const torch::Tensor& weight) {

@@ -38,7 +38,7 @@ std::vector<torch::Tensor> decode_layers(
     const auto q = qkv.narrow(1, 0, q_size);
     const auto k = qkv.narrow(1, q_size, kv_size);
     const auto v = qkv.narrow(1, q_size + kv_size, kv_size);
-    const auto out = attend(q, k, v, cos, sin, keys[i], values[i], length, mask, scale);
+    const auto out = attend(q, k, v, cos, sin, keys[i], values[i], length, mask, scale, true);
     auto normed = add_rms_norm(h, product(out, w[1], b[1]), norms[2 * i], eps[2 * i]);
     const auto gate_up = product(normed[1], w[2], b[2]);
     const auto act = silu_mul(gate_up.narrow(1, 0, inter), gate_up.narrow(1, inter, inter));

@@ -4,6 +4,7 @@
 // Plain loops over fixed-width lanes, which the compiler vectorizes for the build's ISA.
 #include "step.h"
 
+#include "amx.h"
 #include "values.h"
 
 #include <ATen/Parallel.h>
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -44,13 +46,20 @@ inline float vexp(float x) {
   return p * bits_float(static_cast<uint32_t>(e + 127) << 23);
 }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {  // bf16 is fp32's upper half
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+// x[0] + … + x[n-1] in kWidth lanes, halved at the end (a sum in order is a chain of dependent
+// adds, as long as the row)
+inline float lane_sum(const float* x, int64_t n) {
+  float part[kWidth] = {};
+  const int64_t whole = n - n % kWidth;
+  for (int64_t i = 0; i < whole; i += kWidth)
+    for (int64_t l = 0; l < kWidth; ++l) part[l] += x[i + l];
+  for (int64_t i = whole; i < n; ++i) part[i - whole] += x[i];
+  for (int64_t width = kWidth / 2; width > 0; width /= 2)
+    for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
+  return part[0];
 }
 
+#if defined(__AVX512F__)
 constexpr bool kHeadKernel = true;  // heads<V, G> below serve head dims of 16·V, V in {4, 8}
 
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
@@ -61,6 +70,58 @@ inline void store16(uint16_t* p, __m512 x) {  // round to nearest even, as torch
   const __m512i nan = _mm512_set1_epi32(0x7fc00000);
   const __m512i kept = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), nan, rounded);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(kept, 16)));
+}
+
+// A cached key or value of D = 16·V as V fp32 registers. bf16 in its pairs' order: each 32
+// values as their even and their odd ones (one shift or mask of a 32-value load each, where
+// widening in order costs two steps per 16); the query is laid out in the same order, which
+// a dot product does not see, and the weighted values are put back in order once at the end.
+template <int V>
+inline void load_column(const float* p, __m512* out) {
+  for (int v = 0; v < V; ++v) out[v] = _mm512_loadu_ps(p + v * kWidth);
+}
+template <int V>
+inline void load_column(const uint16_t* p, __m512* out) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  for (int v = 0; v < V; v += 2) {
+    const __m512i pairs = _mm512_loadu_si512(p + v * kWidth);
+    out[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    out[v + 1] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
+  }
+}
+
+// D fp32 values in load_column<V, T>'s order
+template <int V, typename T>
+inline void in_column_order(const float* x, __m512* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    load_column<V>(x, out);
+  } else {
+    const __m512i even =
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (int v = 0; v < V; v += 2) {
+      const __m512 a = _mm512_loadu_ps(x + v * kWidth);
+      const __m512 b = _mm512_loadu_ps(x + (v + 1) * kWidth);
+      out[v] = _mm512_permutex2var_ps(a, even, b);
+      out[v + 1] = _mm512_permutex2var_ps(a, odd, b);
+    }
+  }
+}
+
+// x (in load_column<V, T>'s order) · scale, stored in order as T
+template <int V, typename T>
+inline void store_in_order(const __m512* x, __m512 scale, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int v = 0; v < V; ++v) store16(out + v * kWidth, _mm512_mul_ps(x[v], scale));
+  } else {
+    const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+    for (int v = 0; v < V; v += 2) {
+      const __m512 even = _mm512_mul_ps(x[v], scale), odd = _mm512_mul_ps(x[v + 1], scale);
+      store16(out + v * kWidth, _mm512_permutex2var_ps(even, low, odd));
+      store16(out + (v + 1) * kWidth, _mm512_permutex2var_ps(even, high, odd));
+    }
+  }
 }
 
 // the lane sums of a, b, c and d
@@ -75,16 +136,44 @@ inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+// The scores of G query heads over 16 adjacent cached bf16 keys as one AMX tile product: the
+// keys are the A tile as they lie in the cache, the heads the B tile's columns (the rest zero).
+template <int G, int64_t D>
+struct TileScores {
+  static constexpr int64_t kRows = 16;
+  alignas(64) uint16_t heads[D / 2 * kRows * 2];  // (D/2, 16, 2): pairs of D, for 16 heads
+  alignas(64) float out[kRows * kRows];           // (16 keys, 16 heads)
+
+  explicit TileScores(const float* query) {  // query: G heads of D, bf16 values as fp32
+    std::memset(heads, 0, sizeof heads);
+    for (int j = 0; j < G; ++j)
+      for (int64_t d = 0; d < D; ++d) {  // exact: the values are bf16's
+        const uint32_t bits = float_bits(query[j * D + d]);
+        heads[(d / 2 * kRows + j) * 2 + d % 2] = static_cast<uint16_t>(bits >> 16);
+      }
+  }
+  // scores[j·n + i + r] = scale · key[r]·query[j], top[j] their maximum so far
+  void run(const uint16_t* keys, float scale, float* scores, int64_t n, int64_t i, float* top) {
+    amx_product16(keys, D, heads, D, out);
+    for (int j = 0; j < G; ++j)
+      for (int64_t r = 0; r < kRows; ++r) {
+        const float score = out[r * kRows + j] * scale;
+        scores[j * n + i + r] = score;
+        top[j] = score > top[j] ? score : top[j];
+      }
+  }
+};
+
 // G query heads (D = 16·V each, fp32 in `query`) of one kv head over its n cached columns:
 // each column's key and value read once for all G, scores, softmax and the weighted values
-// accumulated in registers (G·V of them: at most 16); out: the G heads' outputs in T
+// accumulated in registers (G·V of them: at most 16); out: the G heads' outputs in T. With
+// `tiles` (bf16, AMX ready) the scores of 16 adjacent columns are one tile product.
 template <int V, int G, typename T>
 void heads(const float* query, const T* keys, const T* values, const int64_t* real, int64_t n,
-           float scale, float* scores, T* out) {
+           float scale, float* scores, T* out, bool tiles) {
   constexpr int64_t D = V * kWidth, lines = D * sizeof(T) / 64;  // a column's cache lines
   __m512 q[G][V];
-  for (int j = 0; j < G; ++j)
-    for (int v = 0; v < V; ++v) q[j][v] = _mm512_loadu_ps(query + j * D + v * kWidth);
+  for (int j = 0; j < G; ++j) in_column_order<V, T>(query + j * D, q[j]);
   float top[G];
   for (int j = 0; j < G; ++j) top[j] = -std::numeric_limits<float>::infinity();
   // columns four at a time where the registers allow: their sums reduced together (reducing
@@ -100,32 +189,28 @@ void heads(const float* query, const T* keys, const T* values, const int64_t* re
   };
   const auto column = [&](int64_t i, __m512* sums) {  // G partial sums of column real[i]
     __m512 key[V];
-    for (int v = 0; v < V; ++v) key[v] = load16(keys + real[i] * D + v * kWidth);
+    load_column<V>(keys + real[i] * D, key);
     for (int j = 0; j < G; ++j) {
       sums[j] = _mm512_mul_ps(q[j][0], key[0]);
       for (int v = 1; v < V; ++v) sums[j] = _mm512_fmadd_ps(q[j][v], key[v], sums[j]);
     }
   };
-  int64_t i = 0;
-  if constexpr (kFour == 4) {
-    const __m128 scaled = _mm_set1_ps(scale);
-    for (; i + 4 <= n; i += 4) {
-      __m512 sums[4][G];
-      for (int c = 0; c < 4; ++c) {
-        prefetch(i + c);
-        column(i + c, sums[c]);
-      }
-      for (int j = 0; j < G; ++j) {
-        const __m128 four =
-            _mm_mul_ps(reduce4(sums[0][j], sums[1][j], sums[2][j], sums[3][j]), scaled);
-        _mm_storeu_ps(scores + j * n + i, four);
-        alignas(16) float got[4];
-        _mm_store_ps(got, four);
-        for (int c = 0; c < 4; ++c) top[j] = got[c] > top[j] ? got[c] : top[j];
-      }
+  const auto four = [&](int64_t i) {
+    __m512 sums[4][G];
+    for (int c = 0; c < 4; ++c) {
+      prefetch(i + c);
+      column(i + c, sums[c]);
     }
-  }
-  for (; i < n; ++i) {
+    for (int j = 0; j < G; ++j) {
+      const __m128 got4 =
+          _mm_mul_ps(reduce4(sums[0][j], sums[1][j], sums[2][j], sums[3][j]), _mm_set1_ps(scale));
+      _mm_storeu_ps(scores + j * n + i, got4);
+      alignas(16) float got[4];
+      _mm_store_ps(got, got4);
+      for (int c = 0; c < 4; ++c) top[j] = got[c] > top[j] ? got[c] : top[j];
+    }
+  };
+  const auto one = [&](int64_t i) {
     prefetch(i);
     __m512 sums[G];
     column(i, sums);
@@ -134,48 +219,68 @@ void heads(const float* query, const T* keys, const T* values, const int64_t* re
       scores[j * n + i] = score;
       top[j] = score > top[j] ? score : top[j];
     }
+  };
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (tiles) {
+      TileScores<G, D> tile(query);
+      constexpr int64_t rows = TileScores<G, D>::kRows;
+      while (i + rows <= n) {
+        if (real[i + rows - 1] != real[i] + rows - 1) {  // a hole: these columns one by one
+          one(i++);
+          continue;
+        }
+        for (int64_t r = 0; r < rows; ++r)  // this chunk's values, the next chunk's keys
+          for (int64_t l = 0; l < lines; ++l) {
+            _mm_prefetch(reinterpret_cast<const char*>(values + (real[i] + r) * D) + 64 * l,
+                         _MM_HINT_T0);
+            if (i + rows + r < n)
+              _mm_prefetch(reinterpret_cast<const char*>(keys + real[i + rows + r] * D) + 64 * l,
+                           _MM_HINT_T0);
+          }
+        tile.run(keys + real[i] * D, scale, scores, n, i, top);
+        i += rows;
+      }
+    }
   }
+  if constexpr (kFour == 4)
+    for (; i + 4 <= n; i += 4) four(i);
+  for (; i < n; ++i) one(i);
   float inverse[G];
   for (int j = 0; j < G; ++j) {
     float* row = scores + j * n;
     for (int64_t i = 0; i < n; ++i) row[i] = vexp(row[i] - top[j]);
-    float total = 0.f;
-    for (int64_t i = 0; i < n; ++i) total += row[i];
-    inverse[j] = 1.f / total;
+    inverse[j] = 1.f / lane_sum(row, n);
   }
   __m512 acc[G][V];
   for (int j = 0; j < G; ++j)
     for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
     __m512 value[V];
-    for (int v = 0; v < V; ++v) value[v] = load16(values + real[i] * D + v * kWidth);
+    load_column<V>(values + real[i] * D, value);
     for (int j = 0; j < G; ++j) {
       const __m512 p = _mm512_set1_ps(scores[j * n + i]);
       for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(p, value[v], acc[j][v]);
     }
   }
-  for (int j = 0; j < G; ++j) {
-    const __m512 scaled = _mm512_set1_ps(inverse[j]);
-    for (int v = 0; v < V; ++v)
-      store16(out + j * D + v * kWidth, _mm512_mul_ps(acc[j][v], scaled));
-  }
+  for (int j = 0; j < G; ++j) store_in_order<V>(acc[j], _mm512_set1_ps(inverse[j]), out + j * D);
 }
 
 // heads<V, G> over `count` query heads, in chunks of as many as fit the registers
 template <int V, typename T>
 void all_heads(const float* query, const T* keys, const T* values, const int64_t* real,
-               int64_t n, float scale, float* scores, T* out, int64_t count) {
+               int64_t n, float scale, float* scores, T* out, int64_t count, bool tiles) {
   constexpr int64_t D = V * kWidth, most = 16 / V;
   for (int64_t j = 0; j < count; j += most) {
     const int64_t chunk = std::min(most, count - j);
     const float* qj = query + j * D;
     T* oj = out + j * D;
-    if (chunk == 1) heads<V, 1>(qj, keys, values, real, n, scale, scores, oj);
+    if (chunk == 1) heads<V, 1>(qj, keys, values, real, n, scale, scores, oj, tiles);
     if constexpr (most >= 2)
-      if (chunk == 2) heads<V, 2>(qj, keys, values, real, n, scale, scores, oj);
+      if (chunk == 2) heads<V, 2>(qj, keys, values, real, n, scale, scores, oj, tiles);
     if constexpr (most >= 4) {
-      if (chunk == 3) heads<V, 3>(qj, keys, values, real, n, scale, scores, oj);
-      if (chunk == 4) heads<V, 4>(qj, keys, values, real, n, scale, scores, oj);
+      if (chunk == 3) heads<V, 3>(qj, keys, values, real, n, scale, scores, oj, tiles);
+      if (chunk == 4) heads<V, 4>(qj, keys, values, real, n, scale, scores, oj, tiles);
     }
   }
 }
@@ -184,7 +289,7 @@ constexpr bool kHeadKernel = false;
 
 template <int V, typename T>
 void all_heads(const float*, const T*, const T*, const int64_t*, int64_t, float, float*, T*,
-               int64_t) {}
+               int64_t, bool) {}
 #endif
 
 template <typename T>
@@ -288,6 +393,7 @@ struct Attention {
   const int64_t *real, *count;  // each row's real columns (M, length + 1; count[m] of them)
   int64_t G, groups, D, capacity, length;
   float scale;
+  bool tiles;  // bf16 scores of adjacent keys as AMX tile products (the tiles configured)
 
   void run(int64_t m, int64_t g, std::vector<float>& scratch) const {
     const int64_t columns = length + 1;
@@ -310,7 +416,7 @@ struct Attention {
     if (kHeadKernel && (D == 64 || D == 128)) {
       const auto kernel = D == 64 ? all_heads<4, T> : all_heads<8, T>;
       T* o = out + m * (G * groups * D) + g * groups * D;
-      kernel(query, keys + base, values + base, cols, n, scale, scores, o, groups);
+      kernel(query, keys + base, values + base, cols, n, scale, scores, o, groups, tiles);
       return;
     }
     for (int64_t j = 0; j < groups; ++j) {
@@ -322,8 +428,7 @@ struct Attention {
         top = scores[i] > top ? scores[i] : top;
       }
       for (int64_t i = 0; i < n; ++i) scores[i] = vexp(scores[i] - top);
-      float total = 0.f;  // a sum in order: apart from the loop above, which then vectorizes
-      for (int64_t i = 0; i < n; ++i) total += scores[i];
+      const float total = lane_sum(scores, n);
       float* a = acc + j * D;
       for (int64_t d = 0; d < D; ++d) a[d] = 0.f;
       for (int64_t i = 0; i < n; ++i) {
@@ -426,7 +531,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                      const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor keys,
                      torch::Tensor values, int64_t length, const torch::Tensor& mask,
-                     double scale) {
+                     double scale, bool tiles) {
   TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() &&
                   values.sizes() == keys.sizes() && values.scalar_type() == keys.scalar_type(),
               "skinny.attend: key and value buffers (M, kv heads, capacity, D), contiguous");
@@ -456,6 +561,9 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < columns; ++c)
       if (flags[m * columns + c]) real[m * columns + count[m]++] = c;
+  // tile products where asked and possible: bf16, a head kernel, AMX (rows of 32 bf16)
+  const bool use_tiles = tiles && dtype == at::kBFloat16 && kHeadKernel &&
+                         (D == 64 || D == 128) && amx_ready();
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     const Attention<scalar_t> work{ptr<scalar_t>(q),      ptr<scalar_t>(k),
@@ -467,10 +575,13 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
                                    count.data(),          G,
                                    groups,                D,
                                    capacity,              length,
-                                   static_cast<float>(scale)};
+                                   static_cast<float>(scale),
+                                   use_tiles};
     at::parallel_for(0, M * G, 1, [&](int64_t begin, int64_t end) {
+      if (use_tiles) amx_configure();
       std::vector<float> scratch;
       for (int64_t unit = begin; unit < end; ++unit) work.run(unit / G, unit % G, scratch);
+      if (use_tiles) amx_release();
     });
   });
   return out;

@@ -21,8 +21,9 @@ torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const tor
 torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up);
 
 // One new token a row: rotates k into the key buffer's column `length`, stores v, and returns
-// softmax(q·kᵀ·scale over the row's real columns)·v for every query head (M, heads·D)
+// softmax(q·kᵀ·scale over the row's real columns)·v for every query head (M, heads·D); with
+// `tiles`, bf16 scores are AMX tile products where the CPU has them
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                      const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor keys,
                      torch::Tensor values, int64_t length, const torch::Tensor& mask,
-                     double scale);
+                     double scale, bool tiles);
