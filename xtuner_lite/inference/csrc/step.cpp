@@ -72,6 +72,49 @@ inline void store16(uint16_t* p, __m512 x) {  // round to nearest even, as torch
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(kept, 16)));
 }
 
+// 16 values of T as fp32
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // bf16 is fp32's upper half
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// widen(round_to<T>(x)) of 16 values: as store16 rounds, kept in fp32
+template <typename T>
+inline __m512 rounded(__m512 x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
+    const __m512i high = _mm512_and_si512(up, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u)));
+    const __m512i nan = _mm512_set1_epi32(0x7fc00000);
+    return _mm512_castsi512_ps(
+        _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), nan, high));
+  }
+}
+
+// vexp of 16 values, the same operations in the same order (so the same bits)
+inline __m512 vexp16(__m512 x) {
+  const auto c = [](float v) { return _mm512_set1_ps(v); };
+  // max's second operand is its result where one is NaN: a NaN stays NaN, as in vexp
+  x = _mm512_min_ps(c(88.7f), _mm512_max_ps(c(-87.3f), x));
+  const __m512 shifted = _mm512_add_ps(_mm512_mul_ps(x, c(1.44269504088896341f)), c(12582912.f));
+  const __m512 n = _mm512_sub_ps(shifted, c(12582912.f));
+  const __m512i e = _mm512_sub_epi32(_mm512_castps_si512(shifted),
+                                     _mm512_castps_si512(c(12582912.f)));
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, c(-2.12194440e-4f)));
+  __m512 p = c(1.9875691500e-4f);
+  for (const float k : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f})
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), c(k));
+  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), c(1.f));
+  const __m512i power = _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(power));
+}
+
 // A cached key or value of D = 16·V as V fp32 registers. bf16 in its pairs' order: each 32
 // values as their even and their odd ones (one shift or mask of a 32-value load each, where
 // widening in order costs two steps per 16); the query is laid out in the same order, which
@@ -320,30 +363,59 @@ void rotate(const T* in, const T* c, const T* s, T* out, int64_t D) {
   }
 }
 
-// transformers' RMSNorm of one row: x · rsqrt(mean(x²) + eps) in fp32, rounded to T, times weight
+// transformers' RMSNorm of one row: x · rsqrt(mean(x²) + eps) in fp32, rounded to T, times
+// weight. The AVX-512 build's vector loops are these loops' operations in the same order (the
+// compiler leaves the bf16 conversions of the plain loops partly scalar).
 template <typename T>
 void rms_row(const T* row, const T* weight, T* y, int64_t K, float eps) {
   float part[kWidth] = {};  // lanes of the sum of squares, as a vectorized reduction keeps them
   const int64_t whole = K - K % kWidth;
-  for (int64_t k = 0; k < whole; k += kWidth)
+  int64_t done = 0;
+#if defined(__AVX512F__)
+  __m512 squares = _mm512_setzero_ps();
+  for (; done < whole; done += kWidth) {
+    const __m512 x = load16(row + done);
+    squares = _mm512_add_ps(squares, _mm512_mul_ps(x, x));
+  }
+  _mm512_storeu_ps(part, squares);
+#endif
+  for (int64_t k = done; k < whole; k += kWidth)
     for (int64_t l = 0; l < kWidth; ++l) part[l] += widen(row[k + l]) * widen(row[k + l]);
   for (int64_t k = whole; k < K; ++k) part[0] += widen(row[k]) * widen(row[k]);
   for (int64_t width = kWidth / 2; width > 0; width /= 2)
     for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
   const float scale = 1.f / std::sqrt(part[0] / static_cast<float>(K) + eps);
-  for (int64_t k = 0; k < K; ++k) {
+  done = 0;
+#if defined(__AVX512F__)
+  for (; done < whole; done += kWidth) {
+    const __m512 normed = rounded<T>(_mm512_mul_ps(load16(row + done), _mm512_set1_ps(scale)));
+    store16(y + done, _mm512_mul_ps(load16(weight + done), normed));
+  }
+#endif
+  for (int64_t k = done; k < K; ++k) {
     const T normed = round_to<T>(widen(row[k]) * scale);
     y[k] = round_to<T>(widen(weight[k]) * widen(normed));
   }
 }
 
-// y = silu(gate) · up, each rounded to T as torch's ops round. In chunks through an fp32
-// buffer: a loop from bf16 through the exponential's integer work back to bf16 does not vectorize
+// y = silu(gate) · up, each rounded to T as torch's ops round. The plain loops go in chunks
+// through an fp32 buffer: a loop from bf16 through the exponential's integer work back to bf16
+// does not vectorize (the AVX-512 build's vector loop is the same operations)
 template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* y, int64_t N) {
+  int64_t done = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; done + kWidth <= N; done += kWidth) {
+    const __m512 g = load16(gate + done);
+    const __m512 negated = _mm512_sub_ps(_mm512_setzero_ps(), g);
+    const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, vexp16(negated)));
+    store16(y + done, _mm512_mul_ps(rounded<T>(act), load16(up + done)));
+  }
+#endif
   constexpr int64_t kChunk = 256;
   float act[kChunk];
-  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+  for (int64_t n0 = done; n0 < N; n0 += kChunk) {
     const int64_t n1 = std::min(N, n0 + kChunk);
     for (int64_t n = n0; n < n1; ++n) act[n - n0] = widen(gate[n]);
     for (int64_t i = 0; i < n1 - n0; ++i) act[i] = act[i] / (1.f + vexp(-act[i]));
@@ -355,7 +427,12 @@ void silu_mul_row(const T* gate, const T* up, T* y, int64_t N) {
 // y = a + b, rounded to T as torch's add rounds
 template <typename T>
 void add(const T* a, const T* b, T* y, int64_t K) {
-  for (int64_t k = 0; k < K; ++k) y[k] = round_to<T>(widen(a[k]) + widen(b[k]));
+  int64_t done = 0;
+#if defined(__AVX512F__)
+  for (; done + kWidth <= K; done += kWidth)
+    store16(y + done, _mm512_add_ps(load16(a + done), load16(b + done)));
+#endif
+  for (int64_t k = done; k < K; ++k) y[k] = round_to<T>(widen(a[k]) + widen(b[k]));
 }
 
 // f(T{}) for the value type T of the dtype our ops take (check_dtype first)
