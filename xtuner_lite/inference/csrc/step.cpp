@@ -79,42 +79,6 @@ inline __m512 load16(const uint16_t* p) {  // bf16 is fp32's upper half
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-// widen(round_to<T>(x)) of 16 values: as store16 rounds, kept in fp32
-template <typename T>
-inline __m512 rounded(__m512 x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else {
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
-    const __m512i high = _mm512_and_si512(up, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u)));
-    const __m512i nan = _mm512_set1_epi32(0x7fc00000);
-    return _mm512_castsi512_ps(
-        _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), nan, high));
-  }
-}
-
-// vexp of 16 values, the same operations in the same order (so the same bits)
-inline __m512 vexp16(__m512 x) {
-  const auto c = [](float v) { return _mm512_set1_ps(v); };
-  // max's second operand is its result where one is NaN: a NaN stays NaN, as in vexp
-  x = _mm512_min_ps(c(88.7f), _mm512_max_ps(c(-87.3f), x));
-  const __m512 shifted = _mm512_add_ps(_mm512_mul_ps(x, c(1.44269504088896341f)), c(12582912.f));
-  const __m512 n = _mm512_sub_ps(shifted, c(12582912.f));
-  const __m512i e = _mm512_sub_epi32(_mm512_castps_si512(shifted),
-                                     _mm512_castps_si512(c(12582912.f)));
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693359375f)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(n, c(-2.12194440e-4f)));
-  __m512 p = c(1.9875691500e-4f);
-  for (const float k : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
-                        5.0000001201e-1f})
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), c(k));
-  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), c(1.f));
-  const __m512i power = _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(power));
-}
-
 // A cached key or value of D = 16·V as V fp32 registers. bf16 in its pairs' order: each 32
 // values as their even and their odd ones (one shift or mask of a 32-value load each, where
 // widening in order costs two steps per 16); the query is laid out in the same order, which
@@ -327,12 +291,252 @@ void all_heads(const float* query, const T* keys, const T* values, const int64_t
     }
   }
 }
+#elif defined(__AVX2__)
+constexpr bool kHeadKernel = true;  // heads8<U, G> below serve head dims of 8·U, U in {8, 16}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // bf16 is fp32's upper half
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void store8(uint16_t* p, __m256 x) {  // round to nearest even, as torch does
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd);
+  const __m256i nan = _mm256_set1_epi32(0x7fc00000);
+  const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q));
+  const __m256i kept = _mm256_srli_epi32(_mm256_blendv_epi8(nan, rounded, ordered), 16);
+  // packing works per 128-bit half: the two halves' four values each, then put side by side
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(kept, kept), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+// the lane sums of a, b, c and d
+inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// heads<V, G>'s work on AVX2's 16 registers of 8 lanes (D = 8·U): the query is read from the
+// cache, not held, and the weighted values are summed 16 of D at a time, the row's values read
+// again from the cache for each 16.
+template <int U, int G, typename T>
+void heads8(const float* query, const T* keys, const T* values, const int64_t* real, int64_t n,
+            float scale, float* scores, T* out) {
+  constexpr int64_t D = U * 8, lines = D * sizeof(T) / 64;  // a column's cache lines
+  float top[G];
+  for (int j = 0; j < G; ++j) top[j] = -std::numeric_limits<float>::infinity();
+  const auto prefetch = [&](int64_t i) {  // the cache is read from memory once: fetch ahead
+    if (i + kAhead < n)
+      for (int64_t l = 0; l < lines; ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(keys + real[i + kAhead] * D) + 64 * l,
+                     _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(values + real[i] * D) + 64 * l, _MM_HINT_T0);
+      }
+  };
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {  // four columns' sums reduced together
+    __m256 sums[4][G];
+    for (int c = 0; c < 4; ++c) {
+      prefetch(i + c);
+      for (int j = 0; j < G; ++j) sums[c][j] = _mm256_setzero_ps();
+      const T* key = keys + real[i + c] * D;
+      for (int u = 0; u < U; ++u) {
+        const __m256 k = load8(key + u * 8);
+        for (int j = 0; j < G; ++j)
+          sums[c][j] = _mm256_fmadd_ps(_mm256_loadu_ps(query + j * D + u * 8), k, sums[c][j]);
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      const __m128 four =
+          _mm_mul_ps(reduce4(sums[0][j], sums[1][j], sums[2][j], sums[3][j]), _mm_set1_ps(scale));
+      _mm_storeu_ps(scores + j * n + i, four);
+      alignas(16) float got[4];
+      _mm_store_ps(got, four);
+      for (int c = 0; c < 4; ++c) top[j] = got[c] > top[j] ? got[c] : top[j];
+    }
+  }
+  for (; i < n; ++i) {
+    prefetch(i);
+    const T* key = keys + real[i] * D;
+    for (int j = 0; j < G; ++j) {
+      __m256 sum = _mm256_setzero_ps();
+      for (int u = 0; u < U; ++u)
+        sum = _mm256_fmadd_ps(_mm256_loadu_ps(query + j * D + u * 8), load8(key + u * 8), sum);
+      const __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+      const __m128 pair = _mm_hadd_ps(half, half);
+      const float score = _mm_cvtss_f32(_mm_hadd_ps(pair, pair)) * scale;
+      scores[j * n + i] = score;
+      top[j] = score > top[j] ? score : top[j];
+    }
+  }
+  float inverse[G];
+  for (int j = 0; j < G; ++j) {
+    float* row = scores + j * n;
+    for (int64_t c = 0; c < n; ++c) row[c] = vexp(row[c] - top[j]);
+    inverse[j] = 1.f / lane_sum(row, n);
+  }
+  for (int u = 0; u < U; u += 2) {  // 16 of D at a time: 2·G accumulators
+    __m256 acc[2][G];
+    for (int j = 0; j < G; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < n; ++c) {
+      const T* value = values + real[c] * D + u * 8;
+      const __m256 lo = load8(value), hi = load8(value + 8);
+      for (int j = 0; j < G; ++j) {
+        const __m256 p = _mm256_broadcast_ss(scores + j * n + c);
+        acc[0][j] = _mm256_fmadd_ps(p, lo, acc[0][j]);
+        acc[1][j] = _mm256_fmadd_ps(p, hi, acc[1][j]);
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      const __m256 scaled = _mm256_set1_ps(inverse[j]);
+      store8(out + j * D + u * 8, _mm256_mul_ps(acc[0][j], scaled));
+      store8(out + j * D + u * 8 + 8, _mm256_mul_ps(acc[1][j], scaled));
+    }
+  }
+}
+
+// heads8 over `count` query heads, three at a time (4·3 sums and a key fill the registers)
+template <int V, typename T>
+void all_heads(const float* query, const T* keys, const T* values, const int64_t* real,
+               int64_t n, float scale, float* scores, T* out, int64_t count, bool) {
+  constexpr int64_t D = V * kWidth, U = D / 8;
+  for (int64_t j = 0; j < count; j += 3) {
+    const int64_t chunk = std::min<int64_t>(3, count - j);
+    const float* qj = query + j * D;
+    T* oj = out + j * D;
+    if (chunk == 1) heads8<U, 1>(qj, keys, values, real, n, scale, scores, oj);
+    if (chunk == 2) heads8<U, 2>(qj, keys, values, real, n, scale, scores, oj);
+    if (chunk == 3) heads8<U, 3>(qj, keys, values, real, n, scale, scores, oj);
+  }
+}
 #else
 constexpr bool kHeadKernel = false;
 
 template <int V, typename T>
 void all_heads(const float*, const T*, const T*, const int64_t*, int64_t, float, float*, T*,
                int64_t, bool) {}
+#endif
+
+// 16 fp32 values in registers — one AVX-512 register, or two of AVX2 — for the elementwise
+// loops below: written once for both builds, the same operations in the same order as the plain
+// loops (whose bf16 conversions the compiler leaves partly scalar).
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+struct Lanes {
+  __m512 v;
+};
+inline Lanes lanes(float x) { return {_mm512_set1_ps(x)}; }
+template <typename T>
+inline Lanes load_lanes(const T* p) { return {load16(p)}; }
+template <typename T>
+inline void store_lanes(T* p, Lanes x) { store16(p, x.v); }
+inline void spill(Lanes x, float* out) { _mm512_storeu_ps(out, x.v); }
+inline Lanes operator+(Lanes a, Lanes b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Lanes operator-(Lanes a, Lanes b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline Lanes operator*(Lanes a, Lanes b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Lanes operator/(Lanes a, Lanes b) { return {_mm512_div_ps(a.v, b.v)}; }
+// max's second operand is its result where one is NaN: a NaN stays NaN, as in vexp
+inline Lanes clamp(Lanes x, float low, float high) {
+  return {_mm512_min_ps(_mm512_set1_ps(high), _mm512_max_ps(_mm512_set1_ps(low), x.v))};
+}
+// 2^(bits(shifted) - bits(base)), the exponent vexp builds
+inline Lanes power_of_two(Lanes shifted, float base) {
+  const __m512i e = _mm512_sub_epi32(_mm512_castps_si512(shifted.v),
+                                     _mm512_castps_si512(_mm512_set1_ps(base)));
+  const __m512i biased = _mm512_add_epi32(e, _mm512_set1_epi32(127));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(biased, 23))};
+}
+// widen(round_to<uint16_t>(x)): bf16's rounding, kept in fp32
+inline Lanes bf16_rounded(Lanes x) {
+  const __m512i bits = _mm512_castps_si512(x.v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
+  const __m512i mask = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  const __m512i high = _mm512_and_si512(up, mask);
+  const __mmask16 ordered = _mm512_cmp_ps_mask(x.v, x.v, _CMP_ORD_Q);
+  const __m512i nan = _mm512_set1_epi32(0x7fc00000);
+  return {_mm512_castsi512_ps(_mm512_mask_blend_epi32(ordered, nan, high))};
+}
+#else
+struct Lanes {
+  __m256 lo, hi;
+};
+inline Lanes lanes(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+template <typename T>
+inline Lanes load_lanes(const T* p) { return {load8(p), load8(p + 8)}; }
+template <typename T>
+inline void store_lanes(T* p, Lanes x) {
+  store8(p, x.lo);
+  store8(p + 8, x.hi);
+}
+inline void spill(Lanes x, float* out) {
+  _mm256_storeu_ps(out, x.lo);
+  _mm256_storeu_ps(out + 8, x.hi);
+}
+inline Lanes operator+(Lanes a, Lanes b) {
+  return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+}
+inline Lanes operator-(Lanes a, Lanes b) {
+  return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)};
+}
+inline Lanes operator*(Lanes a, Lanes b) {
+  return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
+}
+inline Lanes operator/(Lanes a, Lanes b) {
+  return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)};
+}
+inline Lanes clamp(Lanes x, float low, float high) {  // NaN kept, as above
+  const __m256 l = _mm256_set1_ps(low), h = _mm256_set1_ps(high);
+  return {_mm256_min_ps(h, _mm256_max_ps(l, x.lo)), _mm256_min_ps(h, _mm256_max_ps(l, x.hi))};
+}
+inline Lanes power_of_two(Lanes shifted, float base) {
+  const __m256i b = _mm256_castps_si256(_mm256_set1_ps(base)), bias = _mm256_set1_epi32(127);
+  const auto half = [&](__m256 s) {
+    const __m256i e = _mm256_sub_epi32(_mm256_castps_si256(s), b);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, bias), 23));
+  };
+  return {half(shifted.lo), half(shifted.hi)};
+}
+inline Lanes bf16_rounded(Lanes x) {
+  const auto half = [](__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i up = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd);
+    const __m256i high =
+        _mm256_and_si256(up, _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u)));
+    const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(_mm256_set1_epi32(0x7fc00000), high, ordered));
+  };
+  return {half(x.lo), half(x.hi)};
+}
+#endif
+
+// widen(round_to<T>(x)) of 16 values
+template <typename T>
+inline Lanes rounded(Lanes x) {
+  if constexpr (std::is_same_v<T, float>)
+    return x;
+  else
+    return bf16_rounded(x);
+}
+
+// vexp of 16 values: its operations in its order (so its bits)
+inline Lanes vexp(Lanes x) {
+  x = clamp(x, -87.3f, 88.7f);
+  const Lanes shifted = x * lanes(1.44269504088896341f) + lanes(12582912.f);
+  const Lanes n = shifted - lanes(12582912.f);
+  Lanes r = x - n * lanes(0.693359375f);
+  r = r - n * lanes(-2.12194440e-4f);
+  Lanes p = lanes(1.9875691500e-4f);
+  for (const float k : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f})
+    p = p * r + lanes(k);
+  p = p * (r * r) + r + lanes(1.f);
+  return p * power_of_two(shifted, 12582912.f);
+}
 #endif
 
 template <typename T>
@@ -371,13 +575,13 @@ void rms_row(const T* row, const T* weight, T* y, int64_t K, float eps) {
   float part[kWidth] = {};  // lanes of the sum of squares, as a vectorized reduction keeps them
   const int64_t whole = K - K % kWidth;
   int64_t done = 0;
-#if defined(__AVX512F__)
-  __m512 squares = _mm512_setzero_ps();
+#if defined(__AVX512F__) || defined(__AVX2__)
+  Lanes squares = lanes(0.f);
   for (; done < whole; done += kWidth) {
-    const __m512 x = load16(row + done);
-    squares = _mm512_add_ps(squares, _mm512_mul_ps(x, x));
+    const Lanes x = load_lanes(row + done);
+    squares = squares + x * x;
   }
-  _mm512_storeu_ps(part, squares);
+  spill(squares, part);
 #endif
   for (int64_t k = done; k < whole; k += kWidth)
     for (int64_t l = 0; l < kWidth; ++l) part[l] += widen(row[k + l]) * widen(row[k + l]);
@@ -386,10 +590,10 @@ void rms_row(const T* row, const T* weight, T* y, int64_t K, float eps) {
     for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
   const float scale = 1.f / std::sqrt(part[0] / static_cast<float>(K) + eps);
   done = 0;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
   for (; done < whole; done += kWidth) {
-    const __m512 normed = rounded<T>(_mm512_mul_ps(load16(row + done), _mm512_set1_ps(scale)));
-    store16(y + done, _mm512_mul_ps(load16(weight + done), normed));
+    const Lanes normed = rounded<T>(load_lanes(row + done) * lanes(scale));
+    store_lanes(y + done, load_lanes(weight + done) * normed);
   }
 #endif
   for (int64_t k = done; k < K; ++k) {
@@ -404,13 +608,11 @@ void rms_row(const T* row, const T* weight, T* y, int64_t K, float eps) {
 template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* y, int64_t N) {
   int64_t done = 0;
-#if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.f);
+#if defined(__AVX512F__) || defined(__AVX2__)
   for (; done + kWidth <= N; done += kWidth) {
-    const __m512 g = load16(gate + done);
-    const __m512 negated = _mm512_sub_ps(_mm512_setzero_ps(), g);
-    const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, vexp16(negated)));
-    store16(y + done, _mm512_mul_ps(rounded<T>(act), load16(up + done)));
+    const Lanes g = load_lanes(gate + done);
+    const Lanes act = g / (lanes(1.f) + vexp(lanes(0.f) - g));
+    store_lanes(y + done, rounded<T>(act) * load_lanes(up + done));
   }
 #endif
   constexpr int64_t kChunk = 256;
@@ -428,9 +630,9 @@ void silu_mul_row(const T* gate, const T* up, T* y, int64_t N) {
 template <typename T>
 void add(const T* a, const T* b, T* y, int64_t K) {
   int64_t done = 0;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
   for (; done + kWidth <= K; done += kWidth)
-    store16(y + done, _mm512_add_ps(load16(a + done), load16(b + done)));
+    store_lanes(y + done, load_lanes(a + done) + load_lanes(b + done));
 #endif
   for (int64_t k = done; k < K; ++k) y[k] = round_to<T>(widen(a[k]) + widen(b[k]));
 }
