@@ -66,7 +66,8 @@ def test_weights_it_does_not_take_are_left_to_onednn():
 def test_our_amx_products_are_f_linears_in_bf16(rows, out_features, in_features):
     """One block, an odd number of blocks, the model's widths; one row tile, a partial second;
     with a bias and without: every value F.linear's (oneDNN's AMX kernel, which sums in the
-    same order) up to 17 rows; past them, within one bf16 rounding of the exact product."""
+    same order) up to 17 rows; past them, within one bf16 rounding of the exact product; the
+    widened product (the decoder's logits) is the bf16 one as fp32, bit for bit."""
     gen = torch.Generator().manual_seed(rows * out_features)
     weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).to(torch.bfloat16)
     x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
@@ -80,6 +81,8 @@ def test_our_amx_products_are_f_linears_in_bf16(rows, out_features, in_features)
             assert torch.equal(got, F.linear(x, weight, b))
         exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
         torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-3)
+        widened = skinny.amx_linear(x, packed, b, widened=True)
+        assert widened.dtype == torch.float32 and torch.equal(widened, got.float())
 
 
 @needs_kernel

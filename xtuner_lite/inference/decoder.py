@@ -388,7 +388,7 @@ class FastDecoder:
             slots = (cache.keys, cache.values, cache.length)
             h, x = skinny.decode_layers(h, x, cos, sin, mask, slots, self._plan)
             cache.advance(1)
-            return self._linear(self.model.lm_head, x).float()
+            return self._logits(x)
         for i, layer in enumerate(layers):
             attn, mlp, post = layer.self_attn, layer.mlp, layer.post_attention_layernorm
             q, k, v = map(_unit_columns, self._project((attn.q_proj, attn.k_proj, attn.v_proj), x))
@@ -401,7 +401,16 @@ class FastDecoder:
             after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
             h, x = skinny.add_rms_norm(h, delta, after.weight, after.variance_epsilon)
         cache.advance(1)
-        return self._linear(self.model.lm_head, x).float()
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the final norm's rows ``x``: a bf16 head on AMX writes its bf16
+        values straight as fp32, with no conversion pass after the product."""
+        head = self.model.lm_head
+        packed = self._packed.get(head)
+        if packed is not None and packed[0] is skinny.amx_linear:
+            return skinny.amx_linear(x, packed[1], head.bias, widened=True)
+        return self._linear(head, x).float()
 
     def _layer_plan(self) -> skinny.LayerPlan | None:
         """``decode_layers``' arguments, where every product of every layer is ours and reads

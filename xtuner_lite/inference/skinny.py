@@ -154,9 +154,13 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     return _module().linear(x.contiguous(), packed, bias)
 
 
-def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``linear`` of bf16 ``x`` and weight on AMX tiles (fp32 sums, one rounding to bf16)."""
-    return _module().amx_linear(x, packed, bias)
+def amx_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, widened: bool = False
+) -> torch.Tensor:
+    """``linear`` of bf16 ``x`` and weight on AMX tiles (fp32 sums, one rounding to bf16);
+    ``widened``: those bf16 values returned as fp32 (what ``.float()`` of the result gives,
+    without the second pass over it)."""
+    return _module().amx_linear(x, packed, bias, widened)
 
 
 def product_for(weight: torch.Tensor) -> Callable:

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
 #define XTUNER_AMX 1
@@ -88,9 +89,11 @@ __attribute__((target("amx-tile"))) void configure() { _tile_loadconfig(&kLayout
 
 __attribute__((target("amx-tile"))) void release() { _tile_release(); }
 
-// y (M, N) = x (Mp, K, rows past M zero) · W ᵀ + bias; threads split the pairs of blocks
+// y (M, N) = x (Mp, K, rows past M zero) · W ᵀ + bias, rounded to bf16 (stored as such, or
+// widened to fp32: Y); threads split the pairs of blocks
+template <typename Y>
 void run(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, const uint16_t* w, int64_t N,
-         const uint16_t* bias, uint16_t* y) {
+         const uint16_t* bias, Y* y) {
   const int64_t blocks = N / kCols, pairs = (blocks + 1) / 2;
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     configure();  // the tile layout is per thread, and oneDNN's kernels set their own
@@ -107,7 +110,11 @@ void run(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, const uint16_t* w,
           for (int64_t n = 0; n < nb * kCols; ++n) {
             const int64_t col = b0 * kCols + n;
             const float sum = out[r * nb * kCols + n] + (bias ? widen(bias[col]) : 0.f);
-            y[(r0 + r) * N + col] = round_to<uint16_t>(sum);
+            const uint16_t rounded = round_to<uint16_t>(sum);
+            if constexpr (std::is_same_v<Y, float>)
+              y[(r0 + r) * N + col] = widen(rounded);
+            else
+              y[(r0 + r) * N + col] = rounded;
           }
       }
     }
@@ -153,7 +160,7 @@ torch::Tensor amx_pack(const torch::Tensor& weight) {
 }
 
 torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed,
-                         const c10::optional<torch::Tensor>& bias) {
+                         const c10::optional<torch::Tensor>& bias, bool widened) {
   TORCH_CHECK(amx_ready(), "skinny.amx_linear: this build or process has no AMX tiles");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
                   packed.scalar_type() == at::kBFloat16 && packed.is_contiguous(),
@@ -172,12 +179,15 @@ torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed,
     rows = torch::zeros({Mp, K}, x.options());
     rows.narrow(0, 0, M).copy_(x);
   }
-  auto y = torch::empty({M, N}, x.options());
+  auto y = torch::empty({M, N}, x.options().dtype(widened ? at::kFloat : at::kBFloat16));
 #if defined(XTUNER_AMX)
-  run(static_cast<const uint16_t*>(rows.data_ptr()), M, Mp, K,
-      static_cast<const uint16_t*>(packed.data_ptr()), N,
-      has_bias ? static_cast<const uint16_t*>(bias->data_ptr()) : nullptr,
-      static_cast<uint16_t*>(y.data_ptr()));
+  const auto* in = static_cast<const uint16_t*>(rows.data_ptr());
+  const auto* weight = static_cast<const uint16_t*>(packed.data_ptr());
+  const auto* b = has_bias ? static_cast<const uint16_t*>(bias->data_ptr()) : nullptr;
+  if (widened)
+    run(in, M, Mp, K, weight, N, b, y.data_ptr<float>());
+  else
+    run(in, M, Mp, K, weight, N, b, static_cast<uint16_t*>(y.data_ptr()));
 #endif
   return y;
 }

@@ -18,6 +18,7 @@ void amx_product16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t K,
 // bf16 weight (N, K) -> its blocks (N/16, K/2, 16, 2): the tile layout of amx_linear's B
 torch::Tensor amx_pack(const torch::Tensor& weight);
 
-// bf16 x (M, K) · the packed weight's W (N, K)ᵀ + bias (N) -> (M, N) bf16, fp32 sums
+// bf16 x (M, K) · the packed weight's W (N, K)ᵀ + bias (N) -> (M, N) bf16, fp32 sums; with
+// `widened`, the same bf16 values as fp32 (logits, without a conversion after)
 torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed,
-                         const c10::optional<torch::Tensor>& bias);
+                         const c10::optional<torch::Tensor>& bias, bool widened);

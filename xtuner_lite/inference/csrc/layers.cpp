@@ -12,7 +12,7 @@ namespace {
 // the packed weight's product: fp32 (our blocked layout) or bf16 (AMX tiles)
 torch::Tensor product(const torch::Tensor& x, const torch::Tensor& packed,
                       const c10::optional<torch::Tensor>& bias) {
-  return packed.scalar_type() == at::kBFloat16 ? amx_linear(x, packed, bias)
+  return packed.scalar_type() == at::kBFloat16 ? amx_linear(x, packed, bias, false)
                                                : ::linear(x, packed, bias);  // not at::linear
 }
 
