@@ -59,17 +59,45 @@ inline float lane_sum(const float* x, int64_t n) {
   return part[0];
 }
 
+// The cache is read from memory once: the key of column real[i + kAhead] and the value of
+// column real[i] (read after every score) fetched ahead of their reads
+template <typename T>
+inline void fetch_ahead(const T* keys, const T* values, const int64_t* real, int64_t i,
+                        int64_t n, int64_t D) {
+  if (i + kAhead >= n) return;
+  for (int64_t l = 0; l < D * static_cast<int64_t>(sizeof(T)) / 64; ++l) {
+    _mm_prefetch(reinterpret_cast<const char*>(keys + real[i + kAhead] * D) + 64 * l,
+                 _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(values + real[i] * D) + 64 * l, _MM_HINT_T0);
+  }
+}
+
+// four scores stored at `at`, `top` raised to the largest of them
+inline void keep_four(__m128 four, float* at, float& top) {
+  _mm_storeu_ps(at, four);
+  alignas(16) float got[4];
+  _mm_store_ps(got, four);
+  for (int c = 0; c < 4; ++c) top = got[c] > top ? got[c] : top;
+}
+
 #if defined(__AVX512F__)
 constexpr bool kHeadKernel = true;  // heads<V, G> below serve head dims of 16·V, V in {4, 8}
 
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(uint16_t* p, __m512 x) {  // round to nearest even, as torch does
+// widen(round_to<uint16_t>(x)) of 16 values: bf16's rounding to nearest even, as torch's
+inline __m512 bf16_round(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
+  const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
+  const __m512i high = _mm512_and_si512(up, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u)));
+  const __mmask16 ordered = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
   const __m512i nan = _mm512_set1_epi32(0x7fc00000);
-  const __m512i kept = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), nan, rounded);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(kept, 16)));
+  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(ordered, nan, high));
+}
+
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(uint16_t* p, __m512 x) {
+  const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(bf16_round(x)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
 }
 
 // 16 values of T as fp32
@@ -186,14 +214,7 @@ void heads(const float* query, const T* keys, const T* values, const int64_t* re
   // columns four at a time where the registers allow: their sums reduced together (reducing
   // each column's 16 lanes alone costs more than its products)
   constexpr int64_t kFour = G * V + V + 4 * G <= 30 ? 4 : 1;
-  const auto prefetch = [&](int64_t i) {  // the cache is read from memory once: fetch ahead
-    if (i + kAhead < n)
-      for (int64_t l = 0; l < lines; ++l) {
-        _mm_prefetch(reinterpret_cast<const char*>(keys + real[i + kAhead] * D) + 64 * l,
-                     _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(values + real[i] * D) + 64 * l, _MM_HINT_T0);
-      }
-  };
+  const auto prefetch = [&](int64_t i) { fetch_ahead(keys, values, real, i, n, D); };
   const auto column = [&](int64_t i, __m512* sums) {  // G partial sums of column real[i]
     __m512 key[V];
     load_column<V>(keys + real[i] * D, key);
@@ -209,12 +230,8 @@ void heads(const float* query, const T* keys, const T* values, const int64_t* re
       column(i + c, sums[c]);
     }
     for (int j = 0; j < G; ++j) {
-      const __m128 got4 =
-          _mm_mul_ps(reduce4(sums[0][j], sums[1][j], sums[2][j], sums[3][j]), _mm_set1_ps(scale));
-      _mm_storeu_ps(scores + j * n + i, got4);
-      alignas(16) float got[4];
-      _mm_store_ps(got, got4);
-      for (int c = 0; c < 4; ++c) top[j] = got[c] > top[j] ? got[c] : top[j];
+      const __m128 sums4 = reduce4(sums[0][j], sums[1][j], sums[2][j], sums[3][j]);
+      keep_four(_mm_mul_ps(sums4, _mm_set1_ps(scale)), scores + j * n + i, top[j]);
     }
   };
   const auto one = [&](int64_t i) {
@@ -300,14 +317,19 @@ inline __m256 load8(const uint16_t* p) {  // bf16 is fp32's upper half
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
 
-inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
-inline void store8(uint16_t* p, __m256 x) {  // round to nearest even, as torch does
+// bf16_round of 8 values
+inline __m256 bf16_round8(__m256 x) {
   const __m256i bits = _mm256_castps_si256(x);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd);
-  const __m256i nan = _mm256_set1_epi32(0x7fc00000);
+  const __m256i up = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd);
+  const __m256i high = _mm256_and_si256(up, _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u)));
   const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q));
-  const __m256i kept = _mm256_srli_epi32(_mm256_blendv_epi8(nan, rounded, ordered), 16);
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(_mm256_set1_epi32(0x7fc00000), high, ordered));
+}
+
+inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void store8(uint16_t* p, __m256 x) {
+  const __m256i kept = _mm256_srli_epi32(_mm256_castps_si256(bf16_round8(x)), 16);
   // packing works per 128-bit half: the two halves' four values each, then put side by side
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(kept, kept), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
@@ -325,17 +347,10 @@ inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
 template <int U, int G, typename T>
 void heads8(const float* query, const T* keys, const T* values, const int64_t* real, int64_t n,
             float scale, float* scores, T* out) {
-  constexpr int64_t D = U * 8, lines = D * sizeof(T) / 64;  // a column's cache lines
+  constexpr int64_t D = U * 8;
   float top[G];
   for (int j = 0; j < G; ++j) top[j] = -std::numeric_limits<float>::infinity();
-  const auto prefetch = [&](int64_t i) {  // the cache is read from memory once: fetch ahead
-    if (i + kAhead < n)
-      for (int64_t l = 0; l < lines; ++l) {
-        _mm_prefetch(reinterpret_cast<const char*>(keys + real[i + kAhead] * D) + 64 * l,
-                     _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(values + real[i] * D) + 64 * l, _MM_HINT_T0);
-      }
-  };
+  const auto prefetch = [&](int64_t i) { fetch_ahead(keys, values, real, i, n, D); };
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {  // four columns' sums reduced together
     __m256 sums[4][G];
@@ -350,12 +365,8 @@ void heads8(const float* query, const T* keys, const T* values, const int64_t* r
       }
     }
     for (int j = 0; j < G; ++j) {
-      const __m128 four =
-          _mm_mul_ps(reduce4(sums[0][j], sums[1][j], sums[2][j], sums[3][j]), _mm_set1_ps(scale));
-      _mm_storeu_ps(scores + j * n + i, four);
-      alignas(16) float got[4];
-      _mm_store_ps(got, four);
-      for (int c = 0; c < 4; ++c) top[j] = got[c] > top[j] ? got[c] : top[j];
+      const __m128 sums4 = reduce4(sums[0][j], sums[1][j], sums[2][j], sums[3][j]);
+      keep_four(_mm_mul_ps(sums4, _mm_set1_ps(scale)), scores + j * n + i, top[j]);
     }
   }
   for (; i < n; ++i) {
@@ -449,17 +460,7 @@ inline Lanes power_of_two(Lanes shifted, float base) {
   const __m512i biased = _mm512_add_epi32(e, _mm512_set1_epi32(127));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(biased, 23))};
 }
-// widen(round_to<uint16_t>(x)): bf16's rounding, kept in fp32
-inline Lanes bf16_rounded(Lanes x) {
-  const __m512i bits = _mm512_castps_si512(x.v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
-  const __m512i mask = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
-  const __m512i high = _mm512_and_si512(up, mask);
-  const __mmask16 ordered = _mm512_cmp_ps_mask(x.v, x.v, _CMP_ORD_Q);
-  const __m512i nan = _mm512_set1_epi32(0x7fc00000);
-  return {_mm512_castsi512_ps(_mm512_mask_blend_epi32(ordered, nan, high))};
-}
+inline Lanes bf16_rounded(Lanes x) { return {bf16_round(x.v)}; }
 #else
 struct Lanes {
   __m256 lo, hi;
@@ -500,18 +501,7 @@ inline Lanes power_of_two(Lanes shifted, float base) {
   };
   return {half(shifted.lo), half(shifted.hi)};
 }
-inline Lanes bf16_rounded(Lanes x) {
-  const auto half = [](__m256 v) {
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i up = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd);
-    const __m256i high =
-        _mm256_and_si256(up, _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u)));
-    const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q));
-    return _mm256_castsi256_ps(_mm256_blendv_epi8(_mm256_set1_epi32(0x7fc00000), high, ordered));
-  };
-  return {half(x.lo), half(x.hi)};
-}
+inline Lanes bf16_rounded(Lanes x) { return {bf16_round8(x.lo), bf16_round8(x.hi)}; }
 #endif
 
 // widen(round_to<T>(x)) of 16 values
