@@ -189,9 +189,8 @@ def test_our_attention_is_sdpa_over_the_cache(isa, dtype, tiles, dim, kv_heads, 
     column ``length`` exactly as the torch path writes them, and the output is float64 sdpa's
     within the dtype's rounding; head dims our register kernel serves (64, 128) and one it
     does not (32); bf16 scores as AMX tile products (16 adjacent keys; the hole and the
-    padding break some runs) and without."""
-    if tiles and not skinny.amx_available():
-        pytest.skip(f"the {isa} build on this CPU has no AMX tiles")
+    padding break some runs) and without; tiles asked for where the build or CPU has none
+    (the AVX2 build) fall back to the same exact-enough result."""
     gen = torch.Generator().manual_seed(length + dim)
     rows, capacity, heads = 5, length + 7, kv_heads * groups
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
