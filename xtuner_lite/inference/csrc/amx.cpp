@@ -46,21 +46,23 @@ bool permitted() {  // Linux hands out the tile state on request, once per proce
   return ok;
 }
 
-// C tiles 0..B-1 += A (tile B) · the B tiles (B+1..2B) of blocks w[0..B), over K; then stored
-// in out (16 rows × 16·B fp32)
-template <int B>
-__attribute__((target("amx-tile,amx-bf16"))) void tiles(const uint16_t* x, int64_t K,
-                                                       const uint16_t* w, float* out) {
+// C tiles 0..B-1 = A (tile B: 16 rows of x, row stride ldx) · the B tiles (B+1..2B) of blocks
+// w[0..B), over K; then stored in out (16 rows × 16·B fp32). `streamed`: w is read from memory
+// once (a weight), so its tiles are fetched ahead; else it is at hand (in the cache)
+template <int B, bool streamed = true>
+__attribute__((target("amx-tile,amx-bf16"))) void tiles(const uint16_t* x, int64_t ldx,
+                                                       int64_t K, const uint16_t* w, float* out) {
   static_assert(B == 1 || B == 2, "one or two blocks");
   const int64_t block = K * kCols, step = kDepth * kCols;  // a block; one B tile of it
   _tile_zero(0);
   if constexpr (B == 2) _tile_zero(1);
   for (int64_t c = 0; c < K / kDepth; ++c) {
-    for (int b = 0; b < B; ++b) {
-      const char* ahead = reinterpret_cast<const char*>(w + b * block + (c + kAhead) * step);
-      for (int line = 0; line < 16; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-    }
-    _tile_loadd(2, x + c * kDepth, K * 2);
+    if constexpr (streamed)
+      for (int b = 0; b < B; ++b) {
+        const char* ahead = reinterpret_cast<const char*>(w + b * block + (c + kAhead) * step);
+        for (int line = 0; line < 16; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+      }
+    _tile_loadd(2, x + c * kDepth, ldx * 2);
     _tile_loadd(3, w + c * step, 64);
     _tile_dpbf16ps(0, 2, 3);
     if constexpr (B == 2) {
@@ -103,9 +105,9 @@ void run(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, const uint16_t* w,
       for (int64_t r0 = 0; r0 < Mp; r0 += kTile) {
         const uint16_t* rows = x + r0 * K;
         if (nb == 2)
-          tiles<2>(rows, K, w + b0 * K * kCols, out);
+          tiles<2>(rows, K, K, w + b0 * K * kCols, out);
         else
-          tiles<1>(rows, K, w + b0 * K * kCols, out);
+          tiles<1>(rows, K, K, w + b0 * K * kCols, out);
         for (int64_t r = 0; r < std::min<int64_t>(kTile, M - r0); ++r)
           for (int64_t n = 0; n < nb * kCols; ++n) {
             const int64_t col = b0 * kCols + n;
@@ -130,16 +132,8 @@ void amx_configure() { configure(); }
 
 void amx_release() { release(); }
 
-__attribute__((target("amx-tile,amx-bf16"))) void amx_product16(const uint16_t* a, int64_t lda,
-                                                                 const uint16_t* b, int64_t K,
-                                                                 float* out) {
-  _tile_zero(0);
-  for (int64_t c = 0; c < K / kDepth; ++c) {
-    _tile_loadd(2, a + c * kDepth, lda * 2);
-    _tile_loadd(3, b + c * kDepth * kCols, 64);
-    _tile_dpbf16ps(0, 2, 3);
-  }
-  _tile_stored(0, out, kCols * 4);
+void amx_product16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t K, float* out) {
+  tiles<1, false>(a, lda, K, b, out);  // b: one block, in the B tiles' layout
 }
 #else
 bool amx_ready() { return false; }

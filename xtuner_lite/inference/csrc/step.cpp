@@ -59,17 +59,28 @@ inline float lane_sum(const float* x, int64_t n) {
   return part[0];
 }
 
+// A row of n scores, its maximum `top`, made exp(score - top); returns 1 / their sum (the
+// softmax's weights are the row times it)
+inline float softmax_weights(float* row, int64_t n, float top) {
+  for (int64_t i = 0; i < n; ++i) row[i] = vexp(row[i] - top);
+  return 1.f / lane_sum(row, n);
+}
+
+// every cache line of a cached key or value of D
+template <typename T>
+inline void fetch_column(const T* column, int64_t D) {
+  for (int64_t l = 0; l < D * static_cast<int64_t>(sizeof(T)) / 64; ++l)
+    _mm_prefetch(reinterpret_cast<const char*>(column) + 64 * l, _MM_HINT_T0);
+}
+
 // The cache is read from memory once: the key of column real[i + kAhead] and the value of
 // column real[i] (read after every score) fetched ahead of their reads
 template <typename T>
 inline void fetch_ahead(const T* keys, const T* values, const int64_t* real, int64_t i,
                         int64_t n, int64_t D) {
   if (i + kAhead >= n) return;
-  for (int64_t l = 0; l < D * static_cast<int64_t>(sizeof(T)) / 64; ++l) {
-    _mm_prefetch(reinterpret_cast<const char*>(keys + real[i + kAhead] * D) + 64 * l,
-                 _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(values + real[i] * D) + 64 * l, _MM_HINT_T0);
-  }
+  fetch_column(keys + real[i + kAhead] * D, D);
+  fetch_column(values + real[i] * D, D);
 }
 
 // four scores stored at `at`, `top` raised to the largest of them
@@ -206,7 +217,7 @@ struct TileScores {
 template <int V, int G, typename T>
 void heads(const float* query, const T* keys, const T* values, const int64_t* real, int64_t n,
            float scale, float* scores, T* out, bool tiles) {
-  constexpr int64_t D = V * kWidth, lines = D * sizeof(T) / 64;  // a column's cache lines
+  constexpr int64_t D = V * kWidth;
   __m512 q[G][V];
   for (int j = 0; j < G; ++j) in_column_order<V, T>(query + j * D, q[j]);
   float top[G];
@@ -254,14 +265,10 @@ void heads(const float* query, const T* keys, const T* values, const int64_t* re
           one(i++);
           continue;
         }
-        for (int64_t r = 0; r < rows; ++r)  // this chunk's values, the next chunk's keys
-          for (int64_t l = 0; l < lines; ++l) {
-            _mm_prefetch(reinterpret_cast<const char*>(values + (real[i] + r) * D) + 64 * l,
-                         _MM_HINT_T0);
-            if (i + rows + r < n)
-              _mm_prefetch(reinterpret_cast<const char*>(keys + real[i + rows + r] * D) + 64 * l,
-                           _MM_HINT_T0);
-          }
+        for (int64_t r = 0; r < rows; ++r) {  // this chunk's values, the next chunk's keys
+          fetch_column(values + (real[i] + r) * D, D);
+          if (i + rows + r < n) fetch_column(keys + real[i + rows + r] * D, D);
+        }
         tile.run(keys + real[i] * D, scale, scores, n, i, top);
         i += rows;
       }
@@ -271,11 +278,7 @@ void heads(const float* query, const T* keys, const T* values, const int64_t* re
     for (; i + 4 <= n; i += 4) four(i);
   for (; i < n; ++i) one(i);
   float inverse[G];
-  for (int j = 0; j < G; ++j) {
-    float* row = scores + j * n;
-    for (int64_t i = 0; i < n; ++i) row[i] = vexp(row[i] - top[j]);
-    inverse[j] = 1.f / lane_sum(row, n);
-  }
+  for (int j = 0; j < G; ++j) inverse[j] = softmax_weights(scores + j * n, n, top[j]);
   __m512 acc[G][V];
   for (int j = 0; j < G; ++j)
     for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
@@ -384,11 +387,7 @@ void heads8(const float* query, const T* keys, const T* values, const int64_t* r
     }
   }
   float inverse[G];
-  for (int j = 0; j < G; ++j) {
-    float* row = scores + j * n;
-    for (int64_t c = 0; c < n; ++c) row[c] = vexp(row[c] - top[j]);
-    inverse[j] = 1.f / lane_sum(row, n);
-  }
+  for (int j = 0; j < G; ++j) inverse[j] = softmax_weights(scores + j * n, n, top[j]);
   for (int u = 0; u < U; u += 2) {  // 16 of D at a time: 2·G accumulators
     __m256 acc[2][G];
     for (int j = 0; j < G; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
@@ -528,6 +527,9 @@ inline Lanes vexp(Lanes x) {
   return p * power_of_two(shifted, 12582912.f);
 }
 #endif
+
+// whether a head kernel above serves head dim D (else the plain loops of Attention::run)
+constexpr bool head_kernel(int64_t D) { return kHeadKernel && (D == 64 || D == 128); }
 
 template <typename T>
 float dot(const float* q, const T* k, int64_t D) {
@@ -682,7 +684,7 @@ struct Attention {
       rotate(q + m * ldq + head * D, cos + m * D, sin + m * D, rotated, D);
       for (int64_t d = 0; d < D; ++d) query[j * D + d] = widen(rotated[d]);
     }
-    if (kHeadKernel && (D == 64 || D == 128)) {
+    if (head_kernel(D)) {
       const auto kernel = D == 64 ? all_heads<4, T> : all_heads<8, T>;
       T* o = out + m * (G * groups * D) + g * groups * D;
       kernel(query, keys + base, values + base, cols, n, scale, scores, o, groups, tiles);
@@ -696,8 +698,7 @@ struct Attention {
         scores[i] = dot(qj, keys + base + cols[i] * D, D) * scale;
         top = scores[i] > top ? scores[i] : top;
       }
-      for (int64_t i = 0; i < n; ++i) scores[i] = vexp(scores[i] - top);
-      const float total = lane_sum(scores, n);
+      const float inverse = softmax_weights(scores, n, top);
       float* a = acc + j * D;
       for (int64_t d = 0; d < D; ++d) a[d] = 0.f;
       for (int64_t i = 0; i < n; ++i) {
@@ -705,7 +706,6 @@ struct Attention {
         const float p = scores[i];
         for (int64_t d = 0; d < D; ++d) a[d] += p * widen(value[d]);
       }
-      const float inverse = 1.f / total;
       for (int64_t d = 0; d < D; ++d) o[d] = round_to<T>(a[d] * inverse);
     }
   }
@@ -831,8 +831,7 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
     for (int64_t c = 0; c < columns; ++c)
       if (flags[m * columns + c]) real[m * columns + count[m]++] = c;
   // tile products where asked and possible: bf16, a head kernel, AMX (rows of 32 bf16)
-  const bool use_tiles = tiles && dtype == at::kBFloat16 && kHeadKernel &&
-                         (D == 64 || D == 128) && amx_ready();
+  const bool use_tiles = tiles && dtype == at::kBFloat16 && head_kernel(D) && amx_ready();
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     const Attention<scalar_t> work{ptr<scalar_t>(q),      ptr<scalar_t>(k),
